@@ -1,0 +1,44 @@
+# tunneld — everything a fresh Debian machine needs, as root: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools.
+APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: setup apt venv demo test test-unit bench bench-quick clean
+
+setup: apt venv
+
+apt:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -ne 0 ]; then echo "make setup: installing $(APT_PACKAGES) needs root (apt-get)"; exit 1; fi; \
+		echo "apt-get: installing $(APT_PACKAGES)"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	@touch $@
+
+demo: setup
+	$(PY) -m tests.demo
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest -m "not netns"
+
+bench: setup
+	$(PY) -m bench.run
+
+bench-quick: setup
+	$(PY) -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

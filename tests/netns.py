@@ -1,0 +1,180 @@
+"""Two "hosts" in network namespaces joined by a veth pair: the testbed for tests, the demo and bench/.
+
+Everything created here is removed on exit, also when the test fails or the run is interrupted: processes
+started through a ``Host`` are killed, then the namespaces are deleted (which deletes their interfaces).
+Every wait is bounded. Addresses live only inside the namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TUNNELD = str(VENV_BIN / "tunneld") if (VENV_BIN / "tunneld").exists() else shutil.which("tunneld") or "tunneld"
+
+UNDERLAY_V4 = ("10.231.0.1", "10.231.0.2")
+UNDERLAY_V6 = ("fd00:231::1", "fd00:231::2")
+OVERLAY_V4 = ("192.168.231.1", "192.168.231.2")
+OVERLAY_V6 = ("fd00:232::1", "fd00:232::2")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+@dataclass
+class Host:
+    name: str  # the namespace
+    underlay: str  # this host's underlay address
+    underlay6: str
+    ifname: str  # its veth end
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def argv(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        return sh(*self.argv(*cmd), check=check, timeout=timeout, **kw)
+
+    def popen(self, *cmd: str, **kw) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.STDOUT)
+        kw.setdefault("text", True)
+        proc = subprocess.Popen(self.argv(*cmd), start_new_session=True, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def link_state(self, dev: str) -> str | None:
+        """'UP', 'DOWN', ... or None when the interface does not exist."""
+        r = self.run("ip", "-o", "link", "show", "dev", dev, check=False)
+        if r.returncode != 0:
+            return None
+        return "UP" if ",UP" in r.stdout or "<UP" in r.stdout else "DOWN"
+
+    def wait_link(self, dev: str, present: bool = True, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.link_state(dev)
+            if (state == "UP") if present else (state is None):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: {dev} did not {'come up' if present else 'go away'} in {timeout}s")
+
+    def ping(self, dst: str, count: int = 3, timeout: float = 10, interval: float = 0.2) -> bool:
+        r = self.run(
+            "ping", "-c", str(count), "-i", str(interval), "-W", "1", "-w", str(int(timeout)), dst,
+            check=False, timeout=timeout + 5,
+        )
+        return r.returncode == 0
+
+    def wait_ping(self, dst: str, timeout: float = 10) -> float:
+        """Ping once per 0.2 s until a reply; return the seconds it took. Raises TimeoutError."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            r = self.run("ping", "-c", "1", "-W", "1", dst, check=False, timeout=5)
+            if r.returncode == 0:
+                return time.monotonic() - start
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name}: no reply from {dst} within {timeout}s")
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        self.procs.clear()
+
+
+@contextlib.contextmanager
+def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
+    """Two fresh namespaces A and B joined by veth, with IPv4 and IPv6 underlay addresses and loopback up."""
+    tag = uuid.uuid4().hex[:6]
+    a = Host(f"td-{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
+    b = Host(f"td-{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
+    created: list[str] = []
+    try:
+        for h in (a, b):
+            sh("ip", "netns", "add", h.name)
+            created.append(h.name)
+        sh("ip", "link", "add", a.ifname, "netns", a.name, "type", "veth", "peer", "name", b.ifname, "netns", b.name)
+        for h in (a, b):
+            h.run("ip", "link", "set", "lo", "up")
+            h.run("ip", "link", "set", h.ifname, "mtu", str(mtu), "up")
+            h.run("ip", "addr", "add", f"{h.underlay}/24", "dev", h.ifname)
+            h.run("ip", "addr", "add", f"{h.underlay6}/64", "dev", h.ifname, "nodad")
+        yield a, b
+    finally:
+        for h in (a, b):
+            h.kill_all()
+        for name in created:
+            sh("ip", "netns", "del", name, check=False)
+
+
+class Tunneld:
+    """A tunneld process in a host; ``stop()`` sends SIGTERM and returns the exit status."""
+
+    def __init__(self, host: Host, *args: str, dev: str = "tunneld0", wait: bool = True, timeout: float = 15):
+        self.host = host
+        self.dev = dev
+        self.args = args
+        self.proc = host.popen(TUNNELD, "--dev", dev, *args)
+        if wait:
+            try:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    if self.proc.poll() is not None:
+                        raise RuntimeError(f"tunneld exited with {self.proc.returncode}: {self.output()}")
+                    if host.link_state(dev) == "UP":
+                        break
+                    time.sleep(0.05)
+                else:
+                    raise TimeoutError(f"{host.name}: tunneld did not bring {dev} up within {timeout}s")
+            except BaseException:
+                self.kill()
+                raise
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+
+def kernel_vxlan(host: Host, peer: str, *, dev: str = "vx0", vni: int = 1, port: int = 4789,
+                 address: str | None = None, extra: Sequence[str] = ()) -> None:
+    """The Linux kernel's own VXLAN device on ``host``, pointing at ``peer``: the reference implementation."""
+    host.run("ip", "link", "add", dev, "type", "vxlan", "id", str(vni), "remote", peer, "dstport", str(port),
+             "dev", host.ifname, *extra)
+    if address:
+        host.run("ip", "addr", "add", address, "dev", dev)
+    host.run("ip", "link", "set", dev, "up")

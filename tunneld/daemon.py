@@ -1,0 +1,183 @@
+"""Bringing a tunnel up and down: the order of the steps, and what each failure means to the operator.
+
+Start-up order, chosen so that a failure leaves nothing behind:
+  1. build the codec (option errors are configuration errors);
+  2. find the underlay MTU towards the peer, derive the device MTU;
+  3. bind the underlay socket (a busy port fails before any device exists);
+  4. create the device, set its MAC, MTU and addresses, bring it up;
+  5. attach the engine to the event loop.
+Shutdown undoes it in reverse; closing the device fd removes the interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+
+from tunneld import __version__
+from tunneld.config import TunnelConfig
+from tunneld.encap.base import DeviceKind, Encapsulator
+from tunneld.engine import Engine
+from tunneld.io import netlink
+from tunneld.io.device import Device, DeviceError
+from tunneld.io.udp import LinkError, UdpLink
+
+log = logging.getLogger("tunneld")
+
+EX_SOFTWARE = 1
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class StartupError(Exception):
+    """The tunnel cannot start; ``str()`` is one line for the operator, ``code`` the exit status."""
+
+    def __init__(self, message: str, code: int = EX_SOFTWARE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _machine_id() -> bytes:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            return Path(path).read_bytes().strip()
+        except OSError:
+            continue
+    return b""
+
+
+def stable_mac(*parts: object) -> str:
+    """A locally administered unicast MAC derived from the machine and the tunnel's identity.
+
+    A TAP device otherwise gets a random MAC each time it is created, and after a restart the neighbours'
+    ARP/ND caches (and a kernel VXLAN peer's FDB) would point at the old one until they expire. Deriving it
+    like systemd's MACAddressPolicy=persistent keeps a restarted daemon looking like the same interface.
+    The peer is part of the identity so that two ends on one machine (namespaces) never collide.
+    """
+    digest = hashlib.sha256(b"tunneld\0" + _machine_id() + b"\0" + "\0".join(map(str, parts)).encode()).digest()
+    first = (digest[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in (first, *digest[1:6]))
+
+
+class Tunnel:
+    """A running tunnel: device, link and engine, built from a validated config."""
+
+    def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]]) -> None:
+        self.cfg = cfg
+        try:
+            codec_cls = modes[cfg.mode]
+        except KeyError:
+            raise StartupError(f"mode: unknown mode {cfg.mode!r} (known: {', '.join(modes)})", EX_CONFIG) from None
+        try:
+            self.codec = codec_cls.from_options(cfg.options())
+        except (ValueError, TypeError) as e:
+            raise StartupError(f"{cfg.mode}: {e}", EX_CONFIG) from None
+        underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
+        self.underlay_mtu, underlay_dev = netlink.underlay_mtu(cfg.peer)
+        if underlay_dev is None:
+            log.warning("no route to peer %s yet; assuming an underlay MTU of %d", cfg.peer, self.underlay_mtu)
+        default_mtu = self.underlay_mtu - self.codec.overhead(underlay_v6)
+        self.mtu = cfg.mtu or default_mtu
+        if self.mtu > default_mtu:
+            log.warning(
+                "mtu %d exceeds what the underlay carries (%d - %d overhead = %d): larger frames will be dropped",
+                self.mtu, self.underlay_mtu, self.codec.overhead(underlay_v6), default_mtu,
+            )
+        if self.mtu < 68:
+            raise StartupError(f"the underlay MTU {self.underlay_mtu} leaves no room for a tunnel", EX_CONFIG)
+        self.max_frame = self.underlay_mtu - self.codec.outer_overhead(underlay_v6)
+        self.underlay_dev = underlay_dev
+        self.device: Device | None = None
+        self.link: UdpLink | None = None
+        self.engine: Engine | None = None
+
+    def open(self) -> None:
+        cfg = self.cfg
+        if self.codec.transport.kind != "udp":
+            raise StartupError(f"{cfg.mode}: transport {self.codec.transport} is not supported yet")
+        if netlink.link_exists(cfg.dev):
+            raise StartupError(
+                f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
+            )
+        port = cfg.port or self.codec.transport.number
+        try:
+            self.link = UdpLink(cfg.peer, port, cfg.local)
+            self.device = Device(cfg.dev, self.codec.device)
+        except LinkError as e:
+            self.close()
+            raise StartupError(str(e)) from None
+        except DeviceError as e:
+            self.close()
+            code = EX_NOPERM if "CAP_NET_ADMIN" in str(e) else EX_SOFTWARE
+            raise StartupError(str(e), code) from None
+        mac = None
+        if self.codec.device is DeviceKind.TAP:
+            mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, cfg.vni)
+        self.mac = mac
+        try:
+            netlink.configure(cfg.dev, mac=mac, mtu=self.mtu, addresses=cfg.addresses)
+        except netlink.NetlinkConfigError as e:
+            self.close()
+            raise StartupError(str(e)) from None
+        self.engine = Engine(self.device, self.link, self.codec, max_frame=self.max_frame)
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        parts = [
+            f"{cfg.mode} on {cfg.dev}",
+            f"mtu {self.mtu}",
+            *([f"mac {self.mac}"] if self.mac else []),
+            *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
+            f"peer {cfg.peer} {self.codec.transport.kind}/{self.link.port if self.link else '-'}",
+            f"local {cfg.local or 'any'}",
+            f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
+        ]
+        if cfg.addresses:
+            parts.append("addresses " + " ".join(cfg.addresses))
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.detach()
+        if self.device is not None:
+            self.device.close()  # the kernel removes the interface with its last fd
+            self.device = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+
+async def serve(tunnel: Tunnel) -> None:
+    """Run until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: live reload is not implemented; ignored"))
+    assert tunnel.engine is not None
+    tunnel.engine.attach(loop)
+    log.info("tunneld %s up: %s", __version__, tunnel.describe())
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("shutting down: %s", tunnel.engine.stats.summary())
+
+
+def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]]) -> int:
+    """Start the tunnel, serve until asked to stop, take it down. Raises StartupError on failure to start."""
+    import uvloop
+
+    tunnel = Tunnel(cfg, modes)
+    tunnel.open()
+    try:
+        uvloop.run(serve(tunnel))
+    finally:
+        tunnel.close()
+        log.info("removed interface %s", cfg.dev)
+    return 0

@@ -1,0 +1,103 @@
+"""The contract every encapsulator (built-in or plugin) fulfils.
+
+An encapsulator is a sans-IO codec: it sees bytes, never sockets, clocks or loggers.
+
+Outbound, the engine reads an inner frame into ``buf[start:end]`` with at least ``header_room`` bytes of
+headroom in front of it; ``encap`` writes the encapsulation header in place, directly in front of the frame,
+and returns the new start. The payload is never copied.
+
+Inbound, ``decap`` looks at one datagram as the transport delivered it (for UDP: the UDP payload; for raw IP:
+whatever the link layer hands up after stripping the outer IP header) and returns either the offset at which
+the inner frame starts, or a ``Drop`` naming why the datagram must be discarded. It never raises on input.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+
+class DeviceKind(enum.Enum):
+    """Which kind of kernel device feeds the encapsulator: layer-3 packets (TUN) or Ethernet frames (TAP)."""
+
+    TUN = "tun"
+    TAP = "tap"
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How the encapsulated packets travel: over UDP to a port, or directly over IP with a protocol number."""
+
+    kind: str  # "udp" or "ip"
+    number: int  # default UDP port, or IP protocol number
+
+    def __str__(self) -> str:
+        return f"udp/{self.number}" if self.kind == "udp" else f"ip proto {self.number}"
+
+
+class Drop(str, enum.Enum):
+    """Why a packet was discarded. The value is the ``reason`` label exported in metrics."""
+
+    # inbound, from the underlay
+    UNKNOWN_PEER = "unknown_peer"  # datagram from an address that is not the configured peer
+    TRUNCATED = "truncated"  # shorter than the encapsulation header
+    BAD_FLAGS = "bad_flags"  # a required flag missing, or an unknown flag set
+    RESERVED_BITS = "reserved_bits"  # reserved fields not zero
+    VNI_MISMATCH = "vni_mismatch"  # another VXLAN network
+    RUNT_FRAME = "runt_frame"  # the inner frame is too short to be a frame at all
+    DEVICE_WRITE_ERROR = "device_write_error"  # the kernel refused the inner frame
+    # outbound, from the device
+    DEVICE_READ_ERROR = "device_read_error"  # reading the device failed (not merely "nothing to read")
+    TOO_BIG = "too_big"  # the encapsulated packet would not fit the underlay MTU; VTEPs don't fragment
+    SOCKET_ERROR = "socket_error"  # the underlay socket refused the datagram (unreachable, no buffer, ...)
+
+
+# IPv4 and IPv6 header sizes without options, for MTU arithmetic.
+IPV4_HEADER_LEN = 20
+IPV6_HEADER_LEN = 40
+UDP_HEADER_LEN = 8
+ETHERNET_HEADER_LEN = 14
+
+
+class Encapsulator(abc.ABC):
+    """Base class of every mode. Subclasses set the class attributes and implement ``encap``/``decap``."""
+
+    name: ClassVar[str]  # the --mode value
+    description: ClassVar[str]  # one line, shown by --list-modes
+    device: ClassVar[DeviceKind]
+    transport: ClassVar[Transport]
+    header_room: ClassVar[int]  # the most bytes ``encap`` may write in front of a frame
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "Encapsulator":
+        """Build the codec from the tunnel's options (``vni``, ``key``, ...); raise ValueError when invalid."""
+
+    @property
+    @abc.abstractmethod
+    def header_len(self) -> int:
+        """Bytes this instance adds in front of each inner frame (may depend on its options)."""
+
+    def outer_overhead(self, underlay_ipv6: bool) -> int:
+        """Bytes the underlay adds around a whole inner frame: outer IP, transport and this header."""
+        ip = IPV6_HEADER_LEN if underlay_ipv6 else IPV4_HEADER_LEN
+        transport = UDP_HEADER_LEN if self.transport.kind == "udp" else 0
+        return ip + transport + self.header_len
+
+    def overhead(self, underlay_ipv6: bool) -> int:
+        """Bytes between the underlay MTU and the MTU the device can be given (``ip link``'s view).
+
+        A TAP device's MTU excludes its Ethernet header, which the tunnel carries too (VXLAN: 50 over IPv4).
+        """
+        link = ETHERNET_HEADER_LEN if self.device is DeviceKind.TAP else 0
+        return self.outer_overhead(underlay_ipv6) + link
+
+    @abc.abstractmethod
+    def encap(self, buf: bytearray, start: int, end: int) -> int:
+        """Write the header in front of ``buf[start:end]``; return the start of the encapsulated packet."""
+
+    @abc.abstractmethod
+    def decap(self, packet: memoryview) -> int | Drop:
+        """Validate one received packet; return the offset of the inner frame, or why it is dropped."""

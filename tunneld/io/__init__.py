@@ -1,0 +1,1 @@
+"""The kernel's doors: the TUN/TAP device, the underlay sockets, and netlink configuration."""

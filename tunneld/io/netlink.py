@@ -1,0 +1,65 @@
+"""Interface and route configuration over netlink (pyroute2); no shelling out to ip(8)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+DEFAULT_UNDERLAY_MTU = 1500
+
+
+class NetlinkConfigError(Exception):
+    """A configuration step failed; the message is meant for the operator."""
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def underlay_mtu(peer: str) -> tuple[int, str | None]:
+    """The MTU towards ``peer``: the route's own MTU metric, else its output interface's MTU.
+
+    Returns ``(mtu, interface name)``; ``(1500, None)`` when there is no route yet.
+    """
+    with IPRoute() as ipr:
+        try:
+            routes = list(ipr.route("get", dst=peer))
+        except NetlinkError:
+            return DEFAULT_UNDERLAY_MTU, None
+        if not routes:
+            return DEFAULT_UNDERLAY_MTU, None
+        route = routes[0]
+        metrics = route.get("RTA_METRICS")
+        route_mtu = metrics.get("RTAX_MTU") if metrics is not None else None
+        oif = route.get("RTA_OIF")
+        if oif is None:
+            return route_mtu or DEFAULT_UNDERLAY_MTU, None
+        link = list(ipr.get_links(oif))[0]
+        return route_mtu or link.get("IFLA_MTU"), link.get("IFLA_IFNAME")
+
+
+def configure(name: str, *, mac: str | None, mtu: int, addresses: Iterable[str]) -> None:
+    """Set the MAC and MTU, add the addresses (CIDR strings) and bring the interface up."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            raise NetlinkConfigError(f"interface {name} vanished while being configured")
+        index = found[0]
+        step = "setting MTU"
+        try:
+            ipr.link("set", index=index, mtu=mtu)
+            if mac is not None:
+                step = f"setting MAC address {mac}"
+                ipr.link("set", index=index, address=mac)
+            for cidr in addresses:
+                step = f"adding address {cidr}"
+                iface = ipaddress.ip_interface(cidr)
+                ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            step = "bringing the interface up"
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as e:
+            raise NetlinkConfigError(f"{name}: {step} failed: {e.args[-1] if e.args else e}") from e

@@ -1,0 +1,122 @@
+"""The UDP underlay: one socket that receives on the tunnel port, a small pool that sends.
+
+Why a pool: RFC 7348 §5 asks for the outer source port to carry entropy from the inner flow, so that ECMP
+routers and the receiver's RSS spread flows. A socket has one source port, so we keep a few unconnected
+sockets bound to ephemeral ports and pick one by the inner flow hash. Receivers (the Linux driver included)
+accept any source port, and nothing here expects the peer to reply to a particular one.
+
+The sockets are never connected: an ICMP "port unreachable" from a peer that is down then cannot turn into
+an error on the next call (ECONNREFUSED), and the peer can be changed at run time.
+
+The send sockets set "don't fragment" (IP_PMTUDISC_DO): a VTEP must not fragment, so a datagram that does
+not fit the path MTU fails with EMSGSIZE and the engine counts it as too big.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+SOCKET_BUFFER = 4 << 20
+DEFAULT_SEND_SOCKETS = 8
+
+
+class LinkError(Exception):
+    """The underlay socket could not be set up; the message is meant for the operator."""
+
+
+def _grow_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    # The *FORCE variants ignore net.core.[rw]mem_max but need CAP_NET_ADMIN, which we have when running.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+class UdpLink:
+    """Sends to and receives from one peer over UDP. ``peer`` may be changed while running."""
+
+    def __init__(
+        self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS
+    ) -> None:
+        peer_ip = ipaddress.ip_address(peer)
+        if local is not None and ipaddress.ip_address(local).version != peer_ip.version:
+            raise LinkError(f"local address {local} and peer {peer} are not of the same IP version")
+        self.family = socket.AF_INET6 if peer_ip.version == 6 else socket.AF_INET
+        self.port = port
+        self.local = local
+        self._peer: tuple[str, int] = (peer_ip.compressed, port)
+        self.peer = peer_ip.compressed  # the source address inbound datagrams must come from
+        any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
+        self._rx = self._socket()
+        _grow_buffer(self._rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
+        self._bind(self._rx, local or any_addr, port)
+        self._tx: list[socket.socket] = []
+        try:
+            for _ in range(max(1, send_sockets)):
+                s = self._socket()
+                if self.family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+                else:
+                    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+                _grow_buffer(s, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
+                # Nothing is read from these sockets; keep what strays there from piling up.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                self._bind(s, local or any_addr, 0)
+                self._tx.append(s)
+        except BaseException:
+            self.close()
+            raise
+        self._ntx = len(self._tx)
+
+    def _socket(self) -> socket.socket:
+        s = socket.socket(self.family, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        if self.family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return s
+
+    def _bind(self, sock: socket.socket, host: str, port: int) -> None:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise LinkError(
+                    f"UDP port {port} on {host} is already in use (another tunneld, or a kernel vxlan device "
+                    "with that dstport?); pick another with --port"
+                ) from e
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise LinkError(f"local address {host} is not configured on this host") from e
+            raise LinkError(f"cannot bind UDP {host}:{port}: {e.strerror}") from e
+
+    def set_peer(self, peer: str) -> None:
+        peer_ip = ipaddress.ip_address(peer)
+        if (peer_ip.version == 6) != (self.family == socket.AF_INET6):
+            raise LinkError(f"new peer {peer} is not of the same IP version as the underlay socket")
+        self.peer = peer_ip.compressed
+        self._peer = (self.peer, self.port)
+
+    def fileno(self) -> int:
+        return self._rx.fileno()
+
+    def recv_into(self, buf: memoryview) -> tuple[int, str]:
+        """One datagram into ``buf``: (length, source address). Raises BlockingIOError when there is none."""
+        n, addr = self._rx.recvfrom_into(buf)
+        return n, addr[0]
+
+    def send(self, packet: memoryview, flow: int) -> None:
+        """Send one datagram to the peer from the source port that ``flow`` selects."""
+        self._tx[flow % self._ntx].sendto(packet, self._peer)
+
+    def close(self) -> None:
+        for s in (self._rx, *self._tx):
+            s.close()

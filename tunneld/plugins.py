@@ -1,0 +1,60 @@
+"""The encapsulator registry: every mode, built-in or third-party, is an entry point.
+
+A package adds a mode by declaring, in its pyproject.toml::
+
+    [project.entry-points."tunneld.encapsulators"]
+    mymode = "mypackage.codec:MyEncapsulator"
+
+A plugin that fails to import or is not an ``Encapsulator`` is reported by name and skipped; it never takes
+the other modes down with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from tunneld.encap.base import DeviceKind, Encapsulator, Transport
+
+GROUP = "tunneld.encapsulators"
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    name: str
+    target: str
+    problem: str
+
+
+def _check(name: str, obj: object) -> str | None:
+    """What is wrong with a loaded plugin object, or None."""
+    if not (isinstance(obj, type) and issubclass(obj, Encapsulator)):
+        return "is not a subclass of tunneld.encap.Encapsulator"
+    missing = [a for a in ("name", "description", "device", "transport", "header_room") if not hasattr(obj, a)]
+    if missing:
+        return f"does not declare {', '.join(missing)}"
+    if obj.name != name:
+        return f"declares name {obj.name!r} but is registered as {name!r}"
+    if not isinstance(obj.device, DeviceKind) or not isinstance(obj.transport, Transport):
+        return "device must be a DeviceKind and transport a Transport"
+    if getattr(obj, "__abstractmethods__", None):
+        return f"does not implement {', '.join(sorted(obj.__abstractmethods__))}"
+    return None
+
+
+def discover() -> tuple[dict[str, type[Encapsulator]], list[BrokenPlugin]]:
+    """All registered encapsulators by mode name, and the plugins that could not be loaded."""
+    modes: dict[str, type[Encapsulator]] = {}
+    broken: list[BrokenPlugin] = []
+    for ep in entry_points(group=GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a plugin's import may fail in any way; it must not take us down
+            broken.append(BrokenPlugin(ep.name, ep.value, f"failed to import: {type(e).__name__}: {e}"))
+            continue
+        problem = _check(ep.name, obj)
+        if problem:
+            broken.append(BrokenPlugin(ep.name, ep.value, problem))
+        elif ep.name not in modes:
+            modes[ep.name] = obj
+    return dict(sorted(modes.items())), broken

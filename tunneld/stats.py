@@ -1,0 +1,49 @@
+"""Plain integer counters, written by the engine on the hot path and read by whoever wants them.
+
+No locks and no dependencies: incrementing an int attribute is the cheapest thing Python can count with.
+The metrics exporter turns these into metric families only when scraped.
+
+Byte counts are inner bytes: the frame (TAP) or packet (TUN) as the device sees it, without the
+encapsulation, outer UDP or outer IP headers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tunneld.encap.base import Drop
+
+
+class Stats:
+    __slots__ = (
+        "tx_packets",
+        "tx_bytes",
+        "rx_packets",
+        "rx_bytes",
+        "drops",
+        "peer_last_rx",
+        "tx_batches",
+        "rx_batches",
+    )
+
+    def __init__(self, max_batch: int) -> None:
+        self.tx_packets = 0  # frames read from the device and sent to the peer
+        self.tx_bytes = 0
+        self.rx_packets = 0  # frames received from the peer and written to the device
+        self.rx_bytes = 0
+        self.drops: Counter[Drop] = Counter()
+        self.peer_last_rx = 0.0  # wall-clock time a valid packet from the peer last arrived; 0 = never
+        # Wake-ups by how many packets they handled: tx_batches[n] counts the wake-ups that moved n frames.
+        self.tx_batches = [0] * (max_batch + 1)
+        self.rx_batches = [0] * (max_batch + 1)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+    def summary(self) -> str:
+        line = f"tx {self.tx_packets} packets/{self.tx_bytes} bytes, rx {self.rx_packets} packets/{self.rx_bytes} bytes"
+        if self.drops:
+            reasons = ", ".join(f"{reason.value} {n}" for reason, n in sorted(self.drops.items()))
+            line += f", dropped {self.dropped} ({reasons})"
+        return line
