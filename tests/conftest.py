@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.netns import is_root, testbed
+
+
+def pytest_collection_modifyitems(config, items):
+    if is_root():
+        return
+    skip = pytest.mark.skip(reason="needs root: creates network namespaces, veth pairs and TAP/TUN devices")
+    for item in items:
+        if "netns" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def hosts():
+    """Two namespace hosts (A, B) joined by veth; removed afterwards, whatever happens."""
+    with testbed() as pair:
+        yield pair
