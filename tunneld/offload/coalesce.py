@@ -1,0 +1,154 @@
+"""Coalescing a batch of received VXLAN datagrams (one UDP_GRO read) back into TCP super-frames.
+
+A UDP_GRO read is ``count`` datagrams of ``rowlen`` bytes back to back, the last possibly shorter. Seen as the
+rows of a matrix, every check runs over all rows at once. Starting from a head row that is a TCP segment, the
+run grows over the following rows while each row:
+- has the expected encapsulation header (the VXLAN header: flags, reserved bits, VNI);
+- has the head's Ethernet, IP and TCP headers byte for byte, except the fields that differ between segments
+  of one flow (IPv4 length, ID and checksum; TCP sequence number, checksum and PSH);
+- carries ACK (PSH allowed; nothing else: no SYN, FIN, RST, URG, ECE, CWR) and a non-empty payload whose
+  length agrees with the IP length field;
+- continues the sequence space exactly where the previous row ended;
+- has a valid TCP checksum (we hand the kernel the run with NEEDS_CSUM, so it will not look again);
+and it stops after a PSH, at the 64 KiB IP limit, or at the batch's end. Only the last row may be shorter.
+
+A run of two or more becomes one ``SuperFrame``: a virtio_net_hdr (GSO TCPV4/TCPV6, gso_size = the segment
+payload, NEEDS_CSUM with the pseudo-header sum in the checksum field, as a local TCP stack leaves it), the
+head's headers with the new lengths, and the payloads. Every other row is left to the caller as a single
+datagram (its codec validates it and it is written as it came).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from tunneld.offload import layout as L
+from tunneld.offload.segment import _sum_le
+from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, HDR, TCP_CSUM_OFFSET
+
+_U8 = np.uint8
+_U64 = np.uint64
+IP_MAX = 65535
+
+
+class SuperFrame(NamedTuple):
+    iov: list  # buffers to write with one writev: virtio_net_hdr, headers, payloads
+    segments: int  # how many datagrams it stands for
+    inner_bytes: int  # their inner frames' bytes, for the counters
+
+
+def _be16(b, at: int, v: int) -> None:
+    b[at] = v >> 8
+    b[at + 1] = v & 0xFF
+
+
+def _ipv4_checksum(h: bytearray, start: int, end: int) -> int:
+    s = int.from_bytes(h[start:end], "big") % 0xFFFF
+    return 0xFFFF - s if s else 0
+
+
+class Coalescer:
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = np.frombuffer(bytes(prefix), _U8)
+        self.p = len(prefix)
+
+    def plan(self, rx: np.ndarray, n: int, rowlen: int) -> list:
+        """What to write for the ``n`` bytes at the start of ``rx`` (a uint8 array with at least ``rowlen``
+        spare bytes after ``n``): a list of ``(start, end)`` single datagrams and ``SuperFrame``s, in order."""
+        if rowlen <= 0 or rowlen >= n:
+            return [(0, n)]
+        nrows = -(-n // rowlen)
+        tail = n - (nrows - 1) * rowlen
+        rx[n : nrows * rowlen] = 0  # pad the short last row: zeros add nothing to sums
+        rows = rx[: nrows * rowlen].reshape(nrows, rowlen)
+        p = self.p
+        good = (rows[:, :p] == self.prefix).all(axis=1)
+        mv = memoryview(rx)  # plain ints when indexed (NumPy's uint8 would overflow on << 8)
+        out: list = []
+        i = 0
+        while i < nrows:
+            end = rowlen if i < nrows - 1 else tail
+            k = 1
+            if good[i] and i < nrows - 1:
+                lay = L.parse(mv[i * rowlen + p : i * rowlen + end], L.PROTO_TCP)
+                if lay.__class__ is not str:
+                    k = self._run(rows[i:], good[i:], lay, tail)
+                    if k > 1:
+                        out.append(self._superframe(rows[i : i + k], lay, tail if i + k == nrows else rowlen))
+            if k == 1:
+                out.append((i * rowlen, i * rowlen + end))
+            i += k
+        return out
+
+    def _run(self, rows: np.ndarray, good: np.ndarray, lay: L.Layout, tail: int) -> int:
+        """How many rows, from the head ``rows[0]``, form one in-order run of one TCP flow."""
+        p = self.p
+        m, rowlen = rows.shape
+        l3, l4, hl = p + lay.l3, p + lay.l4, p + lay.hlen
+        plen = rowlen - hl  # payload of a full row
+        if plen <= 0 or hl > tail:
+            return 1
+        lens = np.full(m, rowlen, _U64)
+        lens[-1] = tail
+        head = rows[0]
+        flags = int(head[l4 + L.TCP_FLAGS_OFFSET])
+        if flags & ~L.TCP_PSH != L.TCP_ACK or flags & L.TCP_PSH:
+            return 1
+        differ = rows[:, :hl] != head[:hl]
+        varying = [l4 + L.TCP_SEQ_OFFSET + j for j in range(4)] + [l4 + L.TCP_CSUM_OFFSET, l4 + L.TCP_CSUM_OFFSET + 1]
+        varying.append(l4 + L.TCP_FLAGS_OFFSET)
+        if lay.v6:
+            varying += [l3 + L.IPV6_PLEN_OFFSET, l3 + L.IPV6_PLEN_OFFSET + 1]
+            iplen_base, iplen_at = l4, l3 + L.IPV6_PLEN_OFFSET
+        else:
+            varying += [l3 + o for o in (2, 3, 4, 5, 10, 11)]  # total length, ID, header checksum
+            iplen_base, iplen_at = l3, l3 + L.IPV4_TOTLEN_OFFSET
+        differ[:, varying] = False
+        ok = good & ~differ.any(axis=1)
+        rflags = rows[:, l4 + L.TCP_FLAGS_OFFSET]
+        ok &= (rflags & (~L.TCP_PSH & 0xFF)) == L.TCP_ACK
+        iplen = rows[:, iplen_at].astype(_U64) << 8 | rows[:, iplen_at + 1]
+        ok &= iplen == lens - iplen_base
+        seq = rows[:, l4 + 4 : l4 + 8].copy().view(">u4").ravel().astype(_U64)
+        expect = (np.arange(m, dtype=_U64) * plen + int(seq[0])) & 0xFFFFFFFF
+        ok &= seq == expect
+        l4len = lens - l4
+        total = _sum_le(rows, l4, rowlen) + (l4len + lay.pseudo) * 256
+        ok &= total % 0xFFFF == 0
+        ok &= lens > hl  # a non-empty payload
+        k = m if ok.all() else int(np.argmin(ok))
+        if k == 0:
+            return 1
+        psh = np.flatnonzero(rflags[:k] & L.TCP_PSH)
+        if psh.size:
+            k = int(psh[0]) + 1
+        k = min(k, (IP_MAX - (hl - iplen_base)) // plen)  # the IP length field's limit
+        return max(k, 1)
+
+    def _superframe(self, rows: np.ndarray, lay: L.Layout, last_len: int) -> SuperFrame:
+        p = self.p
+        k, rowlen = rows.shape
+        hl = p + lay.hlen
+        plen = rowlen - hl
+        last_plen = last_len - hl
+        payload = plen * (k - 1) + last_plen
+        hdr = bytearray(rows[0, p:hl].tobytes())
+        l3, l4 = lay.l3, lay.l4
+        if lay.v6:
+            _be16(hdr, l3 + L.IPV6_PLEN_OFFSET, lay.hlen - l4 + payload)
+        else:
+            _be16(hdr, l3 + L.IPV4_TOTLEN_OFFSET, lay.hlen - l3 + payload)
+            _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, 0)
+            _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, _ipv4_checksum(hdr, l3, l4))
+        hdr[l4 + L.TCP_FLAGS_OFFSET] |= int(rows[-1, p + l4 + L.TCP_FLAGS_OFFSET]) & L.TCP_PSH
+        # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum (not complemented), the kernel adds the rest.
+        s = (lay.pseudo + lay.hlen - l4 + payload) % 0xFFFF
+        _be16(hdr, l4 + L.TCP_CSUM_OFFSET, s or 0xFFFF)
+        vnet = HDR.pack(F_NEEDS_CSUM, GSO_TCPV6 if lay.v6 else GSO_TCPV4, lay.hlen, plen, l4, TCP_CSUM_OFFSET)
+        if last_plen == plen:
+            iov = [vnet, hdr, np.ascontiguousarray(rows[:, hl:])]
+        else:
+            iov = [vnet, hdr, np.ascontiguousarray(rows[:-1, hl:]), rows[-1, hl:last_len]]
+        return SuperFrame(iov, k, k * lay.hlen + payload)
