@@ -77,6 +77,10 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
+    p.add_argument(
+        "--no-offload", dest="offload", action="store_false",
+        help="move one packet per system call: no TAP segmentation offload, no UDP GSO/GRO (for debugging and comparison)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -115,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mtu=args.mtu,
                 mac=args.mac,
                 log_level=args.log_level,
+                offload=args.offload,
             )
         )
     except ConfigError as e:

@@ -37,6 +37,7 @@ class TunnelConfig:
     mtu: int | None = None  # None: underlay MTU minus the encapsulation overhead
     mac: str | None = None  # None: a stable address derived from the machine, the device name and the peer
     log_level: str = "info"
+    offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
     extra: dict[str, Any] = field(default_factory=dict)  # options of plugin modes
 
     def options(self) -> dict[str, Any]:
@@ -108,5 +109,6 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         mtu=cfg.mtu,
         mac=check_mac(cfg.mac) if cfg.mac else None,
         log_level=cfg.log_level,
+        offload=cfg.offload,
         extra=dict(cfg.extra),
     )

@@ -22,6 +22,7 @@ from tunneld import __version__
 from tunneld.config import TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.engine import Engine
+from tunneld.engine_offload import OffloadEngine
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
 from tunneld.io.udp import LinkError, UdpLink
@@ -104,9 +105,11 @@ class Tunnel:
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
         port = cfg.port or self.codec.transport.number
+        # Offloads need UDP (GSO/GRO) and a codec whose header is the same for every frame (VXLAN).
+        self.offload = cfg.offload and self.codec.transport.kind == "udp"
         try:
             self.link = UdpLink(cfg.peer, port, cfg.local)
-            self.device = Device(cfg.dev, self.codec.device)
+            self.device = Device(cfg.dev, self.codec.device, offload=self.offload)
         except LinkError as e:
             self.close()
             raise StartupError(str(e)) from None
@@ -123,7 +126,8 @@ class Tunnel:
         except netlink.NetlinkConfigError as e:
             self.close()
             raise StartupError(str(e)) from None
-        self.engine = Engine(self.device, self.link, self.codec, max_frame=self.max_frame)
+        engine_cls = OffloadEngine if self.offload else Engine
+        self.engine = engine_cls(self.device, self.link, self.codec, max_frame=self.max_frame)
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -134,6 +138,7 @@ class Tunnel:
             *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
             f"peer {cfg.peer} {self.codec.transport.kind}/{self.link.port if self.link else '-'}",
             f"local {cfg.local or 'any'}",
+            "offload " + (f"tap 0x{self.device.offloads:02x}, udp gso/gro" if self.offload and self.device else "off"),
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
         ]
         if cfg.addresses:

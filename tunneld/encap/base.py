@@ -52,6 +52,7 @@ class Drop(str, enum.Enum):
     DEVICE_READ_ERROR = "device_read_error"  # reading the device failed (not merely "nothing to read")
     TOO_BIG = "too_big"  # the encapsulated packet would not fit the underlay MTU; VTEPs don't fragment
     SOCKET_ERROR = "socket_error"  # the underlay socket refused the datagram (unreachable, no buffer, ...)
+    OFFLOAD_UNSUPPORTED = "offload_unsupported"  # a super-frame or partial checksum we cannot complete
 
 
 # IPv4 and IPv6 header sizes without options, for MTU arithmetic.
