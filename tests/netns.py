@@ -102,12 +102,30 @@ class Host:
         self.procs.clear()
 
 
+NETNS_PREFIX = "td-"
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete testbed namespaces whose creating process is gone (a run that was SIGKILLed leaves them)."""
+    removed = []
+    for path in Path("/run/netns").glob(f"{NETNS_PREFIX}*"):
+        parts = path.name.split("-")  # td, PID, TAG, a|b
+        if len(parts) == 4 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
+            if sh("ip", "netns", "del", path.name, check=False).returncode == 0:
+                removed.append(path.name)
+    return removed
+
+
 @contextlib.contextmanager
 def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
-    """Two fresh namespaces A and B joined by veth, with IPv4 and IPv6 underlay addresses and loopback up."""
-    tag = uuid.uuid4().hex[:6]
-    a = Host(f"td-{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
-    b = Host(f"td-{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
+    """Two fresh namespaces A and B joined by veth, with IPv4 and IPv6 underlay addresses and loopback up.
+
+    Names carry the creating pid (td-PID-TAG-a), so a later run can tell leftovers from live testbeds.
+    """
+    remove_stale_namespaces()
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    a = Host(f"{NETNS_PREFIX}{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
+    b = Host(f"{NETNS_PREFIX}{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
     created: list[str] = []
     try:
         for h in (a, b):
