@@ -25,9 +25,11 @@ from tunneld.engine import Engine
 from tunneld.engine_offload import OffloadEngine
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
-from tunneld.io.udp import LinkError, UdpLink
+from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, LinkError, UdpLink
 
 log = logging.getLogger("tunneld")
+
+SUPERFRAME_HEADERS = 14 + 40 + 32  # Ethernet, IPv6, TCP with timestamps: the usual headers of a segment
 
 EX_SOFTWARE = 1
 EX_NOPERM = 77
@@ -126,8 +128,19 @@ class Tunnel:
         except netlink.NetlinkConfigError as e:
             self.close()
             raise StartupError(str(e)) from None
+        if self.offload:
+            self._cap_superframes()
         engine_cls = OffloadEngine if self.offload else Engine
         self.engine = engine_cls(self.device, self.link, self.codec, max_frame=self.max_frame)
+
+    def _cap_superframes(self) -> None:
+        """Keep a TCP super-frame within what ONE UDP_SEGMENT sendmsg carries (≤ 64 datagrams, ≤ ~64 KB of
+        them): 64 KiB frames would leave as 44 + 3 datagrams, costing the receiver a second read and write."""
+        row = self.max_frame + self.codec.header_len
+        rows = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // row)
+        size = rows * (self.max_frame - SUPERFRAME_HEADERS)
+        if size > 0 and not netlink.set_gso_max_size(self.cfg.dev, size):
+            log.debug("could not set gso_max_size %d on %s; super-frames may take two sends", size, self.cfg.dev)
 
     def describe(self) -> str:
         cfg = self.cfg
