@@ -53,6 +53,8 @@ class Coalescer:
     def __init__(self, prefix: bytes) -> None:
         self.prefix = np.frombuffer(bytes(prefix), _U8)
         self.p = len(prefix)
+        self._steps = np.arange(1 << 11, dtype=np.uint32)  # more than the rows of a 64 KiB read
+        self._varying_cache: dict[tuple[int, int, bool], np.ndarray] = {}
 
     def plan(self, rx: np.ndarray, n: int, rowlen: int) -> list:
         """What to write for the ``n`` bytes at the start of ``rx`` (a uint8 array with at least ``rowlen``
@@ -83,42 +85,41 @@ class Coalescer:
         return out
 
     def _run(self, rows: np.ndarray, good: np.ndarray, lay: L.Layout, tail: int) -> int:
-        """How many rows, from the head ``rows[0]``, form one in-order run of one TCP flow."""
+        """How many rows, from the head ``rows[0]``, form one in-order run of one TCP flow.
+
+        Every row but the last is full, like the head, so its IP length field must equal the head's and is
+        compared with the other header bytes; only a short last row needs its own length check."""
         p = self.p
         m, rowlen = rows.shape
         l3, l4, hl = p + lay.l3, p + lay.l4, p + lay.hlen
         plen = rowlen - hl  # payload of a full row
-        if plen <= 0 or hl > tail:
+        if plen <= 0 or hl >= tail:
             return 1
-        lens = np.full(m, rowlen, _U64)
-        lens[-1] = tail
         head = rows[0]
-        flags = int(head[l4 + L.TCP_FLAGS_OFFSET])
-        if flags & ~L.TCP_PSH != L.TCP_ACK or flags & L.TCP_PSH:
+        fcol = l4 + L.TCP_FLAGS_OFFSET
+        if head[fcol] != L.TCP_ACK:
             return 1
         differ = rows[:, :hl] != head[:hl]
-        varying = [l4 + L.TCP_SEQ_OFFSET + j for j in range(4)] + [l4 + L.TCP_CSUM_OFFSET, l4 + L.TCP_CSUM_OFFSET + 1]
-        varying.append(l4 + L.TCP_FLAGS_OFFSET)
+        differ[:, self._varying(l3, l4, lay.v6)] = False
         if lay.v6:
-            varying += [l3 + L.IPV6_PLEN_OFFSET, l3 + L.IPV6_PLEN_OFFSET + 1]
             iplen_base, iplen_at = l4, l3 + L.IPV6_PLEN_OFFSET
         else:
-            varying += [l3 + o for o in (2, 3, 4, 5, 10, 11)]  # total length, ID, header checksum
             iplen_base, iplen_at = l3, l3 + L.IPV4_TOTLEN_OFFSET
-        differ[:, varying] = False
-        ok = good & ~differ.any(axis=1)
-        rflags = rows[:, l4 + L.TCP_FLAGS_OFFSET]
-        ok &= (rflags & (~L.TCP_PSH & 0xFF)) == L.TCP_ACK
-        iplen = rows[:, iplen_at].astype(_U64) << 8 | rows[:, iplen_at + 1]
-        ok &= iplen == lens - iplen_base
-        seq = rows[:, l4 + 4 : l4 + 8].copy().view(">u4").ravel().astype(_U64)
-        expect = (np.arange(m, dtype=_U64) * plen + int(seq[0])) & 0xFFFFFFFF
-        ok &= seq == expect
-        l4len = lens - l4
-        total = _sum_le(rows, l4, rowlen) + (l4len + lay.pseudo) * 256
+        if tail < rowlen:
+            last = rows[-1]
+            differ[-1, iplen_at : iplen_at + 2] = (int(last[iplen_at]) << 8 | int(last[iplen_at + 1])) != tail - iplen_base
+        ok = ~differ.any(axis=1)
+        ok &= good
+        rflags = rows[:, fcol]
+        ok &= (rflags | L.TCP_PSH) == L.TCP_ACK | L.TCP_PSH
+        seq = rows[:, l4 + L.TCP_SEQ_OFFSET : l4 + L.TCP_SEQ_OFFSET + 4].view(">u4")[:, 0]
+        ok &= seq - seq[0] == self._steps[:m] * plen  # uint32: wraps like sequence numbers
+        sums = _sum_le(rows, l4, rowlen) % 0xFFFF  # uint32; the pseudo-header terms below stay < 2**26
+        total = sums + (rowlen - l4 + lay.pseudo) * 256
+        if tail < rowlen:
+            total[-1] = sums[-1] + (tail - l4 + lay.pseudo) * 256
         ok &= total % 0xFFFF == 0
-        ok &= lens > hl  # a non-empty payload
-        k = m if ok.all() else int(np.argmin(ok))
+        k = m if ok.all() else int(ok.argmin())
         if k == 0:
             return 1
         psh = np.flatnonzero(rflags[:k] & L.TCP_PSH)
@@ -126,6 +127,17 @@ class Coalescer:
             k = int(psh[0]) + 1
         k = min(k, (IP_MAX - (hl - iplen_base)) // plen)  # the IP length field's limit
         return max(k, 1)
+
+    def _varying(self, l3: int, l4: int, v6: bool) -> np.ndarray:
+        """Header columns that differ between segments of one flow (cached per layout)."""
+        key = (l3, l4, v6)
+        cols = self._varying_cache.get(key)
+        if cols is None:
+            tcp = [l4 + L.TCP_SEQ_OFFSET + j for j in range(4)]
+            tcp += [l4 + L.TCP_CSUM_OFFSET, l4 + L.TCP_CSUM_OFFSET + 1, l4 + L.TCP_FLAGS_OFFSET]
+            ip = [] if v6 else [l3 + o for o in (4, 5, 10, 11)]  # IPv4 ID and header checksum
+            cols = self._varying_cache[key] = np.array(tcp + ip)
+        return cols
 
     def _superframe(self, rows: np.ndarray, lay: L.Layout, last_len: int) -> SuperFrame:
         p = self.p

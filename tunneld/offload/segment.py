@@ -24,6 +24,7 @@ MAX_SEGMENTS = 128  # more than a 64 KiB frame of 512-byte segments; the link sp
 _ROW_EXTRA = 256  # room per row for prefix + headers in the output buffer
 
 _U8 = np.uint8
+_U32 = np.uint32
 _U64 = np.uint64
 
 
@@ -46,11 +47,12 @@ def _fold_le(total: np.ndarray) -> np.ndarray:
 
 def _sum_le(rows: np.ndarray, start: int, end: int) -> np.ndarray:
     """Per-row one's-complement sum (as a plain integer sum of little-endian words) of ``rows[:, start:end]``,
-    with an odd trailing byte padded by a zero. ``start`` must be even relative to the checksummed data."""
+    with an odd trailing byte padded by a zero. ``start`` must be even relative to the checksummed data.
+    A uint32 accumulator is enough (32767 words of at most 0xFFFF) and faster than uint64."""
     if (end - start) & 1:
         end -= 1
-        return rows[:, start:end].view("<u2").sum(axis=1, dtype=_U64) + rows[:, end]
-    return rows[:, start:end].view("<u2").sum(axis=1, dtype=_U64)
+        return rows[:, start:end].view("<u2").sum(axis=1, dtype=_U32) + rows[:, end]
+    return rows[:, start:end].view("<u2").sum(axis=1, dtype=_U32)
 
 
 class Segmenter:
