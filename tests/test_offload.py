@@ -242,3 +242,24 @@ def test_bad_vxlan_header_is_left_to_the_codec():
     rx, n, rowlen = gro_batch([segs[0], bytes(bad), segs[2]])
     plan = Coalescer(PREFIX).plan(rx, n, rowlen)
     assert plan == [(0, rowlen), (rowlen, 2 * rowlen), (2 * rowlen, n)]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_datagrams_of_one_flow_become_one_uso_superframe(v6):
+    data = payload(300 * 9 + 50)
+    chunks = [data[i : i + 300] for i in range(0, len(data), 300)]
+    dgs = [bytes(VXLAN(flags=8, vni=VNI) / ether() / ip(v6, id=40 + i) / UDP(sport=7, dport=9) / c)
+           for i, c in enumerate(chunks)]
+    other = bytes(VXLAN(flags=8, vni=VNI) / ether() / ip(v6, id=1) / UDP(sport=8, dport=9) / chunks[0])
+    rx, n, rowlen = gro_batch(dgs[:4] + [other] + dgs[4:])
+    plan = Coalescer(PREFIX).plan(rx, n, rowlen)
+    kinds = [x.segments if isinstance(x, SuperFrame) else 1 for x in plan]
+    assert kinds == [4, 1, 6]
+    (vnet, frame), _, (vnet2, frame2) = written(plan, rx)
+    flags, gso_type, hdr_len, gso_size, cs, co = HDR.unpack(vnet2)
+    assert (flags, gso_type, gso_size, co) == (F_NEEDS_CSUM, GSO_UDP_L4, 300, 6)
+    whole = bytearray(frame2)
+    assert finish_checksum(memoryview(whole), cs, co)
+    # the super-frame is the datagram scapy builds for the same payload; the kernel cuts it back (USO)
+    want = bytes(ether() / ip(v6, id=44) / UDP(sport=7, dport=9) / data[1200:])
+    assert bytes(whole) == want

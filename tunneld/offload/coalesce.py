@@ -12,6 +12,9 @@ run grows over the following rows while each row:
 - has a valid TCP checksum (we hand the kernel the run with NEEDS_CSUM, so it will not look again);
 and it stops after a PSH, at the 64 KiB IP limit, or at the batch's end. Only the last row may be shorter.
 
+Datagrams of one UDP flow run the same way (equal headers but for the IPv4 ID and checksums, valid or
+absent IPv4 checksums) and leave as one USO super-frame (GSO UDP_L4), which the kernel cuts apart again.
+
 A run of two or more becomes one ``SuperFrame``: a virtio_net_hdr (GSO TCPV4/TCPV6, gso_size = the segment
 payload, NEEDS_CSUM with the pseudo-header sum in the checksum field, as a local TCP stack leaves it), the
 head's headers with the new lengths, and the payloads. Every other row is left to the caller as a single
@@ -26,7 +29,9 @@ import numpy as np
 
 from tunneld.offload import layout as L
 from tunneld.offload.segment import _sum_le
-from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, HDR, TCP_CSUM_OFFSET
+from tunneld.offload.vnet import (
+    F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, HDR, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET,
+)
 
 _U8 = np.uint8
 _U64 = np.uint64
@@ -67,16 +72,28 @@ class Coalescer:
         rows = rx[: nrows * rowlen].reshape(nrows, rowlen)
         p = self.p
         good = (rows[:, :p] == self.prefix).all(axis=1)
+        # Which rows could head a TCP run: one look at the EtherType and protocol bytes of every row, so that
+        # a batch of UDP or other datagrams costs no Python parsing per row.
+        et_hi, et_lo = rows[:, p + L.ETHERTYPE_OFFSET], rows[:, p + L.ETHERTYPE_OFFSET + 1]
+        proto4 = rows[:, p + L.ETH_HLEN + L.IPV4_PROTO_OFFSET]
+        proto6 = rows[:, p + L.ETH_HLEN + L.IPV6_NEXT_OFFSET]
+        v4 = (et_hi == 0x08) & (et_lo == 0x00)
+        v6 = (et_hi == 0x86) & (et_lo == 0xDD)
+        vlan = (et_hi == 0x81) & (et_lo == 0x00)
+        l4_known = (v4 & ((proto4 == L.PROTO_TCP) | (proto4 == L.PROTO_UDP)))
+        l4_known |= v6 & ((proto6 == L.PROTO_TCP) | (proto6 == L.PROTO_UDP))
+        candidate = good & (l4_known | vlan)
         mv = memoryview(rx)  # plain ints when indexed (NumPy's uint8 would overflow on << 8)
         out: list = []
         i = 0
         while i < nrows:
             end = rowlen if i < nrows - 1 else tail
             k = 1
-            if good[i] and i < nrows - 1:
-                lay = L.parse(mv[i * rowlen + p : i * rowlen + end], L.PROTO_TCP)
+            if candidate[i] and i < nrows - 1:
+                lay = L.parse(mv[i * rowlen + p : i * rowlen + end])
                 if lay.__class__ is not str:
-                    k = self._run(rows[i:], good[i:], lay, tail)
+                    run = self._run if lay.proto == L.PROTO_TCP else self._run_udp
+                    k = run(rows[i:], good[i:], lay, tail)
                     if k > 1:
                         out.append(self._superframe(rows[i : i + k], lay, tail if i + k == nrows else rowlen))
             if k == 1:
@@ -128,6 +145,37 @@ class Coalescer:
         k = min(k, (IP_MAX - (hl - iplen_base)) // plen)  # the IP length field's limit
         return max(k, 1)
 
+    def _run_udp(self, rows: np.ndarray, good: np.ndarray, lay: L.Layout, tail: int) -> int:
+        """How many rows, from the head, are datagrams of one UDP flow with equal headers (but for the IPv4
+        ID and the checksums) and valid checksums: the kernel cuts them apart again (USO) on the way in."""
+        p = self.p
+        m, rowlen = rows.shape
+        l3, l4, hl = p + lay.l3, p + lay.l4, p + lay.hlen
+        plen = rowlen - hl
+        if plen <= 0 or hl >= tail:
+            return 1
+        head = rows[0]
+        differ = rows[:, :hl] != head[:hl]
+        ccol = l4 + L.UDP_CSUM_OFFSET
+        varying = [ccol, ccol + 1] + ([] if lay.v6 else [l3 + o for o in (4, 5, 10, 11)])
+        differ[:, varying] = False
+        iplen_base, iplen_at = (l4, l3 + L.IPV6_PLEN_OFFSET) if lay.v6 else (l3, l3 + L.IPV4_TOTLEN_OFFSET)
+        if tail < rowlen:
+            last = rows[-1]
+            ulen_at = l4 + L.UDP_LEN_OFFSET
+            differ[-1, iplen_at : iplen_at + 2] = (int(last[iplen_at]) << 8 | int(last[iplen_at + 1])) != tail - iplen_base
+            differ[-1, ulen_at : ulen_at + 2] = (int(last[ulen_at]) << 8 | int(last[ulen_at + 1])) != tail - l4
+        ok = ~differ.any(axis=1)
+        ok &= good
+        sums = _sum_le(rows, l4, rowlen) % 0xFFFF
+        total = sums + (rowlen - l4 + lay.pseudo) * 256
+        if tail < rowlen:
+            total[-1] = sums[-1] + (tail - l4 + lay.pseudo) * 256
+        no_csum = (rows[:, ccol] == 0) & (rows[:, ccol + 1] == 0)  # IPv4 may send none; IPv6 may not
+        ok &= (total % 0xFFFF == 0) | (no_csum if not lay.v6 else False)
+        k = m if ok.all() else int(ok.argmin())
+        return max(1, min(k, (IP_MAX - (hl - iplen_base)) // plen))
+
     def _varying(self, l3: int, l4: int, v6: bool) -> np.ndarray:
         """Header columns that differ between segments of one flow (cached per layout)."""
         key = (l3, l4, v6)
@@ -154,11 +202,17 @@ class Coalescer:
             _be16(hdr, l3 + L.IPV4_TOTLEN_OFFSET, lay.hlen - l3 + payload)
             _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, 0)
             _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, _ipv4_checksum(hdr, l3, l4))
-        hdr[l4 + L.TCP_FLAGS_OFFSET] |= int(rows[-1, p + l4 + L.TCP_FLAGS_OFFSET]) & L.TCP_PSH
         # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum (not complemented), the kernel adds the rest.
         s = (lay.pseudo + lay.hlen - l4 + payload) % 0xFFFF
-        _be16(hdr, l4 + L.TCP_CSUM_OFFSET, s or 0xFFFF)
-        vnet = HDR.pack(F_NEEDS_CSUM, GSO_TCPV6 if lay.v6 else GSO_TCPV4, lay.hlen, plen, l4, TCP_CSUM_OFFSET)
+        if lay.proto == L.PROTO_TCP:
+            hdr[l4 + L.TCP_FLAGS_OFFSET] |= int(rows[-1, p + l4 + L.TCP_FLAGS_OFFSET]) & L.TCP_PSH
+            _be16(hdr, l4 + L.TCP_CSUM_OFFSET, s or 0xFFFF)
+            gso_type, csum_offset = (GSO_TCPV6 if lay.v6 else GSO_TCPV4), TCP_CSUM_OFFSET
+        else:
+            _be16(hdr, l4 + L.UDP_LEN_OFFSET, lay.hlen - l4 + payload)
+            _be16(hdr, l4 + L.UDP_CSUM_OFFSET, s or 0xFFFF)
+            gso_type, csum_offset = GSO_UDP_L4, UDP_CSUM_OFFSET
+        vnet = HDR.pack(F_NEEDS_CSUM, gso_type, lay.hlen, plen, l4, csum_offset)
         if last_plen == plen:
             iov = [vnet, hdr, np.ascontiguousarray(rows[:, hl:])]
         else:
