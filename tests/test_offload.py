@@ -263,3 +263,9 @@ def test_udp_datagrams_of_one_flow_become_one_uso_superframe(v6):
     # the super-frame is the datagram scapy builds for the same payload; the kernel cuts it back (USO)
     want = bytes(ether() / ip(v6, id=44) / UDP(sport=7, dport=9) / data[1200:])
     assert bytes(whole) == want
+
+
+def test_udp_runs_stay_single_where_the_kernel_lacks_uso():
+    dgs = [bytes(VXLAN(flags=8, vni=VNI) / ether() / ip(id=i) / UDP(sport=7, dport=9) / payload(300, i)) for i in range(3)]
+    rx, n, rowlen = gro_batch(dgs)
+    assert Coalescer(PREFIX, uso=False).plan(rx, n, rowlen) == [(0, rowlen), (rowlen, 2 * rowlen), (2 * rowlen, n)]

@@ -11,8 +11,8 @@ Outbound, on each wake-up of the device fd, up to ``batch`` reads:
 
 Inbound, on each wake-up of the socket, up to ``batch`` reads:
   1. one recvmsg returns up to 64 coalesced datagrams (UDP_GRO) and their size;
-  2. the Coalescer finds runs of in-order segments of one TCP flow: each run is written as one super-frame
-     with a GSO virtio_net_hdr; every other datagram is decapsulated by the codec (which drops bad ones by
+  2. the Coalescer finds runs of in-order segments of one TCP flow (or datagrams of one UDP flow, where the
+     kernel has USO): each run is written as one super-frame with a GSO virtio_net_hdr; every other datagram is decapsulated by the codec (which drops bad ones by
      reason) and written alone behind an empty virtio_net_hdr.
 
 Counters stay per packet on the wire: tx/rx packets and bytes count datagrams and their inner frames, as the
@@ -28,6 +28,7 @@ import numpy as np
 
 from tunneld.encap.base import Drop
 from tunneld.engine import HEADROOM, MAX_PACKET, Engine
+from tunneld.io.device import TUN_F_USO4
 from tunneld.offload.coalesce import Coalescer
 from tunneld.offload.segment import Segmenter
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, HDR, NO_OFFLOAD, VNET_HDR_LEN, finish_checksum
@@ -49,7 +50,8 @@ class OffloadEngine(Engine):
         prefix = constant_prefix(codec)
         self._prefix_len = len(prefix)
         self._segmenter = Segmenter(prefix)
-        self._coalescer = Coalescer(prefix)
+        # UDP runs are written as USO super-frames only where the kernel showed it knows them (TUNSETOFFLOAD).
+        self._coalescer = Coalescer(prefix, uso=bool(getattr(device, "offloads", TUN_F_USO4) & TUN_F_USO4))
         self._rx = np.zeros(2 * RX_AREA, np.uint8)  # the second half pads a GRO read's short last row
         self._rxview = memoryview(self._rx)
         self._pend = bytearray(PEND_MAX * (HEADROOM + MAX_PACKET) // 16 + HEADROOM + MAX_PACKET)

@@ -55,7 +55,8 @@ def _ipv4_checksum(h: bytearray, start: int, end: int) -> int:
 
 
 class Coalescer:
-    def __init__(self, prefix: bytes) -> None:
+    def __init__(self, prefix: bytes, uso: bool = True) -> None:
+        self.uso = uso  # the kernel takes GSO UDP_L4 writes (Linux 6.2+, where TUNSETOFFLOAD accepts USO)
         self.prefix = np.frombuffer(bytes(prefix), _U8)
         self.p = len(prefix)
         self._steps = np.arange(1 << 11, dtype=np.uint32)  # more than the rows of a 64 KiB read
@@ -80,8 +81,9 @@ class Coalescer:
         v4 = (et_hi == 0x08) & (et_lo == 0x00)
         v6 = (et_hi == 0x86) & (et_lo == 0xDD)
         vlan = (et_hi == 0x81) & (et_lo == 0x00)
-        l4_known = (v4 & ((proto4 == L.PROTO_TCP) | (proto4 == L.PROTO_UDP)))
-        l4_known |= v6 & ((proto6 == L.PROTO_TCP) | (proto6 == L.PROTO_UDP))
+        udp = L.PROTO_UDP if self.uso else L.PROTO_TCP
+        l4_known = v4 & ((proto4 == L.PROTO_TCP) | (proto4 == udp))
+        l4_known |= v6 & ((proto6 == L.PROTO_TCP) | (proto6 == udp))
         candidate = good & (l4_known | vlan)
         mv = memoryview(rx)  # plain ints when indexed (NumPy's uint8 would overflow on << 8)
         out: list = []
@@ -91,7 +93,7 @@ class Coalescer:
             k = 1
             if candidate[i] and i < nrows - 1:
                 lay = L.parse(mv[i * rowlen + p : i * rowlen + end])
-                if lay.__class__ is not str:
+                if lay.__class__ is not str and (self.uso or lay.proto == L.PROTO_TCP):
                     run = self._run if lay.proto == L.PROTO_TCP else self._run_udp
                     k = run(rows[i:], good[i:], lay, tail)
                     if k > 1:
