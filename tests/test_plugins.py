@@ -8,7 +8,6 @@ It is uninstalled afterwards, whatever happens.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -19,8 +18,7 @@ from typing import ClassVar
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, REPO, TUNNELD, Tunneld
-from tests.transfer import transfer
+from tests.netns import OVERLAY_V4, OVERLAY_V6, REPO, TUNNELD, Tunneld, transfer
 from tunneld.cli import main
 from tunneld.config import TunnelConfig
 from tunneld.daemon import EX_CONFIG, StartupError, Tunnel
@@ -126,7 +124,7 @@ def ipudp_installed(tmp_path_factory):
 
 
 @pytest.mark.netns
-def test_third_party_plugin_end_to_end(ipudp_installed, hosts, tmp_path):
+def test_third_party_plugin_end_to_end(ipudp_installed, hosts):
     # The author's own tests: tunneld's conformance suite run against the installed plugin.
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ipudp_installed)],
                        capture_output=True, text=True, timeout=120, cwd=ipudp_installed)
@@ -134,16 +132,14 @@ def test_third_party_plugin_end_to_end(ipudp_installed, hosts, tmp_path):
     out = subprocess.run([TUNNELD, "--list-modes"], capture_output=True, text=True, timeout=30).stdout
     assert "ipudp      TUN  udp/4790" in out and "option session:" in out
     a, b = hosts
-    data = tmp_path / "payload.bin"
-    data.write_bytes(os.urandom(8 << 20))
-    digest = hashlib.sha256(data.read_bytes()).hexdigest()
     ta = Tunneld(a, "--mode", "ipudp", "--opt", "session=7", "--peer", b.underlay,
                  "--address", f"{OVERLAY_V4[0]}/24", "--address", f"{OVERLAY_V6[0]}/64")
     tb = Tunneld(b, "--mode", "ipudp", "--opt", "session=7", "--peer", a.underlay,
                  "--address", f"{OVERLAY_V4[1]}/24", "--address", f"{OVERLAY_V6[1]}/64")
     a.wait_ping(OVERLAY_V4[1])
     a.wait_ping(OVERLAY_V6[1])
-    assert transfer(a, b, OVERLAY_V4[1], data) == (8 << 20, digest)
+    sent, received = transfer(a, b, OVERLAY_V4[1], 8 << 20)
+    assert sent == received and sent.startswith(f"{8 << 20} "), (sent, received)
     assert ta.stop() == 0 and tb.stop() == 0
     # MTU: 1500 - 20 (IPv4) - 8 (UDP) - 4 (its header), from the overhead the plugin declared
     assert "ipudp on tunneld0, mtu 1468, session 7, peer 10.231.0.2 udp/4790" in ta.output()
