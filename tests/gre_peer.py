@@ -39,8 +39,8 @@ def main(tunneld: str, key: int, me: str, them: str, me6: str, them6: str) -> No
     seen: list[dict] = []
     replies: dict[str, list[int]] = {"ipv4": [], "ipv6": []}
 
-    def drain(until: float) -> None:
-        while time.monotonic() < until:
+    def drain(until: float, enough=lambda: False) -> None:
+        while time.monotonic() < until and not enough():
             try:
                 data, (src, _) = s.recvfrom(65535)
             except socket.timeout:
@@ -68,9 +68,9 @@ def main(tunneld: str, key: int, me: str, them: str, me6: str, them6: str) -> No
         s.sendto(gre(IPv6(src=me6, dst=them6) / ICMPv6EchoRequest(id=ECHO_ID, seq=i, data=b"scapy-v6"), key, seq),
                  (tunneld, 0))
         seq += 1
-        drain(time.monotonic() + 0.3)
-    good = dict(replies)
-    good = {k: list(v) for k, v in replies.items()}
+    # Wait (bounded) for all six replies; a loaded machine may take a moment.
+    drain(time.monotonic() + 5, lambda: len(replies["ipv4"]) >= 3 and len(replies["ipv6"]) >= 3)
+    good = {k: sorted(v) for k, v in replies.items()}
     # Each of these must be dropped by tunneld: no echo reply may come back for sequence 100-102.
     s.sendto(gre(IP(src=me, dst=them) / ICMP(id=ECHO_ID, seq=100), key + 1, seq), (tunneld, 0))
     damaged = bytearray(gre(IP(src=me, dst=them) / ICMP(id=ECHO_ID, seq=101), key, seq + 1))
@@ -78,7 +78,7 @@ def main(tunneld: str, key: int, me: str, them: str, me6: str, them6: str) -> No
     s.sendto(bytes(damaged), (tunneld, 0))
     s.sendto(gre(IP(src=me, dst=them) / ICMP(id=ECHO_ID, seq=102), key, 0), (tunneld, 0))  # replayed number 0
     drain(time.monotonic() + 1.0)
-    print(json.dumps({"replies": good, "all_replies": replies, "seen": seen}))
+    print(json.dumps({"replies": good, "all_replies": {k: sorted(v) for k, v in replies.items()}, "seen": seen}))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def test_scapy_peer_exchanges_gre_with_key_seq_csum(hosts):
 
 
 def _capture(host, path, count_filter: str = "ip proto 47 or ip6 proto 47"):
-    proc = host.popen("tcpdump", "-i", host.ifname, "-U", "-n", "-w", str(path), count_filter,
+    # --immediate-mode: hand each packet over at once rather than when a ring block fills or times out, so that
+    # what was sent just before the capture stops is in the file; -U writes it out packet by packet.
+    proc = host.popen("tcpdump", "-i", host.ifname, "--immediate-mode", "-U", "-n", "-w", str(path), count_filter,
                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # tcpdump says "listening on" once the capture runs
@@ -145,9 +147,37 @@ TSHARK_FIELDS = ["ip.src", "gre.flags.checksum", "gre.flags.key", "gre.flags.seq
                  "gre.checksum.status", "eth.type", "icmp.type", "icmpv6.type"]
 
 
+def tshark_rows(capture) -> list[dict[str, str]]:
+    out = subprocess.run(
+        ["tshark", "-r", str(capture), "-T", "fields", "-E", "separator=|",
+         "-E", "occurrence=a", "-E", "aggregator=;", *sum((["-e", f] for f in TSHARK_FIELDS), [])],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    # A field can occur in the outer and the inner packet: the outer IP source is the first ip.src, the inner
+    # frame's EtherType (gretap) the last eth.type.
+    return [
+        {field: values.split(";")[-1 if field == "eth.type" else 0] for field, values in zip(TSHARK_FIELDS, line.split("|"))}
+        for line in out.splitlines() if line
+    ]
+
+
+def echo_counts(rows) -> dict[str, dict[str, int]]:
+    echo = {"v4": {"req": 0, "rep": 0}, "v6": {"req": 0, "rep": 0}}
+    for row in rows:
+        for family, field, req, rep in (("v4", "icmp.type", "8", "0"), ("v6", "icmpv6.type", "128", "129")):
+            echo[family]["req"] += row[field] == req
+            echo[family]["rep"] += row[field] == rep
+    return echo
+
+
+def _complete(echo) -> bool:
+    return all(n >= 3 for counts in echo.values() for n in counts.values())
+
+
 @pytest.mark.parametrize("mode", ["gre", "gretap"])
 def test_tshark_decodes_tunneld_gre(hosts, tmp_path, mode):
     a, b = hosts
+    os.chmod(tmp_path, 0o755)  # tshark drops privileges before reading
     capture = tmp_path / "underlay.pcap"
     ta, tb = start_pair(a, b, mode, *ALL_OPTIONS)
     a.wait_ping(OVERLAY_V4[1])
@@ -156,25 +186,14 @@ def test_tshark_decodes_tunneld_gre(hosts, tmp_path, mode):
     try:
         assert a.ping(OVERLAY_V4[1], count=3)
         assert a.ping(OVERLAY_V6[1], count=3)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5  # on a loaded machine the last packets can take a moment to be written
+        while time.monotonic() < deadline and not _complete(echo_counts(tshark_rows(capture))):
+            time.sleep(0.2)
     finally:
         dump.send_signal(signal.SIGINT)
         dump.wait(timeout=10)
-    os.chmod(tmp_path, 0o755)  # tshark drops privileges before reading
-    os.chmod(capture, 0o644)
-    out = subprocess.run(
-        ["tshark", "-r", str(capture), "-T", "fields", "-E", "separator=|",
-         "-E", "occurrence=a", "-E", "aggregator=;", *sum((["-e", f] for f in TSHARK_FIELDS), [])],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout
-    # A field can occur in the outer and the inner packet: the outer IP source is the first ip.src, the inner
-    # frame's EtherType (gretap) the last eth.type.
-    rows = [
-        {field: values.split(";")[-1 if field == "eth.type" else 0] for field, values in zip(TSHARK_FIELDS, line.split("|"))}
-        for line in out.splitlines() if line
-    ]
+    rows = tshark_rows(capture)
     assert rows, "tshark decoded nothing"
-    echo = {"v4": {"req": 0, "rep": 0}, "v6": {"req": 0, "rep": 0}}
     for row in rows:
         assert row["gre.flags.checksum"] in ("1", "True") and row["gre.flags.key"] in ("1", "True"), row
         assert row["gre.flags.sequence_number"] in ("1", "True"), row
@@ -187,10 +206,8 @@ def test_tshark_decodes_tunneld_gre(hosts, tmp_path, mode):
             assert proto in (0x0800, 0x86DD), row
         else:
             assert proto == 0x6558 and row["eth.type"], row
-        for family, field, req, rep in (("v4", "icmp.type", "8", "0"), ("v6", "icmpv6.type", "128", "129")):
-            echo[family]["req"] += row[field] == req
-            echo[family]["rep"] += row[field] == rep
-    assert all(n >= 3 for counts in echo.values() for n in counts.values()), echo
+    echo = echo_counts(rows)
+    assert _complete(echo), echo
     # Sequence numbers from each sender count up by one, as RFC 2890 asks.
     assert {row["ip.src"] for row in rows} == {a.underlay, b.underlay}
     for sender in (a.underlay, b.underlay):
