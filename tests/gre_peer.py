@@ -13,7 +13,8 @@ import socket
 import sys
 import time
 
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, IPOption
+from scapy.packet import Raw
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import GRE
 
@@ -70,6 +71,15 @@ def main(tunneld: str, key: int, me: str, them: str, me6: str, them6: str) -> No
         seq += 1
     # Wait (bounded) for all six replies; a loaded machine may take a moment.
     drain(time.monotonic() + 5, lambda: len(replies["ipv4"]) >= 3 and len(replies["ipv6"]) >= 3)
+    # One more, its outer IPv4 header carrying options (IHL 6: NOP NOP NOP EOL), sent with a header we build:
+    # tunneld's raw link must strip 24 bytes of outer header, not 20.
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as hdrincl:
+        inner = IP(src=me, dst=them) / ICMP(id=ECHO_ID, seq=3) / b"outer-options"
+        outer = IP(dst=tunneld, proto=IPPROTO_GRE,
+                   options=[IPOption(b"\x01\x01\x01\x00")]) / Raw(gre(inner, key, seq))
+        hdrincl.sendto(bytes(outer), (tunneld, 0))
+    seq += 1
+    drain(time.monotonic() + 5, lambda: len(replies["ipv4"]) >= 4)
     good = {k: sorted(v) for k, v in replies.items()}
     # Each of these must be dropped by tunneld: no echo reply may come back for sequence 100-102.
     s.sendto(gre(IP(src=me, dst=them) / ICMP(id=ECHO_ID, seq=100), key + 1, seq), (tunneld, 0))
