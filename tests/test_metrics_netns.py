@@ -197,7 +197,8 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
 
 def grafana_interpolate(expr: str) -> str:
     """What Grafana would send with "All" instances selected and a short scrape interval."""
-    expr = expr.replace("$__rate_interval", "10s").replace("${instance:regex}", ".*").replace("$instance", ".*").replace("$job", ".*")
+    for var, value in (("$__rate_interval", "10s"), ("$instance", ".*"), ("$job", ".*")):
+        expr = expr.replace(var, value)
     leftover = re.findall(r"\$\{?\w+", expr)
     assert not leftover, f"variables the test does not know how to interpolate: {leftover} in {expr}"
     return expr

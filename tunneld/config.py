@@ -20,7 +20,8 @@ MIN_MTU = 68  # RFC 791's minimum
 IPV6_MIN_MTU = 1280  # RFC 8200: an interface carrying IPv6 needs at least this
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 class ConfigError(ValueError):
@@ -94,7 +95,9 @@ def parse_listen(value: str) -> tuple[str, int]:
         if not sep:
             raise ConfigError(f"metrics-listen: {value!r} is not HOST:PORT ({example})")
         if not host:
-            raise ConfigError(f"metrics-listen: {value!r} names no address (every address: 0.0.0.0:{port_text} or [::]:{port_text})")
+            raise ConfigError(
+                f"metrics-listen: {value!r} names no address (every address: 0.0.0.0:{port_text} or [::]:{port_text})"
+            )
         if ":" in host:
             raise ConfigError(f"metrics-listen: write an IPv6 address in brackets, e.g. [{host}]:{port_text}")
         if not _HOSTNAME.match(host):

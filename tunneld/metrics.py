@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from bisect import bisect_left
 import socket
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -73,13 +74,9 @@ def _histogram(counts: list[int], bounds: list[float] | tuple[float, ...], bucke
     buckets, running = [], 0
     for bound, n in zip(bounds, per_bucket):
         running += n
-        buckets.append((_le(bound), running))
+        buckets.append((str(float(bound)), running))
     buckets.append(("+Inf", running + per_bucket[-1]))
     return buckets
-
-
-def _le(bound: float) -> str:
-    return str(bound) if isinstance(bound, float) else f"{bound}.0"
 
 
 class TunnelCollector(Collector):
@@ -92,7 +89,7 @@ class TunnelCollector(Collector):
         self.vni = vni
         self._batch_bounds = batch_bounds(engine.batch)
         # slot n (a wake-up that moved n frames) → index of the first bound >= n
-        self._batch_bucket = [next(i for i, b in enumerate(self._batch_bounds) if n <= b) for n in range(engine.batch + 1)]
+        self._batch_bucket = [bisect_left(self._batch_bounds, n) for n in range(engine.batch + 1)]
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
@@ -226,7 +223,9 @@ class MetricsServer:
         except socket.gaierror as e:
             raise MetricsError(f"metrics-listen {listen}: cannot resolve {host!r}: {e.strerror}") from None
         except OSError as e:
-            hint = " (another tunneld? choose another --metrics-listen, or '' to disable)" if e.errno == errno.EADDRINUSE else ""
+            hint = ""
+            if e.errno == errno.EADDRINUSE:
+                hint = " (another tunneld? choose another --metrics-listen, or '' to disable)"
             raise MetricsError(f"metrics-listen {listen}: cannot listen: {e.strerror or e}{hint}") from None
         self.port = self._httpd.server_address[1]
         self._collector: TunnelCollector | None = None
