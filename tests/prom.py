@@ -103,6 +103,7 @@ def prometheus(host: Host, targets: Sequence[str], interval: float = 1.0, timeou
     """Start Prometheus in ``host`` scraping ``targets``; wait until it is ready; stop it and delete its data."""
     workdir = Path(tempfile.mkdtemp(prefix="tunneld-prom-"))
     proc = None
+    log = open(workdir / "log", "w")
     try:
         (workdir / "prometheus.yml").write_text(config(targets, interval))
         proc = host.popen(
@@ -111,7 +112,7 @@ def prometheus(host: Host, targets: Sequence[str], interval: float = 1.0, timeou
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address={API}",
             "--log.level=warn",
-            stdout=open(workdir / "log", "w"),
+            stdout=log,
         )
         prom = Prometheus(host)
         deadline = time.monotonic() + timeout
@@ -133,6 +134,7 @@ def prometheus(host: Host, targets: Sequence[str], interval: float = 1.0, timeou
             except Exception:
                 proc.kill()
                 proc.wait(timeout=5)
+        log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
