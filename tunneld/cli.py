@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from tunneld import __version__
-from tunneld.config import DEFAULT_DEV, LOG_LEVELS, ConfigError, TunnelConfig, validate
+from tunneld.config import DEFAULT_DEV, DEFAULT_METRICS_LISTEN, LOG_LEVELS, ConfigError, TunnelConfig, validate
 from tunneld.daemon import StartupError, run
 from tunneld.plugins import discover
 
@@ -84,6 +84,11 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", default=DEFAULT_METRICS_LISTEN,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; [::1]:PORT for IPv6, '' to disable "
+        "(default: %(default)s)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -137,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mac=args.mac,
                 log_level=args.log_level,
                 extra=extra,
+                metrics_listen=args.metrics_listen,
             )
         )
     except ConfigError as e:

@@ -3,7 +3,7 @@
 Start-up order, chosen so that a failure leaves nothing behind:
   1. build the codec (option errors are configuration errors);
   2. find the underlay MTU towards the peer, derive the device MTU;
-  3. bind the underlay socket (a busy port fails before any device exists);
+  3. bind the underlay socket and the metrics endpoint (a busy port fails before any device exists);
   4. create the device, set its MAC, MTU and addresses, bring it up;
   5. attach the engine to the event loop.
 Shutdown undoes it in reverse; closing the device fd removes the interface.
@@ -26,6 +26,7 @@ from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
 from tunneld.io.raw import RawLink
 from tunneld.io.udp import LinkError, UdpLink
+from tunneld.metrics import MetricsError, MetricsServer
 
 log = logging.getLogger("tunneld")
 
@@ -101,6 +102,7 @@ class Tunnel:
         self.device: Device | None = None
         self.link: UdpLink | RawLink | None = None
         self.engine: Engine | None = None
+        self.metrics: MetricsServer | None = None
 
     def open(self) -> None:
         cfg = self.cfg
@@ -116,8 +118,10 @@ class Tunnel:
                 self.link = RawLink(cfg.peer, self.codec.transport.number, cfg.local)
             else:
                 self.link = UdpLink(cfg.peer, port, cfg.local)
+            if cfg.metrics_listen:
+                self.metrics = MetricsServer(cfg.metrics_listen)
             self.device = Device(cfg.dev, self.codec.device)
-        except LinkError as e:
+        except (LinkError, MetricsError) as e:
             self.close()
             raise StartupError(str(e), EX_NOPERM if "CAP_NET_RAW" in str(e) else EX_SOFTWARE) from None
         except DeviceError as e:
@@ -134,6 +138,8 @@ class Tunnel:
             self.close()
             raise StartupError(str(e)) from None
         self.engine = Engine(self.device, self.link, self.codec, max_frame=self.max_frame)
+        if self.metrics is not None:
+            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None))
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -148,6 +154,7 @@ class Tunnel:
             ),
             f"local {cfg.local or 'any'}",
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
+            f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
         ]
         if cfg.addresses:
             parts.append("addresses " + " ".join(cfg.addresses))
@@ -162,6 +169,9 @@ class Tunnel:
         if self.link is not None:
             self.link.close()
             self.link = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
 async def serve(tunnel: Tunnel) -> None:
@@ -173,12 +183,16 @@ async def serve(tunnel: Tunnel) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: live reload is not implemented; ignored"))
     assert tunnel.engine is not None
     tunnel.engine.attach(loop)
+    if tunnel.metrics is not None:
+        tunnel.metrics.start(loop)
     log.info("tunneld %s up: %s", __version__, tunnel.describe())
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if tunnel.metrics is not None:
+            tunnel.metrics.stop()
     log.info("shutting down: %s", tunnel.engine.stats.summary())
 
 
