@@ -26,7 +26,7 @@ import errno
 
 import numpy as np
 
-from tunneld.encap.base import Drop
+from tunneld.encap.base import DeviceKind, Drop
 from tunneld.engine import HEADROOM, MAX_PACKET, Engine
 from tunneld.io.device import TUN_F_USO4
 from tunneld.offload.coalesce import Coalescer
@@ -42,6 +42,17 @@ def constant_prefix(codec) -> bytes:
     scratch = bytearray(HEADROOM)
     start = codec.encap(scratch, HEADROOM, HEADROOM)
     return bytes(scratch[start:HEADROOM])
+
+
+def offload_supported(codec) -> bool:
+    """Whether this engine can carry ``codec``: Ethernet frames (the segmenter parses Ethernet/IP/TCP-UDP), a
+    UDP transport (GSO/GRO), and a header that does not depend on the frame (it is laid before every row)."""
+    if codec.device is not DeviceKind.TAP or codec.transport.kind != "udp":
+        return False
+    scratch = bytearray(HEADROOM + 64)
+    start = codec.encap(scratch, HEADROOM, HEADROOM + 60)
+    other = bytearray(HEADROOM) + bytes(range(1, 61)) + bytes(4)
+    return scratch[start:HEADROOM] == other[codec.encap(other, HEADROOM, HEADROOM + 60) : HEADROOM]
 
 
 class OffloadEngine(Engine):
