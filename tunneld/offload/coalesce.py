@@ -58,6 +58,7 @@ class Coalescer:
     def __init__(self, prefix: bytes, uso: bool = True) -> None:
         self.uso = uso  # the kernel takes GSO UDP_L4 writes (Linux 6.2+, where TUNSETOFFLOAD accepts USO)
         self.prefix = np.frombuffer(bytes(prefix), _U8)
+        self._prefix_bytes = bytes(prefix)
         self.p = len(prefix)
         self._steps = np.arange(1 << 11, dtype=np.uint32)  # more than the rows of a 64 KiB read
         self._varying_cache: dict[tuple[int, int, bool], np.ndarray] = {}
@@ -72,30 +73,35 @@ class Coalescer:
         rx[n : nrows * rowlen] = 0  # pad the short last row: zeros add nothing to sums
         rows = rx[: nrows * rowlen].reshape(nrows, rowlen)
         p = self.p
+        mv = memoryview(rx)  # plain ints when indexed (NumPy's uint8 would overflow on << 8)
+        # The common case, one run over the whole read, costs one parse and one _run: rows that match the head's
+        # header bytes (the encapsulation header included) need no other look.
+        first = self._head(mv, 0, rowlen)
+        if first is not None:
+            run, lay = first
+            k = run(rows, lay, tail)
+            if k == nrows:
+                return [self._superframe(rows, lay, tail)]
+        # Which rows could head a run: one look at the encapsulation header, EtherType and protocol of every
+        # row, so that a batch of other datagrams costs no Python parsing per row.
         good = (rows[:, :p] == self.prefix).all(axis=1)
-        # Which rows could head a TCP run: one look at the EtherType and protocol bytes of every row, so that
-        # a batch of UDP or other datagrams costs no Python parsing per row.
         et_hi, et_lo = rows[:, p + L.ETHERTYPE_OFFSET], rows[:, p + L.ETHERTYPE_OFFSET + 1]
         proto4 = rows[:, p + L.ETH_HLEN + L.IPV4_PROTO_OFFSET]
         proto6 = rows[:, p + L.ETH_HLEN + L.IPV6_NEXT_OFFSET]
-        v4 = (et_hi == 0x08) & (et_lo == 0x00)
-        v6 = (et_hi == 0x86) & (et_lo == 0xDD)
-        vlan = (et_hi == 0x81) & (et_lo == 0x00)
         udp = L.PROTO_UDP if self.uso else L.PROTO_TCP
-        l4_known = v4 & ((proto4 == L.PROTO_TCP) | (proto4 == udp))
-        l4_known |= v6 & ((proto6 == L.PROTO_TCP) | (proto6 == udp))
-        candidate = good & (l4_known | vlan)
-        mv = memoryview(rx)  # plain ints when indexed (NumPy's uint8 would overflow on << 8)
+        l4_known = (et_hi == 0x08) & (et_lo == 0x00) & ((proto4 == L.PROTO_TCP) | (proto4 == udp))
+        l4_known |= (et_hi == 0x86) & (et_lo == 0xDD) & ((proto6 == L.PROTO_TCP) | (proto6 == udp))
+        candidate = good & (l4_known | ((et_hi == 0x81) & (et_lo == 0x00)))
         out: list = []
         i = 0
         while i < nrows:
             end = rowlen if i < nrows - 1 else tail
             k = 1
             if candidate[i] and i < nrows - 1:
-                lay = L.parse(mv[i * rowlen + p : i * rowlen + end])
-                if lay.__class__ is not str and (self.uso or lay.proto == L.PROTO_TCP):
-                    run = self._run if lay.proto == L.PROTO_TCP else self._run_udp
-                    k = run(rows[i:], good[i:], lay, tail)
+                head = self._head(mv, i * rowlen, end)
+                if head is not None:
+                    run, lay = head
+                    k = run(rows[i:], lay, tail)
                     if k > 1:
                         out.append(self._superframe(rows[i : i + k], lay, tail if i + k == nrows else rowlen))
             if k == 1:
@@ -103,7 +109,19 @@ class Coalescer:
             i += k
         return out
 
-    def _run(self, rows: np.ndarray, good: np.ndarray, lay: L.Layout, tail: int) -> int:
+    def _head(self, mv: memoryview, start: int, end: int):
+        """(run function, layout) when the row at ``start`` can head a run, else None."""
+        p = self.p
+        if mv[start : start + p] != self._prefix_bytes:
+            return None
+        lay = L.parse(mv[start + p : start + end])
+        if lay.__class__ is str:
+            return None
+        if lay.proto == L.PROTO_TCP:
+            return self._run, lay
+        return (self._run_udp, lay) if self.uso else None
+
+    def _run(self, rows: np.ndarray, lay: L.Layout, tail: int) -> int:
         """How many rows, from the head ``rows[0]``, form one in-order run of one TCP flow.
 
         Every row but the last is full, like the head, so its IP length field must equal the head's and is
@@ -127,8 +145,7 @@ class Coalescer:
         if tail < rowlen:
             last = rows[-1]
             differ[-1, iplen_at : iplen_at + 2] = (int(last[iplen_at]) << 8 | int(last[iplen_at + 1])) != tail - iplen_base
-        ok = ~differ.any(axis=1)
-        ok &= good
+        ok = ~differ.any(axis=1)  # the encapsulation header is among the bytes compared with the (valid) head's
         rflags = rows[:, fcol]
         ok &= (rflags | L.TCP_PSH) == L.TCP_ACK | L.TCP_PSH
         seq = rows[:, l4 + L.TCP_SEQ_OFFSET : l4 + L.TCP_SEQ_OFFSET + 4].view(">u4")[:, 0]
@@ -147,7 +164,7 @@ class Coalescer:
         k = min(k, (IP_MAX - (hl - iplen_base)) // plen)  # the IP length field's limit
         return max(k, 1)
 
-    def _run_udp(self, rows: np.ndarray, good: np.ndarray, lay: L.Layout, tail: int) -> int:
+    def _run_udp(self, rows: np.ndarray, lay: L.Layout, tail: int) -> int:
         """How many rows, from the head, are datagrams of one UDP flow with equal headers (but for the IPv4
         ID and the checksums) and valid checksums: the kernel cuts them apart again (USO) on the way in."""
         p = self.p
@@ -167,8 +184,7 @@ class Coalescer:
             ulen_at = l4 + L.UDP_LEN_OFFSET
             differ[-1, iplen_at : iplen_at + 2] = (int(last[iplen_at]) << 8 | int(last[iplen_at + 1])) != tail - iplen_base
             differ[-1, ulen_at : ulen_at + 2] = (int(last[ulen_at]) << 8 | int(last[ulen_at + 1])) != tail - l4
-        ok = ~differ.any(axis=1)
-        ok &= good
+        ok = ~differ.any(axis=1)  # the encapsulation header is among the bytes compared with the (valid) head's
         sums = _sum_le(rows, l4, rowlen) % 0xFFFF
         total = sums + (rowlen - l4 + lay.pseudo) * 256
         if tail < rowlen:
