@@ -169,7 +169,7 @@ async def serve(tunnel: Tunnel) -> None:
     log.info("shutting down: %s", tunnel.engine.stats.summary())
 
 
-def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]]) -> int:
+def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload=None, metrics_listen: str | None = None) -> int:
     """Start the tunnel, serve until asked to stop, take it down. Raises StartupError on failure to start."""
     import uvloop
 
