@@ -175,14 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--peer is required: the underlay address of the far end (or give --config FILE)")
 
     def load() -> tuple[TunnelConfig, str | None]:
-        return merge(args, load_file(args.config, modes) if args.config else {})
+        """The configuration from the file and the flags; raises ConfigFileError or ConfigError. Also the reload."""
+        cfg, metrics_listen = merge(args, load_file(args.config, modes) if args.config else {})
+        if cfg.mode not in modes:
+            raise ConfigError(f"mode: {cfg.mode!r} is not an available mode; available: {', '.join(modes)}")
+        try:  # building the codec checks the mode's options (plugins judge their own) without the kernel
+            modes[cfg.mode].from_options(cfg.options())
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{args.config or 'command line'}: {cfg.mode}: {e}") from None
+        return cfg, metrics_listen
 
     try:
         cfg, metrics_listen = load()
-        if cfg.mode not in modes:
-            raise ConfigError(f"mode: {cfg.mode!r} is not an available mode; available: {', '.join(modes)}")
-        # Building the codec checks the mode's options (plugins judge their own) without touching the kernel.
-        modes[cfg.mode].from_options(cfg.options())
     except ConfigFileError as e:
         for line in e.problems:
             print(f"tunneld: {line}", file=sys.stderr)
@@ -191,9 +195,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.config:
             parser.error(str(e))
         print(f"tunneld: {e}", file=sys.stderr)
-        return EX_CONFIG
-    except (ValueError, TypeError) as e:
-        print(f"tunneld: {args.config or 'command line'}: {cfg.mode}: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
         print(f"{args.config or 'command line'}: ok: {cfg.mode} to peer {cfg.peer} on {cfg.dev}")

@@ -25,6 +25,7 @@ from tunneld.engine import Engine
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
 from tunneld.io.udp import LinkError, UdpLink
+from tunneld.service import Loader, Service
 
 log = logging.getLogger("tunneld")
 
@@ -151,32 +152,36 @@ class Tunnel:
             self.link = None
 
 
-async def serve(tunnel: Tunnel) -> None:
-    """Run until SIGINT or SIGTERM."""
+async def serve(tunnel: Tunnel, reload: Loader | None = None, metrics_listen: str | None = None) -> None:
+    """Run until SIGINT or SIGTERM; SIGHUP reloads the configuration (see service.py)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    service = Service(tunnel, reload, metrics_listen)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: live reload is not implemented; ignored"))
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     assert tunnel.engine is not None
     tunnel.engine.attach(loop)
     log.info("tunneld %s up: %s", __version__, tunnel.describe())
+    service.ready()  # the interface is up and the sockets are bound
     try:
         await stop.wait()
     finally:
+        service.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("shutting down: %s", tunnel.engine.stats.summary())
 
 
-def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload=None, metrics_listen: str | None = None) -> int:
+def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Loader | None = None,
+        metrics_listen: str | None = None) -> int:
     """Start the tunnel, serve until asked to stop, take it down. Raises StartupError on failure to start."""
     import uvloop
 
     tunnel = Tunnel(cfg, modes)
     tunnel.open()
     try:
-        uvloop.run(serve(tunnel))
+        uvloop.run(serve(tunnel, reload, metrics_listen))
     finally:
         tunnel.close()
         log.info("removed interface %s", cfg.dev)
