@@ -4,8 +4,8 @@ of the testbed's namespaces, linked by `systemctl enable --now tunneld@demo`.
 What is proven, in order: the unit is active only once tunneld said READY (the interface exists then); it
 runs as a transient user with only CAP_NET_ADMIN and CAP_NET_RAW; a ping and an 8 MB transfer cross the
 tunnel; `systemctl reload` changes the log level live with no loss under a steady ping and refuses an invalid
-file while staying active; SIGKILL gets it restarted by systemd and traffic resumes; a broken config leaves it
-failed with status 78 and no restart loop.
+file while staying active; SIGKILL, or a stuck event loop (the watchdog), gets it restarted by systemd and
+traffic resumes; a broken config leaves it failed with status 78 and no restart loop.
 """
 
 from __future__ import annotations
@@ -84,12 +84,29 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
         journal = ca.journal(UNIT)
         assert "reload: log level info -> debug" in journal
         assert f"reload refused, keeping the running configuration: {CONF}: tunnel.peer: '10.231.0.300'" in journal
+        # Lines carry their syslog priority ("<3>", "<6>"): journald files them by it and strips the prefix.
+        errors = ca.run("journalctl", "--no-pager", "-o", "cat", "-p", "err", "-u", UNIT).stdout
+        assert "reload refused" in errors and "reload: log level" not in errors
+        assert "<6>" not in journal and "<3>" not in journal
         ca.write(CONF, conf(b.underlay, OVERLAY_V4[0]))
 
         # SIGKILL: systemd restarts it (Restart=on-failure) and traffic resumes.
         ca.systemctl("kill", "--signal=SIGKILL", "--kill-who=main", UNIT)
         ca.wait_for(UNIT, timeout=30, ActiveState="active", SubState="running", NRestarts="1")
         assert ca.show(UNIT, "MainPID")["MainPID"] not in (before["MainPID"], "0")
+        a.wait_ping(OVERLAY_V4[1], timeout=15)
+
+        # A stuck event loop (SIGSTOP): the WATCHDOG=1 pings stop, systemd aborts the daemon and restarts it.
+        # A drop-in shortens the shipped WatchdogSec=10 to keep the test short.
+        ca.run("mkdir", "-p", f"/etc/systemd/system/{UNIT}.d")
+        ca.write(f"/etc/systemd/system/{UNIT}.d/watchdog.conf", "[Service]\nWatchdogSec=2\n")
+        ca.systemctl("daemon-reload")
+        ca.systemctl("restart", UNIT, timeout=30)
+        stuck = ca.show(UNIT, "MainPID")["MainPID"]
+        ca.systemctl("kill", "--signal=SIGSTOP", "--kill-who=main", UNIT)
+        ca.wait_for(UNIT, timeout=30, ActiveState="active", SubState="running", NRestarts="1")
+        assert ca.show(UNIT, "MainPID")["MainPID"] not in (stuck, "0")
+        assert re.search(r"Watchdog timeout \(limit 2s\)", ca.journal(UNIT))
         a.wait_ping(OVERLAY_V4[1], timeout=15)
 
         # A broken config: the start fails with 78 (EX_CONFIG) and RestartPreventExitStatus=78 holds it there.
