@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -85,12 +86,12 @@ def reload_with(tmp_path, new, caplog):
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(path)
     rx.settimeout(1)
-    tunnel = SimpleNamespace(cfg=BASE, link=MovableLink(BASE.peer), engine=SimpleNamespace(stats=Stats(4)))
+    tunnel = SimpleNamespace(cfg=BASE, link=MovableLink(BASE.peer), engine=SimpleNamespace(stats=Stats(4)), metrics=None)
 
     def loader():
         if isinstance(new, Exception):
             raise new
-        return new, None
+        return new
 
     service = Service(tunnel, loader, notifier=Notifier({"NOTIFY_SOCKET": path}))
     caplog.set_level(logging.INFO, logger="tunneld")
@@ -127,7 +128,7 @@ def test_an_invalid_reload_is_refused_and_ready_again(tmp_path, caplog):
 # -- the real daemon in a namespace ---------------------------------------------------------------------------
 
 def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = OVERLAY_V4[0] + "/24",
-                local: str | None = None) -> str:
+                local: str | None = None, metrics: str = "127.0.0.1:9477") -> str:
     return textwrap.dedent(f"""\
         [tunnel]
         peer = "{peer}"
@@ -135,6 +136,8 @@ def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = 
         dev = "tdsvc0"
         address = ["{address}"]
         vni = {vni}
+        [metrics]
+        listen = "{metrics}"
         [log]
         level = "{level}"
         """)
@@ -169,6 +172,11 @@ class NotifyReceiver:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def scrape(host: Host, listen: str) -> str | None:
+    r = host.run("curl", "-sf", "--max-time", "5", f"http://{listen}/metrics", check=False, timeout=10)
+    return r.stdout if r.returncode == 0 else None
 
 
 def ifindex(host: Host, dev: str) -> int:
@@ -247,6 +255,17 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
         assert ping.returncode == 0 and " 0% packet loss" in ping_out, ping_out
         assert a.ping(OVERLAY_V4[1], count=2, timeout=5)
         assert ifindex(a, "tdsvc0") == index
+        # The metrics endpoint moves live: the new address serves the same counters, the old one is closed.
+        assert 'peer="10.231.0.3"' in scrape(a, "127.0.0.1:9477")
+        conf_a.write_text(config_text("10.231.0.3", level="debug", metrics="127.0.0.1:9479"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("READY=1")
+        moved = scrape(a, "127.0.0.1:9479")
+        assert moved and re.search(r'^tunneld_rx_packets_total\{[^}]*peer="10.231.0.3"[^}]*\} [1-9]', moved, re.M)
+        deadline = time.monotonic() + 5
+        while scrape(a, "127.0.0.1:9477") is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert scrape(a, "127.0.0.1:9477") is None
         pa.send_signal(signal.SIGTERM)
         assert pa.wait(timeout=10) == 0
     finally:
@@ -257,3 +276,4 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
     assert "reload: peer 10.231.0.2 -> 10.231.0.3" in out
     assert "reload: log level info -> debug" in out
     assert f"reload refused, keeping the running configuration: {conf_a}: tunnel.peer: '10.231.0.300' is not" in out
+    assert "reload: metrics 127.0.0.1:9477 -> 127.0.0.1:9479" in out

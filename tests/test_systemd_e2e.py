@@ -64,6 +64,10 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
         r = a.run("iperf3", "-c", OVERLAY_V4[1], "-n", "8M", check=False, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
         server.wait(timeout=10)
+        # The metrics endpoint of the confined daemon answers in the host's network (README step 4).
+        metrics = a.run("curl", "-sf", "--max-time", "5", "http://127.0.0.1:9477/metrics", timeout=10).stdout
+        sent = re.search(r'^tunneld_tx_packets_total\{[^}]*peer="10.231.0.2"[^}]*\} (\S+)$', metrics, re.M)
+        assert sent and float(sent.group(1)) > 1000, metrics[:2000]
 
         # Reload: log level info -> debug, applied live: same process, same interface, no loss under a ping.
         before = ca.show(UNIT, "MainPID", "NRestarts")

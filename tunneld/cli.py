@@ -11,6 +11,7 @@ from typing import Sequence
 from tunneld import __version__
 from tunneld.config import (
     DEFAULT_DEV,
+    DEFAULT_METRICS_LISTEN,
     DEFAULT_MODE,
     EX_CONFIG,
     LOG_LEVELS,
@@ -92,6 +93,11 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; [::1]:PORT for IPv6, '' to disable "
+        f"(default: {DEFAULT_METRICS_LISTEN})",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -133,15 +139,14 @@ def setup_logging(level: str) -> None:
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level")
+FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level", "metrics_listen")
 
 
-def merge(args: argparse.Namespace, file_values: dict) -> tuple[TunnelConfig, str | None]:
-    """The file's values overridden by the flags given, validated. Returns (config, metrics listen address).
+def merge(args: argparse.Namespace, file_values: dict) -> TunnelConfig:
+    """The file's values overridden by the flags given, validated.
 
     Raises ConfigError naming the problem (prefixed with the file when there is one)."""
     values = dict(file_values)
-    metrics_listen = values.pop("metrics_listen", None)
     values.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None})
     if args.address:
         values["addresses"] = tuple(args.address)
@@ -154,10 +159,10 @@ def merge(args: argparse.Namespace, file_values: dict) -> tuple[TunnelConfig, st
     except ConfigError as e:
         if args.config:  # validate() names flags ("log-level: ..."); name the file's key instead
             what, _, rest = str(e).partition(": ")
-            key = "log.level" if what == "log-level" else f"tunnel.{what}"
+            key = {"log-level": "log.level", "metrics-listen": "metrics.listen"}.get(what, f"tunnel.{what}")
             raise ConfigError(f"{where}{key}: {rest}") from None
         raise
-    return cfg, metrics_listen
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,19 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.config and not args.peer:
         parser.error("--peer is required: the underlay address of the far end (or give --config FILE)")
 
-    def load() -> tuple[TunnelConfig, str | None]:
+    def load() -> TunnelConfig:
         """The configuration from the file and the flags; raises ConfigFileError or ConfigError. Also the reload."""
-        cfg, metrics_listen = merge(args, load_file(args.config, modes) if args.config else {})
+        cfg = merge(args, load_file(args.config, modes) if args.config else {})
         if cfg.mode not in modes:
             raise ConfigError(f"mode: {cfg.mode!r} is not an available mode; available: {', '.join(modes)}")
         try:  # building the codec checks the mode's options (plugins judge their own) without the kernel
             modes[cfg.mode].from_options(cfg.options())
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{args.config or 'command line'}: {cfg.mode}: {e}") from None
-        return cfg, metrics_listen
+        return cfg
 
     try:
-        cfg, metrics_listen = load()
+        cfg = load()
     except ConfigFileError as e:
         for line in e.problems:
             print(f"tunneld: {line}", file=sys.stderr)
@@ -201,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(cfg.log_level)
     try:
-        return run(cfg, modes, reload=load if args.config else None, metrics_listen=metrics_listen)
+        return run(cfg, modes, reload=load if args.config else None)
     except StartupError as e:
         print(f"tunneld: error: {e}", file=sys.stderr)
         return e.code

@@ -3,7 +3,7 @@
 Start-up order, chosen so that a failure leaves nothing behind:
   1. build the codec (option errors are configuration errors);
   2. find the underlay MTU towards the peer, derive the device MTU;
-  3. bind the underlay socket (a busy port fails before any device exists);
+  3. bind the underlay socket and the metrics endpoint (a busy port fails before any device exists);
   4. create the device, set its MAC, MTU and addresses, bring it up;
   5. attach the engine to the event loop.
 Shutdown undoes it in reverse; closing the device fd removes the interface.
@@ -25,6 +25,7 @@ from tunneld.engine import Engine
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
 from tunneld.io.udp import LinkError, UdpLink
+from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
 
 log = logging.getLogger("tunneld")
@@ -95,6 +96,7 @@ class Tunnel:
         self.device: Device | None = None
         self.link: UdpLink | None = None
         self.engine: Engine | None = None
+        self.metrics: MetricsServer | None = None
 
     def open(self) -> None:
         cfg = self.cfg
@@ -107,8 +109,10 @@ class Tunnel:
         port = cfg.port or self.codec.transport.number
         try:
             self.link = UdpLink(cfg.peer, port, cfg.local)
+            if cfg.metrics_listen:
+                self.metrics = MetricsServer(cfg.metrics_listen)
             self.device = Device(cfg.dev, self.codec.device)
-        except LinkError as e:
+        except (LinkError, MetricsError) as e:
             self.close()
             raise StartupError(str(e)) from None
         except DeviceError as e:
@@ -125,6 +129,8 @@ class Tunnel:
             self.close()
             raise StartupError(str(e)) from None
         self.engine = Engine(self.device, self.link, self.codec, max_frame=self.max_frame)
+        if self.metrics is not None:
+            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None))
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -136,6 +142,7 @@ class Tunnel:
             f"peer {cfg.peer} {self.codec.transport.kind}/{self.link.port if self.link else '-'}",
             f"local {cfg.local or 'any'}",
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
+            f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
         ]
         if cfg.addresses:
             parts.append("addresses " + " ".join(cfg.addresses))
@@ -150,18 +157,23 @@ class Tunnel:
         if self.link is not None:
             self.link.close()
             self.link = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
-async def serve(tunnel: Tunnel, reload: Loader | None = None, metrics_listen: str | None = None) -> None:
+async def serve(tunnel: Tunnel, reload: Loader | None = None) -> None:
     """Run until SIGINT or SIGTERM; SIGHUP reloads the configuration (see service.py)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    service = Service(tunnel, reload, metrics_listen)
+    service = Service(tunnel, reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     assert tunnel.engine is not None
     tunnel.engine.attach(loop)
+    if tunnel.metrics is not None:
+        tunnel.metrics.start(loop)
     log.info("tunneld %s up: %s", __version__, tunnel.describe())
     service.ready()  # the interface is up and the sockets are bound
     try:
@@ -170,18 +182,19 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None, metrics_listen: st
         service.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if tunnel.metrics is not None:
+            tunnel.metrics.stop()
     log.info("shutting down: %s", tunnel.engine.stats.summary())
 
 
-def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Loader | None = None,
-        metrics_listen: str | None = None) -> int:
+def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Loader | None = None) -> int:
     """Start the tunnel, serve until asked to stop, take it down. Raises StartupError on failure to start."""
     import uvloop
 
     tunnel = Tunnel(cfg, modes)
     tunnel.open()
     try:
-        uvloop.run(serve(tunnel, reload, metrics_listen))
+        uvloop.run(serve(tunnel, reload))
     finally:
         tunnel.close()
         log.info("removed interface %s", cfg.dev)

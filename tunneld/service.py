@@ -16,7 +16,7 @@ What we tell the manager, and when:
 
 Reload: the file is read again (with the same command-line overrides). What can change on a running tunnel
 changes in place: the peer (the link's send address and receive filter, read on every engine wake-up), the
-log level. Everything else is part of the interface or the sockets; a change there is reported as needing
+log level, the metrics endpoint (the new one is bound before the old one closes). Everything else is part of the interface or the sockets; a change there is reported as needing
 a restart and the running values stay. A new file that does not validate is refused with one log line per
 problem, and the tunnel keeps running as before.
 """
@@ -32,12 +32,14 @@ import time
 from typing import Callable, Mapping
 
 from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
+from tunneld.metrics import MetricsError, MetricsServer
 
 log = logging.getLogger("tunneld")
 
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when there is no watchdog to piggyback on
-LIVE = ("peer", "log_level")  # TunnelConfig fields a reload applies in place
-FILE_KEYS = {"log_level": "log.level", "addresses": "tunnel.address", "extra": "tunnel (mode options)"}
+LIVE = ("peer", "log_level", "metrics_listen")  # TunnelConfig fields a reload applies in place
+FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
+             "extra": "tunnel (mode options)"}
 
 
 class Notifier:
@@ -98,17 +100,15 @@ def _monotonic_usec() -> str:
     return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
 
 
-Loader = Callable[[], "tuple[TunnelConfig, str | None]"]
+Loader = Callable[[], TunnelConfig]
 
 
 class Service:
     """The daemon's side of the service manager: notifications, the watchdog task and reloads."""
 
-    def __init__(self, tunnel, reload: Loader | None = None, metrics_listen: str | None = None,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(self, tunnel, reload: Loader | None = None, notifier: Notifier | None = None) -> None:
         self.tunnel = tunnel
         self.loader = reload
-        self.metrics_listen = metrics_listen
         self.notifier = notifier or Notifier()
         self._task: asyncio.Task | None = None
         self._last_status = ""
@@ -149,7 +149,7 @@ class Service:
         self.notifier.notify("RELOADING=1", _monotonic_usec(), "STATUS=reloading the configuration")
         try:
             try:
-                new, metrics_listen = self.loader()
+                new = self.loader()
             except ConfigFileError as e:
                 for line in e.problems:
                     log.error("reload refused, keeping the running configuration: %s", line)
@@ -157,11 +157,11 @@ class Service:
             except ConfigError as e:
                 log.error("reload refused, keeping the running configuration: %s", e)
                 return
-            self.apply(new, metrics_listen)
+            self.apply(new)
         finally:
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
-    def apply(self, new: TunnelConfig, metrics_listen: str | None) -> None:
+    def apply(self, new: TunnelConfig) -> None:
         old = self.tunnel.cfg
         applied: dict[str, object] = {}
         if new.peer != old.peer:
@@ -176,10 +176,9 @@ class Service:
             logging.getLogger().setLevel(new.log_level.upper())
             applied["log_level"] = new.log_level
             log.info("reload: log level %s -> %s", old.log_level, new.log_level)
-        if metrics_listen != self.metrics_listen:
-            # TODO(metrics): restart the exporter on the new address once tunneld has one (issue: metrics).
-            log.warning("reload: metrics.listen %s -> %s needs a restart (no live exporter in this build)",
-                        self.metrics_listen, metrics_listen)
+        if new.metrics_listen != old.metrics_listen and self._move_metrics(new.metrics_listen):
+            applied["metrics_listen"] = new.metrics_listen
+            log.info("reload: metrics %s -> %s", old.metrics_listen or "off", new.metrics_listen or "off")
         restart = [f.name for f in dataclasses.fields(new) if f.name not in LIVE
                    and getattr(new, f.name) != getattr(old, f.name)]
         if restart:
@@ -187,5 +186,24 @@ class Service:
             log.warning("reload: %s changed; needs a restart (systemctl restart), running with the old values", keys)
         if applied:
             self.tunnel.cfg = dataclasses.replace(old, **applied)
-        elif not restart and metrics_listen == self.metrics_listen:
+        elif not restart and new == old:
             log.info("reload: configuration unchanged")
+
+    def _move_metrics(self, listen: str) -> bool:
+        """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
+        tunnel = self.tunnel
+        loop = asyncio.get_running_loop()
+        new = None
+        if listen:
+            try:
+                new = MetricsServer(listen)  # binds now: a busy port refuses the change, the old one stays
+            except MetricsError as e:
+                log.error("reload: %s; still serving metrics at %s", e, tunnel.cfg.metrics_listen or "off")
+                return False
+            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None))
+            new.start(loop)
+        old, tunnel.metrics = tunnel.metrics, new
+        if old is not None:
+            old.stop()
+            loop.run_in_executor(None, old.close)  # close() waits up to 0.5 s for its thread: not on the loop
+        return True
