@@ -179,3 +179,18 @@ def test_gre_option_errors(tmp_path, text, line):
     with pytest.raises(ConfigFileError) as e:
         load_file(str(path), {"vxlan": object, "gre": object})
     assert e.value.problems == [f"{path}: {line}"]
+
+
+def test_a_plugin_mode_takes_the_options_it_declares(tmp_path):
+    class Ttl:  # stands in for a plugin's Encapsulator class: only ``options`` is read here
+        options = {"ttl": "outer TTL", "tos": "outer TOS"}
+
+    path = write(tmp_path, '[tunnel]\nmode = "ipudp"\npeer = "10.0.0.2"\nttl = 9\n')
+    assert load_file(str(path), {"vxlan": object, "ipudp": Ttl})["extra"] == {"ttl": 9}
+    path = write(tmp_path, '[tunnel]\nmode = "ipudp"\npeer = "10.0.0.2"\nttl = 9\nttk = 1\nvni = 3\n')
+    with pytest.raises(ConfigFileError) as e:
+        load_file(str(path), {"vxlan": object, "ipudp": Ttl})
+    assert e.value.problems == [
+        f"{path}: tunnel.ttk: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, ttl, tos",
+        f"{path}: tunnel.vni: only for mode vxlan, not 'ipudp'; mode 'ipudp' takes: ttl, tos",
+    ]

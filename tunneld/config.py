@@ -162,7 +162,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 # One TOML file per tunnel instance (systemd's tunneld@NAME reads /etc/tunneld/NAME.toml):
 #
 #   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, and the mode's own options (vxlan: vni;
-#             gre/gretap: key, seq, csum; a plugin mode: the names its encapsulator lists in ``option_keys``)
+#             gre/gretap: key, seq, csum; a plugin mode: the names its encapsulator declares in ``options``)
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
 #
@@ -173,8 +173,8 @@ EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error
 
 VNI_MAX = (1 << 24) - 1
 GRE_KEY_MAX = (1 << 32) - 1
-# The options each built-in mode takes, beyond the common [tunnel] keys. A plugin mode declares its own in
-# ``option_keys`` (a tuple of names passed through to its ``from_options``).
+# The options each built-in mode takes, beyond the common [tunnel] keys, typed here. A plugin mode declares
+# its own in its encapsulator's ``options`` (name -> help) and they reach its ``from_options`` as written.
 MODE_OPTIONS: dict[str, tuple[str, ...]] = {"vxlan": ("vni",), "gre": ("key", "seq", "csum"), "gretap": ("key", "seq", "csum")}
 COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "metrics": ("listen",), "log": ("level",)}
@@ -233,7 +233,7 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         out["mode"] = mode
     mode_keys: tuple[str, ...] = ()
     if mode is not None:
-        mode_keys = MODE_OPTIONS.get(mode) or tuple(getattr((modes or {}).get(mode), "option_keys", ()))
+        mode_keys = MODE_OPTIONS.get(mode) or tuple(getattr((modes or {}).get(mode), "options", None) or ())
     all_mode_keys = sorted({k for keys in MODE_OPTIONS.values() for k in keys})
 
     def expect(key: str, value: Any, kinds: tuple[type, ...], allowed: str) -> bool:
