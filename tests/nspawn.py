@@ -53,6 +53,8 @@ def base_root() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run builds it once; the others wait for it
         if (root / "etc" / "os-release").exists():
             return root
+        for stale in CACHE.glob(f".{BASE_VERSION}-*"):  # a build killed half-way; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{BASE_VERSION}-", dir=CACHE))
         try:
             sh("debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(scratch),
@@ -203,7 +205,8 @@ def boot(host: Host, lower: list[Path], workdir: Path, timeout: float = 60) -> I
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM asks nspawn to power the container off cleanly; SIGKILL the whole group if that hangs."""
+    """SIGTERM asks nspawn to power the container off cleanly; if that hangs, SIGKILL the container's init
+    (which is in a session of its own, and outlives nspawn) and then nspawn's group."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -211,17 +214,53 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             pass
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            os.kill(int(child), signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
 
 
+WORK_PREFIX = "tunneld-nspawn-"
+
+
+def remove_leftovers() -> None:
+    """Containers, mounts and directories of runs that were killed before they could clean up.
+
+    Work directories are named after the pid that made them; one whose process is gone is a leftover.
+    """
+    for d in Path("/var/tmp").glob(f"{WORK_PREFIX}*-*"):
+        try:
+            pid = int(d.name[len(WORK_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+            continue  # still running
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            pass
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"systemd-nspawn") and any(a.startswith(str(d).encode()) for a in argv):
+                    # The container's init outlives a killed nspawn: kill it first (its PID namespace dies with it).
+                    for child in (proc / "task" / proc.name / "children").read_text().split():
+                        os.kill(int(child), signal.SIGKILL)
+                    os.kill(int(proc.name), signal.SIGKILL)
+        time.sleep(0.5)
+        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        for mnt in sorted((m for m in mounts if m.startswith(str(d) + "/")), key=len, reverse=True):
+            umount(Path(mnt))
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def containers(a: Host, b: Host) -> Iterator[tuple[Container, Container]]:
     """Two booted containers with tunneld installed, one in each testbed host; all removed afterwards."""
+    remove_leftovers()
     base = base_root()
-    workdir = Path(tempfile.mkdtemp(prefix="tunneld-nspawn-", dir="/var/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir="/var/tmp"))
     try:
         with run_layer(workdir, base) as run, boot(a, [run, base], workdir) as ca, boot(b, [run, base], workdir) as cb:
             yield ca, cb
