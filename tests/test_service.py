@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import textwrap
 import time
 import uuid
@@ -266,6 +267,14 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
         while scrape(a, "127.0.0.1:9477") is not None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert scrape(a, "127.0.0.1:9477") is None
+        # A busy new address refuses the move; the endpoint stays where it was.
+        squatter = a.popen(sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                           "s.bind(('127.0.0.1', 9480)); s.listen(); print('bound', flush=True); time.sleep(60)")
+        assert squatter.stdout.readline().strip() == "bound"
+        conf_a.write_text(config_text("10.231.0.3", level="debug", metrics="127.0.0.1:9480"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("READY=1")
+        assert scrape(a, "127.0.0.1:9479") is not None
         pa.send_signal(signal.SIGTERM)
         assert pa.wait(timeout=10) == 0
     finally:
@@ -277,3 +286,5 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
     assert "reload: log level info -> debug" in out
     assert f"reload refused, keeping the running configuration: {conf_a}: tunnel.peer: '10.231.0.300' is not" in out
     assert "reload: metrics 127.0.0.1:9477 -> 127.0.0.1:9479" in out
+    assert "reload: metrics-listen 127.0.0.1:9480: cannot listen: Address already in use" in out
+    assert "still serving metrics at 127.0.0.1:9479" in out
