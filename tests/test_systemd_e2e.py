@@ -3,7 +3,7 @@ of the testbed's namespaces, linked by `systemctl enable --now tunneld@demo`.
 
 What is proven, in order: the unit is active only once tunneld said READY (the interface exists then); it
 runs as a transient user with only CAP_NET_ADMIN and CAP_NET_RAW; a ping and an 8 MB transfer cross the
-tunnel; `systemctl reload` changes the log level live with no loss under a steady ping and refuses an invalid
+tunnel, and a second instance links the hosts over GRE; `systemctl reload` changes the log level live with no loss under a steady ping and refuses an invalid
 file while staying active; SIGKILL, or a stuck event loop (the watchdog), gets it restarted by systemd and
 traffic resumes; a broken config leaves it failed with status 78 and no restart loop.
 """
@@ -68,6 +68,16 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
         metrics = a.run("curl", "-sf", "--max-time", "5", "http://127.0.0.1:9477/metrics", timeout=10).stdout
         sent = re.search(r'^tunneld_tx_packets_total\{[^}]*peer="10.231.0.2"[^}]*\} (\S+)$', metrics, re.M)
         assert sent and float(sent.group(1)) > 1000, metrics[:2000]
+
+        # A second instance on the same hosts, GRE this time: a raw IP socket, which needs the unit's CAP_NET_RAW.
+        for c, peer, me in ((ca, b.underlay, "192.168.232.1"), (cb, a.underlay, "192.168.232.2")):
+            c.write("/etc/tunneld/gre.toml", f'[tunnel]\nmode = "gre"\npeer = "{peer}"\ndev = "tunneld1"\n'
+                                             f'address = ["{me}/24"]\nkey = 77\nseq = true\ncsum = true\n'
+                                             '[metrics]\nlisten = "127.0.0.1:9478"\n')
+            c.systemctl("start", "tunneld@gre.service", timeout=60)
+        assert ca.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.232.2", check=False, timeout=20).returncode == 0
+        ca.systemctl("stop", "tunneld@gre.service", timeout=30)
+        assert a.link_state("tunneld1") is None
 
         # Reload: log level info -> debug, applied live: same process, same interface, no loss under a ping.
         before = ca.show(UNIT, "MainPID", "NRestarts")

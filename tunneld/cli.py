@@ -91,6 +91,13 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--vni", type=_int_in(0, (1 << 24) - 1, "VNI"), help="VXLAN network identifier (default: 1)")
     p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
+    p.add_argument("--key", type=_int_in(0, (1 << 32) - 1, "key"), help="GRE key (RFC 2890), sent and required (gre, gretap)")
+    p.add_argument("--seq", action="store_true", help="GRE sequence numbers: send them, drop late/duplicate packets (gre, gretap)")
+    p.add_argument("--csum", action="store_true", help="GRE checksums: compute on send, require and verify on receipt (gre, gretap)")
+    p.add_argument(
+        "--opt", metavar="NAME=VALUE", action="append", default=[],
+        help="an option of the chosen mode, for plugin modes (see --list-modes); repeat for more",
+    )
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
     p.add_argument(
@@ -138,18 +145,24 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+class ModeOptionError(ConfigError):
+    """The chosen mode refuses an option or its value: a configuration error (78) even from the command line."""
+
+
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
 FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level", "metrics_listen")
 
 
-def merge(args: argparse.Namespace, file_values: dict) -> TunnelConfig:
-    """The file's values overridden by the flags given, validated.
+def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:
+    """The file's values overridden by the flags given (``flag_options``: --key, --opt, ...), validated.
 
     Raises ConfigError naming the problem (prefixed with the file when there is one)."""
     values = dict(file_values)
     values.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None})
     if args.address:
         values["addresses"] = tuple(args.address)
+    if flag_options:
+        values["extra"] = {**values.get("extra", {}), **flag_options}
     where = f"{args.config}: " if args.config else ""
     if "peer" not in values:
         key = "tunnel.peer" if args.config else "--peer"
@@ -175,19 +188,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_modes:
         for name, cls in modes.items():
             print(f"{name:<10} {cls.device.value.upper()}  {str(cls.transport):<12} {cls.description}")
+            for option, text in cls.options.items():
+                print(f"{'':<10} option {option}: {text}")
         return 0
     if not args.config and not args.peer:
         parser.error("--peer is required: the underlay address of the far end (or give --config FILE)")
+    flag_options: dict[str, object] = {}  # mode options given as flags; they override the file's
+    for item in args.opt:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--opt {item!r}: expected NAME=VALUE")
+        flag_options[name.strip()] = value
+    if args.key is not None:
+        flag_options["key"] = args.key
+    if args.seq:
+        flag_options["seq"] = True
+    if args.csum:
+        flag_options["csum"] = True
 
     def load() -> TunnelConfig:
         """The configuration from the file and the flags; raises ConfigFileError or ConfigError. Also the reload."""
-        cfg = merge(args, load_file(args.config, modes) if args.config else {})
+        cfg = merge(args, load_file(args.config, modes) if args.config else {}, flag_options)
         if cfg.mode not in modes:
             raise ConfigError(f"mode: {cfg.mode!r} is not an available mode; available: {', '.join(modes)}")
-        try:  # building the codec checks the mode's options (plugins judge their own) without the kernel
-            modes[cfg.mode].from_options(cfg.options())
+        # The mode's options, checked as the daemon will (plugins judge their own values), without the kernel.
+        where = f"{args.config}: " if args.config else ""
+        codec_cls = modes[cfg.mode]
+        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
+        if unknown:
+            takes = ", ".join(codec_cls.options) or "none"
+            raise ModeOptionError(f"{where}{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})")
+        try:
+            codec_cls.from_options(cfg.options())
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{args.config or 'command line'}: {cfg.mode}: {e}") from None
+            raise ModeOptionError(f"{where}{cfg.mode}: {e}") from None
         return cfg
 
     try:
@@ -196,9 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in e.problems:
             print(f"tunneld: {line}", file=sys.stderr)
         return EX_CONFIG
+    except ModeOptionError as e:
+        print(f"tunneld: {e}" if args.config else f"tunneld: error: {e}", file=sys.stderr)
+        return EX_CONFIG
     except ConfigError as e:
         if not args.config:
-            parser.error(str(e))
+            parser.error(str(e))  # a bad flag: exit 2, as argparse does for the others
         print(f"tunneld: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:

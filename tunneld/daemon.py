@@ -24,6 +24,7 @@ from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.engine import Engine
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
+from tunneld.io.raw import RawLink
 from tunneld.io.udp import LinkError, UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
@@ -74,10 +75,16 @@ class Tunnel:
             codec_cls = modes[cfg.mode]
         except KeyError:
             raise StartupError(f"mode: unknown mode {cfg.mode!r} (known: {', '.join(modes)})", EX_CONFIG) from None
+        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
+        if unknown:
+            takes = ", ".join(codec_cls.options) or "none"
+            raise StartupError(f"{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})", EX_CONFIG)
         try:
             self.codec = codec_cls.from_options(cfg.options())
         except (ValueError, TypeError) as e:
             raise StartupError(f"{cfg.mode}: {e}", EX_CONFIG) from None
+        except Exception as e:  # a plugin's bug must read as such, not as a traceback
+            raise StartupError(f"{cfg.mode}: the encapsulator failed to start: {type(e).__name__}: {e}") from None
         underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
         self.underlay_mtu, underlay_dev = netlink.underlay_mtu(cfg.peer)
         if underlay_dev is None:
@@ -94,27 +101,30 @@ class Tunnel:
         self.max_frame = self.underlay_mtu - self.codec.outer_overhead(underlay_v6)
         self.underlay_dev = underlay_dev
         self.device: Device | None = None
-        self.link: UdpLink | None = None
+        self.link: UdpLink | RawLink | None = None
         self.engine: Engine | None = None
         self.metrics: MetricsServer | None = None
 
     def open(self) -> None:
         cfg = self.cfg
-        if self.codec.transport.kind != "udp":
-            raise StartupError(f"{cfg.mode}: transport {self.codec.transport} is not supported yet")
+        if self.codec.transport.kind not in ("udp", "ip"):
+            raise StartupError(f"{cfg.mode}: transport {self.codec.transport} is not supported")
         if netlink.link_exists(cfg.dev):
             raise StartupError(
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
         port = cfg.port or self.codec.transport.number
         try:
-            self.link = UdpLink(cfg.peer, port, cfg.local)
+            if self.codec.transport.kind == "ip":
+                self.link = RawLink(cfg.peer, self.codec.transport.number, cfg.local)
+            else:
+                self.link = UdpLink(cfg.peer, port, cfg.local)
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
             self.device = Device(cfg.dev, self.codec.device)
         except (LinkError, MetricsError) as e:
             self.close()
-            raise StartupError(str(e)) from None
+            raise StartupError(str(e), EX_NOPERM if "CAP_NET_RAW" in str(e) else EX_SOFTWARE) from None
         except DeviceError as e:
             self.close()
             code = EX_NOPERM if "CAP_NET_ADMIN" in str(e) else EX_SOFTWARE
@@ -139,7 +149,10 @@ class Tunnel:
             f"mtu {self.mtu}",
             *([f"mac {self.mac}"] if self.mac else []),
             *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
-            f"peer {cfg.peer} {self.codec.transport.kind}/{self.link.port if self.link else '-'}",
+            *([self.codec.describe()] if self.codec.describe() else []),
+            f"peer {cfg.peer} " + (
+                f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)
+            ),
             f"local {cfg.local or 'any'}",
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
             f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
