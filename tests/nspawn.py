@@ -253,6 +253,11 @@ def remove_leftovers() -> None:
         for mnt in sorted((m for m in mounts if m.startswith(str(d) + "/")), key=len, reverse=True):
             umount(Path(mnt))
         shutil.rmtree(d, ignore_errors=True)
+    # nspawn's own directory per machine (named after the testbed host, td-PID-TAG-x), left by a killed run.
+    for d in Path("/run/systemd/nspawn/propagate").glob("td-*-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager
