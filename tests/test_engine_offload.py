@@ -106,3 +106,29 @@ def test_single_datagrams_are_written_behind_an_empty_vnet_header():
     eng.on_link_readable()
     assert dev.written == [NO_OFFLOAD + f for f in frames]
     assert (eng.stats.rx_packets, eng.stats.rx_bytes) == (2, sum(map(len, frames)))
+
+
+def test_single_datagrams_of_one_length_are_gathered_and_coalesced_in_order():
+    """A peer whose datagrams arrive one per read (the kernel's VXLAN, no GRO on the way): gathered by length."""
+    eng, dev, link = make()
+    data = payload(1398 * 6 + 100)
+    segs = expected_tcp(data, 1398)
+    other = b"\x08\0\0\0\0\0\x07\0" + small(9)
+    for s in segs[:3]:
+        link.deliver(s)
+    link.deliver(other)  # another length: the first three leave first, then this one
+    for s in segs[3:]:
+        link.deliver(s)  # ends with a short one: still part of the run
+    eng.on_link_readable()
+    kinds = [HDR.unpack(w[:10])[1] for w in dev.written]
+    assert kinds == [GSO_TCPV4, GSO_NONE, GSO_TCPV4]
+    assert dev.written[1] == NO_OFFLOAD + other[8:]
+    frames = []
+    for w in (dev.written[0], dev.written[2]):
+        flags, _, _, gso_size, cs, co = HDR.unpack(w[:10])
+        frame = bytearray(w[10:])
+        assert finish_checksum(memoryview(frame), cs, co)
+        frames.append(bytes(Ether(bytes(frame))[TCP].payload))
+    assert b"".join(frames) == data
+    assert eng.stats.rx_packets == len(segs) + 1
+    assert eng.stats.rx_bytes == sum(len(s) - 8 for s in segs) + len(other) - 8

@@ -63,7 +63,8 @@ class OffloadEngine(Engine):
         self._segmenter = Segmenter(prefix)
         # UDP runs are written as USO super-frames only where the kernel showed it knows them (TUNSETOFFLOAD).
         self._coalescer = Coalescer(prefix, uso=bool(getattr(device, "offloads", TUN_F_USO4) & TUN_F_USO4))
-        self._rx = np.zeros(2 * RX_AREA, np.uint8)  # the second half pads a GRO read's short last row
+        # Gathered datagrams (up to RX_AREA), then room for one more read of up to RX_AREA, then for padding.
+        self._rx = np.zeros(3 * RX_AREA + 2048, np.uint8)
         self._rxview = memoryview(self._rx)
         self._pend = bytearray(PEND_MAX * (HEADROOM + MAX_PACKET) // 16 + HEADROOM + MAX_PACKET)
         self._pend_view = memoryview(self._pend)
@@ -153,19 +154,24 @@ class OffloadEngine(Engine):
         return count
 
     def on_link_readable(self) -> None:
+        """Drain the socket. Datagrams the kernel did not coalesce (no UDP GRO on the way in, e.g. a kernel
+        VXLAN peer over a device without GRO) are gathered here instead: consecutive reads of one length are
+        laid back to back, as a UDP_GRO read would be, and go through the same plan."""
         stats = self.stats
         drops = stats.drops
         rx, view = self._rx, self._rxview
-        area = view[:RX_AREA]
         recv = self.link.recv_gro_into
-        writev = self.device.writev
-        decap = self.codec.decap
-        plan = self._coalescer.plan
         peer = self.link.peer
+        deliver = self._deliver
         reads = moved = nbytes = 0
+        fill = row = 0  # gathered single datagrams: rx[:fill], all ``row`` bytes long but maybe the last
+        closed = False  # a shorter datagram ended the gathering
         for _ in range(self.batch):
+            if fill > RX_AREA:
+                m, b = deliver(0, fill, row)
+                moved, nbytes, fill = moved + m, nbytes + b, 0
             try:
-                n, source, size = recv(area)
+                n, source, size = recv(view[fill : fill + RX_AREA])
             except BlockingIOError:
                 break
             except OSError:
@@ -175,31 +181,60 @@ class OffloadEngine(Engine):
             if source != peer:
                 drops[Drop.UNKNOWN_PEER] += -(-n // size) if size else 1
                 continue
-            for item in plan(rx, n, size):
-                if item.__class__ is tuple:
-                    start, stop = item
-                    packet = view[start:stop]
-                    verdict = decap(packet)
-                    if verdict.__class__ is Drop:
-                        drops[verdict] += 1
-                        continue
-                    try:
-                        writev((NO_OFFLOAD, packet[verdict:]))
-                    except OSError:
-                        drops[Drop.DEVICE_WRITE_ERROR] += 1
-                        continue
-                    moved += 1
-                    nbytes += stop - start - verdict
-                else:
-                    try:
-                        writev(item.iov)
-                    except OSError:
-                        drops[Drop.DEVICE_WRITE_ERROR] += item.segments
-                        continue
-                    moved += item.segments
-                    nbytes += item.inner_bytes
+            single = not size or n <= size
+            if single and fill and not closed and n <= row:
+                fill += n  # gathered behind the others
+                closed = n < row
+                continue
+            if fill:
+                # Deliver what was gathered first (order!), keeping the new read out of reach of the padding
+                # the plan writes after the gathered rows; then the new read starts at 0.
+                saved = rx[fill : fill + n].copy()
+                m, b = deliver(0, fill, row)
+                moved, nbytes = moved + m, nbytes + b
+                rx[:n] = saved
+            if single:
+                fill, row, closed = n, n, False
+                continue
+            m, b = deliver(0, n, size)
+            moved, nbytes, fill = moved + m, nbytes + b, 0
+        if fill:
+            m, b = deliver(0, fill, row)
+            moved, nbytes = moved + m, nbytes + b
         if moved:
             stats.peer_last_rx = self._clock()
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
+
+    def _deliver(self, offset: int, n: int, size: int) -> tuple[int, int]:
+        """Write the ``n`` bytes of datagrams of ``size`` at ``rx[offset:]`` to the device: (frames, bytes)."""
+        drops = self.stats.drops
+        view = self._rxview
+        writev = self.device.writev
+        decap = self.codec.decap
+        moved = nbytes = 0
+        for item in self._coalescer.plan(self._rx[offset:], n, size):
+            if item.__class__ is tuple:
+                start, stop = item
+                packet = view[offset + start : offset + stop]
+                verdict = decap(packet)
+                if verdict.__class__ is Drop:
+                    drops[verdict] += 1
+                    continue
+                try:
+                    writev((NO_OFFLOAD, packet[verdict:]))
+                except OSError:
+                    drops[Drop.DEVICE_WRITE_ERROR] += 1
+                    continue
+                moved += 1
+                nbytes += stop - start - verdict
+            else:
+                try:
+                    writev(item.iov)
+                except OSError:
+                    drops[Drop.DEVICE_WRITE_ERROR] += item.segments
+                    continue
+                moved += item.segments
+                nbytes += item.inner_bytes
+        return moved, nbytes
