@@ -132,3 +132,22 @@ def test_single_datagrams_of_one_length_are_gathered_and_coalesced_in_order():
     assert b"".join(frames) == data
     assert eng.stats.rx_packets == len(segs) + 1
     assert eng.stats.rx_bytes == sum(len(s) - 8 for s in segs) + len(other) - 8
+
+
+def test_garbage_of_any_length_gathered_or_coalesced_never_raises():
+    import random
+
+    rng = random.Random(5)
+    eng, dev, link = make()
+    for _ in range(300):
+        size = rng.choice([0, 1, 7, 8, 9, 20, 30, 63, 64, 65, 100, 1500])
+        count = rng.choice([1, 2, 5])
+        dgs = [bytes([8, 0, 0, 0, 0, 0, 7, 0])[: size] + rng.randbytes(max(0, size - 8)) for _ in range(count)]
+        if rng.random() < 0.5:
+            link.deliver_gro(dgs)
+        else:
+            for d in dgs:
+                link.deliver(d)
+        eng.on_link_readable()
+    assert eng.stats.dropped > 0
+    assert sum(eng.stats.rx_batches) == 300

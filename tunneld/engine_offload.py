@@ -34,6 +34,7 @@ from tunneld.offload.segment import Segmenter
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, HDR, NO_OFFLOAD, VNET_HDR_LEN, finish_checksum
 
 RX_AREA = 1 << 16  # a UDP_GRO read is at most 64 KiB
+GATHER_MIN = 64  # shorter datagrams are not gathered: no run of segments is made of them
 PEND_MAX = 64  # plain packets per UDP_SEGMENT send (the kernel's UDP_MAX_SEGMENTS)
 
 
@@ -182,6 +183,9 @@ class OffloadEngine(Engine):
                 drops[Drop.UNKNOWN_PEER] += -(-n // size) if size else 1
                 continue
             single = not size or n <= size
+            if single and n < GATHER_MIN:
+                single = False  # too short to be part of a run: delivered alone, right away (the codec judges it)
+                size = n
             if single and fill and not closed and n <= row:
                 fill += n  # gathered behind the others
                 closed = n < row

@@ -36,6 +36,7 @@ from tunneld.offload.vnet import (
 _U8 = np.uint8
 _U64 = np.uint64
 IP_MAX = 65535
+MIN_FRAME = L.ETH_HLEN + 20 + L.UDP_HLEN  # the shortest frame that could be part of a run
 
 
 class SuperFrame(NamedTuple):
@@ -69,6 +70,8 @@ class Coalescer:
         if rowlen <= 0 or rowlen >= n:
             return [(0, n)]
         nrows = -(-n // rowlen)
+        if rowlen < self.p + MIN_FRAME:  # too short to hold the headers we look at: every row alone
+            return [(i * rowlen, min(n, (i + 1) * rowlen)) for i in range(nrows)]
         tail = n - (nrows - 1) * rowlen
         rx[n : nrows * rowlen] = 0  # pad the short last row: zeros add nothing to sums
         rows = rx[: nrows * rowlen].reshape(nrows, rowlen)
