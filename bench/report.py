@@ -186,6 +186,8 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
                 ax.text(v * 1.05, yy + offset, text, va="center", fontsize=8)
         if ratio_key and ref and ref.get(ratio_key):
             ax.axvline(ref[ratio_key] * scale, color=COLORS["kernel"], linestyle="--", linewidth=0.9, alpha=0.7)
+            ax.text(ref[ratio_key] * scale, 0.01, " kernel VXLAN (reference)", color=COLORS["kernel"], fontsize=7.5,
+                    va="bottom", ha="left", transform=ax.get_xaxis_transform())
         ax.set_xscale("log")
         if values_seen:
             ax.set_xlim(min(values_seen) / 2, max(values_seen) * 15)

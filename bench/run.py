@@ -94,7 +94,10 @@ def _cpu(pids: list[int]) -> float:
 
 def measure_system(name: str, plan: Plan, say: Progress) -> dict[str, Any]:
     system = SYSTEMS[name]
-    row: dict[str, Any] = {"system": name, "kind": system.kind, "status": "ok", "errors": []}
+    # The load average as this system starts (it includes the bench's own last runs): on a shared machine it
+    # says how much others were competing for the CPUs while these figures were taken.
+    row: dict[str, Any] = {"system": name, "kind": system.kind, "status": "ok", "errors": [],
+                           "loadavg_1m": round(os.getloadavg()[0], 2)}
     reason = system.available()
     if reason:
         say(f"{name}: skipped — {reason}")

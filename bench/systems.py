@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -137,15 +138,19 @@ def _popen_logged(host: Host, *argv: str) -> subprocess.Popen:
     return proc
 
 
-def _wait_dev(hosts: list[Host], procs: list[subprocess.Popen], dev: str, timeout: float = 15) -> None:
+def _wait_for(hosts: list[Host], procs: list[subprocess.Popen], what: str, ready: Callable[[Host], bool],
+              timeout: float = 15) -> None:
+    """Wait until ``ready(host)`` for each process's host; fail at once if one of the processes exits."""
+    deadline = time.monotonic() + timeout
     for host, proc in zip(hosts, procs):
-        try:
-            host.wait_link(dev, timeout=timeout)
-        except TimeoutError:
-            proc.log.seek(0)  # type: ignore[attr-defined]
-            out = " ".join(proc.log.read().split())[-300:]  # type: ignore[attr-defined]
-            state = f"exited with {proc.returncode}" if proc.poll() is not None else "still running"
-            raise RuntimeError(f"{dev} did not come up in {host.name} ({argv0(proc)} {state}): {out}") from None
+        while proc.poll() is None and not ready(host) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None and ready(host):
+            continue
+        proc.log.seek(0)  # type: ignore[attr-defined]
+        out = " ".join(proc.log.read().split())[-300:]  # type: ignore[attr-defined]
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout}s"
+        raise RuntimeError(f"{what} did not come up in {host.name} ({argv0(proc)} {state}): {out}")
 
 
 def argv0(proc: subprocess.Popen) -> str:
@@ -170,24 +175,29 @@ def start_openvpn(a: Host, b: Host) -> Running:
             "--ifconfig", addr, other, "--tun-mtu", str(USERSPACE_PEER_MTU),
             "--cipher", "none", "--auth", "none", "--disable-dco", "--verb", "1",
         ))
-    _wait_dev([a, b], procs, dev)
+    _wait_for([a, b], procs, dev, lambda h: h.link_state(dev) == "UP")
     return Running(dst=OVERLAY_V4[1], dev=dev, pids=[p.pid for p in procs])
 
 
 def start_socat(a: Host, b: Host) -> Running:
-    """socat relaying a TUN device to a connected UDP socket, one datagram per packet."""
+    """socat relaying a TUN device to a connected UDP socket, one datagram per packet.
+
+    The devices are brought up only once both sockets exist: the kernel sends router solicitations the moment
+    a device is up, and a connected UDP socket whose peer is not listening yet gets ECONNREFUSED on its next
+    read, on which socat exits.
+    """
     dev = "soc0"
     procs = []
     for host, peer, addr in ((a, b, OVERLAY_V4[0]), (b, a, OVERLAY_V4[1])):
         procs.append(_popen_logged(
             host,
             "socat", "-b", "65536",
-            f"TUN:{addr}/{PREFIX},tun-name={dev},tun-type=tun,iff-no-pi,iff-up",
+            f"TUN:{addr}/{PREFIX},tun-name={dev},tun-type=tun,iff-no-pi",
             f"UDP:{peer.underlay}:{SOCAT_PORT},bind={host.underlay}:{SOCAT_PORT}",
         ))
-    _wait_dev([a, b], procs, dev)
+    _wait_for([a, b], procs, dev, lambda h: bool(h.run("ss", "-Huan", f"sport = :{SOCAT_PORT}").stdout.strip()))
     for host in (a, b):
-        host.run("ip", "link", "set", dev, "mtu", str(USERSPACE_PEER_MTU))
+        host.run("ip", "link", "set", dev, "mtu", str(USERSPACE_PEER_MTU), "up")
     return Running(dst=OVERLAY_V4[1], dev=dev, pids=[p.pid for p in procs])
 
 
