@@ -102,12 +102,30 @@ class Host:
         self.procs.clear()
 
 
+NETNS_PREFIX = "td-"
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete testbed namespaces whose creating process is gone (a run that was SIGKILLed leaves them)."""
+    removed = []
+    for path in Path("/run/netns").glob(f"{NETNS_PREFIX}*"):
+        parts = path.name.split("-")  # td, PID, TAG, a|b
+        if len(parts) == 4 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
+            if sh("ip", "netns", "del", path.name, check=False).returncode == 0:
+                removed.append(path.name)
+    return removed
+
+
 @contextlib.contextmanager
 def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
-    """Two fresh namespaces A and B joined by veth, with IPv4 and IPv6 underlay addresses and loopback up."""
-    tag = uuid.uuid4().hex[:6]
-    a = Host(f"td-{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
-    b = Host(f"td-{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
+    """Two fresh namespaces A and B joined by veth, with IPv4 and IPv6 underlay addresses and loopback up.
+
+    Names carry the creating pid (td-PID-TAG-a), so a later run can tell leftovers from live testbeds.
+    """
+    remove_stale_namespaces()
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    a = Host(f"{NETNS_PREFIX}{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
+    b = Host(f"{NETNS_PREFIX}{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
     created: list[str] = []
     try:
         for h in (a, b):
@@ -172,9 +190,38 @@ class Tunneld:
 
 def kernel_vxlan(host: Host, peer: str, *, dev: str = "vx0", vni: int = 1, port: int = 4789,
                  address: str | None = None, extra: Sequence[str] = ()) -> None:
-    """The Linux kernel's own VXLAN device on ``host``, pointing at ``peer``: the reference implementation."""
+    """The Linux kernel's own VXLAN device on ``host``, pointing at ``peer``: the reference implementation.
+
+    The host's veth gets transmit checksumming turned off, so that it behaves like a real wire. veth lets a
+    packet cross namespaces still CHECKSUM_PARTIAL: the kernel's VXLAN would hand the far end inner TCP
+    segments whose checksum field holds only the pseudo-header sum, to be "completed by the NIC". No
+    physical NIC puts such a packet on the wire, and a userspace VTEP receiving it through a UDP socket has
+    no way to know it was partial (the kernel↔kernel case works only because the skb's metadata survives).
+    """
+    host.run("ethtool", "-K", host.ifname, "tx", "off")
     host.run("ip", "link", "add", dev, "type", "vxlan", "id", str(vni), "remote", peer, "dstport", str(port),
              "dev", host.ifname, *extra)
     if address:
         host.run("ip", "addr", "add", address, "dev", dev)
     host.run("ip", "link", "set", dev, "up")
+
+
+def transfer(src: Host, dst: Host, dst_addr: str, nbytes: int = 8 << 20, port: int = 5201,
+             timeout: float = 60) -> tuple[str, str]:
+    """Send ``nbytes`` over TCP from ``src`` to ``dst_addr`` (on ``dst``); return (sent, received) as
+    "<bytes> <sha256>" lines, so a caller can assert they are equal."""
+    py = sys.executable
+    receiver = dst.popen(py, "-m", "tests.xfer", "recv", str(port), str(timeout), cwd=REPO)
+    try:
+        assert receiver.stdout is not None
+        line = receiver.stdout.readline().strip()  # "listening", or the error that prevented it
+        if line != "listening":
+            raise RuntimeError(f"receiver failed: {line} {receiver.stdout.read()}")
+        sent = src.run(py, "-m", "tests.xfer", "send", dst_addr, str(port), str(nbytes), "7",
+                       timeout=timeout, cwd=REPO).stdout.strip()
+        out, _ = receiver.communicate(timeout=timeout)
+        return sent, out.strip()
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait(timeout=5)

@@ -1,0 +1,102 @@
+"""The command line: what an operator sees when something is wrong — one line, the right exit status."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.netns import TUNNELD, OVERLAY_V4, Tunneld
+
+
+def tunneld(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([TUNNELD, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_help_teaches():
+    r = tunneld("--help")
+    assert r.returncode == 0
+    for needle in ("--peer", "--vni", "4789", "1450", "examples:", "exit status:", "CAP_NET_ADMIN"):
+        assert needle in r.stdout
+
+
+def test_version():
+    r = tunneld("--version")
+    assert r.returncode == 0 and r.stdout.startswith("tunneld ")
+
+
+def test_list_modes_names_vxlan():
+    r = tunneld("--list-modes")
+    assert r.returncode == 0
+    assert any(line.split()[:3] == ["vxlan", "TAP", "udp/4789"] for line in r.stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ((), "--peer is required"),
+        (("--peer", "10.0.0.300"), "is not an IPv4 or IPv6 address"),
+        (("--peer", "192.0.2.1", "--vni", "16777216"), "VNI must be between 0 and 16777215"),
+        (("--peer", "192.0.2.1", "--port", "0"), "port must be between 1 and 65535"),
+        (("--peer", "192.0.2.1", "--mtu", "20"), "MTU must be between 68 and 65535"),
+        (("--peer", "192.0.2.1", "--mode", "nope"), "invalid choice: 'nope'"),
+        (("--peer", "192.0.2.1", "--address", "192.168.1.1"), "needs a prefix length"),
+        (("--peer", "192.0.2.1", "--dev", "a-name-far-too-long"), "is not a valid interface name"),
+        (("--peer", "192.0.2.1", "--mac", "01:00:5e:00:00:01"), "multicast"),
+        (("--peer", "192.0.2.1", "--local", "fd00::1"), "same IP version"),
+        (("--peer", "192.0.2.1", "--mtu", "1000", "--address", "fd00::1/64"), "minimum for an interface with IPv6"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args, needle):
+    # All of these are rejected while parsing, before any socket or device exists.
+    r = tunneld(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("tunneld: error: ")
+
+
+@pytest.mark.netns
+def test_without_privileges_says_what_is_needed(hosts):
+    a, b = hosts
+    r = a.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+              TUNNELD, "--peer", b.underlay, check=False)
+    assert r.returncode == 77
+    assert "CAP_NET_ADMIN" in r.stderr and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
+    assert a.link_state("tunneld0") is None
+
+
+@pytest.mark.netns
+def test_port_in_use(hosts):
+    a, b = hosts
+    holder = a.popen(sys.executable, "-c",
+                     "import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
+                     "s.bind(('0.0.0.0',4789)); print('bound',flush=True); time.sleep(30)")
+    assert holder.stdout.readline().strip() == "bound"
+    r = a.run(TUNNELD, "--peer", b.underlay, check=False)
+    assert r.returncode == 1
+    assert "UDP port 4789 on 0.0.0.0 is already in use" in r.stderr and "Traceback" not in r.stderr
+    assert a.link_state("tunneld0") is None  # nothing left behind
+
+
+@pytest.mark.netns
+def test_device_exists(hosts):
+    a, b = hosts
+    a.run("ip", "link", "add", "tunneld0", "type", "bridge")
+    r = a.run(TUNNELD, "--peer", b.underlay, check=False)
+    assert r.returncode == 1
+    assert "interface tunneld0 already exists" in r.stderr and "Traceback" not in r.stderr
+    assert "bridge" in a.run("ip", "-d", "link", "show", "tunneld0").stdout  # and it was not touched
+
+
+@pytest.mark.netns
+def test_sigint_stops_cleanly(hosts):
+    a, b = hosts
+    t = Tunneld(a, "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24")
+    assert t.stop(signal.SIGINT) == 0
+    assert a.link_state("tunneld0") is None
+    out = t.output()
+    assert "shutting down" in out and "removed interface tunneld0" in out and "Traceback" not in out
