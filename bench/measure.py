@@ -92,13 +92,26 @@ def parse_iperf(stdout: str) -> dict:
     return end
 
 
+# iperf3's server takes a moment to reset between tests; a client that comes back too fast is turned away
+# before anything is measured. That is worth two more tries; anything else is a real failure.
+_NOT_STARTED = ("unable to connect", "server is busy")
+CONNECT_TRIES = 3
+
+
 def run_iperf(host: Host, dst: str, seconds: int, *extra: str) -> dict:
     argv = iperf_argv(dst, seconds, *extra)
-    try:
-        r = host.run(*argv, check=False, timeout=seconds + SLACK_S)
-    except subprocess.TimeoutExpired:
-        raise MeasureError(f"iperf3 {' '.join(extra) or 'tcp'} did not finish within {seconds + SLACK_S}s") from None
-    return parse_iperf(r.stdout)
+    for attempt in range(1, CONNECT_TRIES + 1):
+        try:
+            r = host.run(*argv, check=False, timeout=seconds + SLACK_S)
+        except subprocess.TimeoutExpired:
+            raise MeasureError(f"iperf3 {' '.join(extra) or 'tcp'} did not finish within {seconds + SLACK_S}s") from None
+        try:
+            return parse_iperf(r.stdout)
+        except MeasureError as e:
+            if attempt == CONNECT_TRIES or not any(s in str(e) for s in _NOT_STARTED):
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
