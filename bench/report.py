@@ -233,3 +233,22 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
 
 def _short(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- README -------------------------------------------------------------------------------------------------
+
+README_BEGIN = "<!-- bench-results -->"
+README_END = "<!-- /bench-results -->"
+
+
+def update_readme(readme: Path, results: dict[str, Any], chart: str) -> bool:
+    """Replace the text between the README's bench markers with this run's table; False if there are none."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    body = markdown(results).split("\n", 2)[2]  # without the "# tunneld benchmark" title
+    section = f"{README_BEGIN}\n![benchmark chart]({chart})\n\n{body.strip()}\n{README_END}"
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(head + section + tail)
+    return True

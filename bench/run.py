@@ -243,6 +243,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true", help="write JSON and Markdown only")
     p.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="results directory (default: %(default)s)")
     p.add_argument("--name", help="results file stem (default: latest, or quick with --quick)")
+    p.add_argument("--update-readme", action="store_true",
+                   help="also put the table into README.md between its <!-- bench-results --> markers")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.systems.split(",")] if args.systems else list(SYSTEMS)
     unknown = [n for n in names if n not in SYSTEMS]
@@ -302,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = report.write_all(results, args.out, stem, chart=not args.no_chart)
     for path in written:
         say(f"wrote {path}")
+    if args.update_readme:
+        chart = os.path.relpath(args.out / f"{stem}.png", REPO)
+        if report.update_readme(REPO / "README.md", results, chart):
+            say("updated the Benchmarks section of README.md")
+        else:
+            say("README.md has no <!-- bench-results --> markers; left alone")
     return 0
 
 

@@ -158,6 +158,28 @@ def test_markdown_table_rows_line_up_with_the_header():
     assert "| 0.10× |" in table[3] and "| 0.50× |" in table[3]  # tunneld-vxlan against kernel-vxlan
 
 
+def test_readme_section_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\noutro\n")
+    results = {
+        "date": "2026-11-25T00:00:00+00:00", "git_commit": "abc", "reference": "kernel-vxlan", "codecs": [],
+        "machine": {"cpu_model": "cpu", "cores": 2, "kernel": "6.18", "python": "3.11", "loadavg_start": [1, 1, 1]},
+        "plan": {"name": "full", "tcp_reps": 3, "tcp_seconds": 3, "udp_seconds": 2}, "testbed": "two namespaces",
+        "systems": [{"system": "veth", "kind": "kernel", "status": "ok", "tcp_gbps": 10.0}],
+    }
+    assert report.update_readme(readme, results, "bench/results/latest.png")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert "| veth | 10.00" in text and "![benchmark chart](bench/results/latest.png)" in text
+    assert not report.update_readme(_no_markers(tmp_path), results, "x.png")
+
+
+def _no_markers(tmp_path):
+    path = tmp_path / "OTHER.md"
+    path.write_text("no markers here\n")
+    return path
+
+
 def test_codec_micro_benchmark_times_a_real_round_trip():
     row = bench_codec(Vxlan, seconds=0.05)
     assert row["mode"] == "vxlan" and row["header_bytes"] == 8
