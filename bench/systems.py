@@ -82,7 +82,8 @@ def tunneld_modes() -> tuple[set[str], str | None]:
         return set(), f"tunneld --list-modes failed: {e}"
     if r.returncode != 0:
         return set(), f"tunneld --list-modes exited with {r.returncode}: {r.stderr.strip()[:200]}"
-    return {line.split()[0] for line in r.stdout.splitlines() if line.strip()}, None
+    # One mode per line, name first; indented lines under it describe the mode's options.
+    return {line.split()[0] for line in r.stdout.splitlines() if line.strip() and not line[0].isspace()}, None
 
 
 def _tunneld_available(mode: str) -> Callable[[], str | None]:
