@@ -37,11 +37,12 @@ def sample_frame(device: DeviceKind, length: int = FRAME_LEN) -> bytes:
     return _ipv4_udp(length)
 
 
-def _best_ns(stmt: str, env: dict[str, Any], seconds: float) -> float:
+def _best_ns(stmt: str, env: dict[str, Any], seconds: float, repeats: int = 5) -> float:
+    """Best-of-``repeats`` ns per call of ``stmt``, spending about ``seconds`` after a warm-up."""
     timer = timeit.Timer(stmt, globals=env)
-    number, took = timer.autorange()  # enough calls for >= 0.2 s
-    repeats = max(3, int(seconds / max(took, 1e-3)))
-    return min(timer.repeat(repeat=min(repeats, 20), number=number)) / number * 1e9
+    number, took = timer.autorange()  # warm-up, and the cost of one call (autorange runs for >= 0.2 s)
+    number = max(1000, int(seconds / repeats / (took / number)))
+    return min(timer.repeat(repeat=repeats, number=number)) / number * 1e9
 
 
 def bench_codec(cls: type[Encapsulator], seconds: float = 1.0) -> dict[str, Any]:
