@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from tunneld import __version__
-from tunneld.config import DEFAULT_DEV, LOG_LEVELS, ConfigError, TunnelConfig, validate
+from tunneld.config import DEFAULT_DEV, DEFAULT_METRICS_LISTEN, LOG_LEVELS, ConfigError, TunnelConfig, validate
 from tunneld.daemon import StartupError, run
 from tunneld.plugins import discover
 
@@ -75,8 +75,20 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--vni", type=_int_in(0, (1 << 24) - 1, "VNI"), default=1, help="VXLAN network identifier (default: %(default)s)")
     p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
+    p.add_argument("--key", type=_int_in(0, (1 << 32) - 1, "key"), help="GRE key (RFC 2890), sent and required (gre, gretap)")
+    p.add_argument("--seq", action="store_true", help="GRE sequence numbers: send them, drop late/duplicate packets (gre, gretap)")
+    p.add_argument("--csum", action="store_true", help="GRE checksums: compute on send, require and verify on receipt (gre, gretap)")
+    p.add_argument(
+        "--opt", metavar="NAME=VALUE", action="append", default=[],
+        help="an option of the chosen mode, for plugin modes (see --list-modes); repeat for more",
+    )
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", default=DEFAULT_METRICS_LISTEN,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; [::1]:PORT for IPv6, '' to disable "
+        "(default: %(default)s)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -99,9 +111,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_modes:
         for name, cls in modes.items():
             print(f"{name:<10} {cls.device.value.upper()}  {str(cls.transport):<12} {cls.description}")
+            for option, text in cls.options.items():
+                print(f"{'':<10} option {option}: {text}")
         return 0
     if not args.peer:
         parser.error("--peer is required: the underlay address of the far end")
+    extra: dict[str, object] = {}
+    for item in args.opt:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--opt {item!r}: expected NAME=VALUE")
+        extra[name.strip()] = value
+    if args.key is not None:
+        extra["key"] = args.key
+    if args.seq:
+        extra["seq"] = True
+    if args.csum:
+        extra["csum"] = True
     try:
         cfg = validate(
             TunnelConfig(
@@ -115,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mtu=args.mtu,
                 mac=args.mac,
                 log_level=args.log_level,
+                extra=extra,
+                metrics_listen=args.metrics_listen,
             )
         )
     except ConfigError as e:

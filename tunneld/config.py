@@ -13,12 +13,15 @@ from typing import Any
 
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9477"  # loopback only: exposing metrics further is the operator's choice
 IFNAMSIZ = 16  # including the terminating NUL
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_MTU = 68  # RFC 791's minimum
 IPV6_MIN_MTU = 1280  # RFC 8200: an interface carrying IPv6 needs at least this
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 class ConfigError(ValueError):
@@ -37,6 +40,7 @@ class TunnelConfig:
     mtu: int | None = None  # None: underlay MTU minus the encapsulation overhead
     mac: str | None = None  # None: a stable address derived from the machine, the device name and the peer
     log_level: str = "info"
+    metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
     extra: dict[str, Any] = field(default_factory=dict)  # options of plugin modes
 
     def options(self) -> dict[str, Any]:
@@ -76,6 +80,45 @@ def check_mac(value: str) -> str:
     return value.lower()
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[IPv6]:PORT`` into (host, port); HOST is an IP address or a host name."""
+    example = "e.g. 127.0.0.1:9477 or [::1]:9477, or an empty value to disable metrics"
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        try:
+            if not sep or ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"metrics-listen: {value!r} is not [IPv6]:PORT ({example})") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise ConfigError(f"metrics-listen: {value!r} is not HOST:PORT ({example})")
+        if not host:
+            raise ConfigError(
+                f"metrics-listen: {value!r} names no address (every address: 0.0.0.0:{port_text} or [::]:{port_text})"
+            )
+        if ":" in host:
+            raise ConfigError(f"metrics-listen: write an IPv6 address in brackets, e.g. [{host}]:{port_text}")
+        if not _HOSTNAME.match(host):
+            raise ConfigError(f"metrics-listen: {host!r} is not an IP address or a host name ({example})")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"metrics-listen: port {port_text!r} is not a number between 1 and 65535 ({example})")
+    return host, int(port_text)
+
+
+def check_listen(value: str) -> str:
+    """Validate a ``metrics_listen`` value; return it normalised ("" stays "": metrics disabled)."""
+    if not value:
+        return ""
+    host, port = parse_listen(value.strip())
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host}:{port}"
+    return f"[{ip.compressed}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 def check_range(value: int, what: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ConfigError(f"{what}: {value} is out of range ({low}-{high})")
@@ -108,5 +151,6 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         mtu=cfg.mtu,
         mac=check_mac(cfg.mac) if cfg.mac else None,
         log_level=cfg.log_level,
+        metrics_listen=check_listen(cfg.metrics_listen),
         extra=dict(cfg.extra),
     )

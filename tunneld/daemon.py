@@ -3,7 +3,7 @@
 Start-up order, chosen so that a failure leaves nothing behind:
   1. build the codec (option errors are configuration errors);
   2. find the underlay MTU towards the peer, derive the device MTU;
-  3. bind the underlay socket (a busy port fails before any device exists);
+  3. bind the underlay socket and the metrics endpoint (a busy port fails before any device exists);
   4. create the device, set its MAC, MTU and addresses, bring it up;
   5. attach the engine to the event loop.
 Shutdown undoes it in reverse; closing the device fd removes the interface.
@@ -24,7 +24,9 @@ from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.engine import Engine
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
+from tunneld.io.raw import RawLink
 from tunneld.io.udp import LinkError, UdpLink
+from tunneld.metrics import MetricsError, MetricsServer
 
 log = logging.getLogger("tunneld")
 
@@ -72,10 +74,16 @@ class Tunnel:
             codec_cls = modes[cfg.mode]
         except KeyError:
             raise StartupError(f"mode: unknown mode {cfg.mode!r} (known: {', '.join(modes)})", EX_CONFIG) from None
+        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
+        if unknown:
+            takes = ", ".join(codec_cls.options) or "none"
+            raise StartupError(f"{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})", EX_CONFIG)
         try:
             self.codec = codec_cls.from_options(cfg.options())
         except (ValueError, TypeError) as e:
             raise StartupError(f"{cfg.mode}: {e}", EX_CONFIG) from None
+        except Exception as e:  # a plugin's bug must read as such, not as a traceback
+            raise StartupError(f"{cfg.mode}: the encapsulator failed to start: {type(e).__name__}: {e}") from None
         underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
         self.underlay_mtu, underlay_dev = netlink.underlay_mtu(cfg.peer)
         if underlay_dev is None:
@@ -92,24 +100,30 @@ class Tunnel:
         self.max_frame = self.underlay_mtu - self.codec.outer_overhead(underlay_v6)
         self.underlay_dev = underlay_dev
         self.device: Device | None = None
-        self.link: UdpLink | None = None
+        self.link: UdpLink | RawLink | None = None
         self.engine: Engine | None = None
+        self.metrics: MetricsServer | None = None
 
     def open(self) -> None:
         cfg = self.cfg
-        if self.codec.transport.kind != "udp":
-            raise StartupError(f"{cfg.mode}: transport {self.codec.transport} is not supported yet")
+        if self.codec.transport.kind not in ("udp", "ip"):
+            raise StartupError(f"{cfg.mode}: transport {self.codec.transport} is not supported")
         if netlink.link_exists(cfg.dev):
             raise StartupError(
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
         port = cfg.port or self.codec.transport.number
         try:
-            self.link = UdpLink(cfg.peer, port, cfg.local)
+            if self.codec.transport.kind == "ip":
+                self.link = RawLink(cfg.peer, self.codec.transport.number, cfg.local)
+            else:
+                self.link = UdpLink(cfg.peer, port, cfg.local)
+            if cfg.metrics_listen:
+                self.metrics = MetricsServer(cfg.metrics_listen)
             self.device = Device(cfg.dev, self.codec.device)
-        except LinkError as e:
+        except (LinkError, MetricsError) as e:
             self.close()
-            raise StartupError(str(e)) from None
+            raise StartupError(str(e), EX_NOPERM if "CAP_NET_RAW" in str(e) else EX_SOFTWARE) from None
         except DeviceError as e:
             self.close()
             code = EX_NOPERM if "CAP_NET_ADMIN" in str(e) else EX_SOFTWARE
@@ -124,6 +138,8 @@ class Tunnel:
             self.close()
             raise StartupError(str(e)) from None
         self.engine = Engine(self.device, self.link, self.codec, max_frame=self.max_frame)
+        if self.metrics is not None:
+            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None))
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -132,9 +148,13 @@ class Tunnel:
             f"mtu {self.mtu}",
             *([f"mac {self.mac}"] if self.mac else []),
             *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
-            f"peer {cfg.peer} {self.codec.transport.kind}/{self.link.port if self.link else '-'}",
+            *([self.codec.describe()] if self.codec.describe() else []),
+            f"peer {cfg.peer} " + (
+                f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)
+            ),
             f"local {cfg.local or 'any'}",
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
+            f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
         ]
         if cfg.addresses:
             parts.append("addresses " + " ".join(cfg.addresses))
@@ -149,6 +169,9 @@ class Tunnel:
         if self.link is not None:
             self.link.close()
             self.link = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
 async def serve(tunnel: Tunnel) -> None:
@@ -160,12 +183,16 @@ async def serve(tunnel: Tunnel) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: live reload is not implemented; ignored"))
     assert tunnel.engine is not None
     tunnel.engine.attach(loop)
+    if tunnel.metrics is not None:
+        tunnel.metrics.start(loop)
     log.info("tunneld %s up: %s", __version__, tunnel.describe())
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if tunnel.metrics is not None:
+            tunnel.metrics.stop()
     log.info("shutting down: %s", tunnel.engine.stats.summary())
 
 

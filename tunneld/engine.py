@@ -113,6 +113,9 @@ class Engine:
                 continue
             end = HEADROOM + n
             start = encap(buf, HEADROOM, end)
+            if start.__class__ is Drop:  # a frame the codec cannot carry (GRE: neither IPv4 nor IPv6)
+                drops[start] += 1
+                continue
             try:
                 send(view[start:end], flow_hash(view[HEADROOM:end]))
             except OSError as e:

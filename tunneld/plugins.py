@@ -6,7 +6,9 @@ A package adds a mode by declaring, in its pyproject.toml::
     mymode = "mypackage.codec:MyEncapsulator"
 
 A plugin that fails to import or is not an ``Encapsulator`` is reported by name and skipped; it never takes
-the other modes down with it.
+the other modes down with it. A plugin's own options reach it through ``TunnelConfig.extra`` (``--opt
+NAME=VALUE``), declared in its ``options`` class attribute; ``tunneld.testing.EncapsulatorConformance`` is the
+suite a plugin author runs against their class.
 """
 
 from __future__ import annotations

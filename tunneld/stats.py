@@ -9,9 +9,13 @@ encapsulation, outer UDP or outer IP headers.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 
 from tunneld.encap.base import Drop
+
+# Upper bounds, in seconds, of the event-loop lag histogram's buckets (the last bucket, +Inf, is implicit).
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Stats:
@@ -24,6 +28,8 @@ class Stats:
         "peer_last_rx",
         "tx_batches",
         "rx_batches",
+        "loop_lag",
+        "loop_lag_sum",
     )
 
     def __init__(self, max_batch: int) -> None:
@@ -36,6 +42,14 @@ class Stats:
         # Wake-ups by how many packets they handled: tx_batches[n] counts the wake-ups that moved n frames.
         self.tx_batches = [0] * (max_batch + 1)
         self.rx_batches = [0] * (max_batch + 1)
+        # How late a periodic timer on the event loop fired: loop_lag[i] counts observations that fell into
+        # LOOP_LAG_BUCKETS[i] (not cumulative); the last slot is beyond the largest bound.
+        self.loop_lag = [0] * (len(LOOP_LAG_BUCKETS) + 1)
+        self.loop_lag_sum = 0.0
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag[bisect_left(LOOP_LAG_BUCKETS, seconds)] += 1
+        self.loop_lag_sum += seconds
 
     @property
     def dropped(self) -> int:

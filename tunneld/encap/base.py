@@ -52,6 +52,13 @@ class Drop(str, enum.Enum):
     DEVICE_READ_ERROR = "device_read_error"  # reading the device failed (not merely "nothing to read")
     TOO_BIG = "too_big"  # the encapsulated packet would not fit the underlay MTU; VTEPs don't fragment
     SOCKET_ERROR = "socket_error"  # the underlay socket refused the datagram (unreachable, no buffer, ...)
+    # GRE (RFC 2784, RFC 2890); some apply to any codec that validates the same things
+    BAD_VERSION = "bad_version"  # the encapsulation's version field is not one we speak (GRE: not 0)
+    BAD_PROTOCOL = "bad_protocol"  # protocol type not carried by this mode, or the inner packet is not of it
+    KEY_MISMATCH = "key_mismatch"  # GRE key absent, unexpected, or another tunnel's
+    BAD_CHECKSUM = "bad_checksum"  # the encapsulation's checksum does not verify
+    SEQUENCE = "sequence"  # an old or duplicate sequence number (RFC 2890 in-order delivery)
+    LENGTH_MISMATCH = "length_mismatch"  # the inner IP header's length disagrees with the bytes carried
 
 
 # IPv4 and IPv6 header sizes without options, for MTU arithmetic.
@@ -69,11 +76,23 @@ class Encapsulator(abc.ABC):
     device: ClassVar[DeviceKind]
     transport: ClassVar[Transport]
     header_room: ClassVar[int]  # the most bytes ``encap`` may write in front of a frame
+    # Options this mode reads from ``TunnelConfig.extra`` (``--opt NAME=VALUE``; GRE's --key/--seq/--csum land
+    # there too), each with a one-line help shown by --list-modes. Values arrive as given: strings from --opt,
+    # typed values from the built-in flags; ``from_options`` parses and checks them. The daemon refuses an option
+    # that the chosen mode does not declare, so a typo is an error rather than silently ignored.
+    options: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     @abc.abstractmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Encapsulator":
-        """Build the codec from the tunnel's options (``vni``, ``key``, ...); raise ValueError when invalid."""
+        """Build the codec from the tunnel's options; raise ValueError (one line for the operator) when invalid.
+
+        ``options`` holds the core settings (``vni``, ``port``) and every entry of ``TunnelConfig.extra``.
+        """
+
+    def describe(self) -> str:
+        """This instance's settings for the start-up log line, e.g. ``key 42, seq``; empty when none."""
+        return ""
 
     @property
     @abc.abstractmethod
@@ -95,8 +114,11 @@ class Encapsulator(abc.ABC):
         return self.outer_overhead(underlay_ipv6) + link
 
     @abc.abstractmethod
-    def encap(self, buf: bytearray, start: int, end: int) -> int:
-        """Write the header in front of ``buf[start:end]``; return the start of the encapsulated packet."""
+    def encap(self, buf: bytearray, start: int, end: int) -> int | Drop:
+        """Write the header in front of ``buf[start:end]``; return the start of the encapsulated packet.
+
+        A codec that cannot carry a frame (GRE: a TUN packet that is neither IPv4 nor IPv6) returns a ``Drop``.
+        """
 
     @abc.abstractmethod
     def decap(self, packet: memoryview) -> int | Drop:

@@ -1,0 +1,253 @@
+"""Prometheus exporter: the only module that imports prometheus_client.
+
+Theory of operation:
+- The engine counts with plain ints (tunneld.stats.Stats); nothing here runs per packet. ``TunnelCollector``
+  turns those ints into metric families when Prometheus scrapes, so the hot path pays nothing for metrics.
+- The HTTP server is prometheus_client's own, in a daemon thread. A scrape reads the engine's ints from that
+  thread: reading an int or copying a short list is atomic under the GIL, and the collector never iterates
+  a dict the engine may be growing (it looks every ``Drop`` reason up by name), so no lock is needed.
+- The ``peer`` and ``mode`` labels are read at scrape time from the engine, so a peer changed while running
+  shows up on the next scrape. Counters are per process: after a peer change the same running totals carry
+  the new ``peer`` label (the old series goes stale), they do not restart from zero.
+- Event-loop lag is measured by a timer on the loop itself (``LoopLagProbe``): every ``interval`` seconds it
+  notes how late it fired. A loop blocked by a slow callback shows up as lateness, whatever blocked it.
+- Process metrics (CPU, memory, fds, start time) and Python's GC and platform info come from the client's
+  default collectors, registered in a private registry so that tests can build as many exporters as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from bisect import bisect_left
+import socket
+import time
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tunneld import __version__
+from tunneld.config import parse_listen
+from tunneld.encap.base import Drop
+from tunneld.stats import LOOP_LAG_BUCKETS, Stats
+
+if TYPE_CHECKING:
+    from tunneld.engine import Engine
+
+LABELS = ("peer", "mode")
+LAG_PROBE_INTERVAL = 0.25  # seconds; four timer callbacks a second cost nothing measurable
+
+INNER_BYTES = (
+    "Bytes are inner bytes: the frame as the device sees it (Ethernet header included on TAP, the IP packet on "
+    "TUN), without the encapsulation header or the outer UDP/IP headers."
+)
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot be served; ``str()`` is one line for the operator."""
+
+
+def batch_bounds(batch: int) -> list[int]:
+    """Bucket bounds for frames per wake-up: 0 (a wake-up that moved nothing), powers of two, the batch cap."""
+    bounds = [0]
+    n = 1
+    while n < batch:
+        bounds.append(n)
+        n *= 2
+    bounds.append(batch)
+    return bounds
+
+
+def _histogram(counts: list[int], bounds: list[float] | tuple[float, ...], bucket_of: Callable[[int], int]):
+    """Cumulative (le, count) pairs from per-slot counts; ``bucket_of(slot)`` is the index of its bound."""
+    per_bucket = [0] * (len(bounds) + 1)
+    for slot, n in enumerate(counts):
+        per_bucket[bucket_of(slot)] += n
+    buckets, running = [], 0
+    for bound, n in zip(bounds, per_bucket):
+        running += n
+        buckets.append((str(float(bound)), running))
+    buckets.append(("+Inf", running + per_bucket[-1]))
+    return buckets
+
+
+class TunnelCollector(Collector):
+    """Builds tunneld's metric families from one engine's counters, at scrape time."""
+
+    def __init__(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None) -> None:
+        self.engine = engine
+        self.dev = dev
+        self.mtu = mtu
+        self.vni = vni
+        self._batch_bounds = batch_bounds(engine.batch)
+        # slot n (a wake-up that moved n frames) → index of the first bound >= n
+        self._batch_bucket = [bisect_left(self._batch_bounds, n) for n in range(engine.batch + 1)]
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        stats = engine.stats
+        labels = [engine.link.peer, engine.codec.name]
+
+        build = InfoMetricFamily("tunneld_build", "tunneld's version (value is always 1).")
+        build.add_metric([], {"version": __version__})
+        yield build
+
+        info = GaugeMetricFamily(
+            "tunneld_info",
+            "The tunnel's configuration (value is always 1): interface, its MTU, and the VNI where the mode has one.",
+            labels=[*LABELS, "dev", "mtu", "vni"],
+        )
+        info.add_metric([*labels, self.dev, str(self.mtu), "" if self.vni is None else str(self.vni)], 1)
+        yield info
+
+        for direction, verb in (("tx", "read from the device and sent to the peer"),
+                                ("rx", "received from the peer and written to the device")):
+            packets = CounterMetricFamily(
+                f"tunneld_{direction}_packets", f"Frames {verb}.", labels=LABELS
+            )
+            packets.add_metric(labels, getattr(stats, f"{direction}_packets"))
+            yield packets
+            nbytes = CounterMetricFamily(
+                f"tunneld_{direction}_bytes", f"Bytes of the frames {verb}. {INNER_BYTES}", labels=LABELS
+            )
+            nbytes.add_metric(labels, getattr(stats, f"{direction}_bytes"))
+            yield nbytes
+
+        dropped = CounterMetricFamily(
+            "tunneld_dropped_packets",
+            "Packets discarded, by reason. Inbound: unknown_peer, truncated, bad_flags, reserved_bits, vni_mismatch, "
+            "runt_frame, device_write_error, and for GRE bad_version, bad_protocol, key_mismatch, bad_checksum, "
+            "sequence, length_mismatch; outbound: device_read_error, too_big, socket_error. "
+            "Every reason is exported from start-up, at 0.",
+            labels=[*LABELS, "reason"],
+        )
+        drops = stats.drops
+        for reason in Drop:
+            dropped.add_metric([*labels, reason.value], drops.get(reason, 0))
+        yield dropped
+
+        last_rx = GaugeMetricFamily(
+            "tunneld_peer_last_rx_timestamp_seconds",
+            "Unix time at which a valid packet from the peer last arrived; 0 if none has yet.",
+            labels=LABELS,
+        )
+        last_rx.add_metric(labels, stats.peer_last_rx)
+        yield last_rx
+
+        wakeups = HistogramMetricFamily(
+            "tunneld_frames_per_wakeup",
+            f"Frames moved per event-loop wake-up, by direction (at most {engine.batch}); le=0 counts wake-ups "
+            "that moved nothing (all dropped, or nothing to read).",
+            labels=[*LABELS, "direction"],
+        )
+        bucket_of = self._batch_bucket.__getitem__
+        for direction, counts in (("tx", list(stats.tx_batches)), ("rx", list(stats.rx_batches))):
+            wakeups.add_metric(
+                [*labels, direction],
+                _histogram(counts, self._batch_bounds, bucket_of),
+                sum_value=sum(n * c for n, c in enumerate(counts)),
+            )
+        yield wakeups
+
+        lag = HistogramMetricFamily(
+            "tunneld_event_loop_lag_seconds",
+            f"How late a timer on the event loop fired, sampled every {LAG_PROBE_INTERVAL} s; a loop blocked for "
+            "a long time shows as one large sample.",
+            labels=LABELS,
+        )
+        lag.add_metric(labels, _histogram(list(stats.loop_lag), LOOP_LAG_BUCKETS, int), sum_value=stats.loop_lag_sum)
+        yield lag
+
+
+class LoopLagProbe:
+    """A timer that re-arms itself every ``interval`` seconds and records how late each firing was.
+
+    Lateness is measured on the monotonic clock rather than ``loop.time()``: uvloop's loop time is libuv's
+    millisecond clock cached at the start of an iteration, too coarse and too stale for this.
+    """
+
+    def __init__(self, stats: Stats, interval: float = LAG_PROBE_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stats = stats
+        self.interval = interval
+        self._clock = clock
+        self._due = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._arm()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._loop = None
+
+    def _arm(self) -> None:
+        assert self._loop is not None
+        self._due = self._clock() + self.interval
+        self._handle = self._loop.call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        # A timer may fire up to a millisecond early (libuv rounds to whole milliseconds): that is no lag.
+        self.stats.observe_loop_lag(max(0.0, self._clock() - self._due))
+        if self._loop is not None:
+            self._arm()  # from now, not from the due time: a long stall gives one sample, not a burst
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP at ``listen`` (``HOST:PORT`` or ``[IPv6]:PORT``); binds on construction.
+
+    Binding first and attaching the tunnel later lets the daemon fail on a busy port before it creates any
+    device; a scrape in between sees the process metrics only.
+    """
+
+    def __init__(self, listen: str) -> None:
+        host, port = parse_listen(listen)
+        self.listen = listen
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except socket.gaierror as e:
+            raise MetricsError(f"metrics-listen {listen}: cannot resolve {host!r}: {e.strerror}") from None
+        except OSError as e:
+            hint = ""
+            if e.errno == errno.EADDRINUSE:
+                hint = " (another tunneld? choose another --metrics-listen, or '' to disable)"
+            raise MetricsError(f"metrics-listen {listen}: cannot listen: {e.strerror or e}{hint}") from None
+        self.port = self._httpd.server_address[1]
+        self._collector: TunnelCollector | None = None
+        self._probe: LoopLagProbe | None = None
+
+    def watch(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None) -> None:
+        """Export ``engine``'s counters from now on."""
+        self._collector = TunnelCollector(engine, dev=dev, mtu=mtu, vni=vni)
+        self.registry.register(self._collector)
+        self._probe = LoopLagProbe(engine.stats)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start measuring the loop's lag (call from the loop that runs the engine)."""
+        if self._probe is not None:
+            self._probe.start(loop)
+
+    def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.stop()
+
+    def close(self) -> None:
+        self.stop()
+        self._httpd.shutdown()  # waits for the serving thread to notice (it polls twice a second)
+        self._httpd.server_close()
