@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools.
-APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux openvpn
+APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: setup apt venv demo test test-unit bench bench-quick clean

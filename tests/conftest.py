@@ -19,3 +19,11 @@ def hosts():
     """Two namespace hosts (A, B) joined by veth; removed afterwards, whatever happens."""
     with testbed() as pair:
         yield pair
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Show measurements tests record with ``record_property("report", line)`` (e.g. the unit's exposure)."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, value in getattr(report, "user_properties", ()):
+            if name == "report":
+                terminalreporter.write_line(value)

@@ -9,7 +9,18 @@ import sys
 from typing import Sequence
 
 from tunneld import __version__
-from tunneld.config import DEFAULT_DEV, DEFAULT_METRICS_LISTEN, LOG_LEVELS, ConfigError, TunnelConfig, validate
+from tunneld.config import (
+    DEFAULT_DEV,
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_MODE,
+    EX_CONFIG,
+    LOG_LEVELS,
+    ConfigError,
+    ConfigFileError,
+    TunnelConfig,
+    load_file,
+    validate,
+)
 from tunneld.daemon import StartupError, run
 from tunneld.plugins import discover
 
@@ -27,6 +38,7 @@ examples:
   host A (underlay 10.0.0.1):  tunneld --mode vxlan --peer 10.0.0.2 --address 192.168.100.1/24
   host B (underlay 10.0.0.2):  tunneld --mode vxlan --peer 10.0.0.1 --address 192.168.100.2/24
   then from A:                 ping 192.168.100.2
+  from a file (config/):       tunneld --config /etc/tunneld/demo.toml [--check]
 
   It interoperates with the Linux kernel's own VXLAN on the far end:
     ip link add vx0 type vxlan id 1 remote 10.0.0.1 dstport 4789 dev eth0
@@ -65,15 +77,19 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--mode", choices=modes, default="vxlan", help="encapsulation (default: %(default)s); see --list-modes")
+    # Flags that a --config file may also set default to None here, so that "given on the command line"
+    # (which overrides the file) can be told from "left at the default"; the defaults are applied in merge().
+    p.add_argument("--config", metavar="FILE", help="read the tunnel from a TOML file (see config/); flags override it")
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit: 0 if good, 78 if not")
+    p.add_argument("--mode", choices=modes, help=f"encapsulation (default: {DEFAULT_MODE}); see --list-modes")
     p.add_argument("--peer", metavar="ADDR", help="underlay IPv4/IPv6 address of the far end (required)")
     p.add_argument("--local", metavar="ADDR", help="underlay address to bind and send from (default: the kernel chooses)")
-    p.add_argument("--dev", metavar="NAME", default=DEFAULT_DEV, help="interface to create (default: %(default)s)")
+    p.add_argument("--dev", metavar="NAME", help=f"interface to create (default: {DEFAULT_DEV})")
     p.add_argument(
         "--address", metavar="CIDR", action="append", default=[],
         help="address to put on the interface, e.g. 192.168.100.1/24 or fd00::1/64; repeat for more",
     )
-    p.add_argument("--vni", type=_int_in(0, (1 << 24) - 1, "VNI"), default=1, help="VXLAN network identifier (default: %(default)s)")
+    p.add_argument("--vni", type=_int_in(0, (1 << 24) - 1, "VNI"), help="VXLAN network identifier (default: 1)")
     p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
     p.add_argument("--key", type=_int_in(0, (1 << 32) - 1, "key"), help="GRE key (RFC 2890), sent and required (gre, gretap)")
     p.add_argument("--seq", action="store_true", help="GRE sequence numbers: send them, drop late/duplicate packets (gre, gretap)")
@@ -85,27 +101,88 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
     p.add_argument(
-        "--metrics-listen", metavar="HOST:PORT", default=DEFAULT_METRICS_LISTEN,
+        "--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; [::1]:PORT for IPv6, '' to disable "
-        "(default: %(default)s)",
+        f"(default: {DEFAULT_METRICS_LISTEN})",
     )
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
     return p
 
 
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority ("<3>" error ... "<7>" debug): journald's stream transport
+    reads it (SyslogLevelPrefix=, on by default) so `journalctl -p warning` works on our lines."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>" + super().format(record)
+
+
+def _stderr_is_journal() -> bool:
+    """$JOURNAL_STREAM is "DEV:INODE" of the journal stream; it is inherited, so check stderr is still it."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def setup_logging(level: str) -> None:
     # journald timestamps every line itself; elsewhere we do.
-    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class ModeOptionError(ConfigError):
+    """The chosen mode refuses an option or its value: a configuration error (78) even from the command line."""
+
+
+# Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
+FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level", "metrics_listen")
+
+
+def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:
+    """The file's values overridden by the flags given (``flag_options``: --key, --opt, ...), validated.
+
+    Raises ConfigError naming the problem (prefixed with the file when there is one)."""
+    values = dict(file_values)
+    values.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None})
+    if args.address:
+        values["addresses"] = tuple(args.address)
+    if flag_options:
+        values["extra"] = {**values.get("extra", {}), **flag_options}
+    where = f"{args.config}: " if args.config else ""
+    if "peer" not in values:
+        key = "tunnel.peer" if args.config else "--peer"
+        raise ConfigError(f"{where}{key}: missing; required: the underlay address of the far end")
+    try:
+        cfg = validate(TunnelConfig(**values))
+    except ConfigError as e:
+        if args.config:  # validate() names flags ("log-level: ..."); name the file's key instead
+            what, _, rest = str(e).partition(": ")
+            key = {"log-level": "log.level", "metrics-listen": "metrics.listen"}.get(what, f"tunnel.{what}")
+            raise ConfigError(f"{where}{key}: {rest}") from None
+        raise
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     modes, broken = discover()
     parser = build_parser(list(modes))
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "info")
     for plugin in broken:
         log.warning("encapsulator plugin %r (%s) skipped: %s", plugin.name, plugin.target, plugin.problem)
     if args.list_modes:
@@ -114,41 +191,59 @@ def main(argv: Sequence[str] | None = None) -> int:
             for option, text in cls.options.items():
                 print(f"{'':<10} option {option}: {text}")
         return 0
-    if not args.peer:
-        parser.error("--peer is required: the underlay address of the far end")
-    extra: dict[str, object] = {}
+    if not args.config and not args.peer:
+        parser.error("--peer is required: the underlay address of the far end (or give --config FILE)")
+    flag_options: dict[str, object] = {}  # mode options given as flags; they override the file's
     for item in args.opt:
         name, sep, value = item.partition("=")
         if not sep or not name:
             parser.error(f"--opt {item!r}: expected NAME=VALUE")
-        extra[name.strip()] = value
+        flag_options[name.strip()] = value
     if args.key is not None:
-        extra["key"] = args.key
+        flag_options["key"] = args.key
     if args.seq:
-        extra["seq"] = True
+        flag_options["seq"] = True
     if args.csum:
-        extra["csum"] = True
+        flag_options["csum"] = True
+
+    def load() -> TunnelConfig:
+        """The configuration from the file and the flags; raises ConfigFileError or ConfigError. Also the reload."""
+        cfg = merge(args, load_file(args.config, modes) if args.config else {}, flag_options)
+        if cfg.mode not in modes:
+            raise ConfigError(f"mode: {cfg.mode!r} is not an available mode; available: {', '.join(modes)}")
+        # The mode's options, checked as the daemon will (plugins judge their own values), without the kernel.
+        where = f"{args.config}: " if args.config else ""
+        codec_cls = modes[cfg.mode]
+        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
+        if unknown:
+            takes = ", ".join(codec_cls.options) or "none"
+            raise ModeOptionError(f"{where}{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})")
+        try:
+            codec_cls.from_options(cfg.options())
+        except (ValueError, TypeError) as e:
+            raise ModeOptionError(f"{where}{cfg.mode}: {e}") from None
+        return cfg
+
     try:
-        cfg = validate(
-            TunnelConfig(
-                peer=args.peer,
-                mode=args.mode,
-                local=args.local,
-                dev=args.dev,
-                addresses=tuple(args.address),
-                vni=args.vni,
-                port=args.port,
-                mtu=args.mtu,
-                mac=args.mac,
-                log_level=args.log_level,
-                extra=extra,
-                metrics_listen=args.metrics_listen,
-            )
-        )
+        cfg = load()
+    except ConfigFileError as e:
+        for line in e.problems:
+            print(f"tunneld: {line}", file=sys.stderr)
+        return EX_CONFIG
+    except ModeOptionError as e:
+        print(f"tunneld: {e}" if args.config else f"tunneld: error: {e}", file=sys.stderr)
+        return EX_CONFIG
     except ConfigError as e:
-        parser.error(str(e))
+        if not args.config:
+            parser.error(str(e))  # a bad flag: exit 2, as argparse does for the others
+        print(f"tunneld: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check:
+        print(f"{args.config or 'command line'}: ok: {cfg.mode} to peer {cfg.peer} on {cfg.dev}")
+        return 0
+    setup_logging(cfg.log_level)
     try:
-        return run(cfg, modes)
+        return run(cfg, modes, reload=load if args.config else None)
     except StartupError as e:
         print(f"tunneld: error: {e}", file=sys.stderr)
         return e.code

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
@@ -154,3 +155,177 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         metrics_listen=check_listen(cfg.metrics_listen),
         extra=dict(cfg.extra),
     )
+
+
+# -- configuration files ---------------------------------------------------------------------------------------
+#
+# One TOML file per tunnel instance (systemd's tunneld@NAME reads /etc/tunneld/NAME.toml):
+#
+#   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, and the mode's own options (vxlan: vni;
+#             gre/gretap: key, seq, csum; a plugin mode: the names its encapsulator declares in ``options``)
+#   [metrics] listen = "HOST:PORT"
+#   [log]     level
+#
+# Every problem is reported, one line each, as "FILE: SECTION.KEY: what is wrong; what is allowed". Unknown
+# sections and keys are errors: a typo must not silently fall back to a default.
+
+EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error; systemd must not restart on it
+
+VNI_MAX = (1 << 24) - 1
+GRE_KEY_MAX = (1 << 32) - 1
+# The options each built-in mode takes, beyond the common [tunnel] keys, typed here. A plugin mode declares
+# its own in its encapsulator's ``options`` (name -> help) and they reach its ``from_options`` as written.
+MODE_OPTIONS: dict[str, tuple[str, ...]] = {"vxlan": ("vni",), "gre": ("key", "seq", "csum"), "gretap": ("key", "seq", "csum")}
+COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac")
+SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "metrics": ("listen",), "log": ("level",)}
+
+
+class ConfigFileError(Exception):
+    """One or more problems with a configuration file; ``problems`` holds one operator-facing line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
+    return f"{kind.get(type(value), type(value).__name__)} {value!r}"
+
+
+def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, Any]:
+    """Read and check one TOML file. Returns TunnelConfig field values (only those the file sets) plus
+    ``metrics_listen``; raises ConfigFileError listing every problem found.
+
+    ``modes`` are the available encapsulators (name → class); when given, ``mode`` must be one of them.
+    Cross-field rules (peer and local of one IP version, ...) are left to ``validate``, which sees the file
+    merged with the command line.
+    """
+    problems: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigFileError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError([f"{path}: not valid TOML: {e}"]) from None
+
+    def problem(key: str, text: str) -> None:
+        problems.append(f"{path}: {key}: {text}")
+
+    for section, table in data.items():
+        if section not in SECTIONS:
+            problem(section, f"unknown section; allowed: {', '.join(f'[{s}]' for s in SECTIONS)}")
+        elif not isinstance(table, dict):
+            problem(section, f"must be a table [{section}], got {_describe(table)}")
+    tunnel = data.get("tunnel") if isinstance(data.get("tunnel"), dict) else {}
+    out: dict[str, Any] = {}
+
+    # The mode first: it decides which option keys are allowed.
+    mode = tunnel.get("mode", DEFAULT_MODE)
+    if not isinstance(mode, str):
+        problem("tunnel.mode", f"expected a string, got {_describe(mode)}")
+        mode = None
+    elif modes is not None and mode not in modes:
+        problem("tunnel.mode", f"{mode!r} is not an available mode; available: {', '.join(modes)}")
+        mode = None
+    elif "mode" in tunnel:
+        out["mode"] = mode
+    mode_keys: tuple[str, ...] = ()
+    if mode is not None:
+        mode_keys = MODE_OPTIONS.get(mode) or tuple(getattr((modes or {}).get(mode), "options", None) or ())
+    all_mode_keys = sorted({k for keys in MODE_OPTIONS.values() for k in keys})
+
+    def expect(key: str, value: Any, kinds: tuple[type, ...], allowed: str) -> bool:
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            problem(f"tunnel.{key}", f"expected {allowed}, got {_describe(value)}")
+            return False
+        return True
+
+    def checked(key: str, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            # check_* say "what: problem"; restate it under the file's own key name.
+            problem(f"tunnel.{key}", str(e).split(": ", 1)[-1])
+            return None
+
+    extra: dict[str, Any] = {}
+    for key, value in tunnel.items():
+        if key == "mode":
+            continue
+        if key in ("peer", "local"):
+            if expect(key, value, (str,), "an IPv4 or IPv6 address string"):
+                if (v := checked(key, check_ip, value, key)) is not None:
+                    out[key] = v
+        elif key == "dev":
+            if expect(key, value, (str,), f"an interface name string (1-{IFNAMSIZ - 1} characters)"):
+                if (v := checked(key, check_dev, value)) is not None:
+                    out["dev"] = v
+        elif key == "address":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(a, str) for a in items):
+                problem("tunnel.address", f"expected a CIDR string or an array of them, got {_describe(value)}")
+                continue
+            addrs = [checked(key, check_cidr, a) for a in items]
+            if None not in addrs:
+                out["addresses"] = tuple(addrs)
+        elif key == "port":
+            if expect(key, value, (int,), "an integer UDP port (1-65535)"):
+                if checked(key, check_range, value, key, 1, 65535) is not None:
+                    out["port"] = value
+        elif key == "mtu":
+            if expect(key, value, (int,), f"an integer MTU ({MIN_MTU}-65535)"):
+                if checked(key, check_range, value, key, MIN_MTU, 65535) is not None:
+                    out["mtu"] = value
+        elif key == "mac":
+            if expect(key, value, (str,), "a MAC address string like 02:00:00:00:00:01"):
+                if (v := checked(key, check_mac, value)) is not None:
+                    out["mac"] = v
+        elif key in mode_keys:
+            if key == "vni":
+                if expect(key, value, (int,), f"an integer VNI (0-{VNI_MAX})"):
+                    if checked(key, check_range, value, key, 0, VNI_MAX) is not None:
+                        out["vni"] = value
+            elif key == "key" and mode in ("gre", "gretap"):
+                if expect(key, value, (int,), f"an integer GRE key (0-{GRE_KEY_MAX})"):
+                    if checked(key, check_range, value, key, 0, GRE_KEY_MAX) is not None:
+                        extra["key"] = value
+            elif key in ("seq", "csum") and mode in ("gre", "gretap"):
+                if expect(key, value, (bool,), "true or false"):
+                    extra[key] = value
+            else:
+                extra[key] = value  # a plugin's own option: its from_options judges the value
+        elif key in all_mode_keys and mode is not None:
+            owners = "/".join(m for m, keys in MODE_OPTIONS.items() if key in keys)
+            problem(f"tunnel.{key}", f"only for mode {owners}, not {mode!r}; mode {mode!r} takes: "
+                                     f"{', '.join(mode_keys) or 'no options'}")
+        elif mode is not None:
+            problem(f"tunnel.{key}", f"unknown key; allowed in [tunnel]: {', '.join((*COMMON_TUNNEL_KEYS, *mode_keys))}")
+    if extra:
+        out["extra"] = extra
+
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    for key, value in metrics.items():
+        if key != "listen":
+            problem(f"metrics.{key}", "unknown key; allowed in [metrics]: listen")
+        elif not isinstance(value, str):
+            problem("metrics.listen", f"expected a \"HOST:PORT\" string (\"\" to disable), got {_describe(value)}")
+        else:
+            try:
+                out["metrics_listen"] = check_listen(value)
+            except ConfigError as e:
+                problem("metrics.listen", str(e).split(": ", 1)[-1])
+
+    log = data.get("log") if isinstance(data.get("log"), dict) else {}
+    for key, value in log.items():
+        if key != "level":
+            problem(f"log.{key}", "unknown key; allowed in [log]: level")
+        elif value not in LOG_LEVELS:
+            problem("log.level", f"{value!r} is not a log level; allowed: {', '.join(LOG_LEVELS)}")
+        else:
+            out["log_level"] = value
+
+    if problems:
+        raise ConfigFileError(problems)
+    return out

@@ -27,6 +27,7 @@ from tunneld.io.device import Device, DeviceError
 from tunneld.io.raw import RawLink
 from tunneld.io.udp import LinkError, UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
+from tunneld.service import Loader, Service
 
 log = logging.getLogger("tunneld")
 
@@ -174,21 +175,24 @@ class Tunnel:
             self.metrics = None
 
 
-async def serve(tunnel: Tunnel) -> None:
-    """Run until SIGINT or SIGTERM."""
+async def serve(tunnel: Tunnel, reload: Loader | None = None) -> None:
+    """Run until SIGINT or SIGTERM; SIGHUP reloads the configuration (see service.py)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    service = Service(tunnel, reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: live reload is not implemented; ignored"))
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     assert tunnel.engine is not None
     tunnel.engine.attach(loop)
     if tunnel.metrics is not None:
         tunnel.metrics.start(loop)
     log.info("tunneld %s up: %s", __version__, tunnel.describe())
+    service.ready()  # the interface is up and the sockets are bound
     try:
         await stop.wait()
     finally:
+        service.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if tunnel.metrics is not None:
@@ -196,14 +200,14 @@ async def serve(tunnel: Tunnel) -> None:
     log.info("shutting down: %s", tunnel.engine.stats.summary())
 
 
-def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]]) -> int:
+def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Loader | None = None) -> int:
     """Start the tunnel, serve until asked to stop, take it down. Raises StartupError on failure to start."""
     import uvloop
 
     tunnel = Tunnel(cfg, modes)
     tunnel.open()
     try:
-        uvloop.run(serve(tunnel))
+        uvloop.run(serve(tunnel, reload))
     finally:
         tunnel.close()
         log.info("removed interface %s", cfg.dev)

@@ -1,0 +1,196 @@
+"""Configuration files: a table of bad files, each with the one line it must produce and exit status 78."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import textwrap
+import tomllib
+
+import pytest
+
+from tunneld.cli import main
+from tunneld.config import EX_CONFIG, ConfigFileError, load_file
+from tunneld.plugins import discover
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "config"
+
+GOOD = """\
+[tunnel]
+mode = "vxlan"
+peer = "10.0.0.2"
+local = "10.0.0.1"
+dev = "tunneld0"
+address = ["192.168.100.1/24", "fd00:100::1/64"]
+vni = 1
+port = 4789
+mtu = 1450
+[metrics]
+listen = "127.0.0.1:9477"
+[log]
+level = "info"
+"""
+
+
+def write(tmp_path, text: str, name: str = "demo.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def check(path, *extra: str) -> int:
+    return main(["--config", str(path), "--check", *extra])
+
+
+def test_good_file_checks_ok(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert check(path) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: ok: vxlan to peer 10.0.0.2 on tunneld0"
+
+
+def test_good_file_values(tmp_path):
+    values = load_file(str(write(tmp_path, GOOD)), {"vxlan": object})
+    assert values == {
+        "mode": "vxlan", "peer": "10.0.0.2", "local": "10.0.0.1", "dev": "tunneld0",
+        "addresses": ("192.168.100.1/24", "fd00:100::1/64"), "vni": 1, "port": 4789, "mtu": 1450,
+        "metrics_listen": "127.0.0.1:9477", "log_level": "info",
+    }
+
+
+# (name, file text, the exact line after "tunneld: FILE: ") — every problem is one line naming the key,
+# what is wrong and what is allowed.
+BAD = [
+    ("missing-peer", '[tunnel]\nvni = 2\n', "tunnel.peer: missing; required: the underlay address of the far end"),
+    ("peer-not-ip", '[tunnel]\npeer = "10.0.0.300"\n', "tunnel.peer: '10.0.0.300' is not an IPv4 or IPv6 address"),
+    ("peer-not-string", '[tunnel]\npeer = 10\n', "tunnel.peer: expected an IPv4 or IPv6 address string, got integer 10"),
+    ("local-other-family", '[tunnel]\npeer = "10.0.0.2"\nlocal = "fd00::1"\n',
+     "tunnel.local: fd00::1 and peer 10.0.0.2 must be of the same IP version"),
+    ("unknown-key", '[tunnel]\npeer = "10.0.0.2"\nvnii = 3\n',
+     "tunnel.vnii: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, vni"),
+    ("unknown-section", '[tunnel]\npeer = "10.0.0.2"\n[tunel]\n',
+     "tunel: unknown section; allowed: [tunnel], [metrics], [log]"),
+    ("section-not-table", 'tunnel = 1\n', "tunnel: must be a table [tunnel], got integer 1"),
+    ("gre-key-on-vxlan", '[tunnel]\npeer = "10.0.0.2"\nkey = 77\n',
+     "tunnel.key: only for mode gre/gretap, not 'vxlan'; mode 'vxlan' takes: vni"),
+    ("unknown-mode", '[tunnel]\nmode = "ipip"\npeer = "10.0.0.2"\n', None),  # filled in below: lists the real modes
+    ("vni-range", '[tunnel]\npeer = "10.0.0.2"\nvni = 16777216\n', "tunnel.vni: 16777216 is out of range (0-16777215)"),
+    ("vni-bool", '[tunnel]\npeer = "10.0.0.2"\nvni = true\n',
+     "tunnel.vni: expected an integer VNI (0-16777215), got boolean True"),
+    ("port-string", '[tunnel]\npeer = "10.0.0.2"\nport = "4789"\n',
+     "tunnel.port: expected an integer UDP port (1-65535), got string '4789'"),
+    ("port-zero", '[tunnel]\npeer = "10.0.0.2"\nport = 0\n', "tunnel.port: 0 is out of range (1-65535)"),
+    ("mtu-small", '[tunnel]\npeer = "10.0.0.2"\nmtu = 60\n', "tunnel.mtu: 60 is out of range (68-65535)"),
+    ("mtu-ipv6", '[tunnel]\npeer = "10.0.0.2"\nmtu = 1000\naddress = "fd00::1/64"\n',
+     "tunnel.mtu: 1000 is below 1280, the minimum for an interface with IPv6"),
+    ("address-no-prefix", '[tunnel]\npeer = "10.0.0.2"\naddress = ["192.168.1.1"]\n',
+     "tunnel.address: '192.168.1.1' needs a prefix length, e.g. 192.168.100.1/24 or fd00::1/64"),
+    ("address-not-list", '[tunnel]\npeer = "10.0.0.2"\naddress = 5\n',
+     "tunnel.address: expected a CIDR string or an array of them, got integer 5"),
+    ("dev-too-long", '[tunnel]\npeer = "10.0.0.2"\ndev = "a-very-long-name0"\n',
+     "tunnel.dev: 'a-very-long-name0' is not a valid interface name (1-15 characters, no '/' or spaces)"),
+    ("mac-multicast", '[tunnel]\npeer = "10.0.0.2"\nmac = "01:00:5e:00:00:01"\n',
+     "tunnel.mac: '01:00:5e:00:00:01' is a multicast address; an interface needs a unicast one"),
+    ("metrics-no-port", '[tunnel]\npeer = "10.0.0.2"\n[metrics]\nlisten = "127.0.0.1"\n',
+     "metrics.listen: '127.0.0.1' is not HOST:PORT (e.g. 127.0.0.1:9477 or [::1]:9477, or an empty value to disable metrics)"),
+    ("metrics-v6-brackets", '[tunnel]\npeer = "10.0.0.2"\n[metrics]\nlisten = "::1:9477"\n',
+     "metrics.listen: write an IPv6 address in brackets, e.g. [::1]:9477"),
+    ("metrics-port-range", '[tunnel]\npeer = "10.0.0.2"\n[metrics]\nlisten = "127.0.0.1:70000"\n',
+     "metrics.listen: port '70000' is not a number between 1 and 65535 (e.g. 127.0.0.1:9477 or [::1]:9477, or an empty value to disable metrics)"),
+    ("metrics-unknown-key", '[tunnel]\npeer = "10.0.0.2"\n[metrics]\nport = 9477\n',
+     "metrics.port: unknown key; allowed in [metrics]: listen"),
+    ("log-level", '[tunnel]\npeer = "10.0.0.2"\n[log]\nlevel = "verbose"\n',
+     "log.level: 'verbose' is not a log level; allowed: debug, info, warning, error"),
+    ("log-unknown-key", '[tunnel]\npeer = "10.0.0.2"\n[log]\nfile = "/tmp/x"\n',
+     "log.file: unknown key; allowed in [log]: level"),
+    ("toml-syntax", '[tunnel\npeer = "10.0.0.2"\n',
+     "not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
+]
+
+
+@pytest.mark.parametrize("name,text,line", BAD, ids=[row[0] for row in BAD])
+def test_bad_file_one_line_and_exit_78(tmp_path, capsys, name, text, line):
+    if line is None:
+        line = f"tunnel.mode: 'ipip' is not an available mode; available: {', '.join(discover()[0])}"
+    path = write(tmp_path, text)
+    assert check(path) == EX_CONFIG
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"tunneld: {path}: {line}"]
+    assert out.out == ""
+
+
+def test_every_problem_is_reported_not_only_the_first(tmp_path):
+    path = write(tmp_path, '[tunnel]\npeer = "x"\nport = 0\nfoo = 1\n[log]\nlevel = "loud"\n')
+    with pytest.raises(ConfigFileError) as e:
+        load_file(str(path))
+    assert [p.split(": ")[1] for p in e.value.problems] == ["tunnel.peer", "tunnel.port", "tunnel.foo", "log.level"]
+
+
+def test_missing_file(tmp_path, capsys):
+    assert check(tmp_path / "absent.toml") == EX_CONFIG
+    assert capsys.readouterr().err == f"tunneld: {tmp_path / 'absent.toml'}: cannot read: No such file or directory\n"
+
+
+def test_flags_override_the_file(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert check(path, "--peer", "10.0.0.9", "--dev", "td9") == 0
+    assert capsys.readouterr().out.strip() == f"{path}: ok: vxlan to peer 10.0.0.9 on td9"
+
+
+def test_a_flag_can_supply_what_the_file_lacks(tmp_path):
+    path = write(tmp_path, '[tunnel]\nvni = 5\n')
+    assert check(path, "--peer", "10.0.0.2") == 0
+
+
+def test_a_bad_file_at_startup_exits_78_without_traceback(tmp_path):
+    """The real entry point, as systemd runs it (not --check): one line, status 78, no traceback."""
+    path = write(tmp_path, '[tunnel]\npeer = "10.0.0.2"\nvni = -1\n')
+    r = subprocess.run([sys.executable, "-m", "tunneld", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == EX_CONFIG
+    assert r.stderr.splitlines() == [f"tunneld: {path}: tunnel.vni: -1 is out of range (0-16777215)"]
+
+
+def test_shipped_examples_are_valid():
+    """config/*.toml pass --check with the modes this build has (the GRE pair once GRE is registered)."""
+    modes = discover()[0]
+    examples = sorted(EXAMPLES.glob("*.toml"))
+    checked = [p for p in examples if tomllib.loads(p.read_text())["tunnel"]["mode"] in modes]
+    assert {p.name for p in checked} >= {"vxlan-host-a.toml", "vxlan-host-b.toml"}
+    for path in checked:
+        assert main(["--config", str(path), "--check"]) == 0, path
+
+
+@pytest.mark.parametrize("host", ["a", "b"])
+def test_gre_examples_match_the_schema(host):
+    """The GRE options (key, seq, csum) are read and typed by the schema whether or not the codec exists."""
+    values = load_file(str(EXAMPLES / f"gre-host-{host}.toml"), {"vxlan": object, "gre": object})
+    assert values["mode"] == "gre"
+    assert values["extra"] == {"key": 77, "seq": False, "csum": False}
+
+
+@pytest.mark.parametrize("text,line", [
+    ('key = -1', "tunnel.key: -1 is out of range (0-4294967295)"),
+    ('seq = 1', "tunnel.seq: expected true or false, got integer 1"),
+    ('csum = "no"', "tunnel.csum: expected true or false, got string 'no'"),
+    ('vni = 5', "tunnel.vni: only for mode vxlan, not 'gre'; mode 'gre' takes: key, seq, csum"),
+])
+def test_gre_option_errors(tmp_path, text, line):
+    path = write(tmp_path, f'[tunnel]\nmode = "gre"\npeer = "10.0.0.2"\n{text}\n')
+    with pytest.raises(ConfigFileError) as e:
+        load_file(str(path), {"vxlan": object, "gre": object})
+    assert e.value.problems == [f"{path}: {line}"]
+
+
+def test_a_plugin_mode_takes_the_options_it_declares(tmp_path):
+    class Ttl:  # stands in for a plugin's Encapsulator class: only ``options`` is read here
+        options = {"ttl": "outer TTL", "tos": "outer TOS"}
+
+    path = write(tmp_path, '[tunnel]\nmode = "ipudp"\npeer = "10.0.0.2"\nttl = 9\n')
+    assert load_file(str(path), {"vxlan": object, "ipudp": Ttl})["extra"] == {"ttl": 9}
+    path = write(tmp_path, '[tunnel]\nmode = "ipudp"\npeer = "10.0.0.2"\nttl = 9\nttk = 1\nvni = 3\n')
+    with pytest.raises(ConfigFileError) as e:
+        load_file(str(path), {"vxlan": object, "ipudp": Ttl})
+    assert e.value.problems == [
+        f"{path}: tunnel.ttk: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, ttl, tos",
+        f"{path}: tunnel.vni: only for mode vxlan, not 'ipudp'; mode 'ipudp' takes: ttl, tos",
+    ]

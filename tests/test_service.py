@@ -1,0 +1,290 @@
+"""systemd integration: the sd_notify protocol against real AF_UNIX datagram sockets bound by the test, and
+SIGHUP reloads. The netns tests run the real daemon; the others drive Service with fakes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import textwrap
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from tests.netns import OVERLAY_V4, TUNNELD, Host
+from tunneld.config import ConfigError, TunnelConfig
+from tunneld.service import Notifier, Service
+from tunneld.stats import Stats
+from tunneld.testing import FakeLink
+
+
+# -- Notifier, no root --------------------------------------------------------------------------------------
+
+def test_no_notify_socket_is_a_no_op():
+    n = Notifier({})
+    assert not n.enabled and n.sock is None
+    assert n.notify("READY=1") is False
+    assert n.watchdog_interval is None
+
+
+def test_path_socket(tmp_path):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(path)
+        n = Notifier({"NOTIFY_SOCKET": path})
+        assert n.notify("READY=1", "STATUS=peer 10.0.0.2")
+        assert rx.recv(4096) == b"READY=1\nSTATUS=peer 10.0.0.2"
+        n.close()
+
+
+def test_abstract_socket():
+    name = f"tunneld-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(b"\0" + name.encode())
+        n = Notifier({"NOTIFY_SOCKET": "@" + name})
+        assert n.notify("STOPPING=1")
+        assert rx.recv(4096) == b"STOPPING=1"
+        n.close()
+
+
+def test_a_vanished_manager_does_not_raise(tmp_path, caplog):
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+    assert n.notify("WATCHDOG=1") is False
+    assert n.notify("WATCHDOG=1") is False
+    assert len([r for r in caplog.records if "sd_notify" in r.message]) == 1  # said once
+
+
+@pytest.mark.parametrize("env,interval", [
+    ({"WATCHDOG_USEC": "2000000"}, 1.0),
+    ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}, 1.0),
+    ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+    ({"WATCHDOG_USEC": "0"}, None),
+    ({"WATCHDOG_USEC": "soon"}, None),
+])
+def test_watchdog_interval_is_half_of_watchdog_usec(env, interval):
+    assert Notifier(env).watchdog_interval == interval
+
+
+# -- Service.reload with fakes, no root -----------------------------------------------------------------------
+
+class MovableLink(FakeLink):
+    def set_peer(self, peer: str) -> None:
+        self.peer = peer
+
+
+BASE = TunnelConfig(peer="10.0.0.2", addresses=("192.168.1.1/24",), vni=5)
+
+
+def reload_with(tmp_path, new, caplog):
+    """Run one SIGHUP-style reload whose loader returns ``new`` (or raises it); return (service, datagrams)."""
+    path = str(tmp_path / "notify")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    rx.settimeout(1)
+    tunnel = SimpleNamespace(cfg=BASE, link=MovableLink(BASE.peer), engine=SimpleNamespace(stats=Stats(4)), metrics=None)
+
+    def loader():
+        if isinstance(new, Exception):
+            raise new
+        return new
+
+    service = Service(tunnel, loader, notifier=Notifier({"NOTIFY_SOCKET": path}))
+    caplog.set_level(logging.INFO, logger="tunneld")
+    service.reload()
+    got = [rx.recv(4096).decode(), rx.recv(4096).decode()]
+    rx.close()
+    return service, got
+
+
+def test_reload_applies_the_peer_live(tmp_path, caplog):
+    service, got = reload_with(tmp_path, dataclasses.replace(BASE, peer="10.0.0.3"), caplog)
+    assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert got[1].startswith("READY=1\nSTATUS=peer 10.0.0.3")
+    assert service.tunnel.link.peer == "10.0.0.3" and service.tunnel.cfg.peer == "10.0.0.3"
+    assert "reload: peer 10.0.0.2 -> 10.0.0.3" in caplog.text
+
+
+def test_reload_reports_what_needs_a_restart(tmp_path, caplog):
+    new = dataclasses.replace(BASE, vni=6, addresses=("192.168.1.9/24",), log_level="debug")
+    service, got = reload_with(tmp_path, new, caplog)
+    assert "reload: tunnel.address, tunnel.vni changed; needs a restart" in caplog.text
+    assert service.tunnel.cfg == dataclasses.replace(BASE, log_level="debug")  # only the live part applied
+    assert logging.getLogger().level == logging.DEBUG
+    assert got[1].startswith("READY=1")
+
+
+def test_an_invalid_reload_is_refused_and_ready_again(tmp_path, caplog):
+    service, got = reload_with(tmp_path, ConfigError("demo.toml: tunnel.peer: 'x' is not an IPv4 or IPv6 address"), caplog)
+    assert "reload refused, keeping the running configuration: demo.toml: tunnel.peer: 'x'" in caplog.text
+    assert service.tunnel.cfg == BASE
+    assert got[0].startswith("RELOADING=1") and got[1].startswith("READY=1")
+
+
+# -- the real daemon in a namespace ---------------------------------------------------------------------------
+
+def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = OVERLAY_V4[0] + "/24",
+                local: str | None = None, metrics: str = "127.0.0.1:9477") -> str:
+    return textwrap.dedent(f"""\
+        [tunnel]
+        peer = "{peer}"
+        {f'local = "{local}"' if local else ''}
+        dev = "tdsvc0"
+        address = ["{address}"]
+        vni = {vni}
+        [metrics]
+        listen = "{metrics}"
+        [log]
+        level = "{level}"
+        """)
+
+
+class NotifyReceiver:
+    """The service manager's end: a datagram socket bound at a path, with bounded reads."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.path = path
+        self.log: list[tuple[float, str]] = []
+
+    def next(self, timeout: float = 10) -> str:
+        self.sock.settimeout(timeout)
+        msg = self.sock.recv(4096).decode()
+        self.log.append((time.monotonic(), msg))
+        return msg
+
+    def until(self, field: str, timeout: float = 10) -> list[str]:
+        """Read messages until one has ``field`` as a line; return all read. Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {field} within {timeout}s; got {seen}")
+            seen.append(self.next(left))
+            if field in seen[-1].split("\n"):
+                return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def scrape(host: Host, listen: str) -> str | None:
+    r = host.run("curl", "-sf", "--max-time", "5", f"http://{listen}/metrics", check=False, timeout=10)
+    return r.stdout if r.returncode == 0 else None
+
+
+def ifindex(host: Host, dev: str) -> int:
+    return int(host.run("cat", f"/sys/class/net/{dev}/ifindex").stdout)
+
+
+@pytest.mark.netns
+def test_sd_notify_protocol(hosts, tmp_path):
+    a, b = hosts
+    conf = tmp_path / "demo.toml"
+    conf.write_text(config_text(b.underlay))
+    rx = NotifyReceiver(str(tmp_path / "notify"))
+    env = {**os.environ, "NOTIFY_SOCKET": rx.path, "WATCHDOG_USEC": "400000"}
+    proc = a.popen(TUNNELD, "--config", str(conf), env=env)
+    try:
+        first = rx.until("READY=1")
+        assert a.link_state("tdsvc0") == "UP"  # READY only once the interface is up
+        assert first[-1].startswith("READY=1\nSTATUS=peer 10.231.0.2: sent ")
+        # WATCHDOG=1 every WATCHDOG_USEC/2 = 0.2 s: about 10 in 2 s; loose bounds for a busy 2-core machine.
+        start = time.monotonic()
+        pings = 0
+        while time.monotonic() - start < 2.0:
+            if rx.next(timeout=2) == "WATCHDOG=1":
+                pings += 1
+        assert 5 <= pings <= 15
+        index = ifindex(a, "tdsvc0")
+        proc.send_signal(signal.SIGHUP)
+        seen = rx.until("RELOADING=1")
+        seen = rx.until("READY=1")
+        assert ifindex(a, "tdsvc0") == index
+        proc.send_signal(signal.SIGTERM)
+        seen = rx.until("STOPPING=1")
+        assert proc.wait(timeout=10) == 0
+        a.wait_link("tdsvc0", present=False, timeout=5)
+    finally:
+        a.kill_all()
+        rx.close()
+    out = proc.stdout.read()
+    assert "configuration unchanged" in out and "Traceback" not in out
+
+
+@pytest.mark.netns
+def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(hosts, tmp_path):
+    """B listens only on a second underlay address; A first points at the wrong one, then is reloaded."""
+    a, b = hosts
+    b.run("ip", "addr", "add", "10.231.0.3/24", "dev", b.ifname)
+    conf_a, conf_b = tmp_path / "a.toml", tmp_path / "b.toml"
+    conf_a.write_text(config_text(b.underlay))  # wrong: B's tunneld is bound to .3 only
+    conf_b.write_text(config_text(a.underlay, local="10.231.0.3", address=OVERLAY_V4[1] + "/24"))
+    rx = NotifyReceiver(str(tmp_path / "notify"))
+    env = {**os.environ, "NOTIFY_SOCKET": rx.path}
+    pa = a.popen(TUNNELD, "--config", str(conf_a), env=env)
+    pb = b.popen(TUNNELD, "--config", str(conf_b))
+    try:
+        rx.until("READY=1")
+        b.wait_link("tdsvc0")
+        assert not a.ping(OVERLAY_V4[1], count=2, timeout=3)
+        index = ifindex(a, "tdsvc0")
+        conf_a.write_text(config_text("10.231.0.3"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("RELOADING=1")
+        assert "STATUS=peer 10.231.0.3" in rx.until("READY=1")[-1]
+        a.wait_ping(OVERLAY_V4[1], timeout=10)
+        assert ifindex(a, "tdsvc0") == index
+        # A reload that changes only the log level, under a steady ping: nothing is lost.
+        ping = a.popen("ping", "-c", "30", "-i", "0.05", "-W", "2", OVERLAY_V4[1])
+        time.sleep(0.5)
+        conf_a.write_text(config_text("10.231.0.3", level="debug"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("READY=1")
+        # An invalid file is refused; the tunnel keeps working with the old settings.
+        conf_a.write_text(config_text("10.231.0.300"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("READY=1")
+        ping_out, _ = ping.communicate(timeout=20)
+        assert ping.returncode == 0 and " 0% packet loss" in ping_out, ping_out
+        assert a.ping(OVERLAY_V4[1], count=2, timeout=5)
+        assert ifindex(a, "tdsvc0") == index
+        # The metrics endpoint moves live: the new address serves the same counters, the old one is closed.
+        assert 'peer="10.231.0.3"' in scrape(a, "127.0.0.1:9477")
+        conf_a.write_text(config_text("10.231.0.3", level="debug", metrics="127.0.0.1:9479"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("READY=1")
+        moved = scrape(a, "127.0.0.1:9479")
+        assert moved and re.search(r'^tunneld_rx_packets_total\{[^}]*peer="10.231.0.3"[^}]*\} [1-9]', moved, re.M)
+        deadline = time.monotonic() + 5
+        while scrape(a, "127.0.0.1:9477") is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert scrape(a, "127.0.0.1:9477") is None
+        # A busy new address refuses the move; the endpoint stays where it was.
+        squatter = a.popen(sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                           "s.bind(('127.0.0.1', 9480)); s.listen(); print('bound', flush=True); time.sleep(60)")
+        assert squatter.stdout.readline().strip() == "bound"
+        conf_a.write_text(config_text("10.231.0.3", level="debug", metrics="127.0.0.1:9480"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("READY=1")
+        assert scrape(a, "127.0.0.1:9479") is not None
+        pa.send_signal(signal.SIGTERM)
+        assert pa.wait(timeout=10) == 0
+    finally:
+        a.kill_all()
+        b.kill_all()
+        rx.close()
+    out = pa.stdout.read()
+    assert "reload: peer 10.231.0.2 -> 10.231.0.3" in out
+    assert "reload: log level info -> debug" in out
+    assert f"reload refused, keeping the running configuration: {conf_a}: tunnel.peer: '10.231.0.300' is not" in out
+    assert "reload: metrics 127.0.0.1:9477 -> 127.0.0.1:9479" in out
+    assert "reload: metrics-listen 127.0.0.1:9480: cannot listen: Address already in use" in out
+    assert "still serving metrics at 127.0.0.1:9479" in out

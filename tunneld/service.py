@@ -1,0 +1,209 @@
+"""Living under systemd: readiness, watchdog, status, reload and stop, over the sd_notify protocol.
+
+The protocol (sd_notify(3)): the service manager passes ``$NOTIFY_SOCKET``, an AF_UNIX datagram socket given
+as a path, or as an abstract name when it starts with "@" (the "@" stands for the leading NUL byte). Each
+datagram is newline-separated ``KEY=VALUE`` lines. Without ``$NOTIFY_SOCKET`` every call here is a no-op,
+so the daemon behaves the same in a terminal.
+
+What we tell the manager, and when:
+  READY=1        once the interface is up and the sockets are bound (Type=notify: only then is the unit
+                 "active", and units ordered after it start);
+  STATUS=...     one line: peer and packets each way; shown by `systemctl status`;
+  WATCHDOG=1     from a task on the event loop every half of ``$WATCHDOG_USEC``: if the loop is stuck, the
+                 pings stop and systemd kills and restarts us (WatchdogSec=);
+  RELOADING=1    on SIGHUP, then READY=1 when the new configuration is applied or refused;
+  STOPPING=1     when shutting down.
+
+Reload: the file is read again (with the same command-line overrides). What can change on a running tunnel
+changes in place: the peer (the link's send address and receive filter, read on every engine wake-up), the
+log level, the metrics endpoint (the new one is bound before the old one closes). Everything else is part of the interface or the sockets; a change there is reported as needing
+a restart and the running values stay. A new file that does not validate is refused with one log line per
+problem, and the tunnel keeps running as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from typing import Callable, Mapping
+
+from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
+from tunneld.metrics import MetricsError, MetricsServer
+
+log = logging.getLogger("tunneld")
+
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when there is no watchdog to piggyback on
+LIVE = ("peer", "log_level", "metrics_listen")  # TunnelConfig fields a reload applies in place
+FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
+             "extra": "tunnel (mode options)"}
+
+
+class Notifier:
+    """Sends sd_notify datagrams to ``$NOTIFY_SOCKET``; does nothing when it is unset. Never raises."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        self.address: str | bytes | None = None
+        self.sock: socket.socket | None = None
+        if path.startswith("@"):
+            self.address = b"\0" + path[1:].encode()  # abstract namespace
+        elif path.startswith("/"):
+            self.address = path
+        elif path:
+            log.warning("NOTIFY_SOCKET=%r is neither a path nor an @abstract name; not notifying", path)
+        if self.address is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.watchdog_interval = self._watchdog_interval(env)
+        self._warned = False
+
+    @staticmethod
+    def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+        """Half of $WATCHDOG_USEC in seconds, if the watchdog is meant for this process (sd_watchdog_enabled)."""
+        try:
+            usec = int(env.get("WATCHDOG_USEC", ""))
+        except ValueError:
+            return None
+        pid = env.get("WATCHDOG_PID")
+        if usec <= 0 or (pid and pid != str(os.getpid())):
+            return None
+        return usec / 2e6
+
+    @property
+    def enabled(self) -> bool:
+        return self.sock is not None
+
+    def notify(self, *fields: str) -> bool:
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as e:
+            if not self._warned:  # the manager went away, or a bad socket: say it once, keep running
+                log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), e.strerror or e)
+                self._warned = True
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _monotonic_usec() -> str:
+    # systemd ≥ 253 (Type=notify-reload) wants RELOADING=1 stamped with CLOCK_MONOTONIC; older ones ignore it.
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+Loader = Callable[[], TunnelConfig]
+
+
+class Service:
+    """The daemon's side of the service manager: notifications, the watchdog task and reloads."""
+
+    def __init__(self, tunnel, reload: Loader | None = None, notifier: Notifier | None = None) -> None:
+        self.tunnel = tunnel
+        self.loader = reload
+        self.notifier = notifier or Notifier()
+        self._task: asyncio.Task | None = None
+        self._last_status = ""
+
+    def status_line(self) -> str:
+        s = self.tunnel.engine.stats
+        line = f"peer {self.tunnel.cfg.peer}: sent {s.tx_packets} packets, received {s.rx_packets}"
+        return line + (f", dropped {s.dropped}" if s.dropped else "")
+
+    def ready(self) -> None:
+        self._last_status = self.status_line()
+        self.notifier.notify("READY=1", f"STATUS={self._last_status}")
+        if self.notifier.enabled and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        interval = self.notifier.watchdog_interval
+        while True:
+            await asyncio.sleep(interval or STATUS_INTERVAL)
+            if interval:
+                self.notifier.notify("WATCHDOG=1")
+            status = self.status_line()
+            if status != self._last_status:
+                self._last_status = status
+                self.notifier.notify(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.notifier.notify("STOPPING=1", f"STATUS=stopping; {self.status_line()}")
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can be applied live."""
+        if self.loader is None:
+            log.warning("SIGHUP: no --config file to reload; ignored")
+            return
+        self.notifier.notify("RELOADING=1", _monotonic_usec(), "STATUS=reloading the configuration")
+        try:
+            try:
+                new = self.loader()
+            except ConfigFileError as e:
+                for line in e.problems:
+                    log.error("reload refused, keeping the running configuration: %s", line)
+                return
+            except ConfigError as e:
+                log.error("reload refused, keeping the running configuration: %s", e)
+                return
+            self.apply(new)
+        finally:
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def apply(self, new: TunnelConfig) -> None:
+        old = self.tunnel.cfg
+        applied: dict[str, object] = {}
+        if new.peer != old.peer:
+            try:
+                self.tunnel.link.set_peer(new.peer)
+            except Exception as e:  # LinkError: another IP version needs a new socket
+                log.error("reload: peer %s cannot be applied live (%s); restart to apply it", new.peer, e)
+            else:
+                applied["peer"] = new.peer
+                log.info("reload: peer %s -> %s", old.peer, new.peer)
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level.upper())
+            applied["log_level"] = new.log_level
+            log.info("reload: log level %s -> %s", old.log_level, new.log_level)
+        if new.metrics_listen != old.metrics_listen and self._move_metrics(new.metrics_listen):
+            applied["metrics_listen"] = new.metrics_listen
+            log.info("reload: metrics %s -> %s", old.metrics_listen or "off", new.metrics_listen or "off")
+        restart = [f.name for f in dataclasses.fields(new) if f.name not in LIVE
+                   and getattr(new, f.name) != getattr(old, f.name)]
+        if restart:
+            keys = ", ".join(FILE_KEYS.get(name, f"tunnel.{name}") for name in restart)
+            log.warning("reload: %s changed; needs a restart (systemctl restart), running with the old values", keys)
+        if applied:
+            self.tunnel.cfg = dataclasses.replace(old, **applied)
+        elif not restart and new == old:
+            log.info("reload: configuration unchanged")
+
+    def _move_metrics(self, listen: str) -> bool:
+        """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
+        tunnel = self.tunnel
+        loop = asyncio.get_running_loop()
+        new = None
+        if listen:
+            try:
+                new = MetricsServer(listen)  # binds now: a busy port refuses the change, the old one stays
+            except MetricsError as e:
+                log.error("reload: %s; still serving metrics at %s", e, tunnel.cfg.metrics_listen or "off")
+                return False
+            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None))
+            new.start(loop)
+        old, tunnel.metrics = tunnel.metrics, new
+        if old is not None:
+            old.stop()
+            loop.run_in_executor(None, old.close)  # close() waits up to 0.5 s for its thread: not on the loop
+        return True
