@@ -4,18 +4,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools.
-APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap
+APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: setup apt venv demo test test-unit bench bench-quick clean
 
 setup: apt venv
 
+# openvpn is a peer for bench/, run only inside its namespaces; Debian's package enables openvpn.service (which
+# starts /etc/openvpn/*.conf at boot), so when we are the ones installing it we disable that unit again.
 apt:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 		if [ "$$(id -u)" -ne 0 ]; then echo "make setup: installing $(APT_PACKAGES) needs root (apt-get)"; exit 1; fi; \
 		echo "apt-get: installing $(APT_PACKAGES)"; \
+		had_openvpn=$$(dpkg -s openvpn >/dev/null 2>&1 && echo yes); \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+		if [ -z "$$had_openvpn" ] && command -v systemctl >/dev/null; then systemctl disable --quiet openvpn.service 2>/dev/null || true; fi; \
 	fi
 
 venv: $(VENV)/.installed

@@ -1,0 +1,227 @@
+"""The systems under test: how each one links host A to host B, and whether it can run here.
+
+Each system is brought up inside a fresh two-namespace testbed (tests/netns.py) and torn down with it. The
+overlay is the same for every tunnel (192.168.231.0/24, A = .1, B = .2), so only the tunnel differs. Inner
+MTUs are each system's own default (tunneld and the kernel derive it from the 1500-byte underlay), except
+for the userspace C peers, which are given 1450 like VXLAN so no outer packet needs fragmenting.
+
+A system reports the processes that carry its data path in userspace (``pids``), so the bench can charge
+their CPU time and memory; kernel systems have none.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tests.netns import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan
+
+PREFIX = 24
+USERSPACE_PEER_MTU = 1450  # same inner MTU as VXLAN over a 1500-byte IPv4 underlay
+OPENVPN_PORT = 1194
+SOCAT_PORT = 5555
+
+
+@dataclass
+class Running:
+    """A system that is up: where A sends to, which processes carry the data, and how to stop them."""
+
+    dst: str  # B's address as A sees it through the system
+    dev: str | None  # A's interface for this system
+    pids: list[int] = field(default_factory=list)
+    stop: Callable[[], list[str]] = lambda: []  # graceful stop; returns problems worth reporting
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    kind: str  # "kernel", "tunneld" or "userspace-c": what the chart groups by
+    available: Callable[[], str | None]  # None, or why it cannot run here
+    start: Callable[[Host, Host], Running]
+
+
+def _mtu(host: Host, dev: str) -> int:
+    out = host.run("cat", f"/sys/class/net/{dev}/mtu").stdout
+    return int(out.strip())
+
+
+def _always() -> str | None:
+    return None
+
+
+# -- no tunnel, and the kernel's VXLAN ----------------------------------------------------------------------
+
+
+def start_veth(a: Host, b: Host) -> Running:
+    return Running(dst=b.underlay, dev=a.ifname)
+
+
+def start_kernel_vxlan(a: Host, b: Host) -> Running:
+    for host, peer, addr in ((a, b.underlay, OVERLAY_V4[0]), (b, a.underlay, OVERLAY_V4[1])):
+        kernel_vxlan(host, peer, dev="vx0", address=f"{addr}/{PREFIX}")
+        # kernel_vxlan() turns the veth's transmit checksumming off, for tests where a *userspace* VTEP receives
+        # what the kernel sent. Kernel to kernel the partial checksums are safe, and a real NIC offloads
+        # checksums and segmentation, so the reference keeps veth's defaults like every other system here
+        # (with tx off, TSO goes too, and the reference drops to under half its throughput on this machine).
+        host.run("ethtool", "-K", host.ifname, "tx", "on")
+    return Running(dst=OVERLAY_V4[1], dev="vx0")
+
+
+# -- tunneld --------------------------------------------------------------------------------------------------
+
+
+def tunneld_modes() -> tuple[set[str], str | None]:
+    """The modes ``tunneld --list-modes`` offers (first column), or why it could not be asked."""
+    try:
+        r = subprocess.run([TUNNELD, "--list-modes"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return set(), f"tunneld --list-modes failed: {e}"
+    if r.returncode != 0:
+        return set(), f"tunneld --list-modes exited with {r.returncode}: {r.stderr.strip()[:200]}"
+    # One mode per line, name first; indented lines under it describe the mode's options.
+    return {line.split()[0] for line in r.stdout.splitlines() if line.strip() and not line[0].isspace()}, None
+
+
+def _tunneld_available(mode: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        modes, problem = tunneld_modes()
+        if problem:
+            return problem
+        if mode not in modes:
+            return f"tunneld --list-modes does not offer '{mode}' yet (has: {', '.join(sorted(modes)) or 'none'})"
+        return None
+
+    return check
+
+
+def _tunneld_start(mode: str) -> Callable[[Host, Host], Running]:
+    def start(a: Host, b: Host) -> Running:
+        ends: list[Tunneld] = []
+        try:
+            for host, peer, addr in ((a, b.underlay, OVERLAY_V4[0]), (b, a.underlay, OVERLAY_V4[1])):
+                ends.append(Tunneld(host, "--mode", mode, "--peer", peer, "--address", f"{addr}/{PREFIX}"))
+        except BaseException:
+            for end in ends:
+                end.kill()
+            raise
+
+        def stop() -> list[str]:
+            problems = []
+            for end in ends:
+                try:
+                    code = end.stop()
+                except subprocess.TimeoutExpired:
+                    problems.append(f"tunneld in {end.host.name} ignored SIGTERM; killed")
+                    continue
+                if code != 0:
+                    problems.append(f"tunneld in {end.host.name} exited with {code}")
+            return problems
+
+        return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=[e.proc.pid for e in ends], stop=stop)
+
+    return start
+
+
+# -- userspace C peers ----------------------------------------------------------------------------------------
+
+
+def _installed(tool: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if shutil.which(tool) else f"{tool} is not installed (make setup installs it)"
+
+    return check
+
+
+def _popen_logged(host: Host, *argv: str) -> subprocess.Popen:
+    """Start a peer with its output in an unnamed temporary file: a pipe nobody reads could fill and stall it."""
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = host.popen(*argv, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log  # type: ignore[attr-defined]  # read back if it fails to come up
+    return proc
+
+
+def _wait_for(hosts: list[Host], procs: list[subprocess.Popen], what: str, ready: Callable[[Host], bool],
+              timeout: float = 15) -> None:
+    """Wait until ``ready(host)`` for each process's host; fail at once if one of the processes exits."""
+    deadline = time.monotonic() + timeout
+    for host, proc in zip(hosts, procs):
+        while proc.poll() is None and not ready(host) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None and ready(host):
+            continue
+        proc.log.seek(0)  # type: ignore[attr-defined]
+        out = " ".join(proc.log.read().split())[-300:]  # type: ignore[attr-defined]
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout}s"
+        raise RuntimeError(f"{what} did not come up in {host.name} ({argv0(proc)} {state}): {out}")
+
+
+def argv0(proc: subprocess.Popen) -> str:
+    args = proc.args if isinstance(proc.args, list) else [str(proc.args)]
+    return args[4] if len(args) > 4 and args[:3] == ["ip", "netns", "exec"] else args[0]
+
+
+def start_openvpn(a: Host, b: Host) -> Running:
+    """OpenVPN 2.6 peer-to-peer over UDP with no TLS, no key, no cipher and no auth: a plain C TUN↔UDP relay.
+
+    Without ``--secret`` or ``--tls-*`` 2.6 runs the cleartext p2p mode; ``--cipher none --auth none`` say so
+    explicitly, and ``--disable-dco`` keeps the data path in the userspace process (the DCO kernel module
+    would otherwise be tried first). 2.6 prints a deprecation: 2.7 drops TLS-less mode, and this peer will then
+    need ``--peer-fingerprint`` with TLS and a null data cipher instead.
+    """
+    dev = "ovpn0"
+    procs = []
+    for host, peer, addr, other in ((a, b, OVERLAY_V4[0], OVERLAY_V4[1]), (b, a, OVERLAY_V4[1], OVERLAY_V4[0])):
+        procs.append(_popen_logged(
+            host,
+            "openvpn", "--dev", dev, "--dev-type", "tun", "--proto", "udp",
+            "--local", host.underlay, "--remote", peer.underlay, "--port", str(OPENVPN_PORT),
+            "--ifconfig", addr, other, "--tun-mtu", str(USERSPACE_PEER_MTU),
+            "--cipher", "none", "--auth", "none", "--disable-dco", "--verb", "1",
+        ))
+    _wait_for([a, b], procs, dev, lambda h: h.link_state(dev) == "UP")
+    return Running(dst=OVERLAY_V4[1], dev=dev, pids=[p.pid for p in procs])
+
+
+def start_socat(a: Host, b: Host) -> Running:
+    """socat relaying a TUN device to a connected UDP socket, one datagram per packet.
+
+    The devices are brought up only once both sockets exist: the kernel sends router solicitations the moment
+    a device is up, and a connected UDP socket whose peer is not listening yet gets ECONNREFUSED on its next
+    read, on which socat exits.
+    """
+    dev = "soc0"
+    procs = []
+    for host, peer, addr in ((a, b, OVERLAY_V4[0]), (b, a, OVERLAY_V4[1])):
+        procs.append(_popen_logged(
+            host,
+            "socat", "-b", "65536",
+            f"TUN:{addr}/{PREFIX},tun-name={dev},tun-type=tun,iff-no-pi",
+            f"UDP:{peer.underlay}:{SOCAT_PORT},bind={host.underlay}:{SOCAT_PORT}",
+        ))
+    _wait_for([a, b], procs, dev, lambda h: bool(h.run("ss", "-Huan", f"sport = :{SOCAT_PORT}").stdout.strip()))
+    for host in (a, b):
+        host.run("ip", "link", "set", dev, "mtu", str(USERSPACE_PEER_MTU), "up")
+    return Running(dst=OVERLAY_V4[1], dev=dev, pids=[p.pid for p in procs])
+
+
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        System("veth", "kernel", _always, start_veth),
+        System("kernel-vxlan", "kernel", _always, start_kernel_vxlan),
+        System("tunneld-vxlan", "tunneld", _tunneld_available("vxlan"), _tunneld_start("vxlan")),
+        System("tunneld-gre", "tunneld", _tunneld_available("gre"), _tunneld_start("gre")),
+        System("tunneld-gretap", "tunneld", _tunneld_available("gretap"), _tunneld_start("gretap")),
+        System("openvpn", "userspace-c", _installed("openvpn"), start_openvpn),
+        System("socat", "userspace-c", _installed("socat"), start_socat),
+    )
+}
+REFERENCE = "kernel-vxlan"
+
+
+def device_mtu(host: Host, running: Running) -> int | None:
+    return _mtu(host, running.dev) if running.dev else None
