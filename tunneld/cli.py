@@ -101,6 +101,10 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
     p.add_argument(
+        "--no-offload", dest="offload", action="store_false", default=None,
+        help="move one packet per system call: no TAP segmentation offload, no UDP GSO/GRO (for debugging and comparison)",
+    )
+    p.add_argument(
         "--metrics-listen", metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; [::1]:PORT for IPv6, '' to disable "
         f"(default: {DEFAULT_METRICS_LISTEN})",
@@ -150,7 +154,7 @@ class ModeOptionError(ConfigError):
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level", "metrics_listen")
+FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level", "metrics_listen", "offload")
 
 
 def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:

@@ -41,6 +41,7 @@ class TunnelConfig:
     mtu: int | None = None  # None: underlay MTU minus the encapsulation overhead
     mac: str | None = None  # None: a stable address derived from the machine, the device name and the peer
     log_level: str = "info"
+    offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
     extra: dict[str, Any] = field(default_factory=dict)  # options of plugin modes
 
@@ -152,6 +153,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         mtu=cfg.mtu,
         mac=check_mac(cfg.mac) if cfg.mac else None,
         log_level=cfg.log_level,
+        offload=cfg.offload,
         metrics_listen=check_listen(cfg.metrics_listen),
         extra=dict(cfg.extra),
     )

@@ -22,14 +22,17 @@ from tunneld import __version__
 from tunneld.config import TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.engine import Engine
+from tunneld.engine_offload import OffloadEngine, offload_supported
 from tunneld.io import netlink
 from tunneld.io.device import Device, DeviceError
 from tunneld.io.raw import RawLink
-from tunneld.io.udp import LinkError, UdpLink
+from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, LinkError, UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
 
 log = logging.getLogger("tunneld")
+
+SUPERFRAME_HEADERS = 14 + 40 + 32  # Ethernet, IPv6, TCP with timestamps: the usual headers of a segment
 
 EX_SOFTWARE = 1
 EX_NOPERM = 77
@@ -114,6 +117,8 @@ class Tunnel:
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
         port = cfg.port or self.codec.transport.number
+        # Offloads need UDP (GSO/GRO), Ethernet frames (TAP) and a header that is the same for every frame (VXLAN).
+        self.offload = cfg.offload and offload_supported(self.codec)
         try:
             if self.codec.transport.kind == "ip":
                 self.link = RawLink(cfg.peer, self.codec.transport.number, cfg.local)
@@ -121,7 +126,7 @@ class Tunnel:
                 self.link = UdpLink(cfg.peer, port, cfg.local)
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
-            self.device = Device(cfg.dev, self.codec.device)
+            self.device = Device(cfg.dev, self.codec.device, offload=self.offload)
         except (LinkError, MetricsError) as e:
             self.close()
             raise StartupError(str(e), EX_NOPERM if "CAP_NET_RAW" in str(e) else EX_SOFTWARE) from None
@@ -138,9 +143,21 @@ class Tunnel:
         except netlink.NetlinkConfigError as e:
             self.close()
             raise StartupError(str(e)) from None
-        self.engine = Engine(self.device, self.link, self.codec, max_frame=self.max_frame)
+        if self.offload:
+            self._cap_superframes()
+        engine_cls = OffloadEngine if self.offload else Engine
+        self.engine = engine_cls(self.device, self.link, self.codec, max_frame=self.max_frame)
         if self.metrics is not None:
             self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None))
+
+    def _cap_superframes(self) -> None:
+        """Keep a TCP super-frame within what ONE UDP_SEGMENT sendmsg carries (≤ 64 datagrams, ≤ ~64 KB of
+        them): 64 KiB frames would leave as 44 + 3 datagrams, costing the receiver a second read and write."""
+        row = self.max_frame + self.codec.header_len
+        rows = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // row)
+        size = rows * (self.max_frame - SUPERFRAME_HEADERS)
+        if size > 0 and not netlink.set_gso_max_size(self.cfg.dev, size):
+            log.debug("could not set gso_max_size %d on %s; super-frames may take two sends", size, self.cfg.dev)
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -154,6 +171,7 @@ class Tunnel:
                 f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)
             ),
             f"local {cfg.local or 'any'}",
+            "offload " + (f"tap 0x{self.device.offloads:02x}, udp gso/gro" if self.offload and self.device else "off"),
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
             f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
         ]

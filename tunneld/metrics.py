@@ -125,7 +125,7 @@ class TunnelCollector(Collector):
             "tunneld_dropped_packets",
             "Packets discarded, by reason. Inbound: unknown_peer, truncated, bad_flags, reserved_bits, vni_mismatch, "
             "runt_frame, device_write_error, and for GRE bad_version, bad_protocol, key_mismatch, bad_checksum, "
-            "sequence, length_mismatch; outbound: device_read_error, too_big, socket_error. "
+            "sequence, length_mismatch; outbound: device_read_error, too_big, socket_error, offload_unsupported. "
             "Every reason is exported from start-up, at 0.",
             labels=[*LABELS, "reason"],
         )

@@ -83,6 +83,50 @@ class FakeLink:
         self.sent.append((bytes(packet), flow))
 
 
+class FakeVnetDevice(FakeDevice):
+    """A TAP opened with IFF_VNET_HDR: ``inject`` takes ``virtio_net_hdr`` + frame, ``written`` holds the same."""
+
+    def writev(self, buffers) -> int:
+        if self.fail_writes:
+            raise OSError(errno.EIO, "device is down")
+        data = b"".join(bytes(memoryview(b)) for b in buffers)
+        self.written.append(data)
+        return len(data)
+
+
+class FakeGsoLink(FakeLink):
+    """An underlay socket with UDP_SEGMENT/UDP_GRO: ``sent`` holds every datagram the kernel would put on the
+    wire (a segmented send is cut as the kernel cuts it), ``sends`` counts the system calls."""
+
+    def __init__(self, peer: str = "192.0.2.2") -> None:
+        super().__init__(peer)
+        self.sends = 0
+        self.gro: deque[int] = deque()  # the segment size reported for each delivered datagram (0: none)
+
+    def enable_gro(self) -> bool:
+        return True
+
+    def deliver_gro(self, datagrams: list[bytes], source: str | None = None) -> None:
+        """Queue one coalesced read: equal-size datagrams back to back, the last may be shorter."""
+        self.deliver(b"".join(datagrams), source)
+        self.gro.append(len(datagrams[0]) if len(datagrams) > 1 else 0)
+
+    def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
+        n, source = self.recv_into(buf)
+        return n, source, self.gro.popleft() if self.gro else 0
+
+    def send(self, packet: memoryview, flow: int) -> None:
+        super().send(packet, flow)
+        self.sends += 1
+
+    def send_segments(self, packets: memoryview, size: int, flow: int) -> None:
+        if self.send_error is not None:
+            raise OSError(self.send_error, "send failed")
+        data = bytes(packets)
+        self.sends += 1
+        self.sent.extend((data[i : i + size], flow) for i in range(0, len(data), size))
+
+
 # -- the conformance suite for encapsulators ------------------------------------------------------------------
 #
 # A plugin author runs it against their class, in their own test suite:

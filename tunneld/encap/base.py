@@ -52,6 +52,7 @@ class Drop(str, enum.Enum):
     DEVICE_READ_ERROR = "device_read_error"  # reading the device failed (not merely "nothing to read")
     TOO_BIG = "too_big"  # the encapsulated packet would not fit the underlay MTU; VTEPs don't fragment
     SOCKET_ERROR = "socket_error"  # the underlay socket refused the datagram (unreachable, no buffer, ...)
+    OFFLOAD_UNSUPPORTED = "offload_unsupported"  # a super-frame or partial checksum we cannot complete
     # GRE (RFC 2784, RFC 2890); some apply to any codec that validates the same things
     BAD_VERSION = "bad_version"  # the encapsulation's version field is not one we speak (GRE: not 0)
     BAD_PROTOCOL = "bad_protocol"  # protocol type not carried by this mode, or the inner packet is not of it

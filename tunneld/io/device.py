@@ -6,16 +6,31 @@ event loop's reader callback.
 
 ``read_into``/``write`` take buffers so the engine can read a frame straight into a preallocated buffer
 behind headroom, and write a slice of a received datagram without copying it.
+
+With ``offload=True`` the device is opened with IFF_VNET_HDR and TUNSETOFFLOAD (checksum, TSO4/6 and, where
+the kernel has it, USO4/6): every read and write then starts with a 10-byte ``virtio_net_hdr``
+(tunneld/offload/vnet.py) and reads may return TCP/UDP super-frames of up to 64 KiB.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
-from pytun_pmd3.linux import IFF_NO_PI, IFF_TAP, IFF_TUN, PytunError, TunTapDevice
+from pytun_pmd3.linux import IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, PytunError, TunTapDevice
 
 from tunneld.encap.base import DeviceKind
+
+
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int), include/uapi/linux/if_tun.h; value argument
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20  # Linux 6.2+
+TUN_F_USO6 = 0x40
+OFFLOADS_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+OFFLOADS_ALL = OFFLOADS_TCP | TUN_F_USO4 | TUN_F_USO6
 
 
 class DeviceError(Exception):
@@ -25,8 +40,8 @@ class DeviceError(Exception):
 class Device:
     """An open TUN or TAP device: non-blocking fd, read into / write from buffers."""
 
-    def __init__(self, name: str, kind: DeviceKind) -> None:
-        flags = (IFF_TAP if kind is DeviceKind.TAP else IFF_TUN) | IFF_NO_PI
+    def __init__(self, name: str, kind: DeviceKind, offload: bool = False) -> None:
+        flags = (IFF_TAP if kind is DeviceKind.TAP else IFF_TUN) | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         try:
             self._dev = TunTapDevice(name=name, flags=flags)
         except FileNotFoundError as e:
@@ -46,6 +61,17 @@ class Device:
         self.name = self._dev.name
         self._fd = self._dev.fileno()
         os.set_blocking(self._fd, False)
+        self.offloads = self._set_offload() if offload else 0
+
+    def _set_offload(self) -> int:
+        """Turn on what the kernel offers, USO last: kernels before 6.2 reject its flags (EINVAL)."""
+        for offloads in (OFFLOADS_ALL, OFFLOADS_TCP):
+            try:
+                fcntl.ioctl(self._fd, TUNSETOFFLOAD, offloads)
+                return offloads
+            except OSError:
+                continue
+        return 0
 
     def fileno(self) -> int:
         return self._fd
@@ -56,6 +82,10 @@ class Device:
 
     def write(self, frame: memoryview) -> int:
         return os.write(self._fd, frame)
+
+    def writev(self, buffers) -> int:
+        """One frame from several buffers (virtio_net_hdr, headers, payloads), written as one."""
+        return os.writev(self._fd, buffers)
 
     def close(self) -> None:
         self._dev.close()

@@ -63,3 +63,16 @@ def configure(name: str, *, mac: str | None, mtu: int, addresses: Iterable[str])
             ipr.link("set", index=index, state="up")
         except NetlinkError as e:
             raise NetlinkConfigError(f"{name}: {step} failed: {e.args[-1] if e.args else e}") from e
+
+
+def set_gso_max_size(name: str, size: int) -> bool:
+    """Cap the super-frames the kernel hands this interface (IFLA_GSO_MAX_SIZE); False if refused."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        try:
+            ipr.link("set", index=found[0], gso_max_size=size)
+        except NetlinkError:
+            return False
+        return True

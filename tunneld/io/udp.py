@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import struct
 
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
@@ -24,6 +25,16 @@ IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+# UDP GSO/GRO (include/uapi/linux/udp.h); Python's socket module lacks the names.
+SOL_UDP = 17
+UDP_SEGMENT = 103  # send: cut one sendmsg into datagrams of this size (cmsg, u16)
+UDP_GRO = 104  # receive: coalesce datagrams of one size; the size arrives in a cmsg (int)
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS was 64 before Linux 6.9; stay below it
+GSO_MAX_BYTES = 65000  # one sendmsg's payload must fit an IP datagram's length field, headers included
+_GSO_SIZE = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
+CMSG_SPACE = socket.CMSG_SPACE(4)
 
 SOCKET_BUFFER = 4 << 20
 DEFAULT_SEND_SOCKETS = 8
@@ -116,6 +127,33 @@ class UdpLink:
     def send(self, packet: memoryview, flow: int) -> None:
         """Send one datagram to the peer from the source port that ``flow`` selects."""
         self._tx[flow % self._ntx].sendto(packet, self._peer)
+
+    def enable_gro(self) -> bool:
+        """Ask the kernel to coalesce received datagrams (UDP_GRO); False where it cannot."""
+        try:
+            self._rx.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            return False
+        return True
+
+    def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
+        """One (possibly coalesced) read: (length, source address, datagram size; 0 when not coalesced)."""
+        n, ancdata, _flags, addr = self._rx.recvmsg_into((buf,), CMSG_SPACE)
+        size = 0
+        for level, kind, data in ancdata:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                (size,) = _GRO_SIZE.unpack_from(data)
+        return n, addr[0], size
+
+    def send_segments(self, packets: memoryview, size: int, flow: int) -> None:
+        """Send ``packets``, datagrams of ``size`` bytes back to back (the last may be shorter), with as few
+        UDP_SEGMENT sendmsg calls as the kernel's limits allow."""
+        sock = self._tx[flow % self._ntx]
+        per_call = min(GSO_MAX_SEGMENTS, max(1, GSO_MAX_BYTES // size)) * size
+        cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
+        peer = self._peer
+        for start in range(0, len(packets), per_call):
+            sock.sendmsg((packets[start : start + per_call],), cmsg, 0, peer)
 
     def close(self) -> None:
         for s in (self._rx, *self._tx):

@@ -1,0 +1,104 @@
+"""Where the headers of an Ethernet frame carrying IPv4/IPv6 and TCP/UDP are: parsed once per frame."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+ETHERTYPE_OFFSET = 12
+ETH_HLEN = 14
+VLAN_HLEN = 4
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
+ETHERTYPE_VLAN = 0x8100
+
+IPV4_TOTLEN_OFFSET = 2
+IPV4_ID_OFFSET = 4
+IPV4_FRAG_OFFSET = 6
+IPV4_PROTO_OFFSET = 9
+IPV4_CSUM_OFFSET = 10
+IPV4_ADDRS_OFFSET = 12  # source and destination, 8 bytes
+IPV6_HLEN = 40
+IPV6_PLEN_OFFSET = 4
+IPV6_NEXT_OFFSET = 6
+IPV6_ADDRS_OFFSET = 8  # source and destination, 32 bytes
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+TCP_SEQ_OFFSET = 4
+TCP_ACK_OFFSET = 8
+TCP_DOFF_OFFSET = 12
+TCP_FLAGS_OFFSET = 13
+TCP_CSUM_OFFSET = 16
+UDP_LEN_OFFSET = 4
+UDP_CSUM_OFFSET = 6
+UDP_HLEN = 8
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_PSH = 0x08
+TCP_ACK = 0x10
+TCP_URG = 0x20
+TCP_ECE = 0x40
+TCP_CWR = 0x80
+
+
+class Layout(NamedTuple):
+    l3: int  # offset of the IP header
+    v6: bool
+    proto: int  # PROTO_TCP or PROTO_UDP
+    l4: int  # offset of the TCP/UDP header
+    hlen: int  # offset of the payload: all headers
+    pseudo: int  # the pseudo-header's addresses + protocol, summed modulo 0xFFFF (big-endian words), no length
+
+
+def parse(frame, proto_wanted: int | None = None) -> Layout | str:
+    """The layout of an Ethernet/IP/TCP-or-UDP frame, or a short reason why it is not one we handle.
+
+    Handled: optional single 802.1Q tag; IPv4 with or without options, not a fragment; IPv6 whose next header
+    is TCP or UDP directly (extension headers are not followed)."""
+    n = len(frame)
+    if n < ETH_HLEN + 20:
+        return "short"
+    ethertype = frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1]
+    l3 = ETH_HLEN
+    if ethertype == ETHERTYPE_VLAN:
+        ethertype = frame[ETHERTYPE_OFFSET + VLAN_HLEN] << 8 | frame[ETHERTYPE_OFFSET + VLAN_HLEN + 1]
+        l3 += VLAN_HLEN
+    if ethertype == ETHERTYPE_IPV4:
+        if frame[l3] >> 4 != 4:
+            return "bad_ip_version"
+        ihl = (frame[l3] & 0x0F) * 4
+        if ihl < 20 or n < l3 + ihl:
+            return "bad_ihl"
+        if (frame[l3 + IPV4_FRAG_OFFSET] & 0x3F) | frame[l3 + IPV4_FRAG_OFFSET + 1]:
+            return "fragment"
+        proto = frame[l3 + IPV4_PROTO_OFFSET]
+        l4 = l3 + ihl
+        v6 = False
+        pseudo = int.from_bytes(frame[l3 + IPV4_ADDRS_OFFSET : l3 + IPV4_ADDRS_OFFSET + 8], "big") % 0xFFFF
+    elif ethertype == ETHERTYPE_IPV6:
+        if n < l3 + IPV6_HLEN or frame[l3] >> 4 != 6:
+            return "bad_ip_version"
+        proto = frame[l3 + IPV6_NEXT_OFFSET]
+        l4 = l3 + IPV6_HLEN
+        v6 = True
+        pseudo = int.from_bytes(frame[l3 + IPV6_ADDRS_OFFSET : l3 + IPV6_HLEN], "big") % 0xFFFF
+    else:
+        return "not_ip"
+    if proto_wanted is not None and proto != proto_wanted:
+        return "other_protocol"
+    if proto == PROTO_TCP:
+        if n < l4 + 20:
+            return "short"
+        hlen = l4 + (frame[l4 + TCP_DOFF_OFFSET] >> 4) * 4
+        if hlen < l4 + 20 or hlen > n:
+            return "bad_tcp_header"
+    elif proto == PROTO_UDP:
+        hlen = l4 + UDP_HLEN
+        if hlen > n:
+            return "short"
+    else:
+        return "other_protocol"
+    return Layout(l3, v6, proto, l4, hlen, (pseudo + proto) % 0xFFFF)

@@ -1,0 +1,53 @@
+"""``struct virtio_net_hdr`` (include/uapi/linux/virtio_net.h): the 10 bytes in front of every read and write
+of a TUN/TAP device opened with IFF_VNET_HDR. Fields are in host byte order for TUN/TAP (legacy virtio),
+unless TUNSETVNETLE/BE says otherwise, which we never do.
+
+    u8  flags        NEEDS_CSUM: finish the checksum at csum_start + csum_offset; DATA_VALID: already checked
+    u8  gso_type     NONE, TCPV4, UDP (UFO, obsolete), TCPV6, UDP_L4 (USO); ECN bit 0x80
+    u16 hdr_len      bytes of headers (not to be trusted: recompute from csum_start + the L4 header)
+    u16 gso_size     payload bytes per segment
+    u16 csum_start   offset of the L4 header
+    u16 csum_offset  offset of the checksum field inside it (TCP 16, UDP 6)
+"""
+
+from __future__ import annotations
+
+import struct
+
+VNET_HDR_LEN = 10
+HDR = struct.Struct("=BBHHHH")
+
+F_NEEDS_CSUM = 1
+F_DATA_VALID = 2
+
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_UDP_L4 = 5
+GSO_ECN = 0x80
+
+TCP_CSUM_OFFSET = 16
+UDP_CSUM_OFFSET = 6
+
+NO_OFFLOAD = HDR.pack(0, GSO_NONE, 0, 0, 0, 0)  # a plain frame: nothing for the kernel to do
+
+
+def finish_checksum(frame: memoryview, csum_start: int, csum_offset: int) -> bool:
+    """Complete a partial (NEEDS_CSUM) L4 checksum in place. The field already holds the pseudo-header sum, as
+    the kernel's CHECKSUM_PARTIAL does; we add everything from ``csum_start`` on and store the complement.
+    Returns False when the offsets do not fit the frame (the caller counts and drops it)."""
+    at = csum_start + csum_offset
+    if at + 2 > len(frame) or csum_start >= len(frame):
+        return False
+    data = frame[csum_start:]
+    s = int.from_bytes(data, "big")
+    if len(data) & 1:
+        s <<= 8  # pad to a whole 16-bit word
+    s %= 0xFFFF  # the end-around-carry sum, with 0xFFFF written as 0
+    csum = 0xFFFF - s if s else 0  # ~fold(sum): a sum of 0xFFFF (≡ 0) gives 0
+    if csum == 0 and csum_offset == UDP_CSUM_OFFSET:
+        csum = 0xFFFF  # UDP sends a computed zero as all ones (RFC 768)
+    frame[at] = csum >> 8
+    frame[at + 1] = csum & 0xFF
+    return True
