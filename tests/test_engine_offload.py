@@ -151,3 +151,19 @@ def test_garbage_of_any_length_gathered_or_coalesced_never_raises():
         eng.on_link_readable()
     assert eng.stats.dropped > 0
     assert sum(eng.stats.rx_batches) == 300
+
+
+def test_a_wakeup_yields_after_its_byte_budget_not_only_its_read_count():
+    from tunneld.engine_offload import WAKEUP_BYTES
+
+    eng, dev, link = make()
+    data = payload(1398 * 40)
+    superframe = HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 66, 1398, 34, 16) + tcp_super(data)
+    per_wakeup = -(-WAKEUP_BYTES // len(superframe))  # reads until the budget is reached
+    assert per_wakeup < eng.batch  # otherwise the read count, not the budget, would be tested
+    dev.inject(*[superframe] * (per_wakeup + 3))
+    eng.on_device_readable()
+    assert link.sends == per_wakeup
+    assert len(dev.pending) == 3  # left for the next wake-up; nothing lost
+    eng.on_device_readable()
+    assert link.sends == per_wakeup + 3
