@@ -98,12 +98,12 @@ def _tunneld_available(mode: str) -> Callable[[], str | None]:
     return check
 
 
-def _tunneld_start(mode: str) -> Callable[[Host, Host], Running]:
+def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
     def start(a: Host, b: Host) -> Running:
         ends: list[Tunneld] = []
         try:
             for host, peer, addr in ((a, b.underlay, OVERLAY_V4[0]), (b, a.underlay, OVERLAY_V4[1])):
-                ends.append(Tunneld(host, "--mode", mode, "--peer", peer, "--address", f"{addr}/{PREFIX}"))
+                ends.append(Tunneld(host, "--mode", mode, "--peer", peer, "--address", f"{addr}/{PREFIX}", *extra))
         except BaseException:
             for end in ends:
                 end.kill()
@@ -214,6 +214,9 @@ SYSTEMS: dict[str, System] = {
         System("veth", "kernel", _always, start_veth),
         System("kernel-vxlan", "kernel", _always, start_kernel_vxlan),
         System("tunneld-vxlan", "tunneld", _tunneld_available("vxlan"), _tunneld_start("vxlan")),
+        # the plain per-packet path, to show what the kernel offloads (issue 7) buy in the same run
+        System("tunneld-vxlan-nooffload", "tunneld", _tunneld_available("vxlan"),
+               _tunneld_start("vxlan", "--no-offload")),
         System("tunneld-gre", "tunneld", _tunneld_available("gre"), _tunneld_start("gre")),
         System("tunneld-gretap", "tunneld", _tunneld_available("gretap"), _tunneld_start("gretap")),
         System("openvpn", "userspace-c", _installed("openvpn"), start_openvpn),
