@@ -24,9 +24,10 @@ from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.engine import Engine
 from tunneld.engine_offload import OffloadEngine, offload_supported
 from tunneld.io import netlink
-from tunneld.io.device import Device, DeviceError
+from tunneld.io import SetupError
+from tunneld.io.device import Device
 from tunneld.io.raw import RawLink
-from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, LinkError, UdpLink
+from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
 
@@ -127,12 +128,9 @@ class Tunnel:
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
             self.device = Device(cfg.dev, self.codec.device, offload=self.offload)
-        except (LinkError, MetricsError) as e:
+        except (SetupError, MetricsError) as e:
             self.close()
-            raise StartupError(str(e), EX_NOPERM if "CAP_NET_RAW" in str(e) else EX_SOFTWARE) from None
-        except DeviceError as e:
-            self.close()
-            code = EX_NOPERM if "CAP_NET_ADMIN" in str(e) else EX_SOFTWARE
+            code = EX_NOPERM if isinstance(e, SetupError) and e.missing_privilege else EX_SOFTWARE
             raise StartupError(str(e), code) from None
         mac = None
         if self.codec.device is DeviceKind.TAP:

@@ -21,6 +21,7 @@ import os
 from pytun_pmd3.linux import IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, PytunError, TunTapDevice
 
 from tunneld.encap.base import DeviceKind
+from tunneld.io import SetupError
 
 
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int), include/uapi/linux/if_tun.h; value argument
@@ -33,7 +34,7 @@ OFFLOADS_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 OFFLOADS_ALL = OFFLOADS_TCP | TUN_F_USO4 | TUN_F_USO6
 
 
-class DeviceError(Exception):
+class DeviceError(SetupError):
     """The device could not be created; the message is meant for the operator."""
 
 
@@ -50,7 +51,8 @@ class Device:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise DeviceError(
                     f"creating {kind.value.upper()} device {name!r} needs CAP_NET_ADMIN: run as root or grant "
-                    "the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
+                    "the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN)",
+                    missing_privilege=True,
                 ) from e
             if e.errno == errno.EBUSY:
                 raise DeviceError(f"device {name!r} is busy: another process has it open") from e

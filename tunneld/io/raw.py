@@ -64,7 +64,8 @@ class RawLink:
         except PermissionError as e:
             raise LinkError(
                 f"opening a raw IP socket (protocol {protocol}) needs CAP_NET_RAW: run as root or grant the "
-                "capability (systemd: AmbientCapabilities=CAP_NET_RAW)"
+                "capability (systemd: AmbientCapabilities=CAP_NET_RAW)",
+                missing_privilege=True,
             ) from e
         except OSError as e:
             raise LinkError(f"cannot open a raw IP socket for protocol {protocol}: {e.strerror}") from e

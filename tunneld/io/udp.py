@@ -19,6 +19,8 @@ import ipaddress
 import socket
 import struct
 
+from tunneld.io import SetupError
+
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
@@ -40,7 +42,7 @@ SOCKET_BUFFER = 4 << 20
 DEFAULT_SEND_SOCKETS = 8
 
 
-class LinkError(Exception):
+class LinkError(SetupError):
     """The underlay socket could not be set up; the message is meant for the operator."""
 
 
