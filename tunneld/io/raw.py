@@ -28,9 +28,9 @@ fails with EMSGSIZE and is counted as too big.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 
+from tunneld.io import LinkError, same_family_peer, underlay_family
 from tunneld.io.udp import (
     IP_MTU_DISCOVER,
     IP_PMTUDISC_DO,
@@ -39,7 +39,6 @@ from tunneld.io.udp import (
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SOCKET_BUFFER,
-    LinkError,
     _grow_buffer,
 )
 
@@ -51,13 +50,9 @@ class RawLink:
     """Sends to and receives from one peer over raw IP with protocol ``protocol``. ``peer`` may change."""
 
     def __init__(self, peer: str, protocol: int, local: str | None = None) -> None:
-        peer_ip = ipaddress.ip_address(peer)
-        if local is not None and ipaddress.ip_address(local).version != peer_ip.version:
-            raise LinkError(f"local address {local} and peer {peer} are not of the same IP version")
-        self.family = socket.AF_INET6 if peer_ip.version == 6 else socket.AF_INET
+        self.family, self.peer = underlay_family(peer, local)
         self.protocol = protocol
         self.local = local
-        self.peer = peer_ip.compressed
         self._peer: tuple[str, int] = (self.peer, 0)
         try:
             self._sock = socket.socket(self.family, socket.SOCK_RAW, protocol)
@@ -92,10 +87,7 @@ class RawLink:
         self.recv_into = self._recv_ipv4 if self.family == socket.AF_INET else self._recv_ipv6
 
     def set_peer(self, peer: str) -> None:
-        peer_ip = ipaddress.ip_address(peer)
-        if (peer_ip.version == 6) != (self.family == socket.AF_INET6):
-            raise LinkError(f"new peer {peer} is not of the same IP version as the underlay socket")
-        self.peer = peer_ip.compressed
+        self.peer = same_family_peer(peer, self.family)
         self._peer = (self.peer, 0)
 
     def fileno(self) -> int:

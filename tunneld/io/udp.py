@@ -15,11 +15,10 @@ not fit the path MTU fails with EMSGSIZE and the engine counts it as too big.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 
-from tunneld.io import SetupError
+from tunneld.io import LinkError, same_family_peer, underlay_family
 
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
@@ -42,10 +41,6 @@ SOCKET_BUFFER = 4 << 20
 DEFAULT_SEND_SOCKETS = 8
 
 
-class LinkError(SetupError):
-    """The underlay socket could not be set up; the message is meant for the operator."""
-
-
 def _grow_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
     # The *FORCE variants ignore net.core.[rw]mem_max but need CAP_NET_ADMIN, which we have when running.
     try:
@@ -60,14 +55,10 @@ class UdpLink:
     def __init__(
         self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS
     ) -> None:
-        peer_ip = ipaddress.ip_address(peer)
-        if local is not None and ipaddress.ip_address(local).version != peer_ip.version:
-            raise LinkError(f"local address {local} and peer {peer} are not of the same IP version")
-        self.family = socket.AF_INET6 if peer_ip.version == 6 else socket.AF_INET
+        self.family, self.peer = underlay_family(peer, local)  # peer: where inbound datagrams must come from
         self.port = port
         self.local = local
-        self._peer: tuple[str, int] = (peer_ip.compressed, port)
-        self.peer = peer_ip.compressed  # the source address inbound datagrams must come from
+        self._peer: tuple[str, int] = (self.peer, port)
         any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
         self._rx = self._socket()
         _grow_buffer(self._rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
@@ -112,10 +103,7 @@ class UdpLink:
             raise LinkError(f"cannot bind UDP {host}:{port}: {e.strerror}") from e
 
     def set_peer(self, peer: str) -> None:
-        peer_ip = ipaddress.ip_address(peer)
-        if (peer_ip.version == 6) != (self.family == socket.AF_INET6):
-            raise LinkError(f"new peer {peer} is not of the same IP version as the underlay socket")
-        self.peer = peer_ip.compressed
+        self.peer = same_family_peer(peer, self.family)
         self._peer = (self.peer, self.port)
 
     def fileno(self) -> int:
