@@ -205,11 +205,11 @@ def test_sd_notify_protocol(hosts, tmp_path):
         assert 5 <= pings <= 15
         index = ifindex(a, "tdsvc0")
         proc.send_signal(signal.SIGHUP)
-        seen = rx.until("RELOADING=1")
-        seen = rx.until("READY=1")
+        rx.until("RELOADING=1")
+        rx.until("READY=1")
         assert ifindex(a, "tdsvc0") == index
         proc.send_signal(signal.SIGTERM)
-        seen = rx.until("STOPPING=1")
+        rx.until("STOPPING=1")
         assert proc.wait(timeout=10) == 0
         a.wait_link("tdsvc0", present=False, timeout=5)
     finally:
@@ -230,7 +230,7 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
     rx = NotifyReceiver(str(tmp_path / "notify"))
     env = {**os.environ, "NOTIFY_SOCKET": rx.path}
     pa = a.popen(TUNNELD, "--config", str(conf_a), env=env)
-    pb = b.popen(TUNNELD, "--config", str(conf_b))
+    b.popen(TUNNELD, "--config", str(conf_b))
     try:
         rx.until("READY=1")
         b.wait_link("tdsvc0")
