@@ -123,6 +123,7 @@ def test_peer_starting_late_and_restarting(hosts):
         assert a.wait_ping(OVERLAY_V4[1], timeout=5) < 3
     assert ta.proc.poll() is None
     assert ta.stop() == 0 and tb.stop() == 0
+    assert f"peer {b.underlay} heard: first valid packet received" in ta.output()  # the log says what happened
 
 
 def test_sigkilled_peer_comes_back_with_the_same_identity(hosts):

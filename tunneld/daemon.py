@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import logging
 import signal
+import time
 from pathlib import Path
 
 from tunneld import __version__
@@ -30,8 +31,11 @@ from tunneld.io.raw import RawLink
 from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
+from tunneld.watch import Watch
 
 log = logging.getLogger("tunneld")
+
+WATCH_INTERVAL = 1.0  # seconds between looks at the counters for the log (watch.py)
 
 SUPERFRAME_HEADERS = 14 + 40 + 32  # Ethernet, IPv6, TCP with timestamps: the usual headers of a segment
 
@@ -205,15 +209,27 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> None:
         tunnel.metrics.start(loop)
     log.info("tunneld %s up: %s", __version__, tunnel.describe())
     service.ready()  # the interface is up and the sockets are bound
+    watcher = loop.create_task(_watch(tunnel))
     try:
         await stop.wait()
     finally:
+        watcher.cancel()
         service.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if tunnel.metrics is not None:
             tunnel.metrics.stop()
     log.info("shutting down: %s", tunnel.engine.stats.summary())
+
+
+async def _watch(tunnel: Tunnel) -> None:
+    """Log what happened on the data path (see watch.py), once a second; the peer is read each time."""
+    watch = Watch(tunnel.engine.stats, tunnel.engine.link.peer)
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        watch.peer = tunnel.engine.link.peer
+        for line in watch.tick(time.time()):
+            log.info("%s", line)
 
 
 def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Loader | None = None) -> int:
