@@ -269,3 +269,32 @@ def test_udp_runs_stay_single_where_the_kernel_lacks_uso():
     dgs = [bytes(VXLAN(flags=8, vni=VNI) / ether() / ip(id=i) / UDP(sport=7, dport=9) / payload(300, i)) for i in range(3)]
     rx, n, rowlen = gro_batch(dgs)
     assert Coalescer(PREFIX, uso=False).plan(rx, n, rowlen) == [(0, rowlen), (rowlen, 2 * rowlen), (2 * rowlen, n)]
+
+
+def test_padded_datagrams_without_udp_checksum_are_not_merged():
+    # 10-byte UDP payloads in 60-byte Ethernet frames (padded, as hardware VTEPs send short frames), checksum 0:
+    # merging them would deliver the padding as payload.
+    dgs = []
+    for i in range(4):
+        inner = bytes(ether() / ip(id=i) / UDP(sport=7, dport=9, chksum=0) / payload(10, i))
+        dgs.append(bytes(VXLAN(flags=8, vni=VNI)) + inner + b"\xee" * (60 - len(inner)))
+    rx, n, rowlen = gro_batch(dgs)
+    plan = Coalescer(PREFIX).plan(rx, n, rowlen)
+    assert not any(isinstance(x, SuperFrame) for x in plan) and len(plan) == 4
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_a_head_with_a_damaged_ipv4_header_is_not_repaired_by_merging(proto):
+    if proto == "udp":
+        dgs = [bytes(VXLAN(flags=8, vni=VNI) / ether() / ip(id=i) / UDP(sport=7, dport=9, chksum=0) / payload(300, i))
+               for i in range(4)]
+    else:
+        dgs = segments(payload(1000 * 4), 1000, flags="A")
+    rx, n, rowlen = gro_batch(dgs)
+    assert len(Coalescer(PREFIX).plan(rx, n, rowlen)) == 1  # undamaged: one run
+    damaged = [bytearray(d) for d in dgs]
+    for d in damaged:  # every row alike, so only the head's own IPv4 checksum can tell
+        d[len(PREFIX) + 14 + 19] ^= 0x01  # last byte of the destination address
+    rx, n, rowlen = gro_batch([bytes(d) for d in damaged])
+    plan = Coalescer(PREFIX).plan(rx, n, rowlen)
+    assert not any(isinstance(x, SuperFrame) for x in plan)  # (SuperFrame is a NamedTuple: test its class)

@@ -124,6 +124,28 @@ class Coalescer:
             return self._run, lay
         return (self._run_udp, lay) if self.uso else None
 
+    def _head_consistent(self, head: np.ndarray, lay: L.Layout, rowlen: int) -> bool:
+        """Whether a full head row says of itself what its row length says: IP length (and UDP length) equal to
+        the bytes it occupies, and, for IPv4, a valid header checksum.
+
+        Runs are checked against the head, and the merged super-frame gets fresh lengths and a fresh IPv4
+        checksum, so without this a head padded behind its IP packet (short Ethernet frames are) would have its
+        padding delivered as payload, and a head with a damaged IPv4 header would be repaired and delivered."""
+        p = self.p
+        l3, l4 = p + lay.l3, p + lay.l4
+        if lay.v6:
+            base, at = l4, l3 + L.IPV6_PLEN_OFFSET
+        else:
+            base, at = l3, l3 + L.IPV4_TOTLEN_OFFSET
+            if int.from_bytes(head[l3:l4].tobytes(), "big") % 0xFFFF:  # a valid header sums to 0xFFFF
+                return False
+        if (int(head[at]) << 8 | int(head[at + 1])) != rowlen - base:
+            return False
+        if lay.proto == L.PROTO_UDP:
+            at = l4 + L.UDP_LEN_OFFSET
+            return (int(head[at]) << 8 | int(head[at + 1])) == rowlen - l4
+        return True
+
     def _run(self, rows: np.ndarray, lay: L.Layout, tail: int) -> int:
         """How many rows, from the head ``rows[0]``, form one in-order run of one TCP flow.
 
@@ -137,7 +159,7 @@ class Coalescer:
             return 1
         head = rows[0]
         fcol = l4 + L.TCP_FLAGS_OFFSET
-        if head[fcol] != L.TCP_ACK:
+        if head[fcol] != L.TCP_ACK or not self._head_consistent(head, lay, rowlen):
             return 1
         differ = rows[:, :hl] != head[:hl]
         differ[:, self._varying(l3, l4, lay.v6)] = False
@@ -177,6 +199,8 @@ class Coalescer:
         if plen <= 0 or hl >= tail:
             return 1
         head = rows[0]
+        if not self._head_consistent(head, lay, rowlen):
+            return 1
         differ = rows[:, :hl] != head[:hl]
         ccol = l4 + L.UDP_CSUM_OFFSET
         varying = [ccol, ccol + 1] + ([] if lay.v6 else [l3 + o for o in (4, 5, 10, 11)])
