@@ -167,3 +167,26 @@ def test_a_wakeup_yields_after_its_byte_budget_not_only_its_read_count():
     assert len(dev.pending) == 3  # left for the next wake-up; nothing lost
     eng.on_device_readable()
     assert link.sends == per_wakeup + 3
+
+
+def test_a_send_that_fails_halfway_counts_what_left_and_drops_the_rest():
+    eng, dev, link = make()
+    data = payload(1398 * 30 + 11)
+    dev.inject(HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 66, 1398, 34, 16) + tcp_super(data))
+    link.fail_after = 10
+    eng.on_device_readable()
+    assert len(link.sent) == 10
+    assert eng.stats.tx_packets == 10
+    assert eng.stats.tx_bytes == sum(len(p) - 8 for p, _ in link.sent)
+    assert eng.stats.drops[Drop.SOCKET_ERROR] == 21
+
+
+def test_pending_plain_frames_that_fail_halfway_count_what_left():
+    eng, dev, link = make()
+    frames = [small(1000)] * 6
+    dev.inject(*[NO_OFFLOAD + f for f in frames])
+    link.fail_after = 4
+    eng.on_device_readable()
+    assert [p[8:] for p, _ in link.sent] == frames[:4]
+    assert (eng.stats.tx_packets, eng.stats.tx_bytes) == (4, 4 * len(frames[0]))
+    assert eng.stats.drops[Drop.SOCKET_ERROR] == 2

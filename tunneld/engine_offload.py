@@ -143,7 +143,10 @@ class OffloadEngine(Engine):
             try:
                 send_segments(segs.buffer, segs.rowlen, flow_hash(frame))
             except OSError as e:
-                drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += segs.count
+                sent = getattr(e, "sent", 0)  # full rows that left before the failing call
+                drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += segs.count - sent
+                moved += sent
+                nbytes += sent * (segs.rowlen - self._prefix_len)
                 continue
             moved += segs.count
             nbytes += segs.inner_bytes
@@ -154,13 +157,15 @@ class OffloadEngine(Engine):
         stats.tx_batches[reads] += 1
 
     def _flush(self, packets: memoryview, size: int, flow: int, count: int) -> int:
-        """Send the pending plain packets; returns how many left (0 when the socket refused them)."""
+        """Send the pending plain packets (all ``size`` bytes); returns how many left."""
         try:
             self.link.send_segments(packets, size, flow)
         except OSError as e:
-            self.stats.drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += count
-            self.stats.tx_bytes -= count * (size - self._prefix_len)  # counted when queued; they did not cross
-            return 0
+            sent = getattr(e, "sent", 0)
+            self.stats.drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += count - sent
+            # their bytes were counted when queued; take back those of the packets that did not cross
+            self.stats.tx_bytes -= (count - sent) * (size - self._prefix_len)
+            return sent
         return count
 
     def on_link_readable(self) -> None:

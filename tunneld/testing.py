@@ -100,6 +100,7 @@ class FakeGsoLink(FakeLink):
 
     def __init__(self, peer: str = "192.0.2.2") -> None:
         super().__init__(peer)
+        self.fail_after: int | None = None  # datagrams a send_segments() call lets out before failing
         self.sends = 0
         self.gro: deque[int] = deque()  # the segment size reported for each delivered datagram (0: none)
 
@@ -124,7 +125,14 @@ class FakeGsoLink(FakeLink):
             raise OSError(self.send_error, "send failed")
         data = bytes(packets)
         self.sends += 1
-        self.sent.extend((data[i : i + size], flow) for i in range(0, len(data), size))
+        rows = [(data[i : i + size], flow) for i in range(0, len(data), size)]
+        if self.fail_after is not None and self.fail_after < len(rows):
+            # like a second sendmsg of one send_segments() refused (ENOBUFS) after the first went out
+            self.sent.extend(rows[: self.fail_after])
+            err = OSError(errno.ENOBUFS, "no buffer space")
+            err.sent = self.fail_after
+            raise err
+        self.sent.extend(rows)
 
 
 # -- the conformance suite for encapsulators ------------------------------------------------------------------

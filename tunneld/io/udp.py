@@ -137,13 +137,21 @@ class UdpLink:
 
     def send_segments(self, packets: memoryview, size: int, flow: int) -> None:
         """Send ``packets``, datagrams of ``size`` bytes back to back (the last may be shorter), with as few
-        UDP_SEGMENT sendmsg calls as the kernel's limits allow."""
+        UDP_SEGMENT sendmsg calls as the kernel's limits allow.
+
+        When a call fails after earlier ones went out, the OSError raised carries ``sent``: how many datagrams
+        did leave, so that the caller counts exactly what crossed."""
         sock = self._tx[flow % self._ntx]
         per_call = min(GSO_MAX_SEGMENTS, max(1, GSO_MAX_BYTES // size)) * size
         cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
         peer = self._peer
-        for start in range(0, len(packets), per_call):
-            sock.sendmsg((packets[start : start + per_call],), cmsg, 0, peer)
+        start = 0
+        try:
+            for start in range(0, len(packets), per_call):
+                sock.sendmsg((packets[start : start + per_call],), cmsg, 0, peer)
+        except OSError as e:
+            e.sent = start // size  # every call before the failing one carried whole datagrams
+            raise
 
     def close(self) -> None:
         for s in (self._rx, *self._tx):
