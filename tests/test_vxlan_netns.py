@@ -149,3 +149,12 @@ def test_oversized_frames_are_dropped_not_fragmented(hosts):
     assert r.returncode != 0  # a 1514-byte frame needs 1550 bytes of underlay
     assert ta.stop() == 0 and tb.stop() == 0
     assert "too_big" in ta.output()
+
+
+@pytest.mark.parametrize("offload", [[], ["--no-offload"]], ids=["offload", "plain"])
+def test_interface_deleted_underneath_stops_with_status_1(hosts, offload):
+    a, b = hosts
+    t = Tunneld(a, "--peer", b.underlay, "--address", A4, *offload)
+    a.run("ip", "link", "del", "tunneld0")
+    assert t.proc.wait(timeout=10) == 1  # not a silent daemon with nothing to carry: systemd restarts it
+    assert "interface tunneld0 was deleted while running" in t.output()

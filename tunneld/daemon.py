@@ -195,15 +195,27 @@ class Tunnel:
             self.metrics = None
 
 
-async def serve(tunnel: Tunnel, reload: Loader | None = None) -> None:
-    """Run until SIGINT or SIGTERM; SIGHUP reloads the configuration (see service.py)."""
+async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
+    """Run until SIGINT or SIGTERM (exit status 0); SIGHUP reloads the configuration (see service.py).
+
+    If the interface is deleted under us (``ip link del``), there is nothing left to carry: stop with exit
+    status 1, so that a supervisor (systemd's Restart=on-failure) brings the tunnel back whole."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    status = 0
     service = Service(tunnel, reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     assert tunnel.engine is not None
+
+    def device_gone() -> None:
+        nonlocal status
+        log.error("interface %s was deleted while running; stopping (exit status 1)", tunnel.cfg.dev)
+        status = 1
+        stop.set()
+
+    tunnel.engine.on_device_gone = device_gone
     tunnel.engine.attach(loop)
     if tunnel.metrics is not None:
         tunnel.metrics.start(loop)
@@ -220,6 +232,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> None:
         if tunnel.metrics is not None:
             tunnel.metrics.stop()
     log.info("shutting down: %s", tunnel.engine.stats.summary())
+    return status
 
 
 async def _watch(tunnel: Tunnel) -> None:
@@ -239,8 +252,8 @@ def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Load
     tunnel = Tunnel(cfg, modes)
     tunnel.open()
     try:
-        uvloop.run(serve(tunnel, reload))
+        status = uvloop.run(serve(tunnel, reload))
     finally:
         tunnel.close()
         log.info("removed interface %s", cfg.dev)
-    return 0
+    return status

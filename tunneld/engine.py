@@ -73,6 +73,8 @@ class Engine:
         self._rxbuf = bytearray(MAX_PACKET)
         self._rxview = memoryview(self._rxbuf)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called once when the device is gone for good (deleted with `ip link del`): the fd then only fails.
+        self.on_device_gone: Callable[[], None] | None = None
 
     # -- wiring ----------------------------------------------------------------------------------------------
 
@@ -86,6 +88,12 @@ class Engine:
             self._loop.remove_reader(self.device.fileno())
             self._loop.remove_reader(self.link.fileno())
             self._loop = None
+
+    def _device_failed(self, e: OSError) -> None:
+        """A device read failed: EBADFD means the interface was deleted under us, and no read will work again."""
+        if e.errno == errno.EBADFD and self.on_device_gone is not None:
+            self.detach()
+            self.on_device_gone()
 
     # -- outbound --------------------------------------------------------------------------------------------
 
@@ -105,8 +113,9 @@ class Engine:
                 n = read_into(frame_area)
             except BlockingIOError:
                 break
-            except OSError:
+            except OSError as e:
                 drops[Drop.DEVICE_READ_ERROR] += 1
+                self._device_failed(e)
                 break
             if n > max_frame:
                 drops[Drop.TOO_BIG] += 1

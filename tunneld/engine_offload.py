@@ -103,8 +103,9 @@ class OffloadEngine(Engine):
                 n = read_into(read_area)
             except BlockingIOError:
                 break
-            except OSError:
+            except OSError as e:
                 drops[Drop.DEVICE_READ_ERROR] += 1
+                self._device_failed(e)
                 break
             reads += 1
             taken += n
