@@ -46,6 +46,7 @@ def test_list_modes_names_vxlan():
         (("--peer", "192.0.2.1", "--dev", "a-name-far-too-long"), "is not a valid interface name"),
         (("--peer", "192.0.2.1", "--mac", "01:00:5e:00:00:01"), "multicast"),
         (("--peer", "192.0.2.1", "--local", "fd00::1"), "same IP version"),
+        (("--peer", "fe80::1%eth0"), "scoped link-local underlays are not supported"),
         (("--peer", "192.0.2.1", "--mtu", "1000", "--address", "fd00::1/64"), "minimum for an interface with IPv6"),
     ],
 )

@@ -52,9 +52,13 @@ class TunnelConfig:
 
 def check_ip(value: str, what: str) -> str:
     try:
-        return ipaddress.ip_address(value).compressed
+        ip = ipaddress.ip_address(value)
     except ValueError:
         raise ConfigError(f"{what}: {value!r} is not an IPv4 or IPv6 address") from None
+    if getattr(ip, "scope_id", None):
+        raise ConfigError(f"{what}: {value!r} has a zone (%...); scoped link-local underlays are not supported, "
+                          "use a global or unique-local address")
+    return ip.compressed
 
 
 def check_cidr(value: str) -> str:

@@ -32,6 +32,7 @@ import time
 from typing import Callable, Mapping
 
 from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
+from tunneld.io import SetupError
 from tunneld.metrics import MetricsError, MetricsServer
 
 log = logging.getLogger("tunneld")
@@ -167,7 +168,7 @@ class Service:
         if new.peer != old.peer:
             try:
                 self.tunnel.link.set_peer(new.peer)
-            except Exception as e:  # LinkError: another IP version needs a new socket
+            except SetupError as e:  # LinkError: another IP version needs a new socket
                 log.error("reload: peer %s cannot be applied live (%s); restart to apply it", new.peer, e)
             else:
                 applied["peer"] = new.peer

@@ -82,7 +82,11 @@ class UdpLink:
         self._ntx = len(self._tx)
 
     def _socket(self) -> socket.socket:
-        s = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            s = socket.socket(self.family, socket.SOCK_DGRAM)
+        except OSError as e:  # EAFNOSUPPORT: IPv6 disabled on this host, for one
+            version = "IPv6" if self.family == socket.AF_INET6 else "IPv4"
+            raise LinkError(f"cannot open an {version} UDP socket: {e.strerror}") from e
         s.setblocking(False)
         if self.family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -100,6 +104,12 @@ class UdpLink:
                 ) from e
             if e.errno == errno.EADDRNOTAVAIL:
                 raise LinkError(f"local address {host} is not configured on this host") from e
+            if e.errno == errno.EACCES:
+                raise LinkError(
+                    f"binding UDP port {port} (below 1024) needs CAP_NET_BIND_SERVICE: use a port of 1024 or "
+                    "more, run as root, or grant the capability",
+                    missing_privilege=True,
+                ) from e
             raise LinkError(f"cannot bind UDP {host}:{port}: {e.strerror}") from e
 
     def set_peer(self, peer: str) -> None:
