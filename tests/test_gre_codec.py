@@ -284,3 +284,12 @@ def test_invalid_packets_do_not_move_the_window():
     assert codec.decap(memoryview(damaged)) is Drop.BAD_CHECKSUM
     assert codec.decap(memoryview(good)) == 12
     assert codec.rx_seq == 5
+
+
+def test_a_new_peer_is_judged_by_its_own_numbers():
+    codec = Gre(seq=True)
+    wire = lambda n: memoryview(scapy_gre(V4, 0x0800, csum=False, key=None, seq=n))  # noqa: E731
+    assert [codec.decap(wire(n)) for n in (5000, 5001, 5002)] == [8, 8, 8]
+    assert codec.decap(wire(0)) is Drop.SEQUENCE  # same peer: 0 is long past
+    codec.peer_changed()  # a reload moved us to another peer, which counts from 0
+    assert [codec.decap(wire(n)) for n in (0, 1, 2)] == [8, 8, 8]

@@ -19,6 +19,7 @@ import pytest
 
 from tests.netns import OVERLAY_V4, TUNNELD, Host
 from tunneld.config import ConfigError, TunnelConfig
+from tunneld.encap.gre import Gre
 from tunneld.service import Notifier, Service
 from tunneld.stats import Stats
 from tunneld.testing import FakeLink
@@ -87,7 +88,10 @@ def reload_with(tmp_path, new, caplog):
     rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     rx.bind(path)
     rx.settimeout(1)
-    tunnel = SimpleNamespace(cfg=BASE, link=MovableLink(BASE.peer), engine=SimpleNamespace(stats=Stats(4)), metrics=None)
+    codec = Gre(seq=True)
+    codec.rx_seq = 5000  # learnt from the old peer
+    tunnel = SimpleNamespace(cfg=BASE, link=MovableLink(BASE.peer), codec=codec, engine=SimpleNamespace(stats=Stats(4)),
+                             metrics=None)
 
     def loader():
         if isinstance(new, Exception):
@@ -107,6 +111,7 @@ def test_reload_applies_the_peer_live(tmp_path, caplog):
     assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert got[1].startswith("READY=1\nSTATUS=peer 10.0.0.3")
     assert service.tunnel.link.peer == "10.0.0.3" and service.tunnel.cfg.peer == "10.0.0.3"
+    assert service.tunnel.codec.rx_seq is None  # the new peer's sequence numbers start afresh
     assert "reload: peer 10.0.0.2 -> 10.0.0.3" in caplog.text
 
 

@@ -171,6 +171,7 @@ class Service:
             except SetupError as e:  # LinkError: another IP version needs a new socket
                 log.error("reload: peer %s cannot be applied live (%s); restart to apply it", new.peer, e)
             else:
+                self.tunnel.codec.peer_changed()
                 applied["peer"] = new.peer
                 log.info("reload: peer %s -> %s", old.peer, new.peer)
         if new.log_level != old.log_level:

@@ -95,6 +95,11 @@ class Encapsulator(abc.ABC):
         """This instance's settings for the start-up log line, e.g. ``key 42, seq``; empty when none."""
         return ""
 
+    def peer_changed(self) -> None:
+        """The peer was changed while running (reload): forget what was learnt from the old one.
+
+        Stateless codecs have nothing to forget; GRE forgets the peer's last sequence number."""
+
     @property
     @abc.abstractmethod
     def header_len(self) -> int:

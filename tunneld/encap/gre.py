@@ -172,6 +172,12 @@ class _GreBase(Encapsulator):
     def header_len(self) -> int:
         return self._len
 
+    def peer_changed(self) -> None:
+        # A new peer counts from its own start: judged against the old peer's numbers, its first packets
+        # would look late and be dropped until the resynchronisation rule gave in.
+        self.rx_seq = None
+        self._late_run = 0
+
     def describe(self) -> str:
         parts = [f"key {self.key}"] if self.key is not None else []
         parts += ["seq"] * self.seq + ["csum"] * self.csum
