@@ -35,7 +35,6 @@ from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, HDR, NO_OFFLOAD, VNET_H
 
 RX_AREA = 1 << 16  # a UDP_GRO read is at most 64 KiB
 GATHER_MIN = 64  # shorter datagrams are not gathered: no run of segments is made of them
-PEND_MAX = 64  # plain packets per UDP_SEGMENT send (the kernel's UDP_MAX_SEGMENTS)
 # Bytes one wake-up may take in before it yields to the loop. A count of reads alone is no bound once a read
 # can be a 64 KiB super-frame: 32 of them are ~3 ms of Python during which the other direction (a ping reply,
 # an ACK) waits. Measured with one TCP stream plus ping on this 2-core machine: with only the 32-read bound,
@@ -72,9 +71,11 @@ class OffloadEngine(Engine):
         # Gathered datagrams (up to RX_AREA), then room for one more read of up to RX_AREA, then for padding.
         self._rx = np.zeros(3 * RX_AREA + 2048, np.uint8)
         self._rxview = memoryview(self._rx)
-        self._pend = bytearray(PEND_MAX * (HEADROOM + MAX_PACKET) // 16 + HEADROOM + MAX_PACKET)
+        # Plain packets waiting for one UDP_SEGMENT send: a wake-up reads until WAKEUP_BYTES, so they are at most
+        # that plus one last frame with its header (send_segments splits them into the kernel's per-call limits).
+        self._pend = bytearray(WAKEUP_BYTES + HEADROOM + MAX_PACKET)
         self._pend_view = memoryview(self._pend)
-        self.gro = link.enable_gro()
+        link.enable_gro()  # where the kernel cannot, reads are single datagrams and are gathered (below)
 
     def on_device_readable(self) -> None:
         stats = self.stats
@@ -122,7 +123,7 @@ class OffloadEngine(Engine):
                 start = encap(buf, HEADROOM, end)
                 size = end - start
                 flow = flow_hash(frame)
-                if pend_count and (size != pend_size or flow != pend_flow or pend_count == PEND_MAX):
+                if pend_count and (size != pend_size or flow != pend_flow):
                     moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
                     pend_len = pend_count = 0
                 pend[pend_len : pend_len + size] = buf[start:end]
