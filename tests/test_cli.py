@@ -101,3 +101,24 @@ def test_sigint_stops_cleanly(hosts):
     assert a.link_state("tunneld0") is None
     out = t.output()
     assert "shutting down" in out and "removed interface tunneld0" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("--mode", "gre", "--vni", "7"), "--vni: only for mode vxlan, not 'gre'"),
+        (("--mode", "gretap", "--port", "9"), "--port: mode 'gretap' runs over ip proto 47, it has no port"),
+    ],
+)
+def test_settings_the_mode_would_ignore_are_refused(args, needle):
+    r = tunneld("--peer", "192.0.2.1", *args, "--check")
+    assert r.returncode == 78
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_port_in_a_gre_config_file_is_refused(tmp_path):
+    conf = tmp_path / "gre.toml"
+    conf.write_text('[tunnel]\nmode = "gre"\npeer = "192.0.2.1"\nport = 4789\n')
+    r = tunneld("--config", str(conf), "--check")
+    assert r.returncode == 78
+    assert f"{conf}: tunnel.port: mode 'gre' runs over ip proto 47, it has no port" in r.stderr

@@ -15,6 +15,7 @@ from tunneld.config import (
     DEFAULT_MODE,
     EX_CONFIG,
     LOG_LEVELS,
+    MODE_OPTIONS,
     ConfigError,
     ConfigFileError,
     TunnelConfig,
@@ -218,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The mode's options, checked as the daemon will (plugins judge their own values), without the kernel.
         where = f"{args.config}: " if args.config else ""
         codec_cls = modes[cfg.mode]
+        # Settings the mode would silently ignore are errors, as unknown keys are.
+        if args.vni is not None and cfg.mode in MODE_OPTIONS and "vni" not in MODE_OPTIONS[cfg.mode]:
+            raise ModeOptionError(f"--vni: only for mode vxlan, not {cfg.mode!r}")
+        if cfg.port is not None and codec_cls.transport.kind != "udp":
+            key = "--port" if args.port is not None else f"{where}tunnel.port"
+            raise ModeOptionError(f"{key}: mode {cfg.mode!r} runs over {codec_cls.transport}, it has no port")
         unknown = sorted(set(cfg.extra) - set(codec_cls.options))
         if unknown:
             takes = ", ".join(codec_cls.options) or "none"
