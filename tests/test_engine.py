@@ -125,3 +125,13 @@ def test_peer_change_takes_effect_on_next_wakeup():
     eng.on_link_readable()
     assert len(dev.written) == 1
     assert eng.stats.drops == {Drop.UNKNOWN_PEER: 1}
+
+
+def test_wakeups_are_histogrammed_by_reads_dropped_frames_included():
+    # The same meaning as the offload engine's: how much one wake-up read, whatever became of it.
+    eng, dev, link = make(max_frame=200)
+    dev.inject(frame(size=300), frame(size=300), frame(size=300))
+    eng.on_device_readable()
+    assert eng.stats.tx_batches[3] == 1 and eng.stats.drops == {Drop.TOO_BIG: 3}
+    eng.on_link_readable()  # nothing to read
+    assert eng.stats.rx_batches[0] == 1

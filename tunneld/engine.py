@@ -107,7 +107,7 @@ class Engine:
         encap = self.codec.encap
         flow_hash = self._flow_hash
         max_frame = self.max_frame
-        moved = nbytes = 0
+        reads = moved = nbytes = 0
         for _ in range(self.batch):
             try:
                 n = read_into(frame_area)
@@ -117,6 +117,7 @@ class Engine:
                 drops[Drop.DEVICE_READ_ERROR] += 1
                 self._device_failed(e)
                 break
+            reads += 1
             if n > max_frame:
                 drops[Drop.TOO_BIG] += 1
                 continue
@@ -134,7 +135,7 @@ class Engine:
             nbytes += n
         stats.tx_packets += moved
         stats.tx_bytes += nbytes
-        stats.tx_batches[moved] += 1
+        stats.tx_batches[reads] += 1
 
     # -- inbound ---------------------------------------------------------------------------------------------
 
@@ -146,7 +147,7 @@ class Engine:
         write = self.device.write
         decap = self.codec.decap
         peer = self.link.peer
-        moved = nbytes = 0
+        reads = moved = nbytes = 0
         for _ in range(self.batch):
             try:
                 n, source = recv_into(view)
@@ -156,6 +157,7 @@ class Engine:
                 # A queued ICMP error or similar: not fatal, and the next datagram may be fine.
                 drops[Drop.SOCKET_ERROR] += 1
                 continue
+            reads += 1
             if source != peer:
                 drops[Drop.UNKNOWN_PEER] += 1
                 continue
@@ -175,4 +177,4 @@ class Engine:
             stats.peer_last_rx = self._clock()
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
-        stats.rx_batches[moved] += 1
+        stats.rx_batches[reads] += 1

@@ -144,8 +144,9 @@ class TunnelCollector(Collector):
 
         wakeups = HistogramMetricFamily(
             "tunneld_frames_per_wakeup",
-            f"Frames moved per event-loop wake-up, by direction (at most {engine.batch}); le=0 counts wake-ups "
-            "that moved nothing (all dropped, or nothing to read).",
+            f"Reads per event-loop wake-up, by direction (at most {engine.batch}): device reads (tx) or socket "
+            "reads (rx), dropped frames included. Without offloads a read is one frame; with offloads it may be a "
+            "super-frame or a batch of coalesced datagrams. le=0 counts wake-ups that found nothing to read.",
             labels=[*LABELS, "direction"],
         )
         bucket_of = self._batch_bucket.__getitem__

@@ -39,7 +39,8 @@ class Stats:
         self.rx_bytes = 0
         self.drops: Counter[Drop] = Counter()
         self.peer_last_rx = 0.0  # wall-clock time a valid packet from the peer last arrived; 0 = never
-        # Wake-ups by how many packets they handled: tx_batches[n] counts the wake-ups that moved n frames.
+        # Wake-ups by how many reads they made: tx_batches[n] counts the device wake-ups that read n times (one
+        # frame per read on the plain path; with offloads a read is a super-frame or a batch of datagrams).
         self.tx_batches = [0] * (max_batch + 1)
         self.rx_batches = [0] * (max_batch + 1)
         # How late a periodic timer on the event loop fired: loop_lag[i] counts observations that fell into
