@@ -35,6 +35,8 @@ from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, HDR, NO_OFFLOAD, VNET_H
 
 RX_AREA = 1 << 16  # a UDP_GRO read is at most 64 KiB
 GATHER_MIN = 64  # shorter datagrams are not gathered: no run of segments is made of them
+# A UDP_SEGMENT send whose segments exceed the path MTU fails with EINVAL (udp_send_skb), not EMSGSIZE.
+TOO_BIG_ERRNOS = (errno.EMSGSIZE, errno.EINVAL)
 # Bytes one wake-up may take in before it yields to the loop. A count of reads alone is no bound once a read
 # can be a 64 KiB super-frame: 32 of them are ~3 ms of Python during which the other direction (a ping reply,
 # an ACK) waits. Measured with one TCP stream plus ping on this 2-core machine: with only the 32-read bound,
@@ -146,7 +148,7 @@ class OffloadEngine(Engine):
                 send_segments(segs.buffer, segs.rowlen, flow_hash(frame))
             except OSError as e:
                 sent = getattr(e, "sent", 0)  # full rows that left before the failing call
-                drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += segs.count - sent
+                drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += segs.count - sent
                 moved += sent
                 nbytes += sent * (segs.rowlen - self._prefix_len)
                 continue
@@ -164,7 +166,7 @@ class OffloadEngine(Engine):
             self.link.send_segments(packets, size, flow)
         except OSError as e:
             sent = getattr(e, "sent", 0)
-            self.stats.drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += count - sent
+            self.stats.drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += count - sent
             # their bytes were counted when queued; take back those of the packets that did not cross
             self.stats.tx_bytes -= (count - sent) * (size - self._prefix_len)
             return sent
