@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from tunneld.config import TunnelConfig
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator
+from tunneld.encap.checksum import internet_checksum
 from tunneld.engine import HEADROOM, Engine
 from tunneld.plugins import _check as _check_shape
 
@@ -158,11 +159,6 @@ class ConformanceError(AssertionError):
     """The encapsulator breaks the contract in ``tunneld.encap.base``; the message says where."""
 
 
-def _ipv4_checksum(header: bytes) -> int:
-    folded = int.from_bytes(header, "big") % 0xFFFF
-    return 0xFFFF ^ (folded or 0xFFFF)
-
-
 def random_ip_packet(rng: random.Random, max_payload: int = 1400) -> bytes:
     """A well-formed IPv4 or IPv6 packet (lengths and IPv4 header checksum right) with random contents."""
     payload = rng.randbytes(rng.randint(0, max_payload))
@@ -170,7 +166,7 @@ def random_ip_packet(rng: random.Random, max_payload: int = 1400) -> bytes:
     if rng.random() < 0.5:
         header = _IPV4.pack(0x45, 0, 20 + len(payload), rng.getrandbits(16), 0x4000, 64, proto, 0,
                             rng.randbytes(4), rng.randbytes(4))
-        header = header[:10] + _ipv4_checksum(header).to_bytes(2, "big") + header[12:]
+        header = header[:10] + internet_checksum(header).to_bytes(2, "big") + header[12:]
         return header + payload
     return _IPV6.pack(6 << 28 | rng.getrandbits(20), len(payload), proto, 64, rng.randbytes(16),
                       rng.randbytes(16)) + payload

@@ -60,6 +60,7 @@ from tunneld.encap.base import (
     Encapsulator,
     Transport,
 )
+from tunneld.encap.checksum import internet_checksum
 
 IPPROTO_GRE = 47
 
@@ -98,21 +99,6 @@ IPV6_PAYLOAD_LENGTH_OFFSET = 4
 _FLAGS_PROTO = struct.Struct("!HH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
-
-
-def internet_checksum(data: memoryview | bytes) -> int:
-    """RFC 1071 checksum of ``data``: the one's complement of its one's complement 16-bit sum.
-
-    ``int.from_bytes(...) % 0xFFFF`` is that sum with end-around carry done by the modulus (2**16 ≡ 1), in C; an
-    odd length is padded with a zero byte by shifting. A nonzero sum that folds to 0 is 0xFFFF ("negative zero").
-    """
-    value = int.from_bytes(data, "big")
-    if len(data) & 1:
-        value <<= 8
-    folded = value % 0xFFFF
-    if folded == 0 and value:
-        folded = 0xFFFF
-    return 0xFFFF ^ folded
 
 
 def _flag(value: Any, what: str) -> bool:

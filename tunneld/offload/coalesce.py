@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tunneld.encap.checksum import internet_checksum
 from tunneld.offload import layout as L
 from tunneld.offload.segment import _sum_le
 from tunneld.offload.vnet import (
@@ -48,11 +49,6 @@ class SuperFrame(NamedTuple):
 def _be16(b, at: int, v: int) -> None:
     b[at] = v >> 8
     b[at + 1] = v & 0xFF
-
-
-def _ipv4_checksum(h: bytearray, start: int, end: int) -> int:
-    s = int.from_bytes(h[start:end], "big") % 0xFFFF
-    return 0xFFFF - s if s else 0
 
 
 class Coalescer:
@@ -246,7 +242,7 @@ class Coalescer:
         else:
             _be16(hdr, l3 + L.IPV4_TOTLEN_OFFSET, lay.hlen - l3 + payload)
             _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, 0)
-            _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, _ipv4_checksum(hdr, l3, l4))
+            _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, internet_checksum(hdr[l3:l4]))
         # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum (not complemented), the kernel adds the rest.
         s = (lay.pseudo + lay.hlen - l4 + payload) % 0xFFFF
         if lay.proto == L.PROTO_TCP:

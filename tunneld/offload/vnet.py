@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 
+from tunneld.encap.checksum import internet_checksum
+
 VNET_HDR_LEN = 10
 HDR = struct.Struct("=BBHHHH")
 
@@ -40,12 +42,7 @@ def finish_checksum(frame: memoryview, csum_start: int, csum_offset: int) -> boo
     at = csum_start + csum_offset
     if at + 2 > len(frame) or csum_start >= len(frame):
         return False
-    data = frame[csum_start:]
-    s = int.from_bytes(data, "big")
-    if len(data) & 1:
-        s <<= 8  # pad to a whole 16-bit word
-    s %= 0xFFFF  # the end-around-carry sum, with 0xFFFF written as 0
-    csum = 0xFFFF - s if s else 0  # ~fold(sum): a sum of 0xFFFF (≡ 0) gives 0
+    csum = internet_checksum(frame[csum_start:])
     if csum == 0 and csum_offset == UDP_CSUM_OFFSET:
         csum = 0xFFFF  # UDP sends a computed zero as all ones (RFC 768)
     frame[at] = csum >> 8
