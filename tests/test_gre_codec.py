@@ -14,7 +14,8 @@ from scapy.layers.inet6 import IPv6, ICMPv6EchoRequest
 from scapy.layers.l2 import GRE, Ether
 
 from tunneld.encap.base import Drop
-from tunneld.encap.gre import KEY_MAX, REORDER_WINDOW, RESYNC_AFTER, Gre, GreTap, internet_checksum
+from tunneld.encap.checksum import internet_checksum
+from tunneld.encap.gre import KEY_MAX, REORDER_WINDOW, RESYNC_AFTER, Gre, GreTap
 from tunneld.engine import HEADROOM
 
 INNER_IP = {
