@@ -1,4 +1,5 @@
-"""Where the headers of an Ethernet frame carrying IPv4/IPv6 and TCP/UDP are: parsed once per frame."""
+"""Where the headers of a frame carrying IPv4/IPv6 and TCP/UDP are, parsed once per frame: an Ethernet frame
+(TAP, ``parse``) or a bare IP packet (TUN, ``parse_ip``). Offsets are from the start of the frame."""
 
 from __future__ import annotations
 
@@ -54,12 +55,12 @@ class Layout(NamedTuple):
 
 
 def parse(frame, proto_wanted: int | None = None) -> Layout | str:
-    """The layout of an Ethernet/IP/TCP-or-UDP frame, or a short reason why it is not one we handle.
+    """The layout of an Ethernet/IP/TCP-or-UDP frame (a TAP frame), or a short reason why it is not one we
+    handle.
 
     Handled: optional single 802.1Q tag; IPv4 with or without options, not a fragment; IPv6 whose next header
     is TCP or UDP directly (extension headers are not followed)."""
-    n = len(frame)
-    if n < ETH_HLEN + 20:
+    if len(frame) < ETH_HLEN + 20:
         return "short"
     ethertype = frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1]
     l3 = ETH_HLEN
@@ -67,6 +68,23 @@ def parse(frame, proto_wanted: int | None = None) -> Layout | str:
         ethertype = frame[ETHERTYPE_OFFSET + VLAN_HLEN] << 8 | frame[ETHERTYPE_OFFSET + VLAN_HLEN + 1]
         l3 += VLAN_HLEN
     if ethertype == ETHERTYPE_IPV4:
+        return _parse_ip(frame, l3, 4, proto_wanted)
+    if ethertype == ETHERTYPE_IPV6:
+        return _parse_ip(frame, l3, 6, proto_wanted)
+    return "not_ip"
+
+
+def parse_ip(frame, proto_wanted: int | None = None) -> Layout | str:
+    """The layout of an IP/TCP-or-UDP packet with no link header (a TUN frame): as ``parse``, the IP version
+    taken from the packet's first nibble."""
+    if len(frame) < 20:
+        return "short"
+    return _parse_ip(frame, 0, frame[0] >> 4, proto_wanted)
+
+
+def _parse_ip(frame, l3: int, version: int, proto_wanted: int | None) -> Layout | str:
+    n = len(frame)
+    if version == 4:
         if frame[l3] >> 4 != 4:
             return "bad_ip_version"
         ihl = (frame[l3] & 0x0F) * 4
@@ -78,7 +96,7 @@ def parse(frame, proto_wanted: int | None = None) -> Layout | str:
         l4 = l3 + ihl
         v6 = False
         pseudo = int.from_bytes(frame[l3 + IPV4_ADDRS_OFFSET : l3 + IPV4_ADDRS_OFFSET + 8], "big") % 0xFFFF
-    elif ethertype == ETHERTYPE_IPV6:
+    elif version == 6:
         if n < l3 + IPV6_HLEN or frame[l3] >> 4 != 6:
             return "bad_ip_version"
         proto = frame[l3 + IPV6_NEXT_OFFSET]

@@ -1,9 +1,10 @@
 """Cutting a TCP or UDP super-frame into wire-size segments, each behind an encapsulation prefix.
 
 The output is one buffer of ``nseg`` rows of ``rowlen`` bytes (the last row may be shorter), exactly what a
-``sendmsg`` with UDP_SEGMENT = ``rowlen`` sends as ``nseg`` datagrams. Each row is
-``prefix | Ethernet | IP | TCP/UDP | gso_size payload bytes`` and every per-segment field is computed for all
-rows at once with NumPy (see the package docstring for the checksum arithmetic).
+``sendmsg`` with UDP_SEGMENT = ``rowlen`` sends as ``nseg`` datagrams (or a ``sendmmsg`` as ``nseg`` IP
+packets). Each row is ``prefix | [Ethernet] | IP | TCP/UDP | gso_size payload bytes`` (Ethernet for TAP
+frames, none for TUN) and every per-segment field is computed for all rows at once with NumPy (see the package
+docstring for the checksum arithmetic).
 
 What each segment gets, as the kernel's own GSO does (tcp_gso_segment, __udp_gso_segment, inet_gso_segment):
 - IPv4: total length, ID = first ID + i, header checksum; IPv6: payload length;
@@ -56,10 +57,17 @@ def _sum_le(rows: np.ndarray, start: int, end: int) -> np.ndarray:
 
 
 class Segmenter:
-    """Holds the output buffer (reused for every frame) and the encapsulation prefix of every row."""
+    """Holds the output buffer (reused for every frame) and the encapsulation prefix of every row.
 
-    def __init__(self, prefix: bytes, max_frame: int = 65535) -> None:
+    ``l2``: frames are Ethernet frames (TAP) or bare IP packets (TUN). ``prefix6``: the prefix for IPv6 frames
+    where it differs from the IPv4 one (GRE names the inner protocol in its header); the same length."""
+
+    def __init__(self, prefix: bytes, max_frame: int = 65535, *, prefix6: bytes | None = None, l2: bool = True) -> None:
         self.prefix = np.frombuffer(bytes(prefix), _U8)
+        self.prefix6 = self.prefix if prefix6 is None else np.frombuffer(bytes(prefix6), _U8)
+        if len(self.prefix6) != len(self.prefix):
+            raise ValueError("the IPv4 and IPv6 prefixes must have the same length")
+        self._parse = L.parse if l2 else L.parse_ip
         self._out = np.zeros(max_frame + MAX_SEGMENTS * _ROW_EXTRA, _U8)
 
     def split(self, frame: memoryview, gso_type: int, gso_size: int) -> Segments | str:
@@ -68,7 +76,7 @@ class Segmenter:
         want = L.PROTO_UDP if gso_type == GSO_UDP_L4 else L.PROTO_TCP
         if gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
             return "gso_type"
-        lay = L.parse(frame, want)
+        lay = self._parse(frame, want)
         if lay.__class__ is str:
             return lay
         if (gso_type == GSO_TCPV6) != lay.v6 and gso_type != GSO_UDP_L4:
@@ -86,7 +94,7 @@ class Segmenter:
         f = np.frombuffer(frame, _U8)
         rows = self._out[: nseg * rowlen].reshape(nseg, rowlen)
         body = p + hlen
-        rows[:, :p] = self.prefix
+        rows[:, :p] = self.prefix6 if lay.v6 else self.prefix
         rows[:, p:body] = f[:hlen]
         rows[:nfull, body:] = f[hlen : hlen + nfull * gso_size].reshape(nfull, gso_size)
         if last:
