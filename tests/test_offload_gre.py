@@ -204,10 +204,8 @@ class FakeReceiver:
 def raw_link_with(packets) -> RawLink:
     link = RawLink.__new__(RawLink)  # no socket: only the run building is under test
     link.family, link.peer = socket.AF_INET, "10.0.0.2"
-    link._receiver = FakeReceiver(packets)
-    link._sender = None
-    link._peer_name = np.frombuffer(socket.inet_aton("10.0.0.2"), np.uint8)
-    link._count = link._next = 0
+    link._peer_bytes = socket.inet_aton(link.peer)
+    link._receive_with(FakeReceiver(packets))
     return link
 
 

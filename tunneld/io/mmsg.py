@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 MSG_DONTWAIT = 0x40
+SCALAR_ROWS = 4  # up to this many messages, iovecs are filled one by one rather than with NumPy
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -72,6 +73,7 @@ class MessageSender:
         self._fd = fd
         self.capacity = capacity
         self._iov = np.zeros((capacity, 2), np.uint64)  # struct iovec: base, len
+        self._iovs = (_Iovec * capacity).from_address(self._iov.ctypes.data)  # the same memory, for one or two
         self._msgs = (_Mmsghdr * capacity)()
         self._name = ctypes.create_string_buffer(28)  # sockaddr_in or sockaddr_in6
         iov_at = self._iov.ctypes.data
@@ -96,11 +98,17 @@ class MessageSender:
         sent = 0
         while sent < count:
             n = min(count - sent, self.capacity)
-            iov = self._iov
-            iov[:n, 0] = self._steps[:n] * rowlen + (base + sent * rowlen)
-            iov[:n, 1] = rowlen
+            if n <= SCALAR_ROWS:  # a ping, an ACK: a few attribute stores cost less than NumPy's calls
+                for i in range(n):
+                    v = self._iovs[i]
+                    v.iov_base = base + (sent + i) * rowlen
+                    v.iov_len = rowlen
+            else:
+                iov = self._iov
+                iov[:n, 0] = self._steps[:n] * rowlen + (base + sent * rowlen)
+                iov[:n, 1] = rowlen
             if sent + n == count:
-                iov[n - 1, 1] = total - (count - 1) * rowlen
+                self._iovs[n - 1].iov_len = total - (count - 1) * rowlen
             done = _sendmmsg(self._fd, self._msgs_at, n, 0)
             if done < 0:
                 code = ctypes.get_errno()
@@ -134,15 +142,21 @@ class MessageReceiver:
         self._msgs_at = ctypes.addressof(self._msgs)
         self._namelen = _u32_column(self._msgs, _NAMELEN_AT, slots)
         self.lengths = _u32_column(self._msgs, _MSGLEN_AT, slots)
+        self._namelen[:] = self.NAME_SIZE
+        self._returned = 0  # messages whose address length the last call overwrote
 
     def receive(self) -> int:
         """How many packets arrived (at least one): ``slots[i, :lengths[i]]`` from ``names[i]``. Raises
         BlockingIOError when none is waiting, OSError for an error the socket reports."""
-        self._namelen[:] = self.NAME_SIZE  # the kernel writes back each address's length
+        if self._returned == 1:
+            self._msgs[0].msg_hdr.msg_namelen = self.NAME_SIZE
+        elif self._returned:
+            self._namelen[: self._returned] = self.NAME_SIZE  # the kernel wrote back each address's length
         n = _recvmmsg(self._fd, self._msgs_at, self.capacity, MSG_DONTWAIT, None)
         if n < 0:
             code = ctypes.get_errno()
             if code in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise BlockingIOError(code, os.strerror(code))
             raise OSError(code, os.strerror(code))
+        self._returned = n
         return n

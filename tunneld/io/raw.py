@@ -105,9 +105,9 @@ class RawLink:
     def set_peer(self, peer: str) -> None:
         self.peer = same_family_peer(peer, self.family)
         self._peer = (self.peer, 0)
+        self._peer_bytes = socket.inet_pton(self.family, self.peer)
         if self._sender is not None:
             self._sender.set_destination(_sockaddr(self.family, self.peer))
-            self._peer_name = np.frombuffer(socket.inet_pton(self.family, self.peer), np.uint8)
 
     # -- many packets per system call (the offload engine) --------------------------------------------------
     # Raw IP has no GSO or GRO. What the UDP link does with one UDP_SEGMENT sendmsg, this link does with one
@@ -118,9 +118,14 @@ class RawLink:
 
     def enable_gro(self) -> None:
         self._sender = MessageSender(self._sock.fileno())
-        self._receiver = MessageReceiver(self._sock.fileno())
-        self._count = self._next = 0  # packets in the receiver's slots, and the first not yet handed out
         self.set_peer(self.peer)
+        self._receive_with(MessageReceiver(self._sock.fileno()))
+
+    def _receive_with(self, receiver: MessageReceiver) -> None:
+        self._receiver = receiver
+        self._slot_size = receiver.slots.shape[1]
+        self._slots_flat = memoryview(receiver.slots.reshape(-1))
+        self._count = self._next = 0  # packets in the receiver's slots, and the first not yet handed out
 
     def send_segments(self, buffer: memoryview, rowlen: int, flow: int) -> None:
         """Send ``buffer`` as packets of ``rowlen`` bytes (the last may be shorter), as few calls as the kernel
@@ -128,19 +133,22 @@ class RawLink:
         self._sender.send(buffer, rowlen)
 
     def _refill(self) -> None:
+        """One recvmmsg; then, per packet, where its payload starts (behind the IPv4 header), how long it is and
+        whether the peer sent it. Plain lists: the run building below indexes them one by one."""
         receiver = self._receiver
         count = receiver.receive()  # BlockingIOError when nothing waits
-        slots = receiver.slots[:count]
-        lengths = receiver.lengths[:count].astype(np.int64)
+        lengths = receiver.lengths[:count].tolist()
         if self.family == socket.AF_INET:
-            skip = (slots[:, IPV4_IHL_OFFSET] & 0x0F).astype(np.int64) * 4
+            skip = [(b & 0x0F) * 4 for b in receiver.slots[:count, IPV4_IHL_OFFSET].tolist()]
+            self._len = [max(n - s, 0) for n, s in zip(lengths, skip)]
         else:
-            skip = np.zeros(count, np.int64)
+            skip = [0] * count
+            self._len = lengths
         at, size = _NAME_ADDR[self.family]
-        names = receiver.names[:count]
-        self._from_peer = (names[:, at : at + size] == self._peer_name).all(axis=1).tolist()
-        self._skip = skip.tolist()
-        self._len = np.maximum(lengths - skip, 0).tolist()
+        names = receiver.names[:count, at : at + size].tobytes()
+        peer = self._peer_bytes
+        self._from_peer = [names[i : i + size] == peer for i in range(0, count * size, size)]
+        self._skip = skip
         self._count, self._next = count, 0
 
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
@@ -150,7 +158,6 @@ class RawLink:
         if self._next >= self._count:
             self._refill()
         i = self._next
-        slots = self._receiver.slots
         lens, skip, ok = self._len, self._skip, self._from_peer
         if not ok[i]:
             self._next = i + 1
@@ -164,12 +171,17 @@ class RawLink:
         while j < count and j - i < room and ok[j] and lens[j] == row and skip[j] == off:
             j += 1
         k = j - i
-        out = np.frombuffer(buf, np.uint8)
-        out[: k * row].reshape(k, row)[:] = slots[i:j, off : off + row]
+        if k == 1:  # a single packet (a ping, an ACK): a memoryview copy, no NumPy call
+            at = i * self._slot_size + off
+            buf[:row] = self._slots_flat[at : at + row]
+        else:
+            out = np.frombuffer(buf, np.uint8)
+            out[: k * row].reshape(k, row)[:] = self._receiver.slots[i:j, off : off + row]
         n = k * row
         if j < count and ok[j] and 0 < lens[j] < row and n + lens[j] <= len(buf):
             tail = lens[j]  # a shorter last packet ends the run, as in a UDP_GRO read
-            out[n : n + tail] = slots[j, skip[j] : skip[j] + tail]
+            at = j * self._slot_size + skip[j]
+            buf[n : n + tail] = self._slots_flat[at : at + tail]
             n += tail
             j += 1
         self._next = j
