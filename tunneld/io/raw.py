@@ -63,6 +63,8 @@ def _sockaddr(family: int, address: str) -> bytes:
 class RawLink:
     """Sends to and receives from one peer over raw IP with protocol ``protocol``. ``peer`` may change."""
 
+    spreads_flows = False  # no ports: the engine need not hash inner flows for us
+
     def __init__(self, peer: str, protocol: int, local: str | None = None) -> None:
         self.family, self.peer = underlay_family(peer, local)
         self.protocol = protocol
@@ -209,7 +211,7 @@ class RawLink:
         return n, addr[0]
 
     def send(self, packet: memoryview, flow: int) -> None:
-        """Send one packet to the peer. ``flow`` is unused: raw IP has no ports to spread flows over."""
+        """Send one packet to the peer. ``flow`` is unused (``spreads_flows``): raw IP has no ports."""
         self._sock.sendto(packet, self._peer)
 
     def close(self) -> None:
