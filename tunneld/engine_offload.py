@@ -19,7 +19,9 @@ Inbound, on each wake-up of the socket, up to ``batch`` reads:
 
 Counters stay per packet on the wire: tx/rx packets and bytes count datagrams and their inner frames, as the
 plain path does, whatever was batched. ``tx_batches``/``rx_batches`` count system-call reads per wake-up.
-A frame the offload path cannot handle is dropped and counted as ``offload_unsupported`` (never silently).
+A super-frame the segmenter cannot cut (headers it does not parse) takes the plain path where it fits one
+packet, counted in ``offload_fallbacks``; a larger one has no way out and is dropped, counted as
+``offload_unsupported`` (never silently).
 """
 
 from __future__ import annotations
@@ -136,45 +138,50 @@ class OffloadEngine(Engine):
             end = vnet_at + n
             flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack(buf, vnet_at)
             frame = view[HEADROOM:end]
-            if gso_type == GSO_NONE:
-                if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
-                    drops[Drop.OFFLOAD_UNSUPPORTED] += 1
-                    continue
-                if end - HEADROOM > max_frame:
-                    drops[Drop.TOO_BIG] += 1
-                    continue
-                start = encap(buf, HEADROOM, end)
-                size = end - start
-                flow = flow_hash(frame)
-                if pend_count and (size != pend_size or flow != pend_flow):
+            if gso_type != GSO_NONE:
+                if pend_count:
                     moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
                     pend_len = pend_count = 0
-                pend[pend_len : pend_len + size] = buf[start:end]
-                pend_len += size
-                pend_size, pend_flow = size, flow
-                pend_count += 1
-                nbytes += end - HEADROOM
-                continue
-            if pend_count:
-                moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
-                pend_len = pend_count = 0
-            segs = split(frame, gso_type, gso_size)
-            if segs.__class__ is str:
+                segs = split(frame, gso_type, gso_size)
+                if segs.__class__ is not str:
+                    if segs.rowlen - self._prefix_len > max_frame:
+                        drops[Drop.TOO_BIG] += segs.count
+                        continue
+                    try:
+                        send_segments(segs.buffer, segs.rowlen, flow_hash(frame))
+                    except OSError as e:
+                        sent = getattr(e, "sent", 0)  # full rows that left before the failing call
+                        drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += segs.count - sent
+                        moved += sent
+                        nbytes += sent * (segs.rowlen - self._prefix_len)
+                        continue
+                    moved += segs.count
+                    nbytes += segs.inner_bytes
+                    continue
+                if end - HEADROOM > max_frame:  # a super-frame we cannot cut has no other way out
+                    drops[Drop.OFFLOAD_UNSUPPORTED] += 1
+                    continue
+                stats.offload_fallbacks += 1  # it fits one packet: the plain path below takes it
+            if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
                 drops[Drop.OFFLOAD_UNSUPPORTED] += 1
                 continue
-            if segs.rowlen - self._prefix_len > max_frame:
-                drops[Drop.TOO_BIG] += segs.count
+            if end - HEADROOM > max_frame:
+                drops[Drop.TOO_BIG] += 1
                 continue
-            try:
-                send_segments(segs.buffer, segs.rowlen, flow_hash(frame))
-            except OSError as e:
-                sent = getattr(e, "sent", 0)  # full rows that left before the failing call
-                drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += segs.count - sent
-                moved += sent
-                nbytes += sent * (segs.rowlen - self._prefix_len)
+            start = encap(buf, HEADROOM, end)
+            if start.__class__ is Drop:  # a frame the codec cannot carry (GRE: neither IPv4 nor IPv6)
+                drops[start] += 1
                 continue
-            moved += segs.count
-            nbytes += segs.inner_bytes
+            size = end - start
+            flow = flow_hash(frame)
+            if pend_count and (size != pend_size or flow != pend_flow):
+                moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
+                pend_len = pend_count = 0
+            pend[pend_len : pend_len + size] = buf[start:end]
+            pend_len += size
+            pend_size, pend_flow = size, flow
+            pend_count += 1
+            nbytes += end - HEADROOM
         if pend_count:
             moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
         stats.tx_packets += moved

@@ -123,12 +123,13 @@ class Coalescer:
             et_hi, et_lo = rows[:, p + L.ETHERTYPE_OFFSET], rows[:, p + L.ETHERTYPE_OFFSET + 1]
             v4 = (et_hi == 0x08) & (et_lo == 0x00)
             v6 = (et_hi == 0x86) & (et_lo == 0xDD)
-            vlan = good4 & (et_hi == 0x81) & (et_lo == 0x00)  # parsed by _head
+            vlan = good4 & (((et_hi == 0x81) & (et_lo == 0x00)) | ((et_hi == 0x88) & (et_lo == 0xA8)))  # _head parses
         else:
             version = rows[:, l3] >> 4
             v4, v6, vlan = version == 4, version == 6, False
         l4_known = good4 & v4 & ((proto4 == L.PROTO_TCP) | (proto4 == udp))
-        l4_known |= good6 & v6 & ((proto6 == L.PROTO_TCP) | (proto6 == udp))
+        l4_known |= good6 & v6 & ((proto6 == L.PROTO_TCP) | (proto6 == udp) | (proto6 == L.IPV6_HOP_BY_HOP)
+                                  | (proto6 == L.IPV6_DEST_OPTS) | (proto6 == L.IPV6_ROUTING))
         return l4_known | vlan
 
     def _head(self, mv: memoryview, start: int, end: int):
@@ -153,7 +154,7 @@ class Coalescer:
         p = self.p
         l3, l4 = p + lay.l3, p + lay.l4
         if lay.v6:
-            base, at = l4, l3 + L.IPV6_PLEN_OFFSET
+            base, at = l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET  # extension headers count as payload
         else:
             base, at = l3, l3 + L.IPV4_TOTLEN_OFFSET
             if int.from_bytes(head[l3:l4].tobytes(), "big") % 0xFFFF:  # a valid header sums to 0xFFFF
@@ -183,7 +184,7 @@ class Coalescer:
         differ = rows[:, :hl] != head[:hl]
         differ[:, self._varying(l3, l4, lay.v6)] = False
         if lay.v6:
-            iplen_base, iplen_at = l4, l3 + L.IPV6_PLEN_OFFSET
+            iplen_base, iplen_at = l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET
         else:
             iplen_base, iplen_at = l3, l3 + L.IPV4_TOTLEN_OFFSET
         if tail < rowlen:
@@ -224,7 +225,7 @@ class Coalescer:
         ccol = l4 + L.UDP_CSUM_OFFSET
         varying = [ccol, ccol + 1] + ([] if lay.v6 else [l3 + o for o in (4, 5, 10, 11)])
         differ[:, varying] = False
-        iplen_base, iplen_at = (l4, l3 + L.IPV6_PLEN_OFFSET) if lay.v6 else (l3, l3 + L.IPV4_TOTLEN_OFFSET)
+        iplen_base, iplen_at = (l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET) if lay.v6 else (l3, l3 + L.IPV4_TOTLEN_OFFSET)
         if tail < rowlen:
             last = rows[-1]
             ulen_at = l4 + L.UDP_LEN_OFFSET
@@ -261,7 +262,7 @@ class Coalescer:
         hdr = bytearray(rows[0, p:hl].tobytes())
         l3, l4 = lay.l3, lay.l4
         if lay.v6:
-            _be16(hdr, l3 + L.IPV6_PLEN_OFFSET, lay.hlen - l4 + payload)
+            _be16(hdr, l3 + L.IPV6_PLEN_OFFSET, lay.hlen - (l3 + L.IPV6_HLEN) + payload)
         else:
             _be16(hdr, l3 + L.IPV4_TOTLEN_OFFSET, lay.hlen - l3 + payload)
             _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, 0)

@@ -7,7 +7,7 @@ frames, none for TUN) and every per-segment field is computed for all rows at on
 docstring for the checksum arithmetic).
 
 What each segment gets, as the kernel's own GSO does (tcp_gso_segment, __udp_gso_segment, inet_gso_segment):
-- IPv4: total length, ID = first ID + i, header checksum; IPv6: payload length;
+- IPv4: total length, ID = first ID + i, header checksum; IPv6: payload length (extension headers included);
 - TCP: sequence number + i * gso_size; FIN and PSH only on the last segment, CWR only on the first; checksum;
 - UDP: length, checksum (a computed 0 is sent as 0xFFFF).
 """
@@ -21,7 +21,10 @@ import numpy as np
 from tunneld.offload import layout as L
 from tunneld.offload.vnet import GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4
 
-MAX_SEGMENTS = 128  # more than a 64 KiB frame of 512-byte segments; the link splits what one sendmsg can't carry
+# Linux lets TCP go down to an MSS of 88 (TCP_MIN_MSS, e.g. after MSS clamping): a 64 KiB super-frame is then
+# ~745 segments, and one we refused would be retransmitted and refused again, stalling the connection. The link
+# splits what one send can't carry.
+MAX_SEGMENTS = 1024
 _ROW_EXTRA = 256  # room per row for prefix + headers in the output buffer
 
 _U8 = np.uint8
@@ -106,7 +109,7 @@ class Segmenter:
         l4len = seg_payload + (hlen - l4)
         ip, tp = p + l3, p + l4
         if lay.v6:
-            _be16_into(rows, ip + L.IPV6_PLEN_OFFSET, l4len)
+            _be16_into(rows, ip + L.IPV6_PLEN_OFFSET, l4len + (l4 - l3 - L.IPV6_HLEN))  # + extension headers
         else:
             ihl = l4 - l3
             _be16_into(rows, ip + L.IPV4_TOTLEN_OFFSET, l4len + ihl)
