@@ -122,7 +122,7 @@ class Tunnel:
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
         port = cfg.port or self.codec.transport.number
-        # Offloads need UDP (GSO/GRO), Ethernet frames (TAP) and a header that is the same for every frame (VXLAN).
+        # Offloads need a header that is the same for every frame (VXLAN, GRE without checksums or sequence numbers).
         self.offload = cfg.offload and offload_supported(self.codec)
         try:
             if self.codec.transport.kind == "ip":
@@ -173,7 +173,11 @@ class Tunnel:
                 f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)
             ),
             f"local {cfg.local or 'any'}",
-            "offload " + (f"tap 0x{self.device.offloads:02x}, udp gso/gro" if self.offload and self.device else "off"),
+            "offload " + (
+                f"{self.codec.device.value} 0x{self.device.offloads:02x}, "
+                + ("udp gso/gro" if isinstance(self.link, UdpLink) else "sendmmsg/recvmmsg")
+                if self.offload and self.device else "off"
+            ),
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
             f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
         ]

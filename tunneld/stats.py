@@ -30,6 +30,7 @@ class Stats:
         "rx_batches",
         "loop_lag",
         "loop_lag_sum",
+        "offload_fallbacks",
     )
 
     def __init__(self, max_batch: int) -> None:
@@ -47,6 +48,8 @@ class Stats:
         # LOOP_LAG_BUCKETS[i] (not cumulative); the last slot is beyond the largest bound.
         self.loop_lag = [0] * (len(LOOP_LAG_BUCKETS) + 1)
         self.loop_lag_sum = 0.0
+        # Super-frames the offload path could not cut that fit one packet and took the plain path instead.
+        self.offload_fallbacks = 0
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag[bisect_left(LOOP_LAG_BUCKETS, seconds)] += 1
