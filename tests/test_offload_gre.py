@@ -194,6 +194,11 @@ class FakeReceiver:
             self.names[i, 4:8] = np.frombuffer(socket.inet_aton(source), np.uint8)
         self.calls = 0
 
+    def first_length(self) -> int:
+        return int(self.lengths[0])
+
+    capacity = 64
+
     def receive(self) -> int:
         self.calls += 1
         if self.calls > 1:
@@ -223,6 +228,25 @@ def test_raw_link_hands_out_runs_of_one_length_like_a_gro_read():
     assert link.recv_gro_into(buf) == (100, peer, 0)
     with pytest.raises(BlockingIOError):
         link.recv_gro_into(buf)
+
+
+def test_raw_link_lone_packets_from_the_peer_and_from_strangers():
+    link = raw_link_with([("10.0.0.2", b"a" * 70)])
+    buf = memoryview(bytearray(1 << 16))
+    assert link.recv_gro_into(buf) == (70, "10.0.0.2", 0) and bytes(buf[:70]) == b"a" * 70
+    link = raw_link_with([("10.0.0.7", b"b" * 70)])
+    assert link.recv_gro_into(buf) == (70, "10.0.0.7", 0)
+
+
+@pytest.mark.parametrize("capacity, calls", [(64, 1), (3, 2)])
+def test_a_short_batch_spares_the_call_that_would_find_nothing(capacity, calls):
+    link = raw_link_with([("10.0.0.2", bytes(50))] * 3)
+    link._receiver.capacity = capacity  # 3 packets: a short batch of 64 slots, a full one of 3
+    buf = memoryview(bytearray(1 << 16))
+    assert link.recv_gro_into(buf) == (150, "10.0.0.2", 50)
+    with pytest.raises(BlockingIOError):
+        link.recv_gro_into(buf)
+    assert link._receiver.calls == calls  # a full batch may have left more behind: only then look again
 
 
 def test_raw_link_runs_stop_at_the_callers_buffer():

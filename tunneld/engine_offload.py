@@ -268,7 +268,8 @@ class OffloadEngine(Engine):
         writev = self.device.writev
         decap = self.codec.decap
         moved = nbytes = 0
-        for item in self._coalescer.plan(self._rx[offset:], n, size):
+        plan = self._coalescer.plan(self._rx[offset:], n, size) if 0 < size < n else ((0, n),)
+        for item in plan:
             if item.__class__ is tuple:
                 start, stop = item
                 packet = view[offset + start : offset + stop]

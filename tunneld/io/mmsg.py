@@ -160,3 +160,7 @@ class MessageReceiver:
             raise OSError(code, os.strerror(code))
         self._returned = n
         return n
+
+    def first_length(self) -> int:
+        """``lengths[0]`` without a NumPy call: a lone packet (the sparse case) is read field by field."""
+        return self._msgs[0].msg_len

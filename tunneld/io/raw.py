@@ -127,11 +127,16 @@ class RawLink:
         self._receiver = receiver
         self._slot_size = receiver.slots.shape[1]
         self._slots_flat = memoryview(receiver.slots.reshape(-1))
+        self._names_flat = memoryview(receiver.names.reshape(-1))
         self._count = self._next = 0  # packets in the receiver's slots, and the first not yet handed out
+        self._drained = False  # the last recvmmsg emptied the socket's queue
 
     def send_segments(self, buffer: memoryview, rowlen: int, flow: int) -> None:
         """Send ``buffer`` as packets of ``rowlen`` bytes (the last may be shorter), as few calls as the kernel
         allows. On failure the OSError's ``sent`` says how many packets left before it."""
+        if len(buffer) <= rowlen:  # one packet (a ping, an ACK): sendto costs less than a ctypes sendmmsg
+            self._sock.sendto(buffer, self._peer)
+            return
         self._sender.send(buffer, rowlen)
 
     def _refill(self) -> None:
@@ -139,6 +144,15 @@ class RawLink:
         whether the peer sent it. Plain lists: the run building below indexes them one by one."""
         receiver = self._receiver
         count = receiver.receive()  # BlockingIOError when nothing waits
+        at, size = _NAME_ADDR[self.family]
+        if count == 1:  # sparse traffic (a ping, an ACK): no NumPy calls, which cost more than all the rest here
+            skip = (self._slots_flat[IPV4_IHL_OFFSET] & 0x0F) * 4 if self.family == socket.AF_INET else 0
+            self._len = [max(receiver.first_length() - skip, 0)]
+            self._skip = [skip]
+            self._from_peer = [self._names_flat[at : at + size] == self._peer_bytes]
+            self._count, self._next = 1, 0
+            self._drained = receiver.capacity > 1
+            return
         lengths = receiver.lengths[:count].tolist()
         if self.family == socket.AF_INET:
             skip = [(b & 0x0F) * 4 for b in receiver.slots[:count, IPV4_IHL_OFFSET].tolist()]
@@ -146,18 +160,24 @@ class RawLink:
         else:
             skip = [0] * count
             self._len = lengths
-        at, size = _NAME_ADDR[self.family]
         names = receiver.names[:count, at : at + size].tobytes()
         peer = self._peer_bytes
         self._from_peer = [names[i : i + size] == peer for i in range(0, count * size, size)]
         self._skip = skip
         self._count, self._next = count, 0
+        self._drained = count < receiver.capacity
 
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
         """The next run of packets from one source: ``(bytes, source, packet size)`` with the packets back to
         back in ``buf``, all ``size`` bytes but the last, which may be shorter; size 0 for a single packet.
         Raises BlockingIOError when nothing is waiting."""
         if self._next >= self._count:
+            if self._drained:
+                # The last recvmmsg found fewer packets than it had room for: the queue was empty then, so
+                # another call now would almost surely fail. Report "nothing" without the system call; the
+                # loop's level-triggered poll wakes us again for anything that arrived since.
+                self._drained = False
+                raise BlockingIOError
             self._refill()
         i = self._next
         lens, skip, ok = self._len, self._skip, self._from_peer
