@@ -62,3 +62,27 @@ class Stats:
             reasons = ", ".join(f"{reason.value} {n}" for reason, n in sorted(self.drops.items()))
             line += f", dropped {self.dropped} ({reasons})"
         return line
+
+
+def total(parts: "list[Stats]") -> Stats:
+    """The counters of several workers (tunneld/workers.py) added up, as one Stats: what crossed the tunnel.
+
+    Sums everywhere (histograms are counts per slot, so they add too), except ``peer_last_rx``, the latest."""
+    first = parts[0]
+    out = Stats(len(first.tx_batches) - 1)
+    for s in parts:
+        out.tx_packets += s.tx_packets
+        out.tx_bytes += s.tx_bytes
+        out.rx_packets += s.rx_packets
+        out.rx_bytes += s.rx_bytes
+        drops = s.drops  # looked up by reason, never iterated: the engine may add a reason while we read
+        for reason in Drop:
+            if n := drops.get(reason, 0):
+                out.drops[reason] += n
+        out.peer_last_rx = max(out.peer_last_rx, s.peer_last_rx)
+        for mine, theirs in ((out.tx_batches, s.tx_batches), (out.rx_batches, s.rx_batches),
+                             (out.loop_lag, s.loop_lag)):
+            for i, n in enumerate(list(theirs)):
+                mine[i] += n
+        out.loop_lag_sum += s.loop_lag_sum
+    return out
