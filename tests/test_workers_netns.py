@@ -275,3 +275,42 @@ def test_gre_runs_one_worker_and_delivers_each_packet_once(hosts):
     for t in (ta, tb):
         assert t.stop() == 0, t.output()
     assert "workers 2: using 1" in ta.output()
+
+
+def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts, tmp_path):
+    from tests.netns import TUNNELD
+    from tests.test_service import NotifyReceiver
+
+    a, b = hosts
+    rx = NotifyReceiver(str(tmp_path / "notify"))
+    env = {**os.environ, "NOTIFY_SOCKET": rx.path, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
+    proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--log-level", "debug", env=env)
+    try:
+        seen = rx.until("READY=1")
+        [kid] = children(proc.pid)
+        assert not any("STOPPING=1" in m for m in seen)
+        rx.until("WATCHDOG=1", timeout=2)
+        os.kill(kid, signal.SIGSTOP)  # wedged: alive, but its event loop answers nothing
+        stopped = time.monotonic()
+        # The pings stop once the worker has been silent for LATE_AFTER (5 s) — bounded, whatever the load.
+        last_ping = stopped
+        while time.monotonic() - stopped < 12:
+            try:
+                message = rx.next(timeout=1.5)
+            except TimeoutError:
+                break
+            if message == "WATCHDOG=1":
+                last_ping = time.monotonic()
+        assert 3 < last_ping - stopped < 9, last_ping - stopped
+        with pytest.raises(TimeoutError):
+            rx.until("WATCHDOG=1", timeout=1.5)
+        os.kill(kid, signal.SIGCONT)  # it catches up: the pings resume
+        rx.until("WATCHDOG=1", timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        rx.until("STOPPING=1")
+        assert proc.wait(timeout=10) == 0
+    finally:
+        a.kill_all()
+        rx.close()
+    out = proc.stdout.read()
+    assert f"worker 1 (pid {kid}) has not answered for" in out, out
