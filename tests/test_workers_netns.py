@@ -197,9 +197,11 @@ def test_two_workers_each_end_share_the_flows_and_count_exactly(hosts):
     assert "workers 2" in ta.output()
 
 
-def test_two_workers_against_the_kernels_vxlan(hosts):
+@pytest.mark.parametrize("offload", [(), ("--no-offload",)], ids=["offload", "no-offload"])
+def test_two_workers_against_the_kernels_vxlan(hosts, offload):
     a, b = hosts
-    t = Tunneld(a, "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24", "--vni", "77", "--workers", "2")
+    t = Tunneld(a, "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24", "--vni", "77", "--workers", "2",
+                *offload)
     kernel_vxlan(b, a.underlay, vni=77, address=f"{OVERLAY_V4[1]}/24")
     a.wait_ping(OVERLAY_V4[1])
     parallel_transfers(a, b, count=2)

@@ -177,7 +177,10 @@ class Tunnel:
     def fork(self) -> None:
         """Start the other workers, each with one of the spare queues and links (which the parent then closes)."""
         spare, self._spare = self._spare, []
-        self.pool = fork_workers(self, spare)
+        try:
+            self.pool = fork_workers(self, spare)
+        except OSError as e:
+            raise StartupError(f"cannot start {len(spare)} worker process(es): {e.strerror or e}") from None
 
     def forget_in_child(self) -> None:
         """In a freshly forked worker: close worker 0's queue and link and the metrics listener (the parent's)."""

@@ -331,9 +331,27 @@ def fork_workers(tunnel, units: list) -> Pool:
     """
     pool = Pool(tunnel.engine.batch)
     parent_pid = os.getpid()
+    try:
+        _fork_each(pool, parent_pid, tunnel, units)
+    except OSError:  # EAGAIN, ENOMEM: stop the children already started; the caller reports it
+        pool.stop()
+        raise
+    finally:
+        for device, link in units:  # the children's now; the parent must not keep their queues attached
+            device.close()
+            link.close()
+    return pool
+
+
+def _fork_each(pool: Pool, parent_pid: int, tunnel, units: list) -> None:
     for index, (device, link) in enumerate(units, start=1):
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
         if pid == 0:
             code = 1
             try:
@@ -353,10 +371,6 @@ def fork_workers(tunnel, units: list) -> Pool:
                 os._exit(code)
         child_end.close()
         pool.children.append(Child(index, pid, parent_end))
-    for device, link in units:  # the children's now; the parent must not keep their queues attached
-        device.close()
-        link.close()
-    return pool
 
 
 def _child_main(index: int, parent_pid: int, tunnel, device, link, ctl: socket.socket) -> int:
