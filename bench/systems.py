@@ -129,22 +129,29 @@ def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
             return problems
 
         pids = [e.proc.pid for e in ends]
-        return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=pids + children_of(pids), stop=stop)
+        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=pids + children_of(pids, (workers - 1) * 2),
+                       stop=stop)
 
     return start
 
 
-def children_of(pids: list[int]) -> list[int]:
-    """The live processes whose parent is one of ``pids`` (tunneld's workers), from /proc."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) in pids:
-            out.append(int(stat.parent.name))
-    return out
+def children_of(pids: list[int], expected: int = 0, timeout: float = 10) -> list[int]:
+    """The live processes whose parent is one of ``pids`` (tunneld's workers), from /proc; waits (bounded) for
+    ``expected`` of them, as the interface comes up just before the workers are forked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2 :].split()[1]) in pids:
+                out.append(int(stat.parent.name))
+        if len(out) >= expected or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
 
 
 # -- userspace C peers ----------------------------------------------------------------------------------------

@@ -99,6 +99,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def wait_children(pid: int, count: int, timeout: float = 10) -> list[int]:
+    """The children of ``pid`` once there are ``count`` of them: the interface comes up before the fork."""
+    deadline = time.monotonic() + timeout
+    while len(kids := children(pid)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return kids
+
+
 def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -165,7 +173,7 @@ def test_two_workers_each_end_share_the_flows_and_count_exactly(hosts):
     a, b = hosts
     quiet(a, b)
     ta, tb = start_pair(a, b, "--workers", "2")
-    assert len(children(ta.proc.pid)) == 1 and len(children(tb.proc.pid)) == 1
+    assert len(wait_children(ta.proc.pid, 1)) == 1 and len(wait_children(tb.proc.pid, 1)) == 1
     assert sorted(a.run("ls", "/sys/class/net/tunneld0/queues").stdout.split()) == ["rx-0", "rx-1", "tx-0", "tx-1"]
     a.wait_ping(OVERLAY_V4[1])
 
@@ -213,7 +221,7 @@ def test_two_workers_against_the_kernels_vxlan(hosts, offload):
 def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
     a, b = hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "3")
-    kids = children(t.proc.pid)
+    kids = wait_children(t.proc.pid, 2)
     assert len(kids) == 2
     assert t.stop(signal.SIGTERM) == 0, t.output()
     assert wait_gone(kids) == []
@@ -223,7 +231,7 @@ def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
 def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):
     a, b = hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
-    [kid] = children(t.proc.pid)
+    [kid] = wait_children(t.proc.pid, 1)
     os.kill(kid, signal.SIGKILL)
     code = t.proc.wait(timeout=10)
     out = t.output()
@@ -235,7 +243,8 @@ def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):
 def test_interface_deleted_underneath_stops_every_worker(hosts):
     a, b = hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
-    kids = children(t.proc.pid)
+    kids = wait_children(t.proc.pid, 1)
+    assert len(kids) == 1
     a.run("ip", "link", "del", "tunneld0")
     assert t.proc.wait(timeout=10) == 1, t.output()
     assert wait_gone(kids) == []
@@ -268,8 +277,8 @@ def test_gre_runs_one_worker_and_delivers_each_packet_once(hosts):
     quiet(a, b)
     ta = Tunneld(a, "--mode", "gre", "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24", "--workers", "2")
     tb = Tunneld(b, "--mode", "gre", "--peer", a.underlay, "--address", f"{OVERLAY_V4[1]}/24", "--workers", "2")
-    assert children(ta.proc.pid) == [] and children(tb.proc.pid) == []
     a.wait_ping(OVERLAY_V4[1])
+    assert children(ta.proc.pid) == [] and children(tb.proc.pid) == []  # both are up and never forked
     before = value(scrape(b), "tunneld_rx_packets_total")
     r = a.run("ping", "-c", "20", "-i", "0.05", "-W", "1", OVERLAY_V4[1], check=False, timeout=20)
     assert " 20 received" in r.stdout and "DUP!" not in r.stdout, r.stdout
