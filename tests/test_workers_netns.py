@@ -82,6 +82,14 @@ def value(sample: dict, name: str, **labels: str) -> float:
     return sample[(name, frozenset(labels.items()))]
 
 
+IFF_MULTI_QUEUE = 0x0100  # include/uapi/linux/if_tun.h
+
+
+def tun_flags(host: Host, dev: str = "tunneld0") -> int:
+    """The flags the kernel holds for a TUN/TAP device (drivers/net/tun.c exports them in sysfs)."""
+    return int(host.run("cat", f"/sys/class/net/{dev}/tun_flags").stdout, 16)
+
+
 def tap_tx_packets(host: Host, dev: str = "tunneld0") -> int:
     return json.loads(host.run("ip", "-j", "-s", "link", "show", "dev", dev).stdout)[0]["stats64"]["tx"]["packets"]
 
@@ -175,6 +183,7 @@ def test_two_workers_each_end_share_the_flows_and_count_exactly(hosts):
     ta, tb = start_pair(a, b, "--workers", "2")
     assert len(wait_children(ta.proc.pid, 1)) == 1 and len(wait_children(tb.proc.pid, 1)) == 1
     assert sorted(a.run("ls", "/sys/class/net/tunneld0/queues").stdout.split()) == ["rx-0", "rx-1", "tx-0", "tx-1"]
+    assert tun_flags(a) & IFF_MULTI_QUEUE
     a.wait_ping(OVERLAY_V4[1])
 
     parallel_transfers(a, b)  # four TCP flows at once, each intact
@@ -203,6 +212,18 @@ def test_two_workers_each_end_share_the_flows_and_count_exactly(hosts):
     for t in (ta, tb):
         assert t.stop() == 0, t.output()
     assert "workers 2" in ta.output()
+
+
+def test_one_worker_is_one_process_on_a_single_queue_device(hosts):
+    a, b = hosts
+    t = Tunneld(a, "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24", "--workers", "1")
+    tb = Tunneld(b, "--peer", a.underlay, "--address", f"{OVERLAY_V4[1]}/24", "--workers", "1")
+    a.wait_ping(OVERLAY_V4[1])
+    assert children(t.proc.pid) == []
+    assert not tun_flags(a) & IFF_MULTI_QUEUE
+    assert sorted(a.run("ls", "/sys/class/net/tunneld0/queues").stdout.split()) == ["rx-0", "tx-0"]
+    assert t.stop() == 0 and tb.stop() == 0
+    assert "workers" not in t.output()
 
 
 @pytest.mark.parametrize("offload", [(), ("--no-offload",)], ids=["offload", "no-offload"])
