@@ -57,8 +57,8 @@ workers:
   (IFF_MULTI_QUEUE) and N UDP sockets sharing the port (SO_REUSEPORT); the kernel spreads flows over them by
   their hash, so N processes carry different flows at once (one TCP flow always stays on one worker). Each
   worker needs a CPU of its own, and the kernel needs CPU too (softirq, the TCP endpoints), so 'auto' picks
-  1 worker on a machine with 2 CPUs or fewer (measured there: a second worker carries no more, as the
-  kernel already keeps the second CPU busy), and half the CPUs, at most 8, on bigger ones. Raw-IP modes
+  1 worker on a machine with 2 CPUs or fewer (measured there: a second worker brings no steady gain, as
+  the kernel already keeps the second CPU busy), and half the CPUs, at most 8, on bigger ones. Raw-IP modes
   (gre, gretap) always run 1: every raw socket receives every packet. Metrics are the sum over the workers;
   if a worker dies the daemon stops (exit status 1) rather than run a half-working tunnel.
 

@@ -71,9 +71,10 @@ def usable_cpus() -> int:
 def auto_workers(cpus: int) -> int:
     """The rule behind --workers auto. Each worker is a process that keeps one CPU busy under load, and the
     kernel needs CPU time of its own for the same packets (softirq, the TUN queues, the endpoints' TCP). On 2
-    CPUs one worker already leaves the second CPU to the kernel, and a second worker only competes with it:
-    measured on the 2-vCPU CI machine (bench/, tunneld-vxlan-workers2), TCP with 4 streams went 3.7 → 3.5
-    Gbit/s on a quiet machine and 1.75 → 1.56 on a busy one. From 3 CPUs on, half of them, at most AUTO_CAP."""
+    CPUs one worker already leaves the second CPU to the kernel, and a second worker only competes with it.
+    Measured on the 2-vCPU CI machine (bench/, tunneld-vxlan vs tunneld-vxlan-workers2, five same-run pairs):
+    TCP with 4 streams 1.75/3.74/2.26/3.17/3.37 Gbit/s with one worker, 1.56/3.49/2.75/2.61/3.23 with two,
+    and 5-15 % more CPU per GB. From 3 CPUs on, half of them, at most AUTO_CAP (a guess, not a measurement)."""
     return 1 if cpus <= 2 else min(cpus // 2, AUTO_CAP)
 
 
