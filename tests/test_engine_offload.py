@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import GRE, Ether
+from scapy.layers.vxlan import VXLAN
 
 from tests.test_offload import expected_tcp, payload, tcp_super
 from tunneld.encap.base import Drop
+from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
 from tunneld.engine_offload import OffloadEngine
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR, NO_OFFLOAD, finish_checksum
@@ -70,6 +72,25 @@ def test_frames_the_offload_path_cannot_cut_are_counted():
     eng.on_device_readable()
     assert link.sent == []
     assert eng.stats.drops[Drop.OFFLOAD_UNSUPPORTED] == 2
+
+
+def test_a_small_frame_the_segmenter_cannot_parse_falls_back_to_the_plain_path():
+    eng, dev, link = make()
+    arp = bytes(Ether(src="02:00:00:00:00:01", type=0x0806) / (b"\1" * 100))
+    dev.inject(HDR.pack(0, GSO_TCPV4, 0, 1000, 14, 16) + arp)  # flagged GSO, but one packet's worth
+    eng.on_device_readable()
+    assert [p for p, _ in link.sent] == [bytes(VXLAN(flags=8, vni=VNI) / Ether(arp))]
+    assert eng.stats.offload_fallbacks == 1 and eng.stats.tx_packets == 1 and not eng.stats.drops
+
+
+def test_a_tun_packet_gre_cannot_carry_is_counted_not_raised():
+    dev, link = FakeVnetDevice(), FakeGsoLink(PEER)
+    eng = OffloadEngine(dev, link, Gre(), max_frame=1476)
+    v4 = bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / b"ok")
+    dev.inject(NO_OFFLOAD + b"\x10" + bytes(40), NO_OFFLOAD + v4)  # IP version 1, then a good one
+    eng.on_device_readable()
+    assert eng.stats.drops == {Drop.BAD_PROTOCOL: 1}
+    assert [p for p, _ in link.sent] == [bytes(GRE(proto=0x0800)) + v4]
 
 
 def test_send_error_counts_every_segment():

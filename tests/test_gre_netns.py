@@ -130,10 +130,12 @@ def test_scapy_peer_exchanges_gre_with_key_seq_csum(hosts):
     assert drops(line) == {"key_mismatch": 1, "bad_checksum": 1, "sequence": 1}, line
 
 
-def _capture(host, path, count_filter: str = "ip proto 47 or ip6 proto 47"):
+def _capture(host, path, count_filter: str = "ip proto 47 or ip6 proto 47", *options: str):
     # --immediate-mode: hand each packet over at once rather than when a ring block fills or times out, so that
     # what was sent just before the capture stops is in the file; -U writes it out packet by packet.
-    proc = host.popen("tcpdump", "-i", host.ifname, "--immediate-mode", "-U", "-n", "-w", str(path), count_filter,
+    # ``options`` go to tcpdump too; with a -B buffer size, packets are handed over in blocks (bulk captures).
+    mode = ("--immediate-mode", "-U") if "-B" not in options else ()
+    proc = host.popen("tcpdump", "-i", host.ifname, *mode, *options, "-n", "-w", str(path), count_filter,
                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # tcpdump says "listening on" once the capture runs

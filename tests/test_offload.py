@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 
 from tunneld.encap.vxlan import build_header
@@ -29,24 +29,28 @@ def payload(n: int, seed: int = 1) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def ether(v6: bool = False, vlan: bool = False):
+def ether(v6: bool = False, vlan: bool | str = False):
     e = Ether(**MACS)
+    if vlan == "qinq":
+        return e / Dot1AD(vlan=100) / Dot1Q(vlan=5)
     return e / Dot1Q(vlan=5) if vlan else e
 
 
-def ip(v6: bool = False, **kw):
+def ip(v6: bool = False, ext: bool = False, **kw):
     if v6:
-        return IPv6(src="fd00::1", dst="fd00::2", **{k: v for k, v in kw.items() if k != "id"})
+        v6hdr = IPv6(src="fd00::1", dst="fd00::2", **{k: v for k, v in kw.items() if k != "id"})
+        return v6hdr / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() if ext else v6hdr
     return IP(src="10.1.0.1", dst="10.1.0.2", flags="DF", **kw)
 
 
-def tcp_super(data: bytes, *, v6=False, vlan=False, flags="PA", options=OPTS, seq=1000, ip_id=77):
-    pkt = ether(v6, vlan) / ip(v6, id=ip_id) / TCP(sport=40000, dport=5201, seq=seq, ack=555, flags=flags,
+def tcp_super(data: bytes, *, v6=False, vlan=False, flags="PA", options=OPTS, seq=1000, ip_id=77, ext=False):
+    pkt = ether(v6, vlan) / ip(v6, ext, id=ip_id) / TCP(sport=40000, dport=5201, seq=seq, ack=555, flags=flags,
                                                       window=500, options=options) / data
     return bytes(pkt)
 
 
-def expected_tcp(data: bytes, gso: int, *, v6=False, vlan=False, flags="PA", options=OPTS, seq=1000, ip_id=77):
+def expected_tcp(data: bytes, gso: int, *, v6=False, vlan=False, flags="PA", options=OPTS, seq=1000, ip_id=77,
+                 ext=False):
     """What the kernel's GSO would put on the wire, built segment by segment by scapy."""
     chunks = [data[i : i + gso] for i in range(0, len(data), gso)]
     out = []
@@ -56,7 +60,7 @@ def expected_tcp(data: bytes, gso: int, *, v6=False, vlan=False, flags="PA", opt
             f &= ~0x09  # FIN, PSH only on the last
         if i > 0:
             f &= ~0x80  # CWR only on the first
-        seg = ether(v6, vlan) / ip(v6, id=(ip_id + i) & 0xFFFF) / TCP(
+        seg = ether(v6, vlan) / ip(v6, ext, id=(ip_id + i) & 0xFFFF) / TCP(
             sport=40000, dport=5201, seq=(seq + i * gso) & 0xFFFFFFFF, ack=555, flags=f, window=500,
             options=options) / chunk
         out.append(bytes(VXLAN(flags=8, vni=VNI) / Ether(bytes(seg))))
@@ -85,8 +89,11 @@ def split(frame: bytes, gso_type: int, gso: int):
         (3000, 700, {"flags": "CA"}),  # CWR only on the first
         (2000, 600, {"options": []}),  # no TCP options
         (2500, 800, {"vlan": True}),
+        (2500, 800, {"vlan": "qinq"}),
+        (4000, 1000, {"v6": True, "ext": True}),  # hop-by-hop and destination options before TCP
         (64000, 1448, {"seq": 0xFFFFF000}),  # sequence numbers wrap
         (3000, 1000, {"ip_id": 0xFFFF}),  # IP ID wraps
+        (88 * 300 + 7, 88, {}),  # Linux's smallest MSS: 301 segments from one super-frame
     ],
 )
 def test_tcp_segmentation_matches_scapy(size, gso, kw):
@@ -116,6 +123,11 @@ def test_segmenter_refuses_what_it_cannot_cut():
     assert seg.split(memoryview(bytearray(frame)), 9, 1000) == "gso_type"
     udp = bytes(ether() / ip() / UDP() / payload(3000))
     assert isinstance(seg.split(memoryview(bytearray(udp)), GSO_TCPV4, 1000), str)
+    # a routing header with segments left: the checksum's destination would be another address
+    routed = bytes(ether() / ip(True) / IPv6ExtHdrRouting(addresses=["fd00::9"], segleft=1) / TCP() / payload(3000))
+    assert seg.split(memoryview(bytearray(routed)), GSO_TCPV6, 1000) == "routing"
+    fragment = bytes(ether() / ip(True) / IPv6ExtHdrFragment() / TCP() / payload(3000))
+    assert seg.split(memoryview(bytearray(fragment)), GSO_TCPV6, 1000) == "fragment"
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp", "udp6"])
@@ -203,6 +215,22 @@ def test_in_order_segments_coalesce_into_one_superframe(v6, size, gso):
     assert bytes(whole) == tcp_super(data, v6=v6)
     # ...and the kernel's segmentation of it gives back exactly the datagrams that arrived.
     assert [bytes(VXLAN(flags=8, vni=VNI)) + f for f in kernel_view(vnet, frame)] == segs
+
+
+@pytest.mark.parametrize("kw, l4", [({"v6": True, "ext": True}, 14 + 40 + 16), ({"vlan": "qinq"}, 14 + 8 + 20)],
+                         ids=["ipv6-extension-headers", "qinq"])
+def test_segments_behind_extension_headers_or_two_tags_coalesce_too(kw, l4):
+    data = payload(1000 * 6 + 55)
+    segs = segments(data, 1000, **kw)
+    rx, n, rowlen = gro_batch(segs)
+    plan = Coalescer(PREFIX).plan(rx, n, rowlen)
+    assert len(plan) == 1 and isinstance(plan[0], SuperFrame) and plan[0].segments == 7
+    (vnet, frame), = written(plan, rx)
+    flags, gso_type, hdr_len, gso_size, cs, co = HDR.unpack(vnet)
+    assert (cs, gso_size) == (l4, 1000)
+    whole = bytearray(frame)
+    assert finish_checksum(memoryview(whole), cs, co)
+    assert bytes(whole) == tcp_super(data, **kw)  # IPv6 payload length counts the extension headers
 
 
 def test_out_of_order_mixed_flows_and_bad_checksums_are_not_merged():

@@ -97,6 +97,19 @@ def test_total_adds_every_counter_and_keeps_the_latest_rx_time():
     assert sum(t.loop_lag) == 3 and t.loop_lag_sum == pytest.approx(0.009)
 
 
+def test_total_covers_every_field_of_stats():
+    one = Stats(4)
+    for i, name in enumerate(Stats.__slots__, start=1):
+        value = getattr(one, name)
+        if isinstance(value, (int, float)):
+            setattr(one, name, i)
+    t = total([one, one])
+    for name in Stats.__slots__:
+        value = getattr(one, name)
+        if isinstance(value, (int, float)):
+            assert getattr(t, name) == (value if name == "peer_last_rx" else 2 * value), name
+
+
 def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     eng = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
     eng.stats.tx_packets, eng.stats.rx_packets = 10, 1

@@ -129,7 +129,7 @@ class Tunnel:
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
         port = cfg.port or self.codec.transport.number
-        # Offloads need UDP (GSO/GRO), Ethernet frames (TAP) and a header that is the same for every frame (VXLAN).
+        # Offloads need a header that is the same for every frame (VXLAN, GRE without checksums or sequence numbers).
         self.offload = cfg.offload and offload_supported(self.codec)
         self.workers, note = resolve(cfg.workers, self.codec.transport.kind)
         if note:
@@ -232,7 +232,11 @@ class Tunnel:
             ),
             f"local {cfg.local or 'any'}",
             *([f"workers {self.workers}"] if self.workers > 1 else []),
-            "offload " + (f"tap 0x{self.device.offloads:02x}, udp gso/gro" if self.offload and self.device else "off"),
+            "offload " + (
+                f"{self.codec.device.value} 0x{self.device.offloads:02x}, "
+                + ("udp gso/gro" if isinstance(self.link, UdpLink) else "sendmmsg/recvmmsg")
+                if self.offload and self.device else "off"
+            ),
             f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
             f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
         ]

@@ -33,6 +33,10 @@ MAX_PACKET = 65535  # the largest frame a device read or a datagram can hold
 DEFAULT_BATCH = 32  # at most this many packets per wake-up (libuv reads 32 datagrams per wake-up too)
 
 
+def _no_flow(frame: memoryview) -> int:
+    return 0
+
+
 class DevicePort(Protocol):
     def fileno(self) -> int: ...
     def read_into(self, buf: memoryview) -> int: ...
@@ -41,6 +45,8 @@ class DevicePort(Protocol):
 
 class LinkPort(Protocol):
     peer: str
+    spreads_flows: bool  # whether send() uses its flow argument (UDP source ports); raw IP has none to spread
+
 
     def fileno(self) -> int: ...
     def recv_into(self, buf: memoryview) -> tuple[int, str]: ...
@@ -67,7 +73,10 @@ class Engine:
         self.batch = batch
         self.stats = Stats(batch)
         self._clock = clock
-        self._flow_hash = ethernet_flow_hash if codec.device is DeviceKind.TAP else ip_flow_hash
+        if not getattr(link, "spreads_flows", True):
+            self._flow_hash = _no_flow  # the ~0.8 us hash would be thrown away for every packet
+        else:
+            self._flow_hash = ethernet_flow_hash if codec.device is DeviceKind.TAP else ip_flow_hash
         self._txbuf = bytearray(HEADROOM + MAX_PACKET)
         self._txview = memoryview(self._txbuf)
         self._rxbuf = bytearray(MAX_PACKET)

@@ -1,27 +1,32 @@
-"""The data path with kernel offloads: super-frames in and out of the device, UDP GSO/GRO on the underlay.
+"""The data path with kernel offloads: super-frames in and out of the device, many packets per system call on
+the underlay (UDP GSO/GRO for VXLAN; sendmmsg/recvmmsg for raw IP, which has neither: tunneld/io/raw.py).
 
 Same wiring and rules as engine.py (which stays the plain path, used with --no-offload); what changes:
 
 Outbound, on each wake-up of the device fd, up to ``batch`` reads:
   1. read ``virtio_net_hdr`` + frame into the buffer so that the frame starts at ``HEADROOM``;
-  2. a plain frame (gso_type NONE) gets its checksum finished if the kernel left it partial (NEEDS_CSUM),
-     then takes the plain path: header in the headroom, one sendto;
-  3. a super-frame is cut by the Segmenter into VXLAN datagrams (headers, checksums, encapsulation) laid
-     back to back, sent with one or two sendmsg carrying UDP_SEGMENT.
+  2. a plain frame (gso_type NONE) gets its checksum finished if the kernel left it partial (NEEDS_CSUM)
+     and its header in the headroom; frames of one flow and size wait and leave together in one send;
+  3. a super-frame is cut by the Segmenter into encapsulated packets (headers, checksums, encapsulation) laid
+     back to back, sent with one sendmsg carrying UDP_SEGMENT (or one sendmmsg).
 
 Inbound, on each wake-up of the socket, up to ``batch`` reads:
-  1. one recvmsg returns up to 64 coalesced datagrams (UDP_GRO) and their size;
+  1. one read returns up to 64 packets of one size back to back (UDP_GRO, or a run out of a recvmmsg);
   2. the Coalescer finds runs of in-order segments of one TCP flow (or datagrams of one UDP flow, where the
-     kernel has USO): each run is written as one super-frame with a GSO virtio_net_hdr; every other datagram is decapsulated by the codec (which drops bad ones by
-     reason) and written alone behind an empty virtio_net_hdr.
+     kernel has USO): each run is written as one super-frame with a GSO virtio_net_hdr; every other packet
+     is decapsulated by the codec (which drops bad ones by reason) and written alone behind an empty
+     virtio_net_hdr.
 
 Counters stay per packet on the wire: tx/rx packets and bytes count datagrams and their inner frames, as the
 plain path does, whatever was batched. ``tx_batches``/``rx_batches`` count system-call reads per wake-up.
-A frame the offload path cannot handle is dropped and counted as ``offload_unsupported`` (never silently).
+A super-frame the segmenter cannot cut (headers it does not parse) takes the plain path where it fits one
+packet, counted in ``offload_fallbacks``; a larger one has no way out and is dropped, counted as
+``offload_unsupported`` (never silently).
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 
 import numpy as np
@@ -44,32 +49,50 @@ TOO_BIG_ERRNOS = (errno.EMSGSIZE, errno.EINVAL)
 WAKEUP_BYTES = 256 << 10
 
 
-def constant_prefix(codec) -> bytes:
-    """The header ``codec.encap`` writes, which for VXLAN is the same for every frame."""
-    scratch = bytearray(HEADROOM)
-    start = codec.encap(scratch, HEADROOM, HEADROOM)
-    return bytes(scratch[start:HEADROOM])
+def _probe(codec, first: int) -> bytes | None:
+    """The header ``codec.encap`` writes in front of a frame starting with byte ``first``, if it is the same for
+    two frames that differ everywhere else; None if it is not (a checksum, a counter) or the codec refuses."""
+    codec = copy.deepcopy(codec)  # encap may advance state (GRE sequence numbers): probe a copy
+    prefixes = set()
+    for step in (1, 3):
+        buf = bytearray(HEADROOM) + bytes([first]) + bytes(i * step & 0xFF for i in range(1, 60))
+        start = codec.encap(buf, HEADROOM, len(buf))
+        if start.__class__ is Drop:
+            return None
+        prefixes.add(bytes(buf[start:HEADROOM]))
+    return prefixes.pop() if len(prefixes) == 1 else None
+
+
+def constant_prefixes(codec) -> tuple[bytes, bytes] | None:
+    """The header ``codec.encap`` lays before an IPv4 and before an IPv6 frame, when it depends on nothing
+    else: the segmenter lays it before every row, the coalescer expects it there. Equal for Ethernet codecs
+    (VXLAN, gretap); GRE over TUN names the inner protocol in its header. None: not constant."""
+    if codec.device is DeviceKind.TAP:
+        prefix = _probe(codec, 0x00)
+        return None if prefix is None else (prefix, prefix)
+    prefix4, prefix6 = _probe(codec, 0x45), _probe(codec, 0x60)
+    if prefix4 is None or prefix6 is None or len(prefix4) != len(prefix6):
+        return None
+    return prefix4, prefix6
 
 
 def offload_supported(codec) -> bool:
-    """Whether this engine can carry ``codec``: Ethernet frames (the segmenter parses Ethernet/IP/TCP-UDP), a
-    UDP transport (GSO/GRO), and a header that does not depend on the frame (it is laid before every row)."""
-    if codec.device is not DeviceKind.TAP or codec.transport.kind != "udp":
-        return False
-    scratch = bytearray(HEADROOM + 64)
-    start = codec.encap(scratch, HEADROOM, HEADROOM + 60)
-    other = bytearray(HEADROOM) + bytes(range(1, 61)) + bytes(4)
-    return scratch[start:HEADROOM] == other[codec.encap(other, HEADROOM, HEADROOM + 60) : HEADROOM]
+    """Whether this engine can carry ``codec``: a UDP transport (GSO/GRO) or raw IP (sendmmsg/recvmmsg), and a
+    header that does not depend on the frame (it is laid before every row). GRE with checksums or sequence
+    numbers has neither and takes the plain path."""
+    return codec.transport.kind in ("udp", "ip") and constant_prefixes(codec) is not None
 
 
 class OffloadEngine(Engine):
     def __init__(self, device, link, codec, **kw) -> None:
         super().__init__(device, link, codec, **kw)
-        prefix = constant_prefix(codec)
+        prefix, prefix6 = constant_prefixes(codec)
+        l2 = codec.device is DeviceKind.TAP
         self._prefix_len = len(prefix)
-        self._segmenter = Segmenter(prefix)
+        self._segmenter = Segmenter(prefix, prefix6=prefix6, l2=l2)
         # UDP runs are written as USO super-frames only where the kernel showed it knows them (TUNSETOFFLOAD).
-        self._coalescer = Coalescer(prefix, uso=bool(getattr(device, "offloads", TUN_F_USO4) & TUN_F_USO4))
+        uso = bool(getattr(device, "offloads", TUN_F_USO4) & TUN_F_USO4)
+        self._coalescer = Coalescer(prefix, uso=uso, prefix6=prefix6, l2=l2)
         # Gathered datagrams (up to RX_AREA), then room for one more read of up to RX_AREA, then for padding.
         self._rx = np.zeros(3 * RX_AREA + 2048, np.uint8)
         self._rxview = memoryview(self._rx)
@@ -115,45 +138,50 @@ class OffloadEngine(Engine):
             end = vnet_at + n
             flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack(buf, vnet_at)
             frame = view[HEADROOM:end]
-            if gso_type == GSO_NONE:
-                if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
-                    drops[Drop.OFFLOAD_UNSUPPORTED] += 1
-                    continue
-                if end - HEADROOM > max_frame:
-                    drops[Drop.TOO_BIG] += 1
-                    continue
-                start = encap(buf, HEADROOM, end)
-                size = end - start
-                flow = flow_hash(frame)
-                if pend_count and (size != pend_size or flow != pend_flow):
+            if gso_type != GSO_NONE:
+                if pend_count:
                     moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
                     pend_len = pend_count = 0
-                pend[pend_len : pend_len + size] = buf[start:end]
-                pend_len += size
-                pend_size, pend_flow = size, flow
-                pend_count += 1
-                nbytes += end - HEADROOM
-                continue
-            if pend_count:
-                moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
-                pend_len = pend_count = 0
-            segs = split(frame, gso_type, gso_size)
-            if segs.__class__ is str:
+                segs = split(frame, gso_type, gso_size)
+                if segs.__class__ is not str:
+                    if segs.rowlen - self._prefix_len > max_frame:
+                        drops[Drop.TOO_BIG] += segs.count
+                        continue
+                    try:
+                        send_segments(segs.buffer, segs.rowlen, flow_hash(frame))
+                    except OSError as e:
+                        sent = getattr(e, "sent", 0)  # full rows that left before the failing call
+                        drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += segs.count - sent
+                        moved += sent
+                        nbytes += sent * (segs.rowlen - self._prefix_len)
+                        continue
+                    moved += segs.count
+                    nbytes += segs.inner_bytes
+                    continue
+                if end - HEADROOM > max_frame:  # a super-frame we cannot cut has no other way out
+                    drops[Drop.OFFLOAD_UNSUPPORTED] += 1
+                    continue
+                stats.offload_fallbacks += 1  # it fits one packet: the plain path below takes it
+            if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
                 drops[Drop.OFFLOAD_UNSUPPORTED] += 1
                 continue
-            if segs.rowlen - self._prefix_len > max_frame:
-                drops[Drop.TOO_BIG] += segs.count
+            if end - HEADROOM > max_frame:
+                drops[Drop.TOO_BIG] += 1
                 continue
-            try:
-                send_segments(segs.buffer, segs.rowlen, flow_hash(frame))
-            except OSError as e:
-                sent = getattr(e, "sent", 0)  # full rows that left before the failing call
-                drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += segs.count - sent
-                moved += sent
-                nbytes += sent * (segs.rowlen - self._prefix_len)
+            start = encap(buf, HEADROOM, end)
+            if start.__class__ is Drop:  # a frame the codec cannot carry (GRE: neither IPv4 nor IPv6)
+                drops[start] += 1
                 continue
-            moved += segs.count
-            nbytes += segs.inner_bytes
+            size = end - start
+            flow = flow_hash(frame)
+            if pend_count and (size != pend_size or flow != pend_flow):
+                moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
+                pend_len = pend_count = 0
+            pend[pend_len : pend_len + size] = buf[start:end]
+            pend_len += size
+            pend_size, pend_flow = size, flow
+            pend_count += 1
+            nbytes += end - HEADROOM
         if pend_count:
             moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
         stats.tx_packets += moved

@@ -151,6 +151,15 @@ class TunnelCollector(Collector):
             dropped.add_metric([*labels, reason.value], drops.get(reason, 0))
         yield dropped
 
+        fallbacks = CounterMetricFamily(
+            "tunneld_offload_fallbacks",
+            "Super-frames the offload path could not cut (headers it does not parse) that fit one packet and left "
+            "by the plain path instead; larger ones are dropped as offload_unsupported.",
+            labels=LABELS,
+        )
+        fallbacks.add_metric(labels, stats.offload_fallbacks)
+        yield fallbacks
+
         last_rx = GaugeMetricFamily(
             "tunneld_peer_last_rx_timestamp_seconds",
             "Unix time at which a valid packet from the peer last arrived; 0 if none has yet.",

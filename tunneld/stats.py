@@ -30,6 +30,7 @@ class Stats:
         "rx_batches",
         "loop_lag",
         "loop_lag_sum",
+        "offload_fallbacks",
     )
 
     def __init__(self, max_batch: int) -> None:
@@ -47,6 +48,8 @@ class Stats:
         # LOOP_LAG_BUCKETS[i] (not cumulative); the last slot is beyond the largest bound.
         self.loop_lag = [0] * (len(LOOP_LAG_BUCKETS) + 1)
         self.loop_lag_sum = 0.0
+        # Super-frames the offload path could not cut that fit one packet and took the plain path instead.
+        self.offload_fallbacks = 0
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag[bisect_left(LOOP_LAG_BUCKETS, seconds)] += 1
@@ -67,22 +70,21 @@ class Stats:
 def total(parts: "list[Stats]") -> Stats:
     """The counters of several workers (tunneld/workers.py) added up, as one Stats: what crossed the tunnel.
 
-    Sums everywhere (histograms are counts per slot, so they add too), except ``peer_last_rx``, the latest."""
-    first = parts[0]
-    out = Stats(len(first.tx_batches) - 1)
+    Every field is summed (histograms are counts per slot, so they add up too) except ``peer_last_rx``, where
+    the latest wins. It goes by ``__slots__``, so a counter added to Stats later is summed without a change here."""
+    out = Stats(len(parts[0].tx_batches) - 1)
     for s in parts:
-        out.tx_packets += s.tx_packets
-        out.tx_bytes += s.tx_bytes
-        out.rx_packets += s.rx_packets
-        out.rx_bytes += s.rx_bytes
-        drops = s.drops  # looked up by reason, never iterated: the engine may add a reason while we read
-        for reason in Drop:
-            if n := drops.get(reason, 0):
-                out.drops[reason] += n
-        out.peer_last_rx = max(out.peer_last_rx, s.peer_last_rx)
-        for mine, theirs in ((out.tx_batches, s.tx_batches), (out.rx_batches, s.rx_batches),
-                             (out.loop_lag, s.loop_lag)):
-            for i, n in enumerate(list(theirs)):
-                mine[i] += n
-        out.loop_lag_sum += s.loop_lag_sum
+        for name in Stats.__slots__:
+            mine, theirs = getattr(out, name), getattr(s, name)
+            if name == "peer_last_rx":
+                setattr(out, name, max(mine, theirs))
+            elif isinstance(mine, Counter):
+                for reason in Drop:  # looked up, never iterated: the engine may add a reason while we read
+                    if n := theirs.get(reason, 0):
+                        mine[reason] += n
+            elif isinstance(mine, list):
+                for i, n in enumerate(list(theirs)):
+                    mine[i] += n
+            else:
+                setattr(out, name, mine + theirs)
     return out

@@ -52,6 +52,8 @@ class FakeDevice:
 class FakeLink:
     """An underlay socket talking to ``peer``: ``deliver`` datagrams, read ``sent`` as (packet, flow) pairs."""
 
+    spreads_flows = True  # set False to stand for a link without ports (raw IP)
+
     def __init__(self, peer: str = "192.0.2.2") -> None:
         self.peer = peer
         self.pending: deque[tuple[bytes, str] | OSError] = deque()

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
+
+import numpy as np
 
 from tunneld.io import LinkError, same_family_peer, underlay_family
 from tunneld.io.udp import (
@@ -41,13 +44,26 @@ from tunneld.io.udp import (
     SOCKET_BUFFER,
     _grow_buffer,
 )
+from tunneld.io.mmsg import MessageReceiver, MessageSender
 
 IPV4_HEADER_LEN = 20  # without options
 IPV4_IHL_OFFSET = 0  # low nibble of the first byte, in 32-bit words
+# Where the address sits in the struct sockaddr_in / sockaddr_in6 that recvmmsg fills in, and its length.
+_NAME_ADDR = {socket.AF_INET: (4, 4), socket.AF_INET6: (8, 16)}
+
+
+def _sockaddr(family: int, address: str) -> bytes:
+    """struct sockaddr_in / sockaddr_in6 with port 0 (raw IP has none), in this host's layout."""
+    packed = socket.inet_pton(family, address)
+    if family == socket.AF_INET:
+        return struct.pack("=H2s4s8x", family, b"\0\0", packed)
+    return struct.pack("=H2sI16sI", family, b"\0\0", 0, packed, 0)
 
 
 class RawLink:
     """Sends to and receives from one peer over raw IP with protocol ``protocol``. ``peer`` may change."""
+
+    spreads_flows = False  # no ports: the engine need not hash inner flows for us
 
     def __init__(self, peer: str, protocol: int, local: str | None = None) -> None:
         self.family, self.peer = underlay_family(peer, local)
@@ -85,10 +101,93 @@ class RawLink:
         self._outer = bytearray(IPV4_HEADER_LEN)  # where the IPv4 receive scatters the outer header
         self._scatter: list = [self._outer, None]
         self.recv_into = self._recv_ipv4 if self.family == socket.AF_INET else self._recv_ipv6
+        self._sender: MessageSender | None = None
+        self._receiver: MessageReceiver | None = None
 
     def set_peer(self, peer: str) -> None:
         self.peer = same_family_peer(peer, self.family)
         self._peer = (self.peer, 0)
+        self._peer_bytes = socket.inet_pton(self.family, self.peer)
+        if self._sender is not None:
+            self._sender.set_destination(_sockaddr(self.family, self.peer))
+
+    # -- many packets per system call (the offload engine) --------------------------------------------------
+    # Raw IP has no GSO or GRO. What the UDP link does with one UDP_SEGMENT sendmsg, this link does with one
+    # sendmmsg of the same rows; what a UDP_GRO read returns (datagrams of one length back to back), this link
+    # builds from one recvmmsg of up to 64 packets: each call of recv_gro_into hands out the next run of packets
+    # from the peer that have one length (plus a shorter last one), copied back to back into the caller's
+    # buffer. The engine cannot tell the two links apart.
+
+    def enable_gro(self) -> None:
+        self._sender = MessageSender(self._sock.fileno())
+        self.set_peer(self.peer)
+        self._receive_with(MessageReceiver(self._sock.fileno()))
+
+    def _receive_with(self, receiver: MessageReceiver) -> None:
+        self._receiver = receiver
+        self._slot_size = receiver.slots.shape[1]
+        self._slots_flat = memoryview(receiver.slots.reshape(-1))
+        self._count = self._next = 0  # packets in the receiver's slots, and the first not yet handed out
+
+    def send_segments(self, buffer: memoryview, rowlen: int, flow: int) -> None:
+        """Send ``buffer`` as packets of ``rowlen`` bytes (the last may be shorter), as few calls as the kernel
+        allows. On failure the OSError's ``sent`` says how many packets left before it."""
+        self._sender.send(buffer, rowlen)
+
+    def _refill(self) -> None:
+        """One recvmmsg; then, per packet, where its payload starts (behind the IPv4 header), how long it is and
+        whether the peer sent it. Plain lists: the run building below indexes them one by one."""
+        receiver = self._receiver
+        count = receiver.receive()  # BlockingIOError when nothing waits
+        lengths = receiver.lengths[:count].tolist()
+        if self.family == socket.AF_INET:
+            skip = [(b & 0x0F) * 4 for b in receiver.slots[:count, IPV4_IHL_OFFSET].tolist()]
+            self._len = [max(n - s, 0) for n, s in zip(lengths, skip)]
+        else:
+            skip = [0] * count
+            self._len = lengths
+        at, size = _NAME_ADDR[self.family]
+        names = receiver.names[:count, at : at + size].tobytes()
+        peer = self._peer_bytes
+        self._from_peer = [names[i : i + size] == peer for i in range(0, count * size, size)]
+        self._skip = skip
+        self._count, self._next = count, 0
+
+    def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
+        """The next run of packets from one source: ``(bytes, source, packet size)`` with the packets back to
+        back in ``buf``, all ``size`` bytes but the last, which may be shorter; size 0 for a single packet.
+        Raises BlockingIOError when nothing is waiting."""
+        if self._next >= self._count:
+            self._refill()
+        i = self._next
+        lens, skip, ok = self._len, self._skip, self._from_peer
+        if not ok[i]:
+            self._next = i + 1
+            at, size = _NAME_ADDR[self.family]
+            source = socket.inet_ntop(self.family, self._receiver.names[i, at : at + size].tobytes())
+            return lens[i], source, 0
+        row, off = lens[i], skip[i]
+        room = len(buf) // row if row else 1
+        j = i + 1
+        count = self._count
+        while j < count and j - i < room and ok[j] and lens[j] == row and skip[j] == off:
+            j += 1
+        k = j - i
+        if k == 1:  # a single packet (a ping, an ACK): a memoryview copy, no NumPy call
+            at = i * self._slot_size + off
+            buf[:row] = self._slots_flat[at : at + row]
+        else:
+            out = np.frombuffer(buf, np.uint8)
+            out[: k * row].reshape(k, row)[:] = self._receiver.slots[i:j, off : off + row]
+        n = k * row
+        if j < count and ok[j] and 0 < lens[j] < row and n + lens[j] <= len(buf):
+            tail = lens[j]  # a shorter last packet ends the run, as in a UDP_GRO read
+            at = j * self._slot_size + skip[j]
+            buf[n : n + tail] = self._slots_flat[at : at + tail]
+            n += tail
+            j += 1
+        self._next = j
+        return n, self.peer, (row if j - i > 1 else 0)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -112,7 +211,7 @@ class RawLink:
         return n, addr[0]
 
     def send(self, packet: memoryview, flow: int) -> None:
-        """Send one packet to the peer. ``flow`` is unused: raw IP has no ports to spread flows over."""
+        """Send one packet to the peer. ``flow`` is unused (``spreads_flows``): raw IP has no ports."""
         self._sock.sendto(packet, self._peer)
 
     def close(self) -> None:

@@ -52,6 +52,8 @@ def _grow_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None
 class UdpLink:
     """Sends to and receives from one peer over UDP. ``peer`` may be changed while running."""
 
+    spreads_flows = True  # the inner flow picks the send socket, hence the outer source port
+
     def __init__(
         self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS,
         reuse_port: bool = False,

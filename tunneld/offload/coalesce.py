@@ -1,10 +1,11 @@
-"""Coalescing a batch of received VXLAN datagrams (one UDP_GRO read) back into TCP super-frames.
+"""Coalescing a batch of received encapsulated packets (one UDP_GRO read of VXLAN datagrams, or a run of GRE
+packets from one recvmmsg) back into TCP super-frames.
 
-A UDP_GRO read is ``count`` datagrams of ``rowlen`` bytes back to back, the last possibly shorter. Seen as the
-rows of a matrix, every check runs over all rows at once. Starting from a head row that is a TCP segment, the
-run grows over the following rows while each row:
-- has the expected encapsulation header (the VXLAN header: flags, reserved bits, VNI);
-- has the head's Ethernet, IP and TCP headers byte for byte, except the fields that differ between segments
+A batch is ``count`` packets of ``rowlen`` bytes back to back, the last possibly shorter. Seen as the rows of
+a matrix, every check runs over all rows at once. Starting from a head row that is a TCP segment, the run
+grows over the following rows while each row:
+- has the expected encapsulation header (VXLAN: flags, reserved bits, VNI; GRE: flags, protocol, key);
+- has the head's (Ethernet,) IP and TCP headers byte for byte, except the fields that differ between segments
   of one flow (IPv4 length, ID and checksum; TCP sequence number, checksum and PSH);
 - carries ACK (PSH allowed; nothing else: no SYN, FIN, RST, URG, ECE, CWR) and a non-empty payload whose
   length agrees with the IP length field;
@@ -37,7 +38,7 @@ from tunneld.offload.vnet import (
 _U8 = np.uint8
 _U64 = np.uint64
 IP_MAX = 65535
-MIN_FRAME = L.ETH_HLEN + 20 + L.UDP_HLEN  # the shortest frame that could be part of a run
+MIN_PACKET = 20 + L.UDP_HLEN  # the shortest IP packet that could be part of a run
 
 
 class SuperFrame(NamedTuple):
@@ -52,11 +53,21 @@ def _be16(b, at: int, v: int) -> None:
 
 
 class Coalescer:
-    def __init__(self, prefix: bytes, uso: bool = True) -> None:
+    """``l2``: the rows carry Ethernet frames (TAP) or bare IP packets (TUN). ``prefix6``: the encapsulation
+    header expected in front of IPv6 packets where it differs from ``prefix`` (GRE names the inner protocol)."""
+
+    def __init__(self, prefix: bytes, uso: bool = True, *, prefix6: bytes | None = None, l2: bool = True) -> None:
         self.uso = uso  # the kernel takes GSO UDP_L4 writes (Linux 6.2+, where TUNSETOFFLOAD accepts USO)
         self.prefix = np.frombuffer(bytes(prefix), _U8)
+        self.prefix6 = self.prefix if prefix6 is None else np.frombuffer(bytes(prefix6), _U8)
         self._prefix_bytes = bytes(prefix)
+        self._prefix6_bytes = bytes(self.prefix6)
+        if len(self._prefix6_bytes) != len(self._prefix_bytes):
+            raise ValueError("the IPv4 and IPv6 prefixes must have the same length")
         self.p = len(prefix)
+        self.l2 = l2
+        self._parse = L.parse if l2 else L.parse_ip
+        self._min_frame = (L.ETH_HLEN if l2 else 0) + MIN_PACKET
         self._steps = np.arange(1 << 11, dtype=np.uint32)  # more than the rows of a 64 KiB read
         self._varying_cache: dict[tuple[int, int, bool], np.ndarray] = {}
 
@@ -66,12 +77,11 @@ class Coalescer:
         if rowlen <= 0 or rowlen >= n:
             return [(0, n)]
         nrows = -(-n // rowlen)
-        if rowlen < self.p + MIN_FRAME:  # too short to hold the headers we look at: every row alone
+        if rowlen < self.p + self._min_frame:  # too short to hold the headers we look at: every row alone
             return [(i * rowlen, min(n, (i + 1) * rowlen)) for i in range(nrows)]
         tail = n - (nrows - 1) * rowlen
         rx[n : nrows * rowlen] = 0  # pad the short last row: zeros add nothing to sums
         rows = rx[: nrows * rowlen].reshape(nrows, rowlen)
-        p = self.p
         mv = memoryview(rx)  # plain ints when indexed (NumPy's uint8 would overflow on << 8)
         # The common case, one run over the whole read, costs one parse and one _run: rows that match the head's
         # header bytes (the encapsulation header included) need no other look.
@@ -81,16 +91,7 @@ class Coalescer:
             k = run(rows, lay, tail)
             if k == nrows:
                 return [self._superframe(rows, lay, tail)]
-        # Which rows could head a run: one look at the encapsulation header, EtherType and protocol of every
-        # row, so that a batch of other datagrams costs no Python parsing per row.
-        good = (rows[:, :p] == self.prefix).all(axis=1)
-        et_hi, et_lo = rows[:, p + L.ETHERTYPE_OFFSET], rows[:, p + L.ETHERTYPE_OFFSET + 1]
-        proto4 = rows[:, p + L.ETH_HLEN + L.IPV4_PROTO_OFFSET]
-        proto6 = rows[:, p + L.ETH_HLEN + L.IPV6_NEXT_OFFSET]
-        udp = L.PROTO_UDP if self.uso else L.PROTO_TCP
-        l4_known = (et_hi == 0x08) & (et_lo == 0x00) & ((proto4 == L.PROTO_TCP) | (proto4 == udp))
-        l4_known |= (et_hi == 0x86) & (et_lo == 0xDD) & ((proto6 == L.PROTO_TCP) | (proto6 == udp))
-        candidate = good & (l4_known | ((et_hi == 0x81) & (et_lo == 0x00)))
+        candidate = self._candidates(rows)
         out: list = []
         i = 0
         while i < nrows:
@@ -108,13 +109,36 @@ class Coalescer:
             i += k
         return out
 
+    def _candidates(self, rows: np.ndarray) -> np.ndarray:
+        """Which rows could head a run: one look at the encapsulation header, EtherType (or IP version) and
+        protocol of every row, so that a batch of other datagrams costs no Python parsing per row."""
+        p = self.p
+        udp = L.PROTO_UDP if self.uso else L.PROTO_TCP
+        good4 = (rows[:, :p] == self.prefix).all(axis=1)
+        good6 = good4 if self.prefix6 is self.prefix else (rows[:, :p] == self.prefix6).all(axis=1)
+        l3 = p + (L.ETH_HLEN if self.l2 else 0)
+        proto4 = rows[:, l3 + L.IPV4_PROTO_OFFSET]
+        proto6 = rows[:, l3 + L.IPV6_NEXT_OFFSET]
+        if self.l2:
+            et_hi, et_lo = rows[:, p + L.ETHERTYPE_OFFSET], rows[:, p + L.ETHERTYPE_OFFSET + 1]
+            v4 = (et_hi == 0x08) & (et_lo == 0x00)
+            v6 = (et_hi == 0x86) & (et_lo == 0xDD)
+            vlan = good4 & (((et_hi == 0x81) & (et_lo == 0x00)) | ((et_hi == 0x88) & (et_lo == 0xA8)))  # _head parses
+        else:
+            version = rows[:, l3] >> 4
+            v4, v6, vlan = version == 4, version == 6, False
+        l4_known = good4 & v4 & ((proto4 == L.PROTO_TCP) | (proto4 == udp))
+        l4_known |= good6 & v6 & ((proto6 == L.PROTO_TCP) | (proto6 == udp) | (proto6 == L.IPV6_HOP_BY_HOP)
+                                  | (proto6 == L.IPV6_DEST_OPTS) | (proto6 == L.IPV6_ROUTING))
+        return l4_known | vlan
+
     def _head(self, mv: memoryview, start: int, end: int):
         """(run function, layout) when the row at ``start`` can head a run, else None."""
         p = self.p
-        if mv[start : start + p] != self._prefix_bytes:
-            return None
-        lay = L.parse(mv[start + p : start + end])
+        lay = self._parse(mv[start + p : start + end])
         if lay.__class__ is str:
+            return None
+        if mv[start : start + p] != (self._prefix6_bytes if lay.v6 else self._prefix_bytes):
             return None
         if lay.proto == L.PROTO_TCP:
             return self._run, lay
@@ -130,7 +154,7 @@ class Coalescer:
         p = self.p
         l3, l4 = p + lay.l3, p + lay.l4
         if lay.v6:
-            base, at = l4, l3 + L.IPV6_PLEN_OFFSET
+            base, at = l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET  # extension headers count as payload
         else:
             base, at = l3, l3 + L.IPV4_TOTLEN_OFFSET
             if int.from_bytes(head[l3:l4].tobytes(), "big") % 0xFFFF:  # a valid header sums to 0xFFFF
@@ -160,7 +184,7 @@ class Coalescer:
         differ = rows[:, :hl] != head[:hl]
         differ[:, self._varying(l3, l4, lay.v6)] = False
         if lay.v6:
-            iplen_base, iplen_at = l4, l3 + L.IPV6_PLEN_OFFSET
+            iplen_base, iplen_at = l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET
         else:
             iplen_base, iplen_at = l3, l3 + L.IPV4_TOTLEN_OFFSET
         if tail < rowlen:
@@ -201,7 +225,7 @@ class Coalescer:
         ccol = l4 + L.UDP_CSUM_OFFSET
         varying = [ccol, ccol + 1] + ([] if lay.v6 else [l3 + o for o in (4, 5, 10, 11)])
         differ[:, varying] = False
-        iplen_base, iplen_at = (l4, l3 + L.IPV6_PLEN_OFFSET) if lay.v6 else (l3, l3 + L.IPV4_TOTLEN_OFFSET)
+        iplen_base, iplen_at = (l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET) if lay.v6 else (l3, l3 + L.IPV4_TOTLEN_OFFSET)
         if tail < rowlen:
             last = rows[-1]
             ulen_at = l4 + L.UDP_LEN_OFFSET
@@ -238,7 +262,7 @@ class Coalescer:
         hdr = bytearray(rows[0, p:hl].tobytes())
         l3, l4 = lay.l3, lay.l4
         if lay.v6:
-            _be16(hdr, l3 + L.IPV6_PLEN_OFFSET, lay.hlen - l4 + payload)
+            _be16(hdr, l3 + L.IPV6_PLEN_OFFSET, lay.hlen - (l3 + L.IPV6_HLEN) + payload)
         else:
             _be16(hdr, l3 + L.IPV4_TOTLEN_OFFSET, lay.hlen - l3 + payload)
             _be16(hdr, l3 + L.IPV4_CSUM_OFFSET, 0)

@@ -1,4 +1,5 @@
-"""Where the headers of an Ethernet frame carrying IPv4/IPv6 and TCP/UDP are: parsed once per frame."""
+"""Where the headers of a frame carrying IPv4/IPv6 and TCP/UDP are, parsed once per frame: an Ethernet frame
+(TAP, ``parse``) or a bare IP packet (TUN, ``parse_ip``). Offsets are from the start of the frame."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ VLAN_HLEN = 4
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
 ETHERTYPE_VLAN = 0x8100
+ETHERTYPE_QINQ = 0x88A8
 
 IPV4_TOTLEN_OFFSET = 2
 IPV4_ID_OFFSET = 4
@@ -21,6 +23,10 @@ IPV6_HLEN = 40
 IPV6_PLEN_OFFSET = 4
 IPV6_NEXT_OFFSET = 6
 IPV6_ADDRS_OFFSET = 8  # source and destination, 32 bytes
+IPV6_HOP_BY_HOP = 0  # extension headers (next-header values), RFC 8200 §4
+IPV6_ROUTING = 43
+IPV6_FRAGMENT = 44
+IPV6_DEST_OPTS = 60
 
 PROTO_TCP = 6
 PROTO_UDP = 17
@@ -54,19 +60,40 @@ class Layout(NamedTuple):
 
 
 def parse(frame, proto_wanted: int | None = None) -> Layout | str:
-    """The layout of an Ethernet/IP/TCP-or-UDP frame, or a short reason why it is not one we handle.
+    """The layout of an Ethernet/IP/TCP-or-UDP frame (a TAP frame), or a short reason why it is not one we
+    handle.
 
-    Handled: optional single 802.1Q tag; IPv4 with or without options, not a fragment; IPv6 whose next header
-    is TCP or UDP directly (extension headers are not followed)."""
-    n = len(frame)
-    if n < ETH_HLEN + 20:
+    Handled: one or two VLAN tags (802.1Q, 802.1ad); IPv4 with or without options, not a fragment; IPv6 with
+    hop-by-hop, destination options or a spent routing header before TCP or UDP, not a fragment."""
+    if len(frame) < ETH_HLEN + 20:
         return "short"
     ethertype = frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1]
     l3 = ETH_HLEN
-    if ethertype == ETHERTYPE_VLAN:
-        ethertype = frame[ETHERTYPE_OFFSET + VLAN_HLEN] << 8 | frame[ETHERTYPE_OFFSET + VLAN_HLEN + 1]
+    at = ETHERTYPE_OFFSET
+    for _ in range(2):  # a customer tag, or a service tag then a customer tag (QinQ)
+        if ethertype not in (ETHERTYPE_VLAN, ETHERTYPE_QINQ):
+            break
+        at += VLAN_HLEN
+        ethertype = frame[at] << 8 | frame[at + 1]
         l3 += VLAN_HLEN
     if ethertype == ETHERTYPE_IPV4:
+        return _parse_ip(frame, l3, 4, proto_wanted)
+    if ethertype == ETHERTYPE_IPV6:
+        return _parse_ip(frame, l3, 6, proto_wanted)
+    return "not_ip"
+
+
+def parse_ip(frame, proto_wanted: int | None = None) -> Layout | str:
+    """The layout of an IP/TCP-or-UDP packet with no link header (a TUN frame): as ``parse``, the IP version
+    taken from the packet's first nibble."""
+    if len(frame) < 20:
+        return "short"
+    return _parse_ip(frame, 0, frame[0] >> 4, proto_wanted)
+
+
+def _parse_ip(frame, l3: int, version: int, proto_wanted: int | None) -> Layout | str:
+    n = len(frame)
+    if version == 4:
         if frame[l3] >> 4 != 4:
             return "bad_ip_version"
         ihl = (frame[l3] & 0x0F) * 4
@@ -78,12 +105,22 @@ def parse(frame, proto_wanted: int | None = None) -> Layout | str:
         l4 = l3 + ihl
         v6 = False
         pseudo = int.from_bytes(frame[l3 + IPV4_ADDRS_OFFSET : l3 + IPV4_ADDRS_OFFSET + 8], "big") % 0xFFFF
-    elif ethertype == ETHERTYPE_IPV6:
+    elif version == 6:
         if n < l3 + IPV6_HLEN or frame[l3] >> 4 != 6:
             return "bad_ip_version"
         proto = frame[l3 + IPV6_NEXT_OFFSET]
         l4 = l3 + IPV6_HLEN
         v6 = True
+        # Extension headers a TCP or UDP sender may carry: each is next header, length in 8-byte units past the
+        # first 8, and each step moves l4 on by at least 8 bytes, so the walk ends within the frame.
+        while proto in (IPV6_HOP_BY_HOP, IPV6_DEST_OPTS, IPV6_ROUTING):
+            if n < l4 + 8:
+                return "short"
+            if proto == IPV6_ROUTING and frame[l4 + 3]:
+                return "routing"  # segments left: the pseudo-header's destination is another address
+            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        if proto == IPV6_FRAGMENT:
+            return "fragment"
         pseudo = int.from_bytes(frame[l3 + IPV6_ADDRS_OFFSET : l3 + IPV6_HLEN], "big") % 0xFFFF
     else:
         return "not_ip"

@@ -1,12 +1,13 @@
 """Cutting a TCP or UDP super-frame into wire-size segments, each behind an encapsulation prefix.
 
 The output is one buffer of ``nseg`` rows of ``rowlen`` bytes (the last row may be shorter), exactly what a
-``sendmsg`` with UDP_SEGMENT = ``rowlen`` sends as ``nseg`` datagrams. Each row is
-``prefix | Ethernet | IP | TCP/UDP | gso_size payload bytes`` and every per-segment field is computed for all
-rows at once with NumPy (see the package docstring for the checksum arithmetic).
+``sendmsg`` with UDP_SEGMENT = ``rowlen`` sends as ``nseg`` datagrams (or a ``sendmmsg`` as ``nseg`` IP
+packets). Each row is ``prefix | [Ethernet] | IP | TCP/UDP | gso_size payload bytes`` (Ethernet for TAP
+frames, none for TUN) and every per-segment field is computed for all rows at once with NumPy (see the package
+docstring for the checksum arithmetic).
 
 What each segment gets, as the kernel's own GSO does (tcp_gso_segment, __udp_gso_segment, inet_gso_segment):
-- IPv4: total length, ID = first ID + i, header checksum; IPv6: payload length;
+- IPv4: total length, ID = first ID + i, header checksum; IPv6: payload length (extension headers included);
 - TCP: sequence number + i * gso_size; FIN and PSH only on the last segment, CWR only on the first; checksum;
 - UDP: length, checksum (a computed 0 is sent as 0xFFFF).
 """
@@ -20,7 +21,10 @@ import numpy as np
 from tunneld.offload import layout as L
 from tunneld.offload.vnet import GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4
 
-MAX_SEGMENTS = 128  # more than a 64 KiB frame of 512-byte segments; the link splits what one sendmsg can't carry
+# Linux lets TCP go down to an MSS of 88 (TCP_MIN_MSS, e.g. after MSS clamping): a 64 KiB super-frame is then
+# ~745 segments, and one we refused would be retransmitted and refused again, stalling the connection. The link
+# splits what one send can't carry.
+MAX_SEGMENTS = 1024
 _ROW_EXTRA = 256  # room per row for prefix + headers in the output buffer
 
 _U8 = np.uint8
@@ -56,10 +60,17 @@ def _sum_le(rows: np.ndarray, start: int, end: int) -> np.ndarray:
 
 
 class Segmenter:
-    """Holds the output buffer (reused for every frame) and the encapsulation prefix of every row."""
+    """Holds the output buffer (reused for every frame) and the encapsulation prefix of every row.
 
-    def __init__(self, prefix: bytes, max_frame: int = 65535) -> None:
+    ``l2``: frames are Ethernet frames (TAP) or bare IP packets (TUN). ``prefix6``: the prefix for IPv6 frames
+    where it differs from the IPv4 one (GRE names the inner protocol in its header); the same length."""
+
+    def __init__(self, prefix: bytes, max_frame: int = 65535, *, prefix6: bytes | None = None, l2: bool = True) -> None:
         self.prefix = np.frombuffer(bytes(prefix), _U8)
+        self.prefix6 = self.prefix if prefix6 is None else np.frombuffer(bytes(prefix6), _U8)
+        if len(self.prefix6) != len(self.prefix):
+            raise ValueError("the IPv4 and IPv6 prefixes must have the same length")
+        self._parse = L.parse if l2 else L.parse_ip
         self._out = np.zeros(max_frame + MAX_SEGMENTS * _ROW_EXTRA, _U8)
 
     def split(self, frame: memoryview, gso_type: int, gso_size: int) -> Segments | str:
@@ -68,7 +79,7 @@ class Segmenter:
         want = L.PROTO_UDP if gso_type == GSO_UDP_L4 else L.PROTO_TCP
         if gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
             return "gso_type"
-        lay = L.parse(frame, want)
+        lay = self._parse(frame, want)
         if lay.__class__ is str:
             return lay
         if (gso_type == GSO_TCPV6) != lay.v6 and gso_type != GSO_UDP_L4:
@@ -86,7 +97,7 @@ class Segmenter:
         f = np.frombuffer(frame, _U8)
         rows = self._out[: nseg * rowlen].reshape(nseg, rowlen)
         body = p + hlen
-        rows[:, :p] = self.prefix
+        rows[:, :p] = self.prefix6 if lay.v6 else self.prefix
         rows[:, p:body] = f[:hlen]
         rows[:nfull, body:] = f[hlen : hlen + nfull * gso_size].reshape(nfull, gso_size)
         if last:
@@ -98,7 +109,7 @@ class Segmenter:
         l4len = seg_payload + (hlen - l4)
         ip, tp = p + l3, p + l4
         if lay.v6:
-            _be16_into(rows, ip + L.IPV6_PLEN_OFFSET, l4len)
+            _be16_into(rows, ip + L.IPV6_PLEN_OFFSET, l4len + (l4 - l3 - L.IPV6_HLEN))  # + extension headers
         else:
             ihl = l4 - l3
             _be16_into(rows, ip + L.IPV4_TOTLEN_OFFSET, l4len + ihl)

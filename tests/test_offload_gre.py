@@ -1,0 +1,233 @@
+"""The offload path over raw IP (GRE on a TUN device): segmentation and coalescing of bare IP packets behind a
+GRE header that names the inner protocol, against scapy's GRE; sendmmsg/recvmmsg; the raw link's runs."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import GRE
+
+from tunneld.encap.gre import Gre, GreTap
+from tunneld.encap.vxlan import Vxlan
+from tunneld.engine_offload import constant_prefixes, offload_supported
+from tunneld.io.mmsg import MessageReceiver, MessageSender
+from tunneld.io.raw import RawLink
+from tunneld.offload.coalesce import Coalescer, SuperFrame
+from tunneld.offload.segment import Segmenter
+from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, HDR, VNET_HDR_LEN, finish_checksum
+
+KEY = 0xDEADBEEF
+OPTS = [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]
+
+
+def gre_header(v6: bool) -> bytes:
+    return bytes(GRE(key_present=1, key=KEY, proto=0x86DD if v6 else 0x0800))
+
+
+def ip(v6: bool, ip_id: int = 77):
+    if v6:
+        return IPv6(src="fd00::1", dst="fd00::2")
+    return IP(src="10.1.0.1", dst="10.1.0.2", flags="DF", id=ip_id)
+
+
+def tcp(seq: int, flags) -> TCP:
+    return TCP(sport=40000, dport=5201, seq=seq, ack=9, flags=flags, window=500, options=OPTS)
+
+
+def super_packet(data: bytes, v6: bool, flags="PA", seq=1000) -> bytes:
+    return bytes(ip(v6) / tcp(seq, flags) / data)
+
+
+def wire_segments(data: bytes, gso: int, v6: bool, flags="PA", seq=1000) -> list[bytes]:
+    """What the kernel's GSO would send, each behind the GRE header, built packet by packet by scapy."""
+    chunks = [data[i : i + gso] for i in range(0, len(data), gso)]
+    out = []
+    for i, chunk in enumerate(chunks):
+        f = TCP(flags=flags).flags.value & (~0x09 if i < len(chunks) - 1 else 0xFF)
+        inner = ip(v6, 77 + i) / tcp((seq + i * gso) & 0xFFFFFFFF, f) / chunk
+        out.append(bytes(GRE(key_present=1, key=KEY, proto=0x86DD if v6 else 0x0800) / inner))
+    return out
+
+
+def segmenter() -> Segmenter:
+    return Segmenter(gre_header(False), prefix6=gre_header(True), l2=False)
+
+
+def coalescer() -> Coalescer:
+    return Coalescer(gre_header(False), prefix6=gre_header(True), l2=False)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("size, gso", [(1424 * 30 + 11, 1424), (999 * 4, 999), (5001, 1000)])
+def test_tun_superframe_is_cut_into_gre_packets_as_scapy_builds_them(v6, size, gso):
+    data = random.Random(size).randbytes(size)
+    r = segmenter().split(memoryview(bytearray(super_packet(data, v6))), GSO_TCPV6 if v6 else GSO_TCPV4, gso)
+    assert not isinstance(r, str), r
+    buf = bytes(r.buffer)
+    rows = [buf[i : i + r.rowlen] for i in range(0, len(buf), r.rowlen)]
+    assert rows == wire_segments(data, gso, v6)
+    assert r.count == len(rows) and r.inner_bytes == sum(len(x) - 8 for x in rows)
+
+
+def test_tun_udp_superframe_is_cut_behind_the_ipv4_gre_header():
+    data = random.Random(3).randbytes(2500)
+    frame = bytes(ip(False, 5) / UDP(sport=1, dport=2) / data)
+    r = segmenter().split(memoryview(bytearray(frame)), GSO_UDP_L4, 1000)
+    buf = bytes(r.buffer)
+    want = [bytes(GRE(key_present=1, key=KEY, proto=0x0800) / ip(False, 5 + i) / UDP(sport=1, dport=2)
+                  / data[i * 1000 : (i + 1) * 1000]) for i in range(3)]
+    assert [buf[i : i + r.rowlen] for i in range(0, len(buf), r.rowlen)] == want
+
+
+def test_a_tun_segmenter_refuses_an_ethernet_frame_and_other_versions():
+    seg = segmenter()
+    assert seg.split(memoryview(bytearray(b"\x20" + bytes(100))), GSO_TCPV4, 50) == "not_ip"
+    assert seg.split(memoryview(bytearray(bytes(10))), GSO_TCPV4, 50) == "short"
+
+
+def batch(packets: list[bytes]) -> tuple[np.ndarray, int, int]:
+    rowlen = len(packets[0])
+    data = b"".join(packets)
+    rx = np.zeros(len(data) + rowlen, np.uint8)
+    rx[: len(data)] = np.frombuffer(data, np.uint8)
+    return rx, len(data), rowlen
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_gre_packets_of_one_flow_coalesce_into_one_tun_superframe(v6):
+    data = random.Random(9).randbytes(1424 * 12 + 300)
+    rx, n, rowlen = batch(wire_segments(data, 1424, v6))
+    plan = coalescer().plan(rx, n, rowlen)
+    assert len(plan) == 1 and isinstance(plan[0], SuperFrame) and plan[0].segments == 13
+    blob = b"".join(bytes(memoryview(x)) for x in plan[0].iov)
+    flags, gso_type, hdr_len, gso_size, cs, co = HDR.unpack(blob[:VNET_HDR_LEN])
+    assert (flags, gso_type, gso_size, cs, co) == (F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, 1424, 40 if v6 else 20, 16)
+    whole = bytearray(blob[VNET_HDR_LEN:])
+    assert finish_checksum(memoryview(whole), cs, co)
+    assert bytes(whole) == super_packet(data, v6)  # no Ethernet header: a TUN write
+
+
+def test_an_ipv6_packet_behind_an_ipv4_protocol_type_is_not_merged():
+    data = random.Random(2).randbytes(1000 * 4)
+    segs = wire_segments(data, 1000, v6=True)
+    segs[2] = gre_header(False) + segs[2][8:]  # the GRE header says IPv4, the packet is IPv6
+    rx, n, rowlen = batch(segs)
+    plan = coalescer().plan(rx, n, rowlen)
+    assert [type(x) for x in plan] == [SuperFrame, tuple, tuple]  # rows 0-1 merged; 2 alone; 3 no run to join
+    assert plan[0].segments == 2 and plan[1] == (2 * rowlen, 3 * rowlen)
+
+
+def test_constant_prefixes_follow_the_codec_options_and_leave_its_state_alone():
+    p4, p6 = constant_prefixes(Gre(key=KEY))
+    assert (p4, p6) == (gre_header(False), gre_header(True))
+    assert constant_prefixes(GreTap())[0] == constant_prefixes(GreTap())[1] == bytes(GRE(proto=0x6558))
+    assert constant_prefixes(Vxlan(7))[0] == constant_prefixes(Vxlan(7))[1]
+    seq = Gre(seq=True)
+    assert constant_prefixes(seq) is None and not offload_supported(seq)  # a counter differs per packet
+    assert not offload_supported(Gre(csum=True))  # a checksum differs per packet
+    buf = bytearray(64) + bytes(super_packet(b"x", False))
+    start = seq.encap(buf, 64, len(buf))
+    assert GRE(bytes(buf[start:])).sequence_number == 0  # the probes did not advance the real codec
+
+
+# -- sendmmsg / recvmmsg over loopback UDP (the calls are the same for any socket) ---------------------------
+
+
+def test_sendmmsg_sends_each_row_and_recvmmsg_returns_them_with_their_source():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        tx.bind(("127.0.0.1", 0))
+        sender = MessageSender(tx.fileno(), capacity=4)  # fewer than the rows: the send takes several calls
+        port = rx.getsockname()[1]
+        sender.set_destination(b"\x02\x00" + port.to_bytes(2, "big") + socket.inet_aton("127.0.0.1") + bytes(8))
+        rows = bytearray(random.Random(1).randbytes(10 * 300 + 77))
+        assert sender.send(memoryview(rows), 300) == 11
+        receiver = MessageReceiver(rx.fileno(), slots=8, slot_size=2048)
+        got = []
+        for _ in range(2):  # 8 slots, then the other 3
+            n = receiver.receive()
+            for i in range(n):
+                got.append(receiver.slots[i, : receiver.lengths[i]].tobytes())
+                assert receiver.names[i, 4:8].tobytes() == socket.inet_aton("127.0.0.1")
+                assert int.from_bytes(receiver.names[i, 2:4].tobytes(), "big") == tx.getsockname()[1]
+        assert got == [bytes(rows[i : i + 300]) for i in range(0, len(rows), 300)]
+        with pytest.raises(BlockingIOError):
+            receiver.receive()
+    finally:
+        rx.close()
+        tx.close()
+
+
+def test_a_refused_sendmmsg_raises_with_what_left():
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sender = MessageSender(tx.fileno())
+        sender.set_destination(b"\x02\x00\x00\x09" + socket.inet_aton("127.0.0.1") + bytes(8))
+        with pytest.raises(OSError) as e:
+            sender.send(memoryview(bytearray(70000 * 2)), 70000)  # larger than any datagram
+        assert e.value.sent == 0
+    finally:
+        tx.close()
+
+
+# -- the raw link's runs out of one recvmmsg -------------------------------------------------------------------
+
+
+class FakeReceiver:
+    """Stands in for MessageReceiver: packets as a raw IPv4 socket returns them (outer header included)."""
+
+    def __init__(self, packets: list[tuple[str, bytes]]) -> None:
+        self.slots = np.zeros((len(packets), 2048), np.uint8)
+        self.names = np.zeros((len(packets), 28), np.uint8)
+        self.lengths = np.zeros(len(packets), np.uint32)
+        for i, (source, payload) in enumerate(packets):
+            whole = bytes(IP(src=source, dst="10.0.0.1", proto=47) / payload)
+            self.slots[i, : len(whole)] = np.frombuffer(whole, np.uint8)
+            self.lengths[i] = len(whole)
+            self.names[i, 4:8] = np.frombuffer(socket.inet_aton(source), np.uint8)
+        self.calls = 0
+
+    def receive(self) -> int:
+        self.calls += 1
+        if self.calls > 1:
+            raise BlockingIOError
+        return len(self.lengths)
+
+
+def raw_link_with(packets) -> RawLink:
+    link = RawLink.__new__(RawLink)  # no socket: only the run building is under test
+    link.family, link.peer = socket.AF_INET, "10.0.0.2"
+    link._peer_bytes = socket.inet_aton(link.peer)
+    link._receive_with(FakeReceiver(packets))
+    return link
+
+
+def test_raw_link_hands_out_runs_of_one_length_like_a_gro_read():
+    peer, stranger = "10.0.0.2", "10.0.0.9"
+    full, short = [bytes([i]) * 100 for i in range(3)], b"s" * 40
+    link = raw_link_with([(peer, full[0]), (peer, full[1]), (peer, full[2]), (peer, short), (stranger, full[0]),
+                          (peer, b"z" * 60), (peer, b"y" * 100)])
+    buf = memoryview(bytearray(1 << 16))
+    assert link.recv_gro_into(buf) == (340, peer, 100)  # three full and the shorter last one
+    assert bytes(buf[:340]) == b"".join(full) + short
+    assert link.recv_gro_into(buf) == (100, stranger, 0)
+    assert link.recv_gro_into(buf) == (60, peer, 0)  # alone: the next one is longer
+    assert bytes(buf[:60]) == b"z" * 60
+    assert link.recv_gro_into(buf) == (100, peer, 0)
+    with pytest.raises(BlockingIOError):
+        link.recv_gro_into(buf)
+
+
+def test_raw_link_runs_stop_at_the_callers_buffer():
+    link = raw_link_with([("10.0.0.2", bytes(100))] * 5)
+    buf = memoryview(bytearray(250))
+    assert link.recv_gro_into(buf) == (200, "10.0.0.2", 100)
+    assert link.recv_gro_into(buf) == (200, "10.0.0.2", 100)
+    assert link.recv_gro_into(buf) == (100, "10.0.0.2", 0)
