@@ -261,6 +261,17 @@ def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):
     a.wait_link("tunneld0", present=False, timeout=5)
 
 
+def test_the_main_process_killed_takes_its_workers_and_the_interface_with_it(hosts):
+    a, b = hosts
+    t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
+    kids = wait_children(t.proc.pid, 1)
+    assert len(kids) == 1
+    t.proc.kill()  # SIGKILL: no clean-up code runs; PR_SET_PDEATHSIG does the rest
+    t.proc.wait(timeout=5)
+    assert wait_gone(kids) == []
+    a.wait_link("tunneld0", present=False, timeout=5)
+
+
 def test_interface_deleted_underneath_stops_every_worker(hosts):
     a, b = hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")

@@ -56,6 +56,7 @@ READY_TIMEOUT = 15.0  # seconds for every child to attach its engine
 SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for the children's counters
 LATE_AFTER = 5.0  # seconds without an answer after which a child counts as wedged
 STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL
+LATE_WARN_EVERY = 60.0  # seconds between log lines about a worker late with its counters
 MESSAGE_MAX = 1 << 16
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 
@@ -140,6 +141,7 @@ class Pool:
         self._waiting: dict[int, tuple[asyncio.Future, set[int]]] = {}
         self._changed: asyncio.Event | None = None  # set whenever a child becomes ready or dies
         self._late_logged: set[int] = set()
+        self._late_warned = float("-inf")
 
     # -- on the parent's event loop ------------------------------------------------------------------------
 
@@ -249,9 +251,11 @@ class Pool:
         try:
             await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            late = ", ".join(str(c.index) for c in self.children if c.index in self._waiting[seq][1])
-            log.warning("metrics: worker %s did not report its counters within %.1f s; using its last report",
-                        late, timeout)
+            if time.monotonic() - self._late_warned >= LATE_WARN_EVERY:  # not once per scrape
+                self._late_warned = time.monotonic()
+                late = ", ".join(str(c.index) for c in self.children if c.index in self._waiting[seq][1])
+                log.warning("metrics: worker %s did not report its counters within %.1f s; using its last report",
+                            late, timeout)
         finally:
             self._waiting.pop(seq, None)
         return self.last()
