@@ -357,3 +357,18 @@ def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts,
         rx.close()
     out = proc.stdout.read()
     assert f"worker 1 (pid {kid}) has not answered for" in out, out
+
+
+def test_a_second_daemon_on_the_port_fails_instead_of_joining_the_reuseport_group(hosts):
+    from tests.netns import TUNNELD
+
+    a, b = hosts
+    first = Tunneld(a, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")
+    r = a.run(TUNNELD, "--dev", "tunneld9", "--peer", b.underlay, "--workers", "2", "--metrics-listen", "",
+              check=False, timeout=20)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["tunneld: error: UDP port 4789 on 0.0.0.0 is already in use (another "
+                                             "tunneld, or a kernel vxlan device with that dstport?); pick another with "
+                                             "--port"]
+    assert a.link_state("tunneld9") is None
+    assert first.stop() == 0
