@@ -115,7 +115,8 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     eng.stats.tx_packets, eng.stats.rx_packets = 10, 1
     others = [_stats(5, 2, 0.0, Drop.TOO_BIG)]
     registry = CollectorRegistry()
-    registry.register(TunnelCollector(eng, dev="td0", mtu=1450, vni=7, others=lambda: others))
+    registry.register(TunnelCollector(eng, dev="td0", mtu=1450, vni=7, others=lambda: others,
+                                      cpu=lambda: [1.5, 0.25]))
     got = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k in ("worker", "direction", "reason")))): s.value
            for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
     assert got[("tunneld_tx_packets_total", ())] == 15
@@ -124,3 +125,5 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     assert got[("tunneld_worker_packets_total", (("direction", "tx"), ("worker", "0")))] == 10
     assert got[("tunneld_worker_packets_total", (("direction", "tx"), ("worker", "1")))] == 5
     assert got[("tunneld_worker_packets_total", (("direction", "rx"), ("worker", "1")))] == 2
+    assert got[("tunneld_worker_cpu_seconds_total", (("worker", "0"),))] == 1.5
+    assert got[("tunneld_worker_cpu_seconds_total", (("worker", "1"),))] == 0.25

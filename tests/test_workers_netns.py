@@ -107,6 +107,13 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (/proc/PID/stat fields 14 and 15)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_children(pid: int, count: int, timeout: float = 10) -> list[int]:
     """The children of ``pid`` once there are ``count`` of them: the interface comes up before the fork."""
     deadline = time.monotonic() + timeout
@@ -206,8 +213,16 @@ def test_two_workers_each_end_share_the_flows_and_count_exactly(hosts):
         assert all(n > 0 for n in per_worker), (direction, per_worker)  # both queues / both sockets carried
         assert sum(per_worker) == value(sample, f"tunneld_{direction}_packets_total")
     for sample in (after_a, after_b):
+        # Each worker's CPU time, read by the worker itself: both moved packets, so both used some.
+        assert all(value(sample, "tunneld_worker_cpu_seconds_total", worker=w) > 0 for w in "01")
         drops = {k: v for k, v in sample.items() if k[0] == "tunneld_dropped_packets_total" and v}
         assert drops == {}, drops
+
+    # The CPU seconds a worker reports are the kernel's (/proc/PID/stat), as of the scrape.
+    [kid] = children(ta.proc.pid)
+    before_cpu = cpu_seconds(kid)
+    reported = value(scrape(a), "tunneld_worker_cpu_seconds_total", worker="1")
+    assert before_cpu - 0.011 <= reported <= cpu_seconds(kid) + 0.011
 
     for t in (ta, tb):
         assert t.stop() == 0, t.output()

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -166,7 +167,7 @@ class Tunnel:
         self.engine = self.make_engine(self.device, self.link)
         if self.metrics is not None:
             self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None),
-                               others=self.worker_stats if self.workers > 1 else None)
+                               others=self.worker_stats if self.workers > 1 else None, cpu=self.worker_cpu)
 
     def make_engine(self, device: Device, link: UdpLink | RawLink) -> Engine:
         engine_cls = OffloadEngine if self.offload else Engine
@@ -194,6 +195,12 @@ class Tunnel:
     def worker_stats(self) -> list[Stats]:
         """The other workers' counters, asked for now (from the metrics thread)."""
         return self.pool.snapshot_threadsafe() if self.pool is not None else []
+
+    def worker_cpu(self) -> list[float]:
+        """CPU seconds used by each worker process, the main one (worker 0) first; the others' as of the last
+        worker_stats() (the exporter calls the two in that order, so they describe the same moment)."""
+        times = os.times()
+        return [times.user + times.system, *(self.pool.last_cpu() if self.pool is not None else ())]
 
     def totals(self) -> Stats:
         """Every worker's counters added up, the others' as of their last report (at most a second old)."""

@@ -86,9 +86,10 @@ class TunnelCollector(Collector):
     """Builds tunneld's metric families from one engine's counters, at scrape time."""
 
     def __init__(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None,
-                 others: Callable[[], list[Stats]] | None = None) -> None:
+                 others: Callable[[], list[Stats]] | None = None, cpu: Callable[[], list[float]] | None = None) -> None:
         self.engine = engine
         self.others = others
+        self.cpu = cpu
         self.dev = dev
         self.mtu = mtu
         self.vni = vni
@@ -137,6 +138,17 @@ class TunnelCollector(Collector):
             workers.add_metric([*labels, str(index), "tx"], part.tx_packets)
             workers.add_metric([*labels, str(index), "rx"], part.rx_packets)
         yield workers
+
+        if self.cpu is not None:
+            cpu = CounterMetricFamily(
+                "tunneld_worker_cpu_seconds",
+                "CPU time (user + system) used by each worker process (--workers); process_cpu_seconds_total is "
+                "the main process's (worker 0) alone. A worker near 1 CPU second per second is saturated.",
+                labels=[*LABELS, "worker"],
+            )
+            for index, seconds in enumerate(self.cpu()):
+                cpu.add_metric([*labels, str(index)], seconds)
+            yield cpu
 
         dropped = CounterMetricFamily(
             "tunneld_dropped_packets",
@@ -260,9 +272,10 @@ class MetricsServer:
         self._probe: LoopLagProbe | None = None
 
     def watch(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None,
-              others: Callable[[], list[Stats]] | None = None) -> None:
-        """Export ``engine``'s counters (plus the ``others()``, other workers' counters) from now on."""
-        self._collector = TunnelCollector(engine, dev=dev, mtu=mtu, vni=vni, others=others)
+              others: Callable[[], list[Stats]] | None = None, cpu: Callable[[], list[float]] | None = None) -> None:
+        """Export ``engine``'s counters (plus the ``others()``, other workers' counters, and ``cpu()``, the
+        workers' CPU seconds) from now on."""
+        self._collector = TunnelCollector(engine, dev=dev, mtu=mtu, vni=vni, others=others, cpu=cpu)
         self.registry.register(self._collector)
         self._probe = LoopLagProbe(engine.stats)
 

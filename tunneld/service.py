@@ -208,7 +208,8 @@ class Service:
                 log.error("reload: %s; still serving metrics at %s", e, tunnel.cfg.metrics_listen or "off")
                 return False
             new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None),
-                      others=tunnel.worker_stats if getattr(tunnel, "pool", None) is not None else None)
+                      others=tunnel.worker_stats if getattr(tunnel, "pool", None) is not None else None,
+                      cpu=getattr(tunnel, "worker_cpu", None))
             new.start(loop)
         old, tunnel.metrics = tunnel.metrics, new
         if old is not None:

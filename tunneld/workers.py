@@ -17,7 +17,8 @@ Theory of operation:
   says stop or closes the control socket, or the interface is deleted (exit status 1).
 - Parent and child talk over one SOCK_SEQPACKET socketpair per child, pickled tuples (both ends are this
   program, forked from one process):
-    child → parent: ("ready",) once its engine is attached; ("stats", seq, Stats) in answer to a request.
+    child → parent: ("ready",) once its engine is attached; ("stats", seq, Stats, cpu seconds) in answer
+                    to a request (the CPU time the worker has used: os.times(), user + system).
     parent → child: ("stats", seq); ("apply", {"peer": ..., "log_level": ...}) on reload; ("stop",).
 - A child that exits unasked is fatal: the parent learns it from the child's pidfd, logs how it died, and
   stops with status 1, so that systemd restarts the whole unit rather than run a tunnel with a queue that
@@ -124,6 +125,7 @@ class Child:
         self.pidfd = os.pidfd_open(pid)  # readable once the process has exited
         self.ready = False
         self.stats: Stats | None = None  # the last snapshot it sent
+        self.cpu = 0.0  # the CPU seconds it had used at that snapshot
         self.answered = time.monotonic()  # when it last answered
         self.exited: int | None = None  # its wait status, once reaped
 
@@ -204,8 +206,8 @@ class Pool:
                 if self._changed is not None:
                     self._changed.set()
             elif kind == "stats":
-                _, seq, stats = message
-                child.stats = stats
+                _, seq, stats, cpu = message
+                child.stats, child.cpu = stats, cpu
                 child.answered = time.monotonic()
                 self._late_logged.discard(child.index)
                 waiting = self._waiting.get(seq)
@@ -273,6 +275,10 @@ class Pool:
     def last(self) -> list[Stats]:
         """The last snapshot of every child (zeros for one that has not sent any yet)."""
         return [c.stats if c.stats is not None else Stats(self.batch) for c in self.children]
+
+    def last_cpu(self) -> list[float]:
+        """Every child's CPU seconds as of its last snapshot."""
+        return [c.cpu for c in self.children]
 
     def alive(self) -> bool:
         """Whether every child answered within LATE_AFTER seconds (the watchdog ping waits on it)."""
@@ -426,7 +432,8 @@ async def _child_serve(index: int, tunnel, device, link, ctl: socket.socket) -> 
             message = pickle.loads(data)
             kind = message[0]
             if kind == "stats":
-                _send(ctl, ("stats", message[1], engine.stats))
+                times = os.times()
+                _send(ctl, ("stats", message[1], engine.stats, times.user + times.system))
             elif kind == "apply":
                 try:
                     apply(message[1])
