@@ -49,6 +49,18 @@ def test_offload_and_plain_gre_ends_move_data_intact_both_ways(hosts, mode):
     assert "offload off" in out_b
 
 
+@pytest.mark.parametrize("mode", ["gre", "gretap"])
+def test_offload_over_an_ipv6_underlay(hosts, mode):
+    """IPv6 raw sockets deliver no IP header and name the source in a sockaddr_in6: the other recvmmsg layout."""
+    a, b = hosts
+    ta, tb = start_pair(a, b, mode, "--key", "9", underlay6=True)
+    a.wait_ping(OVERLAY_V4[1])
+    assert_transfers(a, b)
+    out = stopped(ta)
+    assert "sendmmsg/recvmmsg" in out and f"peer {b.underlay6} ip proto 47" in out
+    stopped(tb)
+
+
 def test_gre_with_sequence_numbers_keeps_the_plain_path(hosts):
     a, b = hosts
     ta, tb = start_pair(a, b, "gre", "--seq")

@@ -129,7 +129,8 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
     p.add_argument(
         "--no-offload", dest="offload", action="store_false", default=None,
-        help="move one packet per system call: no TAP segmentation offload, no UDP GSO/GRO (for debugging and comparison)",
+        help="move one packet per system call: no TUN/TAP segmentation offload, no UDP GSO/GRO, no sendmmsg/recvmmsg "
+        "(for debugging and comparison)",
     )
     p.add_argument(
         "--workers", metavar="N", type=_workers,
