@@ -6,7 +6,13 @@ MTUs are each system's own default (tunneld and the kernel derive it from the 15
 for the userspace C peers, which are given 1450 like VXLAN so no outer packet needs fragmenting.
 
 A system reports the processes that carry its data path in userspace (``pids``), so the bench can charge
-their CPU time and memory; kernel systems have none.
+their CPU time and memory; kernel systems have none. With --workers a tunneld is several processes: its
+forked workers are found in /proc and charged too.
+
+tunneld-vxlan runs with tunneld's default --workers auto (1 worker on a machine with 2 CPUs or fewer);
+tunneld-vxlan-workers2 forces 2 worker processes per end, to show in the same run what the second one buys.
+The TCP figure with 4 parallel streams is the one where several workers can help: one TCP flow always
+stays on one worker.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from tests.netns import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan
@@ -121,9 +128,30 @@ def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
                     problems.append(f"tunneld in {end.host.name} exited with {code}")
             return problems
 
-        return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=[e.proc.pid for e in ends], stop=stop)
+        pids = [e.proc.pid for e in ends]
+        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=pids + children_of(pids, (workers - 1) * 2),
+                       stop=stop)
 
     return start
+
+
+def children_of(pids: list[int], expected: int = 0, timeout: float = 10) -> list[int]:
+    """The live processes whose parent is one of ``pids`` (tunneld's workers), from /proc; waits (bounded) for
+    ``expected`` of them, as the interface comes up just before the workers are forked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2 :].split()[1]) in pids:
+                out.append(int(stat.parent.name))
+        if len(out) >= expected or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
 
 
 # -- userspace C peers ----------------------------------------------------------------------------------------
@@ -217,6 +245,9 @@ SYSTEMS: dict[str, System] = {
         # the plain per-packet path, to show what the kernel offloads (issue 7) buy in the same run
         System("tunneld-vxlan-nooffload", "tunneld", _tunneld_available("vxlan"),
                _tunneld_start("vxlan", "--no-offload")),
+        # two worker processes per end (--workers 2): multi-queue TAP + SO_REUSEPORT; helps parallel flows only
+        System("tunneld-vxlan-workers2", "tunneld", _tunneld_available("vxlan"),
+               _tunneld_start("vxlan", "--workers", "2")),
         System("tunneld-gre", "tunneld", _tunneld_available("gre"), _tunneld_start("gre")),
         System("tunneld-gretap", "tunneld", _tunneld_available("gretap"), _tunneld_start("gretap")),
         System("openvpn", "userspace-c", _installed("openvpn"), start_openvpn),

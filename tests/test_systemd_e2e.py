@@ -1,5 +1,5 @@
 """The user's scenario under a real systemd: two Debian containers, each booted by systemd-nspawn inside one
-of the testbed's namespaces, linked by `systemctl enable --now tunneld@demo`.
+of the testbed's namespaces, linked by `systemctl enable --now tunneld@demo` (with two worker processes each).
 
 What is proven, in order: the unit is active only once tunneld said READY (the interface exists then); it
 runs as a transient user with only CAP_NET_ADMIN and CAP_NET_RAW; a ping and an 8 MB transfer cross the
@@ -28,8 +28,10 @@ pytestmark = [
 
 
 def conf(peer: str, address: str, level: str = "info") -> str:
+    # Two worker processes (--workers): the unit's sandbox must let the daemon fork, and hand every queue and socket
+    # the same confined user and capabilities; the demo instance runs them so that every step below covers them.
     return f'[tunnel]\nmode = "vxlan"\npeer = "{peer}"\ndev = "tunneld0"\naddress = ["{address}/24"]\nvni = 42\n' \
-           f'[log]\nlevel = "{level}"\n'
+           f'workers = 2\n[log]\nlevel = "{level}"\n'
 
 
 def cap_eff(c: nspawn.Container, pid: str) -> tuple[int, int]:
@@ -56,6 +58,10 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
             assert journal.index("tunneld 0.1.0 up: vxlan on tunneld0") < journal.index("Started tunneld@demo.service")
             uid, caps = cap_eff(c, state["MainPID"])
             assert uid != 0 and caps == (1 << 12) | (1 << 13)  # CAP_NET_ADMIN | CAP_NET_RAW, nothing else
+            assert ", workers 2," in journal
+            pid = state["MainPID"]
+            [worker] = c.run("cat", f"/proc/{pid}/task/{pid}/children").stdout.split()
+            assert cap_eff(c, worker) == (uid, caps)  # the forked worker: same confined user, same capabilities
 
         # Traffic: a ping from inside host A's container, then 8 MB with iperf3 through the tunnel.
         assert ca.run("ping", "-c", "3", "-i", "0.2", "-W", "2", OVERLAY_V4[1], check=False, timeout=20).returncode == 0

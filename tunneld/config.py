@@ -42,6 +42,7 @@ class TunnelConfig:
     mac: str | None = None  # None: a stable address derived from the machine, the device name and the peer
     log_level: str = "info"
     offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
+    workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
     extra: dict[str, Any] = field(default_factory=dict)  # options of plugin modes
 
@@ -131,6 +132,18 @@ def check_range(value: int, what: str, low: int, high: int) -> int:
     return value
 
 
+MAX_WORKERS = 64  # processes; one TUN queue each (the kernel allows 256) and ~50 MB of Python each
+
+
+def check_workers(value: int | str) -> int | str:
+    """``workers``: "auto" or a whole number of processes, 1-MAX_WORKERS."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"workers: {value!r} is not 'auto' or a number of processes between 1 and {MAX_WORKERS}")
+    return value
+
+
 def validate(cfg: TunnelConfig) -> TunnelConfig:
     """Check every field; raise ConfigError on the first problem. Returns the config, normalised."""
     peer = check_ip(cfg.peer, "peer")
@@ -158,6 +171,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         mac=check_mac(cfg.mac) if cfg.mac else None,
         log_level=cfg.log_level,
         offload=cfg.offload,
+        workers=check_workers(cfg.workers),
         metrics_listen=check_listen(cfg.metrics_listen),
         extra=dict(cfg.extra),
     )
@@ -167,7 +181,8 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 #
 # One TOML file per tunnel instance (systemd's tunneld@NAME reads /etc/tunneld/NAME.toml):
 #
-#   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, and the mode's own options (vxlan: vni;
+#   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, offload (true/false), workers ("auto" or N),
+#             and the mode's own options (vxlan: vni;
 #             gre/gretap: key, seq, csum; a plugin mode: the names its encapsulator declares in ``options``)
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
@@ -182,7 +197,7 @@ GRE_KEY_MAX = (1 << 32) - 1
 # The options each built-in mode takes, beyond the common [tunnel] keys, typed here. A plugin mode declares
 # its own in its encapsulator's ``options`` (name -> help) and they reach its ``from_options`` as written.
 MODE_OPTIONS: dict[str, tuple[str, ...]] = {"vxlan": ("vni",), "gre": ("key", "seq", "csum"), "gretap": ("key", "seq", "csum")}
-COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac")
+COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "workers")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "metrics": ("listen",), "log": ("level",)}
 
 
@@ -288,6 +303,13 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
             if expect(key, value, (str,), "a MAC address string like 02:00:00:00:00:01"):
                 if (v := checked(key, check_mac, value)) is not None:
                     out["mac"] = v
+        elif key == "offload":
+            if expect(key, value, (bool,), "true or false"):
+                out["offload"] = value
+        elif key == "workers":
+            if expect(key, value, (int, str), f'"auto" or an integer number of processes (1-{MAX_WORKERS})'):
+                if (v := checked(key, check_workers, value)) is not None:
+                    out["workers"] = v
         elif key in mode_keys:
             if key == "vni":
                 if expect(key, value, (int,), f"an integer VNI (0-{VNI_MAX})"):

@@ -5,8 +5,10 @@ Start-up order, chosen so that a failure leaves nothing behind:
   2. find the underlay MTU towards the peer, derive the device MTU;
   3. bind the underlay socket and the metrics endpoint (a busy port fails before any device exists);
   4. create the device, set its MAC, MTU and addresses, bring it up;
-  5. attach the engine to the event loop.
-Shutdown undoes it in reverse; closing the device fd removes the interface.
+  5. with --workers N > 1: the device has N queues and the port N sockets, all opened in steps 3-4; fork
+     the N-1 other workers (tunneld/workers.py) before any event loop exists;
+  6. attach the engine to the event loop (and, with workers, wait until every worker has attached its own).
+Shutdown undoes it in reverse; closing the device fd removes the interface (with workers: the last queue's).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -28,10 +31,12 @@ from tunneld.io import netlink
 from tunneld.io import SetupError
 from tunneld.io.device import Device
 from tunneld.io.raw import RawLink
-from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpLink
+from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpLink, open_group
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
+from tunneld.stats import Stats, total
 from tunneld.watch import Watch
+from tunneld.workers import Pool, fork_workers, resolve
 
 log = logging.getLogger("tunneld")
 
@@ -112,6 +117,9 @@ class Tunnel:
         self.link: UdpLink | RawLink | None = None
         self.engine: Engine | None = None
         self.metrics: MetricsServer | None = None
+        self.workers = 1  # decided in open()
+        self.pool: Pool | None = None  # the other workers, once forked (workers.py)
+        self._spare: list[tuple[Device, UdpLink]] = []  # their device queues and links until the fork
 
     def open(self) -> None:
         cfg = self.cfg
@@ -124,14 +132,23 @@ class Tunnel:
         port = cfg.port or self.codec.transport.number
         # Offloads need a header that is the same for every frame (VXLAN, GRE without checksums or sequence numbers).
         self.offload = cfg.offload and offload_supported(self.codec)
+        self.workers, note = resolve(cfg.workers, self.codec.transport.kind)
+        if note:
+            (log.warning if cfg.workers != "auto" else log.info)("%s", note)
         try:
             if self.codec.transport.kind == "ip":
                 self.link = RawLink(cfg.peer, self.codec.transport.number, cfg.local)
+            elif self.workers > 1:
+                self.link, *links = open_group(cfg.peer, port, cfg.local, self.workers)
+                self._spare = [(None, link) for link in links]  # type: ignore[misc]
             else:
                 self.link = UdpLink(cfg.peer, port, cfg.local)
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
-            self.device = Device(cfg.dev, self.codec.device, offload=self.offload)
+            multi = self.workers > 1
+            self.device = Device(cfg.dev, self.codec.device, offload=self.offload, multi_queue=multi)
+            for i, (_, link) in enumerate(self._spare):
+                self._spare[i] = (Device(cfg.dev, self.codec.device, offload=self.offload, multi_queue=True), link)
         except (SetupError, MetricsError) as e:
             self.close()
             code = EX_NOPERM if isinstance(e, SetupError) and e.missing_privilege else EX_SOFTWARE
@@ -147,10 +164,58 @@ class Tunnel:
             raise StartupError(str(e)) from None
         if self.offload:
             self._cap_superframes()
-        engine_cls = OffloadEngine if self.offload else Engine
-        self.engine = engine_cls(self.device, self.link, self.codec, max_frame=self.max_frame)
+        self.engine = self.make_engine(self.device, self.link)
         if self.metrics is not None:
-            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None))
+            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None),
+                               others=self.worker_stats if self.workers > 1 else None, cpu=self.worker_cpu)
+
+    def make_engine(self, device: Device, link: UdpLink | RawLink) -> Engine:
+        engine_cls = OffloadEngine if self.offload else Engine
+        return engine_cls(device, link, self.codec, max_frame=self.max_frame)
+
+    # -- several workers (workers.py) ------------------------------------------------------------------------
+
+    def fork(self) -> None:
+        """Start the other workers, each with one of the spare queues and links (which the parent then closes)."""
+        spare, self._spare = self._spare, []
+        try:
+            self.pool = fork_workers(self, spare)
+        except OSError as e:
+            raise StartupError(f"cannot start {len(spare)} worker process(es): {e.strerror or e}") from None
+
+    def forget_in_child(self) -> None:
+        """In a freshly forked worker: close worker 0's queue and link and the metrics listener (the parent's)."""
+        self.device.close()
+        self.link.close()
+        if self.metrics is not None:
+            self.metrics.close_in_child()
+        self.metrics = None
+        self.engine = None
+
+    def worker_stats(self) -> list[Stats]:
+        """The other workers' counters, asked for now (from the metrics thread)."""
+        return self.pool.snapshot_threadsafe() if self.pool is not None else []
+
+    def worker_cpu(self) -> list[float]:
+        """CPU seconds used by each worker process, the main one (worker 0) first; the others' as of the last
+        worker_stats() (the exporter calls the two in that order, so they describe the same moment)."""
+        times = os.times()
+        return [times.user + times.system, *(self.pool.last_cpu() if self.pool is not None else ())]
+
+    def totals(self) -> Stats:
+        """Every worker's counters added up, the others' as of their last report (at most a second old)."""
+        if self.pool is None:
+            return self.engine.stats
+        return total([self.engine.stats, *self.pool.last()])
+
+    def workers_alive(self) -> bool:
+        return self.pool is None or self.pool.alive()
+
+    def forward(self, applied: dict) -> None:
+        """A reload applied in the parent: the same to every other worker (the peer, the log level)."""
+        changes = {k: v for k, v in applied.items() if k in ("peer", "log_level")}
+        if self.pool is not None and changes:
+            self.pool.broadcast(("apply", changes))
 
     def _cap_superframes(self) -> None:
         """Keep a TCP super-frame within what ONE UDP_SEGMENT sendmsg carries (≤ 64 datagrams, ≤ ~64 KB of
@@ -173,6 +238,7 @@ class Tunnel:
                 f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)
             ),
             f"local {cfg.local or 'any'}",
+            *([f"workers {self.workers}"] if self.workers > 1 else []),
             "offload " + (
                 f"{self.codec.device.value} 0x{self.device.offloads:02x}, "
                 + ("udp gso/gro" if isinstance(self.link, UdpLink) else "sendmmsg/recvmmsg")
@@ -186,6 +252,14 @@ class Tunnel:
         return ", ".join(parts)
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+        for device, link in self._spare:
+            if device is not None:
+                device.close()
+            link.close()
+        self._spare = []
         if self.engine is not None:
             self.engine.detach()
         if self.device is not None:
@@ -219,31 +293,50 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         status = 1
         stop.set()
 
+    def worker_died() -> None:
+        nonlocal status
+        status = 1
+        stop.set()
+
     tunnel.engine.on_device_gone = device_gone
     tunnel.engine.attach(loop)
     if tunnel.metrics is not None:
         tunnel.metrics.start(loop)
-    log.info("tunneld %s up: %s", __version__, tunnel.describe())
-    service.ready()  # the interface is up and the sockets are bound
-    watcher = loop.create_task(_watch(tunnel))
+    if tunnel.pool is not None:
+        tunnel.pool.attach(loop, worker_died)
+        if not await tunnel.pool.started():
+            status = 1
+            stop.set()
+    watcher = None
+    if not stop.is_set():
+        log.info("tunneld %s up: %s", __version__, tunnel.describe())
+        service.ready()  # the interface is up and the sockets are bound (every worker's)
+        watcher = loop.create_task(_watch(tunnel))
     try:
         await stop.wait()
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         service.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if tunnel.metrics is not None:
             tunnel.metrics.stop()
-    log.info("shutting down: %s", tunnel.engine.stats.summary())
+    if tunnel.pool is not None:
+        await tunnel.pool.snapshot()  # the final counters of every worker, for the line below
+        tunnel.pool.detach()
+    log.info("shutting down: %s", tunnel.totals().summary())
     return status
 
 
 async def _watch(tunnel: Tunnel) -> None:
     """Log what happened on the data path (see watch.py), once a second; the peer is read each time."""
-    watch = Watch(tunnel.engine.stats, tunnel.engine.link.peer)
+    watch = Watch(tunnel.totals(), tunnel.engine.link.peer)
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
+        if tunnel.pool is not None:
+            tunnel.pool.request()  # the answers refresh the totals, and show that every worker is alive
+            watch.stats = tunnel.totals()
         watch.peer = tunnel.engine.link.peer
         for line in watch.tick(time.time()):
             log.info("%s", line)
@@ -256,6 +349,8 @@ def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Load
     tunnel = Tunnel(cfg, modes)
     tunnel.open()
     try:
+        if tunnel.workers > 1:
+            tunnel.fork()  # before any event loop exists; the children never return from it
         status = uvloop.run(serve(tunnel, reload))
     finally:
         tunnel.close()

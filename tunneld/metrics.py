@@ -11,6 +11,9 @@ Theory of operation:
   the new ``peer`` label (the old series goes stale), they do not restart from zero.
 - Event-loop lag is measured by a timer on the loop itself (``LoopLagProbe``): every ``interval`` seconds it
   notes how late it fired. A loop blocked by a slow callback shows up as lateness, whatever blocked it.
+- With several workers (workers.py) the engine's counters are those of worker 0, and ``others`` returns the
+  other workers' counters, asked for at scrape time: every exported counter is the sum over the workers,
+  and ``tunneld_worker_packets_total`` alone says how the packets were shared among them.
 - Process metrics (CPU, memory, fds, start time) and Python's GC and platform info come from the client's
   default collectors, registered in a private registry so that tests can build as many exporters as they like.
 """
@@ -37,7 +40,7 @@ from prometheus_client.registry import Collector
 from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
-from tunneld.stats import LOOP_LAG_BUCKETS, Stats
+from tunneld.stats import LOOP_LAG_BUCKETS, Stats, total
 
 if TYPE_CHECKING:
     from tunneld.engine import Engine
@@ -82,8 +85,11 @@ def _histogram(counts: list[int], bounds: list[float] | tuple[float, ...], bucke
 class TunnelCollector(Collector):
     """Builds tunneld's metric families from one engine's counters, at scrape time."""
 
-    def __init__(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None) -> None:
+    def __init__(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None,
+                 others: Callable[[], list[Stats]] | None = None, cpu: Callable[[], list[float]] | None = None) -> None:
         self.engine = engine
+        self.others = others
+        self.cpu = cpu
         self.dev = dev
         self.mtu = mtu
         self.vni = vni
@@ -93,7 +99,8 @@ class TunnelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
-        stats = engine.stats
+        per_worker = [engine.stats, *(self.others() if self.others is not None else ())]
+        stats = per_worker[0] if len(per_worker) == 1 else total(per_worker)
         labels = [engine.link.peer, engine.codec.name]
 
         build = InfoMetricFamily("tunneld_build", "tunneld's version (value is always 1).")
@@ -120,6 +127,28 @@ class TunnelCollector(Collector):
             )
             nbytes.add_metric(labels, getattr(stats, f"{direction}_bytes"))
             yield nbytes
+
+        workers = CounterMetricFamily(
+            "tunneld_worker_packets",
+            "Frames carried by each worker process (--workers), by direction: how the kernel spread the flows "
+            "over the workers. The sum over workers is tunneld_tx_packets_total / tunneld_rx_packets_total.",
+            labels=[*LABELS, "worker", "direction"],
+        )
+        for index, part in enumerate(per_worker):
+            workers.add_metric([*labels, str(index), "tx"], part.tx_packets)
+            workers.add_metric([*labels, str(index), "rx"], part.rx_packets)
+        yield workers
+
+        if self.cpu is not None:
+            cpu = CounterMetricFamily(
+                "tunneld_worker_cpu_seconds",
+                "CPU time (user + system) used by each worker process (--workers); process_cpu_seconds_total is "
+                "the main process's (worker 0) alone. A worker near 1 CPU second per second is saturated.",
+                labels=[*LABELS, "worker"],
+            )
+            for index, seconds in enumerate(self.cpu()):
+                cpu.add_metric([*labels, str(index)], seconds)
+            yield cpu
 
         dropped = CounterMetricFamily(
             "tunneld_dropped_packets",
@@ -242,9 +271,11 @@ class MetricsServer:
         self._collector: TunnelCollector | None = None
         self._probe: LoopLagProbe | None = None
 
-    def watch(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None) -> None:
-        """Export ``engine``'s counters from now on."""
-        self._collector = TunnelCollector(engine, dev=dev, mtu=mtu, vni=vni)
+    def watch(self, engine: Engine, *, dev: str, mtu: int, vni: int | None = None,
+              others: Callable[[], list[Stats]] | None = None, cpu: Callable[[], list[float]] | None = None) -> None:
+        """Export ``engine``'s counters (plus the ``others()``, other workers' counters, and ``cpu()``, the
+        workers' CPU seconds) from now on."""
+        self._collector = TunnelCollector(engine, dev=dev, mtu=mtu, vni=vni, others=others, cpu=cpu)
         self.registry.register(self._collector)
         self._probe = LoopLagProbe(engine.stats)
 
@@ -256,6 +287,11 @@ class MetricsServer:
     def stop(self) -> None:
         if self._probe is not None:
             self._probe.stop()
+
+    def close_in_child(self) -> None:
+        """In a forked worker: let go of the listening socket. The serving thread was not forked, so close()
+        (which waits for that thread) would wait forever."""
+        self._httpd.socket.close()
 
     def close(self) -> None:
         self.stop()

@@ -115,7 +115,8 @@ class Service:
         self._last_status = ""
 
     def status_line(self) -> str:
-        s = self.tunnel.engine.stats
+        totals = getattr(self.tunnel, "totals", None)  # every worker's (daemon.Tunnel); tests pass a bare engine
+        s = totals() if totals is not None else self.tunnel.engine.stats
         line = f"peer {self.tunnel.cfg.peer}: sent {s.tx_packets} packets, received {s.rx_packets}"
         return line + (f", dropped {s.dropped}" if s.dropped else "")
 
@@ -129,7 +130,8 @@ class Service:
         interval = self.notifier.watchdog_interval
         while True:
             await asyncio.sleep(interval or STATUS_INTERVAL)
-            if interval:
+            alive = getattr(self.tunnel, "workers_alive", None)
+            if interval and (alive is None or alive()):  # a wedged worker withholds the ping: systemd restarts us
                 self.notifier.notify("WATCHDOG=1")
             status = self.status_line()
             if status != self._last_status:
@@ -188,6 +190,9 @@ class Service:
             log.warning("reload: %s changed; needs a restart (systemctl restart), running with the old values", keys)
         if applied:
             self.tunnel.cfg = dataclasses.replace(old, **applied)
+            forward = getattr(self.tunnel, "forward", None)
+            if forward is not None:
+                forward(applied)  # to the other workers (daemon.Tunnel.forward)
         elif not restart and new == old:
             log.info("reload: configuration unchanged")
 
@@ -202,7 +207,9 @@ class Service:
             except MetricsError as e:
                 log.error("reload: %s; still serving metrics at %s", e, tunnel.cfg.metrics_listen or "off")
                 return False
-            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None))
+            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None),
+                      others=tunnel.worker_stats if getattr(tunnel, "pool", None) is not None else None,
+                      cpu=getattr(tunnel, "worker_cpu", None))
             new.start(loop)
         old, tunnel.metrics = tunnel.metrics, new
         if old is not None:

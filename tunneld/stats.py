@@ -65,3 +65,26 @@ class Stats:
             reasons = ", ".join(f"{reason.value} {n}" for reason, n in sorted(self.drops.items()))
             line += f", dropped {self.dropped} ({reasons})"
         return line
+
+
+def total(parts: "list[Stats]") -> Stats:
+    """The counters of several workers (tunneld/workers.py) added up, as one Stats: what crossed the tunnel.
+
+    Every field is summed (histograms are counts per slot, so they add up too) except ``peer_last_rx``, where
+    the latest wins. It goes by ``__slots__``, so a counter added to Stats later is summed without a change here."""
+    out = Stats(len(parts[0].tx_batches) - 1)
+    for s in parts:
+        for name in Stats.__slots__:
+            mine, theirs = getattr(out, name), getattr(s, name)
+            if name == "peer_last_rx":
+                setattr(out, name, max(mine, theirs))
+            elif isinstance(mine, Counter):
+                for reason in Drop:  # looked up, never iterated: the engine may add a reason while we read
+                    if n := theirs.get(reason, 0):
+                        mine[reason] += n
+            elif isinstance(mine, list):
+                for i, n in enumerate(list(theirs)):
+                    mine[i] += n
+            else:
+                setattr(out, name, mine + theirs)
+    return out

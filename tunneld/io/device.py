@@ -10,6 +10,11 @@ behind headroom, and write a slice of a received datagram without copying it.
 With ``offload=True`` the device is opened with IFF_VNET_HDR and TUNSETOFFLOAD (checksum, TSO4/6 and, where
 the kernel has it, USO4/6): every read and write then starts with a 10-byte ``virtio_net_hdr``
 (tunneld/offload/vnet.py) and reads may return TCP/UDP super-frames of up to 64 KiB.
+
+With ``multi_queue=True`` (IFF_MULTI_QUEUE) the first open creates the interface and each further open of the
+same name adds one queue (one fd) to it; the kernel spreads the frames it transmits over the queues by flow
+hash (tun_select_queue). The flags, offloads included, must be the same on every queue; the interface goes
+away when the last queue's fd closes. tunneld/workers.py gives each worker process one queue.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import fcntl
 import os
 
 from pytun_pmd3.linux import IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, PytunError, TunTapDevice
+
+IFF_MULTI_QUEUE = 0x0100  # include/uapi/linux/if_tun.h: every TUNSETIFF with the same name adds a queue
 
 from tunneld.encap.base import DeviceKind
 from tunneld.io import SetupError
@@ -41,8 +48,9 @@ class DeviceError(SetupError):
 class Device:
     """An open TUN or TAP device: non-blocking fd, read into / write from buffers."""
 
-    def __init__(self, name: str, kind: DeviceKind, offload: bool = False) -> None:
+    def __init__(self, name: str, kind: DeviceKind, offload: bool = False, multi_queue: bool = False) -> None:
         flags = (IFF_TAP if kind is DeviceKind.TAP else IFF_TUN) | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        flags |= IFF_MULTI_QUEUE if multi_queue else 0
         try:
             self._dev = TunTapDevice(name=name, flags=flags)
         except FileNotFoundError as e:

@@ -55,7 +55,8 @@ class UdpLink:
     spreads_flows = True  # the inner flow picks the send socket, hence the outer source port
 
     def __init__(
-        self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS
+        self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS,
+        reuse_port: bool = False,
     ) -> None:
         self.family, self.peer = underlay_family(peer, local)  # peer: where inbound datagrams must come from
         self.port = port
@@ -63,6 +64,8 @@ class UdpLink:
         self._peer: tuple[str, int] = (self.peer, port)
         any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
         self._rx = self._socket()
+        if reuse_port:  # one receive socket per worker on the same port; see open_group()
+            self._rx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _grow_buffer(self._rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
         self._bind(self._rx, local or any_addr, port)
         self._tx: list[socket.socket] = []
@@ -171,3 +174,23 @@ class UdpLink:
     def close(self) -> None:
         for s in (self._rx, *self._tx):
             s.close()
+
+
+def open_group(peer: str, port: int, local: str | None, count: int) -> list[UdpLink]:
+    """``count`` links whose receive sockets share ``port`` (SO_REUSEPORT): the kernel hands each datagram to
+    one of them by the hash of its addresses and ports, so the peer's flows (whose outer source ports differ)
+    spread over the workers.
+
+    SO_REUSEPORT would also let us join a group that another process of the same user already bound, and
+    share its traffic without a word. So the port is first bound once without it: a port in use fails here
+    with the usual one-line error, as it does for a single worker."""
+    UdpLink(peer, port, local, send_sockets=1).close()
+    links: list[UdpLink] = []
+    try:
+        for _ in range(count):
+            links.append(UdpLink(peer, port, local, reuse_port=True))
+    except BaseException:
+        for link in links:
+            link.close()
+        raise
+    return links

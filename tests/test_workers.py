@@ -1,0 +1,129 @@
+"""--workers without root: the rule behind "auto", the raw-IP clamp, validation of the flag and the file key,
+adding up the workers' counters, and the exporter's sum. tests/test_workers_netns.py runs the processes."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tunneld.cli import main
+from tunneld.config import EX_CONFIG, MAX_WORKERS
+from tunneld.encap.base import Drop
+from tunneld.encap.vxlan import Vxlan
+from tunneld.engine import Engine
+from tunneld.metrics import TunnelCollector
+from tunneld.stats import Stats, total
+from tunneld.testing import FakeDevice, FakeLink
+from tunneld.workers import AUTO_CAP, auto_workers, resolve
+
+
+@pytest.mark.parametrize("cpus,expected", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (16, 8), (64, AUTO_CAP)])
+def test_auto_is_one_worker_up_to_two_cpus_then_half_capped(cpus, expected):
+    assert auto_workers(cpus) == expected
+
+
+def test_resolve_says_what_auto_chose_and_clamps_raw_ip_to_one():
+    assert resolve(3, "udp") == (3, None)
+    n, note = resolve("auto", "udp", cpus=8)
+    assert n == 4 and note == "workers auto: 4 for 8 CPUs"
+    n, note = resolve(2, "ip")
+    assert n == 1 and "using 1" in note and "every packet" in note
+    assert resolve("auto", "ip", cpus=2)[0] == 1
+    assert resolve(1, "ip") == (1, None)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", str(MAX_WORKERS + 1), "two", "1.5", ""])
+def test_a_bad_workers_flag_is_one_line_and_exit_2(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--peer", "192.0.2.1", "--workers", value, "--check"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("tunneld: error:")] == [err[-1]]
+    assert "--workers" in err[-1]
+
+
+@pytest.mark.parametrize("value", ["auto", "1", str(MAX_WORKERS)])
+def test_good_workers_flags_pass_the_check(value, capsys):
+    assert main(["--peer", "192.0.2.1", "--workers", value, "--check"]) == 0
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("workers = 0", "tunnel.workers: 0 is not 'auto' or a number of processes between 1 and 64"),
+    ('workers = "many"', "tunnel.workers: 'many' is not 'auto' or a number of processes between 1 and 64"),
+    ("workers = true", 'tunnel.workers: expected "auto" or an integer number of processes (1-64), got boolean True'),
+    ("workers = 2.0", 'tunnel.workers: expected "auto" or an integer number of processes (1-64), got number 2.0'),
+    ('offload = "yes"', "tunnel.offload: expected true or false, got string 'yes'"),
+])
+def test_bad_workers_or_offload_in_a_file_is_one_line_and_exit_78(tmp_path, capsys, line, problem):
+    path = tmp_path / "t.toml"
+    path.write_text(f'[tunnel]\npeer = "192.0.2.1"\n{line}\n')
+    assert main(["--config", str(path), "--check"]) == EX_CONFIG
+    assert capsys.readouterr().err.splitlines() == [f"tunneld: {path}: {problem}"]
+
+
+def test_workers_and_offload_from_a_file_and_the_flag_overrides(tmp_path, capsys):
+    from tunneld import cli
+
+    path = tmp_path / "t.toml"
+    path.write_text('[tunnel]\npeer = "192.0.2.1"\nworkers = 3\noffload = false\n')
+    args = cli.build_parser(["vxlan"]).parse_args(["--config", str(path)])
+    cfg = cli.merge(args, cli.load_file(str(path)))
+    assert (cfg.workers, cfg.offload) == (3, False)
+    args = cli.build_parser(["vxlan"]).parse_args(["--config", str(path), "--workers", "auto"])
+    assert cli.merge(args, cli.load_file(str(path))).workers == "auto"
+
+
+def _stats(tx: int, rx: int, last: float, drop: Drop | None = None) -> Stats:
+    s = Stats(4)
+    s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes, s.peer_last_rx = tx, tx * 100, rx, rx * 10, last
+    s.tx_batches[1] += tx
+    s.observe_loop_lag(0.003)
+    if drop is not None:
+        s.drops[drop] += 2
+    return s
+
+
+def test_total_adds_every_counter_and_keeps_the_latest_rx_time():
+    parts = [_stats(3, 5, 10.0, Drop.TOO_BIG), _stats(4, 0, 12.5, Drop.TRUNCATED), _stats(0, 1, 0.0, Drop.TOO_BIG)]
+    parts = [pickle.loads(pickle.dumps(p)) for p in parts]  # as they cross the control socket
+    t = total(parts)
+    assert (t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes) == (7, 700, 6, 60)
+    assert t.peer_last_rx == 12.5
+    assert t.drops == {Drop.TOO_BIG: 4, Drop.TRUNCATED: 2}
+    assert t.tx_batches == [0, 7, 0, 0, 0]
+    assert sum(t.loop_lag) == 3 and t.loop_lag_sum == pytest.approx(0.009)
+
+
+def test_total_covers_every_field_of_stats():
+    one = Stats(4)
+    for i, name in enumerate(Stats.__slots__, start=1):
+        value = getattr(one, name)
+        if isinstance(value, (int, float)):
+            setattr(one, name, i)
+    t = total([one, one])
+    for name in Stats.__slots__:
+        value = getattr(one, name)
+        if isinstance(value, (int, float)):
+            assert getattr(t, name) == (value if name == "peer_last_rx" else 2 * value), name
+
+
+def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
+    eng = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+    eng.stats.tx_packets, eng.stats.rx_packets = 10, 1
+    others = [_stats(5, 2, 0.0, Drop.TOO_BIG)]
+    registry = CollectorRegistry()
+    registry.register(TunnelCollector(eng, dev="td0", mtu=1450, vni=7, others=lambda: others,
+                                      cpu=lambda: [1.5, 0.25]))
+    got = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k in ("worker", "direction", "reason")))): s.value
+           for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert got[("tunneld_tx_packets_total", ())] == 15
+    assert got[("tunneld_rx_packets_total", ())] == 3
+    assert got[("tunneld_dropped_packets_total", (("reason", "too_big"),))] == 2
+    assert got[("tunneld_worker_packets_total", (("direction", "tx"), ("worker", "0")))] == 10
+    assert got[("tunneld_worker_packets_total", (("direction", "tx"), ("worker", "1")))] == 5
+    assert got[("tunneld_worker_packets_total", (("direction", "rx"), ("worker", "1")))] == 2
+    assert got[("tunneld_worker_cpu_seconds_total", (("worker", "0"),))] == 1.5
+    assert got[("tunneld_worker_cpu_seconds_total", (("worker", "1"),))] == 0.25

@@ -1,0 +1,460 @@
+"""Several processes on one tunnel: ``--workers N``.
+
+Theory of operation:
+- One Python process carries a few Gbit/s before its CPU is full. With N workers the interface has N queues
+  (IFF_MULTI_QUEUE, io/device.py) and the tunnel port N receive sockets (SO_REUSEPORT, io/udp.py
+  ``open_group``). The kernel picks the queue of each frame it transmits into the interface, and the socket of
+  each datagram that arrives, by flow hash: a flow stays with one worker (no reordering) and different flows
+  run in parallel. The peer's outer source port carries its inner flow hash (RFC 7348 §5), which is what
+  spreads its flows over our receive sockets.
+- The parent opens everything as root before any fork: every queue, every socket, the metrics listener. It
+  then forks N-1 children before any event loop exists (an event loop must not cross a fork). Worker 0 is
+  the parent itself: the same engine as a single-process tunneld, plus the supervision below.
+- A child keeps only its own queue and link (it closes the others' and the metrics listener), asks the
+  kernel to SIGKILL it if the parent dies (PR_SET_PDEATHSIG), and ignores SIGINT, SIGTERM and SIGHUP: the
+  parent decides. (systemd's stop sends SIGTERM to every process of the unit at once; a child that obeyed
+  would look to the parent like a worker that died.) It runs its engine on its own uvloop until the parent
+  says stop or closes the control socket, or the interface is deleted (exit status 1).
+- Parent and child talk over one SOCK_SEQPACKET socketpair per child, pickled tuples (both ends are this
+  program, forked from one process):
+    child → parent: ("ready",) once its engine is attached; ("stats", seq, Stats, cpu seconds) in answer
+                    to a request (the CPU time the worker has used: os.times(), user + system).
+    parent → child: ("stats", seq); ("apply", {"peer": ..., "log_level": ...}) on reload; ("stop",).
+- A child that exits unasked is fatal: the parent learns it from the child's pidfd, logs how it died, and
+  stops with status 1, so that systemd restarts the whole unit rather than run a tunnel with a queue that
+  nobody reads (the kernel would keep steering flows into it).
+- Metrics stay exact and scrape-time: each process counts with plain ints as a single worker does, and a
+  scrape asks every child for a snapshot of its Stats (with a timeout; a late child's last snapshot stands in,
+  so that counters never go backwards) and adds them to the parent's own. Nothing is added per packet.
+- Liveness: the parent asks every child for a snapshot once a second (the same message). While a child has
+  not answered for LATE_AFTER seconds, the systemd watchdog ping is withheld, so a wedged worker gets the
+  unit restarted.
+- Raw IP transports (GRE, gretap): every raw socket receives its own copy of every packet (there is no
+  SO_REUSEPORT for raw IP), so N workers would deliver each packet N times; and with GRE sequence numbers
+  the peer must see one sender. They run with one worker (``resolve``). A design where only worker 0
+  receives and the others only send was considered: it spreads only the sending half while every packet
+  still enters through one process, and it would break --seq, so it is not worth a second code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import socket
+import time
+from typing import Callable
+
+from tunneld.stats import Stats
+
+log = logging.getLogger("tunneld")
+
+AUTO_CAP = 8  # "auto" never picks more workers than this
+READY_TIMEOUT = 15.0  # seconds for every child to attach its engine
+SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for the children's counters
+LATE_AFTER = 5.0  # seconds without an answer after which a child counts as wedged
+STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL
+LATE_WARN_EVERY = 60.0  # seconds between log lines about a worker late with its counters
+MESSAGE_MAX = 1 << 16
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a cgroup cpuset), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_workers(cpus: int) -> int:
+    """The rule behind --workers auto. Each worker is a process that keeps one CPU busy under load, and the
+    kernel needs CPU time of its own for the same packets (softirq, the TUN queues, the endpoints' TCP). On 2
+    CPUs one worker already leaves the second CPU to the kernel, and a second worker only competes with it.
+    Measured on the 2-vCPU CI machine (bench/, tunneld-vxlan vs tunneld-vxlan-workers2, five same-run pairs):
+    TCP with 4 streams 1.75/3.74/2.26/3.17/3.37 Gbit/s with one worker, 1.56/3.49/2.75/2.61/3.23 with two,
+    and 5-15 % more CPU per GB. From 3 CPUs on, half of them, at most AUTO_CAP (a guess, not a measurement)."""
+    return 1 if cpus <= 2 else min(cpus // 2, AUTO_CAP)
+
+
+def resolve(requested: int | str, transport_kind: str, cpus: int | None = None) -> tuple[int, str | None]:
+    """How many workers to run, and a line for the log when that is not simply what was asked."""
+    if requested == "auto":
+        cpus = usable_cpus() if cpus is None else cpus
+        n = auto_workers(cpus)
+        note = f"workers auto: {n} for {cpus} CPU{'s' * (cpus != 1)}"
+    else:
+        n, note = int(requested), None
+    if n > 1 and transport_kind != "udp":
+        return 1, (f"workers {requested}: using 1; over raw IP every socket receives every packet, so a second "
+                   "worker would deliver each packet twice")
+    return n, note
+
+
+def _set_pdeathsig(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def _send(sock: socket.socket, message: tuple) -> bool:
+    try:
+        sock.send(pickle.dumps(message))
+    except OSError:  # full (the other end is not reading) or gone: the other side's timeouts deal with it
+        return False
+    return True
+
+
+def _describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+class Child:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, index: int, pid: int, ctl: socket.socket) -> None:
+        self.index = index
+        self.pid = pid
+        self.ctl = ctl
+        self.pidfd = os.pidfd_open(pid)  # readable once the process has exited
+        self.ready = False
+        self.stats: Stats | None = None  # the last snapshot it sent
+        self.cpu = 0.0  # the CPU seconds it had used at that snapshot
+        self.answered = time.monotonic()  # when it last answered
+        self.exited: int | None = None  # its wait status, once reaped
+
+
+class Pool:
+    """The children of the parent (worker 0), from the parent's side."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.children: list[Child] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_death: Callable[[], None] = lambda: None
+        self._stopping = False
+        self._seq = 0
+        self._waiting: dict[int, tuple[asyncio.Future, set[int]]] = {}
+        self._changed: asyncio.Event | None = None  # set whenever a child becomes ready or dies
+        self._late_logged: set[int] = set()
+        self._late_warned = float("-inf")
+
+    # -- on the parent's event loop ------------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_death: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_death = on_death
+        self._changed = asyncio.Event()
+        for child in self.children:
+            child.ctl.setblocking(False)
+            loop.add_reader(child.ctl.fileno(), self._on_message, child)
+            loop.add_reader(child.pidfd, self._on_exit, child)
+
+    def detach(self) -> None:
+        if self._loop is None:
+            return
+        for child in self.children:
+            self._loop.remove_reader(child.ctl.fileno())
+            self._loop.remove_reader(child.pidfd)
+        for future, _ in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+        self._loop = None
+
+    async def started(self, timeout: float = READY_TIMEOUT) -> bool:
+        """Wait until every child has attached its engine; False (logged) if one died or took too long."""
+        assert self._changed is not None
+        deadline = time.monotonic() + timeout
+        while not all(c.ready for c in self.children):
+            if any(c.exited is not None for c in self.children):
+                return False  # _on_exit has said which
+            left = deadline - time.monotonic()
+            if left <= 0:
+                slow = ", ".join(str(c.index) for c in self.children if not c.ready)
+                log.error("worker %s did not start within %.0f s; stopping (exit status 1)", slow, timeout)
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                continue
+        return True
+
+    def _on_message(self, child: Child) -> None:
+        for _ in range(64):  # bounded: a child sends one answer per request
+            try:
+                data = child.ctl.recv(MESSAGE_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the child is gone; its pidfd tells how
+                assert self._loop is not None
+                self._loop.remove_reader(child.ctl.fileno())
+                return
+            message = pickle.loads(data)
+            kind = message[0]
+            if kind == "ready":
+                child.ready = True
+                child.answered = time.monotonic()
+                if self._changed is not None:
+                    self._changed.set()
+            elif kind == "stats":
+                _, seq, stats, cpu = message
+                child.stats, child.cpu = stats, cpu
+                child.answered = time.monotonic()
+                self._late_logged.discard(child.index)
+                waiting = self._waiting.get(seq)
+                if waiting is not None:
+                    future, pending = waiting
+                    pending.discard(child.index)
+                    if not pending and not future.done():
+                        future.set_result(None)
+
+    def _on_exit(self, child: Child) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(child.pidfd)
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 0
+        if pid == 0:
+            return  # not yet (a spurious wake-up); the reader is gone, so the next look is at shutdown
+        child.exited = status
+        if self._changed is not None:
+            self._changed.set()
+        if not self._stopping:
+            log.error("worker %d (pid %d) %s; stopping the tunnel (exit status 1) rather than run it without "
+                      "that worker's queue and socket", child.index, child.pid, _describe_exit(status))
+            self._on_death()
+
+    def request(self) -> int:
+        """Ask every child for a snapshot of its counters; returns the request's number."""
+        self._seq += 1
+        for child in self.children:
+            if child.exited is None:
+                _send(child.ctl, ("stats", self._seq))
+        return self._seq
+
+    async def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> list[Stats]:
+        """Every child's counters, fresh if it answers within ``timeout``, else the last it sent."""
+        assert self._loop is not None
+        future = self._loop.create_future()
+        seq = self.request()
+        self._waiting[seq] = (future, {c.index for c in self.children if c.exited is None})
+        if not self._waiting[seq][1]:
+            future.set_result(None)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            if time.monotonic() - self._late_warned >= LATE_WARN_EVERY:  # not once per scrape
+                self._late_warned = time.monotonic()
+                late = ", ".join(str(c.index) for c in self.children if c.index in self._waiting[seq][1])
+                log.warning("metrics: worker %s did not report its counters within %.1f s; using its last report",
+                            late, timeout)
+        finally:
+            self._waiting.pop(seq, None)
+        return self.last()
+
+    def snapshot_threadsafe(self, timeout: float = SNAPSHOT_TIMEOUT) -> list[Stats]:
+        """``snapshot`` from another thread (the metrics server's), through the parent's event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return self.last()
+        try:
+            return asyncio.run_coroutine_threadsafe(self.snapshot(timeout), loop).result(timeout + 1.0)
+        except Exception:  # the loop is stopping, or is itself stuck: the last reports, never a failed scrape
+            return self.last()
+
+    def last(self) -> list[Stats]:
+        """The last snapshot of every child (zeros for one that has not sent any yet)."""
+        return [c.stats if c.stats is not None else Stats(self.batch) for c in self.children]
+
+    def last_cpu(self) -> list[float]:
+        """Every child's CPU seconds as of its last snapshot."""
+        return [c.cpu for c in self.children]
+
+    def alive(self) -> bool:
+        """Whether every child answered within LATE_AFTER seconds (the watchdog ping waits on it)."""
+        now = time.monotonic()
+        ok = True
+        for child in self.children:
+            if now - child.answered > LATE_AFTER:
+                ok = False
+                if child.index not in self._late_logged:
+                    self._late_logged.add(child.index)
+                    log.error("worker %d (pid %d) has not answered for %.0f s; withholding the watchdog ping",
+                              child.index, child.pid, now - child.answered)
+        return ok
+
+    def broadcast(self, message: tuple) -> None:
+        for child in self.children:
+            if child.exited is None:
+                _send(child.ctl, message)
+
+    # -- after the parent's loop has ended -----------------------------------------------------------------
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Tell every child to stop, wait for them (bounded), SIGKILL the ones that do not, reap them all."""
+        self._stopping = True
+        self.detach()
+        for child in self.children:
+            if child.exited is None:
+                child.ctl.setblocking(True)
+                child.ctl.settimeout(0.5)
+                _send(child.ctl, ("stop",))
+            child.ctl.close()  # a child that missed the message sees the end of the socket and stops too
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            while child.exited is None:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+                if pid:
+                    child.exited = status
+                    if os.waitstatus_to_exitcode(status) != 0:
+                        log.warning("worker %d (pid %d) %s while stopping", child.index, child.pid,
+                                    _describe_exit(status))
+                    break
+                if time.monotonic() > deadline:
+                    log.error("worker %d (pid %d) did not stop within %.0f s; killing it", child.index, child.pid,
+                              timeout)
+                    os.kill(child.pid, signal.SIGKILL)
+                    _, child.exited = os.waitpid(child.pid, 0)
+                    break
+                time.sleep(0.01)
+            os.close(child.pidfd)
+
+
+# -- forking ----------------------------------------------------------------------------------------------------
+
+
+def fork_workers(tunnel, units: list) -> Pool:
+    """Fork one child per (device queue, link) in ``units``: worker 1, 2, ... The parent keeps none of them.
+
+    ``tunnel`` is the parent's daemon.Tunnel, fully open; a child calls ``tunnel.forget_in_child()`` to close
+    what is not its own, and ``tunnel.make_engine(device, link)`` to build its data path. A child never
+    returns from here: it leaves with os._exit, so that nothing of the parent's (its finally clauses, its
+    atexit handlers, the interface's teardown) runs twice.
+    """
+    pool = Pool(tunnel.engine.batch)
+    parent_pid = os.getpid()
+    try:
+        _fork_each(pool, parent_pid, tunnel, units)
+    except OSError:  # EAGAIN, ENOMEM: stop the children already started; the caller reports it
+        pool.stop()
+        raise
+    finally:
+        for device, link in units:  # the children's now; the parent must not keep their queues attached
+            device.close()
+            link.close()
+    return pool
+
+
+def _fork_each(pool: Pool, parent_pid: int, tunnel, units: list) -> None:
+    for index, (device, link) in enumerate(units, start=1):
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                parent_end.close()
+                for child in pool.children:
+                    child.ctl.close()
+                    os.close(child.pidfd)
+                for other, (d, l) in enumerate(units, start=1):
+                    if other != index:
+                        d.close()
+                        l.close()
+                tunnel.forget_in_child()
+                code = _child_main(index, parent_pid, tunnel, device, link, child_end)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        child_end.close()
+        pool.children.append(Child(index, pid, parent_end))
+
+
+def _child_main(index: int, parent_pid: int, tunnel, device, link, ctl: socket.socket) -> int:
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the prctl: nobody to work for
+        return 0
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    import uvloop
+
+    return uvloop.run(_child_serve(index, tunnel, device, link, ctl))
+
+
+async def _child_serve(index: int, tunnel, device, link, ctl: socket.socket) -> int:
+    from tunneld.metrics import LoopLagProbe
+
+    loop = asyncio.get_running_loop()
+    engine = tunnel.make_engine(device, link)
+    stop = asyncio.Event()
+    status = 0
+
+    def device_gone() -> None:
+        nonlocal status
+        log.error("worker %d: interface %s was deleted while running; stopping", index, tunnel.cfg.dev)
+        status = 1
+        stop.set()
+
+    def apply(changes: dict) -> None:
+        if "peer" in changes:
+            link.set_peer(changes["peer"])
+            tunnel.codec.peer_changed()
+        if "log_level" in changes:
+            logging.getLogger().setLevel(changes["log_level"].upper())
+
+    def on_ctl() -> None:
+        for _ in range(64):
+            try:
+                data = ctl.recv(MESSAGE_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the parent closed its end, or is gone
+                loop.remove_reader(ctl.fileno())
+                stop.set()
+                return
+            message = pickle.loads(data)
+            kind = message[0]
+            if kind == "stats":
+                times = os.times()
+                _send(ctl, ("stats", message[1], engine.stats, times.user + times.system))
+            elif kind == "apply":
+                try:
+                    apply(message[1])
+                except Exception as e:  # the parent applied the same change; say so, keep carrying packets
+                    log.error("worker %d: reload: %s", index, e)
+            elif kind == "stop":
+                stop.set()
+
+    engine.on_device_gone = device_gone
+    engine.attach(loop)
+    probe = LoopLagProbe(engine.stats)
+    probe.start(loop)
+    ctl.setblocking(False)
+    loop.add_reader(ctl.fileno(), on_ctl)
+    _send(ctl, ("ready",))
+    log.debug("worker %d (pid %d) up", index, os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        probe.stop()
+        engine.detach()
+        loop.remove_reader(ctl.fileno())
+    log.debug("worker %d: %s", index, engine.stats.summary())
+    return status
