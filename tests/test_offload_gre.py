@@ -135,6 +135,19 @@ def test_constant_prefixes_follow_the_codec_options_and_leave_its_state_alone():
     assert GRE(bytes(buf[start:])).sequence_number == 0  # the probes did not advance the real codec
 
 
+class LengthInHeader(Vxlan):
+    """A codec whose header carries the frame's length: not constant, whatever two equal-length probes say."""
+
+    def encap(self, buf, start, end):
+        at = super().encap(buf, start, end)
+        buf[at + 7] = (end - start) & 0xFF  # VXLAN's last reserved byte
+        return at
+
+
+def test_a_header_that_depends_on_the_length_keeps_the_plain_path():
+    assert constant_prefixes(LengthInHeader(7)) is None and not offload_supported(LengthInHeader(7))
+
+
 # -- sendmmsg / recvmmsg over loopback UDP (the calls are the same for any socket) ---------------------------
 
 
@@ -210,6 +223,7 @@ def raw_link_with(packets) -> RawLink:
     link = RawLink.__new__(RawLink)  # no socket: only the run building is under test
     link.family, link.peer = socket.AF_INET, "10.0.0.2"
     link._peer_bytes = socket.inet_aton(link.peer)
+    link._sender = None
     link._receive_with(FakeReceiver(packets))
     return link
 
@@ -235,7 +249,44 @@ def test_raw_link_lone_packets_from_the_peer_and_from_strangers():
     buf = memoryview(bytearray(1 << 16))
     assert link.recv_gro_into(buf) == (70, "10.0.0.2", 0) and bytes(buf[:70]) == b"a" * 70
     link = raw_link_with([("10.0.0.7", b"b" * 70)])
-    assert link.recv_gro_into(buf) == (70, "10.0.0.7", 0)
+    assert link.recv_gro_into(buf) == (70, "10.0.0.7", 0) and bytes(buf[:70]) == b"b" * 70
+
+
+def test_a_peer_change_judges_the_packets_already_taken_by_the_new_peer():
+    link = raw_link_with([("10.0.0.2", b"1" * 80), ("10.0.0.2", b"2" * 90), ("10.0.0.3", b"3" * 100)])
+    buf = memoryview(bytearray(1 << 16))
+    assert link.recv_gro_into(buf) == (80, "10.0.0.2", 0)
+    link.set_peer("10.0.0.3")  # a reload between two wake-ups, packets from both still in the slots
+    assert link.recv_gro_into(buf) == (90, "10.0.0.2", 0) and bytes(buf[:90]) == b"2" * 90  # now a stranger
+    assert link.recv_gro_into(buf) == (100, "10.0.0.3", 0) and bytes(buf[:100]) == b"3" * 100
+
+
+class StubLoop:
+    def __init__(self) -> None:
+        self.soon: list = []
+
+    def call_soon(self, fn) -> None:
+        self.soon.append(fn)
+
+
+def test_packets_left_in_the_slots_when_a_wakeup_ends_are_come_back_for():
+    """Taken from the kernel by recvmmsg, they are invisible to the poll: the engine must not wait for it."""
+    from tunneld.engine_offload import OffloadEngine
+    from tunneld.testing import FakeVnetDevice
+
+    inner = [bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / (b"x" * n)) for n in range(10, 15)]
+    link = raw_link_with([("10.0.0.2", bytes(GRE(proto=0x0800)) + p) for p in inner])
+    link.enable_gro = lambda: None  # the fake receiver is in place already
+    dev = FakeVnetDevice()
+    eng = OffloadEngine(dev, link, Gre(), max_frame=1476, batch=2)  # five packets of five lengths: five reads
+    eng._loop = loop = StubLoop()
+    eng.on_link_readable()
+    assert len(dev.written) == 2 and loop.soon == [eng.on_link_readable]
+    loop.soon.clear()
+    eng.on_link_readable()
+    eng.on_link_readable()  # the last one, then nothing left: no call back
+    assert [w[10:] for w in dev.written] == inner and loop.soon == [eng.on_link_readable]
+    assert eng.stats.rx_packets == 5
 
 
 @pytest.mark.parametrize("capacity, calls", [(64, 1), (3, 2)])

@@ -22,12 +22,18 @@ from tests.test_vxlan_netns import assert_transfers
 pytestmark = pytest.mark.netns
 
 
+START_UP_ICMP_ERRORS = 10
+
+
 def stopped(t) -> str:
     """Stop ``t`` (exit 0) and return its log, after checking it dropped nothing but start-up ICMP errors."""
     assert t.stop() == 0
     out = t.output()
     line = [ln for ln in out.splitlines() if "shutting down" in ln][-1]
-    assert not {r: n for r, n in drops(line).items() if r != "socket_error"}, line
+    found = drops(line)
+    # Until the far end opens its raw socket, its kernel answers "protocol unreachable", which comes back as one
+    # failed receive per ICMP error; a failed send (ENOBUFS...) is the same reason and would show as many more.
+    assert found.pop("socket_error", 0) <= START_UP_ICMP_ERRORS and not found, line
     return out
 
 

@@ -51,11 +51,15 @@ WAKEUP_BYTES = 256 << 10
 
 def _probe(codec, first: int) -> bytes | None:
     """The header ``codec.encap`` writes in front of a frame starting with byte ``first``, if it is the same for
-    two frames that differ everywhere else; None if it is not (a checksum, a counter) or the codec refuses."""
-    codec = copy.deepcopy(codec)  # encap may advance state (GRE sequence numbers): probe a copy
+    frames that differ everywhere else, length included; None if it is not (a checksum, a counter, a length) or
+    the codec refuses."""
+    try:
+        codec = copy.deepcopy(codec)  # encap may advance state (GRE sequence numbers): probe a copy
+    except Exception:  # a plugin holding what cannot be copied: it keeps the plain path
+        return None
     prefixes = set()
-    for step in (1, 3):
-        buf = bytearray(HEADROOM) + bytes([first]) + bytes(i * step & 0xFF for i in range(1, 60))
+    for step, size in ((1, 60), (3, 60), (5, 201)):
+        buf = bytearray(HEADROOM) + bytes([first]) + bytes(i * step & 0xFF for i in range(1, size))
         start = codec.encap(buf, HEADROOM, len(buf))
         if start.__class__ is Drop:
             return None
@@ -138,6 +142,7 @@ class OffloadEngine(Engine):
             end = vnet_at + n
             flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = unpack(buf, vnet_at)
             frame = view[HEADROOM:end]
+            fallback = False
             if gso_type != GSO_NONE:
                 if pend_count:
                     moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
@@ -161,7 +166,7 @@ class OffloadEngine(Engine):
                 if end - HEADROOM > max_frame:  # a super-frame we cannot cut has no other way out
                     drops[Drop.OFFLOAD_UNSUPPORTED] += 1
                     continue
-                stats.offload_fallbacks += 1  # it fits one packet: the plain path below takes it
+                fallback = True  # it fits one packet: the plain path below takes it (counted once queued)
             if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
                 drops[Drop.OFFLOAD_UNSUPPORTED] += 1
                 continue
@@ -182,6 +187,8 @@ class OffloadEngine(Engine):
             pend_size, pend_flow = size, flow
             pend_count += 1
             nbytes += end - HEADROOM
+            if fallback:
+                stats.offload_fallbacks += 1
         if pend_count:
             moved += self._flush(pend_view[:pend_len], pend_size, pend_flow, pend_count)
         stats.tx_packets += moved
@@ -260,6 +267,10 @@ class OffloadEngine(Engine):
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
+        if self._loop is not None and getattr(self.link, "buffered", False):
+            # The wake-up's budget ran out with packets the link took from the kernel in hand (raw IP's recvmmsg):
+            # no poll would report them, so come back for them on the next turn of the loop.
+            self._loop.call_soon(self.on_link_readable)
 
     def _deliver(self, offset: int, n: int, size: int) -> tuple[int, int]:
         """Write the ``n`` bytes of datagrams of ``size`` at ``rx[offset:]`` to the device: (frames, bytes)."""

@@ -165,8 +165,9 @@ class TunnelCollector(Collector):
 
         fallbacks = CounterMetricFamily(
             "tunneld_offload_fallbacks",
-            "Super-frames the offload path could not cut (headers it does not parse) that fit one packet and left "
-            "by the plain path instead; larger ones are dropped as offload_unsupported.",
+            "Super-frames the offload path could not cut (headers it does not parse) that fit one packet and were "
+            "handed to the plain path instead (and counted there like any frame); larger ones are dropped as "
+            "offload_unsupported.",
             labels=LABELS,
         )
         fallbacks.add_metric(labels, stats.offload_fallbacks)

@@ -64,6 +64,7 @@ class RawLink:
     """Sends to and receives from one peer over raw IP with protocol ``protocol``. ``peer`` may change."""
 
     spreads_flows = False  # no ports: the engine need not hash inner flows for us
+    NAME_SLOT = MessageReceiver.NAME_SIZE  # bytes per packet's source address in the receiver's names
 
     def __init__(self, peer: str, protocol: int, local: str | None = None) -> None:
         self.family, self.peer = underlay_family(peer, local)
@@ -110,13 +111,20 @@ class RawLink:
         self._peer_bytes = socket.inet_pton(self.family, self.peer)
         if self._sender is not None:
             self._sender.set_destination(_sockaddr(self.family, self.peer))
+        if self._receiver is not None and self._next < self._count:
+            # Packets already taken from the kernel are judged by the new peer too, as later ones will be.
+            at, size = _NAME_ADDR[self.family]
+            names, peer = self._names_flat, self._peer_bytes
+            slot = self.NAME_SLOT
+            self._from_peer = [names[i * slot + at : i * slot + at + size] == peer for i in range(self._count)]
 
     # -- many packets per system call (the offload engine) --------------------------------------------------
     # Raw IP has no GSO or GRO. What the UDP link does with one UDP_SEGMENT sendmsg, this link does with one
     # sendmmsg of the same rows; what a UDP_GRO read returns (datagrams of one length back to back), this link
     # builds from one recvmmsg of up to 64 packets: each call of recv_gro_into hands out the next run of packets
     # from the peer that have one length (plus a shorter last one), copied back to back into the caller's
-    # buffer. The engine cannot tell the two links apart.
+    # buffer. One difference remains: packets taken from the kernel but not yet handed out are invisible to the
+    # event loop's poll, so the engine looks at ``buffered`` before it yields (engine_offload.py).
 
     def enable_gro(self) -> None:
         self._sender = MessageSender(self._sock.fileno())
@@ -181,11 +189,14 @@ class RawLink:
             self._refill()
         i = self._next
         lens, skip, ok = self._len, self._skip, self._from_peer
-        if not ok[i]:
+        if not ok[i]:  # from a stranger: handed over alone, with its source, for the engine to count
             self._next = i + 1
             at, size = _NAME_ADDR[self.family]
             source = socket.inet_ntop(self.family, self._receiver.names[i, at : at + size].tobytes())
-            return lens[i], source, 0
+            n = min(lens[i], len(buf))
+            at = i * self._slot_size + skip[i]
+            buf[:n] = self._slots_flat[at : at + n]
+            return n, source, 0
         row, off = lens[i], skip[i]
         room = len(buf) // row if row else 1
         j = i + 1
@@ -208,6 +219,11 @@ class RawLink:
             j += 1
         self._next = j
         return n, self.peer, (row if j - i > 1 else 0)
+
+    @property
+    def buffered(self) -> bool:
+        """Whether packets taken from the kernel wait to be handed out (the socket's poll cannot tell)."""
+        return self._next < self._count
 
     def fileno(self) -> int:
         return self._sock.fileno()
