@@ -207,8 +207,19 @@ class FakeReceiver:
             self.names[i, 4:8] = np.frombuffer(socket.inet_aton(source), np.uint8)
         self.calls = 0
 
+        self.cut: list[bool] = [False] * len(packets)  # which ones "arrived longer than their slot"
+
     def first_length(self) -> int:
         return int(self.lengths[0])
+
+    def first_truncated(self) -> bool:
+        return self.cut[0]
+
+    def any_truncated(self, count: int) -> bool:
+        return any(self.cut[:count])
+
+    def truncated(self, count: int) -> list[bool]:
+        return self.cut[:count]
 
     capacity = 64
 
@@ -276,7 +287,7 @@ def test_packets_left_in_the_slots_when_a_wakeup_ends_are_come_back_for():
 
     inner = [bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / (b"x" * n)) for n in range(10, 15)]
     link = raw_link_with([("10.0.0.2", bytes(GRE(proto=0x0800)) + p) for p in inner])
-    link.enable_gro = lambda: None  # the fake receiver is in place already
+    link.enable_gro = lambda max_packet: None  # the fake receiver is in place already
     dev = FakeVnetDevice()
     eng = OffloadEngine(dev, link, Gre(), max_frame=1476, batch=2)  # five packets of five lengths: five reads
     eng._loop = loop = StubLoop()
@@ -298,6 +309,32 @@ def test_a_short_batch_spares_the_call_that_would_find_nothing(capacity, calls):
     with pytest.raises(BlockingIOError):
         link.recv_gro_into(buf)
     assert link._receiver.calls == calls  # a full batch may have left more behind: only then look again
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_packet_longer_than_its_slot_is_handed_on_empty(count):
+    link = raw_link_with([("10.0.0.2", bytes(100))] * count)
+    link._receiver.cut[count - 1] = True
+    buf = memoryview(bytearray(1 << 16))
+    if count == 3:
+        assert link.recv_gro_into(buf) == (200, "10.0.0.2", 100)
+    assert link.recv_gro_into(buf) == (0, "10.0.0.2", 0)  # the GRE codec counts an empty packet as truncated
+
+
+def test_recvmmsg_reports_a_datagram_longer_than_its_slot():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        receiver = MessageReceiver(rx.fileno(), slots=4, slot_size=128)
+        for size in (100, 300):
+            tx.sendto(bytes(size), rx.getsockname())
+        assert receiver.receive() == 2
+        assert receiver.lengths[:2].tolist() == [100, 128] and receiver.truncated(2) == [False, True]
+        assert not receiver.first_truncated() and receiver.any_truncated(2)
+    finally:
+        rx.close()
+        tx.close()
 
 
 def test_raw_link_runs_stop_at_the_callers_buffer():

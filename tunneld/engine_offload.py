@@ -104,7 +104,9 @@ class OffloadEngine(Engine):
         # that plus one last frame with its header (send_segments splits them into the kernel's per-call limits).
         self._pend = bytearray(WAKEUP_BYTES + HEADROOM + MAX_PACKET)
         self._pend_view = memoryview(self._pend)
-        link.enable_gro()  # where the kernel cannot, reads are single datagrams and are gathered (below)
+        # Where the kernel cannot coalesce, reads are single datagrams and are gathered (below). The largest packet
+        # the peer should send us sizes raw IP's receive slots.
+        link.enable_gro(max_packet=self.max_frame + codec.header_len)
 
     def on_device_readable(self) -> None:
         stats = self.stats

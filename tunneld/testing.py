@@ -107,7 +107,7 @@ class FakeGsoLink(FakeLink):
         self.sends = 0
         self.gro: deque[int] = deque()  # the segment size reported for each delivered datagram (0: none)
 
-    def enable_gro(self) -> bool:
+    def enable_gro(self, max_packet: int = 65535) -> bool:
         return True
 
     def deliver_gro(self, datagrams: list[bytes], source: str | None = None) -> None:

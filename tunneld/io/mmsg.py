@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 MSG_DONTWAIT = 0x40
+MSG_TRUNC = 0x20
 SCALAR_ROWS = 4  # up to this many messages, iovecs are filled one by one rather than with NumPy
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,7 +53,8 @@ _recvmmsg.restype = ctypes.c_int
 _MSG_SIZE = ctypes.sizeof(_Mmsghdr)
 _NAMELEN_AT = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_namelen.offset
 _MSGLEN_AT = _Mmsghdr.msg_len.offset
-assert ctypes.sizeof(_Iovec) == 16 and _NAMELEN_AT % 4 == 0 and _MSGLEN_AT % 4 == 0
+_FLAGS_AT = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_flags.offset
+assert ctypes.sizeof(_Iovec) == 16 and not (_NAMELEN_AT % 4 or _MSGLEN_AT % 4 or _FLAGS_AT % 4)
 
 
 def _u32_column(msgs, at: int, count: int) -> np.ndarray:
@@ -142,6 +144,7 @@ class MessageReceiver:
         self._msgs_at = ctypes.addressof(self._msgs)
         self._namelen = _u32_column(self._msgs, _NAMELEN_AT, slots)
         self.lengths = _u32_column(self._msgs, _MSGLEN_AT, slots)
+        self._flags = _u32_column(self._msgs, _FLAGS_AT, slots)
         self._namelen[:] = self.NAME_SIZE
         self._returned = 0  # messages whose address length the last call overwrote
 
@@ -164,3 +167,13 @@ class MessageReceiver:
     def first_length(self) -> int:
         """``lengths[0]`` without a NumPy call: a lone packet (the sparse case) is read field by field."""
         return self._msgs[0].msg_len
+
+    def first_truncated(self) -> bool:
+        return bool(self._msgs[0].msg_hdr.msg_flags & MSG_TRUNC)
+
+    def any_truncated(self, count: int) -> bool:
+        return bool((self._flags[:count] & MSG_TRUNC).any())
+
+    def truncated(self, count: int) -> list[bool]:
+        """Which of the last ``count`` packets were longer than their slot (the kernel cut them: MSG_TRUNC)."""
+        return ((self._flags[:count] & MSG_TRUNC) != 0).tolist()

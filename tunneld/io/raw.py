@@ -48,6 +48,7 @@ from tunneld.io.mmsg import MessageReceiver, MessageSender
 
 IPV4_HEADER_LEN = 20  # without options
 IPV4_IHL_OFFSET = 0  # low nibble of the first byte, in 32-bit words
+IPV4_MAX_HEADER_LEN = 60
 # Where the address sits in the struct sockaddr_in / sockaddr_in6 that recvmmsg fills in, and its length.
 _NAME_ADDR = {socket.AF_INET: (4, 4), socket.AF_INET6: (8, 16)}
 
@@ -126,10 +127,15 @@ class RawLink:
     # buffer. One difference remains: packets taken from the kernel but not yet handed out are invisible to the
     # event loop's poll, so the engine looks at ``buffered`` before it yields (engine_offload.py).
 
-    def enable_gro(self) -> None:
+    def enable_gro(self, max_packet: int = 65535) -> None:
+        """Send and receive many packets per call. ``max_packet``: the largest encapsulated packet the peer should
+        send (our MTU's); each receive slot holds it plus an outer IPv4 header with options, and a longer one
+        arrives truncated and is handed on empty, for the codec to count as truncated. Slots sized for 64 KiB
+        would cost ~2 MB of resident memory for nothing at the usual MTU."""
         self._sender = MessageSender(self._sock.fileno())
         self.set_peer(self.peer)
-        self._receive_with(MessageReceiver(self._sock.fileno()))
+        slot = min(1 << 16, -(-(max_packet + IPV4_MAX_HEADER_LEN) // 1024) * 1024)
+        self._receive_with(MessageReceiver(self._sock.fileno(), slot_size=slot))
 
     def _receive_with(self, receiver: MessageReceiver) -> None:
         self._receiver = receiver
@@ -155,7 +161,8 @@ class RawLink:
         at, size = _NAME_ADDR[self.family]
         if count == 1:  # sparse traffic (a ping, an ACK): no NumPy calls, which cost more than all the rest here
             skip = (self._slots_flat[IPV4_IHL_OFFSET] & 0x0F) * 4 if self.family == socket.AF_INET else 0
-            self._len = [max(receiver.first_length() - skip, 0)]
+            truncated = receiver.first_truncated()
+            self._len = [0 if truncated else max(receiver.first_length() - skip, 0)]
             self._skip = [skip]
             self._from_peer = [self._names_flat[at : at + size] == self._peer_bytes]
             self._count, self._next = 1, 0
@@ -168,6 +175,8 @@ class RawLink:
         else:
             skip = [0] * count
             self._len = lengths
+        if receiver.any_truncated(count):  # longer than a slot: handed on empty (the codec counts it truncated)
+            self._len = [0 if t else n for n, t in zip(self._len, receiver.truncated(count))]
         names = receiver.names[:count, at : at + size].tobytes()
         peer = self._peer_bytes
         self._from_peer = [names[i : i + size] == peer for i in range(0, count * size, size)]

@@ -133,8 +133,9 @@ class UdpLink:
         """Send one datagram to the peer from the source port that ``flow`` selects."""
         self._tx[flow % self._ntx].sendto(packet, self._peer)
 
-    def enable_gro(self) -> bool:
-        """Ask the kernel to coalesce received datagrams (UDP_GRO); False where it cannot."""
+    def enable_gro(self, max_packet: int = 65535) -> bool:
+        """Ask the kernel to coalesce received datagrams (UDP_GRO); False where it cannot. (``max_packet``: see
+        RawLink; a GRO read here lands in the caller's buffer.)"""
         try:
             self._rx.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError:
