@@ -17,6 +17,7 @@ from tunneld.config import (
     LOG_LEVELS,
     MAX_WORKERS,
     MODE_OPTIONS,
+    VNI_MAX,
     ConfigError,
     ConfigFileError,
     TunnelConfig,
@@ -116,7 +117,7 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
         "--address", metavar="CIDR", action="append", default=[],
         help="address to put on the interface, e.g. 192.168.100.1/24 or fd00::1/64; repeat for more",
     )
-    p.add_argument("--vni", type=_int_in(0, (1 << 24) - 1, "VNI"), help="VXLAN network identifier (default: 1)")
+    p.add_argument("--vni", type=_int_in(0, VNI_MAX, "VNI"), help="VXLAN network identifier (default: 1)")
     p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
     p.add_argument("--key", type=_int_in(0, (1 << 32) - 1, "key"), help="GRE key (RFC 2890), sent and required (gre, gretap)")
     p.add_argument("--seq", action="store_true", help="GRE sequence numbers: send them, drop late/duplicate packets (gre, gretap)")

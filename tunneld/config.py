@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from tunneld.encap import gre, vxlan
+
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9477"  # loopback only: exposing metrics further is the operator's choice
@@ -192,11 +194,14 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error; systemd must not restart on it
 
-VNI_MAX = (1 << 24) - 1
-GRE_KEY_MAX = (1 << 32) - 1
+VNI_MAX = vxlan.VNI_MAX
+GRE_KEY_MAX = gre.KEY_MAX
 # The options each built-in mode takes, beyond the common [tunnel] keys, typed here. A plugin mode declares
 # its own in its encapsulator's ``options`` (name -> help) and they reach its ``from_options`` as written.
-MODE_OPTIONS: dict[str, tuple[str, ...]] = {"vxlan": ("vni",), "gre": ("key", "seq", "csum"), "gretap": ("key", "seq", "csum")}
+# (VXLAN's VNI is a TunnelConfig field of its own, not one of the codec's ``options``.)
+MODE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "vxlan": ("vni",), "gre": tuple(gre.Gre.options), "gretap": tuple(gre.GreTap.options),
+}
 COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "workers")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "metrics": ("listen",), "log": ("level",)}
 
