@@ -337,6 +337,29 @@ def test_recvmmsg_reports_a_datagram_longer_than_its_slot():
         tx.close()
 
 
+def test_after_a_lone_packet_sparse_traffic_is_read_singly_until_a_burst():
+    link = raw_link_with([("10.0.0.2", b"a" * 70)])
+    buf = memoryview(bytearray(1 << 16))
+    assert link.recv_gro_into(buf) == (70, "10.0.0.2", 0)  # recvmmsg brought one packet
+    with pytest.raises(BlockingIOError):
+        link.recv_gro_into(buf)  # (the queue was drained: no call)
+    singles = [(60, "10.0.0.2"), (61, "10.0.0.2"), (62, "10.0.0.2")]
+    plain_calls = []
+
+    def recv_into(b):
+        plain_calls.append(1)
+        if not singles:
+            raise BlockingIOError
+        return singles.pop(0)
+
+    link.recv_into = recv_into
+    assert link.recv_gro_into(buf) == (60, "10.0.0.2", 0)  # next wake-up: one plain read...
+    assert link.recv_gro_into(buf) == (61, "10.0.0.2", 0)  # ...a second in the same wake-up: a burst
+    link._receiver.__init__([("10.0.0.2", bytes(100))] * 4)  # what the next recvmmsg will find
+    assert link.recv_gro_into(buf) == (400, "10.0.0.2", 100)  # batched again
+    assert len(plain_calls) == 2
+
+
 def test_raw_link_runs_stop_at_the_callers_buffer():
     link = raw_link_with([("10.0.0.2", bytes(100))] * 5)
     buf = memoryview(bytearray(250))
