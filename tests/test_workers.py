@@ -3,6 +3,7 @@ adding up the workers' counters, and the exporter's sum. tests/test_workers_netn
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -127,3 +128,67 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     assert got[("tunneld_worker_packets_total", (("direction", "rx"), ("worker", "1")))] == 2
     assert got[("tunneld_worker_cpu_seconds_total", (("worker", "0"),))] == 1.5
     assert got[("tunneld_worker_cpu_seconds_total", (("worker", "1"),))] == 0.25
+
+
+# -- the parent's control channel (workers.Pool), with a socketpair standing in for a worker ----------------------
+
+
+def _pool_with_silent_child():
+    """A Pool whose one child is this process's own socket end: nothing answers unless the test does."""
+    import socket as _socket
+
+    from tunneld.workers import Child, Pool
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    pool = Pool(4)
+    pool.children.append(Child(1, os.getpid(), ours))  # pidfd of ourselves: never readable while we run
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    return pool, theirs
+
+
+def _drain(sock) -> list[tuple]:
+    got = []
+    while True:
+        try:
+            got.append(pickle.loads(sock.recv(1 << 16)))
+        except BlockingIOError:
+            return got
+
+
+def test_a_silent_worker_has_at_most_one_stats_request_queued():
+    pool, theirs = _pool_with_silent_child()
+    try:
+        for _ in range(500):  # the heartbeat and the scrapes keep asking while the worker is stalled
+            pool.request()
+        assert [m[0] for m in _drain(theirs)] == ["stats"]
+        pool.broadcast(("apply", {"peer": "192.0.2.9"}))  # so a reload still fits
+        assert _drain(theirs) == [("apply", {"peer": "192.0.2.9"})]
+        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))  # it answers: the next request goes out
+        pool._on_message(pool.children[0])
+        seq = pool.request()
+        assert _drain(theirs) == [("stats", seq)]
+    finally:
+        theirs.close()
+        pool.children[0].ctl.close()
+        os.close(pool.children[0].pidfd)
+
+
+def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_worker(caplog):
+    pool, theirs = _pool_with_silent_child()
+    died = []
+    pool._on_death = lambda: died.append(True)
+    try:
+        while pool.children[0].ctl.send(b"x" * 100):  # fill the socket, as a worker that never reads would
+            pass
+    except BlockingIOError:
+        pass
+    try:
+        pool.broadcast(("apply", {"peer": "192.0.2.9"}))
+        assert died == [True]
+        assert f"worker 1 (pid {os.getpid()}) does not read its control socket" in caplog.text
+        assert "exit status 1" in caplog.text
+    finally:
+        theirs.close()
+        pool.children[0].ctl.close()
+        os.close(pool.children[0].pidfd)

@@ -319,6 +319,51 @@ def test_reload_reaches_every_worker(hosts, tmp_path):
         assert t.stop() == 0, t.output()
 
 
+SCRAPES = """
+import sys, threading, urllib.request
+def one():
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=30).read()
+    except OSError:
+        pass
+threads = [threading.Thread(target=one) for _ in range(int(sys.argv[2]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(60)
+"""
+
+
+def test_a_reload_reaches_a_worker_that_was_stalled_through_hundreds_of_scrapes(hosts, tmp_path):
+    a, b = hosts
+    quiet(a, b)
+    conf = tmp_path / "a.toml"
+    text = '[tunnel]\npeer = "{peer}"\naddress = "{addr}/24"\nmac = "{mac}"\nworkers = 2\n'
+    conf.write_text(text.format(peer="10.231.0.99", addr=OVERLAY_V4[0], mac=MAC_A))  # nobody there
+    ta = Tunneld(a, "--config", str(conf))
+    tb = Tunneld(b, "--peer", a.underlay, "--address", f"{OVERLAY_V4[1]}/24", "--mac", MAC_B, "--workers", "1")
+    a.run("ip", "neigh", "replace", OVERLAY_V4[1], "lladdr", MAC_B, "dev", "tunneld0", "nud", "permanent")
+    b.run("ip", "neigh", "replace", OVERLAY_V4[0], "lladdr", MAC_A, "dev", "tunneld0", "nud", "permanent")
+    [kid] = wait_children(ta.proc.pid, 1)
+    os.kill(kid, signal.SIGSTOP)  # stalled (swap, a debugger), not dead
+    try:
+        for _ in range(8):  # 400 scrapes: each one asks the stalled worker for its counters
+            a.run(sys.executable, "-c", SCRAPES, METRICS, "50", timeout=120)
+        conf.write_text(text.format(peer=b.underlay, addr=OVERLAY_V4[0], mac=MAC_A))
+        ta.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+    finally:
+        os.kill(kid, signal.SIGCONT)
+    time.sleep(2)  # it reads what was queued for it, the reload among it
+    assert ta.proc.poll() is None, ta.output()  # the reload fitted: nothing to stop for
+    # Every flow arrives, whichever worker it hashes to: a worker still sending to the old peer loses its share.
+    assert udp_flows(a, b) == FLOWS * PER_FLOW
+    per_worker = [value(scrape(a), "tunneld_worker_packets_total", worker=w, direction="tx") for w in "01"]
+    assert all(n > 0 for n in per_worker), per_worker
+    for t in (ta, tb):
+        assert t.stop() == 0, t.output()
+
+
 def test_gre_runs_one_worker_and_delivers_each_packet_once(hosts):
     a, b = hosts
     quiet(a, b)

@@ -26,6 +26,11 @@ Theory of operation:
 - Metrics stay exact and scrape-time: each process counts with plain ints as a single worker does, and a
   scrape asks every child for a snapshot of its Stats (with a timeout; a late child's last snapshot stands in,
   so that counters never go backwards) and adds them to the parent's own. Nothing is added per packet.
+- A child has at most one ("stats", seq) request outstanding: while it has not answered, further asks skip
+  it and a scrape waits for that answer (or, at its timeout, uses the last one). So a stalled child's socket
+  never fills with requests, and a reload's ("apply", ...) always fits; should one still not fit (a child
+  that has not read for hundreds of reloads), the parent stops with status 1, naming the worker, rather than
+  leave it sending to the old peer.
 - Liveness: the parent asks every child for a snapshot once a second (the same message). While a child has
   not answered for LATE_AFTER seconds, the systemd watchdog ping is withheld, so a wedged worker gets the
   unit restarted.
@@ -101,9 +106,10 @@ def _set_pdeathsig(sig: int) -> None:
 
 
 def _send(sock: socket.socket, message: tuple) -> bool:
+    """A child's answer, or the parent's last ("stop",): a failure is left to the other side's timeouts."""
     try:
         sock.send(pickle.dumps(message))
-    except OSError:  # full (the other end is not reading) or gone: the other side's timeouts deal with it
+    except OSError:  # full (the other end is not reading) or gone
         return False
     return True
 
@@ -127,6 +133,7 @@ class Child:
         self.stats: Stats | None = None  # the last snapshot it sent
         self.cpu = 0.0  # the CPU seconds it had used at that snapshot
         self.answered = time.monotonic()  # when it last answered
+        self.asked = False  # a ("stats", seq) request is outstanding: at most one is, however often we ask
         self.exited: int | None = None  # its wait status, once reaped
 
 
@@ -208,11 +215,9 @@ class Pool:
             elif kind == "stats":
                 _, seq, stats, cpu = message
                 child.stats, child.cpu = stats, cpu
+                child.asked = False
                 child.answered = time.monotonic()
-                self._late_logged.discard(child.index)
-                waiting = self._waiting.get(seq)
-                if waiting is not None:
-                    future, pending = waiting
+                for future, pending in self._waiting.values():  # its one answer serves every waiting scrape
                     pending.discard(child.index)
                     if not pending and not future.done():
                         future.set_result(None)
@@ -235,11 +240,13 @@ class Pool:
             self._on_death()
 
     def request(self) -> int:
-        """Ask every child for a snapshot of its counters; returns the request's number."""
+        """Ask every child for a snapshot of its counters, unless it has yet to answer the last request (a
+        stalled child must not find hundreds of requests queued, filling the socket so that a reload's
+        ("apply", ...) no longer fits); returns the request's number."""
         self._seq += 1
         for child in self.children:
-            if child.exited is None:
-                _send(child.ctl, ("stats", self._seq))
+            if child.exited is None and not child.asked:
+                child.asked = self._deliver(child, ("stats", self._seq))
         return self._seq
 
     async def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> list[Stats]:
@@ -247,7 +254,7 @@ class Pool:
         assert self._loop is not None
         future = self._loop.create_future()
         seq = self.request()
-        self._waiting[seq] = (future, {c.index for c in self.children if c.exited is None})
+        self._waiting[seq] = (future, {c.index for c in self.children if c.exited is None and c.asked})
         if not self._waiting[seq][1]:
             future.set_result(None)
         try:
@@ -294,9 +301,26 @@ class Pool:
         return ok
 
     def broadcast(self, message: tuple) -> None:
+        """Send every child ``message`` (a reload's ("apply", ...)); one that cannot take it stops the daemon."""
         for child in self.children:
             if child.exited is None:
-                _send(child.ctl, message)
+                self._deliver(child, message)
+
+    def _deliver(self, child: Child, message: tuple) -> bool:
+        """Queue ``message`` on the child's control socket. With at most one stats request outstanding the
+        socket holds hundreds of messages, so a full one means a child that has not read for a long time; a
+        reload it would miss must not pass silently (it would keep sending to the old peer): stop, status 1."""
+        try:
+            child.ctl.send(pickle.dumps(message))
+        except BlockingIOError:
+            if not self._stopping:
+                log.error("worker %d (pid %d) does not read its control socket (full); cannot deliver %r; "
+                          "stopping the tunnel (exit status 1)", child.index, child.pid, message[0])
+                self._on_death()
+            return False
+        except OSError:  # gone: its pidfd says how, and that stops the daemon
+            return False
+        return True
 
     # -- after the parent's loop has ended -----------------------------------------------------------------
 
