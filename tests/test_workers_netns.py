@@ -9,6 +9,7 @@ crosses).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -262,6 +263,51 @@ def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
     assert t.stop(signal.SIGTERM) == 0, t.output()
     assert wait_gone(kids) == []
     assert a.link_state("tunneld0") is None
+
+
+def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(hosts):
+    """systemd's stop signals every process of the unit at once; here right as the first worker appears,
+    before the parent has its handlers: the signal waits (blocked) until it can be handled."""
+    from tests.netns import TUNNELD
+
+    a, b = hosts
+    for _ in range(5):
+        proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "3", "--metrics-listen", "")
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # a tight look at /proc: the first fork, not a second later
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                        break
+            os.killpg(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=20)
+        finally:
+            a.kill_all()
+        out = proc.stdout.read()
+        assert code == 0, out
+        assert "removed interface tunneld0" in out, out
+        assert a.link_state("tunneld0") is None
+
+
+def test_sigterm_while_waiting_for_a_stalled_worker_to_start_stops_without_waiting_for_it(hosts):
+    from tests.netns import TUNNELD
+
+    a, b = hosts
+    proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")
+    try:
+        [kid] = wait_children(proc.pid, 1, timeout=10)
+        os.kill(kid, signal.SIGSTOP)  # not ready, and never will be while stopped
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        a.kill_all()
+    out = proc.stdout.read()
+    assert code == 0, out
+    assert "removed interface tunneld0" in out, out
+    # Not the 15 s start-up timeout: the stop is immediate, then at most STOP_TIMEOUT (5 s) for the worker.
+    assert took < 12, (took, out)
 
 
 def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):

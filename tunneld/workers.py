@@ -65,6 +65,7 @@ STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL
 LATE_WARN_EVERY = 60.0  # seconds between log lines about a worker late with its counters
 MESSAGE_MAX = 1 << 16
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # blocked from before open() until handled
 
 
 def usable_cpus() -> int:
@@ -174,24 +175,30 @@ class Pool:
         self._waiting.clear()
         self._loop = None
 
-    async def started(self, timeout: float = READY_TIMEOUT) -> bool:
-        """Wait until every child has attached its engine; False (logged) if one died or took too long."""
+    async def started(self, stop: asyncio.Event, timeout: float = READY_TIMEOUT) -> bool:
+        """Wait until every child has attached its engine; False (logged) if one died or took too long, or
+        at once if ``stop`` is set (SIGTERM during start-up)."""
         assert self._changed is not None
         deadline = time.monotonic() + timeout
-        while not all(c.ready for c in self.children):
-            if any(c.exited is not None for c in self.children):
-                return False  # _on_exit has said which
-            left = deadline - time.monotonic()
-            if left <= 0:
-                slow = ", ".join(str(c.index) for c in self.children if not c.ready)
-                log.error("worker %s did not start within %.0f s; stopping (exit status 1)", slow, timeout)
-                return False
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                continue
-        return True
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not all(c.ready for c in self.children):
+                if any(c.exited is not None for c in self.children):
+                    return False  # _on_exit has said which
+                if stop.is_set():
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    slow = ", ".join(str(c.index) for c in self.children if not c.ready)
+                    log.error("worker %s did not start within %.0f s; stopping (exit status 1)", slow, timeout)
+                    return False
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait((changed, stopping), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+            return True
+        finally:
+            stopping.cancel()
 
     def _on_message(self, child: Child) -> None:
         for _ in range(64):  # bounded: a child sends one answer per request
@@ -413,8 +420,9 @@ def _child_main(index: int, parent_pid: int, tunnel, device, link, ctl: socket.s
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the prctl: nobody to work for
         return 0
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent since before open()
     import uvloop
 
     return uvloop.run(_child_serve(index, tunnel, device, link, ctl))
