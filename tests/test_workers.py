@@ -192,3 +192,35 @@ def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_
         theirs.close()
         pool.children[0].ctl.close()
         os.close(pool.children[0].pidfd)
+
+
+def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_closed(monkeypatch):
+    """pidfd_open failing after the fork (EMFILE, ENOSYS, EPERM): the child must not live on untracked."""
+    import errno
+    import time
+
+    from tunneld import workers
+
+    class Closable:
+        def close(self) -> None:
+            pass
+
+    class FakeTunnel:
+        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+
+        def forget_in_child(self) -> None:
+            time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
+
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(workers.os, "pidfd_open", no_pidfd)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as caught:
+        workers.fork_workers(FakeTunnel(), [(Closable(), Closable())])
+    assert caught.value.errno == errno.EMFILE
+    assert time.monotonic() - t0 < 10  # not the child's 30 s: it was killed
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # and reaped: no child of ours is left, running or zombie
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # the control socket's parent end is closed

@@ -413,7 +413,13 @@ def _fork_each(pool: Pool, parent_pid: int, tunnel, units: list) -> None:
             finally:
                 os._exit(code)
         child_end.close()
-        pool.children.append(Child(index, pid, parent_end))
+        try:
+            pool.children.append(Child(index, pid, parent_end))
+        except OSError:  # pidfd_open: EMFILE, ENOSYS (before Linux 5.3), EPERM (seccomp): a child we cannot track
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            parent_end.close()
+            raise
 
 
 def _child_main(index: int, parent_pid: int, tunnel, device, link, ctl: socket.socket) -> int:
