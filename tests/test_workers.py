@@ -224,3 +224,55 @@ def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_clo
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # and reaped: no child of ours is left, running or zombie
     assert set(os.listdir("/proc/self/fd")) == fds_before  # the control socket's parent end is closed
+
+
+def test_a_stalled_worker_is_logged_once_and_again_when_it_answers(caplog):
+    import logging
+    import time
+
+    pool, theirs = _pool_with_silent_child()
+    child = pool.children[0]
+    caplog.set_level(logging.INFO, logger="tunneld")
+    try:
+        assert pool.alive()
+        child.answered = time.monotonic() - 6  # silent for longer than LATE_AFTER
+        assert not pool.alive() and not pool.alive()
+        stalled = [r for r in caplog.records if "has not answered for" in r.getMessage()]
+        assert len(stalled) == 1 and f"worker 1 (pid {os.getpid()})" in stalled[0].getMessage()
+        pool.request()
+        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))
+        pool._on_message(child)
+        assert pool.alive()
+        assert sum("worker 1 (pid %d) answers again" % os.getpid() in r.getMessage() for r in caplog.records) == 1
+    finally:
+        theirs.close()
+        child.ctl.close()
+        os.close(child.pidfd)
+
+
+def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch):
+    import asyncio
+
+    from tunneld import service
+    from tunneld.service import Notifier, Service
+
+    class Tunnel:
+        pool = object()  # several workers
+        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+        cfg = type("Cfg", (), {"peer": "192.0.2.2"})()
+        looks = 0
+
+        def workers_alive(self) -> bool:
+            Tunnel.looks += 1
+            return False
+
+    monkeypatch.setattr(service, "STATUS_INTERVAL", 0.01)
+
+    async def run() -> None:
+        s = Service(Tunnel(), notifier=Notifier({}))  # no NOTIFY_SOCKET, no WATCHDOG_USEC
+        s.ready()
+        await asyncio.sleep(0.2)
+        s.stopping()
+
+    asyncio.run(run())
+    assert Tunnel.looks >= 3

@@ -21,8 +21,11 @@ Theory of operation:
                     to a request (the CPU time the worker has used: os.times(), user + system).
     parent → child: ("stats", seq); ("apply", {"peer": ..., "log_level": ...}) on reload; ("stop",).
 - A child that exits unasked is fatal: the parent learns it from the child's pidfd, logs how it died, and
-  stops with status 1, so that systemd restarts the whole unit rather than run a tunnel with a queue that
-  nobody reads (the kernel would keep steering flows into it).
+  stops with status 1, so that systemd restarts the whole unit with every worker. Its flows are not lost
+  meanwhile: closing its queue's fd detaches the queue (the device has one queue fewer and the kernel
+  re-steers), and its closed socket leaves the SO_REUSEPORT group; the tunnel would only run short of a
+  worker. What does lose flows is a worker that is alive but wedged: its queue and socket stay attached and
+  the kernel keeps steering flows into them. That is what the liveness check below is for.
 - Metrics stay exact and scrape-time: each process counts with plain ints as a single worker does, and a
   scrape asks every child for a snapshot of its Stats (with a timeout; a late child's last snapshot stands in,
   so that counters never go backwards) and adds them to the parent's own. Nothing is added per packet.
@@ -31,9 +34,10 @@ Theory of operation:
   never fills with requests, and a reload's ("apply", ...) always fits; should one still not fit (a child
   that has not read for hundreds of reloads), the parent stops with status 1, naming the worker, rather than
   leave it sending to the old peer.
-- Liveness: the parent asks every child for a snapshot once a second (the same message). While a child has
-  not answered for LATE_AFTER seconds, the systemd watchdog ping is withheld, so a wedged worker gets the
-  unit restarted.
+- Liveness: the parent asks every child for a snapshot once a second (the same message), and looks at the
+  answers on every heartbeat tick (service.py; with or without a systemd watchdog). A child that has not
+  answered for LATE_AFTER seconds is logged (once, and again when it answers) and, under a watchdog, the
+  ping is withheld, so a wedged worker gets the unit restarted.
 - Raw IP transports (GRE, gretap): every raw socket receives its own copy of every packet (there is no
   SO_REUSEPORT for raw IP), so N workers would deliver each packet N times; and with GRE sequence numbers
   the peer must see one sender. They run with one worker (``resolve``). A design where only worker 0
@@ -295,16 +299,23 @@ class Pool:
         return [c.cpu for c in self.children]
 
     def alive(self) -> bool:
-        """Whether every child answered within LATE_AFTER seconds (the watchdog ping waits on it)."""
+        """Whether every child answered within LATE_AFTER seconds (the watchdog ping waits on it). A child
+        that has not is logged once, and again once it answers."""
         now = time.monotonic()
         ok = True
         for child in self.children:
+            if child.exited is not None:
+                continue  # _on_exit has said how, and is stopping the daemon
             if now - child.answered > LATE_AFTER:
                 ok = False
                 if child.index not in self._late_logged:
                     self._late_logged.add(child.index)
-                    log.error("worker %d (pid %d) has not answered for %.0f s; withholding the watchdog ping",
+                    log.error("worker %d (pid %d) has not answered for %.0f s: stalled, the flows the kernel "
+                              "steers to it go unserved (with a systemd watchdog, the ping is withheld)",
                               child.index, child.pid, now - child.answered)
+            elif child.index in self._late_logged:
+                self._late_logged.discard(child.index)
+                log.warning("worker %d (pid %d) answers again", child.index, child.pid)
         return ok
 
     def broadcast(self, message: tuple) -> None:
