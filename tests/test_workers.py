@@ -276,3 +276,50 @@ def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch
 
     asyncio.run(run())
     assert Tunnel.looks >= 3
+
+
+def _cgroup_tree(tmp_path, cpu_max: dict[str, str], own: str = "/system.slice/tunneld.service"):
+    """A stand-in for /sys/fs/cgroup (cpu.max per cgroup) and /proc/self/cgroup naming the process's cgroup."""
+    root = tmp_path / "cgroup"
+    for path, text in cpu_max.items():
+        d = root / path.lstrip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpu.max").write_text(text + "\n")
+    (root / own.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text(f"0::{own}\n")
+    return str(root), str(self_cgroup)
+
+
+@pytest.mark.parametrize("cpu_max,expected", [
+    ({"/system.slice/tunneld.service": "max 100000"}, None),  # "max": no quota
+    ({"/system.slice/tunneld.service": "200000 100000"}, 2),  # 2 CPUs' worth of time
+    ({"/system.slice/tunneld.service": "150000 100000"}, 2),  # 1.5 rounds up
+    ({"/system.slice/tunneld.service": "50000 100000"}, 1),
+    ({"/system.slice": "300000 100000", "/system.slice/tunneld.service": "max 100000"}, 3),  # a parent's quota
+    ({"/system.slice": "800000 100000", "/system.slice/tunneld.service": "400000 100000"}, 4),  # the tightest
+    ({}, None),  # no cpu controller anywhere
+])
+def test_the_cgroup_cpu_quota_is_read_from_the_process_cgroup_and_its_ancestors(tmp_path, cpu_max, expected):
+    from tunneld.workers import cgroup_cpu_quota
+
+    root, self_cgroup = _cgroup_tree(tmp_path, cpu_max)
+    assert cgroup_cpu_quota(root, self_cgroup) == expected
+
+
+def test_no_cgroup_v2_line_means_no_quota(tmp_path):
+    from tunneld.workers import cgroup_cpu_quota
+
+    (tmp_path / "self-cgroup").write_text("4:memory:/x\n1:cpu:/\n")  # cgroup v1 only
+    assert cgroup_cpu_quota(str(tmp_path), str(tmp_path / "self-cgroup")) is None
+    assert cgroup_cpu_quota(str(tmp_path), str(tmp_path / "missing")) is None
+
+
+def test_auto_on_32_cpus_with_a_2_cpu_quota_picks_one_worker(monkeypatch):
+    from tunneld import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: 2)
+    assert workers.resolve("auto", "udp") == (1, "workers auto: 1 for 2 CPUs")
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: None)
+    assert workers.resolve("auto", "udp") == (8, "workers auto: 8 for 32 CPUs")

@@ -73,11 +73,46 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # blocked from be
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: taskset, a cgroup cpuset), not the machine's total."""
+    """The CPUs available to this process, not the machine's total: those it may run on (its affinity:
+    taskset, a cgroup cpuset), and no more than a cgroup CPU quota pays for (a container given 2 CPUs' worth
+    of time on a 32-CPU host has 2)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cpus if quota is None else min(cpus, quota)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The CPUs a cgroup v2 CPU quota allows this process, rounded up: ``cpu.max`` ("QUOTA PERIOD", or "max
+    PERIOD" for none) of its cgroup (the "0::PATH" line of /proc/self/cgroup) and of every ancestor up to
+    ``root``, the tightest; None when there is no quota, or no cgroup v2 to read it from."""
+    try:
+        with open(self_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        return None
+    top = os.path.normpath(root)
+    where = os.path.normpath(os.path.join(top, path.lstrip("/")))
+    if os.path.commonpath([top, where]) != top:
+        return None
+    limit = None
+    while True:
+        try:
+            with open(os.path.join(where, "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max":
+                cpus = max(1, -(-int(quota) // int(period)))  # ceil
+                limit = cpus if limit is None else min(limit, cpus)
+        except (OSError, ValueError):
+            pass  # no cpu controller here (or a file we do not understand): no quota from this level
+        if where == top:
+            return limit
+        where = os.path.dirname(where)
 
 
 def auto_workers(cpus: int) -> int:
