@@ -99,16 +99,36 @@ def test_total_adds_every_counter_and_keeps_the_latest_rx_time():
 
 
 def test_total_covers_every_field_of_stats():
-    one = Stats(4)
-    for i, name in enumerate(Stats.__slots__, start=1):
-        value = getattr(one, name)
-        if isinstance(value, (int, float)):
-            setattr(one, name, i)
-    t = total([one, one])
+    """Every field, whatever its type: the scalars, the histograms (lists) and the drops by reason."""
+    from collections import Counter
+
+    def filled(base: int) -> Stats:
+        s = Stats(4)
+        for i, name in enumerate(Stats.__slots__, start=1):
+            value = getattr(s, name)
+            if isinstance(value, Counter):
+                for j, reason in enumerate(Drop, start=1):
+                    value[reason] = base * 1000 + j
+            elif isinstance(value, list):
+                setattr(s, name, [base * 1000 + i * 10 + k for k in range(len(value))])
+            elif isinstance(value, (int, float)):
+                setattr(s, name, base * 1000 + i)
+            else:
+                raise AssertionError(f"Stats.{name} is a {type(value)}: teach this test (and total) about it")
+        return s
+
+    one, two = filled(1), filled(2)
+    t = total([one, two])
     for name in Stats.__slots__:
-        value = getattr(one, name)
-        if isinstance(value, (int, float)):
-            assert getattr(t, name) == (value if name == "peer_last_rx" else 2 * value), name
+        a, b, got = getattr(one, name), getattr(two, name), getattr(t, name)
+        if name == "peer_last_rx":
+            assert got == max(a, b), name  # the latest, not a sum
+        elif isinstance(a, Counter):
+            assert got == Counter({reason: a[reason] + b[reason] for reason in Drop}), name
+        elif isinstance(a, list):
+            assert got == [x + y for x, y in zip(a, b)], name
+        else:
+            assert got == a + b, name
 
 
 def test_the_exporter_sums_the_workers_and_shows_each_ones_share():

@@ -123,6 +123,16 @@ def wait_children(pid: int, count: int, timeout: float = 10) -> list[int]:
     return kids
 
 
+def first_child(pid: int, timeout: float = 10) -> int:
+    """The first child of ``pid``, found by a tight look at /proc as soon as it is forked."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if kids := Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                return int(kids[0])
+    raise TimeoutError(f"no child of {pid} within {timeout}s")
+
+
 def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -274,11 +284,7 @@ def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(
     for _ in range(5):
         proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "3", "--metrics-listen", "")
         try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # a tight look at /proc: the first fork, not a second later
-                with contextlib.suppress(OSError):
-                    if Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-                        break
+            first_child(proc.pid)  # the first fork, not a second later
             os.killpg(proc.pid, signal.SIGTERM)
             code = proc.wait(timeout=20)
         finally:
@@ -435,8 +441,14 @@ def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts,
     env = {**os.environ, "NOTIFY_SOCKET": rx.path, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
     proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--log-level", "debug", env=env)
     try:
-        seen = rx.until("READY=1")
-        [kid] = children(proc.pid)
+        kid = first_child(proc.pid)
+        os.kill(kid, signal.SIGSTOP)  # before it can have attached its engine (it has uvloop to import first)
+        with pytest.raises(TimeoutError):
+            rx.until("READY=1", timeout=3)  # the parent waits for it
+        assert proc.poll() is None
+        os.kill(kid, signal.SIGCONT)
+        seen = rx.until("READY=1", timeout=10)
+        assert children(proc.pid) == [kid]
         assert not any("STOPPING=1" in m for m in seen)
         rx.until("WATCHDOG=1", timeout=2)
         os.kill(kid, signal.SIGSTOP)  # wedged: alive, but its event loop answers nothing
