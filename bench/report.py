@@ -22,7 +22,7 @@ UNITS = {
     "rtt_idle_p50_ms": "ms, ping round trip on an idle path, median; p99 likewise",
     "rtt_load_p50_ms": "ms, ping round trip while one TCP stream fills the path, median; p99 likewise",
     "cpu_s_per_gb": "CPU seconds (user+system, both ends' userspace data-path processes) per GB of TCP goodput",
-    "rss_mb": "MiB, the larger of the two ends' peak resident set (VmHWM)",
+    "rss_mb": "MiB, the largest peak resident set (VmHWM) among the processes of both ends (workers included)",
     "mtu": "the inner MTU of host A's interface for this system",
     "encap_ns": "ns per encap() of a 1400-byte frame, best of several repeats",
     "decap_ns": "ns per decap() of the same frame",

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -190,9 +191,11 @@ def test_server_serves_metrics_over_http(family, host, listen):
     except OSError:
         pytest.skip(f"{host} not available")
     server = MetricsServer(listen.format(port))
+    loop = asyncio.new_event_loop()
     try:
         eng, dev, link, _ = make()
         server.watch(eng, dev="td0", mtu=1450, vni=7)
+        server.start(loop)
         dev.inject(frame(64), frame(64))
         eng.on_device_readable()
         url = f"http://{listen.format(port)}/metrics"
@@ -200,7 +203,38 @@ def test_server_serves_metrics_over_http(family, host, listen):
             body = r.read().decode()
     finally:
         server.close()
+        loop.close()
     assert f'tunneld_tx_packets_total{{mode="vxlan",peer="{PEER}"}} 2.0' in body
+
+
+def test_nothing_serves_before_start_so_a_fork_inherits_no_scrape():
+    """Workers are forked between binding and start: no serving thread, no scrape connection must exist yet."""
+    before = {t.ident for t in threading.enumerate()}
+    server = MetricsServer(f"127.0.0.1:{free_port()}")
+    try:
+        assert {t.ident for t in threading.enumerate()} == before
+        port = server.port
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # queued in the backlog...
+            c.settimeout(0.3)
+            c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            with pytest.raises(TimeoutError):
+                c.recv(1)  # ...and not answered
+    finally:
+        server.close()
+
+
+def test_one_scrape_is_one_moment_the_worker_rows_add_up_to_the_totals():
+    eng, dev, link, _ = make()
+    other = Stats(eng.batch)
+    other.tx_packets = 5
+    eng.stats.tx_packets = 10
+    families = {}
+    for family in TunnelCollector(eng, dev="td0", mtu=1450, others=lambda: [other]).collect():
+        families[family.name] = family
+        eng.stats.tx_packets += 1  # the engine keeps counting between two families of one scrape
+    total = families["tunneld_tx_packets"].samples[0].value
+    rows = [s.value for s in families["tunneld_worker_packets"].samples if s.labels["direction"] == "tx"]
+    assert total == sum(rows) == 15 and rows == [10, 5]
 
 
 def test_busy_port_is_one_clear_error():

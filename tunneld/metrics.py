@@ -24,10 +24,13 @@ import asyncio
 import errno
 from bisect import bisect_left
 import socket
+import threading
 import time
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -99,7 +102,9 @@ class TunnelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
-        per_worker = [engine.stats, *(self.others() if self.others is not None else ())]
+        # One copy of this process's live counters (the engine keeps counting while we read), so that every series
+        # of one scrape describes the same moment: the per-worker rows then add up to the totals.
+        per_worker = [total([engine.stats]), *(self.others() if self.others is not None else ())]
         stats = per_worker[0] if len(per_worker) == 1 else total(per_worker)
         labels = [engine.link.peer, engine.codec.name]
 
@@ -245,11 +250,30 @@ class LoopLagProbe:
             self._arm()  # from now, not from the due time: a long stall gives one sample, not a burst
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # a scrape is not worth a log line
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the exit
+
+
+def _bind(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """An HTTP server for ``registry`` bound to host:port (IPv4 or IPv6), not yet serving."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server = type("MetricsHTTPServer", (_Server,), {"address_family": family})
+    return make_server(host, port, make_wsgi_app(registry), server, handler_class=_QuietHandler)
+
+
 class MetricsServer:
-    """``/metrics`` over HTTP at ``listen`` (``HOST:PORT`` or ``[IPv6]:PORT``); binds on construction.
+    """``/metrics`` over HTTP at ``listen`` (``HOST:PORT`` or ``[IPv6]:PORT``); binds on construction, serves
+    from ``start``.
 
     Binding first and attaching the tunnel later lets the daemon fail on a busy port before it creates any
-    device; a scrape in between sees the process metrics only.
+    device. Serving only from ``start`` (in the event loop, after any fork of workers) means no serving thread,
+    and no scrape's connection or lock, exists when a worker is forked; a scrape that comes earlier waits in
+    the listen backlog.
     """
 
     def __init__(self, listen: str) -> None:
@@ -259,8 +283,9 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
+        self._thread: threading.Thread | None = None
         try:
-            self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._httpd = _bind(host, port, self.registry)
         except socket.gaierror as e:
             raise MetricsError(f"metrics-listen {listen}: cannot resolve {host!r}: {e.strerror}") from None
         except OSError as e:
@@ -281,7 +306,10 @@ class MetricsServer:
         self._probe = LoopLagProbe(engine.stats)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start measuring the loop's lag (call from the loop that runs the engine)."""
+        """Start answering scrapes, and measuring the loop's lag (call from the loop that runs the engine)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+            self._thread.start()
         if self._probe is not None:
             self._probe.start(loop)
 
@@ -290,11 +318,11 @@ class MetricsServer:
             self._probe.stop()
 
     def close_in_child(self) -> None:
-        """In a forked worker: let go of the listening socket. The serving thread was not forked, so close()
-        (which waits for that thread) would wait forever."""
-        self._httpd.socket.close()
+        """In a forked worker: let go of the listening socket (nothing serves from it before ``start``)."""
+        self._httpd.server_close()
 
     def close(self) -> None:
         self.stop()
-        self._httpd.shutdown()  # waits for the serving thread to notice (it polls twice a second)
+        if self._thread is not None:
+            self._httpd.shutdown()  # waits for the serving thread to notice (it polls twice a second)
         self._httpd.server_close()
