@@ -3,6 +3,7 @@ adding up the workers' counters, and the exporter's sum. tests/test_workers_netn
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -98,16 +99,36 @@ def test_total_adds_every_counter_and_keeps_the_latest_rx_time():
 
 
 def test_total_covers_every_field_of_stats():
-    one = Stats(4)
-    for i, name in enumerate(Stats.__slots__, start=1):
-        value = getattr(one, name)
-        if isinstance(value, (int, float)):
-            setattr(one, name, i)
-    t = total([one, one])
+    """Every field, whatever its type: the scalars, the histograms (lists) and the drops by reason."""
+    from collections import Counter
+
+    def filled(base: int) -> Stats:
+        s = Stats(4)
+        for i, name in enumerate(Stats.__slots__, start=1):
+            value = getattr(s, name)
+            if isinstance(value, Counter):
+                for j, reason in enumerate(Drop, start=1):
+                    value[reason] = base * 1000 + j
+            elif isinstance(value, list):
+                setattr(s, name, [base * 1000 + i * 10 + k for k in range(len(value))])
+            elif isinstance(value, (int, float)):
+                setattr(s, name, base * 1000 + i)
+            else:
+                raise AssertionError(f"Stats.{name} is a {type(value)}: teach this test (and total) about it")
+        return s
+
+    one, two = filled(1), filled(2)
+    t = total([one, two])
     for name in Stats.__slots__:
-        value = getattr(one, name)
-        if isinstance(value, (int, float)):
-            assert getattr(t, name) == (value if name == "peer_last_rx" else 2 * value), name
+        a, b, got = getattr(one, name), getattr(two, name), getattr(t, name)
+        if name == "peer_last_rx":
+            assert got == max(a, b), name  # the latest, not a sum
+        elif isinstance(a, Counter):
+            assert got == Counter({reason: a[reason] + b[reason] for reason in Drop}), name
+        elif isinstance(a, list):
+            assert got == [x + y for x, y in zip(a, b)], name
+        else:
+            assert got == a + b, name
 
 
 def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
@@ -127,3 +148,198 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     assert got[("tunneld_worker_packets_total", (("direction", "rx"), ("worker", "1")))] == 2
     assert got[("tunneld_worker_cpu_seconds_total", (("worker", "0"),))] == 1.5
     assert got[("tunneld_worker_cpu_seconds_total", (("worker", "1"),))] == 0.25
+
+
+# -- the parent's control channel (workers.Pool), with a socketpair standing in for a worker ----------------------
+
+
+def _pool_with_silent_child():
+    """A Pool whose one child is this process's own socket end: nothing answers unless the test does."""
+    import socket as _socket
+
+    from tunneld.workers import Child, Pool
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    pool = Pool(4)
+    pool.children.append(Child(1, os.getpid(), ours))  # pidfd of ourselves: never readable while we run
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    return pool, theirs
+
+
+def _drain(sock) -> list[tuple]:
+    got = []
+    while True:
+        try:
+            got.append(pickle.loads(sock.recv(1 << 16)))
+        except BlockingIOError:
+            return got
+
+
+def test_a_silent_worker_has_at_most_one_stats_request_queued():
+    pool, theirs = _pool_with_silent_child()
+    try:
+        for _ in range(500):  # the heartbeat and the scrapes keep asking while the worker is stalled
+            pool.request()
+        assert [m[0] for m in _drain(theirs)] == ["stats"]
+        pool.broadcast(("apply", {"peer": "192.0.2.9"}))  # so a reload still fits
+        assert _drain(theirs) == [("apply", {"peer": "192.0.2.9"})]
+        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))  # it answers: the next request goes out
+        pool._on_message(pool.children[0])
+        seq = pool.request()
+        assert _drain(theirs) == [("stats", seq)]
+    finally:
+        theirs.close()
+        pool.children[0].ctl.close()
+        os.close(pool.children[0].pidfd)
+
+
+def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_worker(caplog):
+    pool, theirs = _pool_with_silent_child()
+    died = []
+    pool._on_death = lambda: died.append(True)
+    try:
+        while pool.children[0].ctl.send(b"x" * 100):  # fill the socket, as a worker that never reads would
+            pass
+    except BlockingIOError:
+        pass
+    try:
+        pool.broadcast(("apply", {"peer": "192.0.2.9"}))
+        assert died == [True]
+        assert f"worker 1 (pid {os.getpid()}) does not read its control socket" in caplog.text
+        assert "exit status 1" in caplog.text
+    finally:
+        theirs.close()
+        pool.children[0].ctl.close()
+        os.close(pool.children[0].pidfd)
+
+
+def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_closed(monkeypatch):
+    """pidfd_open failing after the fork (EMFILE, ENOSYS, EPERM): the child must not live on untracked."""
+    import errno
+    import time
+
+    from tunneld import workers
+
+    class Closable:
+        def close(self) -> None:
+            pass
+
+    class FakeTunnel:
+        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+
+        def forget_in_child(self) -> None:
+            time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
+
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(workers.os, "pidfd_open", no_pidfd)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as caught:
+        workers.fork_workers(FakeTunnel(), [(Closable(), Closable())])
+    assert caught.value.errno == errno.EMFILE
+    assert time.monotonic() - t0 < 10  # not the child's 30 s: it was killed
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # and reaped: no child of ours is left, running or zombie
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # the control socket's parent end is closed
+
+
+def test_a_stalled_worker_is_logged_once_and_again_when_it_answers(caplog):
+    import logging
+    import time
+
+    pool, theirs = _pool_with_silent_child()
+    child = pool.children[0]
+    caplog.set_level(logging.INFO, logger="tunneld")
+    try:
+        assert pool.alive()
+        child.answered = time.monotonic() - 6  # silent for longer than LATE_AFTER
+        assert not pool.alive() and not pool.alive()
+        stalled = [r for r in caplog.records if "has not answered for" in r.getMessage()]
+        assert len(stalled) == 1 and f"worker 1 (pid {os.getpid()})" in stalled[0].getMessage()
+        pool.request()
+        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))
+        pool._on_message(child)
+        assert pool.alive()
+        assert sum("worker 1 (pid %d) answers again" % os.getpid() in r.getMessage() for r in caplog.records) == 1
+    finally:
+        theirs.close()
+        child.ctl.close()
+        os.close(child.pidfd)
+
+
+def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch):
+    import asyncio
+
+    from tunneld import service
+    from tunneld.service import Notifier, Service
+
+    class Tunnel:
+        pool = object()  # several workers
+        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+        cfg = type("Cfg", (), {"peer": "192.0.2.2"})()
+        looks = 0
+
+        def workers_alive(self) -> bool:
+            Tunnel.looks += 1
+            return False
+
+    monkeypatch.setattr(service, "STATUS_INTERVAL", 0.01)
+
+    async def run() -> None:
+        s = Service(Tunnel(), notifier=Notifier({}))  # no NOTIFY_SOCKET, no WATCHDOG_USEC
+        s.ready()
+        await asyncio.sleep(0.2)
+        s.stopping()
+
+    asyncio.run(run())
+    assert Tunnel.looks >= 3
+
+
+def _cgroup_tree(tmp_path, cpu_max: dict[str, str], own: str = "/system.slice/tunneld.service"):
+    """A stand-in for /sys/fs/cgroup (cpu.max per cgroup) and /proc/self/cgroup naming the process's cgroup."""
+    root = tmp_path / "cgroup"
+    for path, text in cpu_max.items():
+        d = root / path.lstrip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cpu.max").write_text(text + "\n")
+    (root / own.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text(f"0::{own}\n")
+    return str(root), str(self_cgroup)
+
+
+@pytest.mark.parametrize("cpu_max,expected", [
+    ({"/system.slice/tunneld.service": "max 100000"}, None),  # "max": no quota
+    ({"/system.slice/tunneld.service": "200000 100000"}, 2),  # 2 CPUs' worth of time
+    ({"/system.slice/tunneld.service": "150000 100000"}, 2),  # 1.5 rounds up
+    ({"/system.slice/tunneld.service": "50000 100000"}, 1),
+    ({"/system.slice": "300000 100000", "/system.slice/tunneld.service": "max 100000"}, 3),  # a parent's quota
+    ({"/system.slice": "800000 100000", "/system.slice/tunneld.service": "400000 100000"}, 4),  # the tightest
+    ({}, None),  # no cpu controller anywhere
+])
+def test_the_cgroup_cpu_quota_is_read_from_the_process_cgroup_and_its_ancestors(tmp_path, cpu_max, expected):
+    from tunneld.workers import cgroup_cpu_quota
+
+    root, self_cgroup = _cgroup_tree(tmp_path, cpu_max)
+    assert cgroup_cpu_quota(root, self_cgroup) == expected
+
+
+def test_no_cgroup_v2_line_means_no_quota(tmp_path):
+    from tunneld.workers import cgroup_cpu_quota
+
+    (tmp_path / "self-cgroup").write_text("4:memory:/x\n1:cpu:/\n")  # cgroup v1 only
+    assert cgroup_cpu_quota(str(tmp_path), str(tmp_path / "self-cgroup")) is None
+    assert cgroup_cpu_quota(str(tmp_path), str(tmp_path / "missing")) is None
+
+
+def test_auto_on_32_cpus_with_a_2_cpu_quota_picks_one_worker(monkeypatch):
+    from tunneld import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: 2)
+    assert workers.resolve("auto", "udp") == (1, "workers auto: 1 for 2 CPUs")
+    monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: None)
+    assert workers.resolve("auto", "udp") == (8, "workers auto: 8 for 32 CPUs")

@@ -9,6 +9,7 @@ crosses).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -120,6 +121,16 @@ def wait_children(pid: int, count: int, timeout: float = 10) -> list[int]:
     while len(kids := children(pid)) < count and time.monotonic() < deadline:
         time.sleep(0.05)
     return kids
+
+
+def first_child(pid: int, timeout: float = 10) -> int:
+    """The first child of ``pid``, found by a tight look at /proc as soon as it is forked."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if kids := Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                return int(kids[0])
+    raise TimeoutError(f"no child of {pid} within {timeout}s")
 
 
 def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
@@ -264,6 +275,47 @@ def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
     assert a.link_state("tunneld0") is None
 
 
+def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(hosts):
+    """systemd's stop signals every process of the unit at once; here right as the first worker appears,
+    before the parent has its handlers: the signal waits (blocked) until it can be handled."""
+    from tests.netns import TUNNELD
+
+    a, b = hosts
+    for _ in range(5):
+        proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "3", "--metrics-listen", "")
+        try:
+            first_child(proc.pid)  # the first fork, not a second later
+            os.killpg(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=20)
+        finally:
+            a.kill_all()
+        out = proc.stdout.read()
+        assert code == 0, out
+        assert "removed interface tunneld0" in out, out
+        assert a.link_state("tunneld0") is None
+
+
+def test_sigterm_while_waiting_for_a_stalled_worker_to_start_stops_without_waiting_for_it(hosts):
+    from tests.netns import TUNNELD
+
+    a, b = hosts
+    proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")
+    try:
+        [kid] = wait_children(proc.pid, 1, timeout=10)
+        os.kill(kid, signal.SIGSTOP)  # not ready, and never will be while stopped
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        a.kill_all()
+    out = proc.stdout.read()
+    assert code == 0, out
+    assert "removed interface tunneld0" in out, out
+    # Not the 15 s start-up timeout: the stop is immediate, then at most STOP_TIMEOUT (5 s) for the worker.
+    assert took < 12, (took, out)
+
+
 def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):
     a, b = hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
@@ -319,6 +371,51 @@ def test_reload_reaches_every_worker(hosts, tmp_path):
         assert t.stop() == 0, t.output()
 
 
+SCRAPES = """
+import sys, threading, urllib.request
+def one():
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=30).read()
+    except OSError:
+        pass
+threads = [threading.Thread(target=one) for _ in range(int(sys.argv[2]))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(60)
+"""
+
+
+def test_a_reload_reaches_a_worker_that_was_stalled_through_hundreds_of_scrapes(hosts, tmp_path):
+    a, b = hosts
+    quiet(a, b)
+    conf = tmp_path / "a.toml"
+    text = '[tunnel]\npeer = "{peer}"\naddress = "{addr}/24"\nmac = "{mac}"\nworkers = 2\n'
+    conf.write_text(text.format(peer="10.231.0.99", addr=OVERLAY_V4[0], mac=MAC_A))  # nobody there
+    ta = Tunneld(a, "--config", str(conf))
+    tb = Tunneld(b, "--peer", a.underlay, "--address", f"{OVERLAY_V4[1]}/24", "--mac", MAC_B, "--workers", "1")
+    a.run("ip", "neigh", "replace", OVERLAY_V4[1], "lladdr", MAC_B, "dev", "tunneld0", "nud", "permanent")
+    b.run("ip", "neigh", "replace", OVERLAY_V4[0], "lladdr", MAC_A, "dev", "tunneld0", "nud", "permanent")
+    [kid] = wait_children(ta.proc.pid, 1)
+    os.kill(kid, signal.SIGSTOP)  # stalled (swap, a debugger), not dead
+    try:
+        for _ in range(8):  # 400 scrapes: each one asks the stalled worker for its counters
+            a.run(sys.executable, "-c", SCRAPES, METRICS, "50", timeout=120)
+        conf.write_text(text.format(peer=b.underlay, addr=OVERLAY_V4[0], mac=MAC_A))
+        ta.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+    finally:
+        os.kill(kid, signal.SIGCONT)
+    time.sleep(2)  # it reads what was queued for it, the reload among it
+    assert ta.proc.poll() is None, ta.output()  # the reload fitted: nothing to stop for
+    # Every flow arrives, whichever worker it hashes to: a worker still sending to the old peer loses its share.
+    assert udp_flows(a, b) == FLOWS * PER_FLOW
+    per_worker = [value(scrape(a), "tunneld_worker_packets_total", worker=w, direction="tx") for w in "01"]
+    assert all(n > 0 for n in per_worker), per_worker
+    for t in (ta, tb):
+        assert t.stop() == 0, t.output()
+
+
 def test_gre_runs_one_worker_and_delivers_each_packet_once(hosts):
     a, b = hosts
     quiet(a, b)
@@ -344,8 +441,14 @@ def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts,
     env = {**os.environ, "NOTIFY_SOCKET": rx.path, "WATCHDOG_USEC": "400000"}  # a ping every 0.2 s
     proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--log-level", "debug", env=env)
     try:
-        seen = rx.until("READY=1")
-        [kid] = children(proc.pid)
+        kid = first_child(proc.pid)
+        os.kill(kid, signal.SIGSTOP)  # before it can have attached its engine (it has uvloop to import first)
+        with pytest.raises(TimeoutError):
+            rx.until("READY=1", timeout=3)  # the parent waits for it
+        assert proc.poll() is None
+        os.kill(kid, signal.SIGCONT)
+        seen = rx.until("READY=1", timeout=10)
+        assert children(proc.pid) == [kid]
         assert not any("STOPPING=1" in m for m in seen)
         rx.until("WATCHDOG=1", timeout=2)
         os.kill(kid, signal.SIGSTOP)  # wedged: alive, but its event loop answers nothing

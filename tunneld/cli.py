@@ -58,10 +58,11 @@ workers:
   (IFF_MULTI_QUEUE) and N UDP sockets sharing the port (SO_REUSEPORT); the kernel spreads flows over them by
   their hash, so N processes carry different flows at once (one TCP flow always stays on one worker). Each
   worker needs a CPU of its own, and the kernel needs CPU too (softirq, the TCP endpoints), so 'auto' picks
-  1 worker on a machine with 2 CPUs or fewer (measured there: a second worker brings no steady gain, as
-  the kernel already keeps the second CPU busy), and half the CPUs, at most 8, on bigger ones. Raw-IP modes
-  (gre, gretap) always run 1: every raw socket receives every packet. Metrics are the sum over the workers;
-  if a worker dies the daemon stops (exit status 1) rather than run a half-working tunnel.
+  1 worker with 2 CPUs available to the process or fewer (measured there: a second worker brings no
+  steady gain, as the kernel already keeps the second CPU busy), and half of them, at most 8, with more.
+  CPUs available: its affinity (taskset, cpuset), capped by its cgroup CPU quota (cpu.max, rounded up).
+  Raw-IP modes (gre, gretap) always run 1: every raw socket receives every packet. Metrics are the sum over
+  the workers; if a worker dies the daemon stops (exit status 1) rather than run a half-working tunnel.
 
 exit status:
   0 stopped cleanly, 1 runtime failure (port in use, device exists, ...), 2 bad arguments,
@@ -136,7 +137,8 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", metavar="N", type=_workers,
         help="data-path processes, each with its own TAP queue and UDP socket (VXLAN; raw-IP modes such as GRE "
-        "use 1). Default 'auto': 1 on a machine with 2 CPUs or fewer, else half the CPUs, at most 8; see workers below",
+        "use 1). Default 'auto': 1 with 2 CPUs available to the process or fewer, else half of them, at most 8; "
+        "see workers below",
     )
     p.add_argument(
         "--metrics-listen", metavar="HOST:PORT",

@@ -36,7 +36,7 @@ from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.service import Loader, Service
 from tunneld.stats import Stats, total
 from tunneld.watch import Watch
-from tunneld.workers import Pool, fork_workers, resolve
+from tunneld.workers import STOP_SIGNALS, Pool, fork_workers, resolve
 
 log = logging.getLogger("tunneld")
 
@@ -285,6 +285,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by run(); one that came meanwhile lands now
     assert tunnel.engine is not None
 
     def device_gone() -> None:
@@ -304,7 +305,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         tunnel.metrics.start(loop)
     if tunnel.pool is not None:
         tunnel.pool.attach(loop, worker_died)
-        if not await tunnel.pool.started():
+        if not await tunnel.pool.started(stop) and not stop.is_set():  # a SIGTERM meanwhile is a clean stop
             status = 1
             stop.set()
     watcher = None
@@ -346,13 +347,28 @@ def run(cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *, reload: Load
     """Start the tunnel, serve until asked to stop, take it down. Raises StartupError on failure to start."""
     import uvloop
 
-    tunnel = Tunnel(cfg, modes)
-    tunnel.open()
+    # INT/TERM/HUP wait (blocked) from here until serve() has its handlers: one arriving while the interface
+    # is being made or the workers forked would otherwise kill us with no clean-up. The children inherit the
+    # mask and unblock after setting their own dispositions (workers.py).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        if tunnel.workers > 1:
-            tunnel.fork()  # before any event loop exists; the children never return from it
-        status = uvloop.run(serve(tunnel, reload))
+        tunnel = Tunnel(cfg, modes)
+        tunnel.open()
+        try:
+            if tunnel.workers > 1:
+                tunnel.fork()  # before any event loop exists; the children never return from it
+            status = uvloop.run(serve(tunnel, reload))
+        finally:
+            tunnel.close()
+            log.info("removed interface %s", cfg.dev)
     finally:
-        tunnel.close()
-        log.info("removed interface %s", cfg.dev)
+        _unblock_stop_signals()
     return status
+
+
+def _unblock_stop_signals() -> None:
+    """Unblock INT/TERM/HUP, first discarding any still pending: we are stopping anyway (a failed start),
+    and their default action would turn a clean exit into death by signal."""
+    for sig in signal.sigpending() & set(STOP_SIGNALS):
+        signal.sigtimedwait([sig], 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -123,7 +123,8 @@ class Service:
     def ready(self) -> None:
         self._last_status = self.status_line()
         self.notifier.notify("READY=1", f"STATUS={self._last_status}")
-        if self.notifier.enabled and self._task is None:
+        workers = getattr(self.tunnel, "pool", None) is not None  # their liveness is looked at on every tick
+        if (self.notifier.enabled or workers) and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -131,7 +132,8 @@ class Service:
         while True:
             await asyncio.sleep(interval or STATUS_INTERVAL)
             alive = getattr(self.tunnel, "workers_alive", None)
-            if interval and (alive is None or alive()):  # a wedged worker withholds the ping: systemd restarts us
+            ok = alive is None or alive()  # logs a stalled worker, and its recovery, watchdog or not
+            if interval and ok:  # a wedged worker withholds the ping: systemd restarts us
                 self.notifier.notify("WATCHDOG=1")
             status = self.status_line()
             if status != self._last_status:

@@ -21,14 +21,23 @@ Theory of operation:
                     to a request (the CPU time the worker has used: os.times(), user + system).
     parent → child: ("stats", seq); ("apply", {"peer": ..., "log_level": ...}) on reload; ("stop",).
 - A child that exits unasked is fatal: the parent learns it from the child's pidfd, logs how it died, and
-  stops with status 1, so that systemd restarts the whole unit rather than run a tunnel with a queue that
-  nobody reads (the kernel would keep steering flows into it).
+  stops with status 1, so that systemd restarts the whole unit with every worker. Its flows are not lost
+  meanwhile: closing its queue's fd detaches the queue (the device has one queue fewer and the kernel
+  re-steers), and its closed socket leaves the SO_REUSEPORT group; the tunnel would only run short of a
+  worker. What does lose flows is a worker that is alive but wedged: its queue and socket stay attached and
+  the kernel keeps steering flows into them. That is what the liveness check below is for.
 - Metrics stay exact and scrape-time: each process counts with plain ints as a single worker does, and a
   scrape asks every child for a snapshot of its Stats (with a timeout; a late child's last snapshot stands in,
   so that counters never go backwards) and adds them to the parent's own. Nothing is added per packet.
-- Liveness: the parent asks every child for a snapshot once a second (the same message). While a child has
-  not answered for LATE_AFTER seconds, the systemd watchdog ping is withheld, so a wedged worker gets the
-  unit restarted.
+- A child has at most one ("stats", seq) request outstanding: while it has not answered, further asks skip
+  it and a scrape waits for that answer (or, at its timeout, uses the last one). So a stalled child's socket
+  never fills with requests, and a reload's ("apply", ...) always fits; should one still not fit (a child
+  that has not read for hundreds of reloads), the parent stops with status 1, naming the worker, rather than
+  leave it sending to the old peer.
+- Liveness: the parent asks every child for a snapshot once a second (the same message), and looks at the
+  answers on every heartbeat tick (service.py; with or without a systemd watchdog). A child that has not
+  answered for LATE_AFTER seconds is logged (once, and again when it answers) and, under a watchdog, the
+  ping is withheld, so a wedged worker gets the unit restarted.
 - Raw IP transports (GRE, gretap): every raw socket receives its own copy of every packet (there is no
   SO_REUSEPORT for raw IP), so N workers would deliver each packet N times; and with GRE sequence numbers
   the peer must see one sender. They run with one worker (``resolve``). A design where only worker 0
@@ -60,14 +69,50 @@ STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL
 LATE_WARN_EVERY = 60.0  # seconds between log lines about a worker late with its counters
 MESSAGE_MAX = 1 << 16
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # blocked from before open() until handled
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: taskset, a cgroup cpuset), not the machine's total."""
+    """The CPUs available to this process, not the machine's total: those it may run on (its affinity:
+    taskset, a cgroup cpuset), and no more than a cgroup CPU quota pays for (a container given 2 CPUs' worth
+    of time on a 32-CPU host has 2)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cpus if quota is None else min(cpus, quota)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The CPUs a cgroup v2 CPU quota allows this process, rounded up: ``cpu.max`` ("QUOTA PERIOD", or "max
+    PERIOD" for none) of its cgroup (the "0::PATH" line of /proc/self/cgroup) and of every ancestor up to
+    ``root``, the tightest; None when there is no quota, or no cgroup v2 to read it from."""
+    try:
+        with open(self_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    path = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if path is None:
+        return None
+    top = os.path.normpath(root)
+    where = os.path.normpath(os.path.join(top, path.lstrip("/")))
+    if os.path.commonpath([top, where]) != top:
+        return None
+    limit = None
+    while True:
+        try:
+            with open(os.path.join(where, "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max":
+                cpus = max(1, -(-int(quota) // int(period)))  # ceil
+                limit = cpus if limit is None else min(limit, cpus)
+        except (OSError, ValueError):
+            pass  # no cpu controller here (or a file we do not understand): no quota from this level
+        if where == top:
+            return limit
+        where = os.path.dirname(where)
 
 
 def auto_workers(cpus: int) -> int:
@@ -101,9 +146,10 @@ def _set_pdeathsig(sig: int) -> None:
 
 
 def _send(sock: socket.socket, message: tuple) -> bool:
+    """A child's answer, or the parent's last ("stop",): a failure is left to the other side's timeouts."""
     try:
         sock.send(pickle.dumps(message))
-    except OSError:  # full (the other end is not reading) or gone: the other side's timeouts deal with it
+    except OSError:  # full (the other end is not reading) or gone
         return False
     return True
 
@@ -127,6 +173,7 @@ class Child:
         self.stats: Stats | None = None  # the last snapshot it sent
         self.cpu = 0.0  # the CPU seconds it had used at that snapshot
         self.answered = time.monotonic()  # when it last answered
+        self.asked = False  # a ("stats", seq) request is outstanding: at most one is, however often we ask
         self.exited: int | None = None  # its wait status, once reaped
 
 
@@ -167,24 +214,30 @@ class Pool:
         self._waiting.clear()
         self._loop = None
 
-    async def started(self, timeout: float = READY_TIMEOUT) -> bool:
-        """Wait until every child has attached its engine; False (logged) if one died or took too long."""
+    async def started(self, stop: asyncio.Event, timeout: float = READY_TIMEOUT) -> bool:
+        """Wait until every child has attached its engine; False (logged) if one died or took too long, or
+        at once if ``stop`` is set (SIGTERM during start-up)."""
         assert self._changed is not None
         deadline = time.monotonic() + timeout
-        while not all(c.ready for c in self.children):
-            if any(c.exited is not None for c in self.children):
-                return False  # _on_exit has said which
-            left = deadline - time.monotonic()
-            if left <= 0:
-                slow = ", ".join(str(c.index) for c in self.children if not c.ready)
-                log.error("worker %s did not start within %.0f s; stopping (exit status 1)", slow, timeout)
-                return False
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
-                continue
-        return True
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not all(c.ready for c in self.children):
+                if any(c.exited is not None for c in self.children):
+                    return False  # _on_exit has said which
+                if stop.is_set():
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    slow = ", ".join(str(c.index) for c in self.children if not c.ready)
+                    log.error("worker %s did not start within %.0f s; stopping (exit status 1)", slow, timeout)
+                    return False
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait((changed, stopping), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+            return True
+        finally:
+            stopping.cancel()
 
     def _on_message(self, child: Child) -> None:
         for _ in range(64):  # bounded: a child sends one answer per request
@@ -208,11 +261,9 @@ class Pool:
             elif kind == "stats":
                 _, seq, stats, cpu = message
                 child.stats, child.cpu = stats, cpu
+                child.asked = False
                 child.answered = time.monotonic()
-                self._late_logged.discard(child.index)
-                waiting = self._waiting.get(seq)
-                if waiting is not None:
-                    future, pending = waiting
+                for future, pending in self._waiting.values():  # its one answer serves every waiting scrape
                     pending.discard(child.index)
                     if not pending and not future.done():
                         future.set_result(None)
@@ -235,11 +286,13 @@ class Pool:
             self._on_death()
 
     def request(self) -> int:
-        """Ask every child for a snapshot of its counters; returns the request's number."""
+        """Ask every child for a snapshot of its counters, unless it has yet to answer the last request (a
+        stalled child must not find hundreds of requests queued, filling the socket so that a reload's
+        ("apply", ...) no longer fits); returns the request's number."""
         self._seq += 1
         for child in self.children:
-            if child.exited is None:
-                _send(child.ctl, ("stats", self._seq))
+            if child.exited is None and not child.asked:
+                child.asked = self._deliver(child, ("stats", self._seq))
         return self._seq
 
     async def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> list[Stats]:
@@ -247,7 +300,7 @@ class Pool:
         assert self._loop is not None
         future = self._loop.create_future()
         seq = self.request()
-        self._waiting[seq] = (future, {c.index for c in self.children if c.exited is None})
+        self._waiting[seq] = (future, {c.index for c in self.children if c.exited is None and c.asked})
         if not self._waiting[seq][1]:
             future.set_result(None)
         try:
@@ -281,22 +334,46 @@ class Pool:
         return [c.cpu for c in self.children]
 
     def alive(self) -> bool:
-        """Whether every child answered within LATE_AFTER seconds (the watchdog ping waits on it)."""
+        """Whether every child answered within LATE_AFTER seconds (the watchdog ping waits on it). A child
+        that has not is logged once, and again once it answers."""
         now = time.monotonic()
         ok = True
         for child in self.children:
+            if child.exited is not None:
+                continue  # _on_exit has said how, and is stopping the daemon
             if now - child.answered > LATE_AFTER:
                 ok = False
                 if child.index not in self._late_logged:
                     self._late_logged.add(child.index)
-                    log.error("worker %d (pid %d) has not answered for %.0f s; withholding the watchdog ping",
+                    log.error("worker %d (pid %d) has not answered for %.0f s: stalled, the flows the kernel "
+                              "steers to it go unserved (with a systemd watchdog, the ping is withheld)",
                               child.index, child.pid, now - child.answered)
+            elif child.index in self._late_logged:
+                self._late_logged.discard(child.index)
+                log.warning("worker %d (pid %d) answers again", child.index, child.pid)
         return ok
 
     def broadcast(self, message: tuple) -> None:
+        """Send every child ``message`` (a reload's ("apply", ...)); one that cannot take it stops the daemon."""
         for child in self.children:
             if child.exited is None:
-                _send(child.ctl, message)
+                self._deliver(child, message)
+
+    def _deliver(self, child: Child, message: tuple) -> bool:
+        """Queue ``message`` on the child's control socket. With at most one stats request outstanding the
+        socket holds hundreds of messages, so a full one means a child that has not read for a long time; a
+        reload it would miss must not pass silently (it would keep sending to the old peer): stop, status 1."""
+        try:
+            child.ctl.send(pickle.dumps(message))
+        except BlockingIOError:
+            if not self._stopping:
+                log.error("worker %d (pid %d) does not read its control socket (full); cannot deliver %r; "
+                          "stopping the tunnel (exit status 1)", child.index, child.pid, message[0])
+                self._on_death()
+            return False
+        except OSError:  # gone: its pidfd says how, and that stops the daemon
+            return False
+        return True
 
     # -- after the parent's loop has ended -----------------------------------------------------------------
 
@@ -382,15 +459,22 @@ def _fork_each(pool: Pool, parent_pid: int, tunnel, units: list) -> None:
             finally:
                 os._exit(code)
         child_end.close()
-        pool.children.append(Child(index, pid, parent_end))
+        try:
+            pool.children.append(Child(index, pid, parent_end))
+        except OSError:  # pidfd_open: EMFILE, ENOSYS (before Linux 5.3), EPERM (seccomp): a child we cannot track
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            parent_end.close()
+            raise
 
 
 def _child_main(index: int, parent_pid: int, tunnel, device, link, ctl: socket.socket) -> int:
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the prctl: nobody to work for
         return 0
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent since before open()
     import uvloop
 
     return uvloop.run(_child_serve(index, tunnel, device, link, ctl))
