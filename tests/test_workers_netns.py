@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.systems import children_of
 from tests.netns import OVERLAY_V4, REPO, Host, Tunneld, kernel_vxlan, transfer
 
 pytestmark = pytest.mark.netns
@@ -97,15 +98,7 @@ def tap_tx_packets(host: Host, dev: str = "tunneld0") -> int:
 
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``, from /proc."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+    return children_of([pid])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -117,10 +110,7 @@ def cpu_seconds(pid: int) -> float:
 
 def wait_children(pid: int, count: int, timeout: float = 10) -> list[int]:
     """The children of ``pid`` once there are ``count`` of them: the interface comes up before the fork."""
-    deadline = time.monotonic() + timeout
-    while len(kids := children(pid)) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return kids
+    return children_of([pid], count, timeout)
 
 
 def first_child(pid: int, timeout: float = 10) -> int:
