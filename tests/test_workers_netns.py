@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.measure import cpu_seconds
 from bench.systems import children_of
 from tests.netns import OVERLAY_V4, REPO, Host, Tunneld, kernel_vxlan, transfer
 
@@ -99,13 +100,6 @@ def tap_tx_packets(host: Host, dev: str = "tunneld0") -> int:
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``, from /proc."""
     return children_of([pid])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (/proc/PID/stat fields 14 and 15)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_children(pid: int, count: int, timeout: float = 10) -> list[int]:
