@@ -127,7 +127,7 @@ class OffloadEngine(Engine):
         max_frame = self.max_frame
         unpack = HDR.unpack_from
         # Plain frames of one flow and one size (a UDP stream, a run of ACKs) wait in ``pend`` and leave
-        # with one UDP_SEGMENT sendmsg: the per-packet cost becomes a ~100-byte copy, not a system call.
+        # with one send (UDP_SEGMENT, or sendmmsg): the per-packet cost becomes a ~100-byte copy, not a system call.
         pend, pend_view = self._pend, self._pend_view
         pend_len = pend_size = pend_count = 0
         pend_flow = -1
