@@ -8,12 +8,10 @@ import time
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, Tunneld, kernel_vxlan, transfer
+from tests.support import A4, A6, B4, B6, assert_transfers
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, kernel_vxlan, transfer
 
 pytestmark = pytest.mark.netns
-
-A4, B4 = (f"{a}/24" for a in OVERLAY_V4)
-A6, B6 = (f"{a}/64" for a in OVERLAY_V6)
 
 
 def pair(a, b, *extra: str, underlay6: bool = False):
@@ -21,14 +19,6 @@ def pair(a, b, *extra: str, underlay6: bool = False):
     ta = Tunneld(a, "--mode", "vxlan", "--peer", peer_of_a, "--address", A4, "--address", A6, *extra)
     tb = Tunneld(b, "--mode", "vxlan", "--peer", peer_of_b, "--address", B4, "--address", B6, *extra)
     return ta, tb
-
-
-def assert_transfers(a, b, nbytes: int = 8 << 20, v6: bool = False):
-    dst_b, dst_a = (OVERLAY_V6[1], OVERLAY_V6[0]) if v6 else (OVERLAY_V4[1], OVERLAY_V4[0])
-    sent, received = transfer(a, b, dst_b, nbytes)
-    assert sent == received and sent.startswith(f"{nbytes} ")
-    sent, received = transfer(b, a, dst_a, nbytes)
-    assert sent == received and sent.startswith(f"{nbytes} ")
 
 
 def test_tunneld_to_tunneld_ping_and_transfers(hosts):
