@@ -2,8 +2,9 @@
 own VXLAN device, the reference implementation.
 
 A ``Tunneld`` is a real process (the installed ``tunneld`` script) inside a host; the constructor returns once
-its interface is up, or raises with the process's own output, and kills what it started in either case.
-``features()`` is ethtool's view of its device's offloads, ``drops()`` reads the drop counters out of the one-line summary tunneld logs when it shuts down.
+its interface is up, or kills the process and raises with its own output. ``features()`` is ethtool's view of
+that interface's offloads; ``drops()`` reads the drop counters out of the summary line tunneld logs when it
+shuts down.
 """
 
 from __future__ import annotations
