@@ -8,20 +8,18 @@ records against the system and moves on from.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import subprocess
 import time
 from dataclasses import dataclass
 
-from tests.netns import Host
+from tunneld.testbed import Host
 
 IPERF_PORT = 5201
 # Generous slack on top of a measurement's own duration: iperf3's control handshake, the end-of-test
 # exchange and a busy 2-core machine all add seconds. A measurement that overruns this is stuck, not slow.
 SLACK_S = 20
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class MeasureError(Exception):
@@ -213,16 +211,6 @@ def ping_under_load(host: Host, dst: str, seconds: int, interval: float = 0.01) 
 
 
 # -- /proc ---------------------------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/PID/stat`` fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    # comm (field 2) may contain spaces; everything after the last ')' is space-separated.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLK_TCK
 
 
 def peak_rss_mb(pid: int) -> float:

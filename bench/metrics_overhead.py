@@ -19,7 +19,8 @@ import os
 import statistics
 import sys
 
-from tests.netns import OVERLAY_V4, REPO, Tunneld, testbed
+from tunneld.testbed import OVERLAY_V4, Tunneld, testbed
+from tunneld.testbed.netns import IMPORT_ROOT
 
 
 def run_once(variant: str, seconds: float) -> dict:
@@ -33,8 +34,8 @@ def run_once(variant: str, seconds: float) -> dict:
         server = b.popen("iperf3", "-s", "-1", "-B", OVERLAY_V4[1])
         scraper = None
         if variant == "scraped":
-            scraper = a.popen(sys.executable, "-m", "tests.prom", "scrape", f"http://{listen_a}/metrics",
-                              f"http://{listen_b}/metrics", "--for", str(seconds + 2), cwd=REPO)
+            scraper = a.popen(sys.executable, "-m", "tunneld.testbed.prom", "scrape", f"http://{listen_a}/metrics",
+                              f"http://{listen_b}/metrics", "--for", str(seconds + 2), cwd=IMPORT_ROOT)
         try:
             for _ in range(100):  # bounded: iperf3 -s needs a moment before it listens
                 if ":5201 " in b.run("ss", "-Hltn", "sport = :5201").stdout:

@@ -13,7 +13,7 @@ Flow, per system (each in a fresh pair of namespaces, so no system inherits anot
 Then the codecs are timed in-process, and the results are written.
 
 What must stay true: every process started is stopped and every namespace deleted, also on Ctrl-C, SIGTERM
-or a failure (tests/netns.py's ``testbed()`` does it in ``finally``; the signal handler below turns SIGTERM
+or a failure (tunneld.testbed's ``testbed()`` does it in ``finally``; the signal handler below turns SIGTERM
 into the same unwinding and ignores further signals while it runs). Every wait is bounded. A measurement that
 fails is recorded with its reason and the run goes on. Nothing here judges the figures: a benchmark reports.
 """
@@ -35,7 +35,10 @@ from typing import Any, Sequence
 from bench import measure, report
 from bench.codecs import bench_all
 from bench.systems import REFERENCE, SYSTEMS, Running, device_mtu
-from tests.netns import REPO, is_root, testbed
+from tunneld.testbed import is_root, testbed
+from tunneld.testbed.procfs import cpu_seconds
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout: its git state and README go into the results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +92,7 @@ class Progress:
 
 
 def _cpu(pids: list[int]) -> float:
-    return sum(measure.cpu_seconds(pid) for pid in pids)
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def measure_system(name: str, plan: Plan, say: Progress) -> dict[str, Any]:

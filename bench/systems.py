@@ -1,6 +1,6 @@
 """The systems under test: how each one links host A to host B, and whether it can run here.
 
-Each system is brought up inside a fresh two-namespace testbed (tests/netns.py) and torn down with it. The
+Each system is brought up inside a fresh two-namespace testbed (tunneld.testbed) and torn down with it. The
 overlay is the same for every tunnel (192.168.231.0/24, A = .1, B = .2), so only the tunnel differs. Inner
 MTUs are each system's own default (tunneld and the kernel derive it from the 1500-byte underlay), except
 for the userspace C peers, which are given 1450 like VXLAN so no outer packet needs fragmenting.
@@ -22,10 +22,10 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from tests.netns import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan
+from tunneld.testbed import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan
+from tunneld.testbed.procfs import children_of
 
 PREFIX = 24
 USERSPACE_PEER_MTU = 1450  # same inner MTU as VXLAN over a 1500-byte IPv4 underlay
@@ -134,24 +134,6 @@ def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
                        stop=stop)
 
     return start
-
-
-def children_of(pids: list[int], expected: int = 0, timeout: float = 10) -> list[int]:
-    """The live processes whose parent is one of ``pids`` (tunneld's workers), from /proc; waits (bounded) for
-    ``expected`` of them, as the interface comes up just before the workers are forked."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:
-                continue
-            if int(text[text.rindex(")") + 2 :].split()[1]) in pids:
-                out.append(int(stat.parent.name))
-        if len(out) >= expected or time.monotonic() > deadline:
-            return out
-        time.sleep(0.05)
 
 
 # -- userspace C peers ----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.netns import is_root, testbed
+from tunneld.testbed import is_root, testbed
 
 
 def pytest_collection_modifyitems(config, items):

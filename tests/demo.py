@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from tests.netns import OVERLAY_V4, Tunneld, is_root, testbed, transfer
+from tunneld.testbed import OVERLAY_V4, Tunneld, is_root, testbed, transfer
 
 
 def say(text: str) -> None:

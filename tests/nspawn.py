@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.netns import REPO, Host, sh
+from tests.support import REPO
+from tunneld.testbed import Host, sh
 
 CACHE = Path(os.environ.get("TUNNELD_TEST_CACHE", "/var/cache/tunneld-tests"))
 PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,iproute2,iputils-ping,procps"

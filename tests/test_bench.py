@@ -20,9 +20,10 @@ import pytest
 from bench import measure, report
 from bench.codecs import bench_codec, sample_frame
 from bench.systems import SYSTEMS
-from tests.netns import REPO, sh
+from tests.support import REPO
 from tunneld.encap.base import DeviceKind
 from tunneld.encap.vxlan import Vxlan
+from tunneld.testbed import sh
 
 NAMESPACES = re.compile(r"starting in (\S+) / (\S+)")
 

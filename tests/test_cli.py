@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.netns import TUNNELD, OVERLAY_V4, Tunneld
+from tunneld.testbed import OVERLAY_V4, TUNNELD, Tunneld
 
 
 def tunneld(*args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import GRE, Ether
 from scapy.layers.vxlan import VXLAN
 
-from tests.test_offload import expected_tcp, payload, tcp_super
+from tests.frames import expected_tcp, payload, tcp_super
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
@@ -18,7 +18,7 @@ from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR, NO_OFFL
 from tunneld.testing import FakeGsoLink, FakeVnetDevice
 
 PEER = "192.0.2.2"
-VNI = 7  # tests.test_offload's golden vectors use VNI 7
+VNI = 7  # tests.frames' golden vectors use VNI 7
 
 
 def make(max_frame: int = 1464):

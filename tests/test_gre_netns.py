@@ -17,21 +17,13 @@ import time
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, REPO, TUNNELD, Tunneld, transfer
+from tests.support import REPO
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, TUNNELD, Tunneld, drops, start_pair, tcpdump, transfer
 
 pytestmark = pytest.mark.netns
 
 ALL_OPTIONS = ("--key", "3735928559", "--seq", "--csum")  # key 0xDEADBEEF
 TRANSFER_BYTES = 8 << 20
-
-
-def start_pair(a, b, mode: str, *opts: str, underlay6: bool = False) -> tuple[Tunneld, Tunneld]:
-    peer_of_a, peer_of_b = (b.underlay6, a.underlay6) if underlay6 else (b.underlay, a.underlay)
-    ta = Tunneld(a, "--mode", mode, "--peer", peer_of_a, "--address", f"{OVERLAY_V4[0]}/24",
-                 "--address", f"{OVERLAY_V6[0]}/64", *opts)
-    tb = Tunneld(b, "--mode", mode, "--peer", peer_of_b, "--address", f"{OVERLAY_V4[1]}/24",
-                 "--address", f"{OVERLAY_V6[1]}/64", *opts)
-    return ta, tb
 
 
 def summary(t: Tunneld) -> str:
@@ -40,13 +32,6 @@ def summary(t: Tunneld) -> str:
     line = [ln for ln in out.splitlines() if "shutting down" in ln]
     assert line, out
     return line[-1]
-
-
-def drops(line: str) -> dict[str, int]:
-    found = re.search(r"dropped \d+ \(([^)]*)\)", line)
-    if not found:
-        return {}
-    return {reason: int(n) for reason, n in (item.rsplit(" ", 1) for item in found.group(1).split(", "))}
 
 
 def device_mtu(host, dev: str = "tunneld0") -> int:
@@ -130,21 +115,6 @@ def test_scapy_peer_exchanges_gre_with_key_seq_csum(hosts):
     assert drops(line) == {"key_mismatch": 1, "bad_checksum": 1, "sequence": 1}, line
 
 
-def _capture(host, path, count_filter: str = "ip proto 47 or ip6 proto 47", *options: str):
-    # --immediate-mode: hand each packet over at once rather than when a ring block fills or times out, so that
-    # what was sent just before the capture stops is in the file; -U writes it out packet by packet.
-    # ``options`` go to tcpdump too; with a -B buffer size, packets are handed over in blocks (bulk captures).
-    mode = ("--immediate-mode", "-U") if "-B" not in options else ()
-    proc = host.popen("tcpdump", "-i", host.ifname, *mode, *options, "-n", "-w", str(path), count_filter,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # tcpdump says "listening on" once the capture runs
-        line = proc.stderr.readline()
-        if "listening on" in line or not line:
-            break
-    return proc
-
-
 TSHARK_FIELDS = ["ip.src", "gre.flags.checksum", "gre.flags.key", "gre.flags.sequence_number",
                  "gre.flags.routing", "gre.flags.version", "gre.key", "gre.proto", "gre.sequence_number",
                  "gre.checksum.status", "eth.type", "icmp.type", "icmpv6.type"]
@@ -185,7 +155,7 @@ def test_tshark_decodes_tunneld_gre(hosts, tmp_path, mode):
     ta, tb = start_pair(a, b, mode, *ALL_OPTIONS)
     a.wait_ping(OVERLAY_V4[1])
     a.wait_ping(OVERLAY_V6[1])
-    dump = _capture(b, capture)
+    dump = tcpdump(b, capture, "ip proto 47 or ip6 proto 47")
     try:
         assert a.ping(OVERLAY_V4[1], count=3)
         assert a.ping(OVERLAY_V6[1], count=3)

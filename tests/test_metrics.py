@@ -19,7 +19,6 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
-from tests.prom import PROMTOOL
 from tunneld import __version__
 from tunneld.config import ConfigError, check_listen
 from tunneld.encap.base import Drop
@@ -27,6 +26,7 @@ from tunneld.encap.vxlan import Vxlan
 from tunneld.engine import Engine
 from tunneld.metrics import LoopLagProbe, MetricsError, MetricsServer, TunnelCollector, batch_bounds
 from tunneld.stats import LOOP_LAG_BUCKETS, Stats
+from tunneld.testbed.prom import PROMTOOL
 from tunneld.testing import FakeDevice, FakeLink
 
 PEER = "192.0.2.2"

@@ -23,9 +23,10 @@ from scapy.layers.vxlan import VXLAN
 
 from tunneld.encap.base import Drop
 
-from tests.netns import OVERLAY_V4, REPO, Host, Tunneld
-from tests.netns import testbed as make_testbed
-from tests.prom import PROMTOOL, Prometheus, prometheus
+from tests.support import REPO
+from tunneld.testbed import OVERLAY_V4, Host, Tunneld
+from tunneld.testbed import testbed as make_testbed
+from tunneld.testbed.prom import PROMTOOL, Prometheus, prometheus
 
 pytestmark = pytest.mark.netns
 
@@ -104,7 +105,7 @@ def now_in(host: Host) -> float:
 
 def test_promtool_finds_nothing_to_report_on_the_live_exposition(bed):
     a, _, prom = bed
-    exposition = prom.host.run(sys.executable, "-m", "tests.prom", "get", f"http://{METRICS_A}/metrics",
+    exposition = prom.host.run(sys.executable, "-m", "tunneld.testbed.prom", "get", f"http://{METRICS_A}/metrics",
                                cwd=REPO).stdout
     assert "tunneld_tx_bytes_total{" in exposition and "process_cpu_seconds_total" in exposition
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=30)

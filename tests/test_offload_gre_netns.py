@@ -14,10 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, Tunneld
-from tests.test_gre_netns import _capture, drops, start_pair
-from tests.test_offload_netns import features
-from tests.test_vxlan_netns import assert_transfers
+from tests.support import assert_transfers
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, drops, features, start_pair, tcpdump
 
 pytestmark = pytest.mark.netns
 
@@ -84,7 +82,7 @@ def test_tshark_finds_every_inner_checksum_of_cut_superframes_good(hosts, tmp_pa
     a.wait_ping(OVERLAY_V4[1])
     a.wait_ping(OVERLAY_V6[1], timeout=15)
     # A 32 MiB capture buffer, written out in blocks: at full speed, packet-by-packet writing loses many.
-    dump = _capture(b, capture, f"src host {a.underlay} and ip proto 47", "-B", "32768")
+    dump = tcpdump(b, capture, f"src host {a.underlay} and ip proto 47", "-B", "32768")
     try:
         assert_transfers(a, b, nbytes=2 << 20)
         assert_transfers(a, b, nbytes=2 << 20, v6=True)

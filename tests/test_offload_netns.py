@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, Tunneld, kernel_vxlan
-from tests.test_vxlan_netns import A4, A6, B4, B6, assert_transfers
+from tests.support import A4, A6, B4, B6, assert_transfers
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, features, kernel_vxlan
 
 pytestmark = pytest.mark.netns
-
-
-def features(host, dev: str = "tunneld0") -> dict[str, str]:
-    """ethtool's view of the device's offloads (an independent reading of what TUNSETOFFLOAD did)."""
-    out = host.run("ethtool", "-k", dev).stdout
-    return {k.strip(): v.split()[0] for k, v in (line.split(":", 1) for line in out.splitlines()[1:] if ":" in line)}
 
 
 def test_offload_on_by_default_and_off_with_no_offload_interoperate(hosts):

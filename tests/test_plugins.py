@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, REPO, TUNNELD, Tunneld, transfer
+from tests.support import REPO
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, TUNNELD, Tunneld, transfer
 from tunneld.cli import main
 from tunneld.config import TunnelConfig
 from tunneld.daemon import EX_CONFIG, StartupError, Tunnel

@@ -17,11 +17,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.netns import OVERLAY_V4, TUNNELD, Host
 from tunneld.config import ConfigError, TunnelConfig
 from tunneld.encap.gre import Gre
 from tunneld.service import Notifier, Service
 from tunneld.stats import Stats
+from tunneld.testbed import OVERLAY_V4, TUNNELD, Host
+from tunneld.testbed.notify import NotifyReceiver
 from tunneld.testing import FakeLink
 
 
@@ -147,37 +148,6 @@ def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = 
         [log]
         level = "{level}"
         """)
-
-
-class NotifyReceiver:
-    """The service manager's end: a datagram socket bound at a path, with bounded reads."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.path = path
-        self.log: list[tuple[float, str]] = []
-
-    def next(self, timeout: float = 10) -> str:
-        self.sock.settimeout(timeout)
-        msg = self.sock.recv(4096).decode()
-        self.log.append((time.monotonic(), msg))
-        return msg
-
-    def until(self, field: str, timeout: float = 10) -> list[str]:
-        """Read messages until one has ``field`` as a line; return all read. Raises TimeoutError."""
-        deadline = time.monotonic() + timeout
-        seen = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {field} within {timeout}s; got {seen}")
-            seen.append(self.next(left))
-            if field in seen[-1].split("\n"):
-                return seen
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def scrape(host: Host, listen: str) -> str | None:

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests import nspawn
-from tests.netns import OVERLAY_V4
+from tunneld.testbed import OVERLAY_V4
 
 UNIT = "tunneld@demo.service"
 CONF = "/etc/tunneld/demo.toml"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import TUNNELD
+from tunneld.testbed import TUNNELD
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "tunneld@.service"
 EXPOSURE_GOAL = 2.0

@@ -8,32 +8,15 @@ import time
 
 import pytest
 
-from tests.netns import OVERLAY_V4, OVERLAY_V6, Tunneld, kernel_vxlan, transfer
+from tests.support import A4, B4, B6, assert_transfers
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, kernel_vxlan, start_pair, transfer
 
 pytestmark = pytest.mark.netns
-
-A4, B4 = (f"{a}/24" for a in OVERLAY_V4)
-A6, B6 = (f"{a}/64" for a in OVERLAY_V6)
-
-
-def pair(a, b, *extra: str, underlay6: bool = False):
-    peer_of_a, peer_of_b = (b.underlay6, a.underlay6) if underlay6 else (b.underlay, a.underlay)
-    ta = Tunneld(a, "--mode", "vxlan", "--peer", peer_of_a, "--address", A4, "--address", A6, *extra)
-    tb = Tunneld(b, "--mode", "vxlan", "--peer", peer_of_b, "--address", B4, "--address", B6, *extra)
-    return ta, tb
-
-
-def assert_transfers(a, b, nbytes: int = 8 << 20, v6: bool = False):
-    dst_b, dst_a = (OVERLAY_V6[1], OVERLAY_V6[0]) if v6 else (OVERLAY_V4[1], OVERLAY_V4[0])
-    sent, received = transfer(a, b, dst_b, nbytes)
-    assert sent == received and sent.startswith(f"{nbytes} ")
-    sent, received = transfer(b, a, dst_a, nbytes)
-    assert sent == received and sent.startswith(f"{nbytes} ")
 
 
 def test_tunneld_to_tunneld_ping_and_transfers(hosts):
     a, b = hosts
-    ta, tb = pair(a, b)
+    ta, tb = start_pair(a, b, "vxlan")
     a.wait_ping(OVERLAY_V4[1])
     assert a.ping(OVERLAY_V4[1], count=5)
     assert_transfers(a, b)
@@ -44,7 +27,7 @@ def test_tunneld_to_tunneld_ping_and_transfers(hosts):
 
 def test_ipv6_underlay_and_ipv6_overlay(hosts):
     a, b = hosts
-    ta, tb = pair(a, b, underlay6=True)
+    ta, tb = start_pair(a, b, "vxlan", underlay6=True)
     # IPv6 underlay costs 20 more bytes: 1500 - 70
     assert "mtu 1430" in a.run("ip", "-o", "link", "show", "tunneld0").stdout
     a.wait_ping(OVERLAY_V6[1], timeout=15)  # the overlay addresses go through DAD first
@@ -78,7 +61,7 @@ def test_kernel_peer_with_other_vni_is_not_heard(hosts):
 
 def test_malformed_burst_while_traffic_flows(hosts):
     a, b = hosts
-    ta, tb = pair(a, b)
+    ta, tb = start_pair(a, b, "vxlan")
     a.wait_ping(OVERLAY_V4[1])
     # From B's underlay address (so past the peer check) and from a stranger address, aim garbage at A.
     b.run("ip", "addr", "add", "10.231.0.99/24", "dev", b.ifname)
@@ -128,7 +111,7 @@ def test_peer_starting_late_and_restarting(hosts):
 
 def test_sigkilled_peer_comes_back_with_the_same_identity(hosts):
     a, b = hosts
-    ta, tb = pair(a, b)
+    ta, tb = start_pair(a, b, "vxlan")
     a.wait_ping(OVERLAY_V4[1])
     mac_before = b.run("cat", "/sys/class/net/tunneld0/address").stdout
     tb.stop(sig=signal.SIGKILL)

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.measure import cpu_seconds
-from bench.systems import children_of
-from tests.netns import OVERLAY_V4, REPO, Host, Tunneld, kernel_vxlan, transfer
+from tests.support import REPO
+from tunneld.testbed import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan, transfer
+from tunneld.testbed.notify import NotifyReceiver
+from tunneld.testbed.procfs import children_of, cpu_seconds
 
 pytestmark = pytest.mark.netns
 
@@ -76,7 +77,7 @@ def quiet(*hosts: Host) -> None:
 
 
 def scrape(host: Host) -> dict[tuple[str, frozenset], float]:
-    text = host.run(sys.executable, "-m", "tests.prom", "get", METRICS, cwd=REPO).stdout
+    text = host.run(sys.executable, "-m", "tunneld.testbed.prom", "get", METRICS, cwd=REPO).stdout
     return {(s.name, frozenset((k, v) for k, v in s.labels.items() if k not in ("peer", "mode"))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -262,7 +263,6 @@ def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
 def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(hosts):
     """systemd's stop signals every process of the unit at once; here right as the first worker appears,
     before the parent has its handlers: the signal waits (blocked) until it can be handled."""
-    from tests.netns import TUNNELD
 
     a, b = hosts
     for _ in range(5):
@@ -280,7 +280,6 @@ def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(
 
 
 def test_sigterm_while_waiting_for_a_stalled_worker_to_start_stops_without_waiting_for_it(hosts):
-    from tests.netns import TUNNELD
 
     a, b = hosts
     proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")
@@ -417,8 +416,6 @@ def test_gre_runs_one_worker_and_delivers_each_packet_once(hosts):
 
 
 def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts, tmp_path):
-    from tests.netns import TUNNELD
-    from tests.test_service import NotifyReceiver
 
     a, b = hosts
     rx = NotifyReceiver(str(tmp_path / "notify"))
@@ -462,7 +459,6 @@ def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts,
 
 
 def test_a_second_daemon_on_the_port_fails_instead_of_joining_the_reuseport_group(hosts):
-    from tests.netns import TUNNELD
 
     a, b = hosts
     first = Tunneld(a, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")

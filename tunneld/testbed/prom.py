@@ -2,11 +2,11 @@
 
 The server listens on the host's loopback only, keeps its TSDB in a temporary directory that is removed on
 exit, and scrapes the given targets every ``interval``. The test process lives in the root namespace, so it
-cannot reach the namespace's loopback itself: queries run as ``python -m tests.prom`` inside the host.
+cannot reach the namespace's loopback itself: queries run as ``python -m tunneld.testbed.prom`` inside the host.
 
-    python -m tests.prom get URL                    print the body (exit 1 on an HTTP error or timeout)
-    python -m tests.prom query URL EXPR             print the API's JSON answer to an instant query
-    python -m tests.prom scrape URL... --for SECS   GET each URL once a second for SECS seconds (bench load)
+    python -m tunneld.testbed.prom get URL                   print the body (exit 1 on an HTTP error or timeout)
+    python -m tunneld.testbed.prom query URL EXPR            print the API's JSON answer to an instant query
+    python -m tunneld.testbed.prom scrape URL... --for SECS  GET each URL once a second for SECS seconds (load)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from tests.netns import REPO, Host
+from tunneld.testbed.netns import IMPORT_ROOT, Host
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -42,8 +42,8 @@ class Prometheus:
         self.url = f"http://{listen}"
 
     def get(self, path: str, timeout: float = 10) -> str:
-        r = self.host.run(sys.executable, "-m", "tests.prom", "get", self.url + path,
-                          check=False, timeout=timeout + 5, cwd=REPO)
+        r = self.host.run(sys.executable, "-m", "tunneld.testbed.prom", "get", self.url + path,
+                          check=False, timeout=timeout + 5, cwd=IMPORT_ROOT)
         if r.returncode != 0:
             raise PrometheusError(f"GET {path}: {r.stdout.strip()} {r.stderr.strip()}")
         return r.stdout

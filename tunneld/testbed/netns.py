@@ -1,15 +1,15 @@
-"""Two "hosts" in network namespaces joined by a veth pair: the testbed for tests, the demo and bench/.
+"""Two "hosts" in network namespaces joined by a veth pair, and a TCP transfer between them.
 
-Everything created here is removed on exit, also when the test fails or the run is interrupted: processes
+Everything created here is removed on exit, also when the caller fails or the run is interrupted: processes
 started through a ``Host`` are killed, then the namespaces are deleted (which deletes their interfaces).
-Every wait is bounded. Addresses live only inside the namespaces.
+Every wait is bounded. Addresses live only inside the namespaces: the underlay on the veth pair, the overlay
+for whatever tunnel a caller puts between the hosts (one address plan, so every tunnel is compared alike).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +17,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-TUNNELD = str(VENV_BIN / "tunneld") if (VENV_BIN / "tunneld").exists() else shutil.which("tunneld") or "tunneld"
+# Where ``tunneld`` is imported from (a checkout, or site-packages). Helper programs run inside a namespace
+# as ``python -m tunneld.testbed.NAME`` with this as their working directory, so they find the same tunneld
+# as the caller whatever the caller's own working directory is.
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
 
 UNDERLAY_V4 = ("10.231.0.1", "10.231.0.2")
 UNDERLAY_V6 = ("fd00:231::1", "fd00:231::2")
@@ -102,6 +103,25 @@ class Host:
         self.procs.clear()
 
 
+def tcpdump(host: Host, path: Path | str, bpf: str, *options: str, timeout: float = 10) -> subprocess.Popen:
+    """tcpdump on the host's veth end writing to ``path``, returned once it listens (or ``timeout`` passed).
+
+    Stop it with SIGINT so that it flushes the file. --immediate-mode hands each packet over at once rather
+    than when a ring block fills or times out, so that what was sent just before the capture stops is in the
+    file, and -U writes it out packet by packet. ``options`` go to tcpdump too; with a -B buffer size packets
+    are handed over in blocks instead (bulk captures, where packet-by-packet writing loses many).
+    """
+    mode = ("--immediate-mode", "-U") if "-B" not in options else ()
+    proc = host.popen("tcpdump", "-i", host.ifname, *mode, *options, "-n", "-w", str(path), bpf,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # tcpdump says "listening on" once the capture runs
+        line = proc.stderr.readline()
+        if "listening on" in line or not line:
+            break
+    return proc
+
+
 NETNS_PREFIX = "td-"
 
 
@@ -145,65 +165,8 @@ def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
             sh("ip", "netns", "del", name, check=False)
 
 
-class Tunneld:
-    """A tunneld process in a host; ``stop()`` sends SIGTERM and returns the exit status."""
-
-    def __init__(self, host: Host, *args: str, dev: str = "tunneld0", wait: bool = True, timeout: float = 15):
-        self.host = host
-        self.dev = dev
-        self.args = args
-        self.proc = host.popen(TUNNELD, "--dev", dev, *args)
-        if wait:
-            try:
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    if self.proc.poll() is not None:
-                        raise RuntimeError(f"tunneld exited with {self.proc.returncode}: {self.output()}")
-                    if host.link_state(dev) == "UP":
-                        break
-                    time.sleep(0.05)
-                else:
-                    raise TimeoutError(f"{host.name}: tunneld did not bring {dev} up within {timeout}s")
-            except BaseException:
-                self.kill()
-                raise
-
-    def output(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stdout.read() if self.proc.stdout else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
-
-
-def kernel_vxlan(host: Host, peer: str, *, dev: str = "vx0", vni: int = 1, port: int = 4789,
-                 address: str | None = None, extra: Sequence[str] = ()) -> None:
-    """The Linux kernel's own VXLAN device on ``host``, pointing at ``peer``: the reference implementation.
-
-    The host's veth gets transmit checksumming turned off, so that it behaves like a real wire. veth lets a
-    packet cross namespaces still CHECKSUM_PARTIAL: the kernel's VXLAN would hand the far end inner TCP
-    segments whose checksum field holds only the pseudo-header sum, to be "completed by the NIC". No
-    physical NIC puts such a packet on the wire, and a userspace VTEP receiving it through a UDP socket has
-    no way to know it was partial (the kernel↔kernel case works only because the skb's metadata survives).
-    """
-    host.run("ethtool", "-K", host.ifname, "tx", "off")
-    host.run("ip", "link", "add", dev, "type", "vxlan", "id", str(vni), "remote", peer, "dstport", str(port),
-             "dev", host.ifname, *extra)
-    if address:
-        host.run("ip", "addr", "add", address, "dev", dev)
-    host.run("ip", "link", "set", dev, "up")
+# Not a test, whatever a test runner's name patterns make of "testbed" when a test module imports it.
+testbed.__test__ = False  # type: ignore[attr-defined]
 
 
 def transfer(src: Host, dst: Host, dst_addr: str, nbytes: int = 8 << 20, port: int = 5201,
@@ -211,14 +174,14 @@ def transfer(src: Host, dst: Host, dst_addr: str, nbytes: int = 8 << 20, port: i
     """Send ``nbytes`` over TCP from ``src`` to ``dst_addr`` (on ``dst``); return (sent, received) as
     "<bytes> <sha256>" lines, so a caller can assert they are equal."""
     py = sys.executable
-    receiver = dst.popen(py, "-m", "tests.xfer", "recv", str(port), str(timeout), cwd=REPO)
+    receiver = dst.popen(py, "-m", "tunneld.testbed.xfer", "recv", str(port), str(timeout), cwd=IMPORT_ROOT)
     try:
         assert receiver.stdout is not None
         line = receiver.stdout.readline().strip()  # "listening", or the error that prevented it
         if line != "listening":
             raise RuntimeError(f"receiver failed: {line} {receiver.stdout.read()}")
-        sent = src.run(py, "-m", "tests.xfer", "send", dst_addr, str(port), str(nbytes), "7",
-                       timeout=timeout, cwd=REPO).stdout.strip()
+        sent = src.run(py, "-m", "tunneld.testbed.xfer", "send", dst_addr, str(port), str(nbytes), "7",
+                       timeout=timeout, cwd=IMPORT_ROOT).stdout.strip()
         out, _ = receiver.communicate(timeout=timeout)
         return sent, out.strip()
     finally:

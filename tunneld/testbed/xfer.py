@@ -1,4 +1,5 @@
-"""A TCP transfer whose both ends report the sha256 of what they saw: `python -m tests.xfer recv|send ...`.
+"""A TCP transfer whose both ends report the sha256 of what they saw: ``python -m tunneld.testbed.xfer``
+(``netns.transfer()`` runs one end in each host).
 
 recv PORT TIMEOUT             listen, accept one connection, read to EOF, print "<bytes> <sha256>"
 send ADDR PORT NBYTES SEED    send NBYTES of seeded pseudo-random data, print "<bytes> <sha256>"
