@@ -10,13 +10,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tunneld.channel import Apply, Channel, StatsReport, StatsRequest
 from tunneld.cli import main
 from tunneld.config import EX_CONFIG, MAX_WORKERS
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.engine import Engine
 from tunneld.metrics import TunnelCollector
-from tunneld.stats import Stats, total
+from tunneld.stats import MAX_BATCH, Stats, total
 from tunneld.testing import FakeDevice, FakeLink
 from tunneld.workers import AUTO_CAP, auto_workers, resolve
 
@@ -94,7 +95,7 @@ def test_total_adds_every_counter_and_keeps_the_latest_rx_time():
     assert (t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes) == (7, 700, 6, 60)
     assert t.peer_last_rx == 12.5
     assert t.drops == {Drop.TOO_BIG: 4, Drop.TRUNCATED: 2}
-    assert t.tx_batches == [0, 7, 0, 0, 0]
+    assert t.tx_batches == [0, 7] + [0] * (MAX_BATCH - 1)  # one slot per count up to MAX_BATCH, whatever the batch
     assert sum(t.loop_lag) == 3 and t.loop_lag_sum == pytest.approx(0.009)
 
 
@@ -150,30 +151,25 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     assert got[("tunneld_worker_cpu_seconds_total", (("worker", "1"),))] == 0.25
 
 
-# -- the parent's control channel (workers.Pool), with a socketpair standing in for a worker ----------------------
+# -- the parent's control channel (workers.Supervisor), with a socketpair standing in for a worker ------------------
 
 
 def _pool_with_silent_child():
-    """A Pool whose one child is this process's own socket end: nothing answers unless the test does."""
-    import socket as _socket
+    """A Supervisor whose one child is this process's own channel end: nothing answers unless the test does."""
+    from tunneld.workers import Child, Supervisor
 
-    from tunneld.workers import Child, Pool
-
-    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    pool = Pool(4)
+    ours, theirs = Channel.pair()
+    pool = Supervisor()
     pool.children.append(Child(1, os.getpid(), ours))  # pidfd of ourselves: never readable while we run
     ours.setblocking(False)
     theirs.setblocking(False)
     return pool, theirs
 
 
-def _drain(sock) -> list[tuple]:
-    got = []
-    while True:
-        try:
-            got.append(pickle.loads(sock.recv(1 << 16)))
-        except BlockingIOError:
-            return got
+def _drain(channel: Channel) -> list:
+    got, closed = channel.receive()
+    assert not closed
+    return got
 
 
 def test_a_silent_worker_has_at_most_one_stats_request_queued():
@@ -181,17 +177,16 @@ def test_a_silent_worker_has_at_most_one_stats_request_queued():
     try:
         for _ in range(500):  # the heartbeat and the scrapes keep asking while the worker is stalled
             pool.request()
-        assert [m[0] for m in _drain(theirs)] == ["stats"]
-        pool.broadcast(("apply", {"peer": "192.0.2.9"}))  # so a reload still fits
-        assert _drain(theirs) == [("apply", {"peer": "192.0.2.9"})]
-        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))  # it answers: the next request goes out
+        assert [type(m) for m in _drain(theirs)] == [StatsRequest]
+        pool.broadcast(Apply(peer="192.0.2.9"))  # so a reload still fits
+        assert _drain(theirs) == [Apply(peer="192.0.2.9")]
+        theirs.send(StatsReport(1, Stats(), 0.0))  # it answers: the next request goes out
         pool._on_message(pool.children[0])
         seq = pool.request()
-        assert _drain(theirs) == [("stats", seq)]
+        assert _drain(theirs) == [StatsRequest(seq)]
     finally:
         theirs.close()
-        pool.children[0].ctl.close()
-        os.close(pool.children[0].pidfd)
+        pool.children[0].close()
 
 
 def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_worker(caplog):
@@ -199,19 +194,18 @@ def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_
     died = []
     pool._on_death = lambda: died.append(True)
     try:
-        while pool.children[0].ctl.send(b"x" * 100):  # fill the socket, as a worker that never reads would
+        while pool.children[0].channel.sock.send(b"x" * 100):  # fill the socket, as a worker that never reads would
             pass
     except BlockingIOError:
         pass
     try:
-        pool.broadcast(("apply", {"peer": "192.0.2.9"}))
+        pool.broadcast(Apply(peer="192.0.2.9"))
         assert died == [True]
         assert f"worker 1 (pid {os.getpid()}) does not read its control socket" in caplog.text
         assert "exit status 1" in caplog.text
     finally:
         theirs.close()
-        pool.children[0].ctl.close()
-        os.close(pool.children[0].pidfd)
+        pool.children[0].close()
 
 
 def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_closed(monkeypatch):
@@ -221,15 +215,9 @@ def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_clo
 
     from tunneld import workers
 
-    class Closable:
-        def close(self) -> None:
-            pass
-
-    class FakeTunnel:
-        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
-
-        def forget_in_child(self) -> None:
-            time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
+    def entry(index: int, channel: Channel) -> int:
+        time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
+        return 0
 
     def no_pidfd(pid: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
@@ -238,7 +226,7 @@ def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_clo
     monkeypatch.setattr(workers.os, "pidfd_open", no_pidfd)
     t0 = time.monotonic()
     with pytest.raises(OSError) as caught:
-        workers.fork_workers(FakeTunnel(), [(Closable(), Closable())])
+        workers.Supervisor().fork(1, entry)
     assert caught.value.errno == errno.EMFILE
     assert time.monotonic() - t0 < 10  # not the child's 30 s: it was killed
     with pytest.raises(ChildProcessError):
@@ -260,14 +248,13 @@ def test_a_stalled_worker_is_logged_once_and_again_when_it_answers(caplog):
         stalled = [r for r in caplog.records if "has not answered for" in r.getMessage()]
         assert len(stalled) == 1 and f"worker 1 (pid {os.getpid()})" in stalled[0].getMessage()
         pool.request()
-        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))
+        theirs.send(StatsReport(1, Stats(), 0.0))
         pool._on_message(child)
         assert pool.alive()
         assert sum("worker 1 (pid %d) answers again" % os.getpid() in r.getMessage() for r in caplog.records) == 1
     finally:
         theirs.close()
-        child.ctl.close()
-        os.close(child.pidfd)
+        child.close()
 
 
 def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch):
@@ -276,11 +263,13 @@ def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch
     from tunneld import service
     from tunneld.service import Notifier, Service
 
-    class Tunnel:
-        pool = object()  # several workers
-        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+    class Tunnel:  # service.Tunnel
+        workers = 2
         cfg = type("Cfg", (), {"peer": "192.0.2.2"})()
         looks = 0
+
+        def totals(self) -> Stats:
+            return Stats()
 
         def workers_alive(self) -> bool:
             Tunnel.looks += 1
