@@ -332,3 +332,194 @@ def test_auto_on_32_cpus_with_a_2_cpu_quota_picks_one_worker(monkeypatch):
     assert workers.resolve("auto", "udp") == (1, "workers auto: 1 for 2 CPUs")
     monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: None)
     assert workers.resolve("auto", "udp") == (8, "workers auto: 8 for 32 CPUs")
+
+
+# -- the typed messages, the channel, and one Worker driven as the parent drives a child --------------------------
+
+
+def test_every_message_crosses_the_channel_as_itself_and_a_closed_end_is_seen():
+    from tunneld.channel import Ready, Stop
+
+    stats = _stats(3, 5, 10.0, Drop.TOO_BIG)
+    parent, child = Channel.pair()
+    try:
+        child.setblocking(False)
+        sent = [Ready(), StatsRequest(7), StatsReport(7, stats, 1.25), Apply(peer="192.0.2.9"), Apply(log_level="debug"),
+                Stop()]
+        for message in sent:
+            parent.send(message)
+        got, closed = child.receive()
+        assert got[:2] + got[3:] == sent[:2] + sent[3:] and not closed
+        assert (got[2].seq, got[2].cpu, got[2].stats.tx_packets, got[2].stats.drops) == (7, 1.25, 3, {Drop.TOO_BIG: 2})
+        assert child.receive() == ([], False)
+        parent.close()
+        assert child.receive() == ([], True)
+    finally:
+        child.close()
+
+
+def test_a_channel_reads_a_bounded_number_of_messages_per_wake_up():
+    from tunneld.channel import DRAIN_MAX
+
+    parent, child = Channel.pair()
+    try:
+        child.setblocking(False)
+        for seq in range(DRAIN_MAX + 3):
+            parent.send(StatsRequest(seq))
+        first, _ = child.receive()
+        rest, _ = child.receive()
+        assert [m.seq for m in first + rest] == list(range(DRAIN_MAX + 3)) and len(first) == DRAIN_MAX
+    finally:
+        parent.close()
+        child.close()
+
+
+class _Pipe:
+    """A fileno that an event loop can watch and that never becomes readable."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class _Link(FakeLink):
+    def __init__(self, peer: str, fd: int) -> None:
+        super().__init__(peer)
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def set_peer(self, peer: str) -> None:
+        if ":" in peer:
+            from tunneld.io import SetupError
+
+            raise SetupError("another IP version needs a new socket")
+        self.peer = peer
+
+
+class _Device(FakeDevice):
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def _worker(index: int = 1):
+    from tunneld.encap.gre import Gre
+    from tunneld.worker import Worker
+
+    pipes = [_Pipe(), _Pipe()]
+    codec = Gre(seq=True)
+    codec.rx_seq = 5000  # learnt from the old peer
+    worker = Worker(index, _Device(pipes[0].r), _Link("192.0.2.2", pipes[1].r), codec, dev="tunneld0",
+                    max_frame=1472, offload=False)
+    return worker, pipes
+
+
+def test_a_child_worker_answers_applies_and_stops_on_its_channel(caplog):
+    """What the parent sees of a child: Ready, one StatsReport per StatsRequest, Apply in place, Stop → status 0."""
+    import asyncio
+    import logging
+
+    from tunneld.channel import Ready, Stop
+
+    worker, pipes = _worker()
+    parent, child = Channel.pair()
+    caplog.set_level(logging.INFO, logger="tunneld")
+    old_level = logging.getLogger().level
+
+    async def drive() -> tuple[int, list]:
+        loop = asyncio.get_running_loop()
+        serving = loop.create_task(worker.serve_channel(child))
+        parent.setblocking(False)
+        heard: list = []
+
+        async def until(kind) -> None:
+            for _ in range(200):
+                got, _ = parent.receive()
+                heard.extend(got)
+                if any(isinstance(m, kind) for m in heard):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"no {kind.__name__} in {heard}")
+
+        await until(Ready)
+        worker.stats.tx_packets = 42
+        parent.send(StatsRequest(3))
+        await until(StatsReport)
+        parent.send(Apply(peer="192.0.2.9", log_level="warning"))
+        parent.send(Apply(peer="fd00::9"))  # refused by the link: logged, the worker carries on
+        parent.send(StatsRequest(4))
+        await asyncio.sleep(0.05)
+        parent.send(Stop())
+        return await asyncio.wait_for(serving, 5), heard
+
+    try:
+        status, heard = asyncio.run(drive())
+        assert status == 0
+        assert isinstance(heard[0], Ready)
+        report = next(m for m in heard if isinstance(m, StatsReport))
+        assert (report.seq, report.stats.tx_packets) == (3, 42) and report.cpu > 0
+        assert worker.link.peer == "192.0.2.9" and worker.codec.rx_seq is None  # as worker 0 applies a reload
+        assert logging.getLogger().level == logging.WARNING
+        assert "worker 1: reload: another IP version needs a new socket" in caplog.text
+    finally:
+        logging.getLogger().setLevel(old_level)
+        parent.close()
+        child.close()
+        for p in pipes:
+            p.close()
+
+
+def test_a_child_worker_stops_when_the_parent_closes_its_end():
+    import asyncio
+
+    worker, pipes = _worker()
+    parent, child = Channel.pair()
+
+    async def drive() -> int:
+        serving = asyncio.get_running_loop().create_task(worker.serve_channel(child))
+        await asyncio.sleep(0.05)
+        parent.close()
+        return await asyncio.wait_for(serving, 5)
+
+    try:
+        assert asyncio.run(drive()) == 0
+    finally:
+        child.close()
+        for p in pipes:
+            p.close()
+
+
+@pytest.mark.parametrize("index,line", [
+    (0, "interface tunneld0 was deleted while running; stopping (exit status 1)"),
+    (2, "worker 2: interface tunneld0 was deleted while running; stopping"),
+])
+def test_a_deleted_interface_stops_any_worker_with_status_1_and_a_later_clean_stop_keeps_it(index, line, caplog):
+    import asyncio
+    import errno
+
+    worker, pipes = _worker(index)
+
+    def gone(buf) -> int:
+        raise OSError(errno.EBADFD, "File descriptor in bad state")
+
+    async def drive() -> int:
+        worker.start(asyncio.get_running_loop())
+        worker.engine.device.read_into = gone
+        worker.engine.on_device_readable()
+        worker.stop()  # the SIGTERM that follows does not turn the failure into a clean exit
+        return await worker.wait()
+
+    try:
+        assert asyncio.run(drive()) == 1
+        assert line in caplog.text
+    finally:
+        for p in pipes:
+            p.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tunneld.config import TunnelConfig
+from tunneld.config import MIN_MTU, TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.engine_offload import offload_supported  # tunneld.engine once the one-engine branch is merged
 from tunneld.errors import EX_CONFIG, StartupError
@@ -29,7 +29,6 @@ from tunneld.workers import resolve
 
 log = logging.getLogger("tunneld")
 
-MIN_MTU = 68  # RFC 791: the smallest MTU an IPv4 link may have
 SUPERFRAME_HEADERS = 14 + 40 + 32  # Ethernet, IPv6, TCP with timestamps: the usual headers of a segment
 TRANSPORTS = ("udp", "ip")  # the links there are (io/udp.py, io/raw.py)
 
