@@ -25,6 +25,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Callable
 
 from tunneld import __version__
 from tunneld.channel import Apply, Channel
@@ -34,14 +35,15 @@ from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io.udp import UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.plan import Plan, make_plan, stable_mac
-from tunneld.resources import Resources
+from tunneld.io.device import Device
+from tunneld.resources import Link, Resources
 from tunneld.service import Loader, Service
 from tunneld.stats import Stats, total
 from tunneld.watch import Watch
 from tunneld.worker import Worker, cpu_seconds
 from tunneld.workers import STOP_SIGNALS, Supervisor
 
-__all__ = ["EX_CONFIG", "EX_NOPERM", "EX_SOFTWARE", "StartupError", "Tunnel", "run", "serve", "stable_mac"]
+__all__ = ["EX_CONFIG", "EX_NOPERM", "EX_SOFTWARE", "StartupError", "Tunnel", "describe", "run", "serve", "stable_mac"]
 
 log = logging.getLogger("tunneld")
 
@@ -52,8 +54,9 @@ class Tunnel:
     """A tunnel put together: its plan, its descriptors, worker 0 and the supervisor of the others. It is
     what the service layer drives (service.Tunnel): totals, liveness, live changes, the metrics endpoint."""
 
-    def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], **machine) -> None:
-        self.plan: Plan = make_plan(cfg, modes, **machine)  # ``machine``: make_plan's injected look-ups
+    def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *,
+                 underlay_mtu: Callable[[str], tuple[int, str | None]] | None = None, cpus: int | None = None) -> None:
+        self.plan: Plan = make_plan(cfg, modes, underlay_mtu=underlay_mtu, cpus=cpus)  # the look-ups: make_plan
         self.cfg = cfg
         self.workers = self.plan.workers
         self.resources = Resources(self.plan)
@@ -142,38 +145,36 @@ class Tunnel:
             loop.run_in_executor(None, old.close)  # close() waits up to 0.5 s for its thread: not on the loop
         return True
 
-    # -- the log -----------------------------------------------------------------------------------------------
-
-    def describe(self) -> str:
-        cfg, plan = self.cfg, self.plan
-        codec = plan.codec
-        device, link = self.resources.unit(0)
-        parts = [
-            f"{cfg.mode} on {cfg.dev}",
-            f"mtu {plan.mtu}",
-            *([f"mac {plan.mac}"] if plan.mac else []),
-            *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
-            *([codec.describe()] if codec.describe() else []),
-            f"peer {cfg.peer} " + (f"udp/{link.port}" if isinstance(link, UdpLink) else str(codec.transport)),
-            f"local {cfg.local or 'any'}",
-            *([f"workers {plan.workers}"] if plan.workers > 1 else []),
-            "offload " + (
-                f"{codec.device.value} 0x{device.offloads:02x}, "
-                + ("udp gso/gro" if isinstance(link, UdpLink) else "sendmmsg/recvmmsg")
-                if plan.offload else "off"
-            ),
-            f"underlay {plan.underlay_dev or '?'} mtu {plan.underlay_mtu}",
-            f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
-        ]
-        if cfg.addresses:
-            parts.append("addresses " + " ".join(cfg.addresses))
-        return ", ".join(parts)
-
     def close(self) -> None:
         self.supervisor.stop()
         if self.worker is not None:
             self.worker.close()
         self.resources.close()
+
+
+def describe(plan: Plan, device: Device, link: Link) -> str:
+    """The tunnel in one log line, as started: the plan, and what the kernel granted (offloads, the port)."""
+    cfg, codec = plan.cfg, plan.codec
+    parts = [
+        f"{cfg.mode} on {cfg.dev}",
+        f"mtu {plan.mtu}",
+        *([f"mac {plan.mac}"] if plan.mac else []),
+        *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
+        *([codec.describe()] if codec.describe() else []),
+        f"peer {cfg.peer} " + (f"udp/{link.port}" if isinstance(link, UdpLink) else str(codec.transport)),
+        f"local {cfg.local or 'any'}",
+        *([f"workers {plan.workers}"] if plan.workers > 1 else []),
+        "offload " + (
+            f"{codec.device.value} 0x{device.offloads:02x}, "
+            + ("udp gso/gro" if isinstance(link, UdpLink) else "sendmmsg/recvmmsg")
+            if plan.offload else "off"
+        ),
+        f"underlay {plan.underlay_dev or '?'} mtu {plan.underlay_mtu}",
+        f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
+    ]
+    if cfg.addresses:
+        parts.append("addresses " + " ".join(cfg.addresses))
+    return ", ".join(parts)
 
 
 async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
