@@ -523,3 +523,37 @@ def test_a_deleted_interface_stops_any_worker_with_status_1_and_a_later_clean_st
     finally:
         for p in pipes:
             p.close()
+
+
+def test_the_parent_serves_worker_0_logs_the_up_line_and_stops_cleanly_on_sigterm(caplog):
+    """daemon.serve over a Tunnel whose descriptors are fakes: the plan, worker 0 and the service together."""
+    import asyncio
+    import logging
+    import signal
+
+    from tunneld.config import TunnelConfig
+    from tunneld.daemon import Tunnel, serve
+
+    caplog.set_level(logging.INFO, logger="tunneld")
+    tunnel = Tunnel(TunnelConfig(peer="192.0.2.2", vni=7, metrics_listen="", offload=False), {"vxlan": Vxlan},
+                    underlay_mtu=lambda peer: (1500, "eth0"), cpus=1)
+    pipes = [_Pipe(), _Pipe()]
+    tunnel.resources.devices, tunnel.resources.links = [_Device(pipes[0].r)], [_Link("192.0.2.2", pipes[1].r)]
+    tunnel.worker = tunnel._worker(0, *tunnel.resources.unit(0))
+
+    async def drive() -> int:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serve(tunnel), 5)
+
+    try:
+        assert asyncio.run(drive()) == 0
+        up = [r.getMessage() for r in caplog.records if " up: " in r.getMessage()]
+        assert len(up) == 1 and "vxlan on tunneld0, mtu 1450, mac " in up[0] and "vni 7" in up[0], up
+        assert "offload off" in up[0] and "metrics off" in up[0]
+        assert any(r.getMessage().startswith("shutting down: tx 0 packets") for r in caplog.records)
+    finally:
+        tunnel.supervisor.stop()
+        tunnel.worker.close()
+        for p in pipes:
+            p.close()

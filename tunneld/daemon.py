@@ -202,7 +202,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
             worker.stop(1)
     watcher = None
     if not worker.stopped.is_set():
-        log.info("tunneld %s up: %s", __version__, tunnel.describe())
+        log.info("tunneld %s up: %s", __version__, describe(tunnel.plan, *tunnel.resources.unit(0)))
         service.ready()  # the interface is up and the sockets are bound (every worker's)
         watcher = loop.create_task(_watch(tunnel))
     try:
