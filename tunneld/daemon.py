@@ -57,7 +57,7 @@ class Tunnel:
     def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *,
                  underlay_mtu: Callable[[str], tuple[int, str | None]] | None = None, cpus: int | None = None) -> None:
         self.plan: Plan = make_plan(cfg, modes, underlay_mtu=underlay_mtu, cpus=cpus)  # the look-ups: make_plan
-        self.cfg = cfg
+        self.cfg = cfg  # the running configuration: a reload replaces it (service.py), the plan keeps the first
         self.workers = self.plan.workers
         self.resources = Resources(self.plan)
         self.supervisor = Supervisor()
@@ -70,7 +70,10 @@ class Tunnel:
         self.resources.open()
         try:
             self.worker = self._worker(0, *self.resources.unit(0))
-        except BaseException:  # a codec the engine refuses: the interface must not outlive the failure
+        except ValueError as e:  # a codec the engine cannot carry (a header beyond its headroom): one line
+            self.resources.close()
+            raise StartupError(str(e)) from None
+        except BaseException:  # the interface must not outlive the failure
             self.resources.close()
             raise
         metrics = self.resources.metrics
