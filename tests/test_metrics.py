@@ -24,8 +24,8 @@ from tunneld.config import ConfigError, check_listen
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.engine import Engine
-from tunneld.metrics import LoopLagProbe, MetricsError, MetricsServer, TunnelCollector, batch_bounds
-from tunneld.stats import LOOP_LAG_BUCKETS, Stats
+from tunneld.metrics import LoopLagProbe, MetricsError, MetricsServer, TunnelCollector, BATCH_BOUNDS
+from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats
 from tunneld.testbed.prom import PROMTOOL
 from tunneld.testing import FakeDevice, FakeLink
 
@@ -110,16 +110,29 @@ def test_frames_per_wakeup_histogram():
     got = samples(registry)
     tx = {dict(lbl)["le"]: v for (name, lbl), v in got.items()
           if name == "tunneld_frames_per_wakeup_bucket" and dict(lbl)["direction"] == "tx"}
-    assert tx == {"0.0": 1, "1.0": 1, "2.0": 2, "4.0": 4, "+Inf": 4}
+    # fixed buckets (independent of the batch): the bounds above 4 hold the same cumulative 4
+    assert tx == {"0.0": 1, "1.0": 1, "2.0": 2, "4.0": 4, "8.0": 4, "16.0": 4, "32.0": 4, "64.0": 4, "128.0": 4,
+                  "+Inf": 4}
     assert got[("tunneld_frames_per_wakeup_sum", L(direction="tx"))] == 10
     assert got[("tunneld_frames_per_wakeup_count", L(direction="tx"))] == 4
     assert got[("tunneld_frames_per_wakeup_count", L(direction="rx"))] == 0
 
 
-@pytest.mark.parametrize("batch,bounds", [(1, [0, 1]), (4, [0, 1, 2, 4]), (32, [0, 1, 2, 4, 8, 16, 32]),
-                                          (48, [0, 1, 2, 4, 8, 16, 32, 48])])
-def test_batch_bounds_end_at_the_batch_cap(batch, bounds):
-    assert batch_bounds(batch) == bounds
+def test_batch_bounds_are_powers_of_two_up_to_the_largest_batch_whatever_the_engine_batch():
+    assert BATCH_BOUNDS == (0, 1, 2, 4, 8, 16, 32, 64, 128) and BATCH_BOUNDS[-1] == MAX_BATCH
+
+
+@pytest.mark.parametrize("batch", [1, 4, 32, 48, 64])
+def test_the_histogram_has_the_same_buckets_whatever_the_engine_batch(batch):
+    eng, dev, link, registry = make(batch=batch)
+    dev.inject(*[frame(64) for _ in range(batch)])
+    eng.on_device_readable()  # one wake-up moving a whole batch
+    got = samples(registry)
+    tx = {float(dict(lbl)["le"]): v for (name, lbl), v in got.items()
+          if name == "tunneld_frames_per_wakeup_bucket" and dict(lbl)["direction"] == "tx"}
+    assert sorted(tx)[:-1] == [float(b) for b in BATCH_BOUNDS]
+    assert tx[float("inf")] == 1 and all(v == (1 if bound >= batch else 0) for bound, v in tx.items())
+    assert len(Stats(batch).tx_batches) == len(Stats().tx_batches) == MAX_BATCH + 1  # the argument is ignored
 
 
 def test_loop_lag_buckets_are_inclusive_upper_bounds():

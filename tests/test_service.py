@@ -13,17 +13,18 @@ import sys
 import textwrap
 import time
 import uuid
-from types import SimpleNamespace
 
 import pytest
 
 from tunneld.config import ConfigError, TunnelConfig
 from tunneld.encap.gre import Gre
+from tunneld.channel import Apply
 from tunneld.service import Notifier, Service
 from tunneld.stats import Stats
 from tunneld.testbed import OVERLAY_V4, TUNNELD, Host
 from tunneld.testbed.notify import NotifyReceiver
-from tunneld.testing import FakeLink
+from tunneld.testing import FakeDevice, FakeLink
+from tunneld.worker import Worker
 
 
 # -- Notifier, no root --------------------------------------------------------------------------------------
@@ -83,6 +84,28 @@ class MovableLink(FakeLink):
 BASE = TunnelConfig(peer="10.0.0.2", addresses=("192.168.1.1/24",), vni=5)
 
 
+class OneWorkerTunnel:
+    """service.Tunnel over one real Worker (worker.py), with a fake device and a link whose peer can move."""
+
+    workers = 1
+
+    def __init__(self, cfg: TunnelConfig, link: MovableLink, codec) -> None:
+        self.cfg, self.link, self.codec = cfg, link, codec
+        self.worker = Worker(0, FakeDevice(), link, codec, dev="tunneld0", max_frame=1472, offload=False)
+
+    def totals(self) -> Stats:
+        return self.worker.stats
+
+    def workers_alive(self) -> bool:
+        return True
+
+    def apply(self, changes: Apply) -> None:
+        self.worker.apply(changes)
+
+    def move_metrics(self, listen: str) -> bool:
+        raise AssertionError("these reloads do not move the metrics endpoint")
+
+
 def reload_with(tmp_path, new, caplog):
     """Run one SIGHUP-style reload whose loader returns ``new`` (or raises it); return (service, datagrams)."""
     path = str(tmp_path / "notify")
@@ -91,8 +114,7 @@ def reload_with(tmp_path, new, caplog):
     rx.settimeout(1)
     codec = Gre(seq=True)
     codec.rx_seq = 5000  # learnt from the old peer
-    tunnel = SimpleNamespace(cfg=BASE, link=MovableLink(BASE.peer), codec=codec, engine=SimpleNamespace(stats=Stats(4)),
-                             metrics=None)
+    tunnel = OneWorkerTunnel(BASE, MovableLink(BASE.peer), codec)
 
     def loader():
         if isinstance(new, Exception):

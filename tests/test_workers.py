@@ -10,13 +10,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tunneld.channel import Apply, Channel, StatsReport, StatsRequest
 from tunneld.cli import main
 from tunneld.config import EX_CONFIG, MAX_WORKERS
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.engine import Engine
 from tunneld.metrics import TunnelCollector
-from tunneld.stats import Stats, total
+from tunneld.stats import MAX_BATCH, Stats, total
 from tunneld.testing import FakeDevice, FakeLink
 from tunneld.workers import AUTO_CAP, auto_workers, resolve
 
@@ -94,7 +95,7 @@ def test_total_adds_every_counter_and_keeps_the_latest_rx_time():
     assert (t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes) == (7, 700, 6, 60)
     assert t.peer_last_rx == 12.5
     assert t.drops == {Drop.TOO_BIG: 4, Drop.TRUNCATED: 2}
-    assert t.tx_batches == [0, 7, 0, 0, 0]
+    assert t.tx_batches == [0, 7] + [0] * (MAX_BATCH - 1)  # one slot per count up to MAX_BATCH, whatever the batch
     assert sum(t.loop_lag) == 3 and t.loop_lag_sum == pytest.approx(0.009)
 
 
@@ -150,30 +151,25 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
     assert got[("tunneld_worker_cpu_seconds_total", (("worker", "1"),))] == 0.25
 
 
-# -- the parent's control channel (workers.Pool), with a socketpair standing in for a worker ----------------------
+# -- the parent's control channel (workers.Supervisor), with a socketpair standing in for a worker ------------------
 
 
 def _pool_with_silent_child():
-    """A Pool whose one child is this process's own socket end: nothing answers unless the test does."""
-    import socket as _socket
+    """A Supervisor whose one child is this process's own channel end: nothing answers unless the test does."""
+    from tunneld.workers import Child, Supervisor
 
-    from tunneld.workers import Child, Pool
-
-    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-    pool = Pool(4)
+    ours, theirs = Channel.pair()
+    pool = Supervisor()
     pool.children.append(Child(1, os.getpid(), ours))  # pidfd of ourselves: never readable while we run
     ours.setblocking(False)
     theirs.setblocking(False)
     return pool, theirs
 
 
-def _drain(sock) -> list[tuple]:
-    got = []
-    while True:
-        try:
-            got.append(pickle.loads(sock.recv(1 << 16)))
-        except BlockingIOError:
-            return got
+def _drain(channel: Channel) -> list:
+    got, closed = channel.receive()
+    assert not closed
+    return got
 
 
 def test_a_silent_worker_has_at_most_one_stats_request_queued():
@@ -181,17 +177,16 @@ def test_a_silent_worker_has_at_most_one_stats_request_queued():
     try:
         for _ in range(500):  # the heartbeat and the scrapes keep asking while the worker is stalled
             pool.request()
-        assert [m[0] for m in _drain(theirs)] == ["stats"]
-        pool.broadcast(("apply", {"peer": "192.0.2.9"}))  # so a reload still fits
-        assert _drain(theirs) == [("apply", {"peer": "192.0.2.9"})]
-        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))  # it answers: the next request goes out
+        assert [type(m) for m in _drain(theirs)] == [StatsRequest]
+        pool.broadcast(Apply(peer="192.0.2.9"))  # so a reload still fits
+        assert _drain(theirs) == [Apply(peer="192.0.2.9")]
+        theirs.send(StatsReport(1, Stats(), 0.0))  # it answers: the next request goes out
         pool._on_message(pool.children[0])
         seq = pool.request()
-        assert _drain(theirs) == [("stats", seq)]
+        assert _drain(theirs) == [StatsRequest(seq)]
     finally:
         theirs.close()
-        pool.children[0].ctl.close()
-        os.close(pool.children[0].pidfd)
+        pool.children[0].close()
 
 
 def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_worker(caplog):
@@ -199,19 +194,18 @@ def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_
     died = []
     pool._on_death = lambda: died.append(True)
     try:
-        while pool.children[0].ctl.send(b"x" * 100):  # fill the socket, as a worker that never reads would
+        while pool.children[0].channel.sock.send(b"x" * 100):  # fill the socket, as a worker that never reads would
             pass
     except BlockingIOError:
         pass
     try:
-        pool.broadcast(("apply", {"peer": "192.0.2.9"}))
+        pool.broadcast(Apply(peer="192.0.2.9"))
         assert died == [True]
         assert f"worker 1 (pid {os.getpid()}) does not read its control socket" in caplog.text
         assert "exit status 1" in caplog.text
     finally:
         theirs.close()
-        pool.children[0].ctl.close()
-        os.close(pool.children[0].pidfd)
+        pool.children[0].close()
 
 
 def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_closed(monkeypatch):
@@ -221,15 +215,9 @@ def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_clo
 
     from tunneld import workers
 
-    class Closable:
-        def close(self) -> None:
-            pass
-
-    class FakeTunnel:
-        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
-
-        def forget_in_child(self) -> None:
-            time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
+    def entry(index: int, channel: Channel) -> int:
+        time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
+        return 0
 
     def no_pidfd(pid: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
@@ -238,7 +226,7 @@ def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_clo
     monkeypatch.setattr(workers.os, "pidfd_open", no_pidfd)
     t0 = time.monotonic()
     with pytest.raises(OSError) as caught:
-        workers.fork_workers(FakeTunnel(), [(Closable(), Closable())])
+        workers.Supervisor().fork(1, entry)
     assert caught.value.errno == errno.EMFILE
     assert time.monotonic() - t0 < 10  # not the child's 30 s: it was killed
     with pytest.raises(ChildProcessError):
@@ -260,14 +248,13 @@ def test_a_stalled_worker_is_logged_once_and_again_when_it_answers(caplog):
         stalled = [r for r in caplog.records if "has not answered for" in r.getMessage()]
         assert len(stalled) == 1 and f"worker 1 (pid {os.getpid()})" in stalled[0].getMessage()
         pool.request()
-        theirs.send(pickle.dumps(("stats", 1, Stats(4), 0.0)))
+        theirs.send(StatsReport(1, Stats(), 0.0))
         pool._on_message(child)
         assert pool.alive()
         assert sum("worker 1 (pid %d) answers again" % os.getpid() in r.getMessage() for r in caplog.records) == 1
     finally:
         theirs.close()
-        child.ctl.close()
-        os.close(child.pidfd)
+        child.close()
 
 
 def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch):
@@ -276,11 +263,13 @@ def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch
     from tunneld import service
     from tunneld.service import Notifier, Service
 
-    class Tunnel:
-        pool = object()  # several workers
-        engine = Engine(FakeDevice(), FakeLink("192.0.2.2"), Vxlan(7), max_frame=1472, batch=4)
+    class Tunnel:  # service.Tunnel
+        workers = 2
         cfg = type("Cfg", (), {"peer": "192.0.2.2"})()
         looks = 0
+
+        def totals(self) -> Stats:
+            return Stats()
 
         def workers_alive(self) -> bool:
             Tunnel.looks += 1
@@ -343,3 +332,228 @@ def test_auto_on_32_cpus_with_a_2_cpu_quota_picks_one_worker(monkeypatch):
     assert workers.resolve("auto", "udp") == (1, "workers auto: 1 for 2 CPUs")
     monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: None)
     assert workers.resolve("auto", "udp") == (8, "workers auto: 8 for 32 CPUs")
+
+
+# -- the typed messages, the channel, and one Worker driven as the parent drives a child --------------------------
+
+
+def test_every_message_crosses_the_channel_as_itself_and_a_closed_end_is_seen():
+    from tunneld.channel import Ready, Stop
+
+    stats = _stats(3, 5, 10.0, Drop.TOO_BIG)
+    parent, child = Channel.pair()
+    try:
+        child.setblocking(False)
+        sent = [Ready(), StatsRequest(7), StatsReport(7, stats, 1.25), Apply(peer="192.0.2.9"), Apply(log_level="debug"),
+                Stop()]
+        for message in sent:
+            parent.send(message)
+        got, closed = child.receive()
+        assert got[:2] + got[3:] == sent[:2] + sent[3:] and not closed
+        assert (got[2].seq, got[2].cpu, got[2].stats.tx_packets, got[2].stats.drops) == (7, 1.25, 3, {Drop.TOO_BIG: 2})
+        assert child.receive() == ([], False)
+        parent.close()
+        assert child.receive() == ([], True)
+    finally:
+        child.close()
+
+
+def test_a_channel_reads_a_bounded_number_of_messages_per_wake_up():
+    from tunneld.channel import DRAIN_MAX
+
+    parent, child = Channel.pair()
+    try:
+        child.setblocking(False)
+        for seq in range(DRAIN_MAX + 3):
+            parent.send(StatsRequest(seq))
+        first, _ = child.receive()
+        rest, _ = child.receive()
+        assert [m.seq for m in first + rest] == list(range(DRAIN_MAX + 3)) and len(first) == DRAIN_MAX
+    finally:
+        parent.close()
+        child.close()
+
+
+class _Pipe:
+    """A fileno that an event loop can watch and that never becomes readable."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class _Link(FakeLink):
+    def __init__(self, peer: str, fd: int) -> None:
+        super().__init__(peer)
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def set_peer(self, peer: str) -> None:
+        if ":" in peer:
+            from tunneld.io import SetupError
+
+            raise SetupError("another IP version needs a new socket")
+        self.peer = peer
+
+
+class _Device(FakeDevice):
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def _worker(index: int = 1):
+    from tunneld.encap.gre import Gre
+    from tunneld.worker import Worker
+
+    pipes = [_Pipe(), _Pipe()]
+    codec = Gre(seq=True)
+    codec.rx_seq = 5000  # learnt from the old peer
+    worker = Worker(index, _Device(pipes[0].r), _Link("192.0.2.2", pipes[1].r), codec, dev="tunneld0",
+                    max_frame=1472, offload=False)
+    return worker, pipes
+
+
+def test_a_child_worker_answers_applies_and_stops_on_its_channel(caplog):
+    """What the parent sees of a child: Ready, one StatsReport per StatsRequest, Apply in place, Stop → status 0."""
+    import asyncio
+    import logging
+
+    from tunneld.channel import Ready, Stop
+
+    worker, pipes = _worker()
+    parent, child = Channel.pair()
+    caplog.set_level(logging.INFO, logger="tunneld")
+    old_level = logging.getLogger().level
+
+    async def drive() -> tuple[int, list]:
+        loop = asyncio.get_running_loop()
+        serving = loop.create_task(worker.serve_channel(child))
+        parent.setblocking(False)
+        heard: list = []
+
+        async def until(kind) -> None:
+            for _ in range(200):
+                got, _ = parent.receive()
+                heard.extend(got)
+                if any(isinstance(m, kind) for m in heard):
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"no {kind.__name__} in {heard}")
+
+        await until(Ready)
+        worker.stats.tx_packets = 42
+        parent.send(StatsRequest(3))
+        await until(StatsReport)
+        parent.send(Apply(peer="192.0.2.9", log_level="warning"))
+        parent.send(Apply(peer="fd00::9"))  # refused by the link: logged, the worker carries on
+        parent.send(StatsRequest(4))
+        await asyncio.sleep(0.05)
+        parent.send(Stop())
+        return await asyncio.wait_for(serving, 5), heard
+
+    try:
+        status, heard = asyncio.run(drive())
+        assert status == 0
+        assert isinstance(heard[0], Ready)
+        report = next(m for m in heard if isinstance(m, StatsReport))
+        assert (report.seq, report.stats.tx_packets) == (3, 42) and report.cpu > 0
+        assert worker.link.peer == "192.0.2.9" and worker.codec.rx_seq is None  # as worker 0 applies a reload
+        assert logging.getLogger().level == logging.WARNING
+        assert "worker 1: reload: another IP version needs a new socket" in caplog.text
+    finally:
+        logging.getLogger().setLevel(old_level)
+        parent.close()
+        child.close()
+        for p in pipes:
+            p.close()
+
+
+def test_a_child_worker_stops_when_the_parent_closes_its_end():
+    import asyncio
+
+    worker, pipes = _worker()
+    parent, child = Channel.pair()
+
+    async def drive() -> int:
+        serving = asyncio.get_running_loop().create_task(worker.serve_channel(child))
+        await asyncio.sleep(0.05)
+        parent.close()
+        return await asyncio.wait_for(serving, 5)
+
+    try:
+        assert asyncio.run(drive()) == 0
+    finally:
+        child.close()
+        for p in pipes:
+            p.close()
+
+
+@pytest.mark.parametrize("index,line", [
+    (0, "interface tunneld0 was deleted while running; stopping (exit status 1)"),
+    (2, "worker 2: interface tunneld0 was deleted while running; stopping"),
+])
+def test_a_deleted_interface_stops_any_worker_with_status_1_and_a_later_clean_stop_keeps_it(index, line, caplog):
+    import asyncio
+    import errno
+
+    worker, pipes = _worker(index)
+
+    def gone(buf) -> int:
+        raise OSError(errno.EBADFD, "File descriptor in bad state")
+
+    async def drive() -> int:
+        worker.start(asyncio.get_running_loop())
+        worker.engine.device.read_into = gone
+        worker.engine.on_device_readable()
+        worker.stop()  # the SIGTERM that follows does not turn the failure into a clean exit
+        return await worker.wait()
+
+    try:
+        assert asyncio.run(drive()) == 1
+        assert line in caplog.text
+    finally:
+        for p in pipes:
+            p.close()
+
+
+def test_the_parent_serves_worker_0_logs_the_up_line_and_stops_cleanly_on_sigterm(caplog):
+    """daemon.serve over a Tunnel whose descriptors are fakes: the plan, worker 0 and the service together."""
+    import asyncio
+    import logging
+    import signal
+
+    from tunneld.config import TunnelConfig
+    from tunneld.daemon import Tunnel, serve
+
+    caplog.set_level(logging.INFO, logger="tunneld")
+    tunnel = Tunnel(TunnelConfig(peer="192.0.2.2", vni=7, metrics_listen="", offload=False), {"vxlan": Vxlan},
+                    underlay_mtu=lambda peer: (1500, "eth0"), cpus=1)
+    pipes = [_Pipe(), _Pipe()]
+    tunnel.resources.devices, tunnel.resources.links = [_Device(pipes[0].r)], [_Link("192.0.2.2", pipes[1].r)]
+    tunnel.worker = tunnel._worker(0, *tunnel.resources.unit(0))
+
+    async def drive() -> int:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(serve(tunnel), 5)
+
+    try:
+        assert asyncio.run(drive()) == 0
+        up = [r.getMessage() for r in caplog.records if " up: " in r.getMessage()]
+        assert len(up) == 1 and "vxlan on tunneld0, mtu 1450, mac " in up[0] and "vni 7" in up[0], up
+        assert "offload off" in up[0] and "metrics off" in up[0]
+        assert any(r.getMessage().startswith("shutting down: tx 0 packets") for r in caplog.records)
+    finally:
+        tunnel.supervisor.stop()
+        tunnel.worker.close()
+        for p in pipes:
+            p.close()

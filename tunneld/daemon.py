@@ -1,5 +1,13 @@
 """Bringing a tunnel up and down: the order of the steps, and what each failure means to the operator.
 
+Each decision and each resource has one home; this module puts them together:
+  plan.py       config + modes → codec, MTUs, workers, offload (pure; StartupError before anything opens);
+  resources.py  the open descriptors: device queues, links, the metrics listener (opened in order, closed
+                in reverse; a failure leaves nothing behind);
+  worker.py     one worker's data path, the same in the parent (worker 0) and in every child;
+  workers.py    the supervisor: the parent's view of the other workers (fork, ready, stats, liveness, stop);
+  service.py    systemd: readiness, watchdog, reload; it sees a ``Tunnel`` through service.Tunnel.
+
 Start-up order, chosen so that a failure leaves nothing behind:
   1. build the codec (option errors are configuration errors);
   2. find the underlay MTU towards the peer, derive the device MTU;
@@ -14,331 +22,220 @@ Shutdown undoes it in reverse; closing the device fd removes the interface (with
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ipaddress
 import logging
-import os
 import signal
 import time
-from pathlib import Path
+from typing import Callable
 
 from tunneld import __version__
+from tunneld.channel import Apply, Channel
 from tunneld.config import TunnelConfig
-from tunneld.encap.base import DeviceKind, Encapsulator
-from tunneld.engine import Engine
-from tunneld.engine_offload import OffloadEngine, offload_supported
-from tunneld.io import netlink
-from tunneld.io import SetupError
-from tunneld.io.device import Device
-from tunneld.io.raw import RawLink
-from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpLink, open_group
+from tunneld.encap.base import Encapsulator
+from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
+from tunneld.io.udp import UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
+from tunneld.plan import Plan, make_plan, stable_mac
+from tunneld.io.device import Device
+from tunneld.resources import Link, Resources
 from tunneld.service import Loader, Service
 from tunneld.stats import Stats, total
 from tunneld.watch import Watch
-from tunneld.workers import STOP_SIGNALS, Pool, fork_workers, resolve
+from tunneld.worker import Worker, cpu_seconds
+from tunneld.workers import STOP_SIGNALS, Supervisor
+
+__all__ = ["EX_CONFIG", "EX_NOPERM", "EX_SOFTWARE", "StartupError", "Tunnel", "describe", "run", "serve", "stable_mac"]
 
 log = logging.getLogger("tunneld")
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the counters for the log (watch.py)
 
-SUPERFRAME_HEADERS = 14 + 40 + 32  # Ethernet, IPv6, TCP with timestamps: the usual headers of a segment
-
-EX_SOFTWARE = 1
-EX_NOPERM = 77
-EX_CONFIG = 78
-
-
-class StartupError(Exception):
-    """The tunnel cannot start; ``str()`` is one line for the operator, ``code`` the exit status."""
-
-    def __init__(self, message: str, code: int = EX_SOFTWARE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _machine_id() -> bytes:
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            return Path(path).read_bytes().strip()
-        except OSError:
-            continue
-    return b""
-
-
-def stable_mac(*parts: object) -> str:
-    """A locally administered unicast MAC derived from the machine and the tunnel's identity.
-
-    A TAP device otherwise gets a random MAC each time it is created, and after a restart the neighbours'
-    ARP/ND caches (and a kernel VXLAN peer's FDB) would point at the old one until they expire. Deriving it
-    like systemd's MACAddressPolicy=persistent keeps a restarted daemon looking like the same interface.
-    The peer is part of the identity so that two ends on one machine (namespaces) never collide.
-    """
-    digest = hashlib.sha256(b"tunneld\0" + _machine_id() + b"\0" + "\0".join(map(str, parts)).encode()).digest()
-    first = (digest[0] & 0xFE) | 0x02  # unicast, locally administered
-    return ":".join(f"{b:02x}" for b in (first, *digest[1:6]))
-
 
 class Tunnel:
-    """A running tunnel: device, link and engine, built from a validated config."""
+    """A tunnel put together: its plan, its descriptors, worker 0 and the supervisor of the others. It is
+    what the service layer drives (service.Tunnel): totals, liveness, live changes, the metrics endpoint."""
 
-    def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]]) -> None:
-        self.cfg = cfg
-        try:
-            codec_cls = modes[cfg.mode]
-        except KeyError:
-            raise StartupError(f"mode: unknown mode {cfg.mode!r} (known: {', '.join(modes)})", EX_CONFIG) from None
-        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
-        if unknown:
-            takes = ", ".join(codec_cls.options) or "none"
-            raise StartupError(f"{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})", EX_CONFIG)
-        try:
-            self.codec = codec_cls.from_options(cfg.options())
-        except (ValueError, TypeError) as e:
-            raise StartupError(f"{cfg.mode}: {e}", EX_CONFIG) from None
-        except Exception as e:  # a plugin's bug must read as such, not as a traceback
-            raise StartupError(f"{cfg.mode}: the encapsulator failed to start: {type(e).__name__}: {e}") from None
-        underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
-        self.underlay_mtu, underlay_dev = netlink.underlay_mtu(cfg.peer)
-        if underlay_dev is None:
-            log.warning("no route to peer %s yet; assuming an underlay MTU of %d", cfg.peer, self.underlay_mtu)
-        default_mtu = self.underlay_mtu - self.codec.overhead(underlay_v6)
-        self.mtu = cfg.mtu or default_mtu
-        if self.mtu > default_mtu:
-            log.warning(
-                "mtu %d exceeds what the underlay carries (%d - %d overhead = %d): larger frames will be dropped",
-                self.mtu, self.underlay_mtu, self.codec.overhead(underlay_v6), default_mtu,
-            )
-        if self.mtu < 68:
-            raise StartupError(f"the underlay MTU {self.underlay_mtu} leaves no room for a tunnel", EX_CONFIG)
-        self.max_frame = self.underlay_mtu - self.codec.outer_overhead(underlay_v6)
-        self.underlay_dev = underlay_dev
-        self.device: Device | None = None
-        self.link: UdpLink | RawLink | None = None
-        self.engine: Engine | None = None
-        self.metrics: MetricsServer | None = None
-        self.workers = 1  # decided in open()
-        self.pool: Pool | None = None  # the other workers, once forked (workers.py)
-        self._spare: list[tuple[Device, UdpLink]] = []  # their device queues and links until the fork
+    def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *,
+                 underlay_mtu: Callable[[str], tuple[int, str | None]] | None = None, cpus: int | None = None) -> None:
+        self.plan: Plan = make_plan(cfg, modes, underlay_mtu=underlay_mtu, cpus=cpus)  # the look-ups: make_plan
+        self.cfg = cfg  # the running configuration: a reload replaces it (service.py), the plan keeps the first
+        self.workers = self.plan.workers
+        self.resources = Resources(self.plan)
+        self.supervisor = Supervisor()
+        self.worker: Worker | None = None  # worker 0, once open
 
     def open(self) -> None:
-        cfg = self.cfg
-        if self.codec.transport.kind not in ("udp", "ip"):
-            raise StartupError(f"{cfg.mode}: transport {self.codec.transport} is not supported")
-        if netlink.link_exists(cfg.dev):
-            raise StartupError(
-                f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
-            )
-        port = cfg.port or self.codec.transport.number
-        # Offloads need a header that is the same for every frame (VXLAN, GRE without checksums or sequence numbers).
-        self.offload = cfg.offload and offload_supported(self.codec)
-        self.workers, note = resolve(cfg.workers, self.codec.transport.kind)
-        if note:
-            (log.warning if cfg.workers != "auto" else log.info)("%s", note)
+        plan = self.plan
+        if plan.workers_note:
+            (log.warning if self.cfg.workers != "auto" else log.info)("%s", plan.workers_note)
+        self.resources.open()
         try:
-            if self.codec.transport.kind == "ip":
-                self.link = RawLink(cfg.peer, self.codec.transport.number, cfg.local)
-            elif self.workers > 1:
-                self.link, *links = open_group(cfg.peer, port, cfg.local, self.workers)
-                self._spare = [(None, link) for link in links]  # type: ignore[misc]
-            else:
-                self.link = UdpLink(cfg.peer, port, cfg.local)
-            if cfg.metrics_listen:
-                self.metrics = MetricsServer(cfg.metrics_listen)
-            multi = self.workers > 1
-            self.device = Device(cfg.dev, self.codec.device, offload=self.offload, multi_queue=multi)
-            for i, (_, link) in enumerate(self._spare):
-                self._spare[i] = (Device(cfg.dev, self.codec.device, offload=self.offload, multi_queue=True), link)
-        except (SetupError, MetricsError) as e:
-            self.close()
-            code = EX_NOPERM if isinstance(e, SetupError) and e.missing_privilege else EX_SOFTWARE
-            raise StartupError(str(e), code) from None
-        mac = None
-        if self.codec.device is DeviceKind.TAP:
-            mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, cfg.vni)
-        self.mac = mac
-        try:
-            netlink.configure(cfg.dev, mac=mac, mtu=self.mtu, addresses=cfg.addresses)
-        except netlink.NetlinkConfigError as e:
-            self.close()
+            self.worker = self._worker(0, *self.resources.unit(0))
+        except ValueError as e:  # a codec the engine cannot carry (a header beyond its headroom): one line
+            self.resources.close()
             raise StartupError(str(e)) from None
-        if self.offload:
-            self._cap_superframes()
-        self.engine = self.make_engine(self.device, self.link)
-        if self.metrics is not None:
-            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None),
-                               others=self.worker_stats if self.workers > 1 else None, cpu=self.worker_cpu)
+        except BaseException:  # the interface must not outlive the failure
+            self.resources.close()
+            raise
+        metrics = self.resources.metrics
+        if metrics is not None:
+            self._watch(metrics)
 
-    def make_engine(self, device: Device, link: UdpLink | RawLink) -> Engine:
-        engine_cls = OffloadEngine if self.offload else Engine
-        return engine_cls(device, link, self.codec, max_frame=self.max_frame)
+    def _worker(self, index: int, device, link) -> Worker:
+        plan = self.plan
+        return Worker(index, device, link, plan.codec, dev=plan.cfg.dev, max_frame=plan.max_frame,
+                      offload=plan.offload)
 
-    # -- several workers (workers.py) ------------------------------------------------------------------------
+    def _watch(self, metrics: MetricsServer) -> None:
+        metrics.watch(self.worker.engine, dev=self.cfg.dev, mtu=self.plan.mtu, vni=self.plan.vni,
+                      others=self.supervisor.snapshot_threadsafe if self.workers > 1 else None,
+                      cpu=self.worker_cpu)
 
     def fork(self) -> None:
-        """Start the other workers, each with one of the spare queues and links (which the parent then closes)."""
-        spare, self._spare = self._spare, []
+        """Start workers 1 to N-1, each with its own queue and link (which the parent then closes)."""
         try:
-            self.pool = fork_workers(self, spare)
+            self.supervisor.fork(self.workers - 1, self._child)
         except OSError as e:
-            raise StartupError(f"cannot start {len(spare)} worker process(es): {e.strerror or e}") from None
+            raise StartupError(f"cannot start {self.workers - 1} worker process(es): {e.strerror or e}") from None
+        finally:
+            self.resources.release_others()
 
-    def forget_in_child(self) -> None:
-        """In a freshly forked worker: close worker 0's queue and link and the metrics listener (the parent's)."""
-        self.device.close()
-        self.link.close()
-        if self.metrics is not None:
-            self.metrics.close_in_child()
-        self.metrics = None
-        self.engine = None
+    def _child(self, index: int, channel: Channel) -> int:
+        """Worker ``index``, in its freshly forked process: keep only its own descriptors, serve until stopped."""
+        import uvloop
 
-    def worker_stats(self) -> list[Stats]:
-        """The other workers' counters, asked for now (from the metrics thread)."""
-        return self.pool.snapshot_threadsafe() if self.pool is not None else []
+        unit = self.resources.keep_only(index)
+        self.worker = None  # the parent's worker 0: its queue and link are closed now
+        worker = self._worker(index, *unit)
+        return uvloop.run(worker.serve_channel(channel))
 
-    def worker_cpu(self) -> list[float]:
-        """CPU seconds used by each worker process, the main one (worker 0) first; the others' as of the last
-        worker_stats() (the exporter calls the two in that order, so they describe the same moment)."""
-        times = os.times()
-        return [times.user + times.system, *(self.pool.last_cpu() if self.pool is not None else ())]
+    # -- service.Tunnel ----------------------------------------------------------------------------------------
 
     def totals(self) -> Stats:
         """Every worker's counters added up, the others' as of their last report (at most a second old)."""
-        if self.pool is None:
-            return self.engine.stats
-        return total([self.engine.stats, *self.pool.last()])
+        if not self.supervisor.children:
+            return self.worker.stats
+        return total([self.worker.stats, *self.supervisor.last()])
+
+    def worker_cpu(self) -> list[float]:
+        """CPU seconds used by each worker process, the main one (worker 0) first; the others' as of the last
+        snapshot (the exporter asks for the counters first, so the two describe the same moment)."""
+        return [cpu_seconds(), *self.supervisor.last_cpu()]
 
     def workers_alive(self) -> bool:
-        return self.pool is None or self.pool.alive()
+        return self.supervisor.alive()
 
-    def forward(self, applied: dict) -> None:
-        """A reload applied in the parent: the same to every other worker (the peer, the log level)."""
-        changes = {k: v for k, v in applied.items() if k in ("peer", "log_level")}
-        if self.pool is not None and changes:
-            self.pool.broadcast(("apply", changes))
+    def apply(self, changes: Apply) -> None:
+        """A reload's live changes: in worker 0 first (which may refuse a peer), then the same to the others."""
+        self.worker.apply(changes)
+        if changes:
+            self.supervisor.broadcast(changes)
 
-    def _cap_superframes(self) -> None:
-        """Keep a TCP super-frame within what ONE UDP_SEGMENT sendmsg carries (≤ 64 datagrams, ≤ ~64 KB of
-        them): 64 KiB frames would leave as 44 + 3 datagrams, costing the receiver a second read and write."""
-        row = self.max_frame + self.codec.header_len
-        rows = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // row)
-        size = rows * (self.max_frame - SUPERFRAME_HEADERS)
-        if size > 0 and not netlink.set_gso_max_size(self.cfg.dev, size):
-            log.debug("could not set gso_max_size %d on %s; super-frames may take two sends", size, self.cfg.dev)
-
-    def describe(self) -> str:
-        cfg = self.cfg
-        parts = [
-            f"{cfg.mode} on {cfg.dev}",
-            f"mtu {self.mtu}",
-            *([f"mac {self.mac}"] if self.mac else []),
-            *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
-            *([self.codec.describe()] if self.codec.describe() else []),
-            f"peer {cfg.peer} " + (
-                f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)
-            ),
-            f"local {cfg.local or 'any'}",
-            *([f"workers {self.workers}"] if self.workers > 1 else []),
-            "offload " + (
-                f"{self.codec.device.value} 0x{self.device.offloads:02x}, "
-                + ("udp gso/gro" if isinstance(self.link, UdpLink) else "sendmmsg/recvmmsg")
-                if self.offload and self.device else "off"
-            ),
-            f"underlay {self.underlay_dev or '?'} mtu {self.underlay_mtu}",
-            f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
-        ]
-        if cfg.addresses:
-            parts.append("addresses " + " ".join(cfg.addresses))
-        return ", ".join(parts)
+    def move_metrics(self, listen: str) -> bool:
+        """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
+        loop = asyncio.get_running_loop()
+        new = None
+        if listen:
+            try:
+                new = MetricsServer(listen)  # binds now: a busy port refuses the change, the old one stays
+            except MetricsError as e:
+                log.error("reload: %s; still serving metrics at %s", e, self.cfg.metrics_listen or "off")
+                return False
+            self._watch(new)
+            new.start(loop)
+        old = self.resources.replace_metrics(new)
+        if old is not None:
+            old.stop()
+            loop.run_in_executor(None, old.close)  # close() waits up to 0.5 s for its thread: not on the loop
+        return True
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
-            self.pool = None
-        for device, link in self._spare:
-            if device is not None:
-                device.close()
-            link.close()
-        self._spare = []
-        if self.engine is not None:
-            self.engine.detach()
-        if self.device is not None:
-            self.device.close()  # the kernel removes the interface with its last fd
-            self.device = None
-        if self.link is not None:
-            self.link.close()
-            self.link = None
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
+        self.supervisor.stop()
+        if self.worker is not None:
+            self.worker.close()
+        self.resources.close()
+
+
+def describe(plan: Plan, device: Device, link: Link) -> str:
+    """The tunnel in one log line, as started: the plan, and what the kernel granted (offloads, the port)."""
+    cfg, codec = plan.cfg, plan.codec
+    parts = [
+        f"{cfg.mode} on {cfg.dev}",
+        f"mtu {plan.mtu}",
+        *([f"mac {plan.mac}"] if plan.mac else []),
+        *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
+        *([codec.describe()] if codec.describe() else []),
+        f"peer {cfg.peer} " + (f"udp/{link.port}" if isinstance(link, UdpLink) else str(codec.transport)),
+        f"local {cfg.local or 'any'}",
+        *([f"workers {plan.workers}"] if plan.workers > 1 else []),
+        "offload " + (
+            f"{codec.device.value} 0x{device.offloads:02x}, "
+            + ("udp gso/gro" if isinstance(link, UdpLink) else "sendmmsg/recvmmsg")
+            if plan.offload else "off"
+        ),
+        f"underlay {plan.underlay_dev or '?'} mtu {plan.underlay_mtu}",
+        f"metrics {'http://' + cfg.metrics_listen + '/metrics' if cfg.metrics_listen else 'off'}",
+    ]
+    if cfg.addresses:
+        parts.append("addresses " + " ".join(cfg.addresses))
+    return ", ".join(parts)
 
 
 async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
     """Run until SIGINT or SIGTERM (exit status 0); SIGHUP reloads the configuration (see service.py).
 
     If the interface is deleted under us (``ip link del``), there is nothing left to carry: stop with exit
-    status 1, so that a supervisor (systemd's Restart=on-failure) brings the tunnel back whole."""
+    status 1, so that a supervisor (systemd's Restart=on-failure) brings the tunnel back whole. So does a
+    worker that dies, or does not start."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    status = 0
+    worker, supervisor = tunnel.worker, tunnel.supervisor
+    assert worker is not None
     service = Service(tunnel, reload)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by run(); one that came meanwhile lands now
-    assert tunnel.engine is not None
-
-    def device_gone() -> None:
-        nonlocal status
-        log.error("interface %s was deleted while running; stopping (exit status 1)", tunnel.cfg.dev)
-        status = 1
-        stop.set()
-
-    def worker_died() -> None:
-        nonlocal status
-        status = 1
-        stop.set()
-
-    tunnel.engine.on_device_gone = device_gone
-    tunnel.engine.attach(loop)
-    if tunnel.metrics is not None:
-        tunnel.metrics.start(loop)
-    if tunnel.pool is not None:
-        tunnel.pool.attach(loop, worker_died)
-        if not await tunnel.pool.started(stop) and not stop.is_set():  # a SIGTERM meanwhile is a clean stop
-            status = 1
-            stop.set()
+    worker.start(loop)
+    metrics = tunnel.resources.metrics
+    if metrics is not None:
+        metrics.start(loop)
+    if supervisor.children:
+        supervisor.attach(loop, lambda: worker.stop(1))
+        # a SIGTERM meanwhile is a clean stop
+        if not await supervisor.started(worker.stopped) and not worker.stopped.is_set():
+            worker.stop(1)
     watcher = None
-    if not stop.is_set():
-        log.info("tunneld %s up: %s", __version__, tunnel.describe())
+    if not worker.stopped.is_set():
+        log.info("tunneld %s up: %s", __version__, describe(tunnel.plan, *tunnel.resources.unit(0)))
         service.ready()  # the interface is up and the sockets are bound (every worker's)
         watcher = loop.create_task(_watch(tunnel))
     try:
-        await stop.wait()
+        status = await worker.wait()
     finally:
         if watcher is not None:
             watcher.cancel()
         service.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        if tunnel.metrics is not None:
-            tunnel.metrics.stop()
-    if tunnel.pool is not None:
-        await tunnel.pool.snapshot()  # the final counters of every worker, for the line below
-        tunnel.pool.detach()
+        metrics = tunnel.resources.metrics  # a reload may have moved it
+        if metrics is not None:
+            metrics.stop()
+    if supervisor.children:
+        await supervisor.snapshot()  # the final counters of every worker, for the line below
+        supervisor.detach()
     log.info("shutting down: %s", tunnel.totals().summary())
     return status
 
 
 async def _watch(tunnel: Tunnel) -> None:
     """Log what happened on the data path (see watch.py), once a second; the peer is read each time."""
-    watch = Watch(tunnel.totals(), tunnel.engine.link.peer)
+    worker, supervisor = tunnel.worker, tunnel.supervisor
+    watch = Watch(tunnel.totals(), worker.peer)
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
-        if tunnel.pool is not None:
-            tunnel.pool.request()  # the answers refresh the totals, and show that every worker is alive
+        if supervisor.children:
+            supervisor.request()  # the answers refresh the totals, and show that every worker is alive
             watch.stats = tunnel.totals()
-        watch.peer = tunnel.engine.link.peer
+        watch.peer = worker.peer
         for line in watch.tick(time.time()):
             log.info("%s", line)
 

@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
-from tunneld.stats import LOOP_LAG_BUCKETS, Stats, total
+from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
     from tunneld.engine import Engine
@@ -61,15 +61,11 @@ class MetricsError(Exception):
     """The metrics endpoint cannot be served; ``str()`` is one line for the operator."""
 
 
-def batch_bounds(batch: int) -> list[int]:
-    """Bucket bounds for frames per wake-up: 0 (a wake-up that moved nothing), powers of two, the batch cap."""
-    bounds = [0]
-    n = 1
-    while n < batch:
-        bounds.append(n)
-        n *= 2
-    bounds.append(batch)
-    return bounds
+# Bucket bounds for frames per wake-up: 0 (a wake-up that moved nothing), then powers of two up to MAX_BATCH.
+# Fixed, not derived from the engine's batch: the series keep their buckets whatever batch the engine runs.
+BATCH_BOUNDS = (0, *(1 << i for i in range(MAX_BATCH.bit_length())))
+# slot n (a wake-up that moved n frames) → index of the first bound >= n
+_BATCH_BUCKET = tuple(bisect_left(BATCH_BOUNDS, n) for n in range(MAX_BATCH + 1))
 
 
 def _histogram(counts: list[int], bounds: list[float] | tuple[float, ...], bucket_of: Callable[[int], int]):
@@ -96,9 +92,6 @@ class TunnelCollector(Collector):
         self.dev = dev
         self.mtu = mtu
         self.vni = vni
-        self._batch_bounds = batch_bounds(engine.batch)
-        # slot n (a wake-up that moved n frames) → index of the first bound >= n
-        self._batch_bucket = [bisect_left(self._batch_bounds, n) for n in range(engine.batch + 1)]
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
@@ -188,16 +181,16 @@ class TunnelCollector(Collector):
 
         wakeups = HistogramMetricFamily(
             "tunneld_frames_per_wakeup",
-            f"Reads per event-loop wake-up, by direction (at most {engine.batch}): device reads (tx) or socket "
+            "Reads per event-loop wake-up, by direction (at most the engine's batch): device reads (tx) or socket "
             "reads (rx), dropped frames included. Without offloads a read is one frame; with offloads it may be a "
             "super-frame or a batch of coalesced datagrams. le=0 counts wake-ups that found nothing to read.",
             labels=[*LABELS, "direction"],
         )
-        bucket_of = self._batch_bucket.__getitem__
+        bucket_of = _BATCH_BUCKET.__getitem__
         for direction, counts in (("tx", list(stats.tx_batches)), ("rx", list(stats.rx_batches))):
             wakeups.add_metric(
                 [*labels, direction],
-                _histogram(counts, self._batch_bounds, bucket_of),
+                _histogram(counts, BATCH_BOUNDS, bucket_of),
                 sum_value=sum(n * c for n, c in enumerate(counts)),
             )
         yield wakeups

@@ -29,11 +29,12 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
+from tunneld.channel import Apply
 from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
 from tunneld.io import SetupError
-from tunneld.metrics import MetricsError, MetricsServer
+from tunneld.stats import Stats
 
 log = logging.getLogger("tunneld")
 
@@ -104,10 +105,29 @@ def _monotonic_usec() -> str:
 Loader = Callable[[], TunnelConfig]
 
 
+class Tunnel(Protocol):
+    """What the service layer needs of a running tunnel (daemon.Tunnel; tests pass small fakes)."""
+
+    cfg: TunnelConfig  # the running configuration; a reload replaces it with what it applied
+    workers: int  # processes carrying the tunnel; with more than one, their liveness is looked at every tick
+
+    def totals(self) -> Stats:
+        """Every worker's counters added up."""
+
+    def workers_alive(self) -> bool:
+        """Whether every worker answers (logs one that does not); True with a single worker."""
+
+    def apply(self, changes: Apply) -> None:
+        """Apply live changes in every worker; raises SetupError (nothing changed) if the link refuses a peer."""
+
+    def move_metrics(self, listen: str) -> bool:
+        """Serve /metrics at ``listen`` ("" = off) instead; False (logged, old endpoint kept) if it cannot."""
+
+
 class Service:
     """The daemon's side of the service manager: notifications, the watchdog task and reloads."""
 
-    def __init__(self, tunnel, reload: Loader | None = None, notifier: Notifier | None = None) -> None:
+    def __init__(self, tunnel: Tunnel, reload: Loader | None = None, notifier: Notifier | None = None) -> None:
         self.tunnel = tunnel
         self.loader = reload
         self.notifier = notifier or Notifier()
@@ -115,15 +135,14 @@ class Service:
         self._last_status = ""
 
     def status_line(self) -> str:
-        totals = getattr(self.tunnel, "totals", None)  # every worker's (daemon.Tunnel); tests pass a bare engine
-        s = totals() if totals is not None else self.tunnel.engine.stats
+        s = self.tunnel.totals()
         line = f"peer {self.tunnel.cfg.peer}: sent {s.tx_packets} packets, received {s.rx_packets}"
         return line + (f", dropped {s.dropped}" if s.dropped else "")
 
     def ready(self) -> None:
         self._last_status = self.status_line()
         self.notifier.notify("READY=1", f"STATUS={self._last_status}")
-        workers = getattr(self.tunnel, "pool", None) is not None  # their liveness is looked at on every tick
+        workers = self.tunnel.workers > 1  # their liveness is looked at on every tick
         if (self.notifier.enabled or workers) and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._heartbeat())
 
@@ -131,8 +150,7 @@ class Service:
         interval = self.notifier.watchdog_interval
         while True:
             await asyncio.sleep(interval or STATUS_INTERVAL)
-            alive = getattr(self.tunnel, "workers_alive", None)
-            ok = alive is None or alive()  # logs a stalled worker, and its recovery, watchdog or not
+            ok = self.tunnel.workers_alive()  # logs a stalled worker, and its recovery, watchdog or not
             if interval and ok:  # a wedged worker withholds the ping: systemd restarts us
                 self.notifier.notify("WATCHDOG=1")
             status = self.status_line()
@@ -171,18 +189,17 @@ class Service:
         applied: dict[str, object] = {}
         if new.peer != old.peer:
             try:
-                self.tunnel.link.set_peer(new.peer)
+                self.tunnel.apply(Apply(peer=new.peer))
             except SetupError as e:  # LinkError: another IP version needs a new socket
                 log.error("reload: peer %s cannot be applied live (%s); restart to apply it", new.peer, e)
             else:
-                self.tunnel.codec.peer_changed()
                 applied["peer"] = new.peer
                 log.info("reload: peer %s -> %s", old.peer, new.peer)
         if new.log_level != old.log_level:
-            logging.getLogger().setLevel(new.log_level.upper())
+            self.tunnel.apply(Apply(log_level=new.log_level))
             applied["log_level"] = new.log_level
             log.info("reload: log level %s -> %s", old.log_level, new.log_level)
-        if new.metrics_listen != old.metrics_listen and self._move_metrics(new.metrics_listen):
+        if new.metrics_listen != old.metrics_listen and self.tunnel.move_metrics(new.metrics_listen):
             applied["metrics_listen"] = new.metrics_listen
             log.info("reload: metrics %s -> %s", old.metrics_listen or "off", new.metrics_listen or "off")
         restart = [f.name for f in dataclasses.fields(new) if f.name not in LIVE
@@ -192,29 +209,5 @@ class Service:
             log.warning("reload: %s changed; needs a restart (systemctl restart), running with the old values", keys)
         if applied:
             self.tunnel.cfg = dataclasses.replace(old, **applied)
-            forward = getattr(self.tunnel, "forward", None)
-            if forward is not None:
-                forward(applied)  # to the other workers (daemon.Tunnel.forward)
         elif not restart and new == old:
             log.info("reload: configuration unchanged")
-
-    def _move_metrics(self, listen: str) -> bool:
-        """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
-        tunnel = self.tunnel
-        loop = asyncio.get_running_loop()
-        new = None
-        if listen:
-            try:
-                new = MetricsServer(listen)  # binds now: a busy port refuses the change, the old one stays
-            except MetricsError as e:
-                log.error("reload: %s; still serving metrics at %s", e, tunnel.cfg.metrics_listen or "off")
-                return False
-            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None),
-                      others=tunnel.worker_stats if getattr(tunnel, "pool", None) is not None else None,
-                      cpu=getattr(tunnel, "worker_cpu", None))
-            new.start(loop)
-        old, tunnel.metrics = tunnel.metrics, new
-        if old is not None:
-            old.stop()
-            loop.run_in_executor(None, old.close)  # close() waits up to 0.5 s for its thread: not on the loop
-        return True

@@ -14,6 +14,11 @@ from collections import Counter
 
 from tunneld.encap.base import Drop
 
+# The most reads one wake-up can count: the frames-per-wake-up histograms have a slot for every count up to it,
+# whatever batch the engine runs with, so Stats (and the metrics' buckets) never depend on the engine's batch.
+# An engine must not read more than this per wake-up (its count would fall outside the list).
+MAX_BATCH = 128
+
 # Upper bounds, in seconds, of the event-loop lag histogram's buckets (the last bucket, +Inf, is implicit).
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -33,7 +38,9 @@ class Stats:
         "offload_fallbacks",
     )
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int | None = None) -> None:
+        # ``max_batch`` is accepted and ignored (engines still pass their batch): the histograms have MAX_BATCH
+        # slots whatever the batch, so that snapshots of differently batched workers add up slot by slot.
         self.tx_packets = 0  # frames read from the device and sent to the peer
         self.tx_bytes = 0
         self.rx_packets = 0  # frames received from the peer and written to the device
@@ -41,9 +48,10 @@ class Stats:
         self.drops: Counter[Drop] = Counter()
         self.peer_last_rx = 0.0  # wall-clock time a valid packet from the peer last arrived; 0 = never
         # Wake-ups by how many reads they made: tx_batches[n] counts the device wake-ups that read n times (one
-        # frame per read on the plain path; with offloads a read is a super-frame or a batch of datagrams).
-        self.tx_batches = [0] * (max_batch + 1)
-        self.rx_batches = [0] * (max_batch + 1)
+        # frame per read on the plain path; with offloads a read is a super-frame or a batch of datagrams). A
+        # list indexed by the count costs the hot path one index and one add, as a per-batch list did.
+        self.tx_batches = [0] * (MAX_BATCH + 1)
+        self.rx_batches = [0] * (MAX_BATCH + 1)
         # How late a periodic timer on the event loop fired: loop_lag[i] counts observations that fell into
         # LOOP_LAG_BUCKETS[i] (not cumulative); the last slot is beyond the largest bound.
         self.loop_lag = [0] * (len(LOOP_LAG_BUCKETS) + 1)
@@ -72,7 +80,7 @@ def total(parts: "list[Stats]") -> Stats:
 
     Every field is summed (histograms are counts per slot, so they add up too) except ``peer_last_rx``, where
     the latest wins. It goes by ``__slots__``, so a counter added to Stats later is summed without a change here."""
-    out = Stats(len(parts[0].tx_batches) - 1)
+    out = Stats()
     for s in parts:
         for name in Stats.__slots__:
             mine, theirs = getattr(out, name), getattr(s, name)

@@ -15,11 +15,13 @@ Theory of operation:
   parent decides. (systemd's stop sends SIGTERM to every process of the unit at once; a child that obeyed
   would look to the parent like a worker that died.) It runs its engine on its own uvloop until the parent
   says stop or closes the control socket, or the interface is deleted (exit status 1).
-- Parent and child talk over one SOCK_SEQPACKET socketpair per child, pickled tuples (both ends are this
-  program, forked from one process):
-    child → parent: ("ready",) once its engine is attached; ("stats", seq, Stats, cpu seconds) in answer
-                    to a request (the CPU time the worker has used: os.times(), user + system).
-    parent → child: ("stats", seq); ("apply", {"peer": ..., "log_level": ...}) on reload; ("stop",).
+- Every worker, the parent's worker 0 included, is the same ``worker.Worker``: an engine over its queue and
+  link, live changes, counters. The parent's view of the others is the ``Supervisor`` below.
+- Parent and child talk over one SOCK_SEQPACKET socketpair per child, one typed message per record
+  (channel.py; pickled underneath: both ends are this program, forked from one process):
+    child → parent: Ready once its engine is attached; StatsReport(seq, Stats, cpu seconds) in answer to a
+                    request (the CPU time the worker has used: os.times(), user + system).
+    parent → child: StatsRequest(seq); Apply(peer=..., log_level=...) on reload; Stop.
 - A child that exits unasked is fatal: the parent learns it from the child's pidfd, logs how it died, and
   stops with status 1, so that systemd restarts the whole unit with every worker. Its flows are not lost
   meanwhile: closing its queue's fd detaches the queue (the device has one queue fewer and the kernel
@@ -29,9 +31,9 @@ Theory of operation:
 - Metrics stay exact and scrape-time: each process counts with plain ints as a single worker does, and a
   scrape asks every child for a snapshot of its Stats (with a timeout; a late child's last snapshot stands in,
   so that counters never go backwards) and adds them to the parent's own. Nothing is added per packet.
-- A child has at most one ("stats", seq) request outstanding: while it has not answered, further asks skip
+- A child has at most one StatsRequest outstanding: while it has not answered, further asks skip
   it and a scrape waits for that answer (or, at its timeout, uses the last one). So a stalled child's socket
-  never fills with requests, and a reload's ("apply", ...) always fits; should one still not fit (a child
+  never fills with requests, and a reload's Apply always fits; should one still not fit (a child
   that has not read for hundreds of reloads), the parent stops with status 1, naming the worker, rather than
   leave it sending to the old peer.
 - Liveness: the parent asks every child for a snapshot once a second (the same message), and looks at the
@@ -51,12 +53,11 @@ import asyncio
 import ctypes
 import logging
 import os
-import pickle
 import signal
-import socket
 import time
 from typing import Callable
 
+from tunneld.channel import Channel, Message, Ready, StatsReport, StatsRequest, Stop
 from tunneld.stats import Stats
 
 log = logging.getLogger("tunneld")
@@ -67,7 +68,6 @@ SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for the children's counters
 LATE_AFTER = 5.0  # seconds without an answer after which a child counts as wedged
 STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL
 LATE_WARN_EVERY = 60.0  # seconds between log lines about a worker late with its counters
-MESSAGE_MAX = 1 << 16
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # blocked from before open() until handled
 
@@ -145,15 +145,6 @@ def _set_pdeathsig(sig: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
-def _send(sock: socket.socket, message: tuple) -> bool:
-    """A child's answer, or the parent's last ("stop",): a failure is left to the other side's timeouts."""
-    try:
-        sock.send(pickle.dumps(message))
-    except OSError:  # full (the other end is not reading) or gone
-        return False
-    return True
-
-
 def _describe_exit(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -164,24 +155,29 @@ def _describe_exit(status: int) -> str:
 class Child:
     """The parent's handle on one worker process."""
 
-    def __init__(self, index: int, pid: int, ctl: socket.socket) -> None:
+    def __init__(self, index: int, pid: int, channel: Channel) -> None:
         self.index = index
         self.pid = pid
-        self.ctl = ctl
+        self.channel = channel
         self.pidfd = os.pidfd_open(pid)  # readable once the process has exited
         self.ready = False
         self.stats: Stats | None = None  # the last snapshot it sent
         self.cpu = 0.0  # the CPU seconds it had used at that snapshot
         self.answered = time.monotonic()  # when it last answered
-        self.asked = False  # a ("stats", seq) request is outstanding: at most one is, however often we ask
+        self.asked = False  # a StatsRequest is outstanding: at most one is, however often we ask
         self.exited: int | None = None  # its wait status, once reaped
 
+    def close(self) -> None:
+        self.channel.close()
+        os.close(self.pidfd)
 
-class Pool:
-    """The children of the parent (worker 0), from the parent's side."""
 
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
+class Supervisor:
+    """The parent's view of the other workers (1, 2, ...): fork them, wait until they are ready, ask for their
+    counters, watch that they live and answer, pass reloads on, stop them. Worker 0 is the parent's own
+    (worker.py), not one of these."""
+
+    def __init__(self) -> None:
         self.children: list[Child] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_death: Callable[[], None] = lambda: None
@@ -192,22 +188,65 @@ class Pool:
         self._late_logged: set[int] = set()
         self._late_warned = float("-inf")
 
-    # -- on the parent's event loop ------------------------------------------------------------------------
+    # -- before any event loop: forking ------------------------------------------------------------------------
+
+    def fork(self, count: int, entry: Callable[[int, Channel], int]) -> None:
+        """Fork workers 1 to ``count``. In worker i, ``entry(i, channel)`` runs the worker (closing first what
+        is not its own) and returns its exit status; the child leaves with os._exit, so that nothing of the
+        parent's (its finally clauses, its atexit handlers, the interface's teardown) runs twice. Raises
+        OSError (EAGAIN, ENOMEM, a pidfd refused) after stopping the children already started."""
+        parent_pid = os.getpid()
+        try:
+            for index in range(1, count + 1):
+                self._fork_one(index, parent_pid, entry)
+        except OSError:
+            self.stop()
+            raise
+
+    def _fork_one(self, index: int, parent_pid: int, entry: Callable[[int, Channel], int]) -> None:
+        parent_end, child_end = Channel.pair()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                parent_end.close()
+                for child in self.children:  # the parent's handles on the workers forked before this one
+                    child.close()
+                code = _child_main(index, parent_pid, entry, child_end)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        child_end.close()
+        try:
+            self.children.append(Child(index, pid, parent_end))
+        except OSError:  # pidfd_open: EMFILE, ENOSYS (before Linux 5.3), EPERM (seccomp): a child we cannot track
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            parent_end.close()
+            raise
+
+    # -- on the parent's event loop ----------------------------------------------------------------------------
 
     def attach(self, loop: asyncio.AbstractEventLoop, on_death: Callable[[], None]) -> None:
         self._loop = loop
         self._on_death = on_death
         self._changed = asyncio.Event()
         for child in self.children:
-            child.ctl.setblocking(False)
-            loop.add_reader(child.ctl.fileno(), self._on_message, child)
+            child.channel.setblocking(False)
+            loop.add_reader(child.channel.fileno(), self._on_message, child)
             loop.add_reader(child.pidfd, self._on_exit, child)
 
     def detach(self) -> None:
         if self._loop is None:
             return
         for child in self.children:
-            self._loop.remove_reader(child.ctl.fileno())
+            self._loop.remove_reader(child.channel.fileno())
             self._loop.remove_reader(child.pidfd)
         for future, _ in self._waiting.values():
             future.cancel()
@@ -240,33 +279,26 @@ class Pool:
             stopping.cancel()
 
     def _on_message(self, child: Child) -> None:
-        for _ in range(64):  # bounded: a child sends one answer per request
-            try:
-                data = child.ctl.recv(MESSAGE_MAX)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:  # the child is gone; its pidfd tells how
-                assert self._loop is not None
-                self._loop.remove_reader(child.ctl.fileno())
-                return
-            message = pickle.loads(data)
-            kind = message[0]
-            if kind == "ready":
-                child.ready = True
-                child.answered = time.monotonic()
-                if self._changed is not None:
-                    self._changed.set()
-            elif kind == "stats":
-                _, seq, stats, cpu = message
-                child.stats, child.cpu = stats, cpu
-                child.asked = False
-                child.answered = time.monotonic()
-                for future, pending in self._waiting.values():  # its one answer serves every waiting scrape
-                    pending.discard(child.index)
-                    if not pending and not future.done():
-                        future.set_result(None)
+        messages, closed = child.channel.receive()  # bounded: a child sends one answer per request
+        for message in messages:
+            match message:
+                case Ready():
+                    child.ready = True
+                    child.answered = time.monotonic()
+                    if self._changed is not None:
+                        self._changed.set()
+                case StatsReport(stats=stats, cpu=cpu):
+                    child.stats, child.cpu = stats, cpu
+                    child.asked = False
+                    child.answered = time.monotonic()
+                    for future, pending in self._waiting.values():  # its one answer serves every waiting scrape
+                        pending.discard(child.index)
+                        if not pending and not future.done():
+                            future.set_result(None)
+                case _:
+                    log.warning("worker %d: unexpected control message %r; ignored", child.index, message)
+        if closed and self._loop is not None:  # the child is gone; its pidfd tells how
+            self._loop.remove_reader(child.channel.fileno())
 
     def _on_exit(self, child: Child) -> None:
         assert self._loop is not None
@@ -288,11 +320,11 @@ class Pool:
     def request(self) -> int:
         """Ask every child for a snapshot of its counters, unless it has yet to answer the last request (a
         stalled child must not find hundreds of requests queued, filling the socket so that a reload's
-        ("apply", ...) no longer fits); returns the request's number."""
+        Apply no longer fits); returns the request's number."""
         self._seq += 1
         for child in self.children:
             if child.exited is None and not child.asked:
-                child.asked = self._deliver(child, ("stats", self._seq))
+                child.asked = self._deliver(child, StatsRequest(self._seq))
         return self._seq
 
     async def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> list[Stats]:
@@ -327,7 +359,7 @@ class Pool:
 
     def last(self) -> list[Stats]:
         """The last snapshot of every child (zeros for one that has not sent any yet)."""
-        return [c.stats if c.stats is not None else Stats(self.batch) for c in self.children]
+        return [c.stats if c.stats is not None else Stats() for c in self.children]
 
     def last_cpu(self) -> list[float]:
         """Every child's CPU seconds as of its last snapshot."""
@@ -353,22 +385,22 @@ class Pool:
                 log.warning("worker %d (pid %d) answers again", child.index, child.pid)
         return ok
 
-    def broadcast(self, message: tuple) -> None:
-        """Send every child ``message`` (a reload's ("apply", ...)); one that cannot take it stops the daemon."""
+    def broadcast(self, message: Message) -> None:
+        """Send every child ``message`` (a reload's Apply); one that cannot take it stops the daemon."""
         for child in self.children:
             if child.exited is None:
                 self._deliver(child, message)
 
-    def _deliver(self, child: Child, message: tuple) -> bool:
-        """Queue ``message`` on the child's control socket. With at most one stats request outstanding the
-        socket holds hundreds of messages, so a full one means a child that has not read for a long time; a
-        reload it would miss must not pass silently (it would keep sending to the old peer): stop, status 1."""
+    def _deliver(self, child: Child, message: Message) -> bool:
+        """Queue ``message`` on the child's channel. With at most one stats request outstanding the socket
+        holds hundreds of messages, so a full one means a child that has not read for a long time; a reload
+        it would miss must not pass silently (it would keep sending to the old peer): stop, status 1."""
         try:
-            child.ctl.send(pickle.dumps(message))
+            child.channel.send(message)
         except BlockingIOError:
             if not self._stopping:
-                log.error("worker %d (pid %d) does not read its control socket (full); cannot deliver %r; "
-                          "stopping the tunnel (exit status 1)", child.index, child.pid, message[0])
+                log.error("worker %d (pid %d) does not read its control socket (full); cannot deliver %s; "
+                          "stopping the tunnel (exit status 1)", child.index, child.pid, type(message).__name__)
                 self._on_death()
             return False
         except OSError:  # gone: its pidfd says how, and that stops the daemon
@@ -383,10 +415,10 @@ class Pool:
         self.detach()
         for child in self.children:
             if child.exited is None:
-                child.ctl.setblocking(True)
-                child.ctl.settimeout(0.5)
-                _send(child.ctl, ("stop",))
-            child.ctl.close()  # a child that missed the message sees the end of the socket and stops too
+                child.channel.setblocking(True)
+                child.channel.settimeout(0.5)
+                child.channel.offer(Stop())
+            child.channel.close()  # a child that missed the message sees the end of the socket and stops too
         deadline = time.monotonic() + timeout
         for child in self.children:
             while child.exited is None:
@@ -405,140 +437,15 @@ class Pool:
                     break
                 time.sleep(0.01)
             os.close(child.pidfd)
+        self.children = []
 
 
-# -- forking ----------------------------------------------------------------------------------------------------
-
-
-def fork_workers(tunnel, units: list) -> Pool:
-    """Fork one child per (device queue, link) in ``units``: worker 1, 2, ... The parent keeps none of them.
-
-    ``tunnel`` is the parent's daemon.Tunnel, fully open; a child calls ``tunnel.forget_in_child()`` to close
-    what is not its own, and ``tunnel.make_engine(device, link)`` to build its data path. A child never
-    returns from here: it leaves with os._exit, so that nothing of the parent's (its finally clauses, its
-    atexit handlers, the interface's teardown) runs twice.
-    """
-    pool = Pool(tunnel.engine.batch)
-    parent_pid = os.getpid()
-    try:
-        _fork_each(pool, parent_pid, tunnel, units)
-    except OSError:  # EAGAIN, ENOMEM: stop the children already started; the caller reports it
-        pool.stop()
-        raise
-    finally:
-        for device, link in units:  # the children's now; the parent must not keep their queues attached
-            device.close()
-            link.close()
-    return pool
-
-
-def _fork_each(pool: Pool, parent_pid: int, tunnel, units: list) -> None:
-    for index, (device, link) in enumerate(units, start=1):
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except OSError:
-            parent_end.close()
-            child_end.close()
-            raise
-        if pid == 0:
-            code = 1
-            try:
-                parent_end.close()
-                for child in pool.children:
-                    child.ctl.close()
-                    os.close(child.pidfd)
-                for other, (d, l) in enumerate(units, start=1):
-                    if other != index:
-                        d.close()
-                        l.close()
-                tunnel.forget_in_child()
-                code = _child_main(index, parent_pid, tunnel, device, link, child_end)
-            except BaseException:
-                log.exception("worker %d failed", index)
-            finally:
-                os._exit(code)
-        child_end.close()
-        try:
-            pool.children.append(Child(index, pid, parent_end))
-        except OSError:  # pidfd_open: EMFILE, ENOSYS (before Linux 5.3), EPERM (seccomp): a child we cannot track
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            parent_end.close()
-            raise
-
-
-def _child_main(index: int, parent_pid: int, tunnel, device, link, ctl: socket.socket) -> int:
+def _child_main(index: int, parent_pid: int, entry: Callable[[int, Channel], int], channel: Channel) -> int:
+    """A freshly forked worker: die with the parent, leave the stop signals to it, then run ``entry``."""
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before the prctl: nobody to work for
         return 0
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent since before open()
-    import uvloop
-
-    return uvloop.run(_child_serve(index, tunnel, device, link, ctl))
-
-
-async def _child_serve(index: int, tunnel, device, link, ctl: socket.socket) -> int:
-    from tunneld.metrics import LoopLagProbe
-
-    loop = asyncio.get_running_loop()
-    engine = tunnel.make_engine(device, link)
-    stop = asyncio.Event()
-    status = 0
-
-    def device_gone() -> None:
-        nonlocal status
-        log.error("worker %d: interface %s was deleted while running; stopping", index, tunnel.cfg.dev)
-        status = 1
-        stop.set()
-
-    def apply(changes: dict) -> None:
-        if "peer" in changes:
-            link.set_peer(changes["peer"])
-            tunnel.codec.peer_changed()
-        if "log_level" in changes:
-            logging.getLogger().setLevel(changes["log_level"].upper())
-
-    def on_ctl() -> None:
-        for _ in range(64):
-            try:
-                data = ctl.recv(MESSAGE_MAX)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:  # the parent closed its end, or is gone
-                loop.remove_reader(ctl.fileno())
-                stop.set()
-                return
-            message = pickle.loads(data)
-            kind = message[0]
-            if kind == "stats":
-                times = os.times()
-                _send(ctl, ("stats", message[1], engine.stats, times.user + times.system))
-            elif kind == "apply":
-                try:
-                    apply(message[1])
-                except Exception as e:  # the parent applied the same change; say so, keep carrying packets
-                    log.error("worker %d: reload: %s", index, e)
-            elif kind == "stop":
-                stop.set()
-
-    engine.on_device_gone = device_gone
-    engine.attach(loop)
-    probe = LoopLagProbe(engine.stats)
-    probe.start(loop)
-    ctl.setblocking(False)
-    loop.add_reader(ctl.fileno(), on_ctl)
-    _send(ctl, ("ready",))
-    log.debug("worker %d (pid %d) up", index, os.getpid())
-    try:
-        await stop.wait()
-    finally:
-        probe.stop()
-        engine.detach()
-        loop.remove_reader(ctl.fileno())
-    log.debug("worker %d: %s", index, engine.stats.summary())
-    return status
+    return entry(index, channel)

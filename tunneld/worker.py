@@ -1,0 +1,139 @@
+"""One worker: the data path of one process, the same in worker 0 (the parent) and in every forked child.
+
+A worker owns an engine over one device queue and one link (its unit, resources.py) and the codec it was
+given. It attaches the engine to the running event loop, applies live changes (the peer, the log level),
+reports its counters, and stops with a status: 0 when asked, 1 when its interface is deleted under it
+(there is nothing left to carry; systemd's Restart=on-failure brings the tunnel back whole).
+
+Worker 0 runs inside the parent's ``daemon.serve``, next to the service layer and the supervisor; its changes
+come from a reload there. A child runs ``serve_channel``: the same worker, with its orders (typed messages,
+channel.py) coming from the parent over its control socket, and a loop-lag probe of its own (the parent's is
+the metrics server's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from tunneld.channel import Apply, Channel, Message, Ready, StatsReport, StatsRequest, Stop
+from tunneld.encap.base import Encapsulator
+from tunneld.engine import Engine
+from tunneld.engine_offload import OffloadEngine
+from tunneld.stats import Stats
+
+log = logging.getLogger("tunneld")
+
+
+def make_engine(device, link, codec: Encapsulator, *, max_frame: int, offload: bool) -> Engine:
+    """The data path over ``device`` and ``link``. The one place an engine is built; the one-engine branch
+    provides ``tunneld.engine.make_engine`` with this signature, which replaces this function."""
+    engine_cls = OffloadEngine if offload else Engine
+    return engine_cls(device, link, codec, max_frame=max_frame)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used."""
+    times = os.times()
+    return times.user + times.system
+
+
+class Worker:
+    def __init__(self, index: int, device, link, codec: Encapsulator, *, dev: str, max_frame: int,
+                 offload: bool) -> None:
+        self.index = index
+        self.dev = dev  # the interface's name, for the log
+        self.link = link
+        self.codec = codec
+        self.engine = make_engine(device, link, codec, max_frame=max_frame, offload=offload)
+        self.status = 0
+        self.stopped = asyncio.Event()  # bound to the running loop on first wait (Python ≥ 3.10)
+
+    @property
+    def stats(self) -> Stats:
+        return self.engine.stats
+
+    @property
+    def peer(self) -> str:
+        return self.link.peer
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine.on_device_gone = self._device_gone
+        self.engine.attach(loop)
+
+    def stop(self, status: int = 0) -> None:
+        """Make ``wait`` return; a failure (status 1) is not undone by a later clean stop."""
+        self.status = max(self.status, status)
+        self.stopped.set()
+
+    async def wait(self) -> int:
+        await self.stopped.wait()
+        return self.status
+
+    def close(self) -> None:
+        self.engine.detach()
+
+    def _device_gone(self) -> None:
+        if self.index == 0:
+            log.error("interface %s was deleted while running; stopping (exit status 1)", self.dev)
+        else:
+            log.error("worker %d: interface %s was deleted while running; stopping", self.index, self.dev)
+        self.stop(1)
+
+    def apply(self, changes: Apply) -> None:
+        """Apply a reload's live changes. Raises SetupError (io.SetupError) if the link cannot take the new
+        peer (another IP version needs a new socket); the peer is then unchanged."""
+        if changes.peer is not None:
+            self.link.set_peer(changes.peer)  # read by the engine on every wake-up
+            self.codec.peer_changed()  # e.g. GRE's receive sequence starts afresh with the new peer
+        if changes.log_level is not None:
+            logging.getLogger().setLevel(changes.log_level.upper())
+
+    def report(self, seq: int) -> StatsReport:
+        return StatsReport(seq, self.engine.stats, cpu_seconds())
+
+    # -- in a forked child -------------------------------------------------------------------------------------
+
+    async def serve_channel(self, channel: Channel) -> int:
+        """Run until the parent says Stop or closes the channel, or the interface goes; the exit status."""
+        from tunneld.metrics import LoopLagProbe  # prometheus_client is loaded in the parent already
+
+        loop = asyncio.get_running_loop()
+        self.start(loop)
+        probe = LoopLagProbe(self.engine.stats)
+        probe.start(loop)
+        channel.setblocking(False)
+        loop.add_reader(channel.fileno(), self._on_channel, channel)
+        channel.offer(Ready())
+        log.debug("worker %d (pid %d) up", self.index, os.getpid())
+        try:
+            await self.wait()
+        finally:
+            probe.stop()
+            self.close()
+            loop.remove_reader(channel.fileno())
+        log.debug("worker %d: %s", self.index, self.engine.stats.summary())
+        return self.status
+
+    def _on_channel(self, channel: Channel) -> None:
+        messages, closed = channel.receive()
+        for message in messages:
+            self.handle(message, channel)
+        if closed:  # the parent closed its end, or is gone
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+            self.stop()
+
+    def handle(self, message: Message, channel: Channel) -> None:
+        match message:
+            case StatsRequest(seq=seq):
+                channel.offer(self.report(seq))
+            case Apply():
+                try:
+                    self.apply(message)
+                except Exception as e:  # the parent applied the same change; say so, keep carrying packets
+                    log.error("worker %d: reload: %s", self.index, e)
+            case Stop():
+                self.stop()
+            case _:
+                log.warning("worker %d: unexpected control message %r; ignored", self.index, message)
