@@ -33,6 +33,7 @@ from tunneld.io.device import Device
 from tunneld.io.raw import RawLink
 from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpLink, open_group
 from tunneld.metrics import MetricsError, MetricsServer
+from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec, vni
 from tunneld.service import Loader, Service
 from tunneld.stats import Stats, total
 from tunneld.watch import Watch
@@ -85,19 +86,9 @@ class Tunnel:
     def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]]) -> None:
         self.cfg = cfg
         try:
-            codec_cls = modes[cfg.mode]
-        except KeyError:
-            raise StartupError(f"mode: unknown mode {cfg.mode!r} (known: {', '.join(modes)})", EX_CONFIG) from None
-        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
-        if unknown:
-            takes = ", ".join(codec_cls.options) or "none"
-            raise StartupError(f"{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})", EX_CONFIG)
-        try:
-            self.codec = codec_cls.from_options(cfg.options())
-        except (ValueError, TypeError) as e:
-            raise StartupError(f"{cfg.mode}: {e}", EX_CONFIG) from None
-        except Exception as e:  # a plugin's bug must read as such, not as a traceback
-            raise StartupError(f"{cfg.mode}: the encapsulator failed to start: {type(e).__name__}: {e}") from None
+            self.codec = build_codec(cfg, modes)
+        except (ModeOptionError, EncapsulatorFailed) as e:
+            raise StartupError(str(e), e.code) from None
         underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
         self.underlay_mtu, underlay_dev = netlink.underlay_mtu(cfg.peer)
         if underlay_dev is None:
@@ -155,7 +146,7 @@ class Tunnel:
             raise StartupError(str(e), code) from None
         mac = None
         if self.codec.device is DeviceKind.TAP:
-            mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, cfg.vni)
+            mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, vni(self.codec, default=1))  # 1: as before
         self.mac = mac
         try:
             netlink.configure(cfg.dev, mac=mac, mtu=self.mtu, addresses=cfg.addresses)
@@ -166,7 +157,7 @@ class Tunnel:
             self._cap_superframes()
         self.engine = self.make_engine(self.device, self.link)
         if self.metrics is not None:
-            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=getattr(self.codec, "vni", None),
+            self.metrics.watch(self.engine, dev=cfg.dev, mtu=self.mtu, vni=vni(self.codec),
                                others=self.worker_stats if self.workers > 1 else None, cpu=self.worker_cpu)
 
     def make_engine(self, device: Device, link: UdpLink | RawLink) -> Engine:
@@ -232,7 +223,6 @@ class Tunnel:
             f"{cfg.mode} on {cfg.dev}",
             f"mtu {self.mtu}",
             *([f"mac {self.mac}"] if self.mac else []),
-            *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
             *([self.codec.describe()] if self.codec.describe() else []),
             f"peer {cfg.peer} " + (
                 f"udp/{self.link.port}" if isinstance(self.link, UdpLink) else str(self.codec.transport)

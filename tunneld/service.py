@@ -34,6 +34,7 @@ from typing import Callable, Mapping
 from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
 from tunneld.io import SetupError
 from tunneld.metrics import MetricsError, MetricsServer
+from tunneld.modes import vni
 
 log = logging.getLogger("tunneld")
 
@@ -185,8 +186,7 @@ class Service:
         if new.metrics_listen != old.metrics_listen and self._move_metrics(new.metrics_listen):
             applied["metrics_listen"] = new.metrics_listen
             log.info("reload: metrics %s -> %s", old.metrics_listen or "off", new.metrics_listen or "off")
-        restart = [f.name for f in dataclasses.fields(new) if f.name not in LIVE
-                   and getattr(new, f.name) != getattr(old, f.name)]
+        restart = [name for name in new.changed(old) if name not in LIVE]
         if restart:
             keys = ", ".join(FILE_KEYS.get(name, f"tunnel.{name}") for name in restart)
             log.warning("reload: %s changed; needs a restart (systemctl restart), running with the old values", keys)
@@ -209,7 +209,7 @@ class Service:
             except MetricsError as e:
                 log.error("reload: %s; still serving metrics at %s", e, tunnel.cfg.metrics_listen or "off")
                 return False
-            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=getattr(tunnel.codec, "vni", None),
+            new.watch(tunnel.engine, dev=tunnel.cfg.dev, mtu=tunnel.mtu, vni=vni(tunnel.codec),
                       others=tunnel.worker_stats if getattr(tunnel, "pool", None) is not None else None,
                       cpu=getattr(tunnel, "worker_cpu", None))
             new.start(loop)
