@@ -131,7 +131,8 @@ def _add_option_flag(p: argparse._ArgumentGroup, option: Option, owners: list[st
         if option.kind is bool:
             if option.default:
                 flag = "--no-" + flag[2:]
-                p.add_argument(flag, dest=dest, action="store_false", default=None, help=f"turn off: {option.help} {where}")
+                p.add_argument(flag, dest=dest, action="store_false", default=None,
+                               help=f"turn off: {option.help} {where}")
             else:
                 p.add_argument(flag, dest=dest, action="store_true", default=None, help=f"{option.help} {where}")
             return flag
@@ -174,7 +175,8 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
         help="address to put on the interface, e.g. 192.168.100.1/24 or fd00::1/64; repeat for more",
     )
     p.add_argument("--port", type=_int_in(1, 65535, "port"),
-                   help=f"UDP port to listen on and send to, modes over UDP only (default: the mode's{': ' * bool(ports)}{ports})")
+                   help=f"UDP port to listen on and send to, modes over UDP only (default: the mode's"
+                   f"{': ' * bool(ports)}{ports})")
     p.add_argument(
         "--opt", metavar="NAME=VALUE", action="append", default=[],
         help="an option of the chosen mode, by its name (see --list-modes; a plugin's have no flag of their own "
@@ -264,7 +266,8 @@ def setup_logging(level: str) -> None:
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("peer", "mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload", "workers")
+FLAG_FIELDS = ("peer", "mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
+               "workers")
 
 
 def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:

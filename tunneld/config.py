@@ -12,7 +12,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from tunneld.encap.base import Option, declared, describe_value
+from tunneld.encap.base import Option, declared
+from tunneld.encap.base import describe_value as _describe  # shared with Option's messages
 from tunneld.plugins import discover
 
 DEFAULT_DEV = "tunneld0"
@@ -222,11 +223,10 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     ``metrics_listen``; raises ConfigFileError listing every problem found.
 
     ``modes`` are the available encapsulators (name → class; default: the installed ones): ``mode`` must be
-    one of them, and its declared options are the keys allowed beside the common ones. Cross-field rules (peer and local of one IP version, ...) are left to ``validate``, which sees the file
-    merged with the command line.
+    one of them, and the options it declares are the keys allowed beside the common ones, each value checked
+    by its declaration. Cross-field rules (peer and local of one IP version, ...) are left to ``validate``,
+    which sees the file merged with the command line.
     """
-    if modes is None:
-        modes = discover()[0]
     problems: list[str] = []
     try:
         with open(path, "rb") as f:
@@ -243,14 +243,16 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         if section not in SECTIONS:
             problem(section, f"unknown section; allowed: {', '.join(f'[{s}]' for s in SECTIONS)}")
         elif not isinstance(table, dict):
-            problem(section, f"must be a table [{section}], got {describe_value(table)}")
+            problem(section, f"must be a table [{section}], got {_describe(table)}")
     tunnel = data.get("tunnel") if isinstance(data.get("tunnel"), dict) else {}
     out: dict[str, Any] = {}
 
-    # The mode first: it decides which option keys are allowed.
+    # The mode first: its encapsulator's declarations decide which option keys are allowed.
+    if modes is None:
+        modes = discover()[0]
     mode = tunnel.get("mode", DEFAULT_MODE)
     if not isinstance(mode, str):
-        problem("tunnel.mode", f"expected a string, got {describe_value(mode)}")
+        problem("tunnel.mode", f"expected a string, got {_describe(mode)}")
         mode = None
     elif mode not in modes:
         problem("tunnel.mode", f"{mode!r} is not an available mode; available: {', '.join(modes)}")
@@ -260,12 +262,12 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     takes: Mapping[str, Option] = declared(modes[mode]) if mode is not None else {}
     owners = {}  # option name -> the modes that declare it
     for name, cls in modes.items():
-        for option in declared(cls):
-            owners.setdefault(option, []).append(name)
+        for option_name in declared(cls):
+            owners.setdefault(option_name, []).append(name)
 
     def expect(key: str, value: Any, kinds: tuple[type, ...], allowed: str) -> bool:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            problem(f"tunnel.{key}", f"expected {allowed}, got {describe_value(value)}")
+            problem(f"tunnel.{key}", f"expected {allowed}, got {_describe(value)}")
             return False
         return True
 
@@ -292,7 +294,7 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         elif key == "address":
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, list) or not all(isinstance(a, str) for a in items):
-                problem("tunnel.address", f"expected a CIDR string or an array of them, got {describe_value(value)}")
+                problem("tunnel.address", f"expected a CIDR string or an array of them, got {_describe(value)}")
                 continue
             addrs = [checked(key, check_cidr, a) for a in items]
             if None not in addrs:
@@ -334,7 +336,7 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         if key != "listen":
             problem(f"metrics.{key}", "unknown key; allowed in [metrics]: listen")
         elif not isinstance(value, str):
-            problem("metrics.listen", f"expected a \"HOST:PORT\" string (\"\" to disable), got {describe_value(value)}")
+            problem("metrics.listen", f"expected a \"HOST:PORT\" string (\"\" to disable), got {_describe(value)}")
         else:
             try:
                 out["metrics_listen"] = check_listen(value)
