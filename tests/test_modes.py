@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import pathlib
+import pickle
 from typing import ClassVar
 
 import pytest
@@ -80,6 +82,7 @@ def test_an_option_is_its_help_text_and_immutable():
         Option("x", float, "a float")
     with pytest.raises(ValueError, match="declared twice"):
         declare(SEQ, SEQ)
+    assert copy.deepcopy(VNI) == VNI and pickle.loads(pickle.dumps(COLOUR)) == COLOUR
 
 
 def test_an_untyped_option_passes_values_as_given():

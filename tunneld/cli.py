@@ -66,9 +66,9 @@ workers:
   and several carry, measured: bench/results/latest.md in the source tree.
 
 mode options:
-  Each mode declares its own options: tunneld --list-modes shows them with their ranges and defaults. Those
-  with a flag above can also be given as --opt NAME=VALUE, as can every option of every mode, and as the
-  key NAME in a config file's [tunnel] table.
+  Each mode declares its own options (tunneld --list-modes: ranges, defaults, flags). Any of them can be given
+  by its flag, as --opt NAME=VALUE, or as the key NAME in a config file's [tunnel] table; an option the chosen
+  mode does not declare is refused.
 
 exit status:
   0 stopped cleanly, 1 runtime failure (port in use, device exists, ...), 2 bad arguments,
@@ -179,8 +179,8 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
                    f"{': ' * bool(ports)}{ports})")
     p.add_argument(
         "--opt", metavar="NAME=VALUE", action="append", default=[],
-        help="an option of the chosen mode, by its name (see --list-modes; a plugin's have no flag of their own "
-        "when their names clash); repeat for more",
+        help="any option of the chosen mode by its name, also one without a flag of its own (see --list-modes); "
+        "repeat for more",
     )
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
@@ -326,10 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             build_codec(cfg, modes)  # the mode's options, checked once, by its declarations, without the kernel
         except ModeOptionError as e:
-            if e.key in ("port", "mode"):  # name the setting as the operator wrote it
-                flag = f"--{e.key}" if getattr(args, e.key) is not None else None
-                where = f"{args.config}: tunnel.{e.key}" if args.config else f"--{e.key}"
-                raise ModeOptionError(e.text, flag or where) from None
+            if e.key in ("port", "mode"):  # name the setting as the operator wrote it: the flag, else the file's key
+                from_file = args.config and getattr(args, e.key) is None
+                raise ModeOptionError(e.text, f"{args.config}: tunnel.{e.key}" if from_file else f"--{e.key}") from None
             if args.config:
                 raise ModeOptionError(f"{args.config}: {e}") from None
             raise

@@ -114,6 +114,10 @@ class Option(str):
     def __setattr__(self, attr: str, value: Any) -> None:
         raise AttributeError(f"Option {self.name!r} is immutable")
 
+    def __getnewargs_ex__(self) -> tuple[tuple, dict]:  # copy and pickle rebuild it through __new__
+        return (self.name, self.kind, self.help), {"default": self.default, "low": self.low, "high": self.high,
+                                                   "choices": self.choices, "label": self.label}
+
     @property
     def help(self) -> str:
         return str.__str__(self)
