@@ -22,6 +22,28 @@ def test_help_teaches():
         assert needle in r.stdout
 
 
+def test_help_derives_what_code_decides():
+    """The auto-worker rule and the mode options come from their one source; measured numbers stay in bench/."""
+    from tunneld.encap.vxlan import Vxlan
+    from tunneld.workers import AUTO_RULE
+
+    text = " ".join(tunneld("--help").stdout.split())  # argparse wraps lines
+    assert AUTO_RULE in text and "bench/results" in text
+    assert f"--vni N {Vxlan.options['vni'].help} (vxlan; 0-16777215, default 1)" in text
+    assert "Gbit/s" not in text
+
+
+@pytest.mark.parametrize("args,status,needle", [
+    (("--opt", "vni=0x2a"), 0, "command line: ok: vxlan"),
+    (("--opt", "vni=abc"), 78, "tunneld: error: vxlan: vni: 'abc' is not a number"),
+    (("--mode", "gre", "--opt", "seq=maybe"), 78, "tunneld: error: gre: seq: 'maybe' is not yes/no"),
+    (("--opt", "vni"), 2, "--opt 'vni': expected NAME=VALUE"),
+])
+def test_any_mode_option_by_name(args, status, needle):
+    r = tunneld("--peer", "192.0.2.1", *args, "--check")
+    assert r.returncode == status and needle in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
 def test_version():
     r = tunneld("--version")
     assert r.returncode == 0 and r.stdout.startswith("tunneld ")

@@ -12,6 +12,8 @@ import pytest
 
 from tunneld.cli import main
 from tunneld.config import EX_CONFIG, ConfigFileError, load_file
+from tunneld.encap.gre import Gre
+from tunneld.encap.vxlan import Vxlan
 from tunneld.plugins import discover
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "config"
@@ -50,7 +52,8 @@ def test_good_file_checks_ok(tmp_path, capsys):
 
 
 def test_good_file_values(tmp_path):
-    values = load_file(str(write(tmp_path, GOOD)), {"vxlan": object})
+    values = load_file(str(write(tmp_path, GOOD)), {"vxlan": Vxlan})
+    values.update(values.pop("extra"))  # the mode's options (vni) sit under extra, beside the common keys
     assert values == {
         "mode": "vxlan", "peer": "10.0.0.2", "local": "10.0.0.1", "dev": "tunneld0",
         "addresses": ("192.168.100.1/24", "fd00:100::1/64"), "vni": 1, "port": 4789, "mtu": 1450,
@@ -162,8 +165,8 @@ def test_shipped_examples_are_valid():
 
 @pytest.mark.parametrize("host", ["a", "b"])
 def test_gre_examples_match_the_schema(host):
-    """The GRE options (key, seq, csum) are read and typed by the schema whether or not the codec exists."""
-    values = load_file(str(EXAMPLES / f"gre-host-{host}.toml"), {"vxlan": object, "gre": object})
+    """The GRE options (key, seq, csum) are read and typed by the schema: the GRE codec's declarations."""
+    values = load_file(str(EXAMPLES / f"gre-host-{host}.toml"), {"vxlan": Vxlan, "gre": Gre})
     assert values["mode"] == "gre"
     assert values["extra"] == {"key": 77, "seq": False, "csum": False}
 
@@ -177,19 +180,19 @@ def test_gre_examples_match_the_schema(host):
 def test_gre_option_errors(tmp_path, text, line):
     path = write(tmp_path, f'[tunnel]\nmode = "gre"\npeer = "10.0.0.2"\n{text}\n')
     with pytest.raises(ConfigFileError) as e:
-        load_file(str(path), {"vxlan": object, "gre": object})
+        load_file(str(path), {"vxlan": Vxlan, "gre": Gre})
     assert e.value.problems == [f"{path}: {line}"]
 
 
 def test_a_plugin_mode_takes_the_options_it_declares(tmp_path):
-    class Ttl:  # stands in for a plugin's Encapsulator class: only ``options`` is read here
+    class Ttl:  # stands in for a plugin's Encapsulator class: only ``options`` is read here (the old form)
         options = {"ttl": "outer TTL", "tos": "outer TOS"}
 
     path = write(tmp_path, '[tunnel]\nmode = "ipudp"\npeer = "10.0.0.2"\nttl = 9\n')
-    assert load_file(str(path), {"vxlan": object, "ipudp": Ttl})["extra"] == {"ttl": 9}
+    assert load_file(str(path), {"vxlan": Vxlan, "ipudp": Ttl})["extra"] == {"ttl": 9}
     path = write(tmp_path, '[tunnel]\nmode = "ipudp"\npeer = "10.0.0.2"\nttl = 9\nttk = 1\nvni = 3\n')
     with pytest.raises(ConfigFileError) as e:
-        load_file(str(path), {"vxlan": object, "ipudp": Ttl})
+        load_file(str(path), {"vxlan": Vxlan, "ipudp": Ttl})
     assert e.value.problems == [
         f"{path}: tunnel.ttk: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, workers, ttl, tos",
         f"{path}: tunnel.vni: only for mode vxlan, not 'ipudp'; mode 'ipudp' takes: ttl, tos",

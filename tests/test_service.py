@@ -81,7 +81,7 @@ class MovableLink(FakeLink):
         self.peer = peer
 
 
-BASE = TunnelConfig(peer="10.0.0.2", addresses=("192.168.1.1/24",), vni=5)
+BASE = TunnelConfig(peer="10.0.0.2", addresses=("192.168.1.1/24",), extra={"vni": 5})
 
 
 class OneWorkerTunnel:
@@ -139,7 +139,7 @@ def test_reload_applies_the_peer_live(tmp_path, caplog):
 
 
 def test_reload_reports_what_needs_a_restart(tmp_path, caplog):
-    new = dataclasses.replace(BASE, vni=6, addresses=("192.168.1.9/24",), log_level="debug")
+    new = dataclasses.replace(BASE, extra={"vni": 6}, addresses=("192.168.1.9/24",), log_level="debug")
     service, got = reload_with(tmp_path, new, caplog)
     assert "reload: tunnel.address, tunnel.vni changed; needs a restart" in caplog.text
     assert service.tunnel.cfg == dataclasses.replace(BASE, log_level="debug")  # only the live part applied

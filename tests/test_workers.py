@@ -535,7 +535,7 @@ def test_the_parent_serves_worker_0_logs_the_up_line_and_stops_cleanly_on_sigter
     from tunneld.daemon import Tunnel, serve
 
     caplog.set_level(logging.INFO, logger="tunneld")
-    tunnel = Tunnel(TunnelConfig(peer="192.0.2.2", vni=7, metrics_listen="", offload=False), {"vxlan": Vxlan},
+    tunnel = Tunnel(TunnelConfig(peer="192.0.2.2", extra={"vni": 7}, metrics_listen="", offload=False), {"vxlan": Vxlan},
                     underlay_mtu=lambda peer: (1500, "eth0"), cpus=1)
     pipes = [_Pipe(), _Pipe()]
     tunnel.resources.devices, tunnel.resources.links = [_Device(pipes[0].r)], [_Link("192.0.2.2", pipes[1].r)]

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tunneld import __version__
 from tunneld.config import (
@@ -16,8 +16,6 @@ from tunneld.config import (
     EX_CONFIG,
     LOG_LEVELS,
     MAX_WORKERS,
-    MODE_OPTIONS,
-    VNI_MAX,
     ConfigError,
     ConfigFileError,
     TunnelConfig,
@@ -25,7 +23,10 @@ from tunneld.config import (
     validate,
 )
 from tunneld.daemon import StartupError, run
+from tunneld.encap.base import Encapsulator, Option, declared, is_legacy
+from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec
 from tunneld.plugins import discover
+from tunneld.workers import AUTO_RULE
 
 log = logging.getLogger("tunneld")
 
@@ -36,7 +37,7 @@ what the peer sends back into the interface. Run the same command on both hosts,
 as --peer.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   host A (underlay 10.0.0.1):  tunneld --mode vxlan --peer 10.0.0.2 --address 192.168.100.1/24
   host B (underlay 10.0.0.2):  tunneld --mode vxlan --peer 10.0.0.1 --address 192.168.100.2/24
@@ -54,15 +55,20 @@ defaults:
   (exit 0) and the interface is removed.
 
 workers:
-  One Python process moves about 3 Gbit/s of VXLAN. --workers N opens the interface with N queues
-  (IFF_MULTI_QUEUE) and N UDP sockets sharing the port (SO_REUSEPORT); the kernel spreads flows over them by
-  their hash, so N processes carry different flows at once (one TCP flow always stays on one worker). Each
-  worker needs a CPU of its own, and the kernel needs CPU too (softirq, the TCP endpoints), so 'auto' picks
-  1 worker with 2 CPUs available to the process or fewer (measured there: a second worker brings no
-  steady gain, as the kernel already keeps the second CPU busy), and half of them, at most 8, with more.
+  --workers N opens the interface with N queues (IFF_MULTI_QUEUE) and N UDP sockets sharing the port
+  (SO_REUSEPORT); the kernel spreads flows over them by their hash, so N processes carry different flows at
+  once (one TCP flow always stays on one worker). Each worker needs a CPU of its own, and the kernel needs
+  CPU too (softirq, the TCP endpoints), so 'auto' picks:
+    {AUTO_RULE}.
   CPUs available: its affinity (taskset, cpuset), capped by its cgroup CPU quota (cpu.max, rounded up).
-  Raw-IP modes (gre, gretap) always run 1: every raw socket receives every packet. Metrics are the sum over
-  the workers; if a worker dies the daemon stops (exit status 1) rather than run a half-working tunnel.
+  Raw-IP modes always run 1: every raw socket receives every packet. Metrics are the sum over the workers;
+  if a worker dies the daemon stops (exit status 1) rather than run a half-working tunnel. What one worker
+  and several carry, measured: bench/results/latest.md in the source tree.
+
+mode options:
+  Each mode declares its own options (tunneld --list-modes: ranges, defaults, flags). Any of them can be given
+  by its flag, as --opt NAME=VALUE, or as the key NAME in a config file's [tunnel] table; an option the chosen
+  mode does not declare is refused.
 
 exit status:
   0 stopped cleanly, 1 runtime failure (port in use, device exists, ...), 2 bad arguments,
@@ -98,19 +104,69 @@ def _workers(text: str) -> int | str:
 
 _workers.__name__ = "workers"
 
+OPTION_DEST = "mode option {}"  # the argparse dest of a mode option's flag: never an attribute name of ours
+OPTION_FLAGS = "mode option flags"  # dest of {option name: its flag}, as build_parser made them
 
-def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
+
+def option_flags(modes: Mapping[str, type[Encapsulator]]) -> dict[str, tuple[Option, list[str]]]:
+    """The mode options that get a flag of their own (``--vni``, ``--key``, ``--seq``, ...): each name with its
+    declaration and the modes that declare it. An untyped option, or one that two modes declare differently,
+    gets none: it is given as --opt NAME=VALUE (which reaches every option of every mode)."""
+    seen: dict[str, tuple[Option, list[str]]] = {}
+    clash: set[str] = set()
+    for mode, cls in modes.items():
+        for name, option in declared(cls).items():
+            if name in seen and seen[name][0] != option:
+                clash.add(name)
+            seen.setdefault(name, (option, []))[1].append(mode)
+    return {name: v for name, v in seen.items() if name not in clash and v[0].kind is not None}
+
+
+def _add_option_flag(p: argparse._ArgumentGroup, option: Option, owners: list[str]) -> str | None:
+    """Add the flag of one mode option; return it, or None when its name is a core flag's."""
+    flag = "--" + option.name.replace("_", "-")
+    where = f"({'/'.join(owners)}; {option.summary()})"
+    dest = OPTION_DEST.format(option.name)
+    try:
+        if option.kind is bool:
+            if option.default:
+                flag = "--no-" + flag[2:]
+                p.add_argument(flag, dest=dest, action="store_false", default=None,
+                               help=f"turn off: {option.help} {where}")
+            else:
+                p.add_argument(flag, dest=dest, action="store_true", default=None, help=f"{option.help} {where}")
+            return flag
+
+        def parse(text: str):
+            try:
+                return option.parse(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+
+        parse.__name__ = option.label
+        p.add_argument(flag, dest=dest, type=parse, metavar="N" if option.kind is int else "VALUE",
+                       help=f"{option.help} {where}")
+        return flag
+    except argparse.ArgumentError:
+        return None  # the name is a core flag's (a plugin's "port", say): --opt NAME=VALUE still reaches it
+
+
+def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> argparse.ArgumentParser:
+    """The command line. ``modes`` are the encapsulators (name → class), whose options become flags; a list of
+    names alone gives the --mode choices without them."""
     p = argparse.ArgumentParser(
         prog="tunneld",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    classes = modes if isinstance(modes, Mapping) else {}
+    ports = ", ".join(f"{m} {c.transport.number}" for m, c in classes.items() if c.transport.kind == "udp")
     # Flags that a --config file may also set default to None here, so that "given on the command line"
     # (which overrides the file) can be told from "left at the default"; the defaults are applied in merge().
     p.add_argument("--config", metavar="FILE", help="read the tunnel from a TOML file (see config/); flags override it")
     p.add_argument("--check", action="store_true", help="validate the configuration and exit: 0 if good, 78 if not")
-    p.add_argument("--mode", choices=modes, help=f"encapsulation (default: {DEFAULT_MODE}); see --list-modes")
+    p.add_argument("--mode", choices=list(modes), help=f"encapsulation (default: {DEFAULT_MODE}); see --list-modes")
     p.add_argument("--peer", metavar="ADDR", help="underlay IPv4/IPv6 address of the far end (required)")
     p.add_argument("--local", metavar="ADDR", help="underlay address to bind and send from (default: the kernel chooses)")
     p.add_argument("--dev", metavar="NAME", help=f"interface to create (default: {DEFAULT_DEV})")
@@ -118,14 +174,13 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
         "--address", metavar="CIDR", action="append", default=[],
         help="address to put on the interface, e.g. 192.168.100.1/24 or fd00::1/64; repeat for more",
     )
-    p.add_argument("--vni", type=_int_in(0, VNI_MAX, "VNI"), help="VXLAN network identifier (default: 1)")
-    p.add_argument("--port", type=_int_in(1, 65535, "port"), help="UDP port to listen on and send to (VXLAN default: 4789, IANA)")
-    p.add_argument("--key", type=_int_in(0, (1 << 32) - 1, "key"), help="GRE key (RFC 2890), sent and required (gre, gretap)")
-    p.add_argument("--seq", action="store_true", help="GRE sequence numbers: send them, drop late/duplicate packets (gre, gretap)")
-    p.add_argument("--csum", action="store_true", help="GRE checksums: compute on send, require and verify on receipt (gre, gretap)")
+    p.add_argument("--port", type=_int_in(1, 65535, "port"),
+                   help=f"UDP port to listen on and send to, modes over UDP only (default: the mode's"
+                   f"{': ' * bool(ports)}{ports})")
     p.add_argument(
         "--opt", metavar="NAME=VALUE", action="append", default=[],
-        help="an option of the chosen mode, for plugin modes (see --list-modes); repeat for more",
+        help="any option of the chosen mode by its name, also one without a flag of its own (see --list-modes); "
+        "repeat for more",
     )
     p.add_argument("--mtu", type=_int_in(68, 65535, "MTU"), help="interface MTU (default: underlay MTU minus the overhead)")
     p.add_argument("--mac", metavar="MAC", help="interface MAC address (default: stable, derived from machine, device and peer)")
@@ -136,9 +191,8 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers", metavar="N", type=_workers,
-        help="data-path processes, each with its own TAP queue and UDP socket (VXLAN; raw-IP modes such as GRE "
-        "use 1). Default 'auto': 1 with 2 CPUs available to the process or fewer, else half of them, at most 8; "
-        "see workers below",
+        help=f"data-path processes, each with its own TAP queue and UDP socket (modes over UDP; raw-IP modes use 1). "
+        f"Default 'auto': {AUTO_RULE}; see workers below",
     )
     p.add_argument(
         "--metrics-listen", metavar="HOST:PORT",
@@ -148,7 +202,33 @@ def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
+    group = p.add_argument_group("mode options", "declared by each mode's encapsulator; given to another mode, refused")
+    flags = {name: _add_option_flag(group, option, owners) for name, (option, owners) in option_flags(classes).items()}
+    p.set_defaults(**{OPTION_FLAGS: {name: flag for name, flag in flags.items() if flag}})
     return p
+
+
+def given_options(args: argparse.Namespace, item_error) -> dict[str, object]:
+    """The mode options given on the command line: each option flag given, then --opt NAME=VALUE (strings)."""
+    given = {name: getattr(args, OPTION_DEST.format(name)) for name in getattr(args, OPTION_FLAGS, {})
+             if getattr(args, OPTION_DEST.format(name)) is not None}
+    for item in args.opt:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            item_error(f"--opt {item!r}: expected NAME=VALUE")
+        given[name.strip()] = value
+    return given
+
+
+def list_modes(modes: Mapping[str, type[Encapsulator]], flags: Mapping[str, str]) -> str:
+    """--list-modes: one line per mode, then one per option it declares (``flags``: name → its flag)."""
+    lines = []
+    for name, cls in modes.items():
+        lines.append(f"{name:<10} {cls.device.value.upper()}  {str(cls.transport):<12} {cls.description}")
+        for option in declared(cls).values():
+            flag = flags.get(option.name) or f"--opt {option.name}=..."
+            lines.append(f"{'':<10} option {option.name}: {option.help} ({option.summary()}; {flag})")
+    return "\n".join(lines)
 
 
 class _JournalFormatter(logging.Formatter):
@@ -185,17 +265,13 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-class ModeOptionError(ConfigError):
-    """The chosen mode refuses an option or its value: a configuration error (78) even from the command line."""
-
-
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("peer", "mode", "local", "dev", "vni", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
+FLAG_FIELDS = ("peer", "mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
                "workers")
 
 
 def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:
-    """The file's values overridden by the flags given (``flag_options``: --key, --opt, ...), validated.
+    """The file's values overridden by the flags given (``flag_options``: --vni, --key, --opt, ...), validated.
 
     Raises ConfigError naming the problem (prefixed with the file when there is one)."""
     values = dict(file_values)
@@ -221,54 +297,41 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     modes, broken = discover()
-    parser = build_parser(list(modes))
+    parser = build_parser(modes)
     args = parser.parse_args(argv)
     setup_logging(args.log_level or "info")
     for plugin in broken:
         log.warning("encapsulator plugin %r (%s) skipped: %s", plugin.name, plugin.target, plugin.problem)
+    for name, cls in modes.items():
+        if is_legacy(cls):
+            log.warning("encapsulator plugin %r declares its options as name -> help text, which is deprecated: "
+                        "declare tunneld.encap.base.Option(NAME, TYPE, HELP, ...) instead (until then its values "
+                        "reach from_options unchecked, and get no flags of their own)", name)
+    flags = getattr(args, OPTION_FLAGS)
     if args.list_modes:
-        for name, cls in modes.items():
-            print(f"{name:<10} {cls.device.value.upper()}  {str(cls.transport):<12} {cls.description}")
-            for option, text in cls.options.items():
-                print(f"{'':<10} option {option}: {text}")
+        print(list_modes(modes, flags))
         return 0
     if not args.config and not args.peer:
         parser.error("--peer is required: the underlay address of the far end (or give --config FILE)")
-    flag_options: dict[str, object] = {}  # mode options given as flags; they override the file's
-    for item in args.opt:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--opt {item!r}: expected NAME=VALUE")
-        flag_options[name.strip()] = value
-    if args.key is not None:
-        flag_options["key"] = args.key
-    if args.seq:
-        flag_options["seq"] = True
-    if args.csum:
-        flag_options["csum"] = True
+    flag_options = given_options(args, parser.error)  # they override the file's
 
     def load() -> TunnelConfig:
         """The configuration from the file and the flags; raises ConfigFileError or ConfigError. Also the reload."""
         cfg = merge(args, load_file(args.config, modes) if args.config else {}, flag_options)
-        if cfg.mode not in modes:
-            raise ConfigError(f"mode: {cfg.mode!r} is not an available mode; available: {', '.join(modes)}")
-        # The mode's options, checked as the daemon will (plugins judge their own values), without the kernel.
-        where = f"{args.config}: " if args.config else ""
-        codec_cls = modes[cfg.mode]
-        # Settings the mode would silently ignore are errors, as unknown keys are.
-        if args.vni is not None and cfg.mode in MODE_OPTIONS and "vni" not in MODE_OPTIONS[cfg.mode]:
-            raise ModeOptionError(f"--vni: only for mode vxlan, not {cfg.mode!r}")
-        if cfg.port is not None and codec_cls.transport.kind != "udp":
-            key = "--port" if args.port is not None else f"{where}tunnel.port"
-            raise ModeOptionError(f"{key}: mode {cfg.mode!r} runs over {codec_cls.transport}, it has no port")
-        unknown = sorted(set(cfg.extra) - set(codec_cls.options))
-        if unknown:
-            takes = ", ".join(codec_cls.options) or "none"
-            raise ModeOptionError(f"{where}{cfg.mode}: does not take option {', '.join(unknown)} (it takes: {takes})")
+        takes = declared(modes[cfg.mode]) if cfg.mode in modes else {}
+        for name, flag in flags.items():  # a flag of another mode's option; --opt names are build_codec's to judge
+            if getattr(args, OPTION_DEST.format(name)) is not None and name not in takes:
+                owners = "/".join(option_flags(modes)[name][1])
+                raise ModeOptionError(f"only for mode {owners}, not {cfg.mode!r}", flag)
         try:
-            codec_cls.from_options(cfg.options())
-        except (ValueError, TypeError) as e:
-            raise ModeOptionError(f"{where}{cfg.mode}: {e}") from None
+            build_codec(cfg, modes)  # the mode's options, checked once, by its declarations, without the kernel
+        except ModeOptionError as e:
+            if e.key in ("port", "mode"):  # name the setting as the operator wrote it: the flag, else the file's key
+                from_file = args.config and getattr(args, e.key) is None
+                raise ModeOptionError(e.text, f"{args.config}: tunnel.{e.key}" if from_file else f"--{e.key}") from None
+            if args.config:
+                raise ModeOptionError(f"{args.config}: {e}") from None
+            raise
         return cfg
 
     try:
@@ -277,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in e.problems:
             print(f"tunneld: {line}", file=sys.stderr)
         return EX_CONFIG
+    except EncapsulatorFailed as e:
+        print(f"tunneld: error: {e}", file=sys.stderr)
+        return e.code
     except ModeOptionError as e:
         print(f"tunneld: {e}" if args.config else f"tunneld: error: {e}", file=sys.stderr)
         return EX_CONFIG

@@ -9,10 +9,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from tunneld.encap import gre, vxlan
+from tunneld.encap.base import Option, declared
+from tunneld.encap.base import describe_value as _describe  # shared with Option's messages
+from tunneld.plugins import discover
 
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
@@ -38,19 +40,30 @@ class TunnelConfig:
     local: str | None = None
     dev: str = DEFAULT_DEV
     addresses: tuple[str, ...] = ()
-    vni: int = 1
-    port: int | None = None  # None: the mode's default (VXLAN: 4789)
+    port: int | None = None  # None: the mode's default UDP port (VXLAN: 4789); only for modes over UDP
     mtu: int | None = None  # None: underlay MTU minus the encapsulation overhead
     mac: str | None = None  # None: a stable address derived from the machine, the device name and the peer
     log_level: str = "info"
     offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
     workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
-    extra: dict[str, Any] = field(default_factory=dict)  # options of plugin modes
+    # The mode's options (vxlan: vni; gre: key, seq, csum; a plugin's: its own), as given: typed from a config
+    # file or a flag, strings from --opt. The mode's declarations judge them (tunneld.modes.build_codec).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def options(self) -> dict[str, Any]:
-        """What the encapsulator is built from."""
-        return {"vni": self.vni, "port": self.port, **self.extra}
+        """What the encapsulator is built from: the mode's options, and ``port`` for plugins that read it."""
+        return {"port": self.port, **self.extra}
+
+    def changed(self, other: "TunnelConfig") -> list[str]:
+        """The settings that differ from ``other``: field names, and each mode option by its own name."""
+        names = []
+        for f in fields(self):
+            if f.name == "extra":
+                names += [k for k in {**other.extra, **self.extra} if self.extra.get(k) != other.extra.get(k)]
+            elif getattr(self, f.name) != getattr(other, f.name):
+                names.append(f.name)
+        return names
 
 
 def check_ip(value: str, what: str) -> str:
@@ -167,7 +180,6 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         local=local,
         dev=check_dev(cfg.dev),
         addresses=addresses,
-        vni=cfg.vni,
         port=cfg.port,
         mtu=cfg.mtu,
         mac=check_mac(cfg.mac) if cfg.mac else None,
@@ -184,8 +196,8 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 # One TOML file per tunnel instance (systemd's tunneld@NAME reads /etc/tunneld/NAME.toml):
 #
 #   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, offload (true/false), workers ("auto" or N),
-#             and the mode's own options (vxlan: vni;
-#             gre/gretap: key, seq, csum; a plugin mode: the names its encapsulator declares in ``options``)
+#             and the options the mode's encapsulator declares (``tunneld --list-modes``; vxlan: vni,
+#             gre/gretap: key, seq, csum), each checked by its declaration (``Option.check``)
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
 #
@@ -194,14 +206,6 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error; systemd must not restart on it
 
-VNI_MAX = vxlan.VNI_MAX
-GRE_KEY_MAX = gre.KEY_MAX
-# The options each built-in mode takes, beyond the common [tunnel] keys, typed here. A plugin mode declares
-# its own in its encapsulator's ``options`` (name -> help) and they reach its ``from_options`` as written.
-# (VXLAN's VNI is a TunnelConfig field of its own, not one of the codec's ``options``.)
-MODE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "vxlan": ("vni",), "gre": tuple(gre.Gre.options), "gretap": tuple(gre.GreTap.options),
-}
 COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "workers")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "metrics": ("listen",), "log": ("level",)}
 
@@ -214,18 +218,14 @@ class ConfigFileError(Exception):
         self.problems = problems
 
 
-def _describe(value: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
-    return f"{kind.get(type(value), type(value).__name__)} {value!r}"
-
-
 def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, Any]:
     """Read and check one TOML file. Returns TunnelConfig field values (only those the file sets) plus
     ``metrics_listen``; raises ConfigFileError listing every problem found.
 
-    ``modes`` are the available encapsulators (name → class); when given, ``mode`` must be one of them.
-    Cross-field rules (peer and local of one IP version, ...) are left to ``validate``, which sees the file
-    merged with the command line.
+    ``modes`` are the available encapsulators (name → class; default: the installed ones): ``mode`` must be
+    one of them, and the options it declares are the keys allowed beside the common ones, each value checked
+    by its declaration. Cross-field rules (peer and local of one IP version, ...) are left to ``validate``,
+    which sees the file merged with the command line.
     """
     problems: list[str] = []
     try:
@@ -247,20 +247,23 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     tunnel = data.get("tunnel") if isinstance(data.get("tunnel"), dict) else {}
     out: dict[str, Any] = {}
 
-    # The mode first: it decides which option keys are allowed.
+    # The mode first: its encapsulator's declarations decide which option keys are allowed.
+    if modes is None:
+        modes = discover()[0]
     mode = tunnel.get("mode", DEFAULT_MODE)
     if not isinstance(mode, str):
         problem("tunnel.mode", f"expected a string, got {_describe(mode)}")
         mode = None
-    elif modes is not None and mode not in modes:
+    elif mode not in modes:
         problem("tunnel.mode", f"{mode!r} is not an available mode; available: {', '.join(modes)}")
         mode = None
     elif "mode" in tunnel:
         out["mode"] = mode
-    mode_keys: tuple[str, ...] = ()
-    if mode is not None:
-        mode_keys = MODE_OPTIONS.get(mode) or tuple(getattr((modes or {}).get(mode), "options", None) or ())
-    all_mode_keys = sorted({k for keys in MODE_OPTIONS.values() for k in keys})
+    takes: Mapping[str, Option] = declared(modes[mode]) if mode is not None else {}
+    owners = {}  # option name -> the modes that declare it
+    for name, cls in modes.items():
+        for option_name in declared(cls):
+            owners.setdefault(option_name, []).append(name)
 
     def expect(key: str, value: Any, kinds: tuple[type, ...], allowed: str) -> bool:
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
@@ -315,26 +318,16 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
             if expect(key, value, (int, str), f'"auto" or an integer number of processes (1-{MAX_WORKERS})'):
                 if (v := checked(key, check_workers, value)) is not None:
                     out["workers"] = v
-        elif key in mode_keys:
-            if key == "vni":
-                if expect(key, value, (int,), f"an integer VNI (0-{VNI_MAX})"):
-                    if checked(key, check_range, value, key, 0, VNI_MAX) is not None:
-                        out["vni"] = value
-            elif key == "key" and mode in ("gre", "gretap"):
-                if expect(key, value, (int,), f"an integer GRE key (0-{GRE_KEY_MAX})"):
-                    if checked(key, check_range, value, key, 0, GRE_KEY_MAX) is not None:
-                        extra["key"] = value
-            elif key in ("seq", "csum") and mode in ("gre", "gretap"):
-                if expect(key, value, (bool,), "true or false"):
-                    extra[key] = value
-            else:
-                extra[key] = value  # a plugin's own option: its from_options judges the value
-        elif key in all_mode_keys and mode is not None:
-            owners = "/".join(m for m, keys in MODE_OPTIONS.items() if key in keys)
-            problem(f"tunnel.{key}", f"only for mode {owners}, not {mode!r}; mode {mode!r} takes: "
-                                     f"{', '.join(mode_keys) or 'no options'}")
+        elif key in takes:
+            try:
+                extra[key] = takes[key].check(value)
+            except ValueError as e:
+                problem(f"tunnel.{key}", str(e))
+        elif key in owners and mode is not None:
+            problem(f"tunnel.{key}", f"only for mode {'/'.join(owners[key])}, not {mode!r}; mode {mode!r} takes: "
+                                     f"{', '.join(takes) or 'no options'}")
         elif mode is not None:
-            problem(f"tunnel.{key}", f"unknown key; allowed in [tunnel]: {', '.join((*COMMON_TUNNEL_KEYS, *mode_keys))}")
+            problem(f"tunnel.{key}", f"unknown key; allowed in [tunnel]: {', '.join((*COMMON_TUNNEL_KEYS, *takes))}")
     if extra:
         out["extra"] = extra
 

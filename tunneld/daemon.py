@@ -162,7 +162,6 @@ def describe(plan: Plan, device: Device, link: Link) -> str:
         f"{cfg.mode} on {cfg.dev}",
         f"mtu {plan.mtu}",
         *([f"mac {plan.mac}"] if plan.mac else []),
-        *([f"vni {cfg.vni}"] if cfg.mode == "vxlan" else []),
         *([codec.describe()] if codec.describe() else []),
         f"peer {cfg.peer} " + (f"udp/{link.port}" if isinstance(link, UdpLink) else str(codec.transport)),
         f"local {cfg.local or 'any'}",

@@ -24,7 +24,7 @@ from tunneld.engine_offload import offload_supported  # tunneld.engine once the 
 from tunneld.errors import EX_CONFIG, StartupError
 from tunneld.io import netlink
 from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS
-from tunneld.modes import build_codec
+from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec, vni
 from tunneld.workers import resolve
 
 log = logging.getLogger("tunneld")
@@ -72,7 +72,7 @@ class Plan:
 
     @property
     def vni(self) -> int | None:
-        return getattr(self.codec, "vni", None)  # the metrics' info label; modes without one have none
+        return vni(self.codec)  # the metrics' info label; modes without one have none
 
     def superframe_cap(self) -> int:
         """The largest super-frame the device should hand us: what ONE UDP_SEGMENT sendmsg carries (≤ 64
@@ -95,7 +95,10 @@ def make_plan(
     defaults to the kernel's route lookup; ``cpus`` (for --workers auto) to the CPUs usable by this process."""
     if underlay_mtu is None:
         underlay_mtu = netlink.underlay_mtu  # looked up at call time, so that a test may patch it
-    codec = build_codec(cfg, modes)
+    try:
+        codec = build_codec(cfg, modes)
+    except (ModeOptionError, EncapsulatorFailed) as e:
+        raise StartupError(str(e), e.code) from None
     underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
     link_mtu, underlay_dev = underlay_mtu(cfg.peer)
     if underlay_dev is None:
@@ -115,7 +118,7 @@ def make_plan(
     workers, note = resolve(cfg.workers, codec.transport.kind, cpus)
     mac = None
     if codec.device is DeviceKind.TAP:
-        mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, cfg.vni, machine_id=machine_id)
+        mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, vni(codec, default=1), machine_id=machine_id)  # 1: as before the vni was VXLAN's
     return Plan(
         cfg=cfg,
         codec=codec,

@@ -6,17 +6,20 @@ A package adds a mode by declaring, in its pyproject.toml::
     mymode = "mypackage.codec:MyEncapsulator"
 
 A plugin that fails to import or is not an ``Encapsulator`` is reported by name and skipped; it never takes
-the other modes down with it. A plugin's own options reach it through ``TunnelConfig.extra`` (``--opt
-NAME=VALUE``), declared in its ``options`` class attribute; ``tunneld.testing.EncapsulatorConformance`` is the
-suite a plugin author runs against their class.
+the other modes down with it. A plugin declares its options in its ``options`` class attribute
+(``declare(Option(...), ...)``, as the built-in modes do); flags, config keys and --list-modes lines follow from
+them, and the values reach its ``from_options`` through ``TunnelConfig.extra``. The old form, name -> help
+text, still loads (the options are untyped: values arrive as given) with a deprecation warning at start-up.
+``tunneld.testing.EncapsulatorConformance`` is the suite a plugin author runs against their class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Mapping
 
-from tunneld.encap.base import DeviceKind, Encapsulator, Transport
+from tunneld.encap.base import DeviceKind, Encapsulator, Option, Transport
 
 GROUP = "tunneld.encapsulators"
 
@@ -39,6 +42,13 @@ def _check(name: str, obj: object) -> str | None:
         return f"declares name {obj.name!r} but is registered as {name!r}"
     if not isinstance(obj.device, DeviceKind) or not isinstance(obj.transport, Transport):
         return "device must be a DeviceKind and transport a Transport"
+    options = getattr(obj, "options", None)
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in options.items()):
+        return "options must map each name to a tunneld.encap.base.Option (declare(Option(...), ...))"
+    misnamed = [k for k, v in options.items() if isinstance(v, Option) and v.name != k]
+    if misnamed:
+        return f"declares options under names that are not theirs: {', '.join(misnamed)}"
     if getattr(obj, "__abstractmethods__", None):
         return f"does not implement {', '.join(sorted(obj.__abstractmethods__))}"
     return None

@@ -202,8 +202,7 @@ class Service:
         if new.metrics_listen != old.metrics_listen and self.tunnel.move_metrics(new.metrics_listen):
             applied["metrics_listen"] = new.metrics_listen
             log.info("reload: metrics %s -> %s", old.metrics_listen or "off", new.metrics_listen or "off")
-        restart = [f.name for f in dataclasses.fields(new) if f.name not in LIVE
-                   and getattr(new, f.name) != getattr(old, f.name)]
+        restart = [name for name in new.changed(old) if name not in LIVE]
         if restart:
             keys = ", ".join(FILE_KEYS.get(name, f"tunnel.{name}") for name in restart)
             log.warning("reload: %s changed; needs a restart (systemctl restart), running with the old values", keys)

@@ -63,6 +63,8 @@ from tunneld.stats import Stats
 log = logging.getLogger("tunneld")
 
 AUTO_CAP = 8  # "auto" never picks more workers than this
+# auto_workers() in words, for --help and the README's readers: keep it true when the rule changes.
+AUTO_RULE = f"1 with 2 CPUs available to the process or fewer, else half of them, at most {AUTO_CAP}"
 READY_TIMEOUT = 15.0  # seconds for every child to attach its engine
 SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for the children's counters
 LATE_AFTER = 5.0  # seconds without an answer after which a child counts as wedged

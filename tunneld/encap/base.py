@@ -9,6 +9,11 @@ and returns the new start. The payload is never copied.
 Inbound, ``decap`` looks at one datagram as the transport delivered it (for UDP: the UDP payload; for raw IP:
 whatever the link layer hands up after stripping the outer IP header) and returns either the offset at which
 the inner frame starts, or a ``Drop`` naming why the datagram must be discarded. It never raises on input.
+
+Options are declared once, by the codec: ``options`` maps each name to an ``Option`` (type, range or choices,
+default, one-line help). The command line's flags and ``--opt NAME=VALUE``, the config file's keys,
+``--list-modes`` and ``--help`` are all derived from these declarations, and ``Option.parse`` is the one check
+of a value (``tunneld.modes.build_codec`` applies it once, through ``from_options``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
 
@@ -62,6 +68,172 @@ class Drop(str, enum.Enum):
     LENGTH_MISMATCH = "length_mismatch"  # the inner IP header's length disagrees with the bytes carried
 
 
+_TRUE = ("1", "yes", "true", "on")
+_FALSE = ("0", "no", "false", "off", "")
+_KINDS = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
+
+
+def describe_value(value: Any) -> str:
+    """``integer 10``, ``string 'x'``: how a value that has the wrong type is named in an error line."""
+    return f"{_KINDS.get(type(value), type(value).__name__)} {value!r}"
+
+
+class Option(str):
+    """One option of a mode: its name, type (``int``, ``bool`` or ``str``; ``None``: untyped), range or
+    choices, default and one-line help.
+
+    It *is* its help text (a ``str``), so code written for the old declaration (name -> help text) still reads
+    it; everything else is in the attributes. Immutable.
+
+    Two ways in, one rule: ``check`` takes a typed value (a config file's, a built-in flag's once parsed) and
+    refuses the wrong type; ``parse`` also takes the string the command line gives (``--opt NAME=VALUE``).
+    Both raise ValueError with one line for the operator (without the option's name: the caller says where).
+    An untyped option (``kind=None``) passes any value through as given: its codec's ``from_options`` judges it.
+    """
+
+    name: str
+    kind: type | None
+    default: Any
+    low: int | None
+    high: int | None
+    choices: tuple[str, ...]
+    label: str
+
+    def __new__(cls, name: str, kind: type | None, help: str, *, default: Any = None, low: int | None = None,
+                high: int | None = None, choices: tuple[str, ...] = (), label: str | None = None) -> "Option":
+        if kind not in (None, int, bool, str):
+            raise TypeError(f"option {name}: kind must be int, bool, str or None, not {kind!r}")
+        if "\n" in help or not help.strip():
+            raise ValueError(f"option {name}: help must be one non-empty line")
+        self = super().__new__(cls, help)
+        for attr, value in (("name", name), ("kind", kind), ("default", default), ("low", low), ("high", high),
+                            ("choices", tuple(choices)), ("label", label or name)):
+            object.__setattr__(self, attr, value)
+        return self
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        raise AttributeError(f"Option {self.name!r} is immutable")
+
+    def __getnewargs_ex__(self) -> tuple[tuple, dict]:  # copy and pickle rebuild it through __new__
+        return (self.name, self.kind, self.help), {"default": self.default, "low": self.low, "high": self.high,
+                                                   "choices": self.choices, "label": self.label}
+
+    @property
+    def help(self) -> str:
+        return str.__str__(self)
+
+    def _key(self) -> tuple:
+        return (self.name, self.kind, self.default, self.low, self.high, self.choices, self.label, self.help)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, Option) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Option({self.name!r}, {getattr(self.kind, '__name__', None)}, {self.help!r})"
+
+    def expects(self) -> str:
+        """What a good value looks like, e.g. ``an integer VNI (0-16777215)``, ``true or false``."""
+        if self.kind is bool:
+            return "true or false"
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is int:
+            bounds = f" ({self.low}-{self.high})" if self.low is not None and self.high is not None else ""
+            return f"an integer {self.label}{bounds}"
+        return "a string" if self.kind is str else "any value"
+
+    def check(self, value: Any) -> Any:
+        """A typed value (a config file's): the value, or ValueError naming what is wrong and what is allowed."""
+        kind = self.kind
+        if kind is None:
+            return value
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"expected {self.expects()}, got {describe_value(value)}")
+        if kind is int and not self._in_range(value):
+            raise ValueError(f"{value} is out of range ({self.low}-{self.high})")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.choices)}")
+        return value
+
+    def parse(self, value: Any) -> Any:
+        """A typed value, or the string the command line gives: the value, or ValueError (one line)."""
+        if not isinstance(value, str) or self.kind in (None, str):
+            return self.check(value)
+        text = value.strip()
+        if self.kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(f"{value!r} is not yes/no")
+        try:
+            number = int(text, 0)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        if not self._in_range(number):
+            raise ValueError(f"{self.label} must be between {self.low} and {self.high}, got {number}")
+        return number
+
+    def _in_range(self, number: int) -> bool:
+        return (self.low is None or number >= self.low) and (self.high is None or number <= self.high)
+
+    def summary(self) -> str:
+        """Type, range and default in a few words, for --list-modes and --help: ``0-16777215, default 1``."""
+        if self.kind is bool:
+            kind = "yes/no"
+        elif self.choices:
+            kind = "|".join(self.choices)
+        elif self.kind is int and self.low is not None and self.high is not None:
+            kind = f"{self.low}-{self.high}"
+        else:
+            kind = {int: "integer", str: "string"}.get(self.kind, "as given")
+        default = self.default
+        if default is None or isinstance(default, bool):  # not a dict lookup: 1 == True would match
+            default = "unset" if default is None else ("yes" if default else "no")
+        return f"{kind}, default {default}"
+
+
+def declare(*options: Option) -> Mapping[str, Option]:
+    """An encapsulator's ``options``: the declarations by name, read-only."""
+    names = [o.name for o in options]
+    if len(set(names)) != len(names):
+        raise ValueError(f"options declared twice: {sorted(n for n in names if names.count(n) > 1)}")
+    return MappingProxyType({o.name: o for o in options})
+
+
+def declared(cls: type) -> Mapping[str, Option]:
+    """A mode's option declarations, whatever their form.
+
+    A plugin written before ``Option`` existed declares ``options`` as name -> help text; each such entry is
+    read as an untyped ``Option`` (values reach its ``from_options`` as given, as they always did). That form is
+    deprecated: ``is_legacy`` tells, and the command line warns."""
+    return MappingProxyType({
+        name: value if isinstance(value, Option) else Option(name, None, str(value))
+        for name, value in (getattr(cls, "options", None) or {}).items()
+    })
+
+
+def is_legacy(cls: type) -> bool:
+    """True if ``cls`` declares options the deprecated way (name -> plain help string)."""
+    return any(not isinstance(v, Option) for v in (getattr(cls, "options", None) or {}).values())
+
+
+def parse_options(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option ``cls`` declares, parsed from ``given`` (absent or None: its default); undeclared names
+    are not looked at (``tunneld.modes.build_codec`` refuses them first). ValueError says "NAME: problem"."""
+    values = {}
+    for name, option in declared(cls).items():
+        raw = given.get(name)
+        try:
+            values[name] = option.default if raw is None else option.parse(raw)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return values
+
+
 # IPv4 and IPv6 header sizes without options, for MTU arithmetic.
 IPV4_HEADER_LEN = 20
 IPV6_HEADER_LEN = 40
@@ -77,19 +249,19 @@ class Encapsulator(abc.ABC):
     device: ClassVar[DeviceKind]
     transport: ClassVar[Transport]
     header_room: ClassVar[int]  # the most bytes ``encap`` may write in front of a frame
-    # Options this mode reads from ``TunnelConfig.extra`` (``--opt NAME=VALUE``; GRE's --key/--seq/--csum land
-    # there too), each with a one-line help shown by --list-modes. Values arrive as given: strings from --opt,
-    # typed values from the built-in flags; ``from_options`` parses and checks them. The daemon refuses an option
-    # that the chosen mode does not declare, so a typo is an error rather than silently ignored.
-    options: ClassVar[Mapping[str, str]] = {}
+    # The mode's options, declared once (``declare(Option(...), ...)``): the flags, config keys, --list-modes
+    # and --help lines are derived from them. Values reach ``from_options`` as given (typed from a config file
+    # or a flag, strings from --opt); an option the mode does not declare is refused before it is built.
+    options: ClassVar[Mapping[str, Option]] = declare()
 
     @classmethod
-    @abc.abstractmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Encapsulator":
         """Build the codec from the tunnel's options; raise ValueError (one line for the operator) when invalid.
 
-        ``options`` holds the core settings (``vni``, ``port``) and every entry of ``TunnelConfig.extra``.
+        ``options`` maps names to values as given (other settings, such as ``port``, may be present too). The
+        default parses every declared option (``parse_options``) and passes them to the constructor by name.
         """
+        return cls(**parse_options(cls, options))
 
     def describe(self) -> str:
         """This instance's settings for the start-up log line, e.g. ``key 42, seq``; empty when none."""

@@ -49,7 +49,7 @@ shuts out a peer that has been running for over 2**31 packets).
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 from tunneld.encap.base import (
     ETHERNET_HEADER_LEN,
@@ -58,7 +58,9 @@ from tunneld.encap.base import (
     DeviceKind,
     Drop,
     Encapsulator,
+    Option,
     Transport,
+    declare,
 )
 from tunneld.encap.checksum import internet_checksum
 
@@ -101,37 +103,25 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 
 
-def _flag(value: Any, what: str) -> bool:
-    if isinstance(value, bool) or value is None:
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("1", "yes", "true", "on"):
-        return True
-    if text in ("0", "no", "false", "off", ""):
-        return False
-    raise ValueError(f"{what}: {value!r} is not yes/no")
+def _key(value: int | None) -> int | None:
+    """The constructor's own check (callers that skip ``from_options``): the declaration's rule."""
+    return None if value is None else OPTIONS["key"].parse(value)
 
 
-def _key(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        key = value if isinstance(value, int) else int(str(value), 0)
-    except ValueError:
-        raise ValueError(f"key: {value!r} is not a number") from None
-    if not 0 <= key <= KEY_MAX:
-        raise ValueError(f"key must be between 0 and {KEY_MAX}, got {key}")
-    return key
+OPTIONS = declare(
+    Option("key", int, "RFC 2890 key: sent in every packet, required on every packet received",
+           low=0, high=KEY_MAX, label="GRE key"),
+    Option("seq", bool, "RFC 2890 sequence numbers: sent, and required in order on receipt (late/duplicate dropped)",
+           default=False),
+    Option("csum", bool, "RFC 2784 checksum over GRE header and payload: computed on send, required and verified "
+           "on receipt", default=False),
+)
 
 
 class _GreBase(Encapsulator):
     transport: ClassVar[Transport] = Transport("ip", IPPROTO_GRE)
     header_room: ClassVar[int] = BASE_HEADER_LEN + 3 * OPTION_LEN
-    options: ClassVar[Mapping[str, str]] = {
-        "key": "RFC 2890 key (0-4294967295): sent in every packet, required on every packet received",
-        "seq": "RFC 2890 sequence numbers: sent, and required in order on receipt (late/duplicate dropped)",
-        "csum": "RFC 2784 checksum over GRE header and payload: computed on send, required and verified on receipt",
-    }
+    options: ClassVar[Mapping[str, Option]] = OPTIONS
 
     def __init__(self, key: int | None = None, seq: bool = False, csum: bool = False, *, tx_seq: int = 0) -> None:
         self.key = _key(key)
@@ -149,10 +139,6 @@ class _GreBase(Encapsulator):
         self.rx_seq: int | None = None  # the last accepted number; None until the first packet
         self._late_run = 0  # consecutive late packets that are consecutive among themselves
         self._late_next = -1
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "_GreBase":
-        return cls(key=options.get("key"), seq=_flag(options.get("seq"), "seq"), csum=_flag(options.get("csum"), "csum"))
 
     @property
     def header_len(self) -> int:

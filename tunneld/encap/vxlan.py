@@ -17,9 +17,9 @@ Because the header depends only on the VNI, it is built once; ``encap`` copies 8
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
-from tunneld.encap.base import ETHERNET_HEADER_LEN, DeviceKind, Drop, Encapsulator, Transport
+from tunneld.encap.base import ETHERNET_HEADER_LEN, DeviceKind, Drop, Encapsulator, Option, Transport, declare
 
 IANA_PORT = 4789
 HEADER_LEN = 8
@@ -53,6 +53,10 @@ class Vxlan(Encapsulator):
     device: ClassVar[DeviceKind] = DeviceKind.TAP
     transport: ClassVar[Transport] = Transport("udp", IANA_PORT)
     header_room: ClassVar[int] = HEADER_LEN
+    options: ClassVar[Mapping[str, Option]] = declare(
+        Option("vni", int, "VXLAN network identifier; both ends must agree", default=1, low=0, high=VNI_MAX,
+               label="VNI"),
+    )
 
     def __init__(self, vni: int = 1) -> None:
         self.vni = vni
@@ -61,9 +65,8 @@ class Vxlan(Encapsulator):
         self._expect_word = FLAG_I << _FLAGS_SHIFT
         self._expect_vni = vni << _VNI_SHIFT
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "Vxlan":
-        return cls(vni=int(options.get("vni", 1)))
+    def describe(self) -> str:
+        return f"vni {self.vni}"
 
     @property
     def header_len(self) -> int:

@@ -3,15 +3,18 @@
     0                   1                   2                   3
     |      'I'      |      'U'      |        Session Number         |
 
-The session (``--opt session=N``, default 0) must match at both ends; anything else is dropped.
+The session (``--session N``, ``--opt session=N`` or ``session = N`` in a config file; default 0) must match at
+both ends; anything else is dropped. It is declared once, as an ``Option``: tunneld derives the flag, the
+config key and the --list-modes line from it, checks the value, and the inherited ``from_options`` passes it
+to the constructor.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
-from tunneld.encap.base import DeviceKind, Drop, Encapsulator, Transport
+from tunneld.encap.base import DeviceKind, Drop, Encapsulator, Option, Transport, declare
 
 MAGIC = b"IU"
 MAGIC_OFFSET = 0
@@ -27,21 +30,15 @@ class IpUdp(Encapsulator):
     device: ClassVar[DeviceKind] = DeviceKind.TUN
     transport: ClassVar[Transport] = Transport("udp", 4790)
     header_room: ClassVar[int] = HEADER_LEN
-    options: ClassVar[Mapping[str, str]] = {"session": "session number 0-65535, must match at both ends"}
+    options: ClassVar[Mapping[str, Option]] = declare(
+        Option("session", int, "session number, must match at both ends", default=0, low=0, high=0xFFFF),
+    )
 
     def __init__(self, session: int = 0) -> None:
         if not 0 <= session <= 0xFFFF:
             raise ValueError(f"session must be between 0 and 65535, got {session}")
         self.session = session
         self._header = _HEADER.pack(MAGIC, session)
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "IpUdp":
-        raw = options.get("session", 0)
-        try:
-            return cls(int(raw))
-        except ValueError:
-            raise ValueError(f"session: {raw!r} is not a number between 0 and 65535") from None
 
     @property
     def header_len(self) -> int:
