@@ -25,8 +25,7 @@ from pathlib import Path
 from tunneld import __version__
 from tunneld.config import TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
-from tunneld.engine import Engine
-from tunneld.engine_offload import OffloadEngine, offload_supported
+from tunneld.engine import Engine, make_engine, offload_supported
 from tunneld.io import netlink
 from tunneld.io import SetupError
 from tunneld.io.device import Device
@@ -170,8 +169,7 @@ class Tunnel:
                                others=self.worker_stats if self.workers > 1 else None, cpu=self.worker_cpu)
 
     def make_engine(self, device: Device, link: UdpLink | RawLink) -> Engine:
-        engine_cls = OffloadEngine if self.offload else Engine
-        return engine_cls(device, link, self.codec, max_frame=self.max_frame)
+        return make_engine(device, link, self.codec, max_frame=self.max_frame, offload=self.offload)
 
     # -- several workers (workers.py) ------------------------------------------------------------------------
 
