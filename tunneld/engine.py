@@ -46,7 +46,7 @@ import numpy as np
 
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
-from tunneld.io.port import FramePort, VnetPort
+from tunneld.io.port import Fallback, FramePort, VnetPort
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
 from tunneld.stats import Stats
@@ -76,7 +76,7 @@ def _no_flow(frame: memoryview) -> int:
 class DevicePort(Protocol):
     vnet_len: int
 
-    def read(self, area: memoryview): ...  # int | Fallback | Segments | Drop
+    def read(self, areas: tuple[memoryview]): ...  # into areas[0]: int | Fallback | Segments | Drop
     def write(self, frame: memoryview) -> int: ...
 
 
@@ -143,7 +143,8 @@ class Engine:
         self._header_len = getattr(self.port, "header_len", 0)
         self._txbuf = bytearray(HEADROOM + MAX_PACKET)
         self._txview = memoryview(self._txbuf)
-        self._read_area = self._txview[HEADROOM - self.port.vnet_len : HEADROOM + MAX_PACKET]
+        # What a device read fills, as the one-buffer tuple readv takes (built once, not per read).
+        self._read_areas = (self._txview[HEADROOM - self.port.vnet_len : HEADROOM + MAX_PACKET],)
         # Gathered datagrams (up to RX_AREA), then room for one more read of up to RX_AREA, then for padding.
         self._rx = np.zeros(3 * RX_AREA + 2048, np.uint8)
         self._rxview = memoryview(self._rx)
@@ -177,7 +178,7 @@ class Engine:
         stats = self.stats
         drops = stats.drops
         buf, view = self._txbuf, self._txview
-        area = self._read_area
+        areas = self._read_areas
         vnet_len = self.port.vnet_len
         read = self.port.read
         encap = self.codec.encap
@@ -187,12 +188,12 @@ class Engine:
         # Batches of one: the packet leaves now. Otherwise it joins those waiting (False: it does not continue
         # their run, which then leaves first).
         send = self.link.send if pending is None else pending.add
-        reads = moved = nbytes = taken = 0
+        reads = moved = nbytes = taken = fallbacks = 0
         for _ in range(self.batch):
             if taken >= WAKEUP_BYTES:
                 break
             try:
-                n = read(area)
+                n = read(areas)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -200,7 +201,6 @@ class Engine:
                 self._device_failed(e)
                 break
             reads += 1
-            fallback = False
             if n.__class__ is not int:
                 if n.__class__ is Segments:
                     taken += n.frame_len + vnet_len
@@ -210,8 +210,9 @@ class Engine:
                 if n.__class__ is Drop:  # a vnet header or partial checksum the port could not complete
                     drops[n] += 1
                     continue
-                n = int(n)  # a super-frame the port could not cut, but one packet's worth: counted once queued
-                fallback = True
+                # A super-frame the port could not cut, but one packet's worth: the plain path below takes it,
+                # counted once queued (taken back on the rare ways out below, so the usual way checks nothing).
+                fallbacks += 1
             taken += n + vnet_len
             if n > max_frame:
                 drops[Drop.TOO_BIG] += 1
@@ -220,6 +221,7 @@ class Engine:
             start = encap(buf, HEADROOM, end)
             if start.__class__ is Drop:  # a frame the codec cannot carry (GRE: neither IPv4 nor IPv6)
                 drops[start] += 1
+                fallbacks -= n.__class__ is Fallback
                 continue
             packet = view[start:end]
             flow = flow_hash(view[HEADROOM:end])
@@ -229,16 +231,17 @@ class Engine:
                     pending.add(packet, flow)
             except OSError as e:  # only a packet sent now fails here; waiting ones fail in _flush
                 drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += 1
+                fallbacks -= n.__class__ is Fallback
                 continue
             moved += 1
             nbytes += n
-            if fallback:
-                stats.offload_fallbacks += 1
         if pending is not None and pending.count:
             moved -= self._flush()
         stats.tx_packets += moved
         stats.tx_bytes += nbytes
         stats.tx_batches[reads] += 1
+        if fallbacks:
+            stats.offload_fallbacks += fallbacks
 
     def _flush(self) -> int:
         """Send the packets waiting in ``Pending`` (counted as moved when queued); returns how many did not
@@ -286,16 +289,10 @@ class Engine:
         gather = self._gather  # None with batches of one: every datagram is judged and written alone
         peer = self.link.peer
         reads = moved = nbytes = taken = 0
+        into = area  # where the next read lands: behind the datagrams gathered so far, if any
         for _ in range(self.batch):
             if taken >= WAKEUP_BYTES:
                 break
-            into = area
-            if gather is not None and gather.fill:
-                if gather.fill > RX_AREA:
-                    m, b = deliver(*gather.take())
-                    moved, nbytes = moved + m, nbytes + b
-                else:
-                    into = view[gather.fill : gather.fill + RX_AREA]  # behind what was gathered
             try:
                 n, source, size = recv(into)
             except BlockingIOError:
@@ -311,14 +308,21 @@ class Engine:
                 continue
             if gather is not None:
                 single = not size or n <= size
-                if single and n >= GATHER_MIN and gather.add(n):
-                    continue  # gathered behind the others
+                if single and n >= GATHER_MIN:
+                    fill = gather.add(n)
+                    if fill:  # gathered behind the others
+                        if fill > RX_AREA:
+                            m, b = deliver(*gather.take())
+                            moved, nbytes, into = moved + m, nbytes + b, area
+                        else:
+                            into = view[fill : fill + RX_AREA]
+                        continue
                 if gather.fill:
                     # Deliver what was gathered first (order!), keeping the new read out of reach of the padding
                     # the plan writes after the gathered rows; then the new read starts at 0.
                     saved = rx[gather.fill : gather.fill + n].copy()
                     m, b = deliver(*gather.take())
-                    moved, nbytes = moved + m, nbytes + b
+                    moved, nbytes, into = moved + m, nbytes + b, area
                     rx[:n] = saved
                 if not single:
                     m, b = deliver(n, size)
@@ -326,6 +330,7 @@ class Engine:
                     continue
                 if n >= GATHER_MIN:
                     gather.start(n)
+                    into = view[n : n + RX_AREA]
                     continue
                 # too short to be part of a run: judged and written alone, right away
             packet = view[:n]

@@ -85,7 +85,10 @@ def rows_agree(packets: memoryview, size: int, at: int, expect: bytes, rows: int
     ``at``. Byte j of every row is the strided slice ``packets[at + j :: size]``: one C-level comparison per
     byte of ``expect``, none per row; what ``decap_batch`` overrides use to judge a whole batch at once."""
     stop = rows * size
-    return all(packets[at + j : stop : size] == expect[j : j + 1] * rows for j in range(len(expect)))
+    for j in range(len(expect)):  # a loop, not all(genexpr): no generator frame per byte
+        if packets[at + j : stop : size] != expect[j : j + 1] * rows:
+            return False
+    return True
 
 
 class Encapsulator(abc.ABC):

@@ -26,6 +26,7 @@ only its fd and the os functions are used.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.io.device import TUN_F_USO4
@@ -41,22 +42,16 @@ class Fallback(int):
 
 
 class FramePort:
-    """Frames without a vnet header: a read returns the frame's length (an int), a write takes one frame."""
+    """Frames without a vnet header: ``read((area,))`` returns the frame's length (an int), ``write(frame)``
+    writes one frame. Both are the system calls themselves, bound to the fd: no Python frame per packet."""
 
     vnet_len = 0  # bytes the port reads in front of a frame (into the engine's headroom)
     header_len = 0  # the codec's constant header in front of every row (none: this port takes no rows)
 
     def __init__(self, device) -> None:
-        self._fd = device.fileno()
-        self._readv = getattr(device, "sys_readv", os.readv)
-        self._write = getattr(device, "sys_write", os.write)
-
-    def read(self, area: memoryview) -> int:
-        """One frame into ``area``; raises BlockingIOError when there is none."""
-        return self._readv(self._fd, (area,))
-
-    def write(self, frame: memoryview) -> int:
-        return self._write(self._fd, frame)
+        fd = device.fileno()
+        self.read = partial(getattr(device, "sys_readv", os.readv), fd)
+        self.write = partial(getattr(device, "sys_write", os.write), fd)
 
 
 class VnetPort:
@@ -80,10 +75,11 @@ class VnetPort:
         self._readv = getattr(device, "sys_readv", os.readv)
         self._writev = getattr(device, "sys_writev", os.writev)
 
-    def read(self, area: memoryview):
-        """One read into ``area`` (vnet header, then the frame): the plain frame's length (int, or Fallback),
-        the ``Segments`` of a super-frame, or a ``Drop``. Raises BlockingIOError when there is none."""
-        n = self._readv(self._fd, (area,)) - VNET_HDR_LEN
+    def read(self, areas: tuple[memoryview]):
+        """One read into ``areas[0]`` (vnet header, then the frame): the plain frame's length (int, or
+        Fallback), the ``Segments`` of a super-frame, or a ``Drop``. Raises BlockingIOError when there is none."""
+        n = self._readv(self._fd, areas) - VNET_HDR_LEN
+        area = areas[0]
         flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = HDR.unpack_from(area)
         if gso_type != GSO_NONE:
             frame = area[VNET_HDR_LEN : VNET_HDR_LEN + n]

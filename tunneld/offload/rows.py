@@ -12,7 +12,8 @@ than a system call. The engine offers each packet with ``add``; False means it d
 reads are single datagrams. Consecutive ones of one length are laid back to back in the receive buffer, as a
 UDP_GRO read would lay them, so that the same verdict and coalescing plan applies: ``add`` says whether the
 datagram just read at ``fill`` joins the rows gathered so far (equal length; a shorter one joins and closes
-them, as the short last datagram of a GRO read); ``start`` begins a new gathering; ``take`` hands them over.
+them, as the short last datagram of a GRO read: the bytes gathered, or 0); ``start`` begins a new gathering;
+``take`` hands them over.
 """
 
 from __future__ import annotations
@@ -34,16 +35,20 @@ class Pending:
 
     def add(self, packet: memoryview, flow: int) -> bool:
         """Queue ``packet`` behind the others if it continues their run; False (nothing queued) if it does not."""
+        count = self.count
         size = len(packet)
+        if count and (size != self.size or flow != self.flow):
+            return False
         length = self.length
-        if self.count:
-            if size != self.size or flow != self.flow or length + size > self.capacity:
-                return False
-        else:
-            self.size, self.flow = size, flow
-        self.buffer[length : length + size] = packet
-        self.length = length + size
-        self.count += 1
+        end = length + size
+        if end > self.capacity:
+            return False
+        self.buffer[length:end] = packet
+        self.length = end
+        self.count = count + 1
+        if not count:
+            self.size = size
+            self.flow = flow
         return True
 
     def rows(self) -> memoryview:
@@ -64,14 +69,14 @@ class Gatherer:
         self.fill = self.row = 0
         self.closed = False
 
-    def add(self, n: int) -> bool:
-        """The single datagram of ``n`` bytes (at least GATHER_MIN) just read at ``fill``: True if it joins the
-        rows gathered."""
+    def add(self, n: int) -> int:
+        """The single datagram of ``n`` bytes (at least GATHER_MIN) just read at ``fill``: the bytes gathered now
+        if it joins the rows gathered, 0 if it does not."""
         if self.fill and not self.closed and n <= self.row:
             self.fill += n
             self.closed = n < self.row
-            return True
-        return False
+            return self.fill
+        return 0
 
     def start(self, n: int) -> None:
         """The datagram of ``n`` bytes at the start of the buffer begins a new gathering."""
