@@ -140,7 +140,7 @@ class Engine:
             self.port = FramePort(device)
             self._pending = self._gather = None
             self._recv = link.recv_one
-        self._header_len = getattr(self.port, "header_len", 0)
+        self._header_len = self.port.header_len
         self._txbuf = bytearray(HEADROOM + MAX_PACKET)
         self._txview = memoryview(self._txbuf)
         # What a device read fills, as the one-buffer tuple readv takes (built once, not per read).
