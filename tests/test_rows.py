@@ -8,16 +8,27 @@ import random
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 
-from tests.test_offload import expected_tcp, payload
-from tunneld.encap.base import Drop, rows_agree
+from tunneld.encap.base import DeviceKind, Drop, rows_agree
 from tunneld.encap.gre import Gre, GreTap
-from tunneld.encap.vxlan import Vxlan
+from tunneld.encap.vxlan import Vxlan, build_header
 from tunneld.io.port import Fallback, FramePort, VnetPort
 from tunneld.offload.rows import Gatherer, Pending
 from tunneld.offload.segment import Segments
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR, NO_OFFLOAD, VNET_HDR_LEN
-from tunneld.testing import FakeDevice, FakeVnetDevice
+from tunneld.testing import FakeDevice, FakeVnetDevice, stream
+
+VXLAN7 = build_header(7)
+
+
+def segments(count: int, size: int = 1398) -> list[bytes]:
+    """VXLAN datagrams (VNI 7) carrying in-order segments of one TCP flow, checksums right."""
+    return [VXLAN7 + f for f in stream(DeviceKind.TAP, 6, size, count)]
+
+
+def tcp_payload(frame: bytes) -> bytes:
+    return bytes(IP(frame[14:])[TCP].payload)
 
 # -- Pending ---------------------------------------------------------------------------------------------------
 
@@ -72,19 +83,20 @@ def test_the_vnet_port_hands_over_plain_frames_segments_fallbacks_and_drops():
     dev = FakeVnetDevice()
     port = VnetPort(dev, Vxlan(7), max_frame=1464)
     area = memoryview(bytearray(1 << 17))
-    data = payload(1398 * 5)
-    from tests.test_offload import tcp_super
-
+    superframe = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.1.0.1", dst="10.1.0.2")
+                       / TCP(sport=1, dport=2, flags="A") / (b"s" * (1398 * 5)))
     arp = bytes(60)
     dev.inject(NO_OFFLOAD + b"x" * 80,
-               HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 66, 1398, 34, 16) + tcp_super(data),
+               HDR.pack(F_NEEDS_CSUM, GSO_TCPV4, 54, 1398, 34, 16) + superframe,
                HDR.pack(0, GSO_TCPV4, 0, 1000, 14, 16) + arp,  # flagged GSO, one packet's worth, not TCP
                HDR.pack(0, GSO_TCPV4, 0, 1000, 14, 16) + bytes(3000),  # the same, too big for one packet
                HDR.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, 9000, 16) + arp)  # a checksum offset past the frame
     assert port.read((area,)) == 80 and bytes(area[VNET_HDR_LEN : VNET_HDR_LEN + 80]) == b"x" * 80
     segs = port.read((area,))
-    assert segs.__class__ is Segments and segs.count == 5 and segs.frame_len == len(tcp_super(data))
-    assert [bytes(segs.buffer[i * segs.rowlen : (i + 1) * segs.rowlen]) for i in range(5)] == expected_tcp(data, 1398)
+    assert segs.__class__ is Segments and segs.count == 5 and segs.frame_len == len(superframe)
+    rows = [bytes(segs.buffer[i * segs.rowlen : (i + 1) * segs.rowlen]) for i in range(5)]
+    assert all(r.startswith(VXLAN7) for r in rows)  # the declared header in front of every row
+    assert b"".join(tcp_payload(r[8:]) for r in rows) == b"s" * (1398 * 5)
     fallback = port.read((area,))
     assert fallback.__class__ is Fallback and fallback == 60
     assert port.read((area,)) is Drop.OFFLOAD_UNSUPPORTED
@@ -103,8 +115,7 @@ def test_a_refused_row_breaks_the_run_and_only_accepted_rows_reach_the_device():
 
     dev = FakeVnetDevice()
     port = VnetPort(dev, Vxlan(7), max_frame=1464)
-    data = payload(1398 * 8)
-    segs = expected_tcp(data, 1398)
+    segs = segments(8)
     rx, view, n = rows_of(segs)
     verdicts = [8, 8, 8, Drop.VNI_MISMATCH, 8, 8, 8, 8]
     drops: Counter = Counter()
@@ -113,11 +124,8 @@ def test_a_refused_row_breaks_the_run_and_only_accepted_rows_reach_the_device():
     assert moved == 7 and nbytes == sum(len(s) - 8 for i, s in enumerate(segs) if i != 3)
     kinds = [HDR.unpack_from(w)[1] for w in dev.written]
     assert kinds == [GSO_TCPV4, GSO_TCPV4]  # rows 0-2, then rows 4-7: never one run across the refused row
-    payloads = b""
-    for w in dev.written:
-        frame = IP(w[VNET_HDR_LEN + 14 :])
-        payloads += bytes(frame[TCP].payload)
-    assert payloads == data[: 3 * 1398] + data[4 * 1398 :]
+    payloads = b"".join(tcp_payload(w[VNET_HDR_LEN:]) for w in dev.written)
+    assert payloads == b"".join(tcp_payload(s[8:]) for i, s in enumerate(segs) if i != 3)
 
 
 def test_a_row_accepted_at_another_offset_is_written_alone_from_there():
@@ -125,7 +133,7 @@ def test_a_row_accepted_at_another_offset_is_written_alone_from_there():
 
     dev = FakeVnetDevice()
     port = VnetPort(dev, Vxlan(7), max_frame=1464)
-    segs = expected_tcp(payload(1398 * 3), 1398)
+    segs = segments(3)
     rx, view, n = rows_of(segs)
     moved, _ = port.write_rows(rx, view, n, len(segs[0]), [8, 10, 8], Counter())
     assert moved == 3 and dev.written == [NO_OFFLOAD + s[8:] for s in segs[:1]] + [NO_OFFLOAD + segs[1][10:]] + \
@@ -138,8 +146,7 @@ def test_a_row_accepted_at_another_offset_is_written_alone_from_there():
 @pytest.mark.parametrize("codec", [Vxlan(7), GreTap(key=5), Gre(key=5), Gre()])
 def test_batch_verdicts_are_decaps_verdicts_for_good_and_damaged_rows(codec):
     rng = random.Random(3)
-    inner = expected_tcp(payload(1398 * 6), 1398)  # Ethernet frames behind VXLAN's 8 bytes
-    frames = [f[8:] if codec.device.value == "tap" else f[22:] for f in inner]
+    frames = stream(codec.device, 6, 1398, 6)
     buf = bytearray(64 + 2000)
     rows = []
     for f in frames:
