@@ -3,12 +3,13 @@
 
 Before the one engine, coalesced runs never reached ``decap``: 220 MB more arrived after the plugin began
 refusing, and one refusal was counted. Here every refused datagram must stay out of the device and be counted
-by the plugin's reason; small frames (ping) still pass. The plugin is installed with pip into this test
-environment (offline, from files written here) and uninstalled afterwards, whatever happens.
+by the plugin's reason; small frames (ping) still pass. The plugin is visible to this test's tunnelds only:
+its module and a .dist-info written to a temporary directory on their PYTHONPATH.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,23 +19,16 @@ import pytest
 
 from tests.netns import OVERLAY_V4, TUNNELD, Tunneld, transfer
 
-PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 LIMIT = 1000
 
+# The plugin as an installed distribution would lay it out on sys.path: its module and a .dist-info naming the
+# entry point, which is all tunneld's registry (importlib.metadata) looks for. Put on PYTHONPATH for the tunnelds
+# started by this test only: nothing is installed into the environment.
 PLUGIN = {
-    "pyproject.toml": """
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "tunneld-small-vxlan"
-        version = "0.1"
-
-        [project.entry-points."tunneld.encapsulators"]
-        vxlan-small = "tunneld_small_vxlan:SmallVxlan"
-    """,
-    "tunneld_small_vxlan/__init__.py": f"""
+    "tunneld_small_vxlan-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: tunneld-small-vxlan\nVersion: 0.1\n",
+    "tunneld_small_vxlan-0.1.dist-info/entry_points.txt":
+        "[tunneld.encapsulators]\nvxlan-small = tunneld_small_vxlan:SmallVxlan\n",
+    "tunneld_small_vxlan.py": f"""
         from tunneld.encap.base import Drop
         from tunneld.encap.vxlan import Vxlan
 
@@ -52,19 +46,13 @@ PLUGIN = {
 }
 
 
-@pytest.fixture(scope="module")
-def small_vxlan_installed(tmp_path_factory):
-    src = tmp_path_factory.mktemp("plugin") / "tunneld-small-vxlan"
+@pytest.fixture
+def small_vxlan_on_path(tmp_path, monkeypatch):
     for name, text in PLUGIN.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        (src / name).write_text(textwrap.dedent(text).lstrip())
-    r = subprocess.run([*PIP, "install", "--no-build-isolation", "--no-deps", "--no-index", str(src)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"pip install of the plugin failed:\n{r.stdout}\n{r.stderr}"
-    try:
-        yield src
-    finally:
-        subprocess.run([*PIP, "uninstall", "-y", "tunneld-small-vxlan"], capture_output=True, timeout=120)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(textwrap.dedent(text).lstrip())
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH")))))
+    return tmp_path
 
 
 def device_rx(host, dev: str = "tunneld0") -> tuple[int, int]:
@@ -85,7 +73,7 @@ for _ in range(int(sys.argv[2])):
 
 
 @pytest.mark.netns
-def test_a_plugin_that_refuses_big_frames_is_honoured_with_offloads_on(small_vxlan_installed, hosts):
+def test_a_plugin_that_refuses_big_frames_is_honoured_with_offloads_on(small_vxlan_on_path, hosts):
     out = subprocess.run([TUNNELD, "--list-modes"], capture_output=True, text=True, timeout=30).stdout
     assert "vxlan-small" in out
     a, b = hosts
