@@ -101,7 +101,25 @@ def offload_supported(codec: Encapsulator) -> bool:
     return codec.transport.kind in ("udp", "ip") and constant_headers(codec) is not None
 
 
+def _batch_ports(device, link: LinkPort, codec: Encapsulator, max_frame: int, offload: bool):
+    """The one place where offloads make a difference: the device port, whether packets wait to be batched
+    (Pending) and single datagrams are gathered (Gatherer), and how the link receives."""
+    if not offload:
+        return FramePort(device), None, None, link.recv_one
+    port = VnetPort(device, codec, max_frame)  # (refuses a codec without a constant header)
+    # Where the kernel cannot coalesce, reads are single datagrams and are gathered. The largest packet the peer
+    # should send us sizes raw IP's receive slots.
+    link.enable_gro(max_packet=max_frame + codec.header_len)
+    # A wake-up reads until WAKEUP_BYTES, so what waits is at most that plus one last frame and its header.
+    pending = Pending(WAKEUP_BYTES + HEADROOM + MAX_PACKET)
+    return port, pending, Gatherer(), link.recv_gro_into
+
+
 class Engine:
+    port: DevicePort
+    _pending: Pending | None
+    _gather: Gatherer | None
+
     def __init__(
         self,
         device,
@@ -126,20 +144,7 @@ class Engine:
             self._flow_hash = _no_flow  # the ~0.8 us hash would be thrown away for every packet
         else:
             self._flow_hash = ethernet_flow_hash if codec.device is DeviceKind.TAP else ip_flow_hash
-        # The one place where offloads make a difference: which ports, and whether packets wait to be batched.
-        if offload:
-            self.port: DevicePort = VnetPort(device, codec, max_frame)
-            # A wake-up reads until WAKEUP_BYTES, so what waits is at most that plus one last frame and header.
-            self._pending: Pending | None = Pending(WAKEUP_BYTES + HEADROOM + MAX_PACKET)
-            self._gather: Gatherer | None = Gatherer()
-            # Where the kernel cannot coalesce, reads are single datagrams and are gathered. The largest packet
-            # the peer should send us sizes raw IP's receive slots.
-            link.enable_gro(max_packet=max_frame + codec.header_len)
-            self._recv = link.recv_gro_into
-        else:
-            self.port = FramePort(device)
-            self._pending = self._gather = None
-            self._recv = link.recv_one
+        self.port, self._pending, self._gather, self._recv = _batch_ports(device, link, codec, max_frame, offload)
         self._header_len = self.port.header_len
         self._txbuf = bytearray(HEADROOM + MAX_PACKET)
         self._txview = memoryview(self._txbuf)
@@ -243,36 +248,37 @@ class Engine:
         if fallbacks:
             stats.offload_fallbacks += fallbacks
 
+    def _send_rows(self, rows: memoryview, rowlen: int, count: int, flow: int) -> int:
+        """One row buffer to the link, as few system calls as it can; returns how many rows did not leave,
+        counted here as drops (the link's OSError says how many full rows left before the failing call)."""
+        try:
+            self.link.send_segments(rows, rowlen, flow)
+        except OSError as e:
+            failed = count - getattr(e, "sent", 0)
+            self.stats.drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += failed
+            return failed
+        return 0
+
     def _flush(self) -> int:
         """Send the packets waiting in ``Pending`` (counted as moved when queued); returns how many did not
-        leave, counted here as drops, their bytes taken back."""
+        leave, their bytes taken back."""
         pending = self._pending
-        count, size = pending.count, pending.size
-        try:
-            self.link.send_segments(pending.rows(), size, pending.flow)
-        except OSError as e:
-            failed = count - getattr(e, "sent", 0)  # full rows that left before the failing call
-            self.stats.drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += failed
-            self.stats.tx_bytes -= failed * (size - self._header_len)
-            pending.clear()
-            return failed
+        size = pending.size
+        failed = self._send_rows(pending.rows(), size, pending.count, pending.flow)
         pending.clear()
-        return 0
+        self.stats.tx_bytes -= failed * (size - self._header_len)
+        return failed
 
     def _send_superframe(self, segs: Segments, flow: int) -> tuple[int, int]:
         """Send the rows a super-frame was cut into, after what waits (order): (packets, inner bytes) that left."""
-        pending = self._pending
-        moved = -self._flush() if pending.count else 0
-        header_len = self._header_len
-        if segs.rowlen - header_len > self.max_frame:
+        moved = -self._flush() if self._pending.count else 0
+        if segs.rowlen - self._header_len > self.max_frame:
             self.stats.drops[Drop.TOO_BIG] += segs.count
             return moved, 0
-        try:
-            self.link.send_segments(segs.buffer, segs.rowlen, flow)
-        except OSError as e:
-            sent = getattr(e, "sent", 0)
-            self.stats.drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += segs.count - sent
-            return moved + sent, sent * (segs.rowlen - header_len)
+        failed = self._send_rows(segs.buffer, segs.rowlen, segs.count, flow)
+        if failed:
+            sent = segs.count - failed
+            return moved + sent, sent * (segs.rowlen - self._header_len)
         return moved + segs.count, segs.inner_bytes
 
     # -- inbound ---------------------------------------------------------------------------------------------
