@@ -3,7 +3,9 @@
 The engine moves batches; the ports hide how. With offloads (``make_engine(..., offload=True)``) the device
 port (tunneld/io/port.py ``VnetPort``) reads super-frames and cuts them into rows, and the link sends rows
 with one UDP_SEGMENT sendmsg or one sendmmsg and receives them with UDP_GRO or recvmmsg; without, the same
-loops run with batches of one (``FramePort``, one datagram per call). Nothing below asks which.
+loops run with batches of one (``FramePort``, one datagram per call). The loops never see a vnet header,
+GSO type or UDP_SEGMENT; all they know of batching is whether a packet may wait for others (``Pending``) and
+whether single datagrams are gathered (``Gatherer``): with batches of one, neither.
 
 Outbound flow (device → peer), on each wake-up of the device fd:
   1. read up to ``batch`` frames (and at most WAKEUP_BYTES), each into the same buffer behind ``HEADROOM``;
