@@ -154,3 +154,72 @@ def test_undeclared_option_is_caught():
 def test_the_class_suite_runs_every_check():
     methods = [m for m in dir(EncapsulatorConformance) if m.startswith("test_")]
     assert len(methods) == len(CHECKS)
+
+
+# -- the codec's verdict on every path (issue 11) -------------------------------------------------------------
+
+from tunneld.engine import Engine, offload_supported  # noqa: E402
+from tunneld.io.port import VnetPort  # noqa: E402
+from tunneld.testing import check_verdicts_under_load, engine_pair, paths, refusing  # noqa: E402
+
+
+class BypassingPort(VnetPort):
+    """The offload path as it was before issue 11: coalesced rows went to the device without the codec."""
+
+    def write_rows(self, rx, view, n, size, verdicts, drops):
+        return self._write_run(rx, view, 0, n, size, drops)
+
+
+def bypassing_engine(*args, **kwargs) -> Engine:
+    engine = Engine(*args, **kwargs)
+    if kwargs.get("offload"):
+        engine.port.__class__ = BypassingPort
+    return engine
+
+
+@pytest.mark.parametrize("cls", [Vxlan, Gre, GreTap])
+def test_every_builtin_codec_takes_both_paths(cls):
+    assert paths(cls) == (False, True)
+    assert paths(Gre, {"seq": "yes"}) == (False,)  # a counter in the header: no constant header, batches of one
+
+
+@pytest.mark.parametrize("cls", [Vxlan, Gre, GreTap])
+def test_a_refusing_codec_is_honoured_under_load_on_both_paths(cls):
+    check_verdicts_under_load(cls)
+
+
+@pytest.mark.parametrize("cls", [Vxlan, Gre, GreTap])
+def test_the_kit_catches_an_engine_that_lets_coalesced_rows_past_the_codec(cls):
+    with pytest.raises(ConformanceError, match="offload path.*not honoured"):
+        check_verdicts_under_load(cls, make=bypassing_engine)
+
+
+def test_the_refusing_variant_refuses_and_keeps_the_fast_verdict_out_of_its_way():
+    codec = refusing(Vxlan)(vni=1)
+    assert type(codec).decap_batch is Encapsulator.decap_batch  # VXLAN's vectorised verdict would overrule decap
+    assert codec.constant_header(4) == Vxlan(vni=1).constant_header(4)  # encap unchanged: the fast path stays
+    a, b = engine_pair(refusing(Vxlan), None, offload=True)
+    assert offload_supported(a.codec)
+
+
+class LiesAboutItsHeader(Good):
+    """Declares a constant header, then lays another before long frames."""
+
+    name = "liar"
+
+    def constant_header(self, ip_version):
+        return self.MAGIC
+
+    def encap(self, buf, start, end):
+        at = super().encap(buf, start, end)
+        if end - start > 500:
+            buf[at] = ord("X")
+        return at
+
+    def decap(self, packet):
+        return 4 if len(packet) >= 4 else Drop.TRUNCATED
+
+
+def test_a_false_constant_header_declaration_is_caught():
+    with pytest.raises(ConformanceError, match="constant_header"):
+        check_round_trip(LiesAboutItsHeader)

@@ -13,7 +13,7 @@ from tests.frames import expected_tcp, payload, tcp_super
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine_offload import OffloadEngine
+from tunneld.engine import make_engine
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR, NO_OFFLOAD, finish_checksum
 from tunneld.testing import FakeGsoLink, FakeVnetDevice
 
@@ -23,7 +23,7 @@ VNI = 7  # tests.frames' golden vectors use VNI 7
 
 def make(max_frame: int = 1464):
     dev, link = FakeVnetDevice(), FakeGsoLink(PEER)
-    return OffloadEngine(dev, link, Vxlan(VNI), max_frame=max_frame), dev, link
+    return make_engine(dev, link, Vxlan(VNI), max_frame=max_frame, offload=True), dev, link
 
 
 def small(sport: int, size: int = 64) -> bytes:
@@ -85,7 +85,7 @@ def test_a_small_frame_the_segmenter_cannot_parse_falls_back_to_the_plain_path()
 
 def test_a_tun_packet_gre_cannot_carry_is_counted_not_raised():
     dev, link = FakeVnetDevice(), FakeGsoLink(PEER)
-    eng = OffloadEngine(dev, link, Gre(), max_frame=1476)
+    eng = make_engine(dev, link, Gre(), max_frame=1476, offload=True)
     v4 = bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / b"ok")
     dev.inject(NO_OFFLOAD + b"\x10" + bytes(40), NO_OFFLOAD + v4)  # IP version 1, then a good one
     eng.on_device_readable()
@@ -175,7 +175,7 @@ def test_garbage_of_any_length_gathered_or_coalesced_never_raises():
 
 
 def test_a_wakeup_yields_after_its_byte_budget_not_only_its_read_count():
-    from tunneld.engine_offload import WAKEUP_BYTES
+    from tunneld.engine import WAKEUP_BYTES
 
     eng, dev, link = make()
     data = payload(1398 * 40)

@@ -86,7 +86,7 @@ def layer_of(name: str) -> Layer | None:
         return None
     if name == "tunneld":
         return BY_NAME["root"]
-    if name.startswith("tunneld.engine_"):  # an engine split over sibling modules (engine_offload today)
+    if name.startswith("tunneld.engine_"):  # an engine split over sibling modules 
         return BY_NAME["engine"]
     for layer in LAYERS:
         if any(under(name, p) for p in layer.prefixes):

@@ -14,7 +14,8 @@ from scapy.layers.l2 import GRE
 
 from tunneld.encap.gre import Gre, GreTap
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine_offload import constant_prefixes, offload_supported
+from tunneld.encap.base import constant_headers as constant_prefixes
+from tunneld.engine import offload_supported
 from tunneld.io.mmsg import MessageReceiver, MessageSender
 from tunneld.io.raw import RawLink
 from tunneld.offload.coalesce import Coalescer, SuperFrame
@@ -282,14 +283,14 @@ class StubLoop:
 
 def test_packets_left_in_the_slots_when_a_wakeup_ends_are_come_back_for():
     """Taken from the kernel by recvmmsg, they are invisible to the poll: the engine must not wait for it."""
-    from tunneld.engine_offload import OffloadEngine
+    from tunneld.engine import Engine
     from tunneld.testing import FakeVnetDevice
 
     inner = [bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / (b"x" * n)) for n in range(10, 15)]
     link = raw_link_with([("10.0.0.2", bytes(GRE(proto=0x0800)) + p) for p in inner])
     link.enable_gro = lambda max_packet: None  # the fake receiver is in place already
     dev = FakeVnetDevice()
-    eng = OffloadEngine(dev, link, Gre(), max_frame=1476, batch=2)  # five packets of five lengths: five reads
+    eng = Engine(dev, link, Gre(), max_frame=1476, offload=True, batch=2)  # five packets of five lengths: five reads
     eng._loop = loop = StubLoop()
     eng.on_link_readable()
     assert len(dev.written) == 2 and loop.soon == [eng.on_link_readable]

@@ -8,7 +8,7 @@ from tunneld.watch import DROP_REPORT_EVERY, SILENT_AFTER, Watch
 
 
 def test_peer_heard_silent_and_heard_again():
-    stats = Stats(32)
+    stats = Stats()
     w = Watch(stats, "10.0.0.2")
     assert w.tick(100.0) == []  # never heard, nothing to say
     stats.peer_last_rx = 100.5
@@ -22,7 +22,7 @@ def test_peer_heard_silent_and_heard_again():
 
 
 def test_traffic_without_a_silence_says_nothing_more():
-    stats = Stats(32)
+    stats = Stats()
     w = Watch(stats, "10.0.0.2")
     stats.peer_last_rx = 1.0
     w.tick(1.0)
@@ -32,7 +32,7 @@ def test_traffic_without_a_silence_says_nothing_more():
 
 
 def test_drops_are_summarised_at_most_once_a_minute_and_only_new_ones():
-    stats = Stats(32)
+    stats = Stats()
     w = Watch(stats, "p")
     stats.drops[Drop.UNKNOWN_PEER] += 3
     assert w.tick(10.0) == ["dropped 3 packets since the last report: unknown_peer 3"]

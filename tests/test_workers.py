@@ -79,7 +79,7 @@ def test_workers_and_offload_from_a_file_and_the_flag_overrides(tmp_path, capsys
 
 
 def _stats(tx: int, rx: int, last: float, drop: Drop | None = None) -> Stats:
-    s = Stats(4)
+    s = Stats()
     s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes, s.peer_last_rx = tx, tx * 100, rx, rx * 10, last
     s.tx_batches[1] += tx
     s.observe_loop_lag(0.003)
@@ -104,7 +104,7 @@ def test_total_covers_every_field_of_stats():
     from collections import Counter
 
     def filled(base: int) -> Stats:
-        s = Stats(4)
+        s = Stats()
         for i, name in enumerate(Stats.__slots__, start=1):
             value = getattr(s, name)
             if isinstance(value, Counter):

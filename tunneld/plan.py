@@ -20,7 +20,7 @@ from typing import Callable
 
 from tunneld.config import MIN_MTU, TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
-from tunneld.engine_offload import offload_supported  # tunneld.engine once the one-engine branch is merged
+from tunneld.engine import offload_supported
 from tunneld.errors import EX_CONFIG, StartupError
 from tunneld.io import netlink
 from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS

@@ -38,9 +38,9 @@ class Stats:
         "offload_fallbacks",
     )
 
-    def __init__(self, max_batch: int | None = None) -> None:
-        # ``max_batch`` is accepted and ignored (engines still pass their batch): the histograms have MAX_BATCH
-        # slots whatever the batch, so that snapshots of differently batched workers add up slot by slot.
+    def __init__(self) -> None:
+        # The histograms have MAX_BATCH + 1 slots whatever an engine's batch (the engine refuses a larger one),
+        # so that snapshots of differently batched workers add up slot by slot.
         self.tx_packets = 0  # frames read from the device and sent to the peer
         self.tx_bytes = 0
         self.rx_packets = 0  # frames received from the peer and written to the device

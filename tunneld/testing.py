@@ -1,8 +1,11 @@
 """In-memory stand-ins for the kernel's doors, so the engine can be tested without root.
 
-``FakeDevice`` and ``FakeLink`` behave like the non-blocking fds they replace: reads raise BlockingIOError
-when empty, and what is written or sent is recorded. Plugin authors use them to drive their encapsulator
-through a real ``Engine``, and the conformance suite at the end of this module does so for them.
+``FakeDevice`` stands for a TUN/TAP fd: it answers the system calls the device ports make (``sys_readv``,
+``sys_write``, ``sys_writev``: tunneld/io/port.py), so the real ports (vnet header, segmentation,
+coalescing) run in tests; reads raise BlockingIOError when empty, and what is written is recorded.
+``FakeLink``/``FakeGsoLink`` behave like the underlay link: what is sent is recorded, datagrams are delivered
+one by one or as coalesced (UDP_GRO) reads. Plugin authors use them to drive their encapsulator through a real
+``Engine``, and the conformance suite at the end of this module does so for them, on both paths.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import errno
 import random
 import re
 import struct
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Mapping
 
 from tunneld.config import TunnelConfig
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator
 from tunneld.encap.checksum import internet_checksum
-from tunneld.engine import HEADROOM, Engine
+from tunneld.engine import HEADROOM, Engine, offload_supported
+from tunneld.offload.vnet import HDR, NO_OFFLOAD, VNET_HDR_LEN
 from tunneld.plugins import _check as _check_shape
 
 
@@ -35,6 +39,8 @@ class FakeDevice:
     def fileno(self) -> int:
         return -1
 
+    # the Device interface
+
     def read_into(self, buf: memoryview) -> int:
         if not self.pending:
             raise BlockingIOError(errno.EAGAIN, "no frame")
@@ -43,10 +49,26 @@ class FakeDevice:
         return len(frame)
 
     def write(self, frame: memoryview) -> int:
+        return self.writev((frame,))
+
+    def writev(self, buffers) -> int:
         if self.fail_writes:
             raise OSError(errno.EIO, "device is down")
-        self.written.append(bytes(frame))
-        return len(frame)
+        data = b"".join(bytes(memoryview(b)) for b in buffers)
+        self.written.append(data)
+        return len(data)
+
+    # the system calls a device port makes on the fd: through the methods above, so that a test may replace
+    # one of those on an instance (a read that fails as a deleted interface's does) and the port sees it
+
+    def sys_readv(self, fd: int, buffers) -> int:
+        return self.read_into(buffers[0])
+
+    def sys_write(self, fd: int, frame) -> int:
+        return self.write(frame)
+
+    def sys_writev(self, fd: int, buffers) -> int:
+        return self.writev(buffers)
 
 
 class FakeLink:
@@ -80,6 +102,10 @@ class FakeLink:
         buf[: len(packet)] = packet
         return len(packet), source
 
+    def recv_one(self, buf: memoryview) -> tuple[int, str, int]:
+        n, source = self.recv_into(buf)
+        return n, source, 0
+
     def send(self, packet: memoryview, flow: int) -> None:
         if self.send_error is not None:
             raise OSError(self.send_error, "send failed")
@@ -88,13 +114,6 @@ class FakeLink:
 
 class FakeVnetDevice(FakeDevice):
     """A TAP opened with IFF_VNET_HDR: ``inject`` takes ``virtio_net_hdr`` + frame, ``written`` holds the same."""
-
-    def writev(self, buffers) -> int:
-        if self.fail_writes:
-            raise OSError(errno.EIO, "device is down")
-        data = b"".join(bytes(memoryview(b)) for b in buffers)
-        self.written.append(data)
-        return len(data)
 
 
 class FakeGsoLink(FakeLink):
@@ -268,12 +287,25 @@ def _decap_checked(codec: Encapsulator, packet: bytes) -> int | Drop:
     return verdict
 
 
+def _inner_version(device: DeviceKind, frame: bytes) -> int:
+    if device is DeviceKind.TAP:
+        return 6 if frame[12:14] == b"\x86\xdd" else 4
+    return frame[0] >> 4 if frame else 0
+
+
 def check_round_trip(cls: type[Encapsulator], options: Mapping[str, Any] | None = None, *, count: int = 300,
                      seed: int = 0) -> None:
-    """Random well-formed frames survive encap by one instance and decap by another (the peer) unchanged."""
+    """Random well-formed frames survive encap by one instance and decap by another (the peer) unchanged; and a
+    declared constant header (the offload path lays it before every row) is what encap lays before each."""
     sender, receiver = build(cls, options), build(cls, options)
     for i, frame in enumerate(random_frames(cls.device, count, seed)):
+        version = _inner_version(cls.device, frame)
+        declared = sender.constant_header(version) if version in (4, 6) else None
         wire = _encap_checked(sender, frame)
+        if declared is not None and wire[: len(wire) - len(frame)] != declared:
+            raise ConformanceError(f"{cls.name}: frame {i} ({len(frame)} bytes) got the header "
+                                   f"{wire[: len(wire) - len(frame)].hex()}, not the declared "
+                                   f"constant_header({version}) {bytes(declared).hex()}")
         verdict = _decap_checked(receiver, wire)
         if isinstance(verdict, Drop):
             raise ConformanceError(f"{cls.name}: frame {i} ({len(frame)} bytes) was dropped on decap: {verdict.value}")
@@ -308,32 +340,195 @@ def check_malformed(cls: type[Encapsulator], options: Mapping[str, Any] | None =
         _decap_checked(receiver, data)
 
 
+def paths(cls: type[Encapsulator], options: Mapping[str, Any] | None = None) -> tuple[bool, ...]:
+    """The data paths ``cls`` takes: batches of one (offload False), and offloads where it declares a constant
+    header."""
+    return (False, True) if offload_supported(build(cls, options)) else (False,)
+
+
+def engine_pair(cls: type[Encapsulator], options: Mapping[str, Any] | None, offload: bool,
+                make: Callable[..., Engine] = Engine) -> tuple[Engine, Engine]:
+    """Two engines over fakes, one per end (192.0.2.1 and .2), on the path ``offload`` says."""
+    device, link = (FakeVnetDevice, FakeGsoLink) if offload else (FakeDevice, FakeLink)
+    return tuple(make(device(), link(peer), build(cls, options), max_frame=9000, offload=offload)
+                 for peer in ("192.0.2.2", "192.0.2.1"))
+
+
+def _drain(callback: Callable[[], None], pending: deque, rounds: int) -> None:
+    for _ in range(rounds):  # each wake-up moves at most a batch; bounded either way
+        if not pending:
+            break
+        callback()
+
+
+def _frames_out(written: list[bytes], offload: bool) -> list[bytes]:
+    """The frames a receiving engine wrote to its device, each plain one behind NO_OFFLOAD on the offload path."""
+    if not offload:
+        return written
+    if any(w[:VNET_HDR_LEN] != NO_OFFLOAD for w in written):
+        return written  # a super-frame: no comparison frame by frame makes sense; the caller's check fails
+    return [w[VNET_HDR_LEN:] for w in written]
+
+
 def check_through_engine(cls: type[Encapsulator], options: Mapping[str, Any] | None = None, *, count: int = 100,
                          seed: int = 0) -> None:
-    """Two real engines over fakes, one per end: frames injected at one device come out of the other."""
+    """Two real engines over fakes, one per end, on each path the codec takes: frames injected at one device
+    come out of the other; then the same under bulk load, with a refusing variant (check_verdicts_under_load)."""
     a_addr, b_addr = "192.0.2.1", "192.0.2.2"
-    a = Engine(FakeDevice(), FakeLink(b_addr), build(cls, options), max_frame=9000)
-    b = Engine(FakeDevice(), FakeLink(a_addr), build(cls, options), max_frame=9000)
-    for sender, receiver, source, offset in ((a, b, a_addr, 0), (b, a, b_addr, 1)):
-        frames = random_frames(cls.device, count, seed + offset)
-        sender.device.inject(*frames)
-        for _ in range(count):  # each wake-up moves at most a batch; bounded either way
-            if not sender.device.pending:
-                break
-            sender.on_device_readable()
-        for packet, _flow in sender.link.sent:
-            receiver.link.deliver(packet, source=source)
-        sender.link.sent.clear()
-        for _ in range(count):
-            if not receiver.link.pending:
-                break
-            receiver.on_link_readable()
-        if sender.stats.drops or receiver.stats.drops:
-            raise ConformanceError(f"{cls.name}: the engines dropped well-formed frames: "
-                                   f"{dict(sender.stats.drops)} / {dict(receiver.stats.drops)}")
-        if receiver.device.written != frames:
-            raise ConformanceError(f"{cls.name}: {len(receiver.device.written)} of {len(frames)} frames arrived, "
-                                   "or not unchanged and in order")
+    for offload in paths(cls, options):
+        a, b = engine_pair(cls, options, offload)
+        for sender, receiver, source, offset in ((a, b, a_addr, 0), (b, a, b_addr, 1)):
+            frames = random_frames(cls.device, count, seed + offset)
+            sender.device.inject(*[NO_OFFLOAD + f for f in frames] if offload else frames)
+            _drain(sender.on_device_readable, sender.device.pending, count)
+            for packet, _flow in sender.link.sent:
+                receiver.link.deliver(packet, source=source)
+            sender.link.sent.clear()
+            _drain(receiver.on_link_readable, receiver.link.pending, count)
+            path = "offload" if offload else "plain"
+            if sender.stats.drops or receiver.stats.drops:
+                raise ConformanceError(f"{cls.name} ({path} path): the engines dropped well-formed frames: "
+                                       f"{dict(sender.stats.drops)} / {dict(receiver.stats.drops)}")
+            if _frames_out(receiver.device.written, offload) != frames:
+                raise ConformanceError(f"{cls.name} ({path} path): {len(receiver.device.written)} of {len(frames)} "
+                                       "frames arrived, or not unchanged and in order")
+    check_verdicts_under_load(cls, options, seed=seed)
+
+
+# -- bulk load: TCP-like and UDP-like streams, as segments and as GRO reads -----------------------------------
+
+_TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
+_MACS = bytes.fromhex("020000000002" "020000000001")
+
+
+def _l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes) -> int:
+    return internet_checksum(src + dst + struct.pack("!BBH", 0, proto, len(segment)) + segment)
+
+
+def stream(device: DeviceKind, proto: int, payload: int, count: int, seed: int = 0) -> list[bytes]:
+    """``count`` in-order segments of one TCP flow (``proto`` 6, ACK only) or datagrams of one UDP flow (17),
+    ``payload`` bytes each, checksums right: what a kernel hands a tunnel from a bulk transfer, the stuff that
+    GRO coalesces and TSO/USO cuts."""
+    rng = random.Random(seed)
+    src, dst = bytes([10, 1, 0, 1]), bytes([10, 1, 0, 2])
+    out = []
+    for i in range(count):
+        data = rng.randbytes(payload)
+        if proto == 6:
+            l4 = _TCP.pack(40000, 5201, 1000 + i * payload, 1, 5 << 4, 0x10, 512, 0, 0) + data
+            csum_at = 16
+        else:
+            l4 = _UDP.pack(40000, 5201, 8 + len(data), 0) + data
+            csum_at = 6
+        csum = _l4_checksum(src, dst, proto, l4) or 0xFFFF
+        l4 = l4[:csum_at] + csum.to_bytes(2, "big") + l4[csum_at + 2 :]
+        ip = _IPV4.pack(0x45, 0, 20 + len(l4), i & 0xFFFF, 0x4000, 64, proto, 0, src, dst)
+        ip = ip[:10] + internet_checksum(ip).to_bytes(2, "big") + ip[12:]
+        packet = ip + l4
+        out.append(_MACS + b"\x08\x00" + packet if device is DeviceKind.TAP else packet)
+    return out
+
+
+def _gro_reads(datagrams: list[bytes]) -> list[list[bytes]]:
+    """Consecutive datagrams grouped as UDP_GRO would: one length (at most 64), a shorter one ends a group."""
+    reads: list[list[bytes]] = []
+    for d in datagrams:
+        last = reads[-1] if reads else None
+        if last and len(last) < 64 and len(d) <= len(last[0]) and len(last[-1]) == len(last[0]):
+            last.append(d)
+        else:
+            reads.append([d])
+    return reads
+
+
+def _segments_written(written: list[bytes], offload: bool) -> int:
+    """How many datagrams' worth of frames the device got: a GSO super-frame stands for its segments."""
+    if not offload:
+        return len(written)
+    total = 0
+    for w in written:
+        _flags, gso_type, hdr_len, gso_size, csum_start, _ = HDR.unpack_from(w)
+        if gso_type == 0:
+            total += 1
+            continue
+        # the L4 header's own length, not the kernel's hdr_len (NOTES: never trust it)
+        l4 = w[VNET_HDR_LEN + csum_start :]
+        headers = csum_start + ((l4[12] >> 4) * 4 if gso_type != 5 else 8)
+        total += -(-(len(w) - VNET_HDR_LEN - headers) // gso_size)
+    return total
+
+
+REFUSE_ABOVE = 1000  # the refusing variant's limit on inner frames, in bytes
+
+
+def refusing(cls: type[Encapsulator], limit: int = REFUSE_ABOVE) -> type[Encapsulator]:
+    """``cls`` as a plugin author might extend it: its ``decap`` also refuses inner frames over ``limit`` bytes,
+    and, to break runs in the middle, those whose last byte is below 8 (about one in 32 of random payloads).
+    Only ``decap`` changes: whatever fast verdict ``cls`` declared must give way to it."""
+
+    class Refusing(cls):  # type: ignore[valid-type, misc]
+        def decap(self, packet: memoryview) -> int | Drop:
+            verdict = super().decap(packet)
+            if verdict.__class__ is not Drop and (len(packet) - verdict > limit or packet[-1] < 8):
+                return Drop.LENGTH_MISMATCH
+            return verdict
+
+    Refusing.__name__ = Refusing.__qualname__ = f"Refusing{cls.__name__}"
+    return Refusing
+
+
+def check_verdicts_under_load(cls: type[Encapsulator], options: Mapping[str, Any] | None = None, *,
+                              make: Callable[..., Engine] = Engine, seed: int = 0) -> None:
+    """Every datagram received gets the codec's verdict, on every path, under bulk TCP-like and UDP-like load:
+    what a receiving engine delivers and drops (by reason) is exactly what ``decap`` says of each datagram on
+    the wire, whether the datagrams arrive one by one, gathered, or as coalesced (GRO) reads that the engine
+    writes as super-frames. Checked for ``cls`` and for ``refusing(cls)``, which refuses some of them: an
+    engine that lets a coalesced run past the codec fails here. ``make`` builds the engines (the kit's own
+    tests hand it a broken one to see this fail)."""
+    for codec_cls in (cls, refusing(cls)):
+        _check_load(codec_cls, options, make, seed)
+
+
+def _check_load(cls: type[Encapsulator], options: Mapping[str, Any] | None, make: Callable[..., Engine],
+                seed: int) -> None:
+    loads = [(6, 1400, 40), (6, 600, 40), (17, 1200, 30), (17, 300, 30), (6, 1000, 7), (6, 980, 5)]
+    for offload in paths(cls, options):
+        path = "offload" if offload else "plain"
+        sender, receiver = engine_pair(cls, options, offload, make)
+        reference = build(cls, options)  # judges every datagram on the wire, in the same order
+        want: Counter = Counter()
+        accepted = accepted_bytes = 0
+        for k, (proto, payload, count) in enumerate(loads):
+            frames = stream(cls.device, proto, payload, count, seed + k)
+            frames.append(stream(cls.device, proto, payload // 3, 1, seed + k)[0])  # a shorter last one
+            sender.device.inject(*[NO_OFFLOAD + f for f in frames] if offload else frames)
+            _drain(sender.on_device_readable, sender.device.pending, 4 * len(frames))
+            wire = [p for p, _ in sender.link.sent]
+            sender.link.sent.clear()
+            for packet in wire:
+                verdict = _decap_checked(reference, packet)
+                if isinstance(verdict, Drop):
+                    want[verdict] += 1
+                else:
+                    accepted += 1
+                    accepted_bytes += len(packet) - verdict
+            if offload and k % 2 == 0:  # coalesced by the kernel: GRO reads
+                for read in _gro_reads(wire):
+                    receiver.link.deliver_gro(read, source="192.0.2.1")
+            else:  # one by one (a peer without GRO on the way): the engine gathers them
+                for packet in wire:
+                    receiver.link.deliver(packet, source="192.0.2.1")
+            _drain(receiver.on_link_readable, receiver.link.pending, 4 * len(wire) + 4)
+        got = receiver.stats
+        written = _segments_written(receiver.device.written, offload)
+        if dict(got.drops) != dict(want) or got.rx_packets != accepted or got.rx_bytes != accepted_bytes \
+                or written != accepted:
+            raise ConformanceError(
+                f"{cls.name} ({cls.__name__}, {path} path): the codec accepted {accepted} datagrams ({accepted_bytes} inner bytes) "
+                f"and refused {dict((r.value, n) for r, n in want.items())}; the engine delivered {got.rx_packets} "
+                f"({got.rx_bytes} bytes, {written} datagrams' worth written) and dropped "
+                f"{dict((r.value, n) for r, n in got.drops.items())}: a verdict was not honoured")
 
 
 CHECKS: tuple[Callable[..., None], ...] = (check_declaration, check_round_trip, check_malformed, check_through_engine)
@@ -362,3 +557,4 @@ class EncapsulatorConformance:
 
     def test_through_engine(self) -> None:
         check_through_engine(self.encapsulator, self.options)
+

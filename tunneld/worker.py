@@ -19,18 +19,10 @@ import os
 
 from tunneld.channel import Apply, Channel, Message, Ready, StatsReport, StatsRequest, Stop
 from tunneld.encap.base import Encapsulator
-from tunneld.engine import Engine
-from tunneld.engine_offload import OffloadEngine
+from tunneld.engine import Engine, make_engine
 from tunneld.stats import Stats
 
 log = logging.getLogger("tunneld")
-
-
-def make_engine(device, link, codec: Encapsulator, *, max_frame: int, offload: bool) -> Engine:
-    """The data path over ``device`` and ``link``. The one place an engine is built; the one-engine branch
-    provides ``tunneld.engine.make_engine`` with this signature, which replaces this function."""
-    engine_cls = OffloadEngine if offload else Engine
-    return engine_cls(device, link, codec, max_frame=max_frame)
 
 
 def cpu_seconds() -> float:

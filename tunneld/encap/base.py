@@ -14,6 +14,17 @@ Options are declared once, by the codec: ``options`` maps each name to an ``Opti
 default, one-line help). The command line's flags and ``--opt NAME=VALUE``, the config file's keys,
 ``--list-modes`` and ``--help`` are all derived from these declarations, and ``Option.parse`` is the one check
 of a value (``tunneld.modes.build_codec`` applies it once, through ``from_options``).
+
+The fast path (kernel offloads) is declared, never guessed:
+- ``constant_header(ip_version)`` is the header ``encap`` lays in front of EVERY frame of that inner IP version
+  (TAP codecs: of every frame), whatever its contents and length; or None when there is none (a checksum, a
+  sequence number, a length in the header). With a constant header the engine may cut a super-frame into
+  packets that all carry it, and expect it in front of rows the kernel coalesced; without one, packets move
+  one by one. The conformance kit (tunneld.testing) checks the declaration against ``encap``.
+- ``decap_batch(packets, size)`` is the verdict on datagrams laid back to back (each ``size`` bytes, the
+  last maybe shorter), as a UDP_GRO read or a run out of recvmmsg delivers them: one verdict per datagram, in
+  order. The default asks ``decap`` for each; a codec may answer faster but never differently. The engine
+  asks it for every row it received, coalesced or not, so a codec's refusal always holds.
 """
 
 from __future__ import annotations
@@ -241,6 +252,17 @@ UDP_HEADER_LEN = 8
 ETHERNET_HEADER_LEN = 14
 
 
+def rows_agree(packets: memoryview, size: int, at: int, expect: bytes, rows: int) -> bool:
+    """Whether the first ``rows`` datagrams of ``packets`` (``size`` bytes each) all hold ``expect`` at offset
+    ``at``. Byte j of every row is the strided slice ``packets[at + j :: size]``: one C-level comparison per
+    byte of ``expect``, none per row; what ``decap_batch`` overrides use to judge a whole batch at once."""
+    stop = rows * size
+    for j in range(len(expect)):  # a loop, not all(genexpr): no generator frame per byte
+        if packets[at + j : stop : size] != expect[j : j + 1] * rows:
+            return False
+    return True
+
+
 class Encapsulator(abc.ABC):
     """Base class of every mode. Subclasses set the class attributes and implement ``encap``/``decap``."""
 
@@ -253,6 +275,17 @@ class Encapsulator(abc.ABC):
     # and --help lines are derived from them. Values reach ``from_options`` as given (typed from a config file
     # or a flag, strings from --opt); an option the mode does not declare is refused before it is built.
     options: ClassVar[Mapping[str, Option]] = declare()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A declaration holds for the code it was written with. A subclass that rewrites ``encap`` (or
+        # ``decap``) but not the declaration beside it (``constant_header``, ``decap_batch``) gets the safe
+        # defaults back: no fast path, and a verdict that asks its own ``decap`` for every datagram. (A VXLAN
+        # plugin refusing some frames must not be overruled by VXLAN's vectorised verdict.)
+        super().__init_subclass__(**kwargs)
+        if "encap" in cls.__dict__ and "constant_header" not in cls.__dict__:
+            cls.constant_header = Encapsulator.constant_header  # type: ignore[method-assign]
+        if "decap" in cls.__dict__ and "decap_batch" not in cls.__dict__:
+            cls.decap_batch = Encapsulator.decap_batch  # type: ignore[method-assign]
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Encapsulator":
@@ -301,3 +334,25 @@ class Encapsulator(abc.ABC):
     @abc.abstractmethod
     def decap(self, packet: memoryview) -> int | Drop:
         """Validate one received packet; return the offset of the inner frame, or why it is dropped."""
+
+    def constant_header(self, ip_version: int) -> bytes | None:
+        """The header ``encap`` lays in front of every frame of inner IP version ``ip_version`` (4 or 6; a TAP
+        codec answers the same for both), or None: no fast path, packets move one by one. A codec that states
+        one must keep to it for every frame: offloaded packets are built from this declaration, not by
+        ``encap``."""
+        return None
+
+    def decap_batch(self, packets: memoryview, size: int) -> list[int | Drop]:
+        """``decap``'s verdict on each datagram of ``packets`` (``size`` bytes each, the last maybe shorter)."""
+        decap = self.decap
+        return [decap(packets[i : i + size]) for i in range(0, len(packets), size)]
+
+
+def constant_headers(codec: Encapsulator) -> tuple[bytes, bytes] | None:
+    """The headers ``codec`` declares in front of every IPv4 and every IPv6 frame, when it declares both and
+    they are ``header_len`` bytes long (the offload path lays one before every row and expects it there);
+    None: the codec moves packets one by one."""
+    h4, h6 = codec.constant_header(4), codec.constant_header(6)
+    if h4 is None or h6 is None or not len(h4) == len(h6) == codec.header_len:
+        return None
+    return bytes(h4), bytes(h6)

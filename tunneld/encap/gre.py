@@ -44,6 +44,12 @@ being shut out (its counter starts again at 0, which looks "behind" us for up to
 - ``RESYNC_AFTER`` late packets in a row that are consecutive among themselves are a new count too.
 The first packet after start-up is accepted whatever its number (RFC 2890 would start from 2**32-1, which
 shuts out a peer that has been running for over 2**31 packets).
+
+Offloads (``constant_header``): without checksum and sequence number the header is constant per inner
+protocol (``gre``: IPv4 and IPv6 differ by their protocol type; ``gretap``: one for all); with either, each
+packet's header differs and the engine moves packets one by one. ``decap_batch`` judges a whole batch of
+equal datagrams at once where the header bytes decide (and, for ``gre``, an IPv4 header without options
+whose length accounts for the row), and asks ``decap`` for every row otherwise.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from tunneld.encap.base import (
     Option,
     Transport,
     declare,
+    rows_agree,
 )
 from tunneld.encap.checksum import internet_checksum
 
@@ -155,6 +162,9 @@ class _GreBase(Encapsulator):
         parts += ["seq"] * self.seq + ["csum"] * self.csum
         return ", ".join(parts)
 
+    def _constant(self, header: bytes) -> bytes | None:
+        return None if self.seq or self.csum else header  # a counter or a checksum differs per packet
+
     def _static_header(self, protocol: int) -> bytes:
         """Flags, protocol type, zero checksum and reserved1 (if C), key (if K); the sequence goes in per packet."""
         return _FLAGS_PROTO.pack(self._flags, protocol) + b"\0" * (OPTION_LEN * self.csum) + self._key_bytes
@@ -232,6 +242,20 @@ class Gre(_GreBase):
             return self._finish(buf, start, end, self._header6)
         return Drop.BAD_PROTOCOL
 
+    def constant_header(self, ip_version: int) -> bytes | None:
+        return self._constant(self._header4 if ip_version == 4 else self._header6)
+
+    def decap_batch(self, packets: memoryview, size: int) -> list[int | Drop]:
+        count = -(-len(packets) // size) if size else 0
+        inner = self._len
+        carried = size - inner
+        if (count > 1 and carried >= IPV4_HEADER_LEN and not self.seq and not self.csum
+                and rows_agree(packets, size, 0, self._header4 + b"\x45", count - 1)
+                and rows_agree(packets, size, inner + IPV4_TOTAL_LENGTH_OFFSET, _U16.pack(carried), count - 1)):
+            # All but the last: the header, an IPv4 header without options, a length that fits the row.
+            return [inner] * (count - 1) + [self.decap(packets[(count - 1) * size :])]
+        return super().decap_batch(packets, size)
+
     def decap(self, packet: memoryview) -> int | Drop:
         protocol = self._check_header(packet)
         if protocol.__class__ is Drop:
@@ -279,6 +303,18 @@ class GreTap(_GreBase):
 
     def encap(self, buf: bytearray, start: int, end: int) -> int:
         return self._finish(buf, start, end, self._header)
+
+    def constant_header(self, ip_version: int) -> bytes | None:
+        return self._constant(self._header)
+
+    def decap_batch(self, packets: memoryview, size: int) -> list[int | Drop]:
+        n = len(packets)
+        count = -(-n // size) if size else 0
+        shortest = self._len + ETHERNET_HEADER_LEN
+        if (count > 1 and not self.seq and not self.csum and size >= shortest and n - (count - 1) * size >= shortest
+                and rows_agree(packets, size, 0, self._header, count)):
+            return [self._len] * count
+        return super().decap_batch(packets, size)
 
     def decap(self, packet: memoryview) -> int | Drop:
         protocol = self._check_header(packet)

@@ -11,7 +11,10 @@ Rules this codec keeps (RFC 7348 §5, and what the Linux driver enforces):
 - inbound: the I bit must be set and every other flag and reserved field zero (Linux drops packets with
   unknown bits set, so do we), the VNI must be ours, and an inner Ethernet header must follow.
 
-Because the header depends only on the VNI, it is built once; ``encap`` copies 8 bytes into the headroom.
+Because the header depends only on the VNI, it is built once; ``encap`` copies 8 bytes into the headroom,
+and it is the constant header of the offload path (``constant_header``). A batch of datagrams is judged at
+once (``decap_batch``): a datagram is valid exactly when its first 8 bytes are that header and an Ethernet
+header follows, so 8 strided comparisons decide a whole UDP_GRO read; any other batch is judged one by one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import struct
 from typing import ClassVar, Mapping
 
-from tunneld.encap.base import ETHERNET_HEADER_LEN, DeviceKind, Drop, Encapsulator, Option, Transport, declare
+from tunneld.encap.base import ETHERNET_HEADER_LEN, DeviceKind, Drop, Encapsulator, Option, Transport, declare, rows_agree
 
 IANA_PORT = 4789
 HEADER_LEN = 8
@@ -76,6 +79,18 @@ class Vxlan(Encapsulator):
         start -= HEADER_LEN
         buf[start : start + HEADER_LEN] = self._header
         return start
+
+    def constant_header(self, ip_version: int) -> bytes:
+        return self._header
+
+    def decap_batch(self, packets: memoryview, size: int) -> list[int | Drop]:
+        n = len(packets)
+        count = -(-n // size) if size else 0
+        shortest = HEADER_LEN + ETHERNET_HEADER_LEN
+        if count > 1 and n - (count - 1) * size >= shortest and size >= shortest \
+                and rows_agree(packets, size, 0, self._header, count):
+            return [HEADER_LEN] * count
+        return super().decap_batch(packets, size)
 
     def decap(self, packet: memoryview) -> int | Drop:
         if len(packet) < HEADER_LEN:

@@ -17,7 +17,7 @@ The receive side differs between families:
   buffer, the GRE packet lands at the start of the caller's buffer. Only a header that carries options (rare
   and suspect on a tunnel underlay) costs a move of the packet by the option bytes.
 - IPv6 raw sockets deliver the payload only (RFC 3542 §3), so the packet is already where it should be.
-The engine's interface therefore stays that of the UDP link: ``recv_into(buf) -> (n, source)`` with the
+The engine's interface therefore stays that of the UDP link: ``recv_one(buf) -> (n, source, 0)`` with the
 encapsulated packet in ``buf[:n]``.
 
 Like the UDP link the socket is never connected: the peer can change at run time, and the engine sees (and
@@ -102,7 +102,7 @@ class RawLink:
             raise
         self._outer = bytearray(IPV4_HEADER_LEN)  # where the IPv4 receive scatters the outer header
         self._scatter: list = [self._outer, None]
-        self.recv_into = self._recv_ipv4 if self.family == socket.AF_INET else self._recv_ipv6
+        self.recv_one = self._recv_ipv4 if self.family == socket.AF_INET else self._recv_ipv6
         self._sender: MessageSender | None = None
         self._receiver: MessageReceiver | None = None
 
@@ -125,7 +125,7 @@ class RawLink:
     # builds from one recvmmsg of up to 64 packets: each call of recv_gro_into hands out the next run of packets
     # from the peer that have one length (plus a shorter last one), copied back to back into the caller's
     # buffer. One difference remains: packets taken from the kernel but not yet handed out are invisible to the
-    # event loop's poll, so the engine looks at ``buffered`` before it yields (engine_offload.py).
+    # event loop's poll, so the engine looks at ``buffered`` before it yields (engine.py).
 
     def enable_gro(self, max_packet: int = 65535) -> None:
         """Send and receive many packets per call. ``max_packet``: the largest encapsulated packet the peer should
@@ -254,8 +254,14 @@ class RawLink:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def _recv_ipv4(self, buf: memoryview) -> tuple[int, str]:
+    def recv_into(self, buf: memoryview) -> tuple[int, str]:
         """One packet's payload into ``buf``: (length, source). Raises BlockingIOError when there is none."""
+        n, source, _ = self.recv_one(buf)
+        return n, source
+
+    def _recv_ipv4(self, buf: memoryview) -> tuple[int, str, int]:
+        """One packet's payload into ``buf``: (length, source, 0), as ``recv_gro_into`` answers for a single
+        packet. Raises BlockingIOError when there is none."""
         scatter = self._scatter
         scatter[1] = buf
         n, _, _, addr = self._sock.recvmsg_into(scatter)
@@ -266,11 +272,11 @@ class RawLink:
             options = header_len - IPV4_HEADER_LEN
             n = max(0, n - options)
             buf[:n] = buf[options : options + n]
-        return max(0, n), addr[0]
+        return max(0, n), addr[0], 0
 
-    def _recv_ipv6(self, buf: memoryview) -> tuple[int, str]:
+    def _recv_ipv6(self, buf: memoryview) -> tuple[int, str, int]:
         n, addr = self._sock.recvfrom_into(buf)
-        return n, addr[0]
+        return n, addr[0], 0
 
     def send(self, packet: memoryview, flow: int) -> None:
         """Send one packet to the peer. ``flow`` is unused (``spreads_flows``): raw IP has no ports."""

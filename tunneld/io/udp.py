@@ -129,6 +129,11 @@ class UdpLink:
         n, addr = self._rx.recvfrom_into(buf)
         return n, addr[0]
 
+    def recv_one(self, buf: memoryview) -> tuple[int, str, int]:
+        """One datagram, answered as ``recv_gro_into`` answers (size 0: not rows): the engine's batch of one."""
+        n, addr = self._rx.recvfrom_into(buf)
+        return n, addr[0], 0
+
     def send(self, packet: memoryview, flow: int) -> None:
         """Send one datagram to the peer from the source port that ``flow`` selects."""
         self._tx[flow % self._ntx].sendto(packet, self._peer)

@@ -37,6 +37,7 @@ class Segments(NamedTuple):
     rowlen: int  # bytes per full row: the UDP_SEGMENT size
     count: int  # rows
     inner_bytes: int  # sum of the inner frames' lengths (without prefix), for the byte counters
+    frame_len: int = 0  # the super-frame's length as read: what it weighs against a wake-up's byte budget
 
 
 def _be16_into(rows: np.ndarray, col: int, values: np.ndarray) -> None:
@@ -138,4 +139,4 @@ class Segmenter:
         _be16_into(rows, ccol, csum)
         size = (nseg - 1) * rowlen + body + (last or gso_size)
         inner = nseg * hlen + payload
-        return Segments(memoryview(self._out)[:size], rowlen, nseg, inner)
+        return Segments(memoryview(self._out)[:size], rowlen, nseg, inner, len(frame))

@@ -52,6 +52,9 @@ class IpUdp(Encapsulator):
         buf[start : start + HEADER_LEN] = self._header
         return start
 
+    def constant_header(self, ip_version: int) -> bytes:
+        return self._header  # the same 4 bytes before every packet: the engine may offload
+
     def decap(self, packet: memoryview) -> int | Drop:
         if len(packet) < HEADER_LEN:
             return Drop.TRUNCATED
