@@ -21,10 +21,12 @@ from tunneld.config import (
     ConfigError,
     ConfigFileError,
     TunnelConfig,
+    check_on_host,
     load_file,
     validate,
 )
 from tunneld.daemon import StartupError, run
+from tunneld.io.netlink import address_kind, is_own_address
 from tunneld.plugins import discover
 
 log = logging.getLogger("tunneld")
@@ -99,8 +101,15 @@ def _workers(text: str) -> int | str:
 _workers.__name__ = "workers"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with a pointer to --help, as the README promises, not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(modes: Sequence[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tunneld",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -219,6 +228,18 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
     return cfg
 
 
+class HostError(ConfigError):
+    """The configuration does not fit this host (the peer is one of its own addresses, ...): exit 78."""
+
+
+def on_host(cfg: TunnelConfig, where: str) -> None:
+    """The peer and local address checked against this host's own addresses; raises HostError."""
+    try:
+        check_on_host(cfg.peer, cfg.local, address_kind, is_own_address)
+    except ConfigError as e:
+        raise HostError(f"{where}tunnel.{e}" if where else str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     modes, broken = discover()
     parser = build_parser(list(modes))
@@ -269,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             codec_cls.from_options(cfg.options())
         except (ValueError, TypeError) as e:
             raise ModeOptionError(f"{where}{cfg.mode}: {e}") from None
+        if not args.check:  # --check may run on another machine; a start or a reload runs here
+            on_host(cfg, where)
         return cfg
 
     try:
@@ -277,12 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in e.problems:
             print(f"tunneld: {line}", file=sys.stderr)
         return EX_CONFIG
-    except ModeOptionError as e:
+    except (ModeOptionError, HostError) as e:
         print(f"tunneld: {e}" if args.config else f"tunneld: error: {e}", file=sys.stderr)
         return EX_CONFIG
     except ConfigError as e:
-        if not args.config:
-            parser.error(str(e))  # a bad flag: exit 2, as argparse does for the others
+        if not args.config:  # a bad flag: exit 2, as argparse does for the others; the line says it all
+            print(f"tunneld: error: {e}", file=sys.stderr)
+            return 2
         print(f"tunneld: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
