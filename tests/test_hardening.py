@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import codecs
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 
-from tests.netns import TUNNELD
+from tests.netns import TUNNELD, Tunneld
 from tunneld.config import MAX_CONFIG_BYTES, ConfigError, ConfigFileError, check_on_host, check_peer, read_text
 
 GOOD = '[tunnel]\npeer = "192.0.2.1"\n'
@@ -37,10 +39,12 @@ def _fifo(path):
     (lambda p: p.write_bytes(codecs.BOM_UTF16_LE + GOOD.encode("utf-16-le")), "is UTF-16"),
     (lambda p: p.write_bytes(codecs.BOM_UTF16_BE + GOOD.encode("utf-16-be")), "is UTF-16"),
     (lambda p: p.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256))), "is not UTF-8 text (byte 0x80 at offset"),
-    (lambda p: p.write_bytes(b"[tunnel]\npeer = \"192.0.2.1\"\n# caf\xe9\n"), "is not UTF-8 text (byte 0xe9 at offset 33)"),
+    (lambda p: p.write_bytes(b"[tunnel]\npeer = \"192.0.2.1\"\n# caf\xe9\n"),
+     "is not UTF-8 text (byte 0xe9 at offset 33)"),
     (_fifo, "a FIFO, not a regular file"),
     (lambda p: p.mkdir(), "a directory, not a regular file"),
-    (lambda p: p.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1)), f"more than a configuration file's {MAX_CONFIG_BYTES}"),
+    (lambda p: p.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1)),
+     f"more than a configuration file's {MAX_CONFIG_BYTES}"),
     (lambda p: p.write_text("a = " + "[" * 200_000 + "]" * 200_000 + "\n"), "nested too deeply"),
     (lambda p: p.write_bytes(b"[tunnel]\npeer = \"192.0.2.1\"\x00\n"), "not valid TOML"),
 ])
@@ -57,7 +61,8 @@ def test_a_file_that_cannot_be_a_config_is_one_line_and_78(tmp_path, make, needl
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/urandom"])
 def test_a_device_is_refused_without_reading(device):
     r = tunneld("--config", device, "--check")
-    assert r.returncode == 78 and one_line(r) == f"tunneld: {device}: cannot read: a character device, not a regular file"
+    assert r.returncode == 78
+    assert one_line(r) == f"tunneld: {device}: cannot read: a character device, not a regular file"
 
 
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
@@ -164,7 +169,8 @@ def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
     own = a.underlay if which == "v4" else a.underlay6
     r = a.run(TUNNELD, "--peer", own, "--metrics-listen", "", check=False, timeout=5)
     assert r.returncode == 78
-    assert one_line(r) == f"tunneld: error: peer: {own} is an address of this host: the tunnel would lead back to itself"
+    assert one_line(r) == (f"tunneld: error: peer: {own} is an address of this host: the tunnel would lead back "
+                           "to itself")
     assert a.link_state("tunneld0") is None
 
 
@@ -187,10 +193,6 @@ def test_a_local_address_that_is_not_ours_is_refused_before_binding(hosts):
 
 @pytest.mark.netns
 def test_a_reload_to_our_own_address_is_refused_and_the_tunnel_keeps_running(hosts, tmp_path):
-    import signal
-    import time
-
-    from tests.netns import Tunneld
     a, b = hosts
     path = tmp_path / "a.toml"
     path.write_text(f'[tunnel]\npeer = "{b.underlay}"\n[metrics]\nlisten = ""\n')
