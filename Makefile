@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: setup apt venv demo test test-unit bench bench-quick clean
+.PHONY: setup apt venv demo test test-unit fuzz bench bench-quick clean
 
 setup: apt venv
 
@@ -37,6 +37,20 @@ test: setup
 
 test-unit: venv
 	$(PY) -m pytest -m "not netns"
+
+# Long fuzzing runs (tests/test_fuzz.py runs a short, derandomized one in `make test`): hypothesis with
+# FUZZ_EXAMPLES random examples per target, then atheris (coverage-guided) FUZZ_SECONDS per target where it
+# installs (a wheel for this Python and platform; `pip install '.[fuzz]'`).
+FUZZ_EXAMPLES ?= 5000
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	TUNNELD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	@set -o pipefail; if $(PY) -m pip install -q --disable-pip-version-check -e '.[fuzz]' >/dev/null 2>&1 && $(PY) -c 'import atheris'; then \
+		for target in decap split plan vnet; do \
+			echo "atheris: $$target for $(FUZZ_SECONDS) s"; \
+			$(PY) -m tests.fuzz_atheris $$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -n 3 || exit 1; \
+		done; \
+	else echo "atheris is not installable here: hypothesis only"; fi
 
 bench: setup
 	$(PY) -m bench.run

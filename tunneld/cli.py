@@ -19,12 +19,14 @@ from tunneld.config import (
     ConfigError,
     ConfigFileError,
     TunnelConfig,
+    check_on_host,
     load_file,
     validate,
 )
 from tunneld.daemon import StartupError, run
 from tunneld.encap.base import Encapsulator, Option, declared, is_legacy
 from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec
+from tunneld.io.netlink import address_kind, is_own_address
 from tunneld.plugins import discover
 from tunneld.workers import AUTO_RULE
 
@@ -108,6 +110,13 @@ OPTION_DEST = "mode option {}"  # the argparse dest of a mode option's flag: nev
 OPTION_FLAGS = "mode option flags"  # dest of {option name: its flag}, as build_parser made them
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with a pointer to --help, as the README promises, not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def option_flags(modes: Mapping[str, type[Encapsulator]]) -> dict[str, tuple[Option, list[str]]]:
     """The mode options that get a flag of their own (``--vni``, ``--key``, ``--seq``, ...): each name with its
     declaration and the modes that declare it. An untyped option, or one that two modes declare differently,
@@ -154,7 +163,7 @@ def _add_option_flag(p: argparse._ArgumentGroup, option: Option, owners: list[st
 def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> argparse.ArgumentParser:
     """The command line. ``modes`` are the encapsulators (name → class), whose options become flags; a list of
     names alone gives the --mode choices without them."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tunneld",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -295,6 +304,18 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
     return cfg
 
 
+class HostError(ConfigError):
+    """The configuration does not fit this host (the peer is one of its own addresses, ...): exit 78."""
+
+
+def on_host(cfg: TunnelConfig, where: str) -> None:
+    """The peer and local address checked against this host's own addresses; raises HostError."""
+    try:
+        check_on_host(cfg.peer, cfg.local, address_kind, is_own_address)
+    except ConfigError as e:
+        raise HostError(f"{where}tunnel.{e}" if where else str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     modes, broken = discover()
     parser = build_parser(modes)
@@ -332,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.config:
                 raise ModeOptionError(f"{args.config}: {e}") from None
             raise
+        if not args.check:  # --check may run on another machine; a start or a reload runs here
+            on_host(cfg, f"{args.config}: " if args.config else "")
         return cfg
 
     try:
@@ -343,12 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EncapsulatorFailed as e:
         print(f"tunneld: error: {e}", file=sys.stderr)
         return e.code
-    except ModeOptionError as e:
+    except (ModeOptionError, HostError) as e:
         print(f"tunneld: {e}" if args.config else f"tunneld: error: {e}", file=sys.stderr)
         return EX_CONFIG
     except ConfigError as e:
-        if not args.config:
-            parser.error(str(e))  # a bad flag: exit 2, as argparse does for the others
+        if not args.config:  # a bad flag: exit 2, as argparse does for the others; the line says it all
+            print(f"tunneld: error: {e}", file=sys.stderr)
+            return 2
         print(f"tunneld: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:

@@ -6,11 +6,14 @@ before any device or socket exists.
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tunneld.encap.base import Option, declared
 from tunneld.encap.base import describe_value as _describe  # shared with Option's messages
@@ -75,6 +78,63 @@ def check_ip(value: str, what: str) -> str:
         raise ConfigError(f"{what}: {value!r} has a zone (%...); scoped link-local underlays are not supported, "
                           "use a global or unique-local address")
     return ip.compressed
+
+
+def check_peer(value: str, what: str = "peer") -> str:
+    """``peer``: an address that can be a remote host. What the address alone tells is checked here; whether it
+    is one of this host's own is checked at start-up (``check_on_host``), where the interfaces can be read.
+
+    Link-local IPv6 (fe80::/10) is refused with or without a zone: it means nothing without an interface, and
+    the underlay sockets send to and compare peers by address alone."""
+    peer = check_ip(value, what)
+    ip = ipaddress.ip_address(peer)
+    if ip.is_unspecified:
+        raise ConfigError(f"{what}: {peer} is the unspecified address; name the far end's underlay address")
+    if ip.is_loopback:
+        raise ConfigError(f"{what}: {peer} is a loopback address: the tunnel would lead back to this host")
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ConfigError(f"{what}: {peer} is the broadcast address; name the far end's own address")
+    if ip.is_multicast:
+        raise ConfigError(f"{what}: {peer} is a multicast address; tunneld has no multicast mode, name one peer")
+    _check_not_link_local(ip, what)
+    return peer
+
+
+def check_local(value: str, what: str = "local") -> str:
+    """``local``: an address this host can send from (0.0.0.0 and :: mean "any", as leaving it out does).
+    That it is one of this host's own is checked at start-up (``check_on_host``)."""
+    local = check_ip(value, what)
+    ip = ipaddress.ip_address(local)
+    if ip.is_loopback:
+        raise ConfigError(f"{what}: {local} is a loopback address: no remote peer can be reached from it")
+    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ConfigError(f"{what}: {local} is not a unicast address; name one of this host's addresses")
+    _check_not_link_local(ip, what)
+    return local
+
+
+def _check_not_link_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, what: str) -> None:
+    if ip.version == 6 and ip.is_link_local:
+        raise ConfigError(f"{what}: {ip} is link-local (fe80::/10), which needs an interface; link-local "
+                          "underlays are not supported: use a global or unique-local address")
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        raise ConfigError(f"{what}: {ip} is an IPv4-mapped address: write it as IPv4, {ip.ipv4_mapped}")
+
+
+def check_on_host(peer: str, local: str | None, address_kind: Callable[[str], str | None],
+                  is_own: Callable[[str], bool]) -> None:
+    """What only the running host can tell: ``peer`` is not one of its own (or a broadcast) address, and
+    ``local``, when given, is. ``address_kind(addr)`` is "local", "broadcast", "unicast" or None (no route),
+    ``is_own(addr)`` whether this host has ``addr`` (tunneld.io.netlink.address_kind, is_own_address)."""
+    kind = address_kind(peer)
+    if kind == "local":
+        raise ConfigError(f"peer: {peer} is an address of this host: the tunnel would lead back to itself")
+    if kind == "broadcast":
+        raise ConfigError(f"peer: {peer} is a broadcast address on this host's network; name the far end's address")
+    if local is not None and not ipaddress.ip_address(local).is_unspecified and (
+            not is_own(local) or address_kind(local) == "broadcast"):  # a broadcast address can be bound
+        raise ConfigError(f"local: {local} is not an address of this host (see ip address); leave local out to "
+                          "let the kernel choose")
 
 
 def check_cidr(value: str) -> str:
@@ -161,8 +221,8 @@ def check_workers(value: int | str) -> int | str:
 
 def validate(cfg: TunnelConfig) -> TunnelConfig:
     """Check every field; raise ConfigError on the first problem. Returns the config, normalised."""
-    peer = check_ip(cfg.peer, "peer")
-    local = check_ip(cfg.local, "local") if cfg.local else None
+    peer = check_peer(cfg.peer)
+    local = check_local(cfg.local) if cfg.local else None
     if local and ipaddress.ip_address(local).version != ipaddress.ip_address(peer).version:
         raise ConfigError(f"local: {local} and peer {peer} must be of the same IP version")
     addresses = tuple(check_cidr(a) for a in cfg.addresses)
@@ -218,6 +278,50 @@ class ConfigFileError(Exception):
         self.problems = problems
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a tunnel's file is a few hundred bytes; anything near this is not one
+
+
+def read_text(path: str) -> str:
+    """The text of the configuration file at ``path``; raises ConfigFileError (one line) if it cannot be one.
+
+    Only a regular file is read: a FIFO or a device (/dev/zero) would block or never end, so the file is
+    opened non-blocking and judged by fstat before a byte is read. It must be at most MAX_CONFIG_BYTES and
+    UTF-8, as TOML requires (a UTF-8 byte-order mark, which some editors write, is skipped)."""
+    def refuse(text: str) -> ConfigFileError:
+        return ConfigFileError([f"{path}: {text}"])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise refuse(f"cannot read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise refuse(f"cannot read: {kind}, not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise refuse(f"cannot read: {st.st_size} bytes, more than a configuration file's {MAX_CONFIG_BYTES}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # the size may have grown since fstat
+    except OSError as e:
+        raise refuse(f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise refuse(f"cannot read: more than a configuration file's {MAX_CONFIG_BYTES} bytes")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise refuse("is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8, as TOML requires")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise refuse(f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); TOML files are "
+                     "UTF-8") from None
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, Any]:
     """Read and check one TOML file. Returns TunnelConfig field values (only those the file sets) plus
     ``metrics_listen``; raises ConfigFileError listing every problem found.
@@ -228,13 +332,13 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     which sees the file merged with the command line.
     """
     problems: list[str] = []
+    text = read_text(path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigFileError([f"{path}: cannot read: {e.strerror or e}"]) from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigFileError([f"{path}: not valid TOML: {e}"]) from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigFileError([f"{path}: not valid TOML: arrays or tables nested too deeply"]) from None
 
     def problem(key: str, text: str) -> None:
         problems.append(f"{path}: {key}: {text}")
@@ -285,7 +389,7 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
             continue
         if key in ("peer", "local"):
             if expect(key, value, (str,), "an IPv4 or IPv6 address string"):
-                if (v := checked(key, check_ip, value, key)) is not None:
+                if (v := checked(key, check_peer if key == "peer" else check_local, value, key)) is not None:
                     out[key] = v
         elif key == "dev":
             if expect(key, value, (str,), f"an interface name string (1-{IFNAMSIZ - 1} characters)"):

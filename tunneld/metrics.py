@@ -3,8 +3,9 @@
 Theory of operation:
 - The engine counts with plain ints (tunneld.stats.Stats); nothing here runs per packet. ``TunnelCollector``
   turns those ints into metric families when Prometheus scrapes, so the hot path pays nothing for metrics.
-- The HTTP server is prometheus_client's own, in a daemon thread. A scrape reads the engine's ints from that
-  thread: reading an int or copying a short list is atomic under the GIL, and the collector never iterates
+- The HTTP server (tunneld/httpd.py) runs prometheus_client's WSGI app on one daemon thread, whatever the
+  number of connections, with a cap on them and read and idle timeouts. A scrape reads the engine's ints from
+  that thread: reading an int or copying a short list is atomic under the GIL, and the collector never iterates
   a dict the engine may be growing (it looks every ``Drop`` reason up by name), so no lock is needed.
 - The ``peer`` and ``mode`` labels are read at scrape time from the engine, so a peer changed while running
   shows up on the next scrape. Counters are per process: after a peer change the same running totals carry
@@ -24,10 +25,7 @@ import asyncio
 import errno
 from bisect import bisect_left
 import socket
-import threading
 import time
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app
@@ -43,6 +41,7 @@ from prometheus_client.registry import Collector
 from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
+from tunneld.httpd import HttpServer
 from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
@@ -243,20 +242,10 @@ class LoopLagProbe:
             self._arm()  # from now, not from the due time: a long stall gives one sample, not a burst
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # a scrape is not worth a log line
-        pass
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a scrape in progress does not hold up the exit
-
-
-def _bind(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
-    """An HTTP server for ``registry`` bound to host:port (IPv4 or IPv6), not yet serving."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server = type("MetricsHTTPServer", (_Server,), {"address_family": family})
-    return make_server(host, port, make_wsgi_app(registry), server, handler_class=_QuietHandler)
+def _bind(host: str, port: int, registry: CollectorRegistry) -> HttpServer:
+    """An HTTP server for ``registry`` bound to host:port (IPv4 or IPv6), not yet serving (tunneld/httpd.py:
+    one thread, a cap on connections, read and idle timeouts)."""
+    return HttpServer(host, port, make_wsgi_app(registry))
 
 
 class MetricsServer:
@@ -276,7 +265,6 @@ class MetricsServer:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self._thread: threading.Thread | None = None
         try:
             self._httpd = _bind(host, port, self.registry)
         except socket.gaierror as e:
@@ -300,9 +288,7 @@ class MetricsServer:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start answering scrapes, and measuring the loop's lag (call from the loop that runs the engine)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
-            self._thread.start()
+        self._httpd.start()
         if self._probe is not None:
             self._probe.start(loop)
 
@@ -312,10 +298,8 @@ class MetricsServer:
 
     def close_in_child(self) -> None:
         """In a forked worker: let go of the listening socket (nothing serves from it before ``start``)."""
-        self._httpd.server_close()
+        self._httpd.close_listener()
 
     def close(self) -> None:
         self.stop()
-        if self._thread is not None:
-            self._httpd.shutdown()  # waits for the serving thread to notice (it polls twice a second)
-        self._httpd.server_close()
+        self._httpd.close()  # wakes the serving thread and waits for it

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import os
+import pwd
+import stat
 
 from pytun_pmd3.linux import IFF_NO_PI, IFF_TAP, IFF_TUN, IFF_VNET_HDR, PytunError, TunTapDevice
 
@@ -45,6 +48,40 @@ class DeviceError(SetupError):
     """The device could not be created; the message is meant for the operator."""
 
 
+TUN_NODE = "/dev/net/tun"  # the path pytun opens
+CAP_NET_ADMIN = 12  # include/uapi/linux/capability.h
+
+
+def _node_denied() -> str:
+    """Why opening the device node was refused: its permissions, and whether CAP_NET_ADMIN is held (the
+    capability alone does not open a node the user may not read and write)."""
+    try:
+        st = os.stat(TUN_NODE)
+        mode = f"mode {stat.S_IMODE(st.st_mode):04o} {_name(pwd.getpwuid, st.st_uid)}:{_name(grp.getgrgid, st.st_gid)}"
+    except OSError as e:
+        mode = e.strerror or str(e)
+    cap = "CAP_NET_ADMIN is held" if _has_cap(CAP_NET_ADMIN) else "CAP_NET_ADMIN is not held either"
+    return (f"cannot open {TUN_NODE}: permission denied ({mode}); {cap}: let this user read and write the node "
+            "(its group or an ACL), or run as root")
+
+
+def _name(lookup, ident: int) -> str:
+    try:
+        return lookup(ident)[0]
+    except KeyError:
+        return str(ident)
+
+
+def _has_cap(cap: int) -> bool:
+    """Whether this process holds ``cap`` in its effective set (/proc/self/status CapEff)."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(eff, 16) >> cap & 1)
+
+
 class Device:
     """An open TUN or TAP device: non-blocking fd, read into / write from buffers."""
 
@@ -56,6 +93,8 @@ class Device:
         except FileNotFoundError as e:
             raise DeviceError("/dev/net/tun is missing: load the 'tun' kernel module (modprobe tun)") from e
         except (PytunError, PermissionError) as e:
+            if isinstance(e, PermissionError) and not isinstance(e, PytunError):  # os.open of the node
+                raise DeviceError(_node_denied(), missing_privilege=True) from e
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise DeviceError(
                     f"creating {kind.value.upper()} device {name!r} needs CAP_NET_ADMIN: run as root or grant "

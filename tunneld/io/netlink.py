@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Iterable
 
 from pyroute2 import IPRoute
@@ -76,3 +77,34 @@ def set_gso_max_size(name: str, size: int) -> bool:
         except NetlinkError:
             return False
         return True
+
+
+
+def address_kind(addr: str) -> str | None:
+    """What this host's routing makes of ``addr``: "local" (one of its own addresses, loopback included),
+    "broadcast", "unicast", or None when there is no route to it.
+
+    Asked by connecting a UDP socket, which sends nothing: the kernel picks the route and a source address
+    (the address itself when it is ours) and refuses a broadcast destination without SO_BROADCAST. Unlike a
+    netlink query this can run on the event loop (a SIGHUP reload checks the new peer there)."""
+    ip = ipaddress.ip_address(addr)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((ip.compressed, 9))  # discard; the port does not matter, nothing is sent
+        except PermissionError:  # EACCES: a broadcast route
+            return "broadcast"
+        except OSError:
+            return None
+        return "local" if ipaddress.ip_address(s.getsockname()[0]) == ip else "unicast"
+
+
+def is_own_address(addr: str) -> bool:
+    """Whether ``addr`` can be bound, i.e. is one of this host's addresses."""
+    ip = ipaddress.ip_address(addr)
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((ip.compressed, 0))
+        except OSError:
+            return False
+    return True
