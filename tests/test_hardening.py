@@ -16,10 +16,13 @@ from tunneld.testbed import TUNNELD, Tunneld
 from tunneld.config import MAX_CONFIG_BYTES, ConfigError, ConfigFileError, check_on_host, check_peer, read_text
 
 GOOD = '[tunnel]\npeer = "192.0.2.1"\n'
+# A refusal takes about a second (the interpreter and NumPy starting); this bound is there to catch a hang (a
+# FIFO or /dev/zero read to the end), with room for a loaded 2-core machine, where one start took 9 s.
+HANG = 20
 
 
 def tunneld(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([TUNNELD, *args], capture_output=True, text=True, timeout=5)
+    return subprocess.run([TUNNELD, *args], capture_output=True, text=True, timeout=HANG)
 
 
 def one_line(r: subprocess.CompletedProcess) -> str:
@@ -167,7 +170,7 @@ def test_usage_errors_are_one_line_pointing_at_help(args, needle):
 def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
     a, _ = hosts
     own = a.underlay if which == "v4" else a.underlay6
-    r = a.run(TUNNELD, "--peer", own, "--metrics-listen", "", check=False, timeout=5)
+    r = a.run(TUNNELD, "--peer", own, "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78
     assert one_line(r) == (f"tunneld: error: peer: {own} is an address of this host: the tunnel would lead back "
                            "to itself")
@@ -177,7 +180,7 @@ def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
 @pytest.mark.netns
 def test_a_broadcast_address_of_our_network_is_refused(hosts):
     a, _ = hosts
-    r = a.run(TUNNELD, "--peer", a.underlay.rsplit(".", 1)[0] + ".255", "--metrics-listen", "", check=False, timeout=5)
+    r = a.run(TUNNELD, "--peer", a.underlay.rsplit(".", 1)[0] + ".255", "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78 and "is a broadcast address on this host's network" in one_line(r)
     assert a.link_state("tunneld0") is None
 
@@ -185,7 +188,7 @@ def test_a_broadcast_address_of_our_network_is_refused(hosts):
 @pytest.mark.netns
 def test_a_local_address_that_is_not_ours_is_refused_before_binding(hosts):
     a, b = hosts
-    r = a.run(TUNNELD, "--peer", b.underlay, "--local", "10.99.0.1", "--metrics-listen", "", check=False, timeout=5)
+    r = a.run(TUNNELD, "--peer", b.underlay, "--local", "10.99.0.1", "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78
     assert one_line(r).startswith("tunneld: error: local: 10.99.0.1 is not an address of this host")
     assert a.link_state("tunneld0") is None
@@ -233,7 +236,7 @@ def test_the_privilege_message_names_the_real_cause(hosts, tmp_path, mode, caps,
         setpriv.append(f"--ambient-caps={caps}")
     r = a.run("unshare", "--mount", "--propagation", "private", "sh", "-c", NODE_SCRIPT, "sh", str(tmp_path), mode,
               *setpriv, TUNNELD, "--peer", b.underlay, "--metrics-listen", "", "--log-level", "warning", check=False,
-              timeout=5)
+              timeout=HANG)
     assert r.returncode == 77, r.stderr
     line = one_line(r)
     assert line.startswith("tunneld: error: ") and needle in line, line

@@ -43,7 +43,8 @@ def _check(name: str, obj: object) -> str | None:
     if not isinstance(obj.device, DeviceKind) or not isinstance(obj.transport, Transport):
         return "device must be a DeviceKind and transport a Transport"
     options = getattr(obj, "options", None)
-    if not isinstance(options, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+    # an Option each, or (deprecated, read by encap.base.declared as untyped options) a help string each
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) and isinstance(v, (Option, str))
                                                    for k, v in options.items()):
         return "options must map each name to a tunneld.encap.base.Option (declare(Option(...), ...))"
     misnamed = [k for k, v in options.items() if isinstance(v, Option) and v.name != k]

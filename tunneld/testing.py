@@ -234,8 +234,6 @@ def check_declaration(cls: type[Encapsulator], options: Mapping[str, Any] | None
         raise ConformanceError(f"{cls.name}: {cls.transport} is out of range ({low}-{top})")
     if not isinstance(cls.header_room, int) or not 0 <= cls.header_room <= HEADROOM:
         raise ConformanceError(f"{cls.name}: header_room {cls.header_room!r} must be an int in 0..{HEADROOM}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cls.options.items()):
-        raise ConformanceError(f"{cls.name}: options must map option names to one-line help strings")
     undeclared = set(options or {}) - set(cls.options)
     if undeclared:
         raise ConformanceError(f"{cls.name}: options {sorted(undeclared)} are not declared in {cls.__name__}.options")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
@@ -89,12 +89,10 @@ def describe_value(value: Any) -> str:
     return f"{_KINDS.get(type(value), type(value).__name__)} {value!r}"
 
 
-class Option(str):
+@dataclass(frozen=True)
+class Option:
     """One option of a mode: its name, type (``int``, ``bool`` or ``str``; ``None``: untyped), range or
     choices, default and one-line help.
-
-    It *is* its help text (a ``str``), so code written for the old declaration (name -> help text) still reads
-    it; everything else is in the attributes. Immutable.
 
     Two ways in, one rule: ``check`` takes a typed value (a config file's, a built-in flag's once parsed) and
     refuses the wrong type; ``parse`` also takes the string the command line gives (``--opt NAME=VALUE``).
@@ -104,46 +102,22 @@ class Option(str):
 
     name: str
     kind: type | None
-    default: Any
-    low: int | None
-    high: int | None
-    choices: tuple[str, ...]
-    label: str
+    help: str
+    _: KW_ONLY
+    default: Any = None
+    low: int | None = None
+    high: int | None = None
+    choices: tuple[str, ...] = ()
+    label: str = ""  # what a value is called in messages ("VNI"); the name when empty
 
-    def __new__(cls, name: str, kind: type | None, help: str, *, default: Any = None, low: int | None = None,
-                high: int | None = None, choices: tuple[str, ...] = (), label: str | None = None) -> "Option":
-        if kind not in (None, int, bool, str):
-            raise TypeError(f"option {name}: kind must be int, bool, str or None, not {kind!r}")
-        if "\n" in help or not help.strip():
-            raise ValueError(f"option {name}: help must be one non-empty line")
-        self = super().__new__(cls, help)
-        for attr, value in (("name", name), ("kind", kind), ("default", default), ("low", low), ("high", high),
-                            ("choices", tuple(choices)), ("label", label or name)):
-            object.__setattr__(self, attr, value)
-        return self
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        raise AttributeError(f"Option {self.name!r} is immutable")
-
-    def __getnewargs_ex__(self) -> tuple[tuple, dict]:  # copy and pickle rebuild it through __new__
-        return (self.name, self.kind, self.help), {"default": self.default, "low": self.low, "high": self.high,
-                                                   "choices": self.choices, "label": self.label}
-
-    @property
-    def help(self) -> str:
-        return str.__str__(self)
-
-    def _key(self) -> tuple:
-        return (self.name, self.kind, self.default, self.low, self.high, self.choices, self.label, self.help)
-
-    def __eq__(self, other: object) -> bool:
-        return self._key() == other._key() if isinstance(other, Option) else NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"Option({self.name!r}, {getattr(self.kind, '__name__', None)}, {self.help!r})"
+    def __post_init__(self) -> None:
+        if self.kind not in (None, int, bool, str):
+            raise TypeError(f"option {self.name}: kind must be int, bool, str or None, not {self.kind!r}")
+        if not isinstance(self.help, str) or "\n" in self.help or not self.help.strip():
+            raise ValueError(f"option {self.name}: help must be one non-empty line")
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
     def expects(self) -> str:
         """What a good value looks like, e.g. ``an integer VNI (0-16777215)``, ``true or false``."""
