@@ -154,6 +154,69 @@ def test_an_invalid_reload_is_refused_and_ready_again(tmp_path, caplog):
     assert got[0].startswith("RELOADING=1") and got[1].startswith("READY=1")
 
 
+# -- the peer-list diff on reload, no root ------------------------------------------------------------------
+
+class RecordingTunnel:
+    """service.Tunnel that records what it is asked to apply, and refuses with ``refuse`` when set."""
+
+    workers = 1
+
+    def __init__(self, cfg: TunnelConfig, refuse: Exception | None = None) -> None:
+        self.cfg, self.refuse, self.applied = cfg, refuse, []
+
+    def totals(self) -> Stats:
+        return Stats()
+
+    def workers_alive(self) -> bool:
+        return True
+
+    def apply(self, changes: Apply) -> None:
+        if self.refuse is not None and (changes.peers_set or changes.peers_removed):
+            raise self.refuse
+        self.applied.append(changes)
+
+    def move_metrics(self, listen: str) -> bool:
+        raise AssertionError("these reloads do not move the metrics endpoint")
+
+
+def specs(*items) -> tuple:
+    from tunneld.peers import PeerSpec
+
+    return tuple(PeerSpec(*item) if isinstance(item, tuple) else PeerSpec(item) for item in items)
+
+
+def test_peer_diff_holds_only_what_changed():
+    from tunneld.service import peer_diff
+
+    old = specs("10.0.0.2", ("10.0.0.3", "c"), "10.0.0.4")
+    new = specs(("10.0.0.3", "c"), ("10.0.0.4", "d"), "10.0.0.5")
+    assert peer_diff(old, new) == (specs(("10.0.0.4", "d"), "10.0.0.5"), ("10.0.0.2",))
+    assert peer_diff(old, old) == ((), ())
+
+
+def test_reload_hands_the_tunnel_the_peer_diff(caplog):
+    old = TunnelConfig(peers=specs("10.0.0.2", "10.0.0.3"), mode="gre")
+    new = TunnelConfig(peers=specs("10.0.0.2", ("10.0.0.4", "d", ("10.4.0.0/16",))), mode="gre")
+    tunnel = RecordingTunnel(old)
+    caplog.set_level(logging.INFO, logger="tunneld")
+    Service(tunnel, notifier=Notifier({})).apply(new)
+    assert tunnel.applied == [Apply(peers_set=specs(("10.0.0.4", "d", ("10.4.0.0/16",))), peers_removed=("10.0.0.3",))]
+    assert tunnel.cfg == new
+    assert "reload: peers: added d (10.0.0.4); removed 10.0.0.3" in caplog.text
+
+
+def test_a_refused_peer_diff_keeps_the_running_peers(caplog):
+    old = TunnelConfig(peers=specs("10.0.0.2", "10.0.0.3"))
+    new = dataclasses.replace(old, peers=specs("10.0.0.2"), log_level="debug", fdb_max=10)
+    tunnel = RecordingTunnel(old, refuse=ConfigError("peer 10.0.0.9: routes: 10.1.0.0/16 is already given"))
+    Service(tunnel, notifier=Notifier({})).apply(new)
+    assert tunnel.cfg == dataclasses.replace(old, log_level="debug")
+    assert tunnel.applied == [Apply(log_level="debug")]
+    lines = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == ["reload: peers refused, keeping the running ones: peer 10.0.0.9: routes: 10.1.0.0/16 is already given"]
+    assert "reload: fdb.max changed; needs a restart" in caplog.text
+
+
 # -- the real daemon in a namespace ---------------------------------------------------------------------------
 
 def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = OVERLAY_V4[0] + "/24",
