@@ -348,3 +348,43 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
     assert "reload: metrics 127.0.0.1:9477 -> 127.0.0.1:9479" in out
     assert "reload: metrics-listen 127.0.0.1:9480: cannot listen: Address already in use" in out
     assert "still serving metrics at 127.0.0.1:9479" in out
+
+
+def peers_text(*peers: str, address: str = OVERLAY_V4[0] + "/24") -> str:
+    tables = "".join(f'[[peer]]\naddress = "{p}"\nname = "p{n}"\n' for n, p in enumerate(peers))
+    return f'[tunnel]\ndev = "tdsvc0"\naddress = ["{address}"]\nworkers = 2\n{tables}[metrics]\nlisten = ""\n'
+
+
+@pytest.mark.netns
+def test_sighup_hands_the_peer_diff_to_every_worker_and_keeps_the_link(hosts, tmp_path):
+    """A names B first and a bystander address; a reload swaps the bystander for another: the diff goes to both
+    workers, B's traffic carries on, the interface stays."""
+    a, b = hosts
+    conf_a, conf_b = tmp_path / "a.toml", tmp_path / "b.toml"
+    conf_a.write_text(peers_text(b.underlay, "10.231.0.8"))
+    conf_b.write_text(config_text(a.underlay, address=OVERLAY_V4[1] + "/24", metrics=""))
+    assert a.run(TUNNELD, "--config", str(conf_a), "--check").stdout.strip() == \
+        f"{conf_a}: ok: vxlan to 2 peers ({b.underlay}, ...) on tdsvc0"
+    rx = NotifyReceiver(str(tmp_path / "notify"))
+    pa = a.popen(TUNNELD, "--config", str(conf_a), env={**os.environ, "NOTIFY_SOCKET": rx.path})
+    b.popen(TUNNELD, "--config", str(conf_b))
+    try:
+        assert rx.until("READY=1")[-1].startswith("READY=1\nSTATUS=2 peers: sent ")
+        b.wait_link("tdsvc0")
+        a.wait_ping(OVERLAY_V4[1], timeout=10)
+        index = ifindex(a, "tdsvc0")
+        conf_a.write_text(peers_text(b.underlay, "10.231.0.9"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("RELOADING=1")
+        rx.until("READY=1")
+        assert a.ping(OVERLAY_V4[1], count=2, timeout=5)
+        assert ifindex(a, "tdsvc0") == index
+        pa.send_signal(signal.SIGTERM)
+        assert pa.wait(timeout=10) == 0
+    finally:
+        a.kill_all()
+        b.kill_all()
+        rx.close()
+    out = pa.stdout.read()
+    assert "reload: peers: added p1 (10.231.0.9); removed 10.231.0.8" in out
+    assert "worker 1: reload" not in out  # the other worker took the diff (pickled PeerSpecs) without a complaint
