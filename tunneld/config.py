@@ -631,29 +631,23 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         else:
             problem(f"fdb.{key}", "unknown key; allowed in [fdb]: max, ageing")
 
-    control = data.get("control") if isinstance(data.get("control"), dict) else {}
-    for key, value in control.items():
-        if key != "runtime_dir":
-            problem(f"control.{key}", "unknown key; allowed in [control]: runtime_dir")
-        elif not isinstance(value, str):
-            problem("control.runtime_dir", f"expected a directory path string, got {_describe(value)}")
-        else:
-            try:  # the room left for DEV.sock is judged by validate(), which knows the device's name
-                out["runtime_dir"] = check_runtime_dir(value, "")
-            except ConfigError as e:
-                problem("control.runtime_dir", str(e).split(": ", 1)[-1])
+    def one_string(section: str, key: str, expected: str, check: Callable[[str], str], field_name: str) -> None:
+        """A table of one string key ([control], [metrics]), its value checked by ``check``."""
+        table = data.get(section) if isinstance(data.get(section), dict) else {}
+        for k, value in table.items():
+            if k != key:
+                problem(f"{section}.{k}", f"unknown key; allowed in [{section}]: {key}")
+            elif not isinstance(value, str):
+                problem(f"{section}.{key}", f"expected {expected}, got {_describe(value)}")
+            else:
+                try:
+                    out[field_name] = check(value)
+                except ConfigError as e:
+                    problem(f"{section}.{key}", str(e).split(": ", 1)[-1])
 
-    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-    for key, value in metrics.items():
-        if key != "listen":
-            problem(f"metrics.{key}", "unknown key; allowed in [metrics]: listen")
-        elif not isinstance(value, str):
-            problem("metrics.listen", f"expected a \"HOST:PORT\" string (\"\" to disable), got {_describe(value)}")
-        else:
-            try:
-                out["metrics_listen"] = check_listen(value)
-            except ConfigError as e:
-                problem("metrics.listen", str(e).split(": ", 1)[-1])
+    # The room runtime_dir leaves for DEV.sock is judged by validate(), which knows the device's name.
+    one_string("control", "runtime_dir", "a directory path string", lambda v: check_runtime_dir(v, ""), "runtime_dir")
+    one_string("metrics", "listen", "a \"HOST:PORT\" string (\"\" to disable)", check_listen, "metrics_listen")
 
     log = data.get("log") if isinstance(data.get("log"), dict) else {}
     for key, value in log.items():
