@@ -23,6 +23,7 @@ from tunneld.config import (
     MAX_PEERS,
     MAX_WORKERS,
     ConfigError,
+    FILE_KEYS,
     ConfigFileError,
     TunnelConfig,
     check_ageing,
@@ -31,12 +32,11 @@ from tunneld.config import (
     load_file,
     validate,
 )
-from tunneld.encap.base import DeviceKind
-from tunneld.peers import PeerSpec
 from tunneld.daemon import StartupError, run
-from tunneld.encap.base import Encapsulator, Option, declared, is_legacy
+from tunneld.encap.base import DeviceKind, Encapsulator, Option, declared, is_legacy
 from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec
 from tunneld.io.netlink import address_kind, is_own_address
+from tunneld.peers import PeerSpec
 from tunneld.plugins import discover
 from tunneld.workers import AUTO_RULE
 
@@ -314,9 +314,6 @@ def setup_logging(level: str) -> None:
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
 FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
                "workers", "fdb_max", "fdb_ageing", "runtime_dir")
-# validate() names a problem by its flag; a file's problem is named by the file's key.
-FILE_KEYS = {"log-level": "log.level", "metrics-listen": "metrics.listen", "fdb-max": "fdb.max",
-             "fdb-ageing": "fdb.ageing", "runtime-dir": "control.runtime_dir"}
 
 
 def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:
@@ -345,7 +342,7 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
             if tables and what.startswith("peer"):
                 key = what  # "peer" or "peer ADDR": the [[peer]] tables
             else:
-                key = FILE_KEYS.get(what, f"tunnel.{what}")
+                key = FILE_KEYS.get(what.replace("-", "_"), f"tunnel.{what}")
             raise ConfigError(f"{where}{key}: {rest}") from None
         raise
     return cfg

@@ -437,6 +437,11 @@ PEER_KEYS = ("address", "name", "routes", "macs")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "peer": PEER_KEYS, "fdb": ("max", "ageing"), "control": ("runtime_dir",),
             "metrics": ("listen",), "log": ("level",)}
 ARRAYS = ("peer",)  # written [[peer]]: an array of tables
+# The file's key of a TunnelConfig field that lives outside [tunnel] or is named otherwise there (the others are
+# tunnel.FIELD): for the lines that name a setting, at start-up and on a reload.
+FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
+             "extra": "tunnel (mode options)", "fdb_max": "fdb.max", "fdb_ageing": "fdb.ageing",
+             "runtime_dir": "control.runtime_dir"}
 
 
 class ConfigFileError(Exception):

@@ -36,7 +36,7 @@ import time
 from typing import Callable, Mapping, Protocol
 
 from tunneld.channel import Apply
-from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
+from tunneld.config import FILE_KEYS, ConfigError, ConfigFileError, TunnelConfig
 from tunneld.io import SetupError
 from tunneld.peers import PeerSpec
 from tunneld.stats import Stats
@@ -45,9 +45,6 @@ log = logging.getLogger("tunneld")
 
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when there is no watchdog to piggyback on
 LIVE = ("peers", "log_level", "metrics_listen")  # TunnelConfig fields a reload applies in place
-FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
-             "extra": "tunnel (mode options)", "fdb_max": "fdb.max", "fdb_ageing": "fdb.ageing",
-             "runtime_dir": "control.runtime_dir"}
 
 
 def peer_diff(old: tuple[PeerSpec, ...], new: tuple[PeerSpec, ...]) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
