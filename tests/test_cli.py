@@ -174,3 +174,16 @@ def test_peer_repeats_and_check_counts_them():
 def test_bad_peer_flags_are_usage_errors(args, needle):
     r = tunneld(*args, "--check")
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.netns
+def test_the_peer_with_the_smallest_path_mtu_sets_the_device_mtu(hosts):
+    """Two peers, one behind a route with a smaller MTU: the interface gets that one's, and the log says so."""
+    a, b = hosts
+    a.run("ip", "route", "add", "10.231.0.9/32", "dev", a.ifname, "mtu", "1400")
+    t = Tunneld(a, "--peer", b.underlay, "--peer", "10.231.0.9", "--address", f"{OVERLAY_V4[0]}/24")
+    try:
+        assert "mtu 1350" in a.run("ip", "-o", "link", "show", "tunneld0").stdout
+    finally:
+        assert t.stop() == 0
+    assert "underlay MTU 1400: the smallest path MTU, towards peer 10.231.0.9" in t.output()

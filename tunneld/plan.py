@@ -100,17 +100,18 @@ def make_plan(
 ) -> Plan:
     """The plan for ``cfg``; StartupError if it cannot be carried out. ``underlay_mtu(peer)`` → (MTU, interface)
     defaults to the kernel's route lookup; ``cpus`` (for --workers auto) to the CPUs usable by this process."""
-    if underlay_mtu is None:
-        underlay_mtu = netlink.underlay_mtu  # looked up at call time, so that a test may patch it
     try:
         codec = build_codec(cfg, modes)
     except (ModeOptionError, EncapsulatorFailed) as e:
         raise StartupError(str(e), e.code) from None
     addresses = [spec.address for spec in cfg.peers]
     underlay_v6 = bool(addresses) and ipaddress.ip_address(addresses[0]).version == 6  # one family: validated
+    if underlay_mtu is None:  # one netlink socket for all of them (looked up at call time: a test may patch it)
+        found = netlink.underlay_mtus(addresses)
+    else:
+        found = [underlay_mtu(address) for address in addresses]
     link_mtu, underlay_dev, limiting = netlink.DEFAULT_UNDERLAY_MTU, None, None
-    for address in addresses:
-        path_mtu, dev = underlay_mtu(address)
+    for address, (path_mtu, dev) in zip(addresses, found):
         if dev is None:
             log.warning("no route to peer %s yet; assuming an underlay MTU of %d", address, path_mtu)
         if limiting is None or path_mtu < link_mtu:
