@@ -235,6 +235,19 @@ def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = 
         """)
 
 
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=10)
+
+
+def clean_up(proc, rx: NotifyReceiver, *hosts: Host) -> str:
+    """Kill what is left in the namespaces and close the receiver; the daemon's output."""
+    for host in hosts:
+        host.kill_all()
+    rx.close()
+    return proc.stdout.read()
+
+
 def scrape(host: Host, listen: str) -> str | None:
     r = host.run("curl", "-sf", "--max-time", "5", f"http://{listen}/metrics", check=False, timeout=10)
     return r.stdout if r.returncode == 0 else None
@@ -335,13 +348,9 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
         pa.send_signal(signal.SIGHUP)
         rx.until("READY=1")
         assert scrape(a, "127.0.0.1:9479") is not None
-        pa.send_signal(signal.SIGTERM)
-        assert pa.wait(timeout=10) == 0
+        assert stop(pa) == 0
     finally:
-        a.kill_all()
-        b.kill_all()
-        rx.close()
-    out = pa.stdout.read()
+        out = clean_up(pa, rx, a, b)
     assert "reload: peer 10.231.0.2 -> 10.231.0.3" in out
     assert "reload: log level info -> debug" in out
     assert f"reload refused, keeping the running configuration: {conf_a}: tunnel.peer: '10.231.0.300' is not" in out
@@ -379,12 +388,8 @@ def test_sighup_hands_the_peer_diff_to_every_worker_and_keeps_the_link(hosts, tm
         rx.until("READY=1")
         assert a.ping(OVERLAY_V4[1], count=2, timeout=5)
         assert ifindex(a, "tdsvc0") == index
-        pa.send_signal(signal.SIGTERM)
-        assert pa.wait(timeout=10) == 0
+        assert stop(pa) == 0
     finally:
-        a.kill_all()
-        b.kill_all()
-        rx.close()
-    out = pa.stdout.read()
+        out = clean_up(pa, rx, a, b)
     assert "reload: peers: added p1 (10.231.0.9); removed 10.231.0.8" in out
     assert "worker 1: reload" not in out  # the other worker took the diff (pickled PeerSpecs) without a complaint
