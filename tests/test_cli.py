@@ -144,3 +144,46 @@ def test_port_in_a_gre_config_file_is_refused(tmp_path):
     r = tunneld("--config", str(conf), "--check")
     assert r.returncode == 78
     assert f"{conf}: tunnel.port: mode 'gre' runs over ip proto 47, it has no port" in r.stderr
+
+
+# -- many peers -----------------------------------------------------------------------------------------------
+
+def test_help_teaches_many_peers_and_the_mtu_rule():
+    text = " ".join(tunneld("--help").stdout.split())
+    assert "--peer 10.0.0.2 --peer 10.0.0.3" in text  # an example with three hosts
+    assert "the smallest route MTU towards any of them decides" in text
+    for flag in ("--fdb-max N", "--fdb-ageing SECONDS", "--runtime-dir DIR"):
+        assert flag in text
+
+
+def test_peer_repeats_and_check_counts_them():
+    r = tunneld("--peer", "192.0.2.1", "--peer", "192.0.2.2", "--peer", "192.0.2.3", "--fdb-max", "10",
+                "--fdb-ageing", "0", "--runtime-dir", "/tmp/td", "--check")
+    assert r.returncode == 0 and r.stdout.strip() == "command line: ok: vxlan to 3 peers (192.0.2.1, ...) on tunneld0"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--peer", "192.0.2.1", "--peer", "192.0.2.1"), "tunneld: error: peer: 192.0.2.1 is given twice"),
+    (("--peer", "192.0.2.1", "--peer", "2001:db8::1"), "of different IP versions"),
+    (("--peer", "192.0.2.1", "--peer", "224.0.0.1"), "peer: 224.0.0.1 is a multicast address"),
+    (("--peer", "192.0.2.1", "--fdb-max", "0"), "fdb-max must be between 1 and 1000000, got 0"),
+    (("--peer", "192.0.2.1", "--fdb-ageing", "soon"), "'soon' is not a number of seconds"),
+    (("--peer", "192.0.2.1", "--fdb-ageing", "-1"), "fdb-ageing: -1.0 is not 0 (never)"),
+    (("--peer", "192.0.2.1", "--runtime-dir", "run"), "runtime-dir: 'run' is not an absolute path"),
+])
+def test_bad_peer_flags_are_usage_errors(args, needle):
+    r = tunneld(*args, "--check")
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.netns
+def test_the_peer_with_the_smallest_path_mtu_sets_the_device_mtu(hosts):
+    """Two peers, one behind a route with a smaller MTU: the interface gets that one's, and the log says so."""
+    a, b = hosts
+    a.run("ip", "route", "add", "10.231.0.9/32", "dev", a.ifname, "mtu", "1400")
+    t = Tunneld(a, "--peer", b.underlay, "--peer", "10.231.0.9", "--address", f"{OVERLAY_V4[0]}/24")
+    try:
+        assert "mtu 1350" in a.run("ip", "-o", "link", "show", "tunneld0").stdout
+    finally:
+        assert t.stop() == 0
+    assert "underlay MTU 1400: the smallest path MTU, towards peer 10.231.0.9" in t.output()

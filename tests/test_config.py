@@ -72,7 +72,7 @@ BAD = [
     ("unknown-key", '[tunnel]\npeer = "10.0.0.2"\nvnii = 3\n',
      "tunnel.vnii: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, workers, vni"),
     ("unknown-section", '[tunnel]\npeer = "10.0.0.2"\n[tunel]\n',
-     "tunel: unknown section; allowed: [tunnel], [metrics], [log]"),
+     "tunel: unknown section; allowed: [tunnel], [[peer]], [fdb], [control], [metrics], [log]"),
     ("section-not-table", 'tunnel = 1\n', "tunnel: must be a table [tunnel], got integer 1"),
     ("gre-key-on-vxlan", '[tunnel]\npeer = "10.0.0.2"\nkey = 77\n',
      "tunnel.key: only for mode gre/gretap, not 'vxlan'; mode 'vxlan' takes: vni"),
@@ -197,3 +197,131 @@ def test_a_plugin_mode_takes_the_options_it_declares(tmp_path):
         f"{path}: tunnel.ttk: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, workers, ttl, tos",
         f"{path}: tunnel.vni: only for mode vxlan, not 'ipudp'; mode 'ipudp' takes: ttl, tos",
     ]
+
+
+# -- many peers: [[peer]] tables, [fdb], [control] ----------------------------------------------------------
+
+THREE = """\
+[tunnel]
+mode = "vxlan"
+vni = 5
+[[peer]]
+address = "10.0.0.2"
+name = "b"
+[[peer]]
+address = "10.0.0.3"
+macs = ["02:00:00:00:0C:01"]
+[fdb]
+max = 100
+ageing = 0
+[control]
+runtime_dir = "/run/x/"
+"""
+
+
+def test_peer_tables_values(tmp_path):
+    from tunneld.peers import PeerSpec
+
+    values = load_file(str(write(tmp_path, THREE)), {"vxlan": Vxlan})
+    assert values["peers"] == (PeerSpec("10.0.0.2", "b"), PeerSpec("10.0.0.3", macs=("02:00:00:00:0c:01",)))
+    assert (values["fdb_max"], values["fdb_ageing"], values["runtime_dir"]) == (100, 0.0, "/run/x")
+    assert "peer" not in values
+
+
+def test_peer_tables_check_and_count(tmp_path, capsys):
+    path = write(tmp_path, THREE)
+    assert check(path) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: ok: vxlan to 2 peers (10.0.0.2, ...) on tunneld0"
+
+
+def test_flags_replace_the_files_peer_list(tmp_path, capsys):
+    path = write(tmp_path, THREE)
+    assert check(path, "--peer", "10.0.0.9") == 0
+    assert capsys.readouterr().out.strip() == f"{path}: ok: vxlan to peer 10.0.0.9 on tunneld0"
+
+
+def peers(*tables: str, mode: str = "vxlan", extra: str = "") -> str:
+    return f'[tunnel]\nmode = "{mode}"\n{extra}' + "".join(f"[[peer]]\n{t}\n" for t in tables)
+
+
+PEER_BAD = [
+    ("both-forms", '[tunnel]\npeer = "10.0.0.2"\n[[peer]]\naddress = "10.0.0.3"\n',
+     "peer: [[peer]] tables and tunnel.peer both given; name one peer as tunnel.peer or every peer in a [[peer]] table"),
+    ("single-table", '[tunnel]\n[peer]\naddress = "10.0.0.3"\n',
+     "peer: expected [[peer]] tables, one per peer (keys: address, name, routes, macs), got table {'address': '10.0.0.3'}"),
+    ("no-address", peers('name = "b"'), "peer[1].address: missing; required: the peer's underlay IPv4 or IPv6 address"),
+    ("unknown-key", peers('address = "10.0.0.2"\nroute = ["10.1.0.0/16"]'),
+     "peer[1].route: unknown key; allowed in [[peer]]: address, name, routes, macs"),
+    ("loopback", peers('address = "10.0.0.2"', 'address = "127.0.0.2"'),
+     "peer[2].address: 127.0.0.2 is a loopback address: the tunnel would lead back to this host"),
+    ("multicast-mac", peers('address = "10.0.0.2"\nmacs = ["01:00:5e:00:00:01"]'),
+     "peer[1].macs: 01:00:5e:00:00:01 is not a unicast address; broadcast, multicast and unknown MACs go to every peer anyway"),
+    ("bad-name", peers('address = "10.0.0.2"\nname = "b c"'),
+     "peer[1].name: 'b c' is not a peer name (1-64 letters, digits and ._:@-, starting with a letter or digit)"),
+    ("host-bits", peers('address = "10.0.0.2"\nroutes = ["192.168.2.1/24"]', mode="gre"),
+     "peer[1].routes: 192.168.2.1/24 has host bits set; the prefix is 192.168.2.0/24"),
+    ("routes-not-list", peers('address = "10.0.0.2"\nroutes = "192.168.2.0/24"', mode="gre"),
+     "peer[1].routes: expected an array of strings like [\"192.168.2.0/24\"], got string '192.168.2.0/24'"),
+    ("duplicate", peers('address = "10.0.0.2"', 'address = "10.0.0.02"'), None),  # filled below: not an address
+    ("twice", peers('address = "fd00::2"', 'address = "fd00:0::2"'), "peer: fd00::2 is given twice"),
+    ("families", peers('address = "10.0.0.2"', 'address = "fd00::3"'),
+     "peer: fd00::3 and 10.0.0.2 are of different IP versions; one underlay socket carries every peer: all IPv4 or all IPv6"),
+    ("local-family", peers('address = "fd00::2"', extra='local = "10.0.0.1"\n'),
+     "tunnel.local: 10.0.0.1 and peer fd00::2 must be of the same IP version"),
+    ("prefix-twice", peers('address = "10.0.0.2"\nroutes = ["10.1.0.0/16"]', 'address = "10.0.0.3"\nroutes = ["10.1.0.0/16"]',
+                           mode="gre"),
+     "peer 10.0.0.3: routes: 10.1.0.0/16 is already given to peer 10.0.0.2"),
+    ("name-twice", peers('address = "10.0.0.2"\nname = "x"', 'address = "10.0.0.3"\nname = "x"'),
+     "peer 10.0.0.3: name: x is already given to peer 10.0.0.2"),
+    ("routes-in-l2", peers('address = "10.0.0.2"\nroutes = ["10.1.0.0/16"]'),
+     "peer 10.0.0.2: routes are for L3 modes; mode 'vxlan' is L2 (TAP), whose peers are found by MAC (learnt, or static macs)"),
+    ("macs-in-l3", peers('address = "10.0.0.2"\nmacs = ["02:00:00:00:00:01"]', mode="gre"),
+     "peer 10.0.0.2: macs are static FDB entries of L2 modes; mode 'gre' is L3 (TUN): give the peer routes instead"),
+    ("fdb-max", '[tunnel]\npeer = "10.0.0.2"\n[fdb]\nmax = 0\n', "fdb.max: 0 is out of range (1-1000000)"),
+    ("fdb-ageing", '[tunnel]\npeer = "10.0.0.2"\n[fdb]\nageing = 0.5\n',
+     "fdb.ageing: 0.5 is not 0 (never) or a number of seconds from 1 to 1000000"),
+    ("fdb-key", '[tunnel]\npeer = "10.0.0.2"\n[fdb]\nlimit = 5\n', "fdb.limit: unknown key; allowed in [fdb]: max, ageing"),
+    ("runtime-relative", '[tunnel]\npeer = "10.0.0.2"\n[control]\nruntime_dir = "run"\n',
+     "control.runtime_dir: 'run' is not an absolute path, e.g. /run/tunneld"),
+    ("runtime-long", '[tunnel]\npeer = "10.0.0.2"\n[control]\nruntime_dir = "/' + "x" * 100 + '"\n',
+     f"control.runtime_dir: '/{'x' * 100}' is too long for a unix socket path with tunneld0.sock in it (at most 93 bytes)"),
+]
+
+
+@pytest.mark.parametrize("name,text,line", PEER_BAD, ids=[row[0] for row in PEER_BAD])
+def test_bad_peers_one_line_and_exit_78(tmp_path, capsys, name, text, line):
+    if line is None:
+        line = "peer[2].address: '10.0.0.02' is not an IPv4 or IPv6 address"
+    path = write(tmp_path, text)
+    assert check(path) == EX_CONFIG
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"tunneld: {path}: {line}"]
+
+
+def test_the_peer_count_and_the_lists_are_bounded(tmp_path, capsys):
+    from tunneld.config import MAX_PEERS, MAX_ROUTES_PER_PEER
+
+    many = "".join(f'[[peer]]\naddress = "10.{n >> 8}.{n & 255}.1"\n' for n in range(MAX_PEERS + 1))
+    path = write(tmp_path, '[tunnel]\n' + many)
+    assert check(path) == EX_CONFIG
+    assert capsys.readouterr().err.splitlines() == [f"tunneld: {path}: peer: {MAX_PEERS + 1} [[peer]] tables, more than {MAX_PEERS}"]
+    routes = ", ".join(f'"10.{n >> 8}.{n & 255}.0/24"' for n in range(MAX_ROUTES_PER_PEER + 1))
+    path = write(tmp_path, peers(f'address = "192.0.2.1"\nroutes = [{routes}]', mode="gre"))
+    assert check(path) == EX_CONFIG
+    assert capsys.readouterr().err.splitlines() == [
+        f"tunneld: {path}: peer[1].routes: {MAX_ROUTES_PER_PEER + 1} given, at most {MAX_ROUTES_PER_PEER} per peer"]
+
+
+def test_one_l3_peer_routes_everything_several_need_routes(tmp_path, capsys, monkeypatch):
+    from tunneld import cli
+    from tunneld.config import DEFAULT_ROUTES
+
+    configs = []
+    monkeypatch.setattr(cli, "run", lambda cfg, modes, reload=None: configs.append(cfg) or 0)
+    monkeypatch.setattr(cli, "on_host", lambda cfg, where: None)  # documentation addresses are nobody's
+    assert main(["--mode", "gre", "--peer", "192.0.2.1"]) == 0
+    path = write(tmp_path, peers('address = "192.0.2.1"\nroutes = ["10.1.0.0/16"]', 'address = "192.0.2.2"', mode="gre"))
+    assert main(["--config", str(path)]) == 0
+    assert configs[0].peers[0].routes == DEFAULT_ROUTES
+    assert [p.routes for p in configs[1].peers] == [("10.1.0.0/16",), ()]
+    assert "peer 192.0.2.2 has no routes: it reaches nothing" in capsys.readouterr().err

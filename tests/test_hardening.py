@@ -242,3 +242,24 @@ def test_the_privilege_message_names_the_real_cause(hosts, tmp_path, mode, caps,
     assert line.startswith("tunneld: error: ") and needle in line, line
     assert a.link_state("tunneld0") is None
     assert os.stat("/dev/net/tun").st_rdev == os.makedev(10, 200)  # the real node is untouched
+
+
+def test_on_host_every_peer_is_checked(monkeypatch):
+    from tunneld import cli
+    from tunneld.config import TunnelConfig
+    from tunneld.peers import PeerSpec
+
+    kind, own = host({"10.0.0.1": "local"})
+    monkeypatch.setattr(cli, "address_kind", kind)
+    monkeypatch.setattr(cli, "is_own_address", own)
+    cfg = TunnelConfig(peers=(PeerSpec("192.0.2.1"), PeerSpec("10.0.0.1")))
+    with pytest.raises(cli.HostError, match=r"^demo.toml: tunnel.peer: 10.0.0.1 is an address of this host"):
+        cli.on_host(cfg, "demo.toml: ")
+    cli.on_host(TunnelConfig(peers=cfg.peers[:1]), "")
+
+
+@pytest.mark.parametrize("peer", ["0.0.0.0", "::", "127.0.0.1", "::1", "224.0.0.1", "ff02::1", "255.255.255.255",
+                                  "fe80::1", "::ffff:c000:201"])
+def test_every_peer_of_many_goes_through_check_peer(peer):
+    r = tunneld("--peer", "192.0.2.1" if ":" not in peer else "2001:db8::1", "--peer", peer, "--check")
+    assert r.returncode == 2 and one_line(r).startswith(f"tunneld: error: peer: {peer}")

@@ -23,7 +23,8 @@ import asyncio, socket, time
 from tunneld.metrics import MetricsServer
 probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
 server = MetricsServer(f"127.0.0.1:{port}")
-server.start(asyncio.new_event_loop())
+loop = asyncio.new_event_loop()  # held: a collected loop closes its selector and self-pipe mid-test
+server.start(loop)
 print(port, flush=True)
 time.sleep(120)
 """

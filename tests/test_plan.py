@@ -104,3 +104,28 @@ def test_the_tunnel_fails_at_its_plan_before_opening_anything(monkeypatch):
     with pytest.raises(StartupError) as e:
         Tunnel(TunnelConfig(peer="10.0.0.2", mode="nope"), MODES)
     assert e.value.code == EX_CONFIG
+
+
+# -- many peers -----------------------------------------------------------------------------------------------
+
+def test_the_smallest_path_mtu_over_the_peers_decides_and_is_logged(caplog):
+    from tunneld.peers import PeerSpec
+
+    mtus = {"10.0.0.2": (1500, "eth0"), "10.0.0.3": (1400, "eth1"), "10.0.0.4": (9000, "eth2")}
+    cfg = TunnelConfig(peers=tuple(PeerSpec(a) for a in mtus), extra={"vni": 7})
+    caplog.set_level("INFO", logger="tunneld")
+    p = make_plan(cfg, MODES, underlay_mtu=mtus.__getitem__, cpus=1, machine_id=MID)
+    assert (p.mtu, p.max_frame, p.underlay_mtu, p.underlay_dev, p.limiting_peer) == (1350, 1364, 1400, "eth1", "10.0.0.3")
+    assert "underlay MTU 1400: the smallest path MTU, towards peer 10.0.0.3" in caplog.text
+    configured = make_plan(TunnelConfig(peers=cfg.peers, mtu=1450), MODES, underlay_mtu=mtus.__getitem__, cpus=1)
+    assert (configured.mtu, configured.max_frame) == (1450, 1364)  # configured wins; frames still fit the path
+
+
+def test_adding_peers_keeps_the_mac_and_no_peer_names_the_tunnel_alone():
+    from tunneld.peers import PeerSpec
+
+    one = plan(TunnelConfig(peer="10.0.0.2", extra={"vni": 7}))
+    three = plan(TunnelConfig(peers=(PeerSpec("10.0.0.2"), PeerSpec("10.0.0.3"), PeerSpec("10.0.0.4")), extra={"vni": 7}))
+    assert one.mac == three.mac == stable_mac("tunneld0", "vxlan", "10.0.0.2", 7, machine_id=MID)
+    none = plan(TunnelConfig(extra={"vni": 7}))
+    assert none.mac == stable_mac("tunneld0", "vxlan", 7, machine_id=MID) and none.limiting_peer is None

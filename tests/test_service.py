@@ -154,6 +154,69 @@ def test_an_invalid_reload_is_refused_and_ready_again(tmp_path, caplog):
     assert got[0].startswith("RELOADING=1") and got[1].startswith("READY=1")
 
 
+# -- the peer-list diff on reload, no root ------------------------------------------------------------------
+
+class RecordingTunnel:
+    """service.Tunnel that records what it is asked to apply, and refuses with ``refuse`` when set."""
+
+    workers = 1
+
+    def __init__(self, cfg: TunnelConfig, refuse: Exception | None = None) -> None:
+        self.cfg, self.refuse, self.applied = cfg, refuse, []
+
+    def totals(self) -> Stats:
+        return Stats()
+
+    def workers_alive(self) -> bool:
+        return True
+
+    def apply(self, changes: Apply) -> None:
+        if self.refuse is not None and (changes.peers_set or changes.peers_removed):
+            raise self.refuse
+        self.applied.append(changes)
+
+    def move_metrics(self, listen: str) -> bool:
+        raise AssertionError("these reloads do not move the metrics endpoint")
+
+
+def specs(*items) -> tuple:
+    from tunneld.peers import PeerSpec
+
+    return tuple(PeerSpec(*item) if isinstance(item, tuple) else PeerSpec(item) for item in items)
+
+
+def test_peer_diff_holds_only_what_changed():
+    from tunneld.service import peer_diff
+
+    old = specs("10.0.0.2", ("10.0.0.3", "c"), "10.0.0.4")
+    new = specs(("10.0.0.3", "c"), ("10.0.0.4", "d"), "10.0.0.5")
+    assert peer_diff(old, new) == (specs(("10.0.0.4", "d"), "10.0.0.5"), ("10.0.0.2",))
+    assert peer_diff(old, old) == ((), ())
+
+
+def test_reload_hands_the_tunnel_the_peer_diff(caplog):
+    old = TunnelConfig(peers=specs("10.0.0.2", "10.0.0.3"), mode="gre")
+    new = TunnelConfig(peers=specs("10.0.0.2", ("10.0.0.4", "d", ("10.4.0.0/16",))), mode="gre")
+    tunnel = RecordingTunnel(old)
+    caplog.set_level(logging.INFO, logger="tunneld")
+    Service(tunnel, notifier=Notifier({})).apply(new)
+    assert tunnel.applied == [Apply(peers_set=specs(("10.0.0.4", "d", ("10.4.0.0/16",))), peers_removed=("10.0.0.3",))]
+    assert tunnel.cfg == new
+    assert "reload: peers: added d (10.0.0.4); removed 10.0.0.3" in caplog.text
+
+
+def test_a_refused_peer_diff_keeps_the_running_peers(caplog):
+    old = TunnelConfig(peers=specs("10.0.0.2", "10.0.0.3"))
+    new = dataclasses.replace(old, peers=specs("10.0.0.2"), log_level="debug", fdb_max=10)
+    tunnel = RecordingTunnel(old, refuse=ConfigError("peer 10.0.0.9: routes: 10.1.0.0/16 is already given"))
+    Service(tunnel, notifier=Notifier({})).apply(new)
+    assert tunnel.cfg == dataclasses.replace(old, log_level="debug")
+    assert tunnel.applied == [Apply(log_level="debug")]
+    lines = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == ["reload: peers refused, keeping the running ones: peer 10.0.0.9: routes: 10.1.0.0/16 is already given"]
+    assert "reload: fdb.max changed; needs a restart" in caplog.text
+
+
 # -- the real daemon in a namespace ---------------------------------------------------------------------------
 
 def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = OVERLAY_V4[0] + "/24",
@@ -170,6 +233,19 @@ def config_text(peer: str, *, vni: int = 1, level: str = "info", address: str = 
         [log]
         level = "{level}"
         """)
+
+
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=10)
+
+
+def clean_up(proc, rx: NotifyReceiver, *hosts: Host) -> str:
+    """Kill what is left in the namespaces and close the receiver; the daemon's output."""
+    for host in hosts:
+        host.kill_all()
+    rx.close()
+    return proc.stdout.read()
 
 
 def scrape(host: Host, listen: str) -> str | None:
@@ -272,16 +348,48 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
         pa.send_signal(signal.SIGHUP)
         rx.until("READY=1")
         assert scrape(a, "127.0.0.1:9479") is not None
-        pa.send_signal(signal.SIGTERM)
-        assert pa.wait(timeout=10) == 0
+        assert stop(pa) == 0
     finally:
-        a.kill_all()
-        b.kill_all()
-        rx.close()
-    out = pa.stdout.read()
+        out = clean_up(pa, rx, a, b)
     assert "reload: peer 10.231.0.2 -> 10.231.0.3" in out
     assert "reload: log level info -> debug" in out
     assert f"reload refused, keeping the running configuration: {conf_a}: tunnel.peer: '10.231.0.300' is not" in out
     assert "reload: metrics 127.0.0.1:9477 -> 127.0.0.1:9479" in out
     assert "reload: metrics-listen 127.0.0.1:9480: cannot listen: Address already in use" in out
     assert "still serving metrics at 127.0.0.1:9479" in out
+
+
+def peers_text(*peers: str, address: str = OVERLAY_V4[0] + "/24") -> str:
+    tables = "".join(f'[[peer]]\naddress = "{p}"\nname = "p{n}"\n' for n, p in enumerate(peers))
+    return f'[tunnel]\ndev = "tdsvc0"\naddress = ["{address}"]\nworkers = 2\n{tables}[metrics]\nlisten = ""\n'
+
+
+@pytest.mark.netns
+def test_sighup_hands_the_peer_diff_to_every_worker_and_keeps_the_link(hosts, tmp_path):
+    """A names B first and a bystander address; a reload swaps the bystander for another: the diff goes to both
+    workers, B's traffic carries on, the interface stays."""
+    a, b = hosts
+    conf_a, conf_b = tmp_path / "a.toml", tmp_path / "b.toml"
+    conf_a.write_text(peers_text(b.underlay, "10.231.0.8"))
+    conf_b.write_text(config_text(a.underlay, address=OVERLAY_V4[1] + "/24", metrics=""))
+    assert a.run(TUNNELD, "--config", str(conf_a), "--check").stdout.strip() == \
+        f"{conf_a}: ok: vxlan to 2 peers ({b.underlay}, ...) on tdsvc0"
+    rx = NotifyReceiver(str(tmp_path / "notify"))
+    pa = a.popen(TUNNELD, "--config", str(conf_a), env={**os.environ, "NOTIFY_SOCKET": rx.path})
+    b.popen(TUNNELD, "--config", str(conf_b))
+    try:
+        assert rx.until("READY=1")[-1].startswith("READY=1\nSTATUS=2 peers: sent ")
+        b.wait_link("tdsvc0")
+        a.wait_ping(OVERLAY_V4[1], timeout=10)
+        index = ifindex(a, "tdsvc0")
+        conf_a.write_text(peers_text(b.underlay, "10.231.0.9"))
+        pa.send_signal(signal.SIGHUP)
+        rx.until("RELOADING=1")
+        rx.until("READY=1")
+        assert a.ping(OVERLAY_V4[1], count=2, timeout=5)
+        assert ifindex(a, "tdsvc0") == index
+        assert stop(pa) == 0
+    finally:
+        out = clean_up(pa, rx, a, b)
+    assert "reload: peers: added p1 (10.231.0.9); removed 10.231.0.8" in out
+    assert "worker 1: reload" not in out  # the other worker took the diff (pickled PeerSpecs) without a complaint

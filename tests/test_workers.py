@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tunneld.channel import Apply, Channel, StatsReport, StatsRequest
 from tunneld.cli import main
-from tunneld.config import EX_CONFIG, MAX_WORKERS
+from tunneld.config import EX_CONFIG, MAX_WORKERS, TunnelConfig
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.engine import Engine
@@ -265,7 +265,7 @@ def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch
 
     class Tunnel:  # service.Tunnel
         workers = 2
-        cfg = type("Cfg", (), {"peer": "192.0.2.2"})()
+        cfg = TunnelConfig(peer="192.0.2.2")
         looks = 0
 
         def totals(self) -> Stats:

@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Union
 
+from tunneld.peers import PeerSpec
 from tunneld.stats import Stats
 
 MESSAGE_MAX = 1 << 16  # a record larger than this is cut; a Stats snapshot pickles to about 2 KB
@@ -48,14 +49,19 @@ class StatsReport:
 class Apply:
     """Live changes from a reload, already applied by worker 0; a field left None is unchanged.
 
-    One field per live setting. With many peers (next issue) the peer becomes a peer-table diff here
-    (added/removed peers), carried the same way."""
+    One field per live setting. The peer list travels as a diff: ``peers_set`` holds the peers added or
+    changed (upsert by address: an unchanged peer keeps its counters and learnt MACs), ``peers_removed`` the
+    addresses whose peer, FDB entries and routes are flushed. ``peer`` is the one-peer link's send address,
+    for the data path of one peer."""
 
     peer: str | None = None
     log_level: str | None = None
+    peers_set: tuple[PeerSpec, ...] = ()
+    peers_removed: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return self.peer is not None or self.log_level is not None
+        return (self.peer is not None or self.log_level is not None or bool(self.peers_set)
+                or bool(self.peers_removed))
 
 
 @dataclass(frozen=True)

@@ -11,32 +11,41 @@ from typing import Mapping, Sequence
 from tunneld import __version__
 from tunneld.config import (
     DEFAULT_DEV,
+    DEFAULT_FDB_AGEING,
+    DEFAULT_FDB_MAX,
     DEFAULT_METRICS_LISTEN,
     DEFAULT_MODE,
+    DEFAULT_RUNTIME_DIR,
     EX_CONFIG,
     LOG_LEVELS,
+    MAX_FDB_AGEING,
+    MAX_FDB_MAX,
+    MAX_PEERS,
     MAX_WORKERS,
     ConfigError,
+    FILE_KEYS,
     ConfigFileError,
     TunnelConfig,
+    check_ageing,
     check_on_host,
+    fit_to_device,
     load_file,
     validate,
 )
 from tunneld.daemon import StartupError, run
-from tunneld.encap.base import Encapsulator, Option, declared, is_legacy
+from tunneld.encap.base import DeviceKind, Encapsulator, Option, declared, is_legacy
 from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec
 from tunneld.io.netlink import address_kind, is_own_address
+from tunneld.peers import PeerSpec
 from tunneld.plugins import discover
 from tunneld.workers import AUTO_RULE
 
 log = logging.getLogger("tunneld")
 
 DESCRIPTION = """\
-Link this host to a peer with a userspace tunnel. tunneld creates a TAP (or TUN) interface, carries every
-frame the kernel sends into it to the peer inside an encapsulation over the underlay network, and writes
-what the peer sends back into the interface. Run the same command on both hosts, each naming the other
-as --peer.
+Link this host to its peers with a userspace tunnel. tunneld creates a TAP (or TUN) interface, carries every
+frame the kernel sends into it to a peer inside an encapsulation over the underlay network, and writes
+what the peers send back into the interface. Run it on every host, each naming the others with --peer.
 """
 
 EPILOG = f"""\
@@ -49,10 +58,18 @@ examples:
   It interoperates with the Linux kernel's own VXLAN on the far end:
     ip link add vx0 type vxlan id 1 remote 10.0.0.1 dstport 4789 dev eth0
 
+  three hosts on one segment (underlay 10.0.0.1-3), on host A:
+    tunneld --mode vxlan --peer 10.0.0.2 --peer 10.0.0.3 --address 192.168.100.1/24
+  and the same on B and C, each naming the other two. One device and one socket reach every peer (at most
+  {MAX_PEERS}; all IPv4 or all IPv6). L2 modes learn which peer has which MAC and send broadcast and unknown
+  unicast to every peer; L3 modes route by each peer's routes, given in a config file's [[peer]] tables
+  (config/gre-hub.toml). --peer given on the command line replaces the file's whole peer list.
+
 defaults:
   The MTU is the underlay route's MTU minus the encapsulation overhead (VXLAN over IPv4: 50 bytes, so 1450
-  on a 1500-byte underlay); frames too big to cross without fragmenting are dropped and counted. The TAP
-  interface gets a stable MAC address derived from this machine, the device name and the peer, so a
+  on a 1500-byte underlay); with several peers, the smallest route MTU towards any of them decides (the
+  log names that peer). Frames too big to cross without fragmenting are dropped and counted. The TAP
+  interface gets a stable MAC address derived from this machine, the device name and the (first) peer, so a
   restarted tunneld looks like the same interface to its neighbours. SIGINT or SIGTERM stop it cleanly
   (exit 0) and the interface is removed.
 
@@ -105,6 +122,17 @@ def _workers(text: str) -> int | str:
 
 
 _workers.__name__ = "workers"
+
+
+def _ageing(text: str) -> float:
+    try:
+        return check_ageing(float(text))
+    except ValueError as e:  # ConfigError is one too
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, ConfigError) else f"{text!r} is not a number "
+                                         f"of seconds (0 = never, up to {MAX_FDB_AGEING:.0f})") from None
+
+
+_ageing.__name__ = "fdb-ageing"
 
 OPTION_DEST = "mode option {}"  # the argparse dest of a mode option's flag: never an attribute name of ours
 OPTION_FLAGS = "mode option flags"  # dest of {option name: its flag}, as build_parser made them
@@ -176,7 +204,8 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
     p.add_argument("--config", metavar="FILE", help="read the tunnel from a TOML file (see config/); flags override it")
     p.add_argument("--check", action="store_true", help="validate the configuration and exit: 0 if good, 78 if not")
     p.add_argument("--mode", choices=list(modes), help=f"encapsulation (default: {DEFAULT_MODE}); see --list-modes")
-    p.add_argument("--peer", metavar="ADDR", help="underlay IPv4/IPv6 address of the far end (required)")
+    p.add_argument("--peer", metavar="ADDR", action="append",
+                   help="underlay IPv4/IPv6 address of a far end (required); repeat for more peers")
     p.add_argument("--local", metavar="ADDR", help="underlay address to bind and send from (default: the kernel chooses)")
     p.add_argument("--dev", metavar="NAME", help=f"interface to create (default: {DEFAULT_DEV})")
     p.add_argument(
@@ -208,6 +237,14 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
         help="serve Prometheus metrics at http://HOST:PORT/metrics; [::1]:PORT for IPv6, '' to disable "
         f"(default: {DEFAULT_METRICS_LISTEN})",
     )
+    p.add_argument("--fdb-max", metavar="N", type=_int_in(1, MAX_FDB_MAX, "fdb-max"),
+                   help=f"L2 modes: at most N MAC entries; past it new MACs are not learnt and their frames go to "
+                   f"every peer (default: {DEFAULT_FDB_MAX})")
+    p.add_argument("--fdb-ageing", metavar="SECONDS", type=_ageing,
+                   help=f"L2 modes: a learnt MAC not heard from for this long is forgotten; 0 = never "
+                   f"(default: {DEFAULT_FDB_AGEING:.0f})")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help=f"directory of the control socket DIR/DEV.sock (default: {DEFAULT_RUNTIME_DIR})")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -275,8 +312,8 @@ def setup_logging(level: str) -> None:
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("peer", "mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
-               "workers")
+FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
+               "workers", "fdb_max", "fdb_ageing", "runtime_dir")
 
 
 def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:
@@ -285,12 +322,16 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
     Raises ConfigError naming the problem (prefixed with the file when there is one)."""
     values = dict(file_values)
     values.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None})
+    tables = "peers" in values and not args.peer  # the peers come from the file's [[peer]] tables
+    if args.peer:  # the flags' peers replace the file's list as a whole
+        values.pop("peer", None)
+        values["peers"] = tuple(PeerSpec(address) for address in args.peer)
     if args.address:
         values["addresses"] = tuple(args.address)
     if flag_options:
         values["extra"] = {**values.get("extra", {}), **flag_options}
     where = f"{args.config}: " if args.config else ""
-    if "peer" not in values:
+    if "peer" not in values and not values.get("peers"):
         key = "tunnel.peer" if args.config else "--peer"
         raise ConfigError(f"{where}{key}: missing; required: the underlay address of the far end")
     try:
@@ -298,7 +339,10 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
     except ConfigError as e:
         if args.config:  # validate() names flags ("log-level: ..."); name the file's key instead
             what, _, rest = str(e).partition(": ")
-            key = {"log-level": "log.level", "metrics-listen": "metrics.listen"}.get(what, f"tunnel.{what}")
+            if tables and what.startswith("peer"):
+                key = what  # "peer" or "peer ADDR": the [[peer]] tables
+            else:
+                key = FILE_KEYS.get(what.replace("-", "_"), f"tunnel.{what}")
             raise ConfigError(f"{where}{key}: {rest}") from None
         raise
     return cfg
@@ -309,9 +353,10 @@ class HostError(ConfigError):
 
 
 def on_host(cfg: TunnelConfig, where: str) -> None:
-    """The peer and local address checked against this host's own addresses; raises HostError."""
+    """Every peer and the local address checked against this host's own addresses; raises HostError."""
     try:
-        check_on_host(cfg.peer, cfg.local, address_kind, is_own_address)
+        for spec in cfg.peers:
+            check_on_host(spec.address, cfg.local, address_kind, is_own_address)
     except ConfigError as e:
         raise HostError(f"{where}tunnel.{e}" if where else str(e)) from None
 
@@ -345,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 owners = "/".join(option_flags(modes)[name][1])
                 raise ModeOptionError(f"only for mode {owners}, not {cfg.mode!r}", flag)
         try:
-            build_codec(cfg, modes)  # the mode's options, checked once, by its declarations, without the kernel
+            codec = build_codec(cfg, modes)  # the mode's options, checked once, by its declarations, without the kernel
         except ModeOptionError as e:
             if e.key in ("port", "mode"):  # name the setting as the operator wrote it: the flag, else the file's key
                 from_file = args.config and getattr(args, e.key) is None
@@ -353,6 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.config:
                 raise ModeOptionError(f"{args.config}: {e}") from None
             raise
+        try:
+            cfg = fit_to_device(cfg, codec.device)  # routes for L3 modes, macs for L2; one L3 peer routes all
+        except ConfigError as e:
+            raise ConfigError(f"{args.config}: {e}" if args.config else str(e)) from None
+        if codec.device is DeviceKind.TUN and len(cfg.peers) > 1:
+            for spec in cfg.peers:
+                if not spec.routes:
+                    log.warning("peer %s has no routes: it reaches nothing (give it routes = [...])", spec.label())
         if not args.check:  # --check may run on another machine; a start or a reload runs here
             on_host(cfg, f"{args.config}: " if args.config else "")
         return cfg
@@ -376,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunneld: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
-        print(f"{args.config or 'command line'}: ok: {cfg.mode} to peer {cfg.peer} on {cfg.dev}")
+        to = f"peer {cfg.peer}" if len(cfg.peers) == 1 else f"{len(cfg.peers)} peers ({cfg.peer}, ...)"
+        print(f"{args.config or 'command line'}: ok: {cfg.mode} to {to} on {cfg.dev}")
         return 0
     setup_logging(cfg.log_level)
     try:

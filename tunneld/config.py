@@ -12,11 +12,12 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
-from tunneld.encap.base import Option, declared
+from tunneld.encap.base import DeviceKind, Option, declared
 from tunneld.encap.base import describe_value as _describe  # shared with Option's messages
+from tunneld.peers import PeerSpec
 from tunneld.plugins import discover
 
 DEFAULT_DEV = "tunneld0"
@@ -26,6 +27,19 @@ IFNAMSIZ = 16  # including the terminating NUL
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_MTU = 68  # RFC 791's minimum
 IPV6_MIN_MTU = 1280  # RFC 8200: an interface carrying IPv6 needs at least this
+
+# Peers and what they carry: every list that a file can grow has a bound (a file is at most MAX_CONFIG_BYTES).
+MAX_PEERS = 4096  # one device and one socket carry them all; the data path keeps a table entry per peer
+MAX_ROUTES_PER_PEER = 1024  # L3 modes: inner prefixes per peer
+MAX_MACS_PER_PEER = 1024  # L2 modes: static FDB entries per peer
+MAX_NAME = 64  # a peer's label, shown by `tunneld show`
+DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")  # one L3 peer without routes reaches everything (as before many peers)
+DEFAULT_FDB_MAX = 16384  # L2 modes: FDB entries, learnt and static (Linux vxlan's `limit` is unbounded by default)
+MAX_FDB_MAX = 1_000_000
+DEFAULT_FDB_AGEING = 300.0  # seconds a learnt MAC lives unheard, as Linux bridges and vxlan; 0 = never
+MAX_FDB_AGEING = 1_000_000.0
+DEFAULT_RUNTIME_DIR = "/run/tunneld"  # the control socket is RUNTIME_DIR/DEV.sock
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -38,7 +52,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TunnelConfig:
-    peer: str
+    """One tunnel. ``peers``: the far ends in the order given (canonical addresses, no duplicates once
+    validated). ``TunnelConfig(peer="ADDR", ...)`` (and ``dataclasses.replace(cfg, peer=ADDR)``) is the
+    one-peer shorthand: it sets ``peers`` to that one peer; ``cfg.peer`` reads the first peer's address."""
+
+    peers: tuple[PeerSpec, ...] = ()
     mode: str = DEFAULT_MODE
     local: str | None = None
     dev: str = DEFAULT_DEV
@@ -50,9 +68,18 @@ class TunnelConfig:
     offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
     workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
+    fdb_max: int = DEFAULT_FDB_MAX  # L2 modes: at most this many FDB entries; past it MACs are not learnt
+    fdb_ageing: float = DEFAULT_FDB_AGEING  # L2 modes: seconds before an unheard learnt MAC expires; 0 = never
+    runtime_dir: str = DEFAULT_RUNTIME_DIR  # where the control socket DEV.sock lives
     # The mode's options (vxlan: vni; gre: key, seq, csum; a plugin's: its own), as given: typed from a config
     # file or a flag, strings from --opt. The mode's declarations judge them (tunneld.modes.build_codec).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peer(self) -> str:
+        """The first peer's address ("" when there is none): for the one-peer paths that need one name (the
+        stable MAC, a status line); code that carries traffic iterates ``peers``."""
+        return self.peers[0].address if self.peers else ""
 
     def options(self) -> dict[str, Any]:
         """What the encapsulator is built from: the mode's options, and ``port`` for plugins that read it."""
@@ -67,6 +94,20 @@ class TunnelConfig:
             elif getattr(self, f.name) != getattr(other, f.name):
                 names.append(f.name)
         return names
+
+
+_dataclass_init = TunnelConfig.__init__
+
+
+def _init(self: TunnelConfig, *args: Any, peer: str | None = None, **kwargs: Any) -> None:
+    # ``peer=`` is not a field (it is a view of ``peers``), so the generated __init__ would refuse it; it stays
+    # accepted because every one-peer caller (tests, plugins' helpers, a file's [tunnel] peer) says it that way.
+    if peer is not None:
+        kwargs["peers"] = (PeerSpec(peer),)
+    _dataclass_init(self, *args, **kwargs)
+
+
+TunnelConfig.__init__ = _init  # type: ignore[method-assign]
 
 
 def check_ip(value: str, what: str) -> str:
@@ -219,12 +260,129 @@ def check_workers(value: int | str) -> int | str:
     return value
 
 
+_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME - 1}}}$")
+
+
+def check_route(value: str, what: str = "routes") -> str:
+    """An inner prefix routed to a peer (L3 modes): canonical, as ``ip route`` wants it (no host bits set)."""
+    try:
+        if "/" not in value:
+            raise ValueError
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ConfigError(f"{what}: {value!r} is not a prefix like 192.168.2.0/24 or fd00:2::/64 (one host: "
+                          "192.168.2.7/32)") from None
+    if net.network_address != ipaddress.ip_interface(value).ip:
+        raise ConfigError(f"{what}: {value} has host bits set; the prefix is {net}")
+    return str(net)
+
+
+def check_static_mac(value: str, what: str = "macs") -> str:
+    """A static FDB entry (L2 modes): one host's unicast MAC, lower case."""
+    if not _MAC.match(value):
+        raise ConfigError(f"{what}: {value!r} is not a MAC address like 02:00:00:00:00:01")
+    if int(value[:2], 16) & 0x01 or value == "00:00:00:00:00:00":
+        raise ConfigError(f"{what}: {value} is not a unicast address; broadcast, multicast and unknown MACs go "
+                          "to every peer anyway")
+    return value.lower()
+
+
+def check_name(value: str, what: str = "name") -> str:
+    if not _NAME.match(value):
+        raise ConfigError(f"{what}: {value!r} is not a peer name (1-{MAX_NAME} letters, digits and ._:@-, "
+                          "starting with a letter or digit)")
+    return value
+
+
+def check_spec(spec: PeerSpec, what: str = "peer") -> PeerSpec:
+    """One peer on its own, canonical: its address (``check_peer``), name, routes and MACs, each list bounded
+    and without repeats. What involves other peers is ``check_peers``'s."""
+    address = check_peer(spec.address, what)
+    where = f"peer {address}"
+    name = check_name(spec.name, f"{where}: name") if spec.name is not None else None
+    lists = []
+    for key, check, cap in (("routes", check_route, MAX_ROUTES_PER_PEER), ("macs", check_static_mac, MAX_MACS_PER_PEER)):
+        items = getattr(spec, key)
+        if len(items) > cap:
+            raise ConfigError(f"{where}: {key}: {len(items)} given, at most {cap} per peer")
+        done = tuple(check(item, f"{where}: {key}") for item in items)
+        if len(set(done)) != len(done):
+            twice = next(x for x in done if done.count(x) > 1)
+            raise ConfigError(f"{where}: {key}: {twice} is given twice")
+        lists.append(done)
+    return PeerSpec(address, name, lists[0], lists[1], spec.source)
+
+
+def check_peers(peers: tuple[PeerSpec, ...], what: str = "peer") -> tuple[PeerSpec, ...]:
+    """The peer list: each peer checked (``check_spec``), at most MAX_PEERS, no address, name, prefix or MAC
+    given twice, and one address family (one underlay socket carries them all). The order is kept: the first
+    peer names the tunnel where one name is needed (the stable MAC)."""
+    if len(peers) > MAX_PEERS:
+        raise ConfigError(f"{what}: {len(peers)} peers, more than {MAX_PEERS}")
+    checked = tuple(check_spec(spec, what) for spec in peers)
+    seen: dict[tuple[str, str], str] = {}  # (kind, value) -> the address of the peer that has it
+    for spec in checked:
+        if ("address", spec.address) in seen:
+            raise ConfigError(f"{what}: {spec.address} is given twice")
+        seen["address", spec.address] = spec.address
+        first = checked[0].address
+        if ipaddress.ip_address(spec.address).version != ipaddress.ip_address(first).version:
+            raise ConfigError(f"{what}: {spec.address} and {first} are of different IP versions; one underlay "
+                              "socket carries every peer: all IPv4 or all IPv6")
+        for kind, values in (("name", (spec.name,) if spec.name else ()), ("routes", spec.routes), ("macs", spec.macs)):
+            for value in values:
+                if (kind, value) in seen:
+                    raise ConfigError(f"peer {spec.address}: {kind}: {value} is already given to peer "
+                                      f"{seen[kind, value]}")
+                seen[kind, value] = spec.address
+    return checked
+
+
+def fit_to_device(cfg: TunnelConfig, device: DeviceKind) -> TunnelConfig:
+    """The peers against the mode's device: ``routes`` are for L3 modes (TUN), ``macs`` for L2 modes (TAP).
+    One L3 peer without routes gets DEFAULT_ROUTES: everything goes to it and anything from it is accepted,
+    as before there were many peers. Raises ConfigError (one line)."""
+    layer3 = device is DeviceKind.TUN
+    for spec in cfg.peers:
+        if layer3 and spec.macs:
+            raise ConfigError(f"peer {spec.address}: macs are static FDB entries of L2 modes; mode {cfg.mode!r} "
+                              "is L3 (TUN): give the peer routes instead")
+        if not layer3 and spec.routes:
+            raise ConfigError(f"peer {spec.address}: routes are for L3 modes; mode {cfg.mode!r} is L2 (TAP), "
+                              "whose peers are found by MAC (learnt, or static macs)")
+    if layer3 and len(cfg.peers) == 1 and not cfg.peers[0].routes:
+        return replace(cfg, peers=(replace(cfg.peers[0], routes=DEFAULT_ROUTES),))
+    return cfg
+
+
+def check_ageing(value: float, what: str = "fdb-ageing") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            value == 0 or 1 <= value <= MAX_FDB_AGEING):
+        raise ConfigError(f"{what}: {value!r} is not 0 (never) or a number of seconds from 1 to {MAX_FDB_AGEING:.0f}")
+    return float(value)
+
+
+def check_runtime_dir(value: str, dev: str = DEFAULT_DEV, what: str = "runtime-dir") -> str:
+    """An absolute directory path that leaves room in a unix socket address for ``DEV.sock``."""
+    if not value.startswith("/") or "\0" in value:
+        raise ConfigError(f"{what}: {value!r} is not an absolute path, e.g. {DEFAULT_RUNTIME_DIR}")
+    path = os.path.normpath(value)
+    path = "/" + path.lstrip("/")  # normpath keeps a leading "//"
+    room = SUN_PATH_MAX - len(f"/{dev}.sock".encode())
+    if len(path.encode()) > room:
+        raise ConfigError(f"{what}: {value!r} is too long for a unix socket path with {dev}.sock in it "
+                          f"(at most {room} bytes)")
+    return path
+
+
 def validate(cfg: TunnelConfig) -> TunnelConfig:
     """Check every field; raise ConfigError on the first problem. Returns the config, normalised."""
-    peer = check_peer(cfg.peer)
+    if not cfg.peers:
+        raise ConfigError("peer: missing; required: the underlay address of the far end")
+    peers = check_peers(cfg.peers)
     local = check_local(cfg.local) if cfg.local else None
-    if local and ipaddress.ip_address(local).version != ipaddress.ip_address(peer).version:
-        raise ConfigError(f"local: {local} and peer {peer} must be of the same IP version")
+    if local and ipaddress.ip_address(local).version != ipaddress.ip_address(peers[0].address).version:
+        raise ConfigError(f"local: {local} and peer {peers[0].address} must be of the same IP version")
     addresses = tuple(check_cidr(a) for a in cfg.addresses)
     if cfg.mtu is not None:
         check_range(cfg.mtu, "mtu", MIN_MTU, 65535)
@@ -234,11 +392,12 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         check_range(cfg.port, "port", 1, 65535)
     if cfg.log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    dev = check_dev(cfg.dev)
     return TunnelConfig(
-        peer=peer,
+        peers=peers,
         mode=cfg.mode,
         local=local,
-        dev=check_dev(cfg.dev),
+        dev=dev,
         addresses=addresses,
         port=cfg.port,
         mtu=cfg.mtu,
@@ -247,6 +406,9 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         offload=cfg.offload,
         workers=check_workers(cfg.workers),
         metrics_listen=check_listen(cfg.metrics_listen),
+        fdb_max=check_range(cfg.fdb_max, "fdb-max", 1, MAX_FDB_MAX),
+        fdb_ageing=check_ageing(cfg.fdb_ageing),
+        runtime_dir=check_runtime_dir(cfg.runtime_dir, dev),
         extra=dict(cfg.extra),
     )
 
@@ -258,6 +420,10 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 #   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, offload (true/false), workers ("auto" or N),
 #             and the options the mode's encapsulator declares (``tunneld --list-modes``; vxlan: vni,
 #             gre/gretap: key, seq, csum), each checked by its declaration (``Option.check``)
+#   [[peer]]  one table per peer, instead of tunnel.peer (not both): address, name, routes = [CIDR, ...] (L3
+#             modes), macs = [MAC, ...] (L2 modes: static FDB entries)
+#   [fdb]     max (entries, 1-MAX_FDB_MAX), ageing (seconds; 0 = never): the L2 modes' FDB
+#   [control] runtime_dir: where the control socket DEV.sock lives
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
 #
@@ -267,7 +433,15 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error; systemd must not restart on it
 
 COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "workers")
-SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "metrics": ("listen",), "log": ("level",)}
+PEER_KEYS = ("address", "name", "routes", "macs")
+SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "peer": PEER_KEYS, "fdb": ("max", "ageing"), "control": ("runtime_dir",),
+            "metrics": ("listen",), "log": ("level",)}
+ARRAYS = ("peer",)  # written [[peer]]: an array of tables
+# The file's key of a TunnelConfig field that lives outside [tunnel] or is named otherwise there (the others are
+# tunnel.FIELD): for the lines that name a setting, at start-up and on a reload.
+FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
+             "extra": "tunnel (mode options)", "fdb_max": "fdb.max", "fdb_ageing": "fdb.ageing",
+             "runtime_dir": "control.runtime_dir"}
 
 
 class ConfigFileError(Exception):
@@ -345,7 +519,10 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
 
     for section, table in data.items():
         if section not in SECTIONS:
-            problem(section, f"unknown section; allowed: {', '.join(f'[{s}]' for s in SECTIONS)}")
+            allowed = ', '.join(f'[[{s}]]' if s in ARRAYS else f'[{s}]' for s in SECTIONS)
+            problem(section, f"unknown section; allowed: {allowed}")
+        elif section in ARRAYS:
+            pass  # read below
         elif not isinstance(table, dict):
             problem(section, f"must be a table [{section}], got {_describe(table)}")
     tunnel = data.get("tunnel") if isinstance(data.get("tunnel"), dict) else {}
@@ -435,17 +612,47 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     if extra:
         out["extra"] = extra
 
-    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-    for key, value in metrics.items():
-        if key != "listen":
-            problem(f"metrics.{key}", "unknown key; allowed in [metrics]: listen")
-        elif not isinstance(value, str):
-            problem("metrics.listen", f"expected a \"HOST:PORT\" string (\"\" to disable), got {_describe(value)}")
-        else:
+    if "peer" in data:
+        if "peer" in tunnel:
+            problem("peer", "[[peer]] tables and tunnel.peer both given; name one peer as tunnel.peer or every "
+                            "peer in a [[peer]] table")
+        elif (peers := _peer_tables(data["peer"], problem)) is not None:
+            out["peers"] = peers
+
+    fdb = data.get("fdb") if isinstance(data.get("fdb"), dict) else {}
+    for key, value in fdb.items():
+        if key == "max":
+            if isinstance(value, bool) or not isinstance(value, int):
+                problem("fdb.max", f"expected an integer number of entries (1-{MAX_FDB_MAX}), got {_describe(value)}")
+            elif not 1 <= value <= MAX_FDB_MAX:
+                problem("fdb.max", f"{value} is out of range (1-{MAX_FDB_MAX})")
+            else:
+                out["fdb_max"] = value
+        elif key == "ageing":
             try:
-                out["metrics_listen"] = check_listen(value)
+                out["fdb_ageing"] = check_ageing(value)
             except ConfigError as e:
-                problem("metrics.listen", str(e).split(": ", 1)[-1])
+                problem("fdb.ageing", str(e).split(": ", 1)[-1])
+        else:
+            problem(f"fdb.{key}", "unknown key; allowed in [fdb]: max, ageing")
+
+    def one_string(section: str, key: str, expected: str, check: Callable[[str], str], field_name: str) -> None:
+        """A table of one string key ([control], [metrics]), its value checked by ``check``."""
+        table = data.get(section) if isinstance(data.get(section), dict) else {}
+        for k, value in table.items():
+            if k != key:
+                problem(f"{section}.{k}", f"unknown key; allowed in [{section}]: {key}")
+            elif not isinstance(value, str):
+                problem(f"{section}.{key}", f"expected {expected}, got {_describe(value)}")
+            else:
+                try:
+                    out[field_name] = check(value)
+                except ConfigError as e:
+                    problem(f"{section}.{key}", str(e).split(": ", 1)[-1])
+
+    # The room runtime_dir leaves for DEV.sock is judged by validate(), which knows the device's name.
+    one_string("control", "runtime_dir", "a directory path string", lambda v: check_runtime_dir(v, ""), "runtime_dir")
+    one_string("metrics", "listen", "a \"HOST:PORT\" string (\"\" to disable)", check_listen, "metrics_listen")
 
     log = data.get("log") if isinstance(data.get("log"), dict) else {}
     for key, value in log.items():
@@ -459,3 +666,57 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     if problems:
         raise ConfigFileError(problems)
     return out
+
+
+def _peer_tables(tables: Any, problem: Callable[[str, str], None]) -> tuple[PeerSpec, ...] | None:
+    """The [[peer]] tables as PeerSpecs, each checked on its own (``check_spec``); None if any has a problem
+    (each reported through ``problem``, keyed ``peer[N].KEY``, N counting from 1). What involves several
+    peers (an address or a prefix given twice, mixed IP versions) is ``validate``'s, after the flags."""
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        problem("peer", f"expected [[peer]] tables, one per peer (keys: {', '.join(PEER_KEYS)}), got "
+                        f"{_describe(tables)}")
+        return None
+    if len(tables) > MAX_PEERS:
+        problem("peer", f"{len(tables)} [[peer]] tables, more than {MAX_PEERS}")
+        return None
+    specs = []
+    ok = True
+    for n, table in enumerate(tables, 1):
+        where = f"peer[{n}]"
+        bad = False
+
+        def say(key: str, text: str) -> None:
+            nonlocal bad
+            problem(f"{where}.{key}" if key else where, text)
+            bad = True
+
+        for key in table:
+            if key not in PEER_KEYS:
+                say(key, f"unknown key; allowed in [[peer]]: {', '.join(PEER_KEYS)}")
+        address = table.get("address")
+        if address is None:
+            say("address", "missing; required: the peer's underlay IPv4 or IPv6 address")
+        elif not isinstance(address, str):
+            say("address", f"expected an IPv4 or IPv6 address string, got {_describe(address)}")
+        name = table.get("name")
+        if name is not None and not isinstance(name, str):
+            say("name", f"expected a string, got {_describe(name)}")
+        lists = {}
+        for key, example in (("routes", '["192.168.2.0/24"]'), ("macs", '["02:00:00:00:00:02"]')):
+            items = table.get(key, [])
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                say(key, f"expected an array of strings like {example}, got {_describe(items)}")
+            lists[key] = tuple(items) if isinstance(items, list) else ()
+        if bad:
+            ok = False
+            continue
+        try:
+            specs.append(check_spec(PeerSpec(address, name, lists["routes"], lists["macs"])))
+        except ConfigError as e:
+            what, _, text = str(e).partition(": ")  # "peer: PROBLEM" or "peer ADDR: KEY: PROBLEM"
+            key = "address"
+            if what != "peer":
+                key, _, text = text.partition(": ")
+            say(key, text)
+            ok = False
+    return tuple(specs) if ok else None

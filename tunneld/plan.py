@@ -1,9 +1,15 @@
 """What a tunnel will be, decided before anything is opened: config + modes → codec, MTUs, workers, offload.
 
 The plan is a value. Building it opens nothing and creates nothing: the two facts it needs from the machine,
-the underlay route's MTU towards the peer and the CPUs the process may use, come from functions passed in
+the underlay route's MTU towards each peer and the CPUs the process may use, come from functions passed in
 (the real ones by default), so every decision here can be tested without root. Its errors are StartupErrors,
-one line each, raised before any socket or device exists:
+one line each, raised before any socket or device exists.
+
+With several peers one device carries frames to all of them, so its MTU (unless configured) and the largest
+frame the links take come from the smallest route MTU towards any peer; the log names the peer that limits
+it. The stable MAC is derived from the first configured peer, so adding peers to a file keeps the address.
+
+Errors:
   - the mode and its options (modes.build_codec): exit status 78, or 1 for a plugin's own failure;
   - an MTU that leaves no room for a tunnel: 78;
   - a transport the daemon has no link for: 1.
@@ -48,7 +54,7 @@ def stable_mac(*parts: object, machine_id: bytes | None = None) -> str:
     A TAP device otherwise gets a random MAC each time it is created, and after a restart the neighbours'
     ARP/ND caches (and a kernel VXLAN peer's FDB) would point at the old one until they expire. Deriving it
     like systemd's MACAddressPolicy=persistent keeps a restarted daemon looking like the same interface.
-    The peer is part of the identity so that two ends on one machine (namespaces) never collide.
+    The (first) peer is part of the identity so that two ends on one machine (namespaces) never collide.
     """
     mid = _machine_id() if machine_id is None else machine_id
     digest = hashlib.sha256(b"tunneld\0" + mid + b"\0" + "\0".join(map(str, parts)).encode()).digest()
@@ -61,7 +67,7 @@ class Plan:
     cfg: TunnelConfig
     codec: Encapsulator  # worker 0's; a forked worker carries its own copy (codecs may keep state: GRE's seq)
     underlay_mtu: int
-    underlay_dev: str | None  # the route's interface towards the peer; None: no route yet
+    underlay_dev: str | None  # the route's interface towards the limiting peer; None: no route yet
     mtu: int  # the interface's
     max_frame: int  # the largest inner frame whose encapsulation fits the underlay MTU
     workers: int
@@ -69,6 +75,7 @@ class Plan:
     offload: bool
     port: int  # UDP port, or the IP protocol number of a raw-IP transport
     mac: str | None  # TAP only
+    limiting_peer: str | None = None  # the peer whose path MTU is the smallest (None: no peers)
 
     @property
     def vni(self) -> int | None:
@@ -93,16 +100,24 @@ def make_plan(
 ) -> Plan:
     """The plan for ``cfg``; StartupError if it cannot be carried out. ``underlay_mtu(peer)`` → (MTU, interface)
     defaults to the kernel's route lookup; ``cpus`` (for --workers auto) to the CPUs usable by this process."""
-    if underlay_mtu is None:
-        underlay_mtu = netlink.underlay_mtu  # looked up at call time, so that a test may patch it
     try:
         codec = build_codec(cfg, modes)
     except (ModeOptionError, EncapsulatorFailed) as e:
         raise StartupError(str(e), e.code) from None
-    underlay_v6 = ipaddress.ip_address(cfg.peer).version == 6
-    link_mtu, underlay_dev = underlay_mtu(cfg.peer)
-    if underlay_dev is None:
-        log.warning("no route to peer %s yet; assuming an underlay MTU of %d", cfg.peer, link_mtu)
+    addresses = [spec.address for spec in cfg.peers]
+    underlay_v6 = bool(addresses) and ipaddress.ip_address(addresses[0]).version == 6  # one family: validated
+    if underlay_mtu is None:  # one netlink socket for all of them (looked up at call time: a test may patch it)
+        found = netlink.underlay_mtus(addresses)
+    else:
+        found = [underlay_mtu(address) for address in addresses]
+    link_mtu, underlay_dev, limiting = netlink.DEFAULT_UNDERLAY_MTU, None, None
+    for address, (path_mtu, dev) in zip(addresses, found):
+        if dev is None:
+            log.warning("no route to peer %s yet; assuming an underlay MTU of %d", address, path_mtu)
+        if limiting is None or path_mtu < link_mtu:
+            link_mtu, underlay_dev, limiting = path_mtu, dev, address
+    if len(addresses) > 1:
+        log.info("underlay MTU %d: the smallest path MTU, towards peer %s", link_mtu, limiting)
     overhead = codec.overhead(underlay_v6)
     default_mtu = link_mtu - overhead
     mtu = cfg.mtu or default_mtu
@@ -118,7 +133,11 @@ def make_plan(
     workers, note = resolve(cfg.workers, codec.transport.kind, cpus)
     mac = None
     if codec.device is DeviceKind.TAP:
-        mac = cfg.mac or stable_mac(cfg.dev, cfg.mode, cfg.peer, vni(codec, default=1), machine_id=machine_id)  # 1: as before the vni was VXLAN's
+        # 1: as before the vni was VXLAN's. The first peer, as with one, so adding peers keeps the MAC; with none
+        # (a registry's members come later) the tunnel is named by its device, mode and VNI alone.
+        identity = (cfg.dev, cfg.mode, cfg.peer, vni(codec, default=1)) if cfg.peers else (
+            cfg.dev, cfg.mode, vni(codec, default=1))
+        mac = cfg.mac or stable_mac(*identity, machine_id=machine_id)
     return Plan(
         cfg=cfg,
         codec=codec,
@@ -132,4 +151,5 @@ def make_plan(
         offload=cfg.offload and offload_supported(codec),
         port=cfg.port or codec.transport.number,
         mac=mac,
+        limiting_peer=limiting,
     )

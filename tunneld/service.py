@@ -15,10 +15,14 @@ What we tell the manager, and when:
   STOPPING=1     when shutting down.
 
 Reload: the file is read again (with the same command-line overrides). What can change on a running tunnel
-changes in place: the peer (the link's send address and receive filter, read on every engine wake-up), the
-log level, the metrics endpoint (the new one is bound before the old one closes). Everything else is part of the interface or the sockets; a change there is reported as needing
-a restart and the running values stay. A new file that does not validate is refused with one log line per
-problem, and the tunnel keeps running as before.
+changes in place: the peers, the log level, the metrics endpoint (the new one is bound before the old one
+closes). The peers travel as a diff (``peer_diff``): the peers added or changed (name, routes, static MACs)
+and the addresses removed; an unchanged peer is in neither, so it keeps its counters and learnt MACs. The
+first peer's address also goes as ``Apply.peer``, the one-peer link's send address and receive filter. A
+diff the tunnel refuses (a route another peer owns, another IP version) is logged in one line and the running
+peers stay. Everything else is part of the interface, the sockets or the tables' sizes (fdb.max, fdb.ageing,
+control.runtime_dir); a change there is reported as needing a restart and the running values stay. A new
+file that does not validate is refused with one log line per problem, and the tunnel keeps running as before.
 """
 
 from __future__ import annotations
@@ -32,16 +36,23 @@ import time
 from typing import Callable, Mapping, Protocol
 
 from tunneld.channel import Apply
-from tunneld.config import ConfigError, ConfigFileError, TunnelConfig
+from tunneld.config import FILE_KEYS, ConfigError, ConfigFileError, TunnelConfig
 from tunneld.io import SetupError
+from tunneld.peers import PeerSpec
 from tunneld.stats import Stats
 
 log = logging.getLogger("tunneld")
 
 STATUS_INTERVAL = 5.0  # seconds between STATUS= updates when there is no watchdog to piggyback on
-LIVE = ("peer", "log_level", "metrics_listen")  # TunnelConfig fields a reload applies in place
-FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
-             "extra": "tunnel (mode options)"}
+LIVE = ("peers", "log_level", "metrics_listen")  # TunnelConfig fields a reload applies in place
+
+
+def peer_diff(old: tuple[PeerSpec, ...], new: tuple[PeerSpec, ...]) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
+    """(the specs of ``new`` that are added or changed, in its order; the addresses of ``old`` not in ``new``)."""
+    before = {spec.address: spec for spec in old}
+    after = {spec.address for spec in new}
+    return (tuple(spec for spec in new if before.get(spec.address) != spec),
+            tuple(spec.address for spec in old if spec.address not in after))
 
 
 class Notifier:
@@ -136,7 +147,9 @@ class Service:
 
     def status_line(self) -> str:
         s = self.tunnel.totals()
-        line = f"peer {self.tunnel.cfg.peer}: sent {s.tx_packets} packets, received {s.rx_packets}"
+        peers = self.tunnel.cfg.peers
+        who = f"peer {self.tunnel.cfg.peer}" if len(peers) == 1 else f"{len(peers)} peers"
+        line = f"{who}: sent {s.tx_packets} packets, received {s.rx_packets}"
         return line + (f", dropped {s.dropped}" if s.dropped else "")
 
     def ready(self) -> None:
@@ -187,14 +200,22 @@ class Service:
     def apply(self, new: TunnelConfig) -> None:
         old = self.tunnel.cfg
         applied: dict[str, object] = {}
-        if new.peer != old.peer:
+        peers_set, peers_removed = peer_diff(old.peers, new.peers)
+        if peers_set or peers_removed or new.peer != old.peer:  # a reorder moves the first peer
+            changes = Apply(peer=new.peer if new.peer != old.peer else None, peers_set=peers_set,
+                            peers_removed=peers_removed)
             try:
-                self.tunnel.apply(Apply(peer=new.peer))
+                self.tunnel.apply(changes)
             except SetupError as e:  # LinkError: another IP version needs a new socket
                 log.error("reload: peer %s cannot be applied live (%s); restart to apply it", new.peer, e)
+            except ConfigError as e:  # the tables refuse a spec (a route another peer already owns, ...)
+                log.error("reload: peers refused, keeping the running ones: %s", e)
             else:
-                applied["peer"] = new.peer
-                log.info("reload: peer %s -> %s", old.peer, new.peer)
+                applied["peers"] = new.peers
+                if len(old.peers) == len(new.peers) == 1:
+                    log.info("reload: peer %s -> %s", old.peer, new.peer)
+                else:
+                    log.info("reload: peers: %s", _describe_diff(old.peers, peers_set, peers_removed))
         if new.log_level != old.log_level:
             self.tunnel.apply(Apply(log_level=new.log_level))
             applied["log_level"] = new.log_level
@@ -210,3 +231,12 @@ class Service:
             self.tunnel.cfg = dataclasses.replace(old, **applied)
         elif not restart and new == old:
             log.info("reload: configuration unchanged")
+
+
+def _describe_diff(old: tuple[PeerSpec, ...], peers_set: tuple[PeerSpec, ...], removed: tuple[str, ...]) -> str:
+    known = {spec.address for spec in old}
+    parts = [f"{verb} {', '.join(names)}" for verb, names in (
+        ("added", [spec.label() for spec in peers_set if spec.address not in known]),
+        ("changed", [spec.label() for spec in peers_set if spec.address in known]),
+        ("removed", list(removed))) if names]
+    return "; ".join(parts) or "reordered"

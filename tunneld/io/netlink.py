@@ -26,21 +26,33 @@ def underlay_mtu(peer: str) -> tuple[int, str | None]:
 
     Returns ``(mtu, interface name)``; ``(1500, None)`` when there is no route yet.
     """
+    return underlay_mtus([peer])[0]
+
+
+def underlay_mtus(peers: Iterable[str]) -> list[tuple[int, str | None]]:
+    """``underlay_mtu`` of each peer over one netlink socket: opening one costs ~5 ms, 20 s for 4096 peers."""
+    links: dict[int, tuple[int, str | None]] = {}  # output interface → (MTU, name): many peers share a few
     with IPRoute() as ipr:
-        try:
-            routes = list(ipr.route("get", dst=peer))
-        except NetlinkError:
-            return DEFAULT_UNDERLAY_MTU, None
-        if not routes:
-            return DEFAULT_UNDERLAY_MTU, None
-        route = routes[0]
-        metrics = route.get("RTA_METRICS")
-        route_mtu = metrics.get("RTAX_MTU") if metrics is not None else None
-        oif = route.get("RTA_OIF")
-        if oif is None:
-            return route_mtu or DEFAULT_UNDERLAY_MTU, None
+        return [_route_mtu(ipr, peer, links) for peer in peers]
+
+
+def _route_mtu(ipr: IPRoute, peer: str, links: dict[int, tuple[int, str | None]]) -> tuple[int, str | None]:
+    try:
+        routes = list(ipr.route("get", dst=peer))
+    except NetlinkError:
+        return DEFAULT_UNDERLAY_MTU, None
+    if not routes:
+        return DEFAULT_UNDERLAY_MTU, None
+    route = routes[0]
+    metrics = route.get("RTA_METRICS")
+    route_mtu = metrics.get("RTAX_MTU") if metrics is not None else None
+    oif = route.get("RTA_OIF")
+    if oif is None:
+        return route_mtu or DEFAULT_UNDERLAY_MTU, None
+    if oif not in links:
         link = list(ipr.get_links(oif))[0]
-        return route_mtu or link.get("IFLA_MTU"), link.get("IFLA_IFNAME")
+        links[oif] = link.get("IFLA_MTU"), link.get("IFLA_IFNAME")
+    return route_mtu or links[oif][0], links[oif][1]
 
 
 def configure(name: str, *, mac: str | None, mtu: int, addresses: Iterable[str]) -> None:
