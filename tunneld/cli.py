@@ -210,6 +210,8 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
         f"(default: {DEFAULT_METRICS_LISTEN})",
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
+    p.add_argument("--runtime-dir", metavar="DIR", help="where the control socket DEV.sock is made, for `tunneld show`"
+                   " (default: /run/tunneld)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
     group = p.add_argument_group("mode options", "declared by each mode's encapsulator; given to another mode, refused")
@@ -277,7 +279,7 @@ def setup_logging(level: str) -> None:
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
 FLAG_FIELDS = ("peer", "mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
-               "workers")
+               "workers", "runtime_dir")
 
 
 def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None = None) -> TunnelConfig:

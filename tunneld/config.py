@@ -50,6 +50,7 @@ class TunnelConfig:
     offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
     workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
+    runtime_dir: str = "/run/tunneld"  # the control socket's directory (control.py); peerconf's, interim here
     # The mode's options (vxlan: vni; gre: key, seq, csum; a plugin's: its own), as given: typed from a config
     # file or a flag, strings from --opt. The mode's declarations judge them (tunneld.modes.build_codec).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -247,6 +248,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         offload=cfg.offload,
         workers=check_workers(cfg.workers),
         metrics_listen=check_listen(cfg.metrics_listen),
+        runtime_dir=cfg.runtime_dir,
         extra=dict(cfg.extra),
     )
 

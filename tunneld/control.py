@@ -19,7 +19,8 @@ Theory of operation:
         {"command": "peer-remove", "address": "10.0.0.3"}
 
     Replies: ``{"ok": true, "result": {...}}`` (show: the handler's dict, SHOW_SCHEMA) or ``{"ok": true}``;
-    ``{"ok": false, "error": "one line"}``, plus ``"denied": true`` when the caller's uid is refused. A request
+    ``{"ok": false, "error": "one line"}``, plus ``"denied": true`` when the caller's uid is refused and
+    ``"busy": true`` when MAX_CLIENTS are connected already (the client retries a few times). A request
     that is not JSON, not an object, names an unknown command or key, or carries a bad value gets an error
     reply and changes nothing: it is checked here (``parse_request``) before the handler sees it.
   - The handler (``Handler``) is the tunnel: ``show()``, ``add_peer(PeerSpec)``, ``remove_peer(address)``; it
@@ -36,9 +37,11 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +57,7 @@ WRITE_TIMEOUT = 5.0  # seconds a reply may wait for a client that does not read
 MAX_CLIENTS = 64  # connections served at once; one more is closed at once
 MAX_NAME = 64  # characters in a peer's name
 MAX_ITEMS = 1024  # routes, or static MACs, in one peer-add
+BUSY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0)  # a client's pauses (s) before it asks a busy daemon again
 
 # Client exit statuses (sysexits(3)), documented in the README and `tunneld show --help`.
 EX_FAILURE = 1  # the daemon answered with an error
@@ -320,7 +324,7 @@ class ControlServer:
         self.clients += 1
         try:
             if self.clients > MAX_CLIENTS:
-                writer.write(encode(error(f"busy: {MAX_CLIENTS} clients already; try again")))
+                writer.write(encode(error(f"busy: {MAX_CLIENTS} clients already; try again", busy=True)))
                 return
             uid = peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, self.uid):
@@ -365,6 +369,18 @@ class ControlServer:
 def call(path: str, request: dict, timeout: float = 10.0) -> dict:
     """Send one request to the daemon at ``path`` and return its reply object; ControlError (with the exit
     status for the command line) when there is no daemon, no permission, or no sensible answer."""
+    deadline = time.monotonic() + timeout
+    for pause in BUSY_RETRIES:  # a daemon at MAX_CLIENTS says "busy" at once: come back a little later
+        reply = _call_once(path, request, max(0.1, deadline - time.monotonic()))
+        if not reply.get("busy") or time.monotonic() + pause >= deadline:
+            break
+        time.sleep(pause * (0.5 + random.random()))  # jittered, so that a crowd does not return all at once
+    if not reply["ok"]:
+        raise ControlError(str(reply.get("error", "refused")), EX_NOPERM if reply.get("denied") else EX_FAILURE)
+    return reply
+
+
+def _call_once(path: str, request: dict, timeout: float) -> dict:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -395,8 +411,6 @@ def call(path: str, request: dict, timeout: float = 10.0) -> dict:
         assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool)
     except (ValueError, AssertionError):
         raise ControlError(f"{path}: not a tunneld reply") from None
-    if not reply["ok"]:
-        raise ControlError(str(reply.get("error", "refused")), EX_NOPERM if reply.get("denied") else EX_FAILURE)
     return reply
 
 
