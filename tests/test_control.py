@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ import uvloop
 from tunneld import cli, control
 from tunneld.config import ConfigError
 from tunneld.peers import PeerSpec
+from tunneld.testbed import TUNNELD
 
 SHOW = {
     "device": "tap7", "mode": "vxlan", "vni": 42, "mtu": 1450, "listen_port": 4789, "workers": 2,
@@ -90,8 +93,11 @@ def raw(path: str, data: bytes, timeout: float = 5) -> list[dict]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except BrokenPipeError:  # refused at once (busy, too long): its answer is still there to read
+            pass
         out = b""
         while chunk := s.recv(65536):
             out += chunk
@@ -282,7 +288,7 @@ def test_another_uid_than_the_daemons_is_refused_without_reaching_the_handler(tm
     """SO_PEERCRED, checked without root: a server that serves only uid 12345 (and root) refuses us; as root
     the other test below runs the client as nobody instead."""
     if os.geteuid() == 0:
-        pytest.skip("root is always served; see test_control_uid.py for a client as nobody")
+        pytest.skip("root is always served; the tests below run a client as nobody")
     s = Served(str(tmp_path / "t.sock"), FakeTunnel(), uid=12345)
     try:
         with pytest.raises(control.ControlError, match="permission denied: uid") as e:
@@ -290,6 +296,50 @@ def test_another_uid_than_the_daemons_is_refused_without_reaching_the_handler(tm
         assert e.value.code == control.EX_NOPERM and s.handler.calls == []
     finally:
         s.close()
+
+
+# -- another user, for real (root switches to nobody) -------------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs a client as the user nobody")
+
+
+@pytest.fixture
+def reachable():
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)  # nobody may reach the directory; the socket's own mode is what is tested
+        s = Served(os.path.join(top, "run", "tap7.sock"), FakeTunnel())
+        try:
+            yield s
+        finally:
+            s.close()
+
+
+def show_as_nobody(served) -> subprocess.CompletedProcess:
+    return subprocess.run([*NOBODY, TUNNELD, "show", "tap7", "--runtime-dir", os.path.dirname(served.path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+@as_root
+def test_the_sockets_mode_keeps_another_user_out(reachable):
+    served = reachable
+    r = show_as_nobody(served)
+    assert r.returncode == control.EX_NOPERM == 77, r.stderr
+    assert r.stderr == f"tunneld: {served.path}: permission denied (run as root or as the daemon's user)\n"
+    assert served.handler.calls == []
+
+
+@as_root
+def test_so_peercred_refuses_another_user_even_through_an_open_socket(reachable):
+    """The mode opened wide on purpose: only the server's own check stands between nobody and the handler."""
+    served = reachable
+    os.chmod(served.path, 0o666)
+    r = show_as_nobody(served)
+    assert r.returncode == control.EX_NOPERM, r.stderr
+    assert r.stderr == "tunneld: permission denied: uid 65534 is neither root nor the daemon's uid 0\n"
+    assert served.handler.calls == []
+    assert control.call(served.path, {"command": "show"})["ok"]  # root still is served
 
 
 # -- the command line ------------------------------------------------------------------------------------------

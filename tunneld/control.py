@@ -395,8 +395,11 @@ def _call_once(path: str, request: dict, timeout: float) -> dict:
         except OSError as e:
             raise ControlError(f"{path}: {e.strerror or e}", EX_UNAVAILABLE) from None
         try:
-            sock.sendall(encode(request))
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.sendall(encode(request))
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # it answered (refused: busy, another uid) and closed before reading us: read that answer
             data = bytearray()
             while chunk := sock.recv(1 << 16):
                 data += chunk
