@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -390,3 +391,19 @@ def test_render_show_of_an_l3_tunnel_that_never_heard_its_peer():
                                                              last_rx_age_s=None, macs=[], routes=["0.0.0.0/0"])]})
     assert "vni" not in text and "listen port" not in text and "fdb" not in text
     assert "peer: 10.0.0.2\n" in text and "state: never, last heard: never" in text and "routes: 0.0.0.0/0" in text
+
+
+def test_a_directory_that_cannot_be_written_is_one_line_naming_the_flag(tmp_path):
+    """As nobody when root (root writes anywhere), as ourselves otherwise."""
+    tmp_path.chmod(0o755)
+    code = ("import asyncio, sys; from tunneld import control\n"
+            "try:\n    asyncio.run(control.ControlServer(sys.argv[1], None).start())\n"
+            "except control.ControlError as e:\n    print(e)")
+    prefix = NOBODY if os.geteuid() == 0 else []
+    if os.geteuid() != 0:
+        tmp_path.chmod(0o555)
+    r = subprocess.run([*prefix, sys.executable, "-c", code, str(tmp_path / "t.sock")], capture_output=True,
+                       text=True, timeout=30)
+    tmp_path.chmod(0o755)
+    assert r.stdout == f"control socket {tmp_path}/t.sock: Permission denied; give --runtime-dir a directory " \
+                       "this user may write\n", r.stdout + r.stderr

@@ -241,6 +241,12 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
+def _why(e: OSError) -> str:
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror}; give --runtime-dir a directory this user may write"
+    return e.strerror or str(e)
+
+
 def bind_socket(path: str) -> socket.socket:
     """The listening socket at ``path``, mode 0600, replacing a stale file; ControlError if a daemon answers
     there, or the path cannot be made."""
@@ -251,7 +257,7 @@ def bind_socket(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     except OSError as e:
-        raise ControlError(f"control socket {path}: {e.strerror}") from None
+        raise ControlError(f"control socket {path}: {_why(e)}") from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlError(f"control socket {path}: exists and is not a socket; remove it")
@@ -266,7 +272,7 @@ def bind_socket(path: str) -> socket.socket:
         sock.close()
         if e.errno == errno.EADDRINUSE:  # another daemon bound it between our look and our bind
             raise ControlError(f"control socket {path} is in use: another tunneld serves this device") from None
-        raise ControlError(f"control socket {path}: {e.strerror}") from None
+        raise ControlError(f"control socket {path}: {_why(e)}") from None
     finally:
         os.umask(old)
     sock.listen(MAX_CLIENTS)
