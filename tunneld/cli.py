@@ -46,6 +46,7 @@ examples:
   host B (underlay 10.0.0.2):  tunneld --mode vxlan --peer 10.0.0.1 --address 192.168.100.2/24
   then from A:                 ping 192.168.100.2
   from a file (config/):       tunneld --config /etc/tunneld/demo.toml [--check]
+  a running tunnel:            tunneld show tunneld0 [--json]; tunneld peer add|remove ... (tunneld show --help)
 
   It interoperates with the Linux kernel's own VXLAN on the far end:
     ip link add vx0 type vxlan id 1 remote 10.0.0.1 dstport 4789 dev eth0
