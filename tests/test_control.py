@@ -407,3 +407,17 @@ def test_a_directory_that_cannot_be_written_is_one_line_naming_the_flag(tmp_path
     tmp_path.chmod(0o755)
     assert r.stdout == f"control socket {tmp_path}/t.sock: Permission denied; give --runtime-dir a directory " \
                        "this user may write\n", r.stdout + r.stderr
+
+
+def test_a_handler_that_fails_unexpectedly_costs_one_error_reply(tmp_path):
+    class Broken(FakeTunnel):
+        def show(self):
+            raise KeyError("peers")
+
+    s = Served(str(tmp_path / "t.sock"), Broken())
+    try:
+        with pytest.raises(control.ControlError, match=r"^internal error: KeyError: 'peers'$"):
+            control.call(s.path, {"command": "show"})
+        assert control.call(s.path, {"command": "peer-remove", "address": "10.0.0.2"}) == {"ok": True}
+    finally:
+        s.close()

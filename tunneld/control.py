@@ -363,6 +363,9 @@ class ControlServer:
                 reply = dispatch(self.handler, parse_request(line))
             except RequestError as e:
                 reply = error(str(e))
+            except Exception as e:  # a bug behind the handler: this request fails, the daemon and its tables stay
+                log.exception("control socket: %s failed", line[:80])
+                reply = error(f"internal error: {type(e).__name__}: {e}")
             writer.write(encode(reply))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
             if reader.at_eof():
