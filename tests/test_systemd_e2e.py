@@ -5,7 +5,8 @@ What is proven, in order: the unit is active only once tunneld said READY (the i
 runs as a transient user with only CAP_NET_ADMIN and CAP_NET_RAW; a ping and an 8 MB transfer cross the
 tunnel, and a second instance links the hosts over GRE; `systemctl reload` changes the log level live with no loss under a steady ping and refuses an invalid
 file while staying active; SIGKILL, or a stuck event loop (the watchdog), gets it restarted by systemd and
-traffic resumes; `tunneld show` answers from the confined daemon; a broken config leaves it failed with status 78 and no restart loop.
+traffic resumes; `tunneld show` answers from the confined daemon (root, /run/tunneld); a broken config
+leaves it failed with status 78 and no restart loop.
 """
 
 from __future__ import annotations

@@ -456,9 +456,9 @@ def render_show(d: dict) -> str:
         if d.get(key) is not None:
             out.append(f"  {label}: {d[key]}")
     if "fdb" in d:
-        out.append(f"  fdb: {len(d['fdb'])} entries (max {d.get('fdb_max', '?')}), learnt {d.get('fdb_learnt_total', 0)}"
-                   f", moved {d.get('fdb_moved_total', 0)}, refused {d.get('fdb_refused_total', 0)}; flooded "
-                   f"{d.get('flooded_packets_total', 0)} packets")
+        counts = ", ".join(f"{what} {d.get(f'fdb_{what}_total', 0)}" for what in ("learnt", "moved", "refused"))
+        out.append(f"  fdb: {len(d['fdb'])} entries (max {d.get('fdb_max', '?')}), {counts}; "
+                   f"flooded {d.get('flooded_packets_total', 0)} packets")
     for p in d.get("peers", []):
         out += ["", f"peer: {p['address']}" + (f" ({p['name']})" if p.get("name") else "")]
         out.append(f"  source: {p.get('source', '?')}")
