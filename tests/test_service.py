@@ -303,7 +303,7 @@ def test_sighup_moves_traffic_to_the_new_peer_without_recreating_the_interface(h
     rx = NotifyReceiver(str(tmp_path / "notify"))
     env = {**os.environ, "NOTIFY_SOCKET": rx.path}
     pa = a.popen(TUNNELD, "--config", str(conf_a), env=env)
-    b.popen(TUNNELD, "--config", str(conf_b))
+    b.popen(TUNNELD, "--config", str(conf_b), "--runtime-dir", str(tmp_path / "b"))  # not A's control socket
     try:
         rx.until("READY=1")
         b.wait_link("tdsvc0")

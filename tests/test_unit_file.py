@@ -60,3 +60,14 @@ def test_unit_restarts_on_failure_but_not_on_a_config_or_privilege_error():
                      "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW", "DeviceAllow=/dev/net/tun rw"):
         assert expected in lines
     assert any(re.fullmatch(r"WatchdogSec=\d+", line) for line in lines)
+
+
+def test_unit_gives_the_control_socket_its_runtime_directory():
+    """/run/tunneld (config.DEFAULT_RUNTIME_DIR), writable under ProtectSystem=strict, kept while any instance
+    still has its socket there (one instance stopping must not remove the others')."""
+    from tunneld.config import DEFAULT_RUNTIME_DIR
+
+    lines = UNIT.read_text().splitlines()
+    assert DEFAULT_RUNTIME_DIR == "/run/tunneld"
+    for expected in ("RuntimeDirectory=tunneld", "RuntimeDirectoryMode=0755", "RuntimeDirectoryPreserve=yes"):
+        assert expected in lines

@@ -30,6 +30,8 @@ from typing import Callable
 from tunneld import __version__
 from tunneld.channel import Apply, Channel
 from tunneld.config import TunnelConfig
+from tunneld.control import ControlError, ControlServer, runtime_dir, socket_path
+from tunneld.control_onepeer import OnePeerHandler
 from tunneld.encap.base import Encapsulator
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io.udp import UdpLink
@@ -202,6 +204,13 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         # a SIGTERM meanwhile is a clean stop
         if not await supervisor.started(worker.stopped) and not worker.stopped.is_set():
             worker.stop(1)
+    control = ControlServer(socket_path(runtime_dir(tunnel.cfg), tunnel.cfg.dev), OnePeerHandler(tunnel))
+    if not worker.stopped.is_set():
+        try:
+            await control.start()  # `tunneld show`; a second daemon for this device stops here
+        except ControlError as e:
+            log.error("%s; stopping (exit status 1)", e)
+            worker.stop(1)
     watcher = None
     if not worker.stopped.is_set():
         log.info("tunneld %s up: %s", __version__, describe(tunnel.plan, *tunnel.resources.unit(0)))
@@ -213,6 +222,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         if watcher is not None:
             watcher.cancel()
         service.stopping()
+        await control.stop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         metrics = tunnel.resources.metrics  # a reload may have moved it

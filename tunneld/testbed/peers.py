@@ -24,6 +24,7 @@ from tunneld.testbed.netns import OVERLAY_V4, OVERLAY_V6, Host
 VENV_BIN = Path(sys.executable).parent
 TUNNELD = str(VENV_BIN / "tunneld") if (VENV_BIN / "tunneld").exists() else shutil.which("tunneld") or "tunneld"
 DEV = "tunneld0"  # the interface a Tunneld creates unless told otherwise
+RUNTIME_DIR = "/run/tunneld-testbed"  # hosts share /run: each host's control sockets go in a directory of its own
 
 
 class Tunneld:
@@ -33,7 +34,8 @@ class Tunneld:
         self.host = host
         self.dev = dev
         self.args = args
-        self.proc = host.popen(TUNNELD, "--dev", dev, *args)
+        self.runtime_dir = f"{RUNTIME_DIR}/{host.name}"  # `tunneld show DEV --runtime-dir` this
+        self.proc = host.popen(TUNNELD, "--dev", dev, "--runtime-dir", self.runtime_dir, *args)
         if wait:
             try:
                 deadline = time.monotonic() + timeout
