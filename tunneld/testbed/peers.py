@@ -9,6 +9,7 @@ shuts down.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -26,6 +27,15 @@ from tunneld.testbed.procfs import children_of
 VENV_BIN = Path(sys.executable).parent
 TUNNELD = str(VENV_BIN / "tunneld") if (VENV_BIN / "tunneld").exists() else shutil.which("tunneld") or "tunneld"
 DEV = "tunneld0"  # the interface a Tunneld creates unless told otherwise
+RUNTIME_DIR = "/run/tunneld-testbed"  # hosts share /run: each host's control sockets go in a directory of its own
+
+
+@functools.lru_cache(maxsize=None)
+def takes_runtime_dir() -> bool:
+    """Does the installed tunneld have a control socket (``--runtime-dir``, issue 12)? Before it, the flag
+    would be refused; with it, it must be given, or daemons in two hosts would meet on /run/tunneld/DEV.sock."""
+    r = subprocess.run([TUNNELD, "--help"], capture_output=True, text=True, timeout=30)
+    return "--runtime-dir" in r.stdout
 
 
 class Tunneld:
@@ -36,9 +46,10 @@ class Tunneld:
         self.host = host
         self.dev = dev
         self.args = args
-        # Daemons in different namespaces share one filesystem: each gets its own control-socket directory.
-        self.runtime_dir = runtime_dir
-        rundir = ("--runtime-dir", runtime_dir) if runtime_dir else ()
+        # Daemons in different namespaces share one filesystem: each gets its own control-socket directory
+        # (the segment's per-host one, else one named after the host).
+        self.runtime_dir = runtime_dir or host.runtime_dir or f"{RUNTIME_DIR}/{host.name}"
+        rundir = ("--runtime-dir", self.runtime_dir) if takes_runtime_dir() else ()
         self.proc = host.popen(TUNNELD, "--dev", dev, *rundir, *args)
         if wait:
             try:
@@ -60,8 +71,7 @@ class Tunneld:
         "--json")`` runs ``tunneld show DEV --json --runtime-dir DIR``; ``client("peer", "add", ADDR)`` runs
         ``tunneld peer add DEV ADDR --runtime-dir DIR``."""
         words = [*cmd[:2], self.dev, *cmd[2:]] if cmd[0] == "peer" else [cmd[0], self.dev, *cmd[1:]]
-        rundir = ("--runtime-dir", self.runtime_dir) if self.runtime_dir else ()
-        return self.host.run(TUNNELD, *words, *rundir, check=check, timeout=timeout)
+        return self.host.run(TUNNELD, *words, "--runtime-dir", self.runtime_dir, check=check, timeout=timeout)
 
     def show(self, timeout: float = 30) -> dict:
         """``tunneld show DEV --json``, parsed; raises RuntimeError with the client's own words if it fails."""
@@ -71,7 +81,7 @@ class Tunneld:
         return json.loads(r.stdout)
 
     def socket_path(self) -> str:
-        return f"{self.runtime_dir or '/run/tunneld'}/{self.dev}.sock"
+        return f"{self.runtime_dir}/{self.dev}.sock"
 
     def pids(self, workers: int = 1) -> list[int]:
         """The daemon and its forked workers (``workers`` > 1), for CPU and memory accounting."""
