@@ -241,8 +241,9 @@ def flood_cost(a: Host, running: Running, peers: int) -> dict[str, Any]:
     """CPU µs that A's tunneld spends per broadcast frame it floods to ``peers`` peers.
 
     The frames are UDP broadcasts to the overlay's broadcast address, written by a sender in A; the divisor is
-    tunneld's own ``tunneld_flooded_packets_total`` when it exports one, else the frames sent (a one-peer
-    tunneld without an FDB sends a broadcast to its one peer like any other frame). Only A's daemon (the first
+    tunneld's own ``tunneld_flooded_packets_total`` when it moves, else, with one peer, the frames sent (a
+    one-peer tunneld sends a broadcast to its one peer like any other frame); with many peers a counter that
+    does not move is an error, not a figure. Only A's daemon (the first
     pid) is charged: the far end's work on its one copy is not the flood's.
     """
     if running.dev is None:
@@ -260,6 +261,8 @@ def flood_cost(a: Host, running: Running, peers: int) -> dict[str, Any]:
     time.sleep(0.3)  # the daemon finishes the last of them
     cpu = cpu_seconds(pid) - cpu_before
     counted = flooded() - counted_before
+    if counted <= 0 and peers > 1:  # with many peers, a frame counted by the sender alone may have gone to one
+        raise measure.MeasureError("tunneld_flooded_packets_total did not move: nothing was seen flooded")
     frames, by = (int(counted), "tunneld_flooded_packets_total") if counted > 0 else (int(out.split()[-1]), "sender")
     if frames <= 0:
         raise measure.MeasureError("no frame was flooded")
