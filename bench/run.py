@@ -148,7 +148,7 @@ def measure_system(name: str, plan: Plan, say: Progress) -> dict[str, Any]:
                     say(f"{name}: flooding one broadcast to {system.flood_peers} peer{'s' * (system.flood_peers > 1)}"
                         f": {flood['flood_us_per_frame']:.1f} µs CPU per frame "
                         f"({flood['flood_us_per_copy']:.2f} µs per copy; {flood['flood_frames']} frames, "
-                        f"counted by {flood['flood_counted_by']})")
+                        f"counted by {flood['flood_counted_by']}; FDB entries: {flood.get('fdb_entries', 'none')})")
             if running.pids:
                 row["rss_mb"] = round(max(measure.peak_rss_mb(pid) for pid in running.pids), 1)
         except (TimeoutError, measure.MeasureError, subprocess.SubprocessError, OSError) as e:
@@ -267,8 +267,12 @@ def flood_cost(a: Host, running: Running, peers: int) -> dict[str, Any]:
     if frames <= 0:
         raise measure.MeasureError("no frame was flooded")
     per_frame = cpu / frames * 1e6
-    return {"flood_peers": peers, "flood_frames": frames, "flood_counted_by": by,
-            "flood_us_per_frame": round(per_frame, 2), "flood_us_per_copy": round(per_frame / peers, 3)}
+    row = {"flood_peers": peers, "flood_frames": frames, "flood_counted_by": by,
+           "flood_us_per_frame": round(per_frame, 2), "flood_us_per_copy": round(per_frame / peers, 3)}
+    fdb = total(exposition(a), "tunneld_fdb_entries")  # how full the FDB was (0 where tunneld has none)
+    if fdb:
+        row["fdb_entries"] = int(fdb)
+    return row
 
 
 def closing_notes(rows: list[dict[str, Any]]) -> list[str]:
