@@ -45,6 +45,8 @@ XFER = 2 << 20  # per ordered pair: enough for TCP to get going and for the MACs
 UNICAST = 8 << 20  # the unicast transfer a bystander watches
 MAX_BYSTANDER_BYTES = UNICAST // 100  # ARP/ND floods during the transfer (~100 B each); a copied stream: ~UNICAST
 FDB_MAX = 1024
+NOBODYS_OVERLAY = "192.168.232.200"  # in the segment's overlay /24, no host's
+INNER_ARP = "udp[28:2] = 0x0806"  # the inner EtherType: after UDP (8), VXLAN (8) and two MACs (12)
 STORM_MACS = 100_000
 STREAM_S = 10
 XFER_PORT = 5301  # transfers beside an iperf3 server, which holds 5201
@@ -78,7 +80,7 @@ def assert_every_pair_pings_and_transfers(hosts: list[Host], nbytes: int = XFER)
 
 
 @contextmanager
-def captures(hosts: list[Host], tmp: Path, tag: str):
+def captures(hosts: list[Host], tmp: Path, tag: str, also: str = ""):
     """tcpdump on each host's underlay, measuring the VXLAN datagrams addressed *to that host* (a bridge port
     also shows what the switch floods past it; only what was sent to the host is a copy of the overlay's).
     Yields a dict that holds, once the block is left, ``{host name: (datagrams, bytes)}``; bytes are the
@@ -88,7 +90,8 @@ def captures(hosts: list[Host], tmp: Path, tag: str):
     try:
         for h in hosts:
             path = tmp / f"{tag}-{h.name}.pcap"
-            procs[h.name] = (tcpdump(h, path, f"udp dst port {PORT} and dst host {h.underlay}", "-s", "128"), path)
+            bpf = f"udp dst port {PORT} and dst host {h.underlay}" + (f" and {also}" if also else "")
+            procs[h.name] = (tcpdump(h, path, bpf, "-s", "128"), path)
         yield counts
     finally:
         for proc, _ in procs.values():
@@ -115,6 +118,15 @@ def pcap_totals(path: Path) -> tuple[int, int]:
         total_len += orig
         offset += 16 + incl
     return packets, total_len
+
+
+def assert_broadcast_reaches_all(src: Host, others_: list[Host], tmp: Path) -> None:
+    """Head-end replication: src's ARP requests for an overlay address nobody has (broadcasts) arrive at
+    every other host's underlay as datagrams addressed to it."""
+    with captures(others_, tmp, f"flood-{src.name[-2:]}", also=INNER_ARP) as counts:
+        src.run("ping", "-c", "1", "-W", "1", NOBODYS_OVERLAY, check=False)
+        time.sleep(0.3)
+    assert all(packets >= 1 for packets, _ in counts.values()), counts
 
 
 def assert_unicast_not_copied(src: Host, dst: Host, bystanders: list[Host], tmp: Path) -> None:
@@ -161,11 +173,7 @@ def test_kernel_vteps_on_the_segment_flood_broadcast_and_not_unicast(hosts4, tmp
     for h in hosts4:
         zeros = [e for e in kernel_fdb(h) if e["mac"] == "00:00:00:00:00:00"]
         assert sorted(e["dst"] for e in zeros) == sorted(o.underlay for o in others(hosts4, h))
-    # Head-end replication: one ARP broadcast from A reaches B, C and D as three datagrams.
-    with captures([b, c, d], tmp_path, "arp") as counts:
-        a.run("arping", "-c", "1", "-w", "2", "-I", "vx0", b.overlay, check=False)
-        time.sleep(0.3)
-    assert all(packets >= 1 for packets, _ in counts.values()), counts
+    assert_broadcast_reaches_all(a, [b, c, d], tmp_path)
     assert_every_pair_pings_and_transfers(hosts4)
     learnt = {e["dst"] for e in kernel_fdb(a) if e["mac"] != "00:00:00:00:00:00" and "dst" in e}
     assert learnt == {b.underlay, c.underlay, d.underlay}
@@ -179,6 +187,7 @@ def test_four_hosts_two_tunneld_two_kernel_on_one_segment(hosts4, tmp_path):
     tb = vxlan_tunneld(b, others(hosts4, b))
     kernel_vtep(c, others(hosts4, c))
     kernel_vtep(d, others(hosts4, d))
+    assert_broadcast_reaches_all(a, [b, c, d], tmp_path)  # head-end replication by tunneld
     assert_every_pair_pings_and_transfers(hosts4)
     time.sleep(1.2)  # workers agree on the FDB within 1 s (issue 12)
 
