@@ -48,7 +48,8 @@ FDB_MAX = 1024
 NOBODYS_OVERLAY = "192.168.232.200"  # in the segment's overlay /24, no host's
 INNER_ARP = "udp[28:2] = 0x0806"  # the inner EtherType: after UDP (8), VXLAN (8) and two MACs (12)
 STORM_MACS = 100_000
-STREAM_S = 10
+STREAM_S = 12
+CHANGE_WINDOW_S = 8  # peers are added and removed during the first 8 s of a stream
 XFER_PORT = 5301  # transfers beside an iperf3 server, which holds 5201
 
 
@@ -313,29 +314,36 @@ def test_peer_add_and_remove_while_a_stream_runs_to_another_peer(hosts3):
     a.wait_ping(b.overlay, timeout=15)
     server = measure.IperfServer(b)
     try:
-        baseline = gbps(iperf_stream(a, b.overlay, STREAM_S), STREAM_S)
+        before = gbps(iperf_stream(a, b.overlay, STREAM_S), STREAM_S)
+        time.sleep(0.5)  # iperf3's server resets between tests
+        started = time.monotonic()
         stream = iperf_stream(a, b.overlay, STREAM_S)
         time.sleep(1)
         changes = 0
-        end = time.monotonic() + STREAM_S - 3
-        while time.monotonic() < end:
+        while time.monotonic() < started + CHANGE_WINDOW_S:
             r = ta.client("peer", "add", c.underlay, "--name", "c")
             assert r.returncode == 0, r.stderr
             a.wait_ping(c.overlay, timeout=5)
-            assert c.underlay in {p["address"] for p in ta.show()["peers"]}
+            assert c.underlay in {p["address"] for p in show_over_socket(ta.socket_path())["result"]["peers"]}
             r = ta.client("peer", "remove", c.underlay)
             assert r.returncode == 0, r.stderr
-            shown = ta.show()
+            shown = show_over_socket(ta.socket_path())["result"]
             assert c.underlay not in {p["address"] for p in shown["peers"]}
             assert all(e["peer"] != c.underlay for e in shown["fdb"]), shown["fdb"]
             changes += 1
-        assert stream.poll() is None, "the stream ended while the peers changed"
+        last_change = time.monotonic()
         changed = gbps(stream, STREAM_S)  # parse_iperf raises if the connection broke
+        time.sleep(0.5)
+        after = gbps(iperf_stream(a, b.overlay, STREAM_S), STREAM_S)
     finally:
         server.stop()
-    assert changes >= 2
+    assert changes >= 2 and last_change < started + STREAM_S, "the changes did not fall inside the stream"
     assert not a.ping(c.overlay, count=2, timeout=3)  # removed means removed
-    assert changed >= 0.9 * baseline, f"{changed:.3f} Gbit/s with {changes} add/remove, {baseline:.3f} without"
+    # Compared with the mean of a stream before and one after, so that a drift of the machine's load over the
+    # test does not count for or against the changes.
+    baseline = (before + after) / 2
+    assert changed >= 0.9 * baseline, \
+        f"{changed:.3f} Gbit/s with {changes} add/remove, {before:.3f} before and {after:.3f} after without"
 
 
 # -- 4. a MAC storm from one peer ---------------------------------------------------------------------------
@@ -376,7 +384,7 @@ def test_mac_storm_from_one_peer_is_bounded_and_spares_the_others(hosts3):
     mac_a = a.run("cat", f"/sys/class/net/{DEV}/address").stdout.strip()
     server = measure.IperfServer(a)
     try:
-        baseline = gbps(iperf_stream(c, a.overlay, 5), 5)
+        before = gbps(iperf_stream(c, a.overlay, 5), 5)
         # warm-up: allocations the storm should not be blamed for (iperf3's server holds the usual port)
         sent, received = transfer(c, a, a.overlay, XFER, port=XFER_PORT)
         assert sent == received
@@ -391,6 +399,7 @@ def test_mac_storm_from_one_peer_is_bounded_and_spares_the_others(hosts3):
         assert storm.returncode == 0 and int(out.split()[-1]) == STORM_MACS, out
         time.sleep(1)
         rss_after = rss(pids)
+        after = gbps(iperf_stream(c, a.overlay, 5), 5)
     finally:
         server.stop()
     shown = ta.show()
@@ -401,7 +410,9 @@ def test_mac_storm_from_one_peer_is_bounded_and_spares_the_others(hosts3):
     entries = samples(exposition(a), "tunneld_fdb_entries")
     assert entries and max(v for _, v in entries) <= FDB_MAX, entries
     assert rss_after - rss_before < 20 << 20, f"RSS grew {(rss_after - rss_before) / 2**20:.1f} MiB"
-    assert during >= 0.9 * baseline, f"{during:.3f} Gbit/s during the storm, {baseline:.3f} without"
+    baseline = (before + after) / 2  # the same stream before and after the storm, as in the test above
+    assert during >= 0.9 * baseline, \
+        f"{during:.3f} Gbit/s during the storm, {before:.3f} before and {after:.3f} after it"
 
 
 # -- 5. the control socket under load, and what it refuses -------------------------------------------------
