@@ -8,8 +8,12 @@ What each test assumes of tunneld (issue 12, /work/wt/SPEC12.md): ``--peer`` rep
 ``address``/``name``/``routes``/``macs``, ``--fdb-max``, ``--runtime-dir``; the client commands ``tunneld show
 DEV --json`` and ``tunneld peer add|remove DEV ADDR``; the JSON keys ``peers[].address|name|routes|dropped``,
 ``fdb[].mac|peer|static``, ``fdb_max``, ``fdb_refused_total``; the metrics ``tunneld_fdb_entries`` and
-``tunneld_dropped_packets_total{reason="source_not_allowed"}``. Throughput is only ever compared with the same
-path in the same test, never with an absolute figure.
+``tunneld_dropped_packets_total{reason="source_not_allowed"}``; the control socket ``RUNTIME_DIR/DEV.sock``, mode
+0600, speaking JSON lines (``{"command": "show"}`` → ``{"ok": true, "result": {...}}``, an error as one line
+with ``"error"``, ``"busy": true`` past its client cap). Throughput is only ever compared with the same path in
+the same test (before and after), never with an absolute figure.
+
+Only the first test runs without issue 12 (the kernel's VTEPs alone: the testbed and the measurements).
 """
 
 from __future__ import annotations
