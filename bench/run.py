@@ -9,8 +9,11 @@ Flow, per system (each in a fresh pair of namespaces, so no system inherits anot
   2. ping idle; iperf3 TCP with 1 stream then 4 streams, repeated (CPU time of the userspace data-path
      processes is sampled around each 1-stream run); ping while one TCP stream runs; iperf3 UDP floods
      with 1400-byte then 64-byte payloads; read the processes' peak RSS;
-  3. stop the system (tunneld gets SIGTERM and must exit 0), delete the namespaces.
-Then the codecs are timed in-process, and the results are written.
+  3. for a system with ``flood_peers`` (tunneld-vxlan, tunneld-vxlan-100peers): send broadcasts into A's
+     device at a paced rate and charge the CPU time A's tunneld spent to each flooded frame (flood_cost);
+  4. stop the system (tunneld gets SIGTERM and must exit 0), delete the namespaces.
+Then the codecs are timed in-process, the closing notes compare the many-peer row with the one-peer row of the
+same run (TCP ratio, flood cost), and the results are written.
 
 What must stay true: every process started is stopped and every namespace deleted, also on Ctrl-C, SIGTERM
 or a failure (tunneld.testbed's ``testbed()`` does it in ``finally``; the signal handler below turns SIGTERM
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import ipaddress
 import os
 import platform
 import signal
@@ -34,13 +38,17 @@ from typing import Any, Sequence
 
 from bench import measure, report
 from bench.codecs import bench_all
-from bench.systems import REFERENCE, SYSTEMS, Running, device_mtu
-from tunneld.testbed import is_root, testbed
+from bench.systems import PREFIX, REFERENCE, SYSTEMS, Running, device_mtu
+from tunneld.testbed import OVERLAY_V4, Host, is_root, testbed
+from tunneld.testbed.netns import IMPORT_ROOT
 from tunneld.testbed.procfs import cpu_seconds
+from tunneld.testbed.prom import exposition, total
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: its git state and README go into the results
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The broadcast address of the overlay every system shares (bench.systems).
+OVERLAY_BROADCAST = str(ipaddress.ip_interface(f"{OVERLAY_V4[0]}/{PREFIX}").network.broadcast_address)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +141,14 @@ def measure_system(name: str, plan: Plan, say: Progress) -> dict[str, Any]:
                 _measure(name, plan, a, running, server, row, attempt, say)
             finally:
                 server.stop()
+            if system.flood_peers and running.pids:
+                flood = attempt("flood", flood_cost, a, running, system.flood_peers)
+                if flood:
+                    row.update(flood)
+                    say(f"{name}: flooding one broadcast to {system.flood_peers} peer{'s' * (system.flood_peers > 1)}"
+                        f": {flood['flood_us_per_frame']:.1f} µs CPU per frame "
+                        f"({flood['flood_us_per_copy']:.2f} µs per copy; {flood['flood_frames']} frames, "
+                        f"counted by {flood['flood_counted_by']}; FDB entries: {flood.get('fdb_entries', 'none')})")
             if running.pids:
                 row["rss_mb"] = round(max(measure.peak_rss_mb(pid) for pid in running.pids), 1)
         except (TimeoutError, measure.MeasureError, subprocess.SubprocessError, OSError) as e:
@@ -196,6 +212,83 @@ def _measure(name, plan: Plan, a, running: Running, server, row, attempt, say) -
             f"{result.loss_pct:.1f}% lost")
     if "udp1400_loss" in row:
         row["loss"] = row["udp1400_loss"]
+
+
+# -- flooding ---------------------------------------------------------------------------------------------
+
+FLOOD_FRAMES = 5000
+FLOOD_SECONDS = 2.0  # paced, so that the TAP's queue does not overflow and the figure is the daemon's work
+
+BROADCASTS = r"""
+import socket, sys, time
+dev, dst, n, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+start, sent = time.monotonic(), 0
+while sent < n:
+    for _ in range(min(50, n - sent)):
+        s.sendto(bytes(64), (dst, 9))  # discard port: the far end's kernel drops it
+        sent += 1
+    ahead = start + seconds * sent / n - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+print(sent)
+"""
+
+
+def flood_cost(a: Host, running: Running, peers: int) -> dict[str, Any]:
+    """CPU µs that A's tunneld spends per broadcast frame it floods to ``peers`` peers.
+
+    The frames are UDP broadcasts to the overlay's broadcast address, written by a sender in A; the divisor is
+    tunneld's own ``tunneld_flooded_packets_total`` when it moves, else, with one peer, the frames sent (a
+    one-peer tunneld sends a broadcast to its one peer like any other frame); with many peers a counter that
+    does not move is an error, not a figure. Only A's daemon (the first
+    pid) is charged: the far end's work on its one copy is not the flood's.
+    """
+    if running.dev is None:
+        raise ValueError("no device to flood from")
+    broadcast = OVERLAY_BROADCAST
+
+    def flooded() -> float:
+        return total(exposition(a), "tunneld_flooded_packets_total")
+
+    pid = running.pids[0]
+    counted_before = flooded()
+    cpu_before = cpu_seconds(pid)
+    out = a.run(sys.executable, "-c", BROADCASTS, running.dev, broadcast, str(FLOOD_FRAMES), str(FLOOD_SECONDS),
+                cwd=IMPORT_ROOT, timeout=FLOOD_SECONDS + 30).stdout
+    time.sleep(0.3)  # the daemon finishes the last of them
+    cpu = cpu_seconds(pid) - cpu_before
+    counted = flooded() - counted_before
+    if counted <= 0 and peers > 1:  # with many peers, a frame counted by the sender alone may have gone to one
+        raise measure.MeasureError("tunneld_flooded_packets_total did not move: nothing was seen flooded")
+    frames, by = (int(counted), "tunneld_flooded_packets_total") if counted > 0 else (int(out.split()[-1]), "sender")
+    if frames <= 0:
+        raise measure.MeasureError("no frame was flooded")
+    per_frame = cpu / frames * 1e6
+    row = {"flood_peers": peers, "flood_frames": frames, "flood_counted_by": by,
+           "flood_us_per_frame": round(per_frame, 2), "flood_us_per_copy": round(per_frame / peers, 3)}
+    fdb = total(exposition(a), "tunneld_fdb_entries")  # how full the FDB was (0 where tunneld has none)
+    if fdb:
+        row["fdb_entries"] = int(fdb)
+    return row
+
+
+def closing_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What the many-peer row says next to the one-peer row of the same run (issue 12's bench)."""
+    by_name = {r["system"]: r for r in rows if r.get("status") == "ok"}
+    one, many = by_name.get("tunneld-vxlan"), by_name.get("tunneld-vxlan-100peers")
+    if not (one and many):
+        return []
+    notes = []
+    if one.get("tcp_gbps") and many.get("tcp_gbps"):
+        notes.append(f"100 peers: TCP {many['tcp_gbps']:.3f} Gbit/s = {many['tcp_gbps'] / one['tcp_gbps']:.2f}× "
+                     f"the one-peer tunneld-vxlan ({one['tcp_gbps']:.3f}) in this run")
+    if one.get("flood_us_per_frame") and many.get("flood_us_per_frame"):
+        notes.append(f"flooding one broadcast: {many['flood_us_per_frame']:.1f} µs CPU to 100 peers, "
+                     f"{one['flood_us_per_frame']:.1f} µs to one")
+    return notes
 
 
 # -- the machine ------------------------------------------------------------------------------------------
@@ -294,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in args.names:
             results["systems"].append(measure_system(name, plan, say))
+        for note in closing_notes(results["systems"]):
+            say(note)
         if not args.no_codecs:
             results["codecs"] = bench_all(plan.codec_seconds, say)
             for c in results["codecs"]:

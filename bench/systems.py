@@ -13,18 +13,26 @@ tunneld-vxlan runs with tunneld's default --workers auto (1 worker on a machine 
 tunneld-vxlan-workers2 forces 2 worker processes per end, to show in the same run what the second one buys.
 The TCP figure with 4 parallel streams is the one where several workers can help: one TCP flow always
 stays on one worker.
+
+tunneld-vxlan-100peers (issue 12): each end has 100 configured peers — the real far end and 99 addresses on
+the testbed's underlay /24 that no host owns (10.231.0.100-198: the kernel ARPs for them on the veth, gets no
+answer and drops what it queued, all inside the namespaces) — each absent peer with static MACs, so the FDB
+is nearly full (990 of --fdb-max 1024). Its TCP figures sit beside tunneld-vxlan's in the same run; the rows
+with ``flood_peers`` also measure what one flooded broadcast costs (bench.run: flood_cost).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tunneld.testbed import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan
+from tunneld.testbed import OVERLAY_V4, TUNNELD, UNDERLAY_V4, Host, Tunneld, kernel_vxlan
 from tunneld.testbed.procfs import children_of
 
 PREFIX = 24
@@ -49,6 +57,7 @@ class System:
     kind: str  # "kernel", "tunneld" or "userspace-c": what the chart groups by
     available: Callable[[], str | None]  # None, or why it cannot run here
     start: Callable[[Host, Host], Running]
+    flood_peers: int = 0  # >0: also measure the CPU cost of flooding a broadcast to this many peers
 
 
 def _mtu(host: Host, dev: str) -> int:
@@ -105,6 +114,20 @@ def _tunneld_available(mode: str) -> Callable[[], str | None]:
     return check
 
 
+def _stop_tunnelds(ends: list[Tunneld]) -> list[str]:
+    """SIGTERM each end; what went wrong (ignored SIGTERM, a non-zero exit), for the row's errors."""
+    problems = []
+    for end in ends:
+        try:
+            code = end.stop()
+        except subprocess.TimeoutExpired:
+            problems.append(f"tunneld in {end.host.name} ignored SIGTERM; killed")
+            continue
+        if code != 0:
+            problems.append(f"tunneld in {end.host.name} exited with {code}")
+    return problems
+
+
 def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
     def start(a: Host, b: Host) -> Running:
         ends: list[Tunneld] = []
@@ -117,16 +140,7 @@ def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
             raise
 
         def stop() -> list[str]:
-            problems = []
-            for end in ends:
-                try:
-                    code = end.stop()
-                except subprocess.TimeoutExpired:
-                    problems.append(f"tunneld in {end.host.name} ignored SIGTERM; killed")
-                    continue
-                if code != 0:
-                    problems.append(f"tunneld in {end.host.name} exited with {code}")
-            return problems
+            return _stop_tunnelds(ends)
 
         pids = [e.proc.pid for e in ends]
         workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
@@ -134,6 +148,56 @@ def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
                        stop=stop)
 
     return start
+
+
+# -- tunneld with many peers (issue 12) ----------------------------------------------------------------------
+
+MANY_PEERS = 100
+MACS_PER_ABSENT_PEER = 10
+MANY_FDB_MAX = 1024
+
+
+def absent_peers(n: int = MANY_PEERS - 1) -> list[str]:
+    """``n`` addresses on the two-host testbed's underlay /24 that no host owns (from .100 up): reachable by no
+    one, so whatever is sent to them is dropped by the sending namespace's own neighbour table."""
+    net = ipaddress.ip_interface(f"{UNDERLAY_V4[0]}/24").network
+    return [str(net.network_address + 100 + i) for i in range(n)]
+
+
+def many_peers_config(mode: str, real_peer: str, address: str) -> str:
+    """A config file: the real far end first, then the absent peers, each with static MACs."""
+    lines = ["[tunnel]", f'mode = "{mode}"', f'address = ["{address}"]', "", "[[peer]]", f'address = "{real_peer}"',
+             'name = "far-end"', ""]
+    for i, peer in enumerate(absent_peers()):
+        macs = ", ".join(f'"02:aa:{i >> 8:02x}:{i & 0xFF:02x}:00:{m:02x}"' for m in range(MACS_PER_ABSENT_PEER))
+        lines += ["[[peer]]", f'address = "{peer}"', f'name = "absent-{i + 1}"', f"macs = [{macs}]", ""]
+    return "\n".join(lines)
+
+
+def start_tunneld_many_peers(a: Host, b: Host) -> Running:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-many-peers-"))
+    ends: list[Tunneld] = []
+    try:
+        for host, peer, addr in ((a, b.underlay, OVERLAY_V4[0]), (b, a.underlay, OVERLAY_V4[1])):
+            config = workdir / f"{host.name}.toml"
+            config.write_text(many_peers_config("vxlan", peer, f"{addr}/{PREFIX}"))
+            rundir = workdir / host.name
+            rundir.mkdir(mode=0o700)
+            ends.append(Tunneld(host, "--config", str(config), "--fdb-max", str(MANY_FDB_MAX),
+                                runtime_dir=str(rundir)))
+    except BaseException:
+        for end in ends:
+            end.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+    def stop() -> list[str]:
+        try:
+            return _stop_tunnelds(ends)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=[e.proc.pid for e in ends], stop=stop)
 
 
 # -- userspace C peers ----------------------------------------------------------------------------------------
@@ -223,7 +287,10 @@ SYSTEMS: dict[str, System] = {
     for s in (
         System("veth", "kernel", _always, start_veth),
         System("kernel-vxlan", "kernel", _always, start_kernel_vxlan),
-        System("tunneld-vxlan", "tunneld", _tunneld_available("vxlan"), _tunneld_start("vxlan")),
+        System("tunneld-vxlan", "tunneld", _tunneld_available("vxlan"), _tunneld_start("vxlan"), flood_peers=1),
+        # issue 12: 100 configured peers (99 absent, each with static MACs) and a nearly full FDB
+        System("tunneld-vxlan-100peers", "tunneld", _tunneld_available("vxlan"), start_tunneld_many_peers,
+               flood_peers=MANY_PEERS),
         # the plain per-packet path, to show what the kernel offloads (issue 7) buy in the same run
         System("tunneld-vxlan-nooffload", "tunneld", _tunneld_available("vxlan"),
                _tunneld_start("vxlan", "--no-offload")),

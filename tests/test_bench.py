@@ -191,6 +191,8 @@ def test_codec_micro_benchmark_times_a_real_round_trip():
 
 
 def test_every_system_the_issue_names_is_known():
-    assert list(SYSTEMS) == ["veth", "kernel-vxlan", "tunneld-vxlan", "tunneld-vxlan-nooffload",
+    # tunneld-vxlan-100peers: issue 12's bench row (100 configured peers, a nearly full FDB)
+    assert list(SYSTEMS) == ["veth", "kernel-vxlan", "tunneld-vxlan", "tunneld-vxlan-100peers",
+                             "tunneld-vxlan-nooffload",
                              "tunneld-vxlan-workers2", "tunneld-gre",
                              "tunneld-gretap", "openvpn", "socat"]

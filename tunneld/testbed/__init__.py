@@ -12,11 +12,14 @@ installs (iproute2, ethtool, tcpdump, prometheus); the pure fakes for tests with
         sent, received = transfer(a, b, OVERLAY_V4[1])                           # netns.py + xfer.py
 
   netns.py    Host, testbed(), the address plan, transfer(), tcpdump()
-  peers.py    Tunneld (the installed daemon as a process in a host), kernel_vxlan(), start_pair(),
+  segment.py  segment(n): N hosts on a bridge underlay (its own plan: 10.231.1.0/24, overlay 192.168.232.0/24)
+  peers.py    Tunneld (the installed daemon as a process in a host; its client commands and ``show()``),
+              kernel_vxlan() (one remote, or several with all-zero FDB entries), kernel_fdb(), start_pair(),
               features() (ethtool's view of a device's offloads), drops() (from tunneld's summary line)
   xfer.py     the two ends of transfer(), run in the hosts as ``python -m tunneld.testbed.xfer``
-  prom.py     a real Prometheus server in a host, and its API client (``python -m tunneld.testbed.prom``)
-  procfs.py   CPU seconds and children of a process, from /proc
+  prom.py     a real Prometheus server in a host, and its API client (``python -m tunneld.testbed.prom``);
+              exposition()/samples()/total(): one scrape of a tunneld's exporter, read
+  procfs.py   CPU seconds, resident memory and children of a process, from /proc
   notify.py   the service manager's end of sd_notify
 
 What must stay true: everything a testbed creates is removed on exit, also on failure or Ctrl-C; every wait is
@@ -38,10 +41,11 @@ from tunneld.testbed.netns import (
     testbed,
     transfer,
 )
-from tunneld.testbed.peers import TUNNELD, Tunneld, drops, features, kernel_vxlan, start_pair
+from tunneld.testbed.peers import TUNNELD, Tunneld, drops, features, kernel_fdb, kernel_vxlan, start_pair
+from tunneld.testbed.segment import UNOWNED_V4, segment
 
 __all__ = [
     "OVERLAY_V4", "OVERLAY_V6", "UNDERLAY_V4", "UNDERLAY_V6", "TUNNELD",
-    "Host", "Tunneld", "drops", "features", "is_root", "kernel_vxlan", "sh", "start_pair", "tcpdump", "testbed",
-    "transfer",
+    "UNOWNED_V4", "Host", "Tunneld", "drops", "features", "is_root", "kernel_fdb", "kernel_vxlan", "segment", "sh",
+    "start_pair", "tcpdump", "testbed", "transfer",
 ]

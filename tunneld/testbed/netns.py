@@ -45,6 +45,8 @@ class Host:
     underlay6: str
     ifname: str  # its veth end
     procs: list[subprocess.Popen] = field(default_factory=list)
+    overlay: str = ""  # the overlay address the testbed's plan gives it (segment(); "" for the pair)
+    runtime_dir: str = ""  # its own directory for control sockets (segment(); "" for the pair)
 
     def argv(self, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *cmd]
@@ -129,7 +131,7 @@ def remove_stale_namespaces() -> list[str]:
     """Delete testbed namespaces whose creating process is gone (a run that was SIGKILLed leaves them)."""
     removed = []
     for path in Path("/run/netns").glob(f"{NETNS_PREFIX}*"):
-        parts = path.name.split("-")  # td, PID, TAG, a|b
+        parts = path.name.split("-")  # td, PID, TAG, a|b (or sw|hN: segment.py)
         if len(parts) == 4 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
             if sh("ip", "netns", "del", path.name, check=False).returncode == 0:
                 removed.append(path.name)

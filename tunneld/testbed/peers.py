@@ -9,6 +9,7 @@ shuts down.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tunneld.testbed.netns import OVERLAY_V4, OVERLAY_V6, Host
+from tunneld.testbed.procfs import children_of
 
 VENV_BIN = Path(sys.executable).parent
 TUNNELD = str(VENV_BIN / "tunneld") if (VENV_BIN / "tunneld").exists() else shutil.which("tunneld") or "tunneld"
@@ -30,11 +32,14 @@ RUNTIME_DIR = "/run/tunneld-testbed"  # hosts share /run: each host's control so
 class Tunneld:
     """A tunneld process in a host; ``stop()`` sends SIGTERM and returns the exit status."""
 
-    def __init__(self, host: Host, *args: str, dev: str = DEV, wait: bool = True, timeout: float = 15):
+    def __init__(self, host: Host, *args: str, dev: str = DEV, wait: bool = True, timeout: float = 15,
+                 runtime_dir: str | None = None):
         self.host = host
         self.dev = dev
         self.args = args
-        self.runtime_dir = f"{RUNTIME_DIR}/{host.name}"  # `tunneld show DEV --runtime-dir` this
+        # Daemons in different namespaces share one filesystem: each gets its own control-socket directory
+        # (the segment's per-host one, else one named after the host).
+        self.runtime_dir = runtime_dir or host.runtime_dir or f"{RUNTIME_DIR}/{host.name}"
         self.proc = host.popen(TUNNELD, "--dev", dev, "--runtime-dir", self.runtime_dir, *args)
         if wait:
             try:
@@ -50,6 +55,27 @@ class Tunneld:
             except BaseException:
                 self.kill()
                 raise
+
+    def client(self, *cmd: str, check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess:
+        """A client command against this daemon's control socket, run in its host: ``client("show",
+        "--json")`` runs ``tunneld show DEV --json --runtime-dir DIR``; ``client("peer", "add", ADDR)`` runs
+        ``tunneld peer add DEV ADDR --runtime-dir DIR``."""
+        words = [*cmd[:2], self.dev, *cmd[2:]] if cmd[0] == "peer" else [cmd[0], self.dev, *cmd[1:]]
+        return self.host.run(TUNNELD, *words, "--runtime-dir", self.runtime_dir, check=check, timeout=timeout)
+
+    def show(self, timeout: float = 30) -> dict:
+        """``tunneld show DEV --json``, parsed; raises RuntimeError with the client's own words if it fails."""
+        r = self.client("show", "--json", timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"tunneld show exited with {r.returncode}: {r.stderr.strip()}")
+        return json.loads(r.stdout)
+
+    def socket_path(self) -> str:
+        return f"{self.runtime_dir}/{self.dev}.sock"
+
+    def pids(self, workers: int = 1) -> list[int]:
+        """The daemon and its forked workers (``workers`` > 1), for CPU and memory accounting."""
+        return [self.proc.pid, *children_of([self.proc.pid], workers - 1)]
 
     def output(self) -> str:
         if self.proc.poll() is None:
@@ -71,9 +97,15 @@ class Tunneld:
             self.proc.wait(timeout=5)
 
 
-def kernel_vxlan(host: Host, peer: str, *, dev: str = "vx0", vni: int = 1, port: int = 4789,
-                 address: str | None = None, extra: Sequence[str] = ()) -> None:
+def kernel_vxlan(host: Host, peer: str | Sequence[str], *, dev: str = "vx0", vni: int = 1, port: int = 4789,
+                 address: str | None = None, learning: bool = True, extra: Sequence[str] = ()) -> None:
     """The Linux kernel's own VXLAN device on ``host``, pointing at ``peer``: the reference implementation.
+
+    ``peer`` is one address (the device's ``remote``: point to point) or several: then the device has no
+    remote and gets one all-zero FDB entry per peer (``bridge fdb append 00:00:00:00:00:00 dev DEV dst IP``),
+    the kernel's head-end replication of broadcast, multicast and unknown unicast. With ``learning`` (the
+    kernel's default) it maps inner source MACs to the outer source address and sends known unicast to that
+    one peer; ``learning=False`` adds ``nolearning``.
 
     The host's veth gets transmit checksumming turned off, so that it behaves like a real wire. veth lets a
     packet cross namespaces still CHECKSUM_PARTIAL: the kernel's VXLAN would hand the far end inner TCP
@@ -81,12 +113,22 @@ def kernel_vxlan(host: Host, peer: str, *, dev: str = "vx0", vni: int = 1, port:
     physical NIC puts such a packet on the wire, and a userspace VTEP receiving it through a UDP socket has
     no way to know it was partial (the kernel↔kernel case works only because the skb's metadata survives).
     """
+    peers = [peer] if isinstance(peer, str) else list(peer)
     host.run("ethtool", "-K", host.ifname, "tx", "off")
-    host.run("ip", "link", "add", dev, "type", "vxlan", "id", str(vni), "remote", peer, "dstport", str(port),
-             "dev", host.ifname, *extra)
+    target = ["remote", peers[0]] if len(peers) == 1 else ["local", host.underlay]
+    host.run("ip", "link", "add", dev, "type", "vxlan", "id", str(vni), *target, "dstport", str(port),
+             "dev", host.ifname, *(() if learning else ("nolearning",)), *extra)
+    if len(peers) > 1:
+        for dst in peers:
+            host.run("bridge", "fdb", "append", "00:00:00:00:00:00", "dev", dev, "dst", dst)
     if address:
         host.run("ip", "addr", "add", address, "dev", dev)
     host.run("ip", "link", "set", dev, "up")
+
+
+def kernel_fdb(host: Host, dev: str = "vx0") -> list[dict]:
+    """The kernel VXLAN device's FDB as iproute2's JSON (``mac``, ``dst``, ``state``, ...)."""
+    return json.loads(host.run("bridge", "-j", "fdb", "show", "dev", dev).stdout or "[]")
 
 
 def features(host: Host, dev: str = DEV) -> dict[str, str]:

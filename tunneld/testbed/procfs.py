@@ -1,4 +1,4 @@
-"""What /proc says about a process: its CPU time and its children (a tunneld's forked workers).
+"""What /proc says about a process: its CPU time, resident memory and children (a tunneld's forked workers).
 
 Plain reads with bounded waits, for benchmarks that charge CPU to the processes carrying a data path and for
 tests that check what tunneld reports about its workers against the kernel's own accounting.
@@ -43,3 +43,12 @@ def children_of(pids: list[int], expected: int = 0, timeout: float = 10) -> list
         if len(out) >= expected or time.monotonic() > deadline:
             return out
         time.sleep(0.05)
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident set now (``VmRSS``), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ProcessLookupError(f"no VmRSS for pid {pid}")

@@ -138,6 +138,35 @@ def prometheus(host: Host, targets: Sequence[str], interval: float = 1.0, timeou
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def exposition(host: Host, listen: str = "127.0.0.1:9477", timeout: float = 10) -> str:
+    """The text tunneld's exporter in ``host`` serves at ``http://LISTEN/metrics`` (fetched from inside the host,
+    whose loopback the caller cannot reach)."""
+    return host.run(sys.executable, "-m", "tunneld.testbed.prom", "get", f"http://{listen}/metrics",
+                    cwd=IMPORT_ROOT, timeout=timeout).stdout
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of metric ``name`` (the full sample name, e.g. ``tunneld_fdb_entries`` or
+    ``tunneld_dropped_packets_total``) in an exposition, as (labels, value). Label values are the exposition's
+    plain ones (tunneld's carry no escaped quotes or commas)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, labels = head.partition("{")
+        if metric != name:
+            continue
+        pairs = (item.split("=", 1) for item in labels.rstrip("}").split(",") if "=" in item)
+        out.append(({k.strip(): v.strip().strip('"') for k, v in pairs}, float(value)))
+    return out
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (over workers, peers...)."""
+    return sum(v for got, v in samples(text, name) if all(got.get(k) == want for k, want in labels.items()))
+
+
 def _get(url: str, timeout: float = 5) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
