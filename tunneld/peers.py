@@ -141,6 +141,18 @@ class PeerTable:
         for spec in specs:
             self.upsert(spec, now)
 
+    def check(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = ()) -> None:
+        """ValueError (one line) if applying these changes (removals first) would be refused; changes nothing."""
+        specs = {a: p.spec for a, p in self.by_address.items() if a not in removals}
+        for spec in upserts:
+            if spec.address not in specs and spec.address not in self.by_address:
+                self._destination(spec.address)
+            if self.l2:
+                for mac in spec.macs:
+                    mac_bytes(mac)
+            specs[spec.address] = spec
+        self._routes(specs, {a: a for a in specs})
+
     def _routes(self, specs: dict[str, PeerSpec], peers: dict[str, Peer]) -> "Routes[Peer]":
         """The routes the L3 data path uses for these peers; ValueError if two peers claim one prefix."""
         routes: Routes[Peer] = Routes()

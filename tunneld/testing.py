@@ -109,7 +109,13 @@ class FakeLink:
         return n, source, 0
 
     def destination(self, address: str) -> str:
+        """As the real links: one IP version for all peers (ValueError, one line, for the other)."""
+        if (":" in address) != (":" in self.peer):
+            raise ValueError(f"peer {address} is not of the same IP version as the underlay socket")
         return address
+
+    def set_peer(self, peer: str) -> None:
+        self.peer = peer
 
     def send(self, packet: memoryview, flow: int, dest: str | None = None) -> None:
         if self.send_error is not None:
