@@ -151,3 +151,28 @@ def test_a_mac_learnt_by_one_worker_reaches_the_others():
 
 def test_peer_specs_come_from_one_place():
     assert peer_specs(TunnelConfig(peer="192.0.2.1")) == (PeerSpec("192.0.2.1"),)
+
+
+def test_the_parent_passes_a_childs_learnt_macs_to_worker_0_and_the_other_children():
+    import os
+
+    from tunneld.workers import Child
+
+    supervisor = Supervisor()
+    ends = []
+    for index in (1, 2):
+        parent, child = Channel.pair()
+        parent.setblocking(False), child.setblocking(False)
+        supervisor.children.append(Child(index, os.getpid(), parent))
+        ends.append(child)
+    heard = []
+    supervisor.on_learnt = heard.append
+    message = Learnt(((mac_bytes(HOST), B),))
+    ends[0].send(message)  # worker 1 learnt it
+    supervisor._on_message(supervisor.children[0])
+    assert heard == [message]
+    assert ends[1].receive()[0] == [message] and ends[0].receive()[0] == []  # not echoed to who learnt it
+    for c in supervisor.children:
+        c.close()
+    for end in ends:
+        end.close()

@@ -197,3 +197,18 @@ def test_rows_of_one_gro_read_learn_their_source_once():
     eng.on_link_readable()
     assert eng.peers.fdb.lookup(bytes.fromhex(HOST_B.replace(":", ""))).address == B
     assert eng.stats.peers[B].rx_packets == 4 and eng.stats.fdb_learnt == 1
+
+
+def test_rows_of_one_gro_read_with_several_sources_learn_each():
+    eng, dev, link = offload_engine()
+    macs = ["02:00:00:00:00:0b", "02:00:00:00:00:0c", "02:00:00:00:00:0d"]
+    link.deliver_gro([bytes(VXLAN(flags=8, vni=VNI) / Ether(ether(m, LOCAL, size=600))) for m in macs], C)
+    eng.on_link_readable()
+    assert [eng.peers.fdb.lookup(bytes.fromhex(m.replace(":", ""))).address for m in macs] == [C, C, C]
+
+
+def test_rows_from_a_stranger_are_unknown_peer_and_teach_nothing():
+    eng, dev, link = offload_engine()
+    link.deliver_gro([bytes(VXLAN(flags=8, vni=VNI) / Ether(ether(HOST_B, LOCAL, size=600)))] * 3, "192.0.2.99")
+    eng.on_link_readable()
+    assert eng.stats.drops[Drop.UNKNOWN_PEER] == 3 and len(eng.peers.fdb) == 0 and dev.written == []

@@ -1,4 +1,4 @@
-"""The data path: one device port, one underlay link, one encapsulator, one peer.
+"""The data path: one device port, one underlay link, one encapsulator, a table of peers.
 
 The engine moves batches; the ports hide how. With offloads (``make_engine(..., offload=True)``) the device
 port (tunneld/io/port.py ``VnetPort``) reads super-frames and cuts them into rows, and the link sends rows
@@ -18,12 +18,14 @@ Outbound flow (device → peer), on each wake-up of the device fd:
 
 Inbound flow (peer → device), on each wake-up of the socket:
   1. receive up to ``batch`` reads (and at most WAKEUP_BYTES): a datagram, or rows (datagrams of one length
-     back to back: a UDP_GRO read or a run out of recvmmsg);
-  2. drop those not from the peer; single datagrams of one length are gathered into rows (``Gatherer``)
-     where the device port takes rows;
-  3. the codec judges EVERY datagram: ``decap`` for a single one, ``decap_batch`` for rows. The device port
-     writes what was accepted (rows coalesced into super-frames where they can be) and refused ones are
-     counted by reason: a codec's refusal holds on every path.
+     back to back from one source: a UDP_GRO read or a run out of recvmmsg);
+  2. the source address picks the peer (none: ``unknown_peer``); single datagrams of one length from one peer
+     are gathered into rows (``Gatherer``) where the device port takes rows;
+  3. the codec judges EVERY datagram: ``decap`` for a single one, ``decap_batch`` for rows; in L3 modes with
+     routes narrower than everything, the inner source must lie in the sending peer's routes
+     (``source_not_allowed``). The device port writes what was accepted (rows coalesced into super-frames
+     where they can be) and refused ones are counted by reason: a codec's refusal holds on every path;
+  4. L2 modes learn each accepted frame's source MAC against its peer (the FDB, fdb.py).
 
 Counters stay per packet on the wire: tx/rx packets and bytes count datagrams and their inner frames, however
 they were batched. ``tx_batches``/``rx_batches`` count reads per wake-up.
@@ -33,8 +35,13 @@ What must stay true:
 - no allocation per packet beyond what the system calls themselves make;
 - a wake-up handles at most ``batch`` reads and about WAKEUP_BYTES, so neither direction starves the other.
 
-The peer is ``link.peer``, read once per wake-up; a table of peers would be consulted at the same two
-places (the source check inbound, the send outbound).
+Peers (tunneld/peers.py ``PeerTable``): outbound, L2 modes look the destination MAC up in the FDB (a miss, a
+broadcast or a multicast goes to every peer: head-end replication, counted ``flooded``), L3 modes the
+destination IP in the routes (longest-prefix match; none: ``no_route``). A super-frame is looked up once for
+all its rows. ``Pending`` keeps one peer's packets per send. Each send names its peer's destination, built
+once by the link (``destination``). With one peer that wins every look-up (``PeerTable.only``: L2, or L3
+with routes covering everything) no look-up is made and its counters are added once per wake-up: the
+one-peer path costs what it did before many peers.
 """
 
 from __future__ import annotations
@@ -542,20 +549,20 @@ class Engine:
         return m, b
 
     def _learn_rows(self, n: int, size: int, verdicts: list, peer: Peer, now: float) -> None:
-        """Learn the source MACs of the accepted rows in ``rx[:n]``. Rows of one GRO read are mostly one
-        inner flow: when every row was accepted at the usual offset and all carry one source MAC (one NumPy
-        comparison), it is learnt once."""
+        """Learn the source MACs of the accepted rows in ``rx[:n]``. Rows of one GRO read are mostly one inner
+        flow: when every row was accepted at the usual offset and the first and last rows carry one source MAC,
+        that MAC is learnt once. (A MAC between them that differs is then not learnt from this read: its
+        frames flood until it is, which is never a wrong entry.)"""
         fdb = self.peers.fdb
         p = self.port.header_len
         count = len(verdicts)
-        full = n // size
-        if full > 1 and verdicts.count(p) == count:
-            macs = self._rx[: full * size].reshape(full, size)[:, p + 6 : p + 12]
-            if (macs == macs[0]).all():
-                if full == count or bytes(self._rx[full * size + p + 6 : full * size + p + 12]) == macs[0].tobytes():
-                    fdb.learn(macs[0].tobytes(), peer, now)
-                    return
         rx = self._rx
+        if verdicts.count(p) == count:
+            first = bytes(rx[p + 6 : p + 12])
+            last = (count - 1) * size + p
+            if bytes(rx[last + 6 : last + 12]) == first:
+                fdb.learn(first, peer, now)
+                return
         for i, verdict in enumerate(verdicts):
             if verdict.__class__ is not Drop:
                 at = i * size + verdict
