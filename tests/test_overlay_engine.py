@@ -212,3 +212,46 @@ def test_rows_from_a_stranger_are_unknown_peer_and_teach_nothing():
     link.deliver_gro([bytes(VXLAN(flags=8, vni=VNI) / Ether(ether(HOST_B, LOCAL, size=600)))] * 3, "192.0.2.99")
     eng.on_link_readable()
     assert eng.stats.drops[Drop.UNKNOWN_PEER] == 3 and len(eng.peers.fdb) == 0 and dev.written == []
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------
+
+def scrape(eng) -> dict:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tunneld.metrics import TunnelCollector
+
+    registry = CollectorRegistry()
+    registry.register(TunnelCollector(eng, dev="td0", mtu=1450, vni=VNI))
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}, text
+
+
+def test_metrics_have_a_series_per_peer_and_the_fdb_counters():
+    eng, dev, link = vxlan_engine()
+    from_peer(link, B, ether(HOST_B, LOCAL))
+    eng.on_link_readable()
+    dev.inject(ether(LOCAL, "ff:ff:ff:ff:ff:ff"), ether(LOCAL, HOST_B))
+    eng.on_device_readable()
+    got, text = scrape(eng)
+    tx = {dict(lbl)["peer"]: v for (name, lbl), v in got.items() if name == "tunneld_tx_packets_total"}
+    assert tx == {A: 1, B: 2, C: 1}
+    assert got[("tunneld_rx_packets_total", (("mode", "vxlan"), ("peer", B)))] == 1
+    assert got[("tunneld_fdb_entries", (("mode", "vxlan"),))] == 1
+    assert got[("tunneld_fdb_learnt_total", (("mode", "vxlan"),))] == 1
+    assert got[("tunneld_flooded_packets_total", (("mode", "vxlan"),))] == 1
+    assert got[("tunneld_fdb_refused_total", (("mode", "vxlan"),))] == 0
+    assert got[("tunneld_fdb_moved_total", (("mode", "vxlan"),))] == 0
+    help_line = next(line for line in text.splitlines() if line.startswith("# HELP tunneld_dropped_packets_total"))
+    assert all(reason.value in help_line for reason in Drop)  # derived from the one declaration
+
+
+def test_with_one_peer_the_series_keep_their_labels():
+    eng, dev, link = vxlan_engine(peers=(A,))
+    dev.inject(ether(LOCAL, HOST_B))
+    eng.on_device_readable()
+    got, _ = scrape(eng)
+    assert got[("tunneld_tx_packets_total", (("mode", "vxlan"), ("peer", A)))] == 1
+    assert got[("tunneld_dropped_packets_total", (("mode", "vxlan"), ("peer", A), ("reason", "no_route")))] == 0
