@@ -54,7 +54,8 @@ class Layer:
 LAYERS = (
     Layer("root", 0, (), frozenset()),  # matched by exact name below: the package, not everything in it
     Layer("codec", 0, ("tunneld.encap",), frozenset()),
-    Layer("pure", 1, ("tunneld.offload", "tunneld.stats", "tunneld.fdb", "tunneld.peer", "tunneld.peers"),
+    Layer("pure", 1, ("tunneld.offload", "tunneld.stats", "tunneld.fdb", "tunneld.peer", "tunneld.peers",
+                         "tunneld.routes"),
           frozenset({"numpy"})),
     Layer("io", 2, ("tunneld.io",), ANY),
     Layer("engine", 3, ("tunneld.engine",), ANY),

@@ -234,7 +234,7 @@ class FakeReceiver:
 def raw_link_with(packets) -> RawLink:
     link = RawLink.__new__(RawLink)  # no socket: only the run building is under test
     link.family, link.peer = socket.AF_INET, "10.0.0.2"
-    link._peer_bytes = socket.inet_aton(link.peer)
+    link._sources, link._sockaddrs = {}, {}
     link._sender = None
     link._receive_with(FakeReceiver(packets))
     return link

@@ -17,7 +17,7 @@ from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.engine import Engine
 from tunneld.metrics import TunnelCollector
-from tunneld.stats import MAX_BATCH, Stats, total
+from tunneld.stats import PeerStats, MAX_BATCH, Stats, total
 from tunneld.testing import FakeDevice, FakeLink
 from tunneld.workers import AUTO_CAP, auto_workers, resolve
 
@@ -114,6 +114,11 @@ def test_total_covers_every_field_of_stats():
                 setattr(s, name, [base * 1000 + i * 10 + k for k in range(len(value))])
             elif isinstance(value, (int, float)):
                 setattr(s, name, base * 1000 + i)
+            elif isinstance(value, dict):  # per peer: PeerStats by address, one shared and one of its own
+                for address in ("192.0.2.2", f"192.0.2.{10 + base}"):
+                    peer = value[address] = PeerStats()
+                    for k, field in enumerate(PeerStats.__slots__, start=1):
+                        setattr(peer, field, base * 100 + k)
             else:
                 raise AssertionError(f"Stats.{name} is a {type(value)}: teach this test (and total) about it")
         return s
@@ -128,6 +133,13 @@ def test_total_covers_every_field_of_stats():
             assert got == Counter({reason: a[reason] + b[reason] for reason in Drop}), name
         elif isinstance(a, list):
             assert got == [x + y for x, y in zip(a, b)], name
+        elif isinstance(a, dict):
+            assert sorted(got) == sorted({*a, *b}), name
+            for address, peer in got.items():
+                parts = [p[address] for p in (a, b) if address in p]
+                for field in PeerStats.__slots__:
+                    values = [getattr(p, field) for p in parts]
+                    assert getattr(peer, field) == (max(values) if field == "last_rx" else sum(values)), field
         else:
             assert got == a + b, name
 

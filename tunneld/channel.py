@@ -2,8 +2,10 @@
 
 Messages are dataclasses, one per thing said (after h11's ``_events.py``): a reader dispatches on the type,
 and a field added to a message is added in one place. Which side sends what:
-  worker → parent: Ready once its engine is attached; StatsReport(seq, stats, cpu) in answer to a request.
-  parent → worker: StatsRequest(seq); Apply(...) on reload; Stop.
+  worker → parent: Ready once its engine is attached; StatsReport(seq, stats, cpu) in answer to a request;
+    Learnt(entries) with the MACs its FDB learnt (workers agree on the FDB).
+  parent → worker: StatsRequest(seq); Apply(...) on reload or a control request; Learnt(entries) from the
+    others; Stop.
 
 Underneath, one SOCK_SEQPACKET socketpair per worker, each message one pickled record: both ends are this
 program, forked from one process, so pickle's trust and version questions do not arise, and a record
@@ -47,12 +49,13 @@ class StatsReport:
 
 @dataclass(frozen=True)
 class Apply:
-    """Live changes from a reload, already applied by worker 0; a field left None is unchanged.
+    """Live changes (a reload, the control socket), already applied by worker 0; a field left None or empty
+    is unchanged.
 
-    One field per live setting. The peer list travels as a diff: ``peers_set`` holds the peers added or
-    changed (upsert by address: an unchanged peer keeps its counters and learnt MACs), ``peers_removed`` the
-    addresses whose peer, FDB entries and routes are flushed. ``peer`` is the one-peer link's send address,
-    for the data path of one peer."""
+    ``peers_set``: peers added or changed, upserted by address (an unchanged peer keeps its counters and
+    learnt MACs; a changed one gets its new name, routes and static MACs). ``peers_removed``: addresses whose
+    peer, FDB entries and routes are flushed. ``peer``: the one-peer reload of before many peers (the table
+    then holds that peer alone); peerconf's diff replaces it."""
 
     peer: str | None = None
     log_level: str | None = None
@@ -64,12 +67,25 @@ class Apply:
                 or bool(self.peers_removed))
 
 
+LEARNT_MAX = 1000  # entries per Learnt message: ~30 bytes each pickled, well within MESSAGE_MAX
+
+
+@dataclass(frozen=True)
+class Learnt:
+    """MACs a worker learnt (or saw move) since its last such message: (MAC, peer address) pairs. Worker →
+    parent, which learns them in worker 0 and passes them on to the other workers; worker 0's own go to every
+    other worker. Sent a few times a second at most, never per packet; a full channel drops one (the frames
+    to those MACs flood until the next)."""
+
+    entries: tuple[tuple[bytes, str], ...]
+
+
 @dataclass(frozen=True)
 class Stop:
     """Detach and exit with status 0."""
 
 
-Message = Union[Ready, StatsRequest, StatsReport, Apply, Stop]
+Message = Union[Ready, StatsRequest, StatsReport, Apply, Learnt, Stop]
 
 
 class Channel:

@@ -22,6 +22,8 @@ Shutdown undoes it in reverse; closing the device fd removes the interface (with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import logging
 import signal
 import time
@@ -29,9 +31,10 @@ from typing import Callable
 
 from tunneld import __version__
 from tunneld.channel import Apply, Channel
-from tunneld.config import TunnelConfig
+from tunneld.config import ConfigError, TunnelConfig
 from tunneld.control import ControlError, ControlServer, runtime_dir, socket_path
-from tunneld.control_onepeer import OnePeerHandler
+from tunneld.fdb import mac_text
+from tunneld.peers import PeerSpec
 from tunneld.encap.base import Encapsulator
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io.udp import UdpLink
@@ -40,7 +43,7 @@ from tunneld.plan import Plan, make_plan, stable_mac
 from tunneld.io.device import Device
 from tunneld.resources import Link, Resources
 from tunneld.service import Loader, Service
-from tunneld.stats import Stats, total
+from tunneld.stats import PeerStats, Stats, total
 from tunneld.watch import Watch
 from tunneld.worker import Worker, cpu_seconds
 from tunneld.workers import STOP_SIGNALS, Supervisor
@@ -50,6 +53,9 @@ __all__ = ["EX_CONFIG", "EX_NOPERM", "EX_SOFTWARE", "StartupError", "Tunnel", "d
 log = logging.getLogger("tunneld")
 
 WATCH_INTERVAL = 1.0  # seconds between looks at the counters for the log (watch.py)
+# ``tunneld show``: a peer is "up" when a valid packet from it arrived within this many seconds, "silent" when
+# one arrived longer ago, "never" when none has. Three watch intervals: one lost look is not yet silence.
+PEER_UP_WITHIN = 3 * WATCH_INTERVAL
 
 
 class Tunnel:
@@ -83,9 +89,13 @@ class Tunnel:
             self._watch(metrics)
 
     def _worker(self, index: int, device, link) -> Worker:
-        plan = self.plan
-        return Worker(index, device, link, plan.codec, dev=plan.cfg.dev, max_frame=plan.max_frame,
-                      offload=plan.offload)
+        plan, cfg = self.plan, self.plan.cfg
+        worker = Worker(index, device, link, plan.codec, dev=cfg.dev, max_frame=plan.max_frame,
+                        offload=plan.offload, peers=cfg.peers, fdb_max=cfg.fdb_max, fdb_ageing=cfg.fdb_ageing)
+        if index == 0:  # MACs learnt here go to every child; a child's come to this worker (and the others)
+            worker.share = self.supervisor.share
+            self.supervisor.on_learnt = worker.learn
+        return worker
 
     def _watch(self, metrics: MetricsServer) -> None:
         metrics.watch(self.worker.engine, dev=self.cfg.dev, mtu=self.plan.mtu, vni=self.plan.vni,
@@ -127,10 +137,92 @@ class Tunnel:
         return self.supervisor.alive()
 
     def apply(self, changes: Apply) -> None:
-        """A reload's live changes: in worker 0 first (which may refuse a peer), then the same to the others."""
-        self.worker.apply(changes)
+        """Live changes: in worker 0 first (which may refuse them: SetupError for a peer the link cannot take,
+        ConfigError, one line, for a peer diff the tables refuse; nothing changed then), then the same to the
+        others."""
+        try:
+            self.worker.apply(changes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if changes:
             self.supervisor.broadcast(changes)
+
+    # -- the control handler (control.py serves it on worker 0's loop) ---------------------------------------
+
+    def show(self) -> dict:
+        """What ``tunneld show --json`` prints (README "Many hosts"): the tunnel, each peer with its counters
+        summed over the workers, and (L2 modes) the FDB as worker 0 holds it (all workers agree within 1 s)."""
+        engine = self.worker.engine
+        table = engine.peers
+        stats = self.totals()
+        now = time.time()
+        peers = []
+        for peer in table.all:
+            spec = peer.spec
+            ps = stats.peers.get(peer.address) or PeerStats()
+            age = max(0.0, now - ps.last_rx) if ps.last_rx else None
+            entry = {
+                "address": peer.address,
+                "name": spec.name,
+                "source": spec.source,
+                "state": "never" if age is None else "up" if age <= PEER_UP_WITHIN else "silent",
+                "last_rx_age_s": None if age is None else round(age, 3),
+                "tx_packets": ps.tx_packets,
+                "rx_packets": ps.rx_packets,
+                "tx_bytes": ps.tx_bytes,
+                "rx_bytes": ps.rx_bytes,
+                "dropped": ps.dropped,
+            }
+            if not table.l2:
+                entry["routes"] = table.routes_of(peer)  # as the data path uses them (one peer: everything)
+            entry["macs"] = list(spec.macs)
+            peers.append(entry)
+        link = self.worker.link
+        out = {
+            "device": self.cfg.dev,
+            "mode": self.cfg.mode,
+            "vni": self.plan.vni,
+            "mtu": self.plan.mtu,
+            "listen_port": link.port if isinstance(link, UdpLink) else None,
+            "workers": self.workers,
+            "peers": peers,
+        }
+        if table.fdb is not None:
+            out["fdb"] = [
+                {"mac": mac_text(mac), "peer": e.peer.address, "static": e.static, "age_s": round(max(0.0, now - e.seen), 3)}
+                for mac, e in table.fdb.entries()
+            ]
+            out["fdb_max"] = table.fdb.max_entries
+        else:
+            out["fdb_max"] = self.cfg.fdb_max
+        out.update(fdb_learnt_total=stats.fdb_learnt, fdb_moved_total=stats.fdb_moved,
+                   fdb_refused_total=stats.fdb_refused, flooded_packets_total=stats.flooded)
+        return out
+
+    def add_peer(self, spec: PeerSpec) -> None:
+        """Add a peer, or change a known one (its counters and learnt MACs stay); ConfigError (one line) if
+        refused: routes in an L2 mode, MACs in an L3 mode, a route another peer owns, another IP version."""
+        l2 = self.worker.engine.peers.l2
+        if l2 and spec.routes:
+            raise ConfigError(f"peer {spec.address}: routes are for L3 modes; {self.cfg.mode} learns MACs")
+        if not l2 and spec.macs:
+            raise ConfigError(f"peer {spec.address}: macs are for L2 modes; {self.cfg.mode} takes routes")
+        self.apply(Apply(peers_set=(spec,)))
+        # The running configuration says what runs, so that a SIGHUP's diff is taken against it: a reload makes
+        # the peers what the file says (as `wg syncconf` does), whether or not they came through this socket.
+        kept = tuple(p for p in self.cfg.peers if p.address != spec.address)
+        self.cfg = dataclasses.replace(self.cfg, peers=(*kept, spec))
+
+    def remove_peer(self, address: str) -> None:
+        """Remove a peer: its FDB entries, routes and counters go; ConfigError (one line) for an unknown one."""
+        try:
+            canonical = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ConfigError(f"not an IP address: {address!r}") from None
+        if self.worker.engine.peers.get(canonical) is None:
+            raise ConfigError(f"no peer {canonical} on {self.cfg.dev}")
+        self.apply(Apply(peers_removed=(canonical,)))
+        self.cfg = dataclasses.replace(self.cfg, peers=tuple(p for p in self.cfg.peers if p.address != canonical))
 
     def move_metrics(self, listen: str) -> bool:
         """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
@@ -204,7 +296,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         # a SIGTERM meanwhile is a clean stop
         if not await supervisor.started(worker.stopped) and not worker.stopped.is_set():
             worker.stop(1)
-    control = ControlServer(socket_path(runtime_dir(tunnel.cfg), tunnel.cfg.dev), OnePeerHandler(tunnel))
+    control = ControlServer(socket_path(runtime_dir(tunnel.cfg), tunnel.cfg.dev), tunnel)
     if not worker.stopped.is_set():
         try:
             await control.start()  # `tunneld show`; a second daemon for this device stops here

@@ -1,4 +1,4 @@
-"""The data path: one device port, one underlay link, one encapsulator, one peer.
+"""The data path: one device port, one underlay link, one encapsulator, a table of peers.
 
 The engine moves batches; the ports hide how. With offloads (``make_engine(..., offload=True)``) the device
 port (tunneld/io/port.py ``VnetPort``) reads super-frames and cuts them into rows, and the link sends rows
@@ -18,12 +18,14 @@ Outbound flow (device → peer), on each wake-up of the device fd:
 
 Inbound flow (peer → device), on each wake-up of the socket:
   1. receive up to ``batch`` reads (and at most WAKEUP_BYTES): a datagram, or rows (datagrams of one length
-     back to back: a UDP_GRO read or a run out of recvmmsg);
-  2. drop those not from the peer; single datagrams of one length are gathered into rows (``Gatherer``)
-     where the device port takes rows;
-  3. the codec judges EVERY datagram: ``decap`` for a single one, ``decap_batch`` for rows. The device port
-     writes what was accepted (rows coalesced into super-frames where they can be) and refused ones are
-     counted by reason: a codec's refusal holds on every path.
+     back to back from one source: a UDP_GRO read or a run out of recvmmsg);
+  2. the source address picks the peer (none: ``unknown_peer``); single datagrams of one length from one peer
+     are gathered into rows (``Gatherer``) where the device port takes rows;
+  3. the codec judges EVERY datagram: ``decap`` for a single one, ``decap_batch`` for rows; in L3 modes with
+     routes narrower than everything, the inner source must lie in the sending peer's routes
+     (``source_not_allowed``). The device port writes what was accepted (rows coalesced into super-frames
+     where they can be) and refused ones are counted by reason: a codec's refusal holds on every path;
+  4. L2 modes learn each accepted frame's source MAC against its peer (the FDB, fdb.py).
 
 Counters stay per packet on the wire: tx/rx packets and bytes count datagrams and their inner frames, however
 they were batched. ``tx_batches``/``rx_batches`` count reads per wake-up.
@@ -33,8 +35,13 @@ What must stay true:
 - no allocation per packet beyond what the system calls themselves make;
 - a wake-up handles at most ``batch`` reads and about WAKEUP_BYTES, so neither direction starves the other.
 
-The peer is ``link.peer``, read once per wake-up; a table of peers would be consulted at the same two
-places (the source check inbound, the send outbound).
+Peers (tunneld/peers.py ``PeerTable``): outbound, L2 modes look the destination MAC up in the FDB (a miss, a
+broadcast or a multicast goes to every peer: head-end replication, counted ``flooded``), L3 modes the
+destination IP in the routes (longest-prefix match; none: ``no_route``). A super-frame is looked up once for
+all its rows. ``Pending`` keeps one peer's packets per send. Each send names its peer's destination, built
+once by the link (``destination``). With one peer that wins every look-up (``PeerTable.only``: L2, or L3
+with routes covering everything) no look-up is made and its counters are added once per wake-up: the
+one-peer path costs what it did before many peers.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -51,6 +58,8 @@ from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
 from tunneld.io.port import Fallback, FramePort, VnetPort
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
+from tunneld.peers import Peer, PeerSpec, PeerTable
+from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
 from tunneld.stats import MAX_BATCH, Stats
 
 HEADROOM = 64  # enough for any encapsulation header this design expects (VXLAN 8, GRE ≤ 16) and a vnet header
@@ -89,11 +98,12 @@ class LinkPort(Protocol):
     def fileno(self) -> int: ...
     def set_peer(self, peer: str) -> None: ...
     def recv_one(self, buf: memoryview) -> tuple[int, str, int]: ...  # one datagram: (n, source, 0)
-    def send(self, packet: memoryview, flow: int) -> None: ...  # one datagram, now
+    def destination(self, address: str) -> object: ...  # what send takes for a peer (checks the family)
+    def send(self, packet: memoryview, flow: int, dest: object = None) -> None: ...  # one datagram, now
     # rows, where the engine batches (offloads): see io/udp.py and io/raw.py
     def enable_gro(self, max_packet: int = 65535) -> object: ...
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]: ...  # (n, source, row size or 0)
-    def send_segments(self, packets: memoryview, size: int, flow: int) -> None: ...  # OSError.sent on failure
+    def send_segments(self, packets: memoryview, size: int, flow: int, dest: object = None) -> None: ...  # OSError.sent
 
 
 def offload_supported(codec: Encapsulator) -> bool:
@@ -132,6 +142,9 @@ class Engine:
         offload: bool = False,
         batch: int | None = None,
         clock: Callable[[], float] = time.time,
+        peers: Sequence[PeerSpec] | None = None,
+        fdb_max: int = DEFAULT_MAX_ENTRIES,
+        fdb_ageing: float = DEFAULT_AGEING,
     ) -> None:
         if codec.header_len > HEADROOM:
             raise ValueError(f"{codec.name}: header of {codec.header_len} bytes exceeds the {HEADROOM}-byte headroom")
@@ -144,6 +157,12 @@ class Engine:
             raise ValueError(f"batch {self.batch} is outside 1..{MAX_BATCH}")
         self.stats = Stats()
         self._clock = clock
+        self.l2 = codec.device is DeviceKind.TAP
+        destination = getattr(link, "destination", None) or (lambda address: None)
+        self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=destination, fdb_max=fdb_max,
+                               fdb_ageing=fdb_ageing)
+        for spec in peers if peers is not None else (PeerSpec(link.peer),):
+            self.peers.upsert(spec, clock())
         if not getattr(link, "spreads_flows", True):
             self._flow_hash = _no_flow  # the ~0.8 us hash would be thrown away for every packet
         else:
@@ -197,6 +216,11 @@ class Engine:
         # Batches of one: the packet leaves now. Otherwise it joins those waiting (False: it does not continue
         # their run, which then leaves first).
         send = self.link.send if pending is None else pending.add
+        # One peer that wins every look-up: no look-up, its counters added once per wake-up. Otherwise each
+        # frame picks its peer (FDB or routes) and counts there.
+        only = self.peers.only
+        dest = only.dest if only is not None else None
+        choose = self._choose
         reads = moved = nbytes = taken = fallbacks = 0
         for _ in range(self.batch):
             if taken >= WAKEUP_BYTES:
@@ -213,7 +237,7 @@ class Engine:
             if n.__class__ is not int:
                 if n.__class__ is Segments:
                     taken += n.frame_len + vnet_len
-                    m, b = self._send_superframe(n, flow_hash(view[HEADROOM : HEADROOM + n.frame_len]))
+                    m, b = self._send_superframe(n, flow_hash(view[HEADROOM : HEADROOM + n.frame_len]), only)
                     moved, nbytes = moved + m, nbytes + b
                     continue
                 if n.__class__ is Drop:  # a vnet header or partial checksum the port could not complete
@@ -234,10 +258,26 @@ class Engine:
                 continue
             packet = view[start:end]
             flow = flow_hash(view[HEADROOM:end])
+            if only is None:
+                peer = choose(n)
+                if peer.__class__ is not Peer:
+                    if peer is None:  # broadcast, multicast, unknown unicast: every peer gets a copy
+                        if pending is not None and pending.count:
+                            moved -= self._flush()
+                        m = self._flood(packet, flow, n)
+                        moved, nbytes = moved + m, nbytes + m * n
+                    else:
+                        drops[peer] += 1
+                        fallbacks -= n.__class__ is Fallback
+                    continue
+                dest = peer.dest
+                ps = peer.stats
+                ps.tx_packets += 1
+                ps.tx_bytes += n
             try:
-                if send(packet, flow) is False:
+                if send(packet, flow, dest) is False:
                     moved -= self._flush()
-                    pending.add(packet, flow)
+                    pending.add(packet, flow, dest)
             except OSError as e:  # only a packet sent now fails here; waiting ones fail in _flush
                 drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += 1
                 fallbacks -= n.__class__ is Fallback
@@ -248,15 +288,54 @@ class Engine:
             moved -= self._flush()
         stats.tx_packets += moved
         stats.tx_bytes += nbytes
+        if only is not None:
+            ps = only.stats
+            ps.tx_packets += moved
+            ps.tx_bytes += nbytes
         stats.tx_batches[reads] += 1
         if fallbacks:
             stats.offload_fallbacks += fallbacks
 
-    def _send_rows(self, rows: memoryview, rowlen: int, count: int, flow: int) -> int:
+    def _choose(self, n: int):
+        """The peer of the frame at HEADROOM (``n`` bytes) when there are several: a Peer, None (flood: L2
+        broadcast, multicast or a MAC not in the FDB), or Drop.NO_ROUTE (L3, no prefix holds the destination)."""
+        buf = self._txbuf
+        if self.l2:
+            entry = self.peers.fdb.table.get(bytes(buf[HEADROOM : HEADROOM + 6]))
+            return None if entry is None else entry.peer
+        version = buf[HEADROOM] >> 4
+        if version == 4 and n >= 20:
+            peer = self.peers.routes.lookup(int.from_bytes(buf[HEADROOM + 16 : HEADROOM + 20], "big"), 4)
+        elif version == 6 and n >= 40:
+            peer = self.peers.routes.lookup(int.from_bytes(buf[HEADROOM + 24 : HEADROOM + 40], "big"), 6)
+        else:
+            peer = None
+        return Drop.NO_ROUTE if peer is None else peer
+
+    def _flood(self, packet: memoryview, flow: int, n: int) -> int:
+        """Head-end replication: one copy of ``packet`` (inner ``n`` bytes) to every peer, now; the copies
+        that left."""
+        self.stats.flooded += 1
+        send = self.link.send
+        sent = 0
+        for peer in self.peers.all:
+            try:
+                send(packet, flow, peer.dest)
+            except OSError as e:
+                self.stats.drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += 1
+                peer.stats.dropped += 1
+                continue
+            ps = peer.stats
+            ps.tx_packets += 1
+            ps.tx_bytes += n
+            sent += 1
+        return sent
+
+    def _send_rows(self, rows: memoryview, rowlen: int, count: int, flow: int, dest: object) -> int:
         """One row buffer to the link, as few system calls as it can; returns how many rows did not leave,
         counted here as drops (the link's OSError says how many full rows left before the failing call)."""
         try:
-            self.link.send_segments(rows, rowlen, flow)
+            self.link.send_segments(rows, rowlen, flow, dest)
         except OSError as e:
             failed = count - getattr(e, "sent", 0)
             self.stats.drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += failed
@@ -268,22 +347,50 @@ class Engine:
         leave, their bytes taken back."""
         pending = self._pending
         size = pending.size
-        failed = self._send_rows(pending.rows(), size, pending.count, pending.flow)
+        failed = self._send_rows(pending.rows(), size, pending.count, pending.flow, pending.dest)
         pending.clear()
-        self.stats.tx_bytes -= failed * (size - self._header_len)
+        if failed:
+            inner = failed * (size - self._header_len)
+            self.stats.tx_bytes -= inner
+            if self.peers.only is None:  # counted per packet when queued: taken back from that peer
+                for peer in self.peers.all:
+                    if peer.dest is pending.dest:
+                        peer.stats.tx_packets -= failed
+                        peer.stats.tx_bytes -= inner
+                        peer.stats.dropped += failed
         return failed
 
-    def _send_superframe(self, segs: Segments, flow: int) -> tuple[int, int]:
-        """Send the rows a super-frame was cut into, after what waits (order): (packets, inner bytes) that left."""
+    def _send_superframe(self, segs: Segments, flow: int, only: Peer | None) -> tuple[int, int]:
+        """Send the rows a super-frame was cut into, after what waits (order), to its one peer (looked up once
+        for all its rows) or, flooded, to every peer: (packets, inner bytes) that left."""
         moved = -self._flush() if self._pending.count else 0
         if segs.rowlen - self._header_len > self.max_frame:
             self.stats.drops[Drop.TOO_BIG] += segs.count
             return moved, 0
-        failed = self._send_rows(segs.buffer, segs.rowlen, segs.count, flow)
-        if failed:
+        if only is not None:
+            targets = (only,)
+        else:
+            peer = self._choose(segs.frame_len)
+            if peer.__class__ is Peer:
+                targets = (peer,)
+            elif peer is None:
+                targets = self.peers.all
+                self.stats.flooded += 1
+            else:
+                self.stats.drops[peer] += segs.count
+                return moved, 0
+        nbytes = 0
+        for peer in targets:
+            failed = self._send_rows(segs.buffer, segs.rowlen, segs.count, flow, peer.dest)
             sent = segs.count - failed
-            return moved + sent, sent * (segs.rowlen - self._header_len)
-        return moved + segs.count, segs.inner_bytes
+            inner = sent * (segs.rowlen - self._header_len) if failed else segs.inner_bytes
+            moved, nbytes = moved + sent, nbytes + inner
+            if only is None:
+                ps = peer.stats
+                ps.tx_packets += sent
+                ps.tx_bytes += inner
+                ps.dropped += failed
+        return moved, nbytes
 
     # -- inbound ---------------------------------------------------------------------------------------------
 
@@ -297,7 +404,14 @@ class Engine:
         decap = self.codec.decap
         deliver = self._deliver
         gather = self._gather  # None with batches of one: every datagram is judged and written alone
-        peer = self.link.peer
+        by_address = self.peers.by_address
+        fdb = self.peers.fdb
+        learn = fdb.learn if fdb is not None else None
+        fdb_table = fdb.table if fdb is not None else None
+        # L3 with several peers (or routes narrower than everything): the inner source must be the sender's.
+        check = self._source_allowed if fdb is None and self.peers.only is None else None
+        now = self._clock()
+        gpeer = None  # the peer whose datagrams are gathered (a gathering holds one peer's only)
         reads = moved = nbytes = taken = 0
         into = area  # where the next read lands: behind the datagrams gathered so far, if any
         for _ in range(self.batch):
@@ -313,16 +427,17 @@ class Engine:
                 continue
             reads += 1
             taken += n
-            if source != peer:
+            peer = by_address.get(source)
+            if peer is None:
                 drops[Drop.UNKNOWN_PEER] += -(-n // size) if size else 1
                 continue
             if gather is not None:
                 single = not size or n <= size
-                if single and n >= GATHER_MIN:
+                if single and n >= GATHER_MIN and peer is gpeer:
                     fill = gather.add(n)
                     if fill:  # gathered behind the others
                         if fill > RX_AREA:
-                            m, b = deliver(*gather.take())
+                            m, b = deliver(*gather.take(), peer, now)
                             moved, nbytes, into = moved + m, nbytes + b, area
                         else:
                             into = view[fill : fill + RX_AREA]
@@ -331,35 +446,49 @@ class Engine:
                     # Deliver what was gathered first (order!), keeping the new read out of reach of the padding
                     # the plan writes after the gathered rows; then the new read starts at 0.
                     saved = rx[gather.fill : gather.fill + n].copy()
-                    m, b = deliver(*gather.take())
+                    m, b = deliver(*gather.take(), gpeer, now)
                     moved, nbytes, into = moved + m, nbytes + b, area
                     rx[:n] = saved
                 if not single:
-                    m, b = deliver(n, size)
+                    m, b = deliver(n, size, peer, now)
                     moved, nbytes = moved + m, nbytes + b
                     continue
                 if n >= GATHER_MIN:
                     gather.start(n)
+                    gpeer = peer
                     into = view[n : n + RX_AREA]
                     continue
                 # too short to be part of a run: judged and written alone, right away
             packet = view[:n]
             verdict = decap(packet)
-            if verdict.__class__ is Drop:
-                drops[verdict] += 1
+            ps = peer.stats
+            if verdict.__class__ is Drop or (check is not None and not check(packet, verdict, peer)):
+                drops[verdict if verdict.__class__ is Drop else Drop.SOURCE_NOT_ALLOWED] += 1
+                ps.dropped += 1
                 continue
             try:
                 write(packet[verdict:])
             except OSError:
                 drops[Drop.DEVICE_WRITE_ERROR] += 1
+                ps.dropped += 1
                 continue
+            if fdb_table is not None:
+                mac = bytes(packet[verdict + 6 : verdict + 12])
+                entry = fdb_table.get(mac)
+                if entry is not None and entry.peer is peer:
+                    entry.seen = now
+                else:
+                    learn(mac, peer, now)
             moved += 1
             nbytes += n - verdict
+            ps.rx_packets += 1
+            ps.rx_bytes += n - verdict
+            ps.last_rx = now
         if gather is not None and gather.fill:
-            m, b = deliver(*gather.take())
+            m, b = deliver(*gather.take(), gpeer, now)
             moved, nbytes = moved + m, nbytes + b
         if moved:
-            stats.peer_last_rx = self._clock()
+            stats.peer_last_rx = now
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
@@ -368,26 +497,83 @@ class Engine:
             # no poll would report them, so come back for them on the next turn of the loop.
             self._loop.call_soon(self.on_link_readable)
 
-    def _deliver(self, n: int, size: int) -> tuple[int, int]:
-        """The codec's verdict on the datagrams of ``size`` in ``rx[:n]``, then the device port writes what it
-        accepted: (frames, inner bytes) written."""
+    def _source_allowed(self, packet: memoryview, at: int, peer: Peer) -> bool:
+        """L3: whether the inner packet at ``packet[at:]`` comes from an address in ``peer``'s routes."""
+        version = packet[at] >> 4 if len(packet) > at else 0
+        if version == 4 and len(packet) >= at + 20:
+            return self.peers.routes.lookup(int.from_bytes(packet[at + 12 : at + 16], "big"), 4) is peer
+        if version == 6 and len(packet) >= at + 40:
+            return self.peers.routes.lookup(int.from_bytes(packet[at + 8 : at + 24], "big"), 6) is peer
+        return False
+
+    def _deliver(self, n: int, size: int, peer: Peer, now: float) -> tuple[int, int]:
+        """The codec's verdict on ``peer``'s datagrams of ``size`` in ``rx[:n]`` (and, L3, whether their inner
+        sources are the peer's), then the device port writes what was accepted and, L2, their source MACs
+        are learnt: (frames, inner bytes) written."""
         packets = self._rxview[:n]
+        ps = peer.stats
+        fdb = self.peers.fdb
+        check = fdb is None and self.peers.only is None
         if size >= n:  # one datagram
             verdict = self.codec.decap(packets)
+            if verdict.__class__ is not Drop and check and not self._source_allowed(packets, verdict, peer):
+                verdict = Drop.SOURCE_NOT_ALLOWED
             if verdict.__class__ is Drop:
                 self.stats.drops[verdict] += 1
+                ps.dropped += 1
                 return 0, 0
             try:
                 self.port.write(packets[verdict:])
             except OSError:
                 self.stats.drops[Drop.DEVICE_WRITE_ERROR] += 1
+                ps.dropped += 1
                 return 0, 0
-            return 1, n - verdict
-        verdicts = self.codec.decap_batch(packets, size)
-        return self.port.write_rows(self._rx, self._rxview, n, size, verdicts, self.stats.drops)
+            if fdb is not None:
+                fdb.learn(bytes(packets[verdict + 6 : verdict + 12]), peer, now)
+            m, b = 1, n - verdict
+        else:
+            verdicts = self.codec.decap_batch(packets, size)
+            if check:
+                for i, verdict in enumerate(verdicts):
+                    if verdict.__class__ is not Drop and not self._source_allowed(
+                            packets[i * size : (i + 1) * size], verdict, peer):
+                        verdicts[i] = Drop.SOURCE_NOT_ALLOWED
+            m, b = self.port.write_rows(self._rx, self._rxview, n, size, verdicts, self.stats.drops)
+            if fdb is not None and m:
+                self._learn_rows(n, size, verdicts, peer, now)
+            ps.dropped += len(verdicts) - m
+        ps.rx_packets += m
+        ps.rx_bytes += b
+        if m:
+            ps.last_rx = now
+        return m, b
+
+    def _learn_rows(self, n: int, size: int, verdicts: list, peer: Peer, now: float) -> None:
+        """Learn the source MACs of the accepted rows in ``rx[:n]``. Rows of one GRO read are mostly one inner
+        flow: when every row was accepted at the usual offset and the first and last rows carry one source MAC,
+        that MAC is learnt once. (A MAC between them that differs is then not learnt from this read: its
+        frames flood until it is, which is never a wrong entry.)"""
+        fdb = self.peers.fdb
+        p = self.port.header_len
+        count = len(verdicts)
+        rx = self._rx
+        if verdicts.count(p) == count:
+            first = bytes(rx[p + 6 : p + 12])
+            last = (count - 1) * size + p
+            if bytes(rx[last + 6 : last + 12]) == first:
+                fdb.learn(first, peer, now)
+                return
+        for i, verdict in enumerate(verdicts):
+            if verdict.__class__ is not Drop:
+                at = i * size + verdict
+                fdb.learn(bytes(rx[at + 6 : at + 12]), peer, now)
 
 
-def make_engine(device, link: LinkPort, codec: Encapsulator, *, max_frame: int, offload: bool) -> Engine:
+def make_engine(device, link: LinkPort, codec: Encapsulator, *, max_frame: int, offload: bool,
+                peers: Sequence[PeerSpec] | None = None, fdb_max: int = DEFAULT_MAX_ENTRIES,
+                fdb_ageing: float = DEFAULT_AGEING) -> Engine:
     """The data path for an open device and link: with ``offload`` the device was opened with IFF_VNET_HDR
-    (and ``offload_supported(codec)`` holds), else batches of one."""
-    return Engine(device, link, codec, max_frame=max_frame, offload=offload)
+    (and ``offload_supported(codec)`` holds), else batches of one. ``peers``: the peer table's specs (None:
+    the link's one peer)."""
+    return Engine(device, link, codec, max_frame=max_frame, offload=offload, peers=peers, fdb_max=fdb_max,
+                  fdb_ageing=fdb_ageing)

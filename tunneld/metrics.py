@@ -8,7 +8,8 @@ Theory of operation:
   that thread: reading an int or copying a short list is atomic under the GIL, and the collector never iterates
   a dict the engine may be growing (it looks every ``Drop`` reason up by name), so no lock is needed.
 - The ``peer`` and ``mode`` labels are read at scrape time from the engine, so a peer changed while running
-  shows up on the next scrape. Counters are per process: after a peer change the same running totals carry
+  shows up on the next scrape. With several peers, the traffic series (tx/rx packets and bytes, last heard,
+  drops per peer) have one series per configured peer; series about the whole tunnel carry ``peer=""``. Counters are per process: after a peer change the same running totals carry
   the new ``peer`` label (the old series goes stale), they do not restart from zero.
 - Event-loop lag is measured by a timer on the loop itself (``LoopLagProbe``): every ``interval`` seconds it
   notes how late it fired. A loop blocked by a slow callback shows up as lateness, whatever blocked it.
@@ -56,6 +57,24 @@ INNER_BYTES = (
 )
 
 
+def _dropped_help() -> str:
+    """The help of tunneld_dropped_packets_total, from the one declaration of the reasons (encap.base.Drop)."""
+    return ("Packets discarded, by reason (" + ", ".join(reason.value for reason in Drop) + "). Every reason is "
+            "exported from start-up, at 0.")
+
+
+DROPPED_HELP = _dropped_help()
+
+FDB_COUNTERS = (
+    ("tunneld_fdb_learnt", "fdb_learnt", "MAC addresses learnt from the source of frames from a peer (L2 modes)."),
+    ("tunneld_fdb_moved", "fdb_moved", "Learnt MAC addresses seen behind another peer, and moved to it."),
+    ("tunneld_fdb_refused", "fdb_refused",
+     "New source MAC addresses not learnt because the FDB held fdb_max entries; frames to them are flooded."),
+    ("tunneld_flooded_packets", "flooded",
+     "Frames sent to every peer (head-end replication): broadcast, multicast and unknown unicast; once per frame."),
+)
+
+
 class MetricsError(Exception):
     """The metrics endpoint cannot be served; ``str()`` is one line for the operator."""
 
@@ -98,7 +117,14 @@ class TunnelCollector(Collector):
         # of one scrape describes the same moment: the per-worker rows then add up to the totals.
         per_worker = [total([engine.stats]), *(self.others() if self.others is not None else ())]
         stats = per_worker[0] if len(per_worker) == 1 else total(per_worker)
-        labels = [engine.link.peer, engine.codec.name]
+        mode = engine.codec.name
+        peers = list(engine.peers.by_address)  # the configured peers, in order
+        # Series about the whole tunnel carry the peer label too: the one peer's address (as before many
+        # peers), or "" when there are several; the per-peer series below carry each peer's own.
+        labels = [engine.link.peer if len(peers) == 1 else "", mode]
+        per_peer = [([address, mode], stats.peers.get(address)) for address in peers]
+        if len(per_peer) == 1:
+            per_peer = [(labels, per_peer[0][1])]
 
         build = InfoMetricFamily("tunneld_build", "tunneld's version (value is always 1).")
         build.add_metric([], {"version": __version__})
@@ -117,12 +143,17 @@ class TunnelCollector(Collector):
             packets = CounterMetricFamily(
                 f"tunneld_{direction}_packets", f"Frames {verb}.", labels=LABELS
             )
-            packets.add_metric(labels, getattr(stats, f"{direction}_packets"))
-            yield packets
             nbytes = CounterMetricFamily(
                 f"tunneld_{direction}_bytes", f"Bytes of the frames {verb}. {INNER_BYTES}", labels=LABELS
             )
-            nbytes.add_metric(labels, getattr(stats, f"{direction}_bytes"))
+            if len(per_peer) == 1:  # one peer: the tunnel's own counters, exactly as before many peers
+                packets.add_metric(per_peer[0][0], getattr(stats, f"{direction}_packets"))
+                nbytes.add_metric(per_peer[0][0], getattr(stats, f"{direction}_bytes"))
+            else:  # one series per peer (cardinality: the number of peers); a flooded frame counts at each
+                for peer_labels, ps in per_peer:
+                    packets.add_metric(peer_labels, getattr(ps, f"{direction}_packets") if ps else 0)
+                    nbytes.add_metric(peer_labels, getattr(ps, f"{direction}_bytes") if ps else 0)
+            yield packets
             yield nbytes
 
         workers = CounterMetricFamily(
@@ -149,10 +180,7 @@ class TunnelCollector(Collector):
 
         dropped = CounterMetricFamily(
             "tunneld_dropped_packets",
-            "Packets discarded, by reason. Inbound: unknown_peer, truncated, bad_flags, reserved_bits, vni_mismatch, "
-            "runt_frame, device_write_error, and for GRE bad_version, bad_protocol, key_mismatch, bad_checksum, "
-            "sequence, length_mismatch; outbound: device_read_error, too_big, socket_error, offload_unsupported. "
-            "Every reason is exported from start-up, at 0.",
+            DROPPED_HELP,
             labels=[*LABELS, "reason"],
         )
         drops = stats.drops
@@ -175,8 +203,36 @@ class TunnelCollector(Collector):
             "Unix time at which a valid packet from the peer last arrived; 0 if none has yet.",
             labels=LABELS,
         )
-        last_rx.add_metric(labels, stats.peer_last_rx)
+        if len(per_peer) == 1:
+            last_rx.add_metric(per_peer[0][0], stats.peer_last_rx)
+        else:
+            for peer_labels, ps in per_peer:
+                last_rx.add_metric(peer_labels, ps.last_rx if ps else 0.0)
         yield last_rx
+
+        peer_dropped = CounterMetricFamily(
+            "tunneld_peer_dropped_packets",
+            "Packets from or to each peer that were discarded (the codec's refusals, source_not_allowed, failed "
+            "sends); tunneld_dropped_packets_total has them by reason.",
+            labels=LABELS,
+        )
+        for peer_labels, ps in per_peer:
+            peer_dropped.add_metric(peer_labels, ps.dropped if ps else 0)
+        yield peer_dropped
+
+        fdb = engine.peers.fdb
+        entries = GaugeMetricFamily(
+            "tunneld_fdb_entries",
+            "MAC addresses in the forwarding database (L2 modes; at most fdb_max), static ones included. Every "
+            "worker holds the same table; this is worker 0's.",
+            labels=["mode"],
+        )
+        entries.add_metric([mode], len(fdb) if fdb is not None else 0)
+        yield entries
+        for name, field, text in FDB_COUNTERS:
+            family = CounterMetricFamily(name, text, labels=["mode"])
+            family.add_metric([mode], getattr(stats, field))
+            yield family
 
         wakeups = HistogramMetricFamily(
             "tunneld_frames_per_wakeup",

@@ -6,12 +6,20 @@ heard, the FDB entries and routes that point at it) in its own tables, keyed by 
 the same address are the same peer: applying a new spec for a known address changes its name, routes or
 static MACs and keeps its counters (SIGHUP, ``tunneld peer add`` of a known address).
 
+The live side (``Peer``, ``PeerTable``) is the engine's: per peer its counters and where the link sends to;
+the FDB (fdb.py) for L2 modes, the routes (routes.py) for L3 modes.
+
 Pure: no I/O, stdlib only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES, Fdb, mac_bytes
+from tunneld.routes import Routes
+from tunneld.stats import PeerStats, Stats
 
 STATIC = "static"  # from the command line, the configuration file or the control socket
 REGISTRY = "registry"  # from a membership registry (etcd)
@@ -38,3 +46,139 @@ class PeerSpec:
     def label(self) -> str:
         """How logs and ``tunneld show`` name it: ``name (address)`` or the address alone."""
         return f"{self.name} ({self.address})" if self.name else self.address
+
+
+# -- the live side: what the data path keeps per peer ----------------------------------------------------------
+
+DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")  # L3, one peer without routes: everything goes to it (as before issue 12)
+
+
+class Peer:
+    """A peer as the engine holds it: its spec, where the link sends to (``dest``, built once by the link),
+    and its counters (``stats``, the ``PeerStats`` kept in the engine's Stats under its address)."""
+
+    __slots__ = ("spec", "address", "dest", "stats")
+
+    def __init__(self, spec: PeerSpec, dest: object, stats: PeerStats) -> None:
+        self.spec = spec
+        self.address = spec.address
+        self.dest = dest
+        self.stats = stats
+
+    def __repr__(self) -> str:
+        return self.spec.label()
+
+
+class PeerTable:
+    """The peers of one engine: by address (inbound: who sent this), the flood list, and for L2 the FDB, for
+    L3 the routes. ``only`` is the peer every outbound packet goes to without a look-up: set when there is one
+    peer and it would win every look-up (L2; L3 with routes covering everything), which keeps the one-peer
+    path as cheap as before.
+
+    ``destination(address)`` is the link's: it checks the address (family) and builds what its send takes.
+    Changes are all-or-nothing: ``upsert`` raises ValueError (one line) and changes nothing when the link or
+    the routes refuse the spec."""
+
+    def __init__(self, *, l2: bool, stats: Stats, destination: Callable[[str], object],
+                 fdb_max: int = DEFAULT_MAX_ENTRIES, fdb_ageing: float = DEFAULT_AGEING) -> None:
+        self.l2 = l2
+        self._stats = stats
+        self._destination = destination
+        self.by_address: dict[str, Peer] = {}
+        self.all: tuple[Peer, ...] = ()
+        self.fdb: Fdb[Peer] | None = Fdb(fdb_max, fdb_ageing, counters=stats) if l2 else None
+        self.routes: Routes[Peer] = Routes()
+        self.only: Peer | None = None
+
+    def __len__(self) -> int:
+        return len(self.by_address)
+
+    def get(self, address: str) -> Peer | None:
+        return self.by_address.get(address)
+
+    def upsert(self, spec: PeerSpec, now: float = 0.0) -> Peer:
+        """Add ``spec``'s peer, or give a known address its new name, routes and static MACs (its counters and
+        learnt MACs stay)."""
+        macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
+        old = self.by_address.get(spec.address)
+        dest = old.dest if old is not None else self._destination(spec.address)
+        peer = old if old is not None else Peer(spec, dest, self._stats.peers.get(spec.address) or PeerStats())
+        specs = {a: p.spec for a, p in self.by_address.items()}
+        specs[spec.address] = spec
+        peers = {**self.by_address, spec.address: peer}
+        routes = self._routes(specs, peers)  # raises before anything changed
+        peer.spec = spec
+        self.by_address = peers
+        self._stats.peers[spec.address] = peer.stats
+        self.routes = routes
+        if self.fdb is not None:
+            if old is not None:
+                self.fdb.flush(peer, learnt=False)  # its old static MACs; the learnt ones stay
+            for mac in macs:
+                self.fdb.add_static(mac, peer, now)
+        self._settle()
+        return peer
+
+    def remove(self, address: str) -> Peer | None:
+        """Forget the peer at ``address``: its FDB entries, routes and counters go; None if there is none."""
+        peer = self.by_address.get(address)
+        if peer is None:
+            return None
+        peers = {a: p for a, p in self.by_address.items() if a != address}
+        self.routes = self._routes({a: p.spec for a, p in peers.items()}, peers)
+        self.by_address = peers
+        self._stats.peers.pop(address, None)
+        if self.fdb is not None:
+            self.fdb.flush(peer)
+        self._settle()
+        return peer
+
+    def replace(self, specs: "tuple[PeerSpec, ...] | list[PeerSpec]", now: float = 0.0) -> None:
+        """Make the table hold exactly ``specs`` (upserts, then removals)."""
+        keep = {s.address for s in specs}
+        for address in [a for a in self.by_address if a not in keep]:
+            self.remove(address)
+        for spec in specs:
+            self.upsert(spec, now)
+
+    def check(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = ()) -> None:
+        """ValueError (one line) if applying these changes (removals first) would be refused; changes nothing."""
+        specs = {a: p.spec for a, p in self.by_address.items() if a not in removals}
+        for spec in upserts:
+            if spec.address not in specs and spec.address not in self.by_address:
+                self._destination(spec.address)
+            if self.l2:
+                for mac in spec.macs:
+                    mac_bytes(mac)
+            specs[spec.address] = spec
+        self._routes(specs, {a: a for a in specs})
+
+    def _routes(self, specs: dict[str, PeerSpec], peers: dict[str, Peer]) -> "Routes[Peer]":
+        """The routes the L3 data path uses for these peers; ValueError if two peers claim one prefix."""
+        routes: Routes[Peer] = Routes()
+        if self.l2:
+            return routes
+        if len(specs) == 1:
+            (address, spec), = specs.items()
+            for cidr in spec.routes or DEFAULT_ROUTES:
+                routes.add(cidr, peers[address])
+            return routes
+        for address, spec in specs.items():
+            for cidr in spec.routes:
+                try:
+                    routes.add(cidr, peers[address])
+                except ValueError as e:
+                    raise ValueError(f"peer {address}: {e}") from None
+        return routes
+
+    def _settle(self) -> None:
+        self.all = tuple(self.by_address.values())
+        only = None
+        if len(self.all) == 1:
+            peer = self.all[0]
+            if self.l2 or sorted(self.routes.prefixes(peer)) == sorted(DEFAULT_ROUTES):
+                only = peer
+        self.only = only
+
+    def routes_of(self, peer: Peer) -> list[str]:
+        return self.routes.prefixes(peer)

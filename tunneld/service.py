@@ -202,8 +202,10 @@ class Service:
         applied: dict[str, object] = {}
         peers_set, peers_removed = peer_diff(old.peers, new.peers)
         if peers_set or peers_removed or new.peer != old.peer:  # a reorder moves the first peer
-            changes = Apply(peer=new.peer if new.peer != old.peer else None, peers_set=peers_set,
-                            peers_removed=peers_removed)
+            if len(old.peers) == len(new.peers) == 1 and new.peer != old.peer:
+                changes = Apply(peer=new.peer)  # one peer for another: the link's own check of the new address
+            else:
+                changes = Apply(peers_set=peers_set, peers_removed=peers_removed)
             try:
                 self.tunnel.apply(changes)
             except SetupError as e:  # LinkError: another IP version needs a new socket

@@ -23,8 +23,28 @@ MAX_BATCH = 128
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+class PeerStats:
+    """One peer's counters, kept by the engine in ``Stats.peers`` under the peer's address."""
+
+    __slots__ = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "dropped", "last_rx")
+
+    def __init__(self) -> None:
+        self.tx_packets = self.tx_bytes = self.rx_packets = self.rx_bytes = self.dropped = 0
+        self.last_rx = 0.0  # wall-clock time a valid packet from this peer last arrived; 0 = never
+
+    def add(self, other: "PeerStats") -> None:
+        for name in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "dropped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.last_rx = max(self.last_rx, other.last_rx)
+
+
 class Stats:
     __slots__ = (
+        "peers",
+        "flooded",
+        "fdb_learnt",
+        "fdb_moved",
+        "fdb_refused",
         "tx_packets",
         "tx_bytes",
         "rx_packets",
@@ -41,6 +61,9 @@ class Stats:
     def __init__(self) -> None:
         # The histograms have MAX_BATCH + 1 slots whatever an engine's batch (the engine refuses a larger one),
         # so that snapshots of differently batched workers add up slot by slot.
+        self.peers: dict[str, PeerStats] = {}  # per peer, by address (the engine's peer table adds and removes)
+        self.flooded = 0  # frames sent to every peer (broadcast, multicast, unknown unicast): once per frame
+        self.fdb_learnt = self.fdb_moved = self.fdb_refused = 0  # the FDB's (fdb.py), counted where it learns
         self.tx_packets = 0  # frames read from the device and sent to the peer
         self.tx_bytes = 0
         self.rx_packets = 0  # frames received from the peer and written to the device
@@ -84,7 +107,10 @@ def total(parts: "list[Stats]") -> Stats:
     for s in parts:
         for name in Stats.__slots__:
             mine, theirs = getattr(out, name), getattr(s, name)
-            if name == "peer_last_rx":
+            if name == "peers":
+                for address, peer in list(theirs.items()):
+                    mine.setdefault(address, PeerStats()).add(peer)
+            elif name == "peer_last_rx":
                 setattr(out, name, max(mine, theirs))
             elif isinstance(mine, Counter):
                 for reason in Drop:  # looked up, never iterated: the engine may add a reason while we read

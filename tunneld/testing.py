@@ -72,7 +72,8 @@ class FakeDevice:
 
 
 class FakeLink:
-    """An underlay socket talking to ``peer``: ``deliver`` datagrams, read ``sent`` as (packet, flow) pairs."""
+    """An underlay socket talking to ``peer``: ``deliver`` datagrams, read ``sent`` as (packet, flow) pairs and
+    ``sent_to`` as the peer address each went to (several peers: ``destination`` is the address itself)."""
 
     spreads_flows = True  # set False to stand for a link without ports (raw IP)
 
@@ -80,6 +81,7 @@ class FakeLink:
         self.peer = peer
         self.pending: deque[tuple[bytes, str] | OSError] = deque()
         self.sent: list[tuple[bytes, int]] = []
+        self.sent_to: list[str] = []
         self.send_error: int | None = None  # errno to raise on send, e.g. errno.EMSGSIZE
 
     def deliver(self, packet: bytes, source: str | None = None) -> None:
@@ -106,10 +108,20 @@ class FakeLink:
         n, source = self.recv_into(buf)
         return n, source, 0
 
-    def send(self, packet: memoryview, flow: int) -> None:
+    def destination(self, address: str) -> str:
+        """As the real links: one IP version for all peers (ValueError, one line, for the other)."""
+        if (":" in address) != (":" in self.peer):
+            raise ValueError(f"peer {address} is not of the same IP version as the underlay socket")
+        return address
+
+    def set_peer(self, peer: str) -> None:
+        self.peer = peer
+
+    def send(self, packet: memoryview, flow: int, dest: str | None = None) -> None:
         if self.send_error is not None:
             raise OSError(self.send_error, "send failed")
         self.sent.append((bytes(packet), flow))
+        self.sent_to.append(dest or self.peer)
 
 
 class FakeVnetDevice(FakeDevice):
@@ -138,11 +150,11 @@ class FakeGsoLink(FakeLink):
         n, source = self.recv_into(buf)
         return n, source, self.gro.popleft() if self.gro else 0
 
-    def send(self, packet: memoryview, flow: int) -> None:
-        super().send(packet, flow)
+    def send(self, packet: memoryview, flow: int, dest: str | None = None) -> None:
+        super().send(packet, flow, dest)
         self.sends += 1
 
-    def send_segments(self, packets: memoryview, size: int, flow: int) -> None:
+    def send_segments(self, packets: memoryview, size: int, flow: int, dest: str | None = None) -> None:
         if self.send_error is not None:
             raise OSError(self.send_error, "send failed")
         data = bytes(packets)
@@ -151,10 +163,12 @@ class FakeGsoLink(FakeLink):
         if self.fail_after is not None and self.fail_after < len(rows):
             # like a second sendmsg of one send_segments() refused (ENOBUFS) after the first went out
             self.sent.extend(rows[: self.fail_after])
+            self.sent_to.extend([dest or self.peer] * self.fail_after)
             err = OSError(errno.ENOBUFS, "no buffer space")
             err.sent = self.fail_after
             raise err
         self.sent.extend(rows)
+        self.sent_to.extend([dest or self.peer] * len(rows))
 
 
 # -- the conformance suite for encapsulators ------------------------------------------------------------------

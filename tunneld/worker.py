@@ -1,8 +1,9 @@
 """One worker: the data path of one process, the same in worker 0 (the parent) and in every forked child.
 
 A worker owns an engine over one device queue and one link (its unit, resources.py) and the codec it was
-given. It attaches the engine to the running event loop, applies live changes (the peer, the log level),
-reports its counters, and stops with a status: 0 when asked, 1 when its interface is deleted under it
+given. It attaches the engine to the running event loop, applies live changes (the peer table, the log
+level), reports its counters, keeps its FDB in step with the other workers' (a timer sends what it learnt as
+``Learnt`` a few times a second, and ages its entries), and stops with a status: 0 when asked, 1 when its interface is deleted under it
 (there is nothing left to carry; systemd's Restart=on-failure brings the tunnel back whole).
 
 Worker 0 runs inside the parent's ``daemon.serve``, next to the service layer and the supervisor; its changes
@@ -16,13 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from typing import Callable, Sequence
 
-from tunneld.channel import Apply, Channel, Message, Ready, StatsReport, StatsRequest, Stop
+from tunneld.channel import LEARNT_MAX, Apply, Channel, Learnt, Message, Ready, StatsReport, StatsRequest, Stop
 from tunneld.encap.base import Encapsulator
 from tunneld.engine import Engine, make_engine
+from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
+from tunneld.peers import PeerSpec
 from tunneld.stats import Stats
 
 log = logging.getLogger("tunneld")
+
+# How often a worker tells the others the MACs it learnt (issue 12: used by them within 1 s), and ages its FDB.
+FDB_SYNC_INTERVAL = 0.25
+FDB_EXPIRE_INTERVAL = 1.0
 
 
 def cpu_seconds() -> float:
@@ -33,14 +42,21 @@ def cpu_seconds() -> float:
 
 class Worker:
     def __init__(self, index: int, device, link, codec: Encapsulator, *, dev: str, max_frame: int,
-                 offload: bool) -> None:
+                 offload: bool, peers: Sequence[PeerSpec] | None = None, fdb_max: int = DEFAULT_MAX_ENTRIES,
+                 fdb_ageing: float = DEFAULT_AGEING, clock: Callable[[], float] = time.time) -> None:
         self.index = index
         self.dev = dev  # the interface's name, for the log
         self.link = link
         self.codec = codec
-        self.engine = make_engine(device, link, codec, max_frame=max_frame, offload=offload)
+        self.engine = make_engine(device, link, codec, max_frame=max_frame, offload=offload, peers=peers,
+                                  fdb_max=fdb_max, fdb_ageing=fdb_ageing)
         self.status = 0
         self.stopped = asyncio.Event()  # bound to the running loop on first wait (Python ≥ 3.10)
+        self.clock = clock
+        # Where this worker's Learnt messages go: its channel (a child), the supervisor (worker 0); None alone.
+        self.share: Callable[[Learnt], object] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = 0.0
 
     @property
     def stats(self) -> Stats:
@@ -53,6 +69,33 @@ class Worker:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.engine.on_device_gone = self._device_gone
         self.engine.attach(loop)
+        if self.engine.peers.fdb is not None:
+            self._timer = loop.call_later(FDB_SYNC_INTERVAL, self._fdb_tick, loop)
+
+    def _fdb_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Tell the others what this FDB learnt, and (every FDB_EXPIRE_INTERVAL) age it: never per packet."""
+        self._timer = loop.call_later(FDB_SYNC_INTERVAL, self._fdb_tick, loop)
+        fdb = self.engine.peers.fdb
+        now = self.clock()
+        if now - self._expired >= FDB_EXPIRE_INTERVAL:
+            self._expired = now
+            fdb.expire(now)
+        fresh = fdb.take_fresh()
+        if fresh and self.share is not None:
+            items = [(mac, peer.address) for mac, peer in fresh.items()]
+            for at in range(0, len(items), LEARNT_MAX):
+                self.share(Learnt(tuple(items[at : at + LEARNT_MAX])))
+
+    def learn(self, message: Learnt) -> None:
+        """MACs another worker learnt: used here from now on (a MAC of a peer removed meanwhile is skipped)."""
+        peers = self.engine.peers
+        if peers.fdb is None:
+            return
+        now = self.clock()
+        for mac, address in message.entries:
+            peer = peers.get(address)
+            if peer is not None:
+                peers.fdb.learn(mac, peer, now, remote=True)
 
     def stop(self, status: int = 0) -> None:
         """Make ``wait`` return; a failure (status 1) is not undone by a later clean stop."""
@@ -64,6 +107,9 @@ class Worker:
         return self.status
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.engine.detach()
 
     def _device_gone(self) -> None:
@@ -74,11 +120,23 @@ class Worker:
         self.stop(1)
 
     def apply(self, changes: Apply) -> None:
-        """Apply a reload's live changes. Raises SetupError (io.SetupError) if the link cannot take the new
-        peer (another IP version needs a new socket); the peer is then unchanged."""
+        """Apply live changes. Raises SetupError (io.SetupError) if the link cannot take the new peer (another
+        IP version needs a new socket), ValueError (one line) for a peer diff the tables refuse (a route another
+        peer owns, an address of the other IP version); nothing of the peers has changed then."""
+        peers = self.engine.peers
         if changes.peer is not None:
-            self.link.set_peer(changes.peer)  # read by the engine on every wake-up
+            self.link.set_peer(changes.peer)  # the default destination
             self.codec.peer_changed()  # e.g. GRE's receive sequence starts afresh with the new peer
+            peers.replace([PeerSpec(self.link.peer)], self.clock())
+        if changes.peers_set or changes.peers_removed:
+            peers.check(changes.peers_set, changes.peers_removed)
+            now = self.clock()
+            for address in changes.peers_removed:
+                peers.remove(address)
+            if changes.peers_removed:
+                self.codec.peer_changed()  # state learnt from a peer (GRE's receive sequence) must not outlive it
+            for spec in changes.peers_set:
+                peers.upsert(spec, now)
         if changes.log_level is not None:
             logging.getLogger().setLevel(changes.log_level.upper())
 
@@ -96,6 +154,7 @@ class Worker:
         probe = LoopLagProbe(self.engine.stats)
         probe.start(loop)
         channel.setblocking(False)
+        self.share = channel.offer  # a full channel loses one batch: those MACs flood until the next
         loop.add_reader(channel.fileno(), self._on_channel, channel)
         channel.offer(Ready())
         log.debug("worker %d (pid %d) up", self.index, os.getpid())
@@ -120,6 +179,8 @@ class Worker:
         match message:
             case StatsRequest(seq=seq):
                 channel.offer(self.report(seq))
+            case Learnt():
+                self.learn(message)
             case Apply():
                 try:
                     self.apply(message)

@@ -21,7 +21,8 @@ Theory of operation:
   (channel.py; pickled underneath: both ends are this program, forked from one process):
     child → parent: Ready once its engine is attached; StatsReport(seq, Stats, cpu seconds) in answer to a
                     request (the CPU time the worker has used: os.times(), user + system).
-    parent → child: StatsRequest(seq); Apply(peer=..., log_level=...) on reload; Stop.
+    parent → child: StatsRequest(seq); Apply(...) on reload or a control request; Learnt(entries) from the
+    others (child → parent too: the MACs it learnt; the parent learns them and passes them on); Stop.
 - A child that exits unasked is fatal: the parent learns it from the child's pidfd, logs how it died, and
   stops with status 1, so that systemd restarts the whole unit with every worker. Its flows are not lost
   meanwhile: closing its queue's fd detaches the queue (the device has one queue fewer and the kernel
@@ -57,7 +58,7 @@ import signal
 import time
 from typing import Callable
 
-from tunneld.channel import Channel, Message, Ready, StatsReport, StatsRequest, Stop
+from tunneld.channel import Channel, Learnt, Message, Ready, StatsReport, StatsRequest, Stop
 from tunneld.stats import Stats
 
 log = logging.getLogger("tunneld")
@@ -189,6 +190,8 @@ class Supervisor:
         self._changed: asyncio.Event | None = None  # set whenever a child becomes ready or dies
         self._late_logged: set[int] = set()
         self._late_warned = float("-inf")
+        # MACs a child learnt: for worker 0 (the daemon sets this) and, through ``share``, the other children.
+        self.on_learnt: Callable[[Learnt], None] | None = None
 
     # -- before any event loop: forking ------------------------------------------------------------------------
 
@@ -297,6 +300,10 @@ class Supervisor:
                         pending.discard(child.index)
                         if not pending and not future.done():
                             future.set_result(None)
+                case Learnt():
+                    if self.on_learnt is not None:
+                        self.on_learnt(message)
+                    self.share(message, skip=child.index)
                 case _:
                     log.warning("worker %d: unexpected control message %r; ignored", child.index, message)
         if closed and self._loop is not None:  # the child is gone; its pidfd tells how
@@ -392,6 +399,13 @@ class Supervisor:
         for child in self.children:
             if child.exited is None:
                 self._deliver(child, message)
+
+    def share(self, message: Learnt, skip: int | None = None) -> None:
+        """Pass learnt MACs to every child but ``skip`` (who learnt them). Unlike an Apply, one that does not fit
+        a full channel is dropped: the frames to those MACs flood until that child hears of them again."""
+        for child in self.children:
+            if child.exited is None and child.index != skip:
+                child.channel.offer(message)
 
     def _deliver(self, child: Child, message: Message) -> bool:
         """Queue ``message`` on the child's channel. With at most one stats request outstanding the socket

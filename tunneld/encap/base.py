@@ -65,11 +65,13 @@ class Drop(str, enum.Enum):
     VNI_MISMATCH = "vni_mismatch"  # another VXLAN network
     RUNT_FRAME = "runt_frame"  # the inner frame is too short to be a frame at all
     DEVICE_WRITE_ERROR = "device_write_error"  # the kernel refused the inner frame
+    SOURCE_NOT_ALLOWED = "source_not_allowed"  # L3: the inner source lies in none of the sending peer's routes
     # outbound, from the device
     DEVICE_READ_ERROR = "device_read_error"  # reading the device failed (not merely "nothing to read")
     TOO_BIG = "too_big"  # the encapsulated packet would not fit the underlay MTU; VTEPs don't fragment
     SOCKET_ERROR = "socket_error"  # the underlay socket refused the datagram (unreachable, no buffer, ...)
     OFFLOAD_UNSUPPORTED = "offload_unsupported"  # a super-frame or partial checksum we cannot complete
+    NO_ROUTE = "no_route"  # L3: the inner destination lies in no peer's routes
     # GRE (RFC 2784, RFC 2890); some apply to any codec that validates the same things
     BAD_VERSION = "bad_version"  # the encapsulation's version field is not one we speak (GRE: not 0)
     BAD_PROTOCOL = "bad_protocol"  # protocol type not carried by this mode, or the inner packet is not of it

@@ -78,6 +78,8 @@ class MessageSender:
         self._iovs = (_Iovec * capacity).from_address(self._iov.ctypes.data)  # the same memory, for one or two
         self._msgs = (_Mmsghdr * capacity)()
         self._name = ctypes.create_string_buffer(28)  # sockaddr_in or sockaddr_in6
+        self._current: bytes | None = None  # the destination the name holds
+        self._namelen = 0
         iov_at = self._iov.ctypes.data
         for i, m in enumerate(self._msgs):
             m.msg_hdr.msg_name = ctypes.addressof(self._name)
@@ -88,12 +90,18 @@ class MessageSender:
 
     def set_destination(self, sockaddr: bytes) -> None:
         ctypes.memmove(self._name, sockaddr, len(sockaddr))
-        for m in self._msgs:
-            m.msg_hdr.msg_namelen = len(sockaddr)
+        self._current = sockaddr
+        if len(sockaddr) != self._namelen:  # one family per socket: set once
+            self._namelen = len(sockaddr)
+            for m in self._msgs:
+                m.msg_hdr.msg_namelen = len(sockaddr)
 
-    def send(self, buffer, rowlen: int) -> int:
-        """Send every row of ``buffer`` (a writable buffer); returns how many left. Raises OSError (its ``sent``
-        attribute: the packets that left before the failure) when the kernel refuses one."""
+    def send(self, buffer, rowlen: int, sockaddr: bytes | None = None) -> int:
+        """Send every row of ``buffer`` (a writable buffer) to ``sockaddr`` (None: the last destination set);
+        returns how many left. Raises OSError (its ``sent`` attribute: the packets that left before the
+        failure) when the kernel refuses one."""
+        if sockaddr is not None and sockaddr is not self._current:
+            self.set_destination(sockaddr)
         total = len(buffer)
         count = -(-total // rowlen)
         base = _address(buffer)

@@ -62,7 +62,8 @@ def _sockaddr(family: int, address: str) -> bytes:
 
 
 class RawLink:
-    """Sends to and receives from one peer over raw IP with protocol ``protocol``. ``peer`` may change."""
+    """Sends to any peer (``destination``) and receives from all over raw IP with protocol ``protocol``;
+    ``peer`` is the default destination and may change."""
 
     spreads_flows = False  # no ports: the engine need not hash inner flows for us
     NAME_SLOT = MessageReceiver.NAME_SIZE  # bytes per packet's source address in the receiver's names
@@ -105,19 +106,36 @@ class RawLink:
         self.recv_one = self._recv_ipv4 if self.family == socket.AF_INET else self._recv_ipv6
         self._sender: MessageSender | None = None
         self._receiver: MessageReceiver | None = None
+        self._sockaddrs: dict[tuple[str, int], bytes] = {}  # destination → its struct sockaddr, for sendmmsg
+        self._sources: dict[bytes, str] = {}  # packed source address → text, for the peers seen (bounded)
 
     def set_peer(self, peer: str) -> None:
         self.peer = same_family_peer(peer, self.family)
-        self._peer = (self.peer, 0)
-        self._peer_bytes = socket.inet_pton(self.family, self.peer)
+        self._peer = self.destination(self.peer)
         if self._sender is not None:
-            self._sender.set_destination(_sockaddr(self.family, self.peer))
-        if self._receiver is not None and self._next < self._count:
-            # Packets already taken from the kernel are judged by the new peer too, as later ones will be.
-            at, size = _NAME_ADDR[self.family]
-            names, peer = self._names_flat, self._peer_bytes
-            slot = self.NAME_SLOT
-            self._from_peer = [names[i * slot + at : i * slot + at + size] == peer for i in range(self._count)]
+            self._sender.set_destination(self._sockaddrs[self._peer])
+
+    def destination(self, address: str) -> tuple[str, int]:
+        """What ``send`` takes to reach the peer at ``address``, built once per peer (with its sockaddr for
+        sendmmsg); ValueError (one line) for an address of the other IP version."""
+        try:
+            dest = (same_family_peer(address, self.family), 0)
+        except Exception as e:
+            raise ValueError(str(e)) from None
+        if dest not in self._sockaddrs:
+            if len(self._sockaddrs) > 4096:  # removed peers' entries: start afresh rather than grow
+                self._sockaddrs.clear()
+            self._sockaddrs[dest] = _sockaddr(self.family, dest[0])
+        return dest
+
+    def _source(self, packed: bytes) -> str:
+        """The text form of a packet's source address, as ``recvfrom`` would give it (cached: one per peer)."""
+        text = self._sources.get(packed)
+        if text is None:
+            if len(self._sources) >= 1024:  # strangers must not grow it without bound
+                self._sources.clear()
+            text = self._sources[packed] = socket.inet_ntop(self.family, packed)
+        return text
 
     # -- many packets per system call (the offload engine) --------------------------------------------------
     # Raw IP has no GSO or GRO. What the UDP link does with one UDP_SEGMENT sendmsg, this link does with one
@@ -147,17 +165,19 @@ class RawLink:
         self._sparse = False  # the last recvmmsg brought one packet: read singly until a burst shows
         self._plain_reads = 0  # packets read singly in this wake-up
 
-    def send_segments(self, buffer: memoryview, rowlen: int, flow: int) -> None:
-        """Send ``buffer`` as packets of ``rowlen`` bytes (the last may be shorter), as few calls as the kernel
-        allows. On failure the OSError's ``sent`` says how many packets left before it."""
+    def send_segments(self, buffer: memoryview, rowlen: int, flow: int, dest: tuple[str, int] | None = None) -> None:
+        """Send ``buffer`` as packets of ``rowlen`` bytes (the last may be shorter) to ``dest`` (None: ``peer``),
+        as few calls as the kernel allows. On failure the OSError's ``sent`` says how many packets left before it."""
+        dest = dest or self._peer
         if len(buffer) <= rowlen:  # one packet (a ping, an ACK): sendto costs less than a ctypes sendmmsg
-            self._sock.sendto(buffer, self._peer)
+            self._sock.sendto(buffer, dest)
             return
-        self._sender.send(buffer, rowlen)
+        sockaddr = self._sockaddrs.get(dest) or self._sockaddrs[self.destination(dest[0])]
+        self._sender.send(buffer, rowlen, sockaddr)
 
     def _refill(self) -> None:
         """One recvmmsg; then, per packet, where its payload starts (behind the IPv4 header), how long it is and
-        whether the peer sent it. Plain lists: the run building below indexes them one by one."""
+        who sent it (packed). Plain lists: the run building below indexes them one by one."""
         receiver = self._receiver
         count = receiver.receive()  # BlockingIOError when nothing waits
         at, size = _NAME_ADDR[self.family]
@@ -166,7 +186,7 @@ class RawLink:
             truncated = receiver.first_truncated()
             self._len = [0 if truncated else max(receiver.first_length() - skip, 0)]
             self._skip = [skip]
-            self._from_peer = [self._names_flat[at : at + size] == self._peer_bytes]
+            self._src = [bytes(self._names_flat[at : at + size])]
             self._count, self._next = 1, 0
             self._drained = receiver.capacity > 1
             self._sparse = True
@@ -181,14 +201,14 @@ class RawLink:
         if receiver.any_truncated(count):  # longer than a slot: handed on empty (the codec counts it truncated)
             self._len = [0 if t else n for n, t in zip(self._len, receiver.truncated(count))]
         names = receiver.names[:count, at : at + size].tobytes()
-        peer = self._peer_bytes
-        self._from_peer = [names[i : i + size] == peer for i in range(0, count * size, size)]
+        self._src = [names[i : i + size] for i in range(0, count * size, size)]
         self._skip = skip
         self._count, self._next = count, 0
         self._drained = count < receiver.capacity
 
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
-        """The next run of packets from one source: ``(bytes, source, packet size)`` with the packets back to
+        """The next run of packets from one source (the engine decides whom it knows): ``(bytes, source, packet
+        size)`` with the packets back to
         back in ``buf``, all ``size`` bytes but the last, which may be shorter; size 0 for a single packet.
         Raises BlockingIOError when nothing is waiting."""
         if self._next >= self._count:
@@ -214,20 +234,13 @@ class RawLink:
                 return n, source, 0
             self._refill()
         i = self._next
-        lens, skip, ok = self._len, self._skip, self._from_peer
-        if not ok[i]:  # from a stranger: handed over alone, with its source, for the engine to count
-            self._next = i + 1
-            at, size = _NAME_ADDR[self.family]
-            source = socket.inet_ntop(self.family, self._receiver.names[i, at : at + size].tobytes())
-            n = min(lens[i], len(buf))
-            at = i * self._slot_size + skip[i]
-            buf[:n] = self._slots_flat[at : at + n]
-            return n, source, 0
+        lens, skip, src = self._len, self._skip, self._src
+        source = src[i]
         row, off = lens[i], skip[i]
         room = len(buf) // row if row else 1
         j = i + 1
         count = self._count
-        while j < count and j - i < room and ok[j] and lens[j] == row and skip[j] == off:
+        while j < count and j - i < room and src[j] == source and lens[j] == row and skip[j] == off:
             j += 1
         k = j - i
         if k == 1:  # a single packet (a ping, an ACK): a memoryview copy, no NumPy call
@@ -237,14 +250,14 @@ class RawLink:
             out = np.frombuffer(buf, np.uint8)
             out[: k * row].reshape(k, row)[:] = self._receiver.slots[i:j, off : off + row]
         n = k * row
-        if j < count and ok[j] and 0 < lens[j] < row and n + lens[j] <= len(buf):
+        if j < count and src[j] == source and 0 < lens[j] < row and n + lens[j] <= len(buf):
             tail = lens[j]  # a shorter last packet ends the run, as in a UDP_GRO read
             at = j * self._slot_size + skip[j]
             buf[n : n + tail] = self._slots_flat[at : at + tail]
             n += tail
             j += 1
         self._next = j
-        return n, self.peer, (row if j - i > 1 else 0)
+        return n, self._source(source), (row if j - i > 1 else 0)
 
     @property
     def buffered(self) -> bool:
@@ -278,9 +291,10 @@ class RawLink:
         n, addr = self._sock.recvfrom_into(buf)
         return n, addr[0], 0
 
-    def send(self, packet: memoryview, flow: int) -> None:
-        """Send one packet to the peer. ``flow`` is unused (``spreads_flows``): raw IP has no ports."""
-        self._sock.sendto(packet, self._peer)
+    def send(self, packet: memoryview, flow: int, dest: tuple[str, int] | None = None) -> None:
+        """Send one packet to ``dest`` (None: ``peer``). ``flow`` is unused (``spreads_flows``): raw IP has no
+        ports."""
+        self._sock.sendto(packet, dest or self._peer)
 
     def close(self) -> None:
         self._sock.close()

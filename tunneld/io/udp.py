@@ -50,7 +50,8 @@ def _grow_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None
 
 
 class UdpLink:
-    """Sends to and receives from one peer over UDP. ``peer`` may be changed while running."""
+    """Sends to any peer (``destination``) and receives from all over UDP; ``peer`` is the default destination
+    (the first peer) and may be changed while running."""
 
     spreads_flows = True  # the inner flow picks the send socket, hence the outer source port
 
@@ -134,9 +135,18 @@ class UdpLink:
         n, addr = self._rx.recvfrom_into(buf)
         return n, addr[0], 0
 
-    def send(self, packet: memoryview, flow: int) -> None:
-        """Send one datagram to the peer from the source port that ``flow`` selects."""
-        self._tx[flow % self._ntx].sendto(packet, self._peer)
+    def destination(self, address: str) -> tuple[str, int]:
+        """What ``send`` takes to reach the peer at ``address``, built once per peer; ValueError (one line) for
+        an address of the other IP version (one socket family for all peers)."""
+        try:
+            return (same_family_peer(address, self.family), self.port)
+        except Exception as e:
+            raise ValueError(str(e)) from None
+
+    def send(self, packet: memoryview, flow: int, dest: tuple[str, int] | None = None) -> None:
+        """Send one datagram to ``dest`` (``destination(peer)``; None: ``peer``) from the source port that
+        ``flow`` selects."""
+        self._tx[flow % self._ntx].sendto(packet, dest or self._peer)
 
     def enable_gro(self, max_packet: int = 65535) -> bool:
         """Ask the kernel to coalesce received datagrams (UDP_GRO); False where it cannot. (``max_packet``: see
@@ -156,19 +166,19 @@ class UdpLink:
                 (size,) = _GRO_SIZE.unpack_from(data)
         return n, addr[0], size
 
-    def send_segments(self, packets: memoryview, size: int, flow: int) -> None:
+    def send_segments(self, packets: memoryview, size: int, flow: int, dest: tuple[str, int] | None = None) -> None:
         """Send ``packets``, datagrams of ``size`` bytes back to back (the last may be shorter), with as few
         UDP_SEGMENT sendmsg calls as the kernel's limits allow.
 
         When a call fails after earlier ones went out, the OSError raised carries ``sent``: how many datagrams
         did leave, so that the caller counts exactly what crossed."""
         sock = self._tx[flow % self._ntx]
+        peer = dest or self._peer
         if len(packets) <= size:  # one datagram (a ping, an ACK): a plain send; the GSO path costs it ~5 us a hop
-            sock.sendto(packets, self._peer)
+            sock.sendto(packets, peer)
             return
         per_call = min(GSO_MAX_SEGMENTS, max(1, GSO_MAX_BYTES // size)) * size
         cmsg = [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))]
-        peer = self._peer
         start = 0
         try:
             for start in range(0, len(packets), per_call):

@@ -2,7 +2,7 @@
 
 Two small bookkeepers, pure (no sockets, no counters), that the engine drives:
 
-``Pending`` (outbound): plain packets of one flow and one size wait here and leave together in one send
+``Pending`` (outbound): plain packets of one flow, one size and one peer wait here and leave together in one send
 (UDP_SEGMENT, or sendmmsg for raw IP), so a stream of small frames costs a ~100-byte copy per packet rather
 than a system call. The engine offers each packet with ``add``; False means it does not continue the run
 (another flow, another size, or the room is full), and the engine sends what waits (``rows``, then
@@ -24,7 +24,7 @@ GATHER_MIN = 64  # shorter datagrams are not gathered: no run of segments is mad
 class Pending:
     """Packets of one flow and size, back to back in ``buffer``; ``capacity`` bytes at most."""
 
-    __slots__ = ("buffer", "view", "capacity", "length", "size", "flow", "count")
+    __slots__ = ("buffer", "view", "capacity", "length", "size", "flow", "dest", "count")
 
     def __init__(self, capacity: int) -> None:
         self.buffer = bytearray(capacity)
@@ -32,12 +32,14 @@ class Pending:
         self.capacity = capacity
         self.length = self.size = self.count = 0
         self.flow = -1
+        self.dest = None
 
-    def add(self, packet: memoryview, flow: int) -> bool:
-        """Queue ``packet`` behind the others if it continues their run; False (nothing queued) if it does not."""
+    def add(self, packet: memoryview, flow: int, dest: object = None) -> bool:
+        """Queue ``packet`` for ``dest`` (the peer's destination: one send has one) behind the others if it
+        continues their run; False (nothing queued) if it does not."""
         count = self.count
         size = len(packet)
-        if count and (size != self.size or flow != self.flow):
+        if count and (size != self.size or flow != self.flow or dest is not self.dest):
             return False
         length = self.length
         end = length + size
@@ -49,6 +51,7 @@ class Pending:
         if not count:
             self.size = size
             self.flow = flow
+            self.dest = dest
         return True
 
     def rows(self) -> memoryview:

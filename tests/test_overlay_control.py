@@ -1,0 +1,175 @@
+"""Live peer changes (Apply), the control handler on daemon.Tunnel (show, add_peer, remove_peer) and the
+workers' FDB agreement (Learnt), over fakes: no root."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import GRE, Ether
+from scapy.layers.vxlan import VXLAN
+
+from tunneld.channel import Apply, Channel, Learnt
+from tunneld.config import ConfigError, TunnelConfig
+from tunneld.daemon import Tunnel
+from tunneld.encap.base import Drop
+from tunneld.encap.gre import Gre
+from tunneld.encap.vxlan import Vxlan
+from tunneld.fdb import mac_bytes
+from tunneld.peers import PeerSpec
+from tunneld.testing import FakeDevice, FakeLink
+from tunneld.worker import Worker
+from tunneld.workers import Supervisor
+
+A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
+VNI = 7
+HOST = "02:00:00:00:00:0b"
+
+
+def worker(codec=None, peers=(A, B), index=0):
+    dev, link = FakeDevice(), FakeLink(A)
+    w = Worker(index, dev, link, codec or Vxlan(VNI), dev="td0", max_frame=1450, offload=False,
+               peers=[PeerSpec(p) if isinstance(p, str) else p for p in peers], clock=lambda: 1000.0)
+    return w, dev, link
+
+
+def from_peer(link, source, src_mac=HOST):
+    frame = Ether(src=src_mac, dst="02:00:00:00:00:01") / IP() / UDP() / (b"x" * 40)
+    link.deliver(bytes(VXLAN(flags=8, vni=VNI) / frame), source)
+
+
+def tunnel_over(w: Worker, mode="vxlan") -> Tunnel:
+    t = Tunnel.__new__(Tunnel)
+    t.cfg = TunnelConfig(peers=tuple(p.spec for p in w.engine.peers.all), dev="td0", mode=mode)
+    t.plan = SimpleNamespace(vni=VNI if mode == "vxlan" else None, mtu=1450)
+    t.workers = 1
+    t.worker = w
+    t.supervisor = Supervisor()
+    return t
+
+
+def test_upsert_keeps_counters_and_learnt_macs_removal_flushes_them():
+    w, dev, link = worker()
+    from_peer(link, B)
+    w.engine.on_link_readable()
+    table = w.engine.peers
+    assert table.fdb.lookup(mac_bytes(HOST)).address == B
+    w.apply(Apply(peers_set=(PeerSpec(B, name="bee"), PeerSpec(C))))
+    assert table.get(B).spec.name == "bee" and w.stats.peers[B].rx_packets == 1
+    assert table.fdb.lookup(mac_bytes(HOST)).address == B and len(table) == 3
+    w.apply(Apply(peers_removed=(B,)))
+    assert table.get(B) is None and table.fdb.lookup(mac_bytes(HOST)) is None and B not in w.stats.peers
+    dev.inject(bytes(Ether(src="02:00:00:00:00:01", dst=HOST) / IP() / UDP()))
+    w.engine.on_device_readable()
+    assert link.sent_to == [A, C]  # flooded to the peers left
+
+
+def test_a_route_another_peer_owns_is_refused_and_nothing_changes():
+    w, _, _ = worker(Gre(), peers=(PeerSpec(A, routes=("10.2.0.0/16",)), PeerSpec(B, routes=("10.3.0.0/16",))))
+    with pytest.raises(ValueError, match="10.3.0.0/16 already belongs"):
+        w.apply(Apply(peers_set=(PeerSpec(C, routes=("10.4.0.0/16",)), PeerSpec(A, routes=("10.3.0.0/16",)))))
+    assert w.engine.peers.get(C) is None and w.engine.peers.routes_of(w.engine.peers.get(A)) == ["10.2.0.0/16"]
+
+
+def test_the_old_single_peer_reload_still_works():
+    w, dev, link = worker(peers=(A,))
+    w.apply(Apply(peer="192.0.2.9"))
+    assert list(w.engine.peers.by_address) == ["192.0.2.9"] and w.engine.peers.only is not None
+    from_peer(link, A)
+    w.engine.on_link_readable()
+    assert w.stats.drops[Drop.UNKNOWN_PEER] == 1
+
+
+def test_show_has_the_schema_of_tunneld_show_json():
+    w, dev, link = worker(peers=(A, PeerSpec(B, name="bee", macs=("02:00:00:00:00:bb",)), C))
+    from_peer(link, B)
+    w.engine.on_link_readable()
+    got = tunnel_over(w).show()
+    assert set(got) == {"device", "mode", "vni", "mtu", "listen_port", "workers", "peers", "fdb", "fdb_max",
+                        "fdb_learnt_total", "fdb_moved_total", "fdb_refused_total", "flooded_packets_total"}
+    assert (got["device"], got["mode"], got["vni"], got["mtu"], got["workers"]) == ("td0", "vxlan", VNI, 1450, 1)
+    assert [p["address"] for p in got["peers"]] == [A, B, C]
+    bee = got["peers"][1]
+    assert set(bee) == {"address", "name", "source", "state", "last_rx_age_s", "tx_packets", "rx_packets",
+                        "tx_bytes", "rx_bytes", "dropped", "macs"}
+    assert (bee["name"], bee["source"], bee["rx_packets"], bee["macs"]) == ("bee", "static", 1, ["02:00:00:00:00:bb"])
+    assert bee["state"] in ("up", "silent") and isinstance(bee["last_rx_age_s"], float)
+    assert got["peers"][0]["state"] == "never" and got["peers"][0]["last_rx_age_s"] is None
+    fdb = {e["mac"]: e for e in got["fdb"]}
+    assert fdb[HOST]["peer"] == B and fdb[HOST]["static"] is False
+    assert fdb["02:00:00:00:00:bb"]["static"] is True and got["fdb_learnt_total"] == 1
+
+
+def test_show_in_an_l3_mode_has_routes_and_no_fdb():
+    w, _, _ = worker(Gre(), peers=(PeerSpec(A, routes=("10.2.0.0/16",)),))
+    got = tunnel_over(w, mode="gre").show()
+    assert "fdb" not in got and got["peers"][0]["routes"] == ["10.2.0.0/16"] and got["vni"] is None
+
+
+def test_add_and_remove_peer_through_the_handler():
+    w, _, _ = worker()
+    t = tunnel_over(w)
+    t.add_peer(PeerSpec(C, name="sea"))
+    assert w.engine.peers.get(C).spec.name == "sea"
+    assert [p.address for p in t.cfg.peers] == [A, B, C]  # a SIGHUP's diff is taken against what runs
+    with pytest.raises(ConfigError, match="routes are for L3 modes"):
+        t.add_peer(PeerSpec("192.0.2.5", routes=("10.0.0.0/8",)))
+    with pytest.raises(ConfigError, match="IP version"):
+        t.add_peer(PeerSpec("2001:db8::1"))
+    t.remove_peer(C)
+    assert w.engine.peers.get(C) is None and [p.address for p in t.cfg.peers] == [A, B]
+    with pytest.raises(ConfigError, match="no peer 192.0.2.9"):
+        t.remove_peer("192.0.2.9")
+    with pytest.raises(ConfigError, match="not an IP address"):
+        t.remove_peer("nonsense")
+
+
+def test_a_mac_learnt_by_one_worker_reaches_the_others():
+    async def run():
+        one, _, link1 = worker(index=1)
+        two, dev2, link2 = worker(index=2)
+        parent, child = Channel.pair()
+        parent.setblocking(False)
+        one.share = child.offer
+        from_peer(link1, B)
+        one.engine.on_link_readable()
+        one._fdb_tick(asyncio.get_running_loop())  # what the worker's timer runs every FDB_SYNC_INTERVAL
+        one.close()
+        messages, _ = parent.receive()
+        learnt = [m for m in messages if isinstance(m, Learnt)]
+        assert learnt == [Learnt(((mac_bytes(HOST), B),))]
+        two.learn(learnt[0])
+        dev2.inject(bytes(Ether(src="02:00:00:00:00:01", dst=HOST) / IP() / UDP()))
+        two.engine.on_device_readable()
+        assert link2.sent_to == [B]
+        assert two.engine.peers.fdb.take_fresh() == {}  # told, not learnt: not passed on again
+        parent.close(), child.close()
+
+    asyncio.run(run())
+
+
+def test_the_parent_passes_a_childs_learnt_macs_to_worker_0_and_the_other_children():
+    import os
+
+    from tunneld.workers import Child
+
+    supervisor = Supervisor()
+    ends = []
+    for index in (1, 2):
+        parent, child = Channel.pair()
+        parent.setblocking(False), child.setblocking(False)
+        supervisor.children.append(Child(index, os.getpid(), parent))
+        ends.append(child)
+    heard = []
+    supervisor.on_learnt = heard.append
+    message = Learnt(((mac_bytes(HOST), B),))
+    ends[0].send(message)  # worker 1 learnt it
+    supervisor._on_message(supervisor.children[0])
+    assert heard == [message]
+    assert ends[1].receive()[0] == [message] and ends[0].receive()[0] == []  # not echoed to who learnt it
+    for c in supervisor.children:
+        c.close()
+    for end in ends:
+        end.close()
