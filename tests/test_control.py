@@ -122,6 +122,8 @@ def test_several_requests_on_one_connection_each_answered_in_order(served):
     (b'"show"\n', "malformed request: not a JSON object"),
     (b'{"command": "reboot"}\n', "unknown command 'reboot'; known: show, peer-add, peer-remove"),
     (b'{}\n', "unknown command None"),
+    (b'{"command": []}\n', "unknown command []"),  # unhashable: once an internal error with a traceback
+    (b'{"command": "show", "n": ' + b"9" * 5000 + b'}\n', "malformed request: not a JSON object"),  # int too long
     (b'{"command": "show", "verbose": true}\n', "show: unknown key 'verbose'"),
     (b'{"command": "peer-add"}\n', "peer-add: address: missing"),
     (b'{"command": "peer-remove", "address": 3}\n', "peer-remove: address: missing"),

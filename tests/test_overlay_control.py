@@ -4,6 +4,7 @@ workers' FDB agreement (Learnt), over fakes: no root."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -173,3 +174,27 @@ def test_the_parent_passes_a_childs_learnt_macs_to_worker_0_and_the_other_childr
         c.close()
     for end in ends:
         end.close()
+
+
+def test_gre_sequence_numbers_serve_one_peer_only():
+    """GRE keeps one RFC 2890 receive window: several peers' sequences would drop each other's packets."""
+    from tunneld.encap.gre import Gre
+    from tunneld.modes import ModeOptionError, build_codec
+
+    two = TunnelConfig(peers=(PeerSpec(A), PeerSpec(B)), mode="gre", extra={"seq": True})
+    with pytest.raises(ModeOptionError, match="2 peers, but seq: sequence numbers are checked against one peer"):
+        build_codec(two, {"gre": Gre})
+    assert build_codec(dataclasses.replace(two, extra={}), {"gre": Gre}).single_peer_only() is None
+    w, _, _ = worker(codec=Gre(seq=True), peers=(A,))
+    t = tunnel_over(w, mode="gre")
+    with pytest.raises(ConfigError, match="seq: sequence numbers"):
+        t.add_peer(PeerSpec(B, routes=("10.2.0.0/16",)))
+    assert w.engine.peers.get(B) is None
+
+
+def test_the_peer_left_alone_names_the_tunnel():
+    """With one peer the metrics and logs name it (link.peer): after the first is removed, the one left."""
+    w, _, link = worker(peers=(A, B))
+    assert link.peer == A
+    w.apply(Apply(peers_removed=(A,)))
+    assert link.peer == B and [p.address for p in w.engine.peers.all] == [B]

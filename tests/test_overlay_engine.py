@@ -168,7 +168,8 @@ def test_a_superframe_goes_to_its_one_peer_or_floods():
     dev.inject(superframe)  # its destination MAC (tests.frames) is not learnt yet: every peer gets the rows
     eng.on_device_readable()
     want = expected_tcp(data, 1398)
-    assert link.sent_to == [A] * len(want) + [B] * len(want) + [C] * len(want) and eng.stats.flooded == 1
+    assert link.sent_to == [A] * len(want) + [B] * len(want) + [C] * len(want)
+    assert eng.stats.flooded == len(want)  # frames on the wire, each flooded, as the plain path counts them
     assert [p for p, _ in link.sent] == want * 3
     link.sent.clear(), link.sent_to.clear()
     from_peer(link, C, ether("02:00:00:00:00:02", LOCAL))  # tests.frames' destination lives behind C
@@ -255,3 +256,16 @@ def test_with_one_peer_the_series_keep_their_labels():
     got, _ = scrape(eng)
     assert got[("tunneld_tx_packets_total", (("mode", "vxlan"), ("peer", A)))] == 1
     assert got[("tunneld_dropped_packets_total", (("mode", "vxlan"), ("peer", A), ("reason", "no_route")))] == 0
+
+
+def test_a_send_that_fails_is_not_counted_as_sent_to_its_peer():
+    import errno
+
+    eng, dev, link = vxlan_engine()
+    from_peer(link, B, ether(HOST_B, LOCAL))
+    eng.on_link_readable()
+    link.send_error = errno.ENOBUFS
+    dev.inject(ether(LOCAL, HOST_B))
+    eng.on_device_readable()
+    assert eng.stats.drops[Drop.SOCKET_ERROR] == 1 and eng.stats.tx_packets == 0
+    assert (eng.stats.peers[B].tx_packets, eng.stats.peers[B].tx_bytes, eng.stats.peers[B].dropped) == (0, 0, 1)

@@ -54,8 +54,9 @@ class Apply:
 
     ``peers_set``: peers added or changed, upserted by address (an unchanged peer keeps its counters and
     learnt MACs; a changed one gets its new name, routes and static MACs). ``peers_removed``: addresses whose
-    peer, FDB entries and routes are flushed. ``peer``: the one-peer reload of before many peers (the table
-    then holds that peer alone); peerconf's diff replaces it."""
+    peer, FDB entries and routes are flushed. ``peer``: a one-peer tunnel's peer replaced by another (a reload):
+    the link's default destination changes, codec state learnt from the old peer is forgotten, and the table
+    becomes that one peer, with its spec from ``peers_set``."""
 
     peer: str | None = None
     log_level: str | None = None

@@ -159,14 +159,14 @@ def parse_request(line: bytes) -> Request:
     """One request line checked and made canonical; raises RequestError (the one-line reply) otherwise."""
     try:
         obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise RequestError(f"malformed request: not a JSON object ({e})") from None
     except RecursionError:
         raise RequestError("malformed request: nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError("malformed request: not a JSON object")
     command = obj.get("command")
-    if command not in KEYS:
+    if not isinstance(command, str) or command not in KEYS:  # a list or an object is no command (nor hashable)
         raise RequestError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
     unknown = sorted(set(obj) - KEYS[command] - {"command"})
     if unknown:

@@ -207,6 +207,9 @@ class Tunnel:
             raise ConfigError(f"peer {spec.address}: routes are for L3 modes; {self.cfg.mode} learns MACs")
         if not l2 and spec.macs:
             raise ConfigError(f"peer {spec.address}: macs are for L2 modes; {self.cfg.mode} takes routes")
+        why = self.worker.codec.single_peer_only()
+        if why and any(p.address != spec.address for p in self.worker.engine.peers.all):
+            raise ConfigError(f"peer {spec.address}: {why}")
         self.apply(Apply(peers_set=(spec,)))
         # The running configuration says what runs, so that a SIGHUP's diff is taken against it: a reload makes
         # the peers what the file says (as `wg syncconf` does), whether or not they came through this socket.

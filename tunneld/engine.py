@@ -281,6 +281,10 @@ class Engine:
             except OSError as e:  # only a packet sent now fails here; waiting ones fail in _flush
                 drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += 1
                 fallbacks -= n.__class__ is Fallback
+                if only is None:  # counted for its peer above: it did not leave
+                    ps.tx_packets -= 1
+                    ps.tx_bytes -= n
+                    ps.dropped += 1
                 continue
             moved += 1
             nbytes += n
@@ -375,7 +379,7 @@ class Engine:
                 targets = (peer,)
             elif peer is None:
                 targets = self.peers.all
-                self.stats.flooded += 1
+                self.stats.flooded += segs.count  # frames, as the help says: each segment is flooded
             else:
                 self.stats.drops[peer] += segs.count
                 return moved, 0

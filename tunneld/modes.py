@@ -58,11 +58,15 @@ def build_codec(cfg: TunnelConfig, modes: Mapping[str, type[Encapsulator]]) -> E
     if cfg.port is not None and cls.transport.kind != "udp":
         raise ModeOptionError(f"mode {cfg.mode!r} runs over {cls.transport}, it has no port", "port")
     try:
-        return cls.from_options(cfg.options())
+        codec = cls.from_options(cfg.options())
     except ValueError as e:
         raise ModeOptionError(f"{cfg.mode}: {e}") from None
     except Exception as e:  # a plugin's bug must read as such, not as a traceback
         raise EncapsulatorFailed(f"{cfg.mode}: the encapsulator failed to start: {type(e).__name__}: {e}") from None
+    why = codec.single_peer_only() if len(cfg.peers) > 1 else None
+    if why:
+        raise ModeOptionError(f"{cfg.mode}: {len(cfg.peers)} peers, but {why}")
+    return codec
 
 
 def vni(codec: Encapsulator, default: int | None = None) -> int | None:

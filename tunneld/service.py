@@ -203,7 +203,8 @@ class Service:
         peers_set, peers_removed = peer_diff(old.peers, new.peers)
         if peers_set or peers_removed or new.peer != old.peer:  # a reorder moves the first peer
             if len(old.peers) == len(new.peers) == 1 and new.peer != old.peer:
-                changes = Apply(peer=new.peer)  # one peer for another: the link's own check of the new address
+                # one peer for another: the link's own check of the new address, with the new peer's whole spec
+                changes = Apply(peer=new.peer, peers_set=new.peers)
             else:
                 changes = Apply(peers_set=peers_set, peers_removed=peers_removed)
             try:

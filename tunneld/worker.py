@@ -124,11 +124,12 @@ class Worker:
         IP version needs a new socket), ValueError (one line) for a peer diff the tables refuse (a route another
         peer owns, an address of the other IP version); nothing of the peers has changed then."""
         peers = self.engine.peers
-        if changes.peer is not None:
+        if changes.peer is not None:  # one peer for another: the table is that peer alone, as configured
             self.link.set_peer(changes.peer)  # the default destination
             self.codec.peer_changed()  # e.g. GRE's receive sequence starts afresh with the new peer
-            peers.replace([PeerSpec(self.link.peer)], self.clock())
-        if changes.peers_set or changes.peers_removed:
+            specs = [s for s in changes.peers_set if s.address == self.link.peer] or [PeerSpec(self.link.peer)]
+            peers.replace(specs, self.clock())
+        elif changes.peers_set or changes.peers_removed:
             peers.check(changes.peers_set, changes.peers_removed)
             now = self.clock()
             for address in changes.peers_removed:
@@ -137,6 +138,8 @@ class Worker:
                 self.codec.peer_changed()  # state learnt from a peer (GRE's receive sequence) must not outlive it
             for spec in changes.peers_set:
                 peers.upsert(spec, now)
+            if len(peers.all) == 1 and peers.all[0].address != self.link.peer:
+                self.link.set_peer(peers.all[0].address)  # the one peer left names the tunnel (metrics, logs)
         if changes.log_level is not None:
             logging.getLogger().setLevel(changes.log_level.upper())
 

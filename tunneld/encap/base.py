@@ -276,6 +276,11 @@ class Encapsulator(abc.ABC):
         """This instance's settings for the start-up log line, e.g. ``key 42, seq``; empty when none."""
         return ""
 
+    def single_peer_only(self) -> str | None:
+        """Why this instance can serve only one peer (state it keeps about "the" peer), or None: it serves any
+        number. The configuration and ``tunneld peer add`` refuse a second peer with this line."""
+        return None
+
     def peer_changed(self) -> None:
         """The peer was changed while running (reload): forget what was learnt from the old one.
 

@@ -151,6 +151,12 @@ class _GreBase(Encapsulator):
     def header_len(self) -> int:
         return self._len
 
+    def single_peer_only(self) -> str | None:
+        # One receive window (RFC 2890 in-order delivery) is kept, for one sender: the sequences of several
+        # peers would pass each other's as late or duplicate.
+        return "seq: sequence numbers are checked against one peer's; with several peers leave seq off" \
+            if self.seq else None
+
     def peer_changed(self) -> None:
         # A new peer counts from its own start: judged against the old peer's numbers, its first packets
         # would look late and be dropped until the resynchronisation rule gave in.
