@@ -376,7 +376,7 @@ def test_sighup_hands_the_peer_diff_to_every_worker_and_keeps_the_link(hosts, tm
         f"{conf_a}: ok: vxlan to 2 peers ({b.underlay}, ...) on tdsvc0"
     rx = NotifyReceiver(str(tmp_path / "notify"))
     pa = a.popen(TUNNELD, "--config", str(conf_a), env={**os.environ, "NOTIFY_SOCKET": rx.path})
-    b.popen(TUNNELD, "--config", str(conf_b))
+    b.popen(TUNNELD, "--config", str(conf_b), "--runtime-dir", str(tmp_path / "b"))  # not A's control socket
     try:
         assert rx.until("READY=1")[-1].startswith("READY=1\nSTATUS=2 peers: sent ")
         b.wait_link("tdsvc0")
