@@ -74,6 +74,19 @@ def test_a_route_another_peer_owns_is_refused_and_nothing_changes():
     assert w.engine.peers.get(C) is None and w.engine.peers.routes_of(w.engine.peers.get(A)) == ["10.2.0.0/16"]
 
 
+def test_peers_swapping_routes_is_one_change_not_a_conflict():
+    """A reload that moves a route from one peer to another (or swaps two) is judged on the final table; applied
+    one upsert at a time it met the old owner's route half-way and was refused with worker 0 half changed."""
+    w, _, _ = worker(Gre(), peers=(PeerSpec(A, routes=("10.2.0.0/16", "10.9.0.0/24")),
+                                   PeerSpec(B, routes=("10.3.0.0/16",))))
+    stats_a = w.engine.peers.get(A).stats
+    w.apply(Apply(peers_set=(PeerSpec(B, routes=("10.2.0.0/16",)), PeerSpec(A, routes=("10.3.0.0/16",)))))
+    peers = w.engine.peers
+    assert peers.routes_of(peers.get(A)) == ["10.3.0.0/16"] and peers.routes_of(peers.get(B)) == ["10.2.0.0/16"]
+    assert peers.get(A).stats is stats_a  # a changed peer keeps its counters
+    assert peers.routes.lookup(bytes([10, 9, 0, 1]), 4) is None  # the route nobody claims any more is gone
+
+
 def test_the_old_single_peer_reload_still_works():
     w, dev, link = worker(peers=(A,))
     w.apply(Apply(peer="192.0.2.9"))

@@ -133,6 +133,25 @@ class PeerTable:
         self._settle()
         return peer
 
+    def apply(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = (),
+              now: float = 0.0) -> None:
+        """Removals, then upserts, as one change: judged against the final table, never an intermediate one (a
+        route moving from one peer to another, or two peers swapping routes, is no conflict). ValueError (one
+        line) if the final table would be refused; nothing has changed then."""
+        self.check(upserts, removals)
+        for address in removals:
+            self.remove(address)
+        moving = [self.by_address[s.address] for s in upserts if s.address in self.by_address]
+        if moving and not self.l2:
+            # Their routes are about to be replaced: the final table (checked above) is built once, below.
+            self.routes = self._routes(
+                {a: p.spec for a, p in self.by_address.items() if p not in moving},
+                {a: p for a, p in self.by_address.items() if p not in moving})
+            for peer in moving:
+                peer.spec = PeerSpec(peer.spec.address, peer.spec.name, (), peer.spec.macs, peer.spec.source)
+        for spec in upserts:
+            self.upsert(spec, now)
+
     def replace(self, specs: "tuple[PeerSpec, ...] | list[PeerSpec]", now: float = 0.0) -> None:
         """Make the table hold exactly ``specs`` (upserts, then removals)."""
         keep = {s.address for s in specs}

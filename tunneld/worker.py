@@ -130,14 +130,9 @@ class Worker:
             specs = [s for s in changes.peers_set if s.address == self.link.peer] or [PeerSpec(self.link.peer)]
             peers.replace(specs, self.clock())
         elif changes.peers_set or changes.peers_removed:
-            peers.check(changes.peers_set, changes.peers_removed)
-            now = self.clock()
-            for address in changes.peers_removed:
-                peers.remove(address)
+            peers.apply(changes.peers_set, changes.peers_removed, self.clock())  # all or nothing
             if changes.peers_removed:
                 self.codec.peer_changed()  # state learnt from a peer (GRE's receive sequence) must not outlive it
-            for spec in changes.peers_set:
-                peers.upsert(spec, now)
             if len(peers.all) == 1 and peers.all[0].address != self.link.peer:
                 self.link.set_peer(peers.all[0].address)  # the one peer left names the tunnel (metrics, logs)
         if changes.log_level is not None:
