@@ -128,3 +128,26 @@ def test_routes_one_owner_per_prefix_and_removal():
     with pytest.raises(ValueError, match="not a prefix"):
         r.add("10.1.0.0/33", B)
     assert r.remove_peer(A) == 1 and r.lookup(bytes([10, 1, 0, 1]), 4) is None
+
+
+def test_a_refreshed_entry_is_passed_on_again_before_the_other_workers_age_it_out():
+    """Workers share what they learn (take_fresh); one that only sends to a MAC hears of it from the worker that
+    receives its frames. Those refreshes are passed on again every ageing/3, or the sender would expire the MAC
+    while it is in use and flood its traffic. What another worker told us is never echoed back."""
+    fdb = Fdb(max_entries=8, ageing=300.0)
+    mine, told = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+    fdb.learn(mine, "A", 0.0)
+    fdb.learn(told, "A", 0.0, remote=True)
+    assert fdb.take_fresh() == {mine: "A"}
+    fdb.learn(mine, "A", 50.0)  # refreshed by frames arriving here
+    fdb.learn(told, "A", 50.0, remote=True)  # refreshed by another worker's message
+    fdb.expire(60.0)
+    assert fdb.take_fresh() == {}  # not yet: at most every ageing/3
+    fdb.expire(101.0)
+    assert fdb.take_fresh() == {mine: "A"}
+    fdb.expire(150.0)
+    assert fdb.take_fresh() == {}  # nothing new since it was passed on
+    fdb.learn(mine, "A", 390.0)
+    fdb.expire(399.0)  # still here: seen at 390
+    assert fdb.lookup(mine) == "A" and fdb.take_fresh() == {mine: "A"}
+    assert fdb.lookup(told) is None  # told at 50, never refreshed since: aged out at 350

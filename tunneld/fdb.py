@@ -44,12 +44,13 @@ def mac_text(mac: bytes) -> str:
 
 
 class Entry(Generic[P]):
-    __slots__ = ("peer", "seen", "static")
+    __slots__ = ("peer", "seen", "static", "told")
 
-    def __init__(self, peer: P, seen: float, static: bool) -> None:
+    def __init__(self, peer: P, seen: float, static: bool, told: float = 0.0) -> None:
         self.peer = peer
         self.seen = seen  # when last learnt (for a static entry: when configured)
         self.static = static
+        self.told = told  # when the other workers last heard of it (from us, or they told us)
 
 
 class Counts:
@@ -104,12 +105,14 @@ class Fdb(Generic[P]):
         entry = self._entries.get(mac)
         if entry is not None:
             if entry.peer is peer or entry.peer == peer:
-                entry.seen = now
+                entry.seen = now  # (a local refresh reaches the other workers from expire(), not per frame)
+                if remote:
+                    entry.told = now
                 return
             if entry.static:
                 return  # configured: a frame claiming it from elsewhere does not move it
             entry.peer = peer
-            entry.seen = now
+            entry.seen = entry.told = now
             if not remote:
                 self.counters.fdb_moved += 1
         else:
@@ -119,7 +122,7 @@ class Fdb(Generic[P]):
                 if not remote:
                     self.counters.fdb_refused += 1
                 return
-            self._entries[mac] = Entry(peer, now, False)
+            self._entries[mac] = Entry(peer, now, False, now)
             if not remote:
                 self.counters.fdb_learnt += 1
         if not remote and len(self.fresh) < self.max_entries:
@@ -135,11 +138,25 @@ class Fdb(Generic[P]):
         self._entries[mac] = Entry(peer, now, True)
 
     def expire(self, now: float) -> int:
-        """Remove learnt entries not seen for ``ageing`` seconds (0: never); how many went."""
+        """Remove learnt entries not seen for ``ageing`` seconds (0: never); how many went.
+
+        Also passes on, through ``fresh``, the entries this worker refreshed since the others last heard of them,
+        at most every ageing/3: a worker that only sends to a MAC (its frames from it arrive at another worker)
+        would otherwise age it out while it is in use, and flood its traffic."""
         if not self.ageing:
             return 0
         limit = now - self.ageing
-        old = [mac for mac, e in self._entries.items() if not e.static and e.seen < limit]
+        retell = now - self.ageing / 3
+        old = []
+        fresh = self.fresh
+        for mac, e in self._entries.items():
+            if e.static:
+                continue
+            if e.seen < limit:
+                old.append(mac)
+            elif e.told < retell and e.seen > e.told and len(fresh) < self.max_entries:
+                fresh[mac] = e.peer
+                e.told = now
         for mac in old:
             del self._entries[mac]
         return len(old)
@@ -149,8 +166,9 @@ class Fdb(Generic[P]):
         gone = [mac for mac, e in self._entries.items() if e.peer == peer and (learnt or e.static)]
         for mac in gone:
             del self._entries[mac]
-        for mac in [m for m, p in self.fresh.items() if p == peer]:
-            del self.fresh[mac]
+        if learnt:  # what was learnt from it and not yet passed on goes too; its learnt entries stay otherwise
+            for mac in [m for m, p in self.fresh.items() if p == peer]:
+                del self.fresh[mac]
         return len(gone)
 
     def entries(self) -> Iterator[tuple[bytes, Entry[P]]]:
