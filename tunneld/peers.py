@@ -76,8 +76,8 @@ class PeerTable:
     path as cheap as before.
 
     ``destination(address)`` is the link's: it checks the address (family) and builds what its send takes.
-    Changes are all-or-nothing: ``upsert`` raises ValueError (one line) and changes nothing when the link or
-    the routes refuse the spec."""
+    Changes are all-or-nothing: ``apply`` (which ``upsert``, ``remove`` and ``replace`` call) builds the final
+    table once and raises ValueError (one line), changing nothing, when the link or the routes refuse it."""
 
     def __init__(self, *, l2: bool, stats: Stats, destination: Callable[[str], object],
                  fdb_max: int = DEFAULT_MAX_ENTRIES, fdb_ageing: float = DEFAULT_AGEING) -> None:
@@ -99,78 +99,65 @@ class PeerTable:
     def upsert(self, spec: PeerSpec, now: float = 0.0) -> Peer:
         """Add ``spec``'s peer, or give a known address its new name, routes and static MACs (its counters and
         learnt MACs stay)."""
-        macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
-        old = self.by_address.get(spec.address)
-        dest = old.dest if old is not None else self._destination(spec.address)
-        peer = old if old is not None else Peer(spec, dest, self._stats.peers.get(spec.address) or PeerStats())
-        specs = {a: p.spec for a, p in self.by_address.items()}
-        specs[spec.address] = spec
-        peers = {**self.by_address, spec.address: peer}
-        routes = self._routes(specs, peers)  # raises before anything changed
-        peer.spec = spec
-        self.by_address = peers
-        self._stats.peers[spec.address] = peer.stats
-        self.routes = routes
-        if self.fdb is not None:
-            if old is not None:
-                self.fdb.flush(peer, learnt=False)  # its old static MACs; the learnt ones stay
-            for mac in macs:
-                self.fdb.add_static(mac, peer, now)
-        self._settle()
-        return peer
+        self.apply((spec,), (), now)
+        return self.by_address[spec.address]
 
     def remove(self, address: str) -> Peer | None:
         """Forget the peer at ``address``: its FDB entries, routes and counters go; None if there is none."""
         peer = self.by_address.get(address)
-        if peer is None:
-            return None
-        peers = {a: p for a, p in self.by_address.items() if a != address}
-        self.routes = self._routes({a: p.spec for a, p in peers.items()}, peers)
-        self.by_address = peers
-        self._stats.peers.pop(address, None)
-        if self.fdb is not None:
-            self.fdb.flush(peer)
-        self._settle()
+        if peer is not None:
+            self.apply((), (address,))
         return peer
+
+    def replace(self, specs: "tuple[PeerSpec, ...] | list[PeerSpec]", now: float = 0.0) -> None:
+        """Make the table hold exactly ``specs``."""
+        keep = {s.address for s in specs}
+        self.apply(specs, tuple(a for a in self.by_address if a not in keep), now)
+
+    def check(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = ()) -> None:
+        """ValueError (one line) if ``apply(upserts, removals)`` would be refused; changes nothing."""
+        self._plan(upserts, removals)
 
     def apply(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = (),
               now: float = 0.0) -> None:
         """Removals, then upserts, as one change: judged against the final table, never an intermediate one (a
         route moving from one peer to another, or two peers swapping routes, is no conflict). ValueError (one
-        line) if the final table would be refused; nothing has changed then."""
-        self.check(upserts, removals)
-        for address in removals:
-            self.remove(address)
-        moving = [self.by_address[s.address] for s in upserts if s.address in self.by_address]
-        if moving and not self.l2:
-            # Their routes are about to be replaced: the final table (checked above) is built once, below.
-            self.routes = self._routes(
-                {a: p.spec for a, p in self.by_address.items() if p not in moving},
-                {a: p for a, p in self.by_address.items() if p not in moving})
-            for peer in moving:
-                peer.spec = PeerSpec(peer.spec.address, peer.spec.name, (), peer.spec.macs, peer.spec.source)
-        for spec in upserts:
-            self.upsert(spec, now)
+        line) if the final table would be refused; nothing has changed then. A known address keeps its counters
+        and learnt MACs and gets its new name, routes and static MACs."""
+        peers, routes, changed = self._plan(upserts, removals)
+        for address in removals:  # from here on nothing raises
+            gone = self.by_address.get(address)
+            if gone is not None:
+                self._stats.peers.pop(address, None)
+                if self.fdb is not None:
+                    self.fdb.flush(gone)
+        for peer, spec, macs, known in changed:
+            peer.spec = spec
+            self._stats.peers[spec.address] = peer.stats
+            if self.fdb is not None:
+                if known:
+                    self.fdb.flush(peer, learnt=False)  # its old static MACs; the learnt ones stay
+                for mac in macs:
+                    self.fdb.add_static(mac, peer, now)
+        self.by_address = peers
+        self.routes = routes
+        self._settle()
 
-    def replace(self, specs: "tuple[PeerSpec, ...] | list[PeerSpec]", now: float = 0.0) -> None:
-        """Make the table hold exactly ``specs`` (upserts, then removals)."""
-        keep = {s.address for s in specs}
-        for address in [a for a in self.by_address if a not in keep]:
-            self.remove(address)
-        for spec in specs:
-            self.upsert(spec, now)
-
-    def check(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = ()) -> None:
-        """ValueError (one line) if applying these changes (removals first) would be refused; changes nothing."""
-        specs = {a: p.spec for a, p in self.by_address.items() if a not in removals}
+    def _plan(self, upserts, removals):
+        """The table after the change, built once: (peers by address, routes, [(peer, spec, static MACs, known)]);
+        ValueError (one line) for what the link, the MAC syntax or the routes refuse."""
+        peers = {a: p for a, p in self.by_address.items() if a not in removals}
+        changed = []
         for spec in upserts:
-            if spec.address not in specs and spec.address not in self.by_address:
-                self._destination(spec.address)
-            if self.l2:
-                for mac in spec.macs:
-                    mac_bytes(mac)
-            specs[spec.address] = spec
-        self._routes(specs, {a: a for a in specs})
+            old = peers.get(spec.address)
+            macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
+            peer = old if old is not None else Peer(
+                spec, self._destination(spec.address), self._stats.peers.get(spec.address) or PeerStats())
+            peers[spec.address] = peer
+            changed.append((peer, spec, macs, old is not None))
+        specs = {a: p.spec for a, p in peers.items()}
+        specs.update((spec.address, spec) for _, spec, _, _ in changed)
+        return peers, self._routes(specs, peers), changed
 
     def _routes(self, specs: dict[str, PeerSpec], peers: dict[str, Peer]) -> "Routes[Peer]":
         """The routes the L3 data path uses for these peers; ValueError if two peers claim one prefix."""
