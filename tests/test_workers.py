@@ -205,9 +205,11 @@ def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_
     pool, theirs = _pool_with_silent_child()
     died = []
     pool._on_death = lambda: died.append(True)
-    try:
-        while pool.children[0].channel.sock.send(b"x" * 100):  # fill the socket, as a worker that never reads would
-            pass
+    from tunneld.channel import Learnt
+
+    try:  # fill the socket and the channel's queue, as a worker that never reads would
+        for _ in range(100):
+            pool.children[0].channel.send(Learnt(((b"x" * (1 << 20), "192.0.2.9"),)))
     except BlockingIOError:
         pass
     try:

@@ -19,6 +19,8 @@ caller passes ``now``).
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Generic, Hashable, Iterator, TypeVar
 
 P = TypeVar("P", bound=Hashable)
@@ -128,9 +130,14 @@ class Fdb(Generic[P]):
         if not remote and len(self.fresh) < self.max_entries:
             self.fresh[mac] = peer
 
-    def take_fresh(self) -> dict[bytes, P]:
-        fresh, self.fresh = self.fresh, {}
-        return fresh
+    def take_fresh(self, limit: int | None = None) -> dict[bytes, P]:
+        """The MACs learnt or moved since the last take, oldest first: all of them, or the oldest ``limit``
+        (the others stay for the next take)."""
+        if limit is None or len(self.fresh) <= limit:
+            fresh, self.fresh = self.fresh, {}
+            return fresh
+        macs = list(itertools.islice(self.fresh, limit))
+        return {mac: self.fresh.pop(mac) for mac in macs}
 
     def add_static(self, mac: bytes, peer: P, now: float = 0.0) -> None:
         """A configured entry: replaces whatever the MAC had, never ages, counts towards the bound but is

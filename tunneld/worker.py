@@ -31,6 +31,11 @@ log = logging.getLogger("tunneld")
 
 # How often a worker tells the others the MACs it learnt (issue 12: used by them within 1 s), and ages its FDB.
 FDB_SYNC_INTERVAL = 0.25
+# Learnt entries sent per tick, at most: a MAC flood must not fill the channels (8000 MACs a second; a full
+# FDB of 16384 reaches the others in ~2 s). The rest waits in the FDB's ``fresh`` for the next tick rather
+# than being dropped: a dropped MAC would flood at the other workers until retold (ageing/3 later), and
+# ``fresh`` is bounded by the FDB's size already.
+LEARNT_PER_TICK = 2 * LEARNT_MAX
 FDB_EXPIRE_INTERVAL = 1.0
 
 
@@ -80,7 +85,7 @@ class Worker:
         if now - self._expired >= FDB_EXPIRE_INTERVAL:
             self._expired = now
             fdb.expire(now)
-        fresh = fdb.take_fresh()
+        fresh = fdb.take_fresh(LEARNT_PER_TICK if self.share is not None else None)
         if fresh and self.share is not None:
             items = [(mac, peer.address) for mac, peer in fresh.items()]
             for at in range(0, len(items), LEARNT_MAX):
@@ -152,6 +157,7 @@ class Worker:
         probe = LoopLagProbe(self.engine.stats)
         probe.start(loop)
         channel.setblocking(False)
+        channel.attach(loop)
         self.share = channel.offer  # a full channel loses one batch: those MACs flood until the next
         loop.add_reader(channel.fileno(), self._on_channel, channel)
         channel.offer(Ready())
@@ -162,6 +168,7 @@ class Worker:
             probe.stop()
             self.close()
             loop.remove_reader(channel.fileno())
+            channel.detach()
         log.debug("worker %d: %s", self.index, self.engine.stats.summary())
         return self.status
 

@@ -36,7 +36,10 @@ Theory of operation:
   it and a scrape waits for that answer (or, at its timeout, uses the last one). So a stalled child's socket
   never fills with requests, and a reload's Apply always fits; should one still not fit (a child
   that has not read for hundreds of reloads), the parent stops with status 1, naming the worker, rather than
-  leave it sending to the old peer.
+  leave it sending to the old peer. Requests, reports and Learnt are best-effort (channel.py ``offer``: a
+  full channel drops them, counted); a request that got no answer (its report was dropped) is asked again
+  after ASK_AGAIN seconds, doubling up to ASK_AGAIN_MAX while the child stays silent, so one lost message
+  never wedges the liveness check and a stalled child still finds only a few requests queued.
 - Liveness: the parent asks every child for a snapshot once a second (the same message), and looks at the
   answers on every heartbeat tick (service.py; with or without a systemd watchdog). A child that has not
   answered for LATE_AFTER seconds is logged (once, and again when it answers) and, under a watchdog, the
@@ -69,6 +72,8 @@ AUTO_RULE = f"1 with 2 CPUs available to the process or fewer, else half of them
 READY_TIMEOUT = 15.0  # seconds for every child to attach its engine
 SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for the children's counters
 LATE_AFTER = 5.0  # seconds without an answer after which a child counts as wedged
+ASK_AGAIN = 2.0  # seconds after which an unanswered StatsRequest is sent again (its answer may have been lost)
+ASK_AGAIN_MAX = 60.0  # ... doubling while the child stays silent, up to this
 STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL
 LATE_WARN_EVERY = 60.0  # seconds between log lines about a worker late with its counters
 PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
@@ -168,6 +173,8 @@ class Child:
         self.cpu = 0.0  # the CPU seconds it had used at that snapshot
         self.answered = time.monotonic()  # when it last answered
         self.asked = False  # a StatsRequest is outstanding: at most one is, however often we ask
+        self.ask_again = 0.0  # when an unanswered request is sent again (time.monotonic())
+        self.ask_every = ASK_AGAIN  # the pause before that, doubled while the child stays silent
         self.exited: int | None = None  # its wait status, once reaped
 
     def close(self) -> None:
@@ -244,6 +251,7 @@ class Supervisor:
         self._changed = asyncio.Event()
         for child in self.children:
             child.channel.setblocking(False)
+            child.channel.attach(loop)
             loop.add_reader(child.channel.fileno(), self._on_message, child)
             loop.add_reader(child.pidfd, self._on_exit, child)
 
@@ -251,6 +259,7 @@ class Supervisor:
         if self._loop is None:
             return
         for child in self.children:
+            child.channel.detach()
             self._loop.remove_reader(child.channel.fileno())
             self._loop.remove_reader(child.pidfd)
         for future, _ in self._waiting.values():
@@ -295,6 +304,7 @@ class Supervisor:
                 case StatsReport(stats=stats, cpu=cpu):
                     child.stats, child.cpu = stats, cpu
                     child.asked = False
+                    child.ask_every = ASK_AGAIN
                     child.answered = time.monotonic()
                     for future, pending in self._waiting.values():  # its one answer serves every waiting scrape
                         pending.discard(child.index)
@@ -329,11 +339,19 @@ class Supervisor:
     def request(self) -> int:
         """Ask every child for a snapshot of its counters, unless it has yet to answer the last request (a
         stalled child must not find hundreds of requests queued, filling the socket so that a reload's
-        Apply no longer fits); returns the request's number."""
+        Apply no longer fits) and that request is younger than ``ask_every`` (it or its answer may have been
+        dropped: best-effort both ways); returns the request's number."""
         self._seq += 1
+        now = time.monotonic()
         for child in self.children:
-            if child.exited is None and not child.asked:
-                child.asked = self._deliver(child, StatsRequest(self._seq))
+            if child.exited is not None:
+                continue
+            if child.asked:
+                if now < child.ask_again:
+                    continue
+                child.ask_every = min(2 * child.ask_every, ASK_AGAIN_MAX)  # silent since: ask less often
+            if child.channel.offer(StatsRequest(self._seq)):
+                child.asked, child.ask_again = True, now + child.ask_every
         return self._seq
 
     async def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> list[Stats]:
@@ -408,9 +426,9 @@ class Supervisor:
                 child.channel.offer(message)
 
     def _deliver(self, child: Child, message: Message) -> bool:
-        """Queue ``message`` on the child's channel. With at most one stats request outstanding the socket
-        holds hundreds of messages, so a full one means a child that has not read for a long time; a reload
-        it would miss must not pass silently (it would keep sending to the old peer): stop, status 1."""
+        """Queue ``message`` on the child's channel. Best-effort messages leave room for this one (channel.py),
+        so a full channel means a child that has not read for a long time; a reload it would miss must not
+        pass silently (it would keep sending to the old peer): stop, status 1."""
         try:
             child.channel.send(message)
         except BlockingIOError:
