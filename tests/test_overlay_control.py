@@ -44,7 +44,7 @@ def from_peer(link, source, src_mac=HOST):
 def tunnel_over(w: Worker, mode="vxlan") -> Tunnel:
     t = Tunnel.__new__(Tunnel)
     t.cfg = TunnelConfig(peers=tuple(p.spec for p in w.engine.peers.all), dev="td0", mode=mode)
-    t.plan = SimpleNamespace(vni=VNI if mode == "vxlan" else None, mtu=1450)
+    t.plan = SimpleNamespace(vni=VNI if mode == "vxlan" else None, mtu=1450, codec=w.codec)
     t.workers = 1
     t.worker = w
     t.supervisor = Supervisor()
@@ -211,3 +211,70 @@ def test_the_peer_left_alone_names_the_tunnel():
     assert link.peer == A
     w.apply(Apply(peers_removed=(A,)))
     assert link.peer == B and [p.address for p in w.engine.peers.all] == [B]
+
+
+# -- `tunneld peer add` makes the checks a configuration file gets (config.check_peers, check_on_host) ------------
+
+
+def _unchanged(t: Tunnel, w: Worker, before: list) -> bool:
+    return [p.spec for p in w.engine.peers.all] == before and [p for p in t.cfg.peers] == before
+
+
+@pytest.mark.parametrize("spec,problem", [
+    (PeerSpec(C, macs=("02:00:00:00:00:bb",)), f"peer {C}: macs: 02:00:00:00:00:bb is already given to peer {B}"),
+    (PeerSpec(C, name="bee"), f"peer {C}: name: bee is already given to peer {B}"),
+    (PeerSpec(C, name="two words"), "is not a peer name"),
+])
+def test_peer_add_refuses_what_another_peer_has_in_one_line_and_changes_nothing(spec, problem):
+    """Before: a static MAC of another peer was silently taken over, a name given twice accepted."""
+    w, _, _ = worker(peers=(A, PeerSpec(B, name="bee", macs=("02:00:00:00:00:bb",))))
+    t = tunnel_over(w)
+    before = [p.spec for p in w.engine.peers.all]
+    with pytest.raises(ConfigError) as refused:
+        t.add_peer(spec)
+    assert problem in str(refused.value) and "\n" not in str(refused.value)
+    assert _unchanged(t, w, before)
+    assert w.engine.peers.fdb.lookup(mac_bytes("02:00:00:00:00:bb")).address == B
+
+
+def test_peer_add_refuses_more_than_max_peers(monkeypatch):
+    from tunneld import config
+
+    monkeypatch.setattr(config, "MAX_PEERS", 3)
+    w, _, _ = worker()
+    t = tunnel_over(w)
+    t.add_peer(PeerSpec(C))
+    before = [p.spec for p in w.engine.peers.all]
+    with pytest.raises(ConfigError, match="4 peers, more than 3"):
+        t.add_peer(PeerSpec("192.0.2.5"))
+    assert _unchanged(t, w, before)
+    t.add_peer(PeerSpec(C, name="sea"))  # a known peer changed: still 3
+    assert w.engine.peers.get(C).spec.name == "sea"
+
+
+@pytest.mark.parametrize("kind,problem", [("local", "is an address of this host"), ("broadcast", "is a broadcast address")])
+def test_peer_add_refuses_an_address_of_this_host(monkeypatch, kind, problem):
+    from tunneld.io import netlink
+
+    monkeypatch.setattr(netlink, "address_kind", lambda addr: kind if addr == C else "unicast")
+    w, _, _ = worker()
+    t = tunnel_over(w)
+    before = [p.spec for p in w.engine.peers.all]
+    with pytest.raises(ConfigError, match=problem):
+        t.add_peer(PeerSpec(C))
+    assert _unchanged(t, w, before)
+
+
+def test_peer_add_warns_when_the_new_peers_path_mtu_is_below_what_the_device_mtu_assumes(monkeypatch, caplog):
+    from tunneld import control
+    from tunneld.io import netlink
+
+    monkeypatch.setattr(netlink, "underlay_mtu", lambda addr: (1400, "ul9") if addr == C else (1500, "ul0"))
+    w, _, _ = worker()
+    t = tunnel_over(w)  # device MTU 1450: 1500 - 50 of VXLAN over IPv4
+    reply = control.dispatch(t, control.Request("peer-add", spec=PeerSpec(C)))
+    want = (f"peer {C}: its path MTU 1400 (via ul9) carries inner packets of at most 1350 bytes, less than td0's "
+            "MTU 1450")
+    assert reply["ok"] and reply["warning"].startswith(want) and want in caplog.text
+    assert w.engine.peers.get(C) is not None and t.plan.mtu == 1450  # added; the device MTU stays
+    assert control.dispatch(t, control.Request("peer-add", spec=PeerSpec("192.0.2.5"))) == {"ok": True}

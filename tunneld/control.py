@@ -18,7 +18,8 @@ Theory of operation:
         {"command": "peer-add", "address": "10.0.0.3", "name": "c", "routes": ["10.9.0.0/24"], "macs": [...]}
         {"command": "peer-remove", "address": "10.0.0.3"}
 
-    Replies: ``{"ok": true, "result": {...}}`` (show: the handler's dict, SHOW_SCHEMA) or ``{"ok": true}``;
+    Replies: ``{"ok": true, "result": {...}}`` (show: the handler's dict, SHOW_SCHEMA) or ``{"ok": true}``
+    (peer-add: with ``"warning": "one line"`` when it was done but something is amiss, e.g. the peer's path MTU);
     ``{"ok": false, "error": "one line"}``, plus ``"denied": true`` when the caller's uid is refused and
     ``"busy": true`` when MAX_CLIENTS are connected already (the client retries a few times). A request
     that is not JSON, not an object, names an unknown command or key, or carries a bad value gets an error
@@ -85,7 +86,7 @@ class Handler(Protocol):
 
     def show(self) -> dict: ...
 
-    def add_peer(self, spec: PeerSpec) -> None: ...
+    def add_peer(self, spec: PeerSpec) -> str | None: ...  # a warning for the reply (e.g. a small path MTU)
 
     def remove_peer(self, address: str) -> None: ...
 
@@ -197,7 +198,8 @@ def dispatch(handler: Handler, request: Request) -> dict:
         if request.command == "show":
             return {"ok": True, "result": handler.show()}
         if request.command == "peer-add":
-            handler.add_peer(request.spec)
+            warning = handler.add_peer(request.spec)
+            return {"ok": True, "warning": warning} if warning else {"ok": True}
         else:
             handler.remove_peer(request.address)
     except ConfigError as e:

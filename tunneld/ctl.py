@@ -85,6 +85,8 @@ def main(argv: Sequence[str]) -> int:
     except control.ControlError as e:
         print(f"tunneld: {e}", file=sys.stderr)
         return e.code
+    if reply.get("warning"):
+        print(f"tunneld: warning: {reply['warning']}", file=sys.stderr)
     if args.command == "show":
         result = reply.get("result", {})
         print(json.dumps(result, indent=None, sort_keys=True) if args.json else control.render_show(result))

@@ -31,12 +31,13 @@ from typing import Callable
 
 from tunneld import __version__
 from tunneld.channel import Apply, Channel
-from tunneld.config import ConfigError, TunnelConfig
+from tunneld.config import ConfigError, TunnelConfig, check_on_host, check_peers
 from tunneld.control import ControlError, ControlServer, runtime_dir, socket_path
 from tunneld.fdb import mac_text
 from tunneld.peers import PeerSpec
 from tunneld.encap.base import Encapsulator
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
+from tunneld.io import netlink
 from tunneld.io.udp import UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.plan import Plan, make_plan, stable_mac
@@ -199,22 +200,47 @@ class Tunnel:
                    fdb_refused_total=stats.fdb_refused, flooded_packets_total=stats.flooded)
         return out
 
-    def add_peer(self, spec: PeerSpec) -> None:
-        """Add a peer, or change a known one (its counters and learnt MACs stay); ConfigError (one line) if
-        refused: routes in an L2 mode, MACs in an L3 mode, a route another peer owns, another IP version."""
-        l2 = self.worker.engine.peers.l2
+    def add_peer(self, spec: PeerSpec) -> str | None:
+        """Add a peer, or change a known one (its counters and learnt MACs stay). ConfigError (one line), and
+        nothing changed, for what a configuration file would be refused for too (config.check_peers,
+        check_on_host): routes in an L2 mode, MACs in an L3 mode, more than MAX_PEERS, an address, name, route
+        or static MAC another peer has, another IP version, one of this host's own addresses. Returns a
+        warning (one line, also logged) when the peer's path MTU is smaller than the device's MTU assumes:
+        the device MTU is not changed live (every flow's MSS depends on it), so larger frames to that peer
+        will not get through until a restart or a smaller ``mtu``."""
+        table = self.worker.engine.peers
+        l2 = table.l2
         if l2 and spec.routes:
             raise ConfigError(f"peer {spec.address}: routes are for L3 modes; {self.cfg.mode} learns MACs")
         if not l2 and spec.macs:
             raise ConfigError(f"peer {spec.address}: macs are for L2 modes; {self.cfg.mode} takes routes")
         why = self.worker.codec.single_peer_only()
-        if why and any(p.address != spec.address for p in self.worker.engine.peers.all):
+        if why and any(p.address != spec.address for p in table.all):
             raise ConfigError(f"peer {spec.address}: {why}")
+        others = tuple(p.spec for p in table.all if p.address != spec.address)  # registry peers included
+        spec = check_peers((*others, spec))[-1]
+        check_on_host(spec.address, None, netlink.address_kind, netlink.is_own_address)
+        warning = self._path_mtu_warning(spec.address)
         self.apply(Apply(peers_set=(spec,)))
         # The running configuration says what runs, so that a SIGHUP's diff is taken against it: a reload makes
         # the peers what the file says (as `wg syncconf` does), whether or not they came through this socket.
         kept = tuple(p for p in self.cfg.peers if p.address != spec.address)
         self.cfg = dataclasses.replace(self.cfg, peers=(*kept, spec))
+        if warning:
+            log.warning("%s", warning)
+        return warning
+
+    def _path_mtu_warning(self, address: str) -> str | None:
+        """A line when the underlay path towards ``address`` carries less than the device MTU plus overhead."""
+        path_mtu, dev = netlink.underlay_mtu(address)
+        if dev is None:
+            return None  # no route yet: nothing known to compare (the start-up plan assumes the default too)
+        inner = path_mtu - self.plan.codec.overhead(ipaddress.ip_address(address).version == 6)
+        if inner >= self.plan.mtu:
+            return None
+        return (f"peer {address}: its path MTU {path_mtu} (via {dev}) carries inner packets of at most {inner} "
+                f"bytes, less than {self.cfg.dev}'s MTU {self.plan.mtu}: larger ones to it will not get through; "
+                "the device MTU is not changed live (restart, or set mtu)")
 
     def remove_peer(self, address: str) -> None:
         """Remove a peer: its FDB entries, routes and counters go; ConfigError (one line) for an unknown one."""
