@@ -26,6 +26,10 @@ Theory of operation:
     reply and changes nothing: it is checked here (``parse_request``) before the handler sees it.
   - The handler (``Handler``) is the tunnel: ``show()``, ``add_peer(PeerSpec)``, ``remove_peer(address)``; it
     raises ConfigError (one line) to refuse. Its calls run on the loop, between two wake-ups of the data path.
+  - A ``show`` of a full FDB is 16k entries, ~1.4 MB of JSON: built and encoded at once it would hold the
+    loop (and the data path) for hundreds of milliseconds. So its long lists are ``Rows``: a snapshot of the
+    items (references, taken at once) turned into JSON ROWS_PER_SLICE at a time, each slice written and
+    drained before the next, yielding to the loop in between. The reply is still one JSON object on one line.
 
 The client side (``call``) is blocking and used by the command line only.
 """
@@ -44,6 +48,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from tunneld.config import ConfigError, check_peer
@@ -69,6 +74,28 @@ KEYS = {"show": frozenset(), "peer-add": frozenset({"address", "name", "routes",
         "peer-remove": frozenset({"address"})}
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+ROWS_PER_SLICE = 256  # entries of a reply's long list encoded between two yields to the loop (~2 ms)
+WRITE_PIECE = 16 * 1024  # bytes of a reply gathered before they are written and the loop is yielded to
+
+
+class Rows(Sequence):
+    """A long list in a reply (``show``'s FDB and peers): ``items`` (a snapshot), each made into its JSON object
+    by ``render`` only when written (``reply_chunks``), a slice at a time. Reads as the list it stands for."""
+
+    def __init__(self, items: Sequence, render: Callable[[Any], dict]) -> None:
+        self.items = items
+        self.render = render
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.render(item) for item in self.items[index]]
+        return self.render(self.items[index])
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == other if isinstance(other, (list, Rows)) else NotImplemented
 
 
 def runtime_dir(cfg: Any) -> str:
@@ -211,8 +238,30 @@ def error(message: str, **extra: Any) -> dict:
     return {"ok": False, "error": " ".join(message.split()), **extra}
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=list)  # default: a Rows written whole
+
+
 def encode(reply: dict) -> bytes:
-    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+    return _json(reply).encode() + b"\n"
+
+
+def reply_chunks(value: Any) -> Iterator[str]:
+    """``value`` as JSON text in pieces: everything but ``Rows`` at once, a ``Rows`` ROWS_PER_SLICE items per
+    piece (the writer yields to the loop between pieces). Joined, the pieces are ``_json(value)``."""
+    if isinstance(value, Rows):
+        yield "["
+        for at in range(0, len(value), ROWS_PER_SLICE):
+            yield ("," if at else "") + _json(value[at : at + ROWS_PER_SLICE])[1:-1]
+        yield "]"
+    elif isinstance(value, dict) and any(isinstance(v, (Rows, dict)) for v in value.values()):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ("," if i else "") + _json(key) + ":"
+            yield from reply_chunks(item)
+        yield "}"
+    else:
+        yield _json(value)
 
 
 # -- the server ------------------------------------------------------------------------------------------------
@@ -366,10 +415,28 @@ class ControlServer:
             except Exception as e:  # a bug behind the handler: this request fails, the daemon and its tables stay
                 log.exception("control socket: %s failed", line[:80])
                 reply = error(f"internal error: {type(e).__name__}: {e}")
-            writer.write(encode(reply))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+            await self._write(writer, reply)
             if reader.at_eof():
                 return
+
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, reply: dict) -> None:
+        """One reply line, a piece at a time: each piece written and drained (the client's pace, at most
+        WRITE_TIMEOUT per piece), the loop free for the data path in between."""
+        pending: list[str] = []
+        size = 0
+        for piece in reply_chunks(reply):
+            pending.append(piece)
+            size += len(piece)
+            if size >= WRITE_PIECE:
+                writer.write("".join(pending).encode())
+                pending, size = [], 0
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+                await asyncio.sleep(0)  # drain() returns at once below the high-water mark: yield anyway
+        pending.append("\n")
+        writer.write("".join(pending).encode())
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
 
 
 # -- the client ------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Callable
 from tunneld import __version__
 from tunneld.channel import Apply, Channel
 from tunneld.config import ConfigError, TunnelConfig, check_on_host, check_peers
-from tunneld.control import ControlError, ControlServer, runtime_dir, socket_path
+from tunneld.control import ControlError, ControlServer, Rows, runtime_dir, socket_path
 from tunneld.fdb import mac_text
 from tunneld.peers import PeerSpec
 from tunneld.encap.base import Encapsulator
@@ -152,13 +152,15 @@ class Tunnel:
 
     def show(self) -> dict:
         """What ``tunneld show --json`` prints (README "Many hosts"): the tunnel, each peer with its counters
-        summed over the workers, and (L2 modes) the FDB as worker 0 holds it (all workers agree within 1 s)."""
+        summed over the workers, and (L2 modes) the FDB as worker 0 holds it (all workers agree within 1 s).
+        The peers and the FDB are ``control.Rows``: snapshots taken now, made into JSON objects a slice at a
+        time as the control socket writes them, so that a full FDB never holds the data path's loop."""
         engine = self.worker.engine
         table = engine.peers
         stats = self.totals()
         now = time.time()
-        peers = []
-        for peer in table.all:
+
+        def peer_row(peer) -> dict:
             spec = peer.spec
             ps = stats.peers.get(peer.address) or PeerStats()
             age = max(0.0, now - ps.last_rx) if ps.last_rx else None
@@ -177,7 +179,13 @@ class Tunnel:
             if not table.l2:
                 entry["routes"] = table.routes_of(peer)  # as the data path uses them (one peer: everything)
             entry["macs"] = list(spec.macs)
-            peers.append(entry)
+            return entry
+
+        def fdb_row(item) -> dict:
+            mac, e = item
+            return {"mac": mac_text(mac), "peer": e.peer.address, "static": e.static,
+                    "age_s": round(max(0.0, now - e.seen), 3)}
+
         link = self.worker.link
         out = {
             "device": self.cfg.dev,
@@ -186,13 +194,10 @@ class Tunnel:
             "mtu": self.plan.mtu,
             "listen_port": link.port if isinstance(link, UdpLink) else None,
             "workers": self.workers,
-            "peers": peers,
+            "peers": Rows(table.all, peer_row),  # table.all is a tuple: replaced, never changed in place
         }
         if table.fdb is not None:
-            out["fdb"] = [
-                {"mac": mac_text(mac), "peer": e.peer.address, "static": e.static, "age_s": round(max(0.0, now - e.seen), 3)}
-                for mac, e in table.fdb.entries()
-            ]
+            out["fdb"] = Rows(list(table.fdb.entries()), fdb_row)
             out["fdb_max"] = table.fdb.max_entries
         else:
             out["fdb_max"] = self.cfg.fdb_max
