@@ -3,6 +3,8 @@ source check (L3), super-frames and GRO reads to and from one peer among several
 
 from __future__ import annotations
 
+import pytest
+
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import GRE, Ether
 from scapy.layers.vxlan import VXLAN
@@ -269,3 +271,20 @@ def test_a_send_that_fails_is_not_counted_as_sent_to_its_peer():
     eng.on_device_readable()
     assert eng.stats.drops[Drop.SOCKET_ERROR] == 1 and eng.stats.tx_packets == 0
     assert (eng.stats.peers[B].tx_packets, eng.stats.peers[B].tx_bytes, eng.stats.peers[B].dropped) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("middle_was", [None, B])
+def test_a_gro_read_whose_first_and_last_rows_agree_still_learns_a_different_source_between_them(middle_was):
+    """Before: first and last rows with one source MAC were taken for the whole read: a MAC between them was not
+    learnt, and one that had moved here from another peer kept pointing at the old peer (a wrong entry)."""
+    eng, dev, link = offload_engine()
+    other = "02:00:00:00:00:0e"
+    if middle_was:
+        from_peer(link, middle_was, ether(other, LOCAL))
+        eng.on_link_readable()
+    macs = [HOST_B, HOST_B, other, HOST_B]
+    link.deliver_gro([bytes(VXLAN(flags=8, vni=VNI) / Ether(ether(m, LOCAL, size=600))) for m in macs], C)
+    eng.on_link_readable()
+    assert eng.peers.fdb.lookup(bytes.fromhex(other.replace(":", ""))).address == C
+    assert eng.peers.fdb.lookup(bytes.fromhex(HOST_B.replace(":", ""))).address == C
+    assert eng.stats.fdb_moved == (1 if middle_was else 0)
