@@ -423,3 +423,34 @@ def test_a_handler_that_fails_unexpectedly_costs_one_error_reply(tmp_path):
         assert control.call(s.path, {"command": "peer-remove", "address": "10.0.0.2"}) == {"ok": True}
     finally:
         s.close()
+
+
+# -- the systemd unit's per-instance runtime directories (/run/tunneld/NAME) ------------------------------------------
+
+
+def test_the_client_finds_a_units_socket_in_its_instance_directory(served, tmp_path, capsys):
+    """The unit's daemon serves /run/tunneld/NAME/DEV.sock; root's plain `tunneld show DEV` finds it there."""
+    top = tmp_path  # served.path is TOP/run/tap7.sock: "run" stands for an instance's directory
+    assert cli.main(["show", "tap7", "--json", "--runtime-dir", str(top)]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "tap7"
+    other = Served(str(top / "second" / "tap7.sock"), FakeTunnel())
+    try:
+        assert cli.main(["show", "tap7", "--runtime-dir", str(top)]) == control.EX_UNAVAILABLE
+        err = capsys.readouterr().err
+        assert err.startswith("tunneld: 2 sockets for tap7: ") and "say which with --runtime-dir" in err
+    finally:
+        other.close()
+
+
+def test_the_daemons_default_runtime_dir_is_systemds_runtime_directory(monkeypatch, tmp_path):
+    """RuntimeDirectory=tunneld/%i: systemd says where in $RUNTIME_DIRECTORY; a flag or the file still wins."""
+    from tunneld.cli import build_parser, merge
+    from tunneld.plugins import discover
+
+    parser = build_parser(discover()[0])
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/tunneld/demo")
+    assert merge(parser.parse_args(["--peer", "192.0.2.2"]), {}).runtime_dir == "/run/tunneld/demo"
+    assert merge(parser.parse_args(["--peer", "192.0.2.2"]), {"runtime_dir": "/srv/x"}).runtime_dir == "/srv/x"
+    assert merge(parser.parse_args(["--peer", "192.0.2.2", "--runtime-dir", "/srv/y"]), {}).runtime_dir == "/srv/y"
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    assert merge(parser.parse_args(["--peer", "192.0.2.2"]), {}).runtime_dir == "/run/tunneld"

@@ -5,7 +5,7 @@ What is proven, in order: the unit is active only once tunneld said READY (the i
 runs as a transient user with only CAP_NET_ADMIN and CAP_NET_RAW; a ping and an 8 MB transfer cross the
 tunnel, and a second instance links the hosts over GRE; `systemctl reload` changes the log level live with no loss under a steady ping and refuses an invalid
 file while staying active; SIGKILL, or a stuck event loop (the watchdog), gets it restarted by systemd and
-traffic resumes; `tunneld show` answers from the confined daemon (root, /run/tunneld); a broken config
+traffic resumes; `tunneld show` answers from the confined daemon (root, /run/tunneld/NAME); a broken config
 leaves it failed with status 78 and no restart loop.
 """
 
@@ -80,7 +80,8 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
         shown = json.loads(ca.run("tunneld", "show", "tunneld0", "--json", timeout=30).stdout)
         assert [p["address"] for p in shown["peers"]] == ["10.231.0.2"] and shown["workers"] == 2
         assert shown["peers"][0]["tx_packets"] > 1000 and shown["peers"][0]["state"] == "up"
-        assert ca.run("stat", "-c", "%a", "/run/tunneld/tunneld0.sock").stdout.strip() == "600"
+        assert ca.run("stat", "-c", "%a", "/run/tunneld/demo/tunneld0.sock").stdout.strip() == "600"
+        demo_uid = ca.run("stat", "-c", "%u", "/run/tunneld/demo/tunneld0.sock").stdout.strip()
 
         # A second instance on the same hosts, GRE this time: a raw IP socket, which needs the unit's CAP_NET_RAW.
         for c, peer, me in ((ca, b.underlay, "192.168.232.1"), (cb, a.underlay, "192.168.232.2")):
@@ -88,11 +89,16 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
                                              f'address = ["{me}/24"]\nkey = 77\nseq = true\ncsum = true\n'
                                              '[metrics]\nlisten = "127.0.0.1:9478"\n')
             c.systemctl("start", "tunneld@gre.service", timeout=60)
+        # Its start left the demo instance's socket alone: one runtime directory per instance (RuntimeDirectory=
+        # tunneld/%i). A shared /run/tunneld was chowned, sockets and all, to the gre instance's transient user.
+        assert ca.run("stat", "-c", "%u", "/run/tunneld/demo/tunneld0.sock").stdout.strip() == demo_uid
+        assert ca.run("stat", "-c", "%U %a", "/run/tunneld").stdout.strip() == "root 755"
+        assert "device: tunneld1" in ca.run("tunneld", "show", "tunneld1", timeout=30).stdout
         assert ca.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.232.2", check=False, timeout=20).returncode == 0
         ca.systemctl("stop", "tunneld@gre.service", timeout=30)
         assert a.link_state("tunneld1") is None
         # Its stop removed its own socket, not the shared directory nor the demo instance's socket.
-        assert ca.run("test", "-e", "/run/tunneld/tunneld1.sock", check=False).returncode != 0
+        assert ca.run("test", "-e", "/run/tunneld/gre/tunneld1.sock", check=False).returncode != 0
         assert "device: tunneld0" in ca.run("tunneld", "show", "tunneld0", timeout=30).stdout
 
         # Reload: log level info -> debug, applied live: same process, same interface, no loss under a ping.

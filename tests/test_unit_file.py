@@ -63,11 +63,13 @@ def test_unit_restarts_on_failure_but_not_on_a_config_or_privilege_error():
 
 
 def test_unit_gives_the_control_socket_its_runtime_directory():
-    """/run/tunneld (config.DEFAULT_RUNTIME_DIR), writable under ProtectSystem=strict, kept while any instance
-    still has its socket there (one instance stopping must not remove the others')."""
+    """/run/tunneld/NAME below config.DEFAULT_RUNTIME_DIR, writable under ProtectSystem=strict, one per instance:
+    systemd chowns a RuntimeDirectory= recursively to the unit's (transient) user at every start, so a shared
+    /run/tunneld (as before) was handed from instance to instance with the others' sockets in it."""
     from tunneld.config import DEFAULT_RUNTIME_DIR
 
     lines = UNIT.read_text().splitlines()
     assert DEFAULT_RUNTIME_DIR == "/run/tunneld"
-    for expected in ("RuntimeDirectory=tunneld", "RuntimeDirectoryMode=0755", "RuntimeDirectoryPreserve=yes"):
+    for expected in ("RuntimeDirectory=tunneld/%i", "RuntimeDirectoryMode=0755"):
         assert expected in lines
+    assert not any(line.startswith("RuntimeDirectory=") and line != "RuntimeDirectory=tunneld/%i" for line in lines)

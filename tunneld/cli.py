@@ -318,6 +318,9 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
     Raises ConfigError naming the problem (prefixed with the file when there is one)."""
     values = dict(file_values)
     values.update({f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None})
+    if "runtime_dir" not in values and os.environ.get("RUNTIME_DIRECTORY"):
+        # Neither flag nor file says: systemd's RuntimeDirectory= (the unit's own /run/tunneld/NAME) does.
+        values["runtime_dir"] = os.environ["RUNTIME_DIRECTORY"].split(":")[0]
     tables = "peers" in values and not args.peer  # the peers come from the file's [[peer]] tables
     if args.peer:  # the flags' peers replace the file's list as a whole
         values.pop("peer", None)

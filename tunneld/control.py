@@ -107,6 +107,23 @@ def socket_path(directory: str, dev: str) -> str:
     return os.path.join(directory, f"{dev}.sock")
 
 
+def find_socket(directory: str, dev: str) -> str:
+    """The client's socket for ``dev``: ``DIR/DEV.sock``; failing that, the one ``DIR/*/DEV.sock`` (the systemd
+    unit gives each instance its own ``/run/tunneld/NAME``). ControlError when several instances serve DEV."""
+    path = socket_path(directory, dev)
+    if os.path.lexists(path):
+        return path
+    try:
+        found = sorted(socket_path(entry.path, dev) for entry in os.scandir(directory)
+                       if entry.is_dir(follow_symlinks=False) and os.path.lexists(socket_path(entry.path, dev)))
+    except OSError:
+        return path
+    if len(found) > 1:
+        raise ControlError(f"{len(found)} sockets for {dev}: {', '.join(found)}; say which with --runtime-dir",
+                           EX_UNAVAILABLE)
+    return found[0] if found else path
+
+
 class Handler(Protocol):
     """What the control socket drives: the running tunnel (daemon.Tunnel). Each call raises ConfigError, one
     line, to refuse (an unknown address, a route another peer owns, ...), and then changes nothing."""

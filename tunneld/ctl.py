@@ -28,7 +28,8 @@ CONTROL_COMMANDS = ("show", "peer")  # the client sub-commands; anything else is
 
 CONTROL_EPILOG = f"""\
 The daemon serves its control socket at RUNTIME_DIR/DEV.sock (mode 0600; root and the daemon's own user
-only); RUNTIME_DIR is {DEFAULT_RUNTIME_DIR} unless --runtime-dir (the daemon's too) says otherwise.
+only); RUNTIME_DIR is {DEFAULT_RUNTIME_DIR} unless --runtime-dir (the daemon's too) says otherwise. Without
+RUNTIME_DIR/DEV.sock, the one RUNTIME_DIR/*/DEV.sock is used (the systemd unit's /run/tunneld/NAME).
 
 exit status:
   0 done, {control.EX_FAILURE} the daemon refused (its one-line reason is printed), 2 bad arguments,
@@ -79,8 +80,8 @@ def control_request(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str]) -> int:
     """`tunneld show ...` / `tunneld peer ...`: one request to the daemon, its answer printed."""
     args = build_control_parser().parse_args(argv)
-    path = control.socket_path(args.runtime_dir, args.dev)
     try:
+        path = control.find_socket(args.runtime_dir, args.dev)
         reply = control.call(path, control_request(args))
     except control.ControlError as e:
         print(f"tunneld: {e}", file=sys.stderr)

@@ -17,8 +17,8 @@ Theory of operation:
   says stop or closes the control socket, or the interface is deleted (exit status 1).
 - Every worker, the parent's worker 0 included, is the same ``worker.Worker``: an engine over its queue and
   link, live changes, counters. The parent's view of the others is the ``Supervisor`` below.
-- Parent and child talk over one SOCK_SEQPACKET socketpair per child, one typed message per record
-  (channel.py; pickled underneath: both ends are this program, forked from one process):
+- Parent and child talk over one SOCK_SEQPACKET socketpair per child, typed messages of any size
+  (channel.py: pickled, in records of at most 32 KiB; both ends are this program, forked from one process):
     child → parent: Ready once its engine is attached; StatsReport(seq, Stats, cpu seconds) in answer to a
                     request (the CPU time the worker has used: os.times(), user + system).
     parent → child: StatsRequest(seq); Apply(...) on reload or a control request; Learnt(entries) from the
