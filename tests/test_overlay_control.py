@@ -21,7 +21,7 @@ from tunneld.encap.vxlan import Vxlan
 from tunneld.fdb import mac_bytes
 from tunneld.peers import PeerSpec
 from tunneld.testing import FakeDevice, FakeLink
-from tunneld.worker import Worker
+from tunneld.worker import LEARNT_PER_TICK, Worker
 from tunneld.workers import Supervisor
 
 A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
@@ -338,3 +338,26 @@ def test_show_of_a_full_fdb_is_written_in_slices_yielding_to_the_loop_between_th
 
     ticks, data = asyncio.run(serve())
     assert data == control.encode(reply) and ticks >= 16384 // control.ROWS_PER_SLICE // 2
+
+
+def test_a_mac_flood_is_passed_on_a_bounded_batch_per_tick_and_the_rest_on_the_next():
+    """Carried, not dropped: each MAC reaches the other workers, LEARNT_PER_TICK entries per tick at most."""
+    w, _, _ = worker()
+    sent: list[Learnt] = []
+    w.share = sent.append
+    peer = w.engine.peers.get(B)
+    macs = [(0x020000000000 + i).to_bytes(6, "big") for i in range(2 * LEARNT_PER_TICK + 500)]
+    for mac in macs:
+        w.engine.peers.fdb.learn(mac, peer, 1000.0)
+
+    async def ticks() -> list[int]:
+        per_tick = []
+        for _ in range(4):
+            before = sum(len(m.entries) for m in sent)
+            w._fdb_tick(asyncio.get_running_loop())
+            per_tick.append(sum(len(m.entries) for m in sent) - before)
+        w.close()
+        return per_tick
+
+    assert asyncio.run(ticks()) == [LEARNT_PER_TICK, LEARNT_PER_TICK, 500, 0]
+    assert [mac for m in sent for mac, _ in m.entries] == macs and all(a == B for m in sent for _, a in m.entries)

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import REPO
+from tunneld import workers as workers_module
 from tunneld.testbed import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan, transfer
 from tunneld.testbed.notify import NotifyReceiver
 from tunneld.testbed.procfs import children_of, cpu_seconds
@@ -470,3 +471,35 @@ def test_a_second_daemon_on_the_port_fails_instead_of_joining_the_reuseport_grou
                                              "--port"]
     assert a.link_state("tunneld9") is None
     assert first.stop() == 0
+
+
+def test_a_thousand_peers_with_two_workers_keep_their_counters_flowing(hosts, tmp_path):
+    """Issue 12's gap: a worker's StatsReport of ~900+ peers exceeded the channel's one 64 KiB record; the parent
+    could not read it, the worker's request stayed outstanding for ever, and it counted as wedged (logged; with a
+    watchdog, the unit restarted). Now every report arrives, whatever the number of peers."""
+    a, b = hosts
+    quiet(a, b)
+    a.run("ip", "route", "add", "10.240.0.0/16", "via", b.underlay)  # the far ends: routed, nobody answers
+    peers = [b.underlay] + [f"10.240.{i >> 8}.{i & 255}" for i in range(1, 1001)]
+    conf = tmp_path / "a.toml"
+    conf.write_text(f'[tunnel]\naddress = "{OVERLAY_V4[0]}/24"\nmac = "{MAC_A}"\nworkers = 2\n'
+                    + "".join(f'[[peer]]\naddress = "{p}"\n' for p in peers))
+    ta = Tunneld(a, "--config", str(conf), timeout=90)
+    tb = Tunneld(b, "--peer", a.underlay, "--address", f"{OVERLAY_V4[1]}/24", "--mac", MAC_B, "--workers", "1")
+    try:
+        a.run("ip", "neigh", "replace", OVERLAY_V4[1], "lladdr", MAC_B, "dev", "tunneld0", "nud", "permanent")
+        b.run("ip", "neigh", "replace", OVERLAY_V4[0], "lladdr", MAC_A, "dev", "tunneld0", "nud", "permanent")
+        assert udp_flows(a, b) == FLOWS * PER_FLOW  # both workers carry flows: both count
+        time.sleep(workers_module.LATE_AFTER + 2)  # long enough for a worker whose reports are lost to count as late
+        shown = ta.show()
+        assert len(shown["peers"]) == 1001 and shown["workers"] == 2
+        per_worker = [value(scrape(a), "tunneld_worker_packets_total", worker=w, direction="tx") for w in "01"]
+        assert all(n > 0 for n in per_worker) and sum(per_worker) >= FLOWS * PER_FLOW, per_worker
+        assert next(p for p in shown["peers"] if p["address"] == b.underlay)["tx_packets"] >= FLOWS * PER_FLOW
+        assert ta.stop() == 0
+        out = ta.output()
+        assert "has not answered" not in out and "Traceback" not in out and "refused" not in out, out[-3000:]
+    finally:
+        for t in (ta, tb):
+            if t.proc.poll() is None:
+                t.stop()
