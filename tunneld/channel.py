@@ -33,6 +33,7 @@ import errno
 import logging
 import pickle
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Union
@@ -49,6 +50,7 @@ MESSAGE_MAX = 16 << 20  # bytes of one joined message; a StatsReport of MAX_PEER
 QUEUE_MAX = 8 << 20  # bytes waiting to be written beyond which ``send`` refuses (the reader has stopped)
 OFFER_MAX = 1 << 20  # ... and beyond which ``offer`` drops best-effort messages, leaving room for ``send``
 DRAIN_MAX = 64  # records read per wake-up: bounded, so a chatty end cannot hold the loop
+DROP_LOG_EVERY = 60.0  # seconds between log lines about dropped best-effort messages
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Channel:
         self._skipping = False  # the message being received is refused: read its pieces to its LAST, keep none
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writing = False  # a writer callback is registered
+        self._drop_logged = float("-inf")
 
     @classmethod
     def pair(cls) -> tuple["Channel", "Channel"]:
@@ -177,13 +180,21 @@ class Channel:
         if self._queued > OFFER_MAX:
             self._flush()
         if self._queued > OFFER_MAX:
-            self.dropped += 1
+            self._drop(message, "the other end is not reading")
             return False
         self._enqueue(message)
         if not self._flush():
-            self.dropped += 1
+            self._drop(message, "the other end is gone")
             return False
         return True
+
+    def _drop(self, message: Message, why: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged >= DROP_LOG_EVERY:  # a flood must not flood the log too
+            self._drop_logged = now
+            log.warning("control channel: %s not sent, %s (%d best-effort messages dropped so far)",
+                        type(message).__name__, why, self.dropped)
 
     def _enqueue(self, message: Message) -> None:
         data = memoryview(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
