@@ -269,15 +269,26 @@ def test_peer_add_warns_when_the_new_peers_path_mtu_is_below_what_the_device_mtu
     from tunneld import control
     from tunneld.io import netlink
 
-    monkeypatch.setattr(netlink, "underlay_mtu", lambda addr: (1400, "ul9") if addr == C else (1500, "ul0"))
+    monkeypatch.setattr(netlink, "path_mtu", lambda addr: 1400 if addr == C else 1500)
     w, _, _ = worker()
     t = tunnel_over(w)  # device MTU 1450: 1500 - 50 of VXLAN over IPv4
     reply = control.dispatch(t, control.Request("peer-add", spec=PeerSpec(C)))
-    want = (f"peer {C}: its path MTU 1400 (via ul9) carries inner packets of at most 1350 bytes, less than td0's "
+    want = (f"peer {C}: its path MTU 1400 carries inner packets of at most 1350 bytes, less than td0's "
             "MTU 1450")
     assert reply["ok"] and reply["warning"].startswith(want) and want in caplog.text
     assert w.engine.peers.get(C) is not None and t.plan.mtu == 1450  # added; the device MTU stays
     assert control.dispatch(t, control.Request("peer-add", spec=PeerSpec("192.0.2.5"))) == {"ok": True}
+
+
+def test_the_path_mtu_is_asked_of_the_kernel_without_netlink_and_runs_on_a_running_loop():
+    """pyroute2's IPRoute refuses to run inside a running event loop, where the control socket calls add_peer."""
+    from tunneld.io import netlink
+
+    async def ask() -> tuple:
+        return netlink.path_mtu("127.0.0.1"), netlink.path_mtu("::1")
+
+    lo = int(open("/sys/class/net/lo/mtu").read())
+    assert asyncio.run(ask()) == (min(lo, 65535), lo)  # IPv4 caps it at the largest IPv4 packet
 
 
 # -- `tunneld show` of a full FDB does not hold the loop ----------------------------------------------------------

@@ -237,13 +237,13 @@ class Tunnel:
 
     def _path_mtu_warning(self, address: str) -> str | None:
         """A line when the underlay path towards ``address`` carries less than the device MTU plus overhead."""
-        path_mtu, dev = netlink.underlay_mtu(address)
-        if dev is None:
+        path_mtu = netlink.path_mtu(address)
+        if path_mtu is None:
             return None  # no route yet: nothing known to compare (the start-up plan assumes the default too)
         inner = path_mtu - self.plan.codec.overhead(ipaddress.ip_address(address).version == 6)
         if inner >= self.plan.mtu:
             return None
-        return (f"peer {address}: its path MTU {path_mtu} (via {dev}) carries inner packets of at most {inner} "
+        return (f"peer {address}: its path MTU {path_mtu} carries inner packets of at most {inner} "
                 f"bytes, less than {self.cfg.dev}'s MTU {self.plan.mtu}: larger ones to it will not get through; "
                 "the device MTU is not changed live (restart, or set mtu)")
 

@@ -111,6 +111,23 @@ def address_kind(addr: str) -> str | None:
         return "local" if ipaddress.ip_address(s.getsockname()[0]) == ip else "unicast"
 
 
+IP_MTU, IPV6_MTU = 14, 24  # include/uapi/linux/in.h, in6.h: a connected socket's path MTU (getsockopt)
+
+
+def path_mtu(addr: str) -> int | None:
+    """The MTU of the route towards ``addr`` (its mtu metric, the output interface's MTU, or a smaller path MTU
+    the kernel learnt), None when there is no route. Asked of a connected UDP socket, which sends nothing: like
+    ``address_kind`` it runs on the event loop (pyroute2's netlink calls refuse to inside a running loop)."""
+    ip = ipaddress.ip_address(addr)
+    v6 = ip.version == 6
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((ip.compressed, 9))
+            return s.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_MTU if v6 else IP_MTU)
+        except OSError:
+            return None
+
+
 def is_own_address(addr: str) -> bool:
     """Whether ``addr`` can be bound, i.e. is one of this host's addresses."""
     ip = ipaddress.ip_address(addr)
