@@ -55,3 +55,27 @@ def test_show_json_counts_a_ping_and_a_second_daemon_for_the_device_is_refused(h
         tb.kill()
         assert ta.stop() == 0
     assert not os.path.exists(path)  # removed on exit
+
+
+def test_peer_add_refuses_this_hosts_own_address_and_warns_of_a_smaller_path_mtu(hosts):
+    """The kernel's word on the new peer, asked from the daemon's running loop: one of A's own addresses is
+    refused (one line, nothing changed); a peer behind a route with a smaller MTU is added with a warning on
+    the client's stderr and in the log, and the device MTU stays."""
+    a, b = hosts
+    ta, tb = start_pair(a, b, "vxlan", "--metrics-listen", "")
+    try:
+        r = ta.client("peer", "add", a.underlay)
+        assert r.returncode == 1 and r.stderr.strip() == (
+            f"tunneld: peer: {a.underlay} is an address of this host: the tunnel would lead back to itself"), r.stderr
+        a.run("ip", "route", "add", "10.240.0.0/24", "via", b.underlay, "mtu", "1400")
+        r = ta.client("peer", "add", "10.240.0.7")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.startswith("tunneld: warning: peer 10.240.0.7: its path MTU 1400 carries inner packets of "
+                                   "at most 1350 bytes, less than tunneld0's MTU 1450"), r.stderr
+        shown = json.loads(show(ta, "--json"))
+        assert [p["address"] for p in shown["peers"]] == [b.underlay, "10.240.0.7"] and shown["mtu"] == 1450
+        assert a.run("cat", "/sys/class/net/tunneld0/mtu").stdout.strip() == "1450"
+    finally:
+        tb.kill()
+        assert ta.stop() == 0
+    assert "its path MTU 1400" in ta.output()
