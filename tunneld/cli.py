@@ -240,7 +240,8 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
                    help=f"L2 modes: a learnt MAC not heard from for this long is forgotten; 0 = never "
                    f"(default: {DEFAULT_FDB_AGEING:.0f})")
     p.add_argument("--runtime-dir", metavar="DIR",
-                   help=f"directory of the control socket DIR/DEV.sock (default: {DEFAULT_RUNTIME_DIR})")
+                   help=f"directory of the control socket DIR/DEV.sock (default: $RUNTIME_DIRECTORY if systemd "
+                   f"sets it, else {DEFAULT_RUNTIME_DIR})")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
