@@ -202,7 +202,8 @@ class Service:
         applied: dict[str, object] = {}
         peers_set, peers_removed = peer_diff(old.peers, new.peers)
         if peers_set or peers_removed or new.peer != old.peer:  # a reorder moves the first peer
-            if len(old.peers) == len(new.peers) == 1 and new.peer != old.peer:
+            # (not with a registry: the table holds its peers too, which a one-peer swap would drop)
+            if len(old.peers) == len(new.peers) == 1 and new.peer != old.peer and old.registry is None:
                 # one peer for another: the link's own check of the new address, with the new peer's whole spec
                 changes = Apply(peer=new.peer, peers_set=new.peers)
             else:
