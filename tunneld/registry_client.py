@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -61,6 +62,7 @@ def _lease_compare(key: bytes, lease_id: int):
 def _client(cfg: RegistryConfig, endpoint: str, timeout: float):
     """An aetcd client for ``endpoint``; with TLS, over a channel we open (aetcd's own connect is plain-text
     only; everything else, the stubs and the watcher, is still aetcd's)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's C core logs to stderr on its own; we say it once
     import aetcd
     import grpc
     from aetcd import rpc, watcher
@@ -105,8 +107,9 @@ def describe_error(e: BaseException) -> str:
     cause = e.__cause__
     details = cause.details() if cause is not None and hasattr(cause, "details") else str(e)
     details = " ".join((details or type(e).__name__).split())
-    if "handshake" in details.lower() or "ssl" in details.lower() or "certificate" in details.lower():
-        return f"TLS refused: {details}"
+    low = details.lower()
+    if any(word in low for word in ("handshake", "ssl", "certificate", "tsi_", "unwrap failed")):
+        return f"TLS refused (does the member trust our certificate? registry.cert/key/ca): {details}"
     return details
 
 
