@@ -13,12 +13,13 @@ duration: it never waits for etcd).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
 import pytest
 
-from tunneld.testbed import Tunneld, segment, transfer
+from tunneld.testbed import TUNNELD, Tunneld, segment, transfer
 from tunneld.testbed.etcd import etcd_cluster
 
 pytestmark = pytest.mark.netns
@@ -63,6 +64,13 @@ def peer_addresses(daemon: Tunneld) -> set[str]:
     return {p["address"] for p in daemon.show()["peers"]}
 
 
+def peer_lists(daemons) -> list[set[str]]:
+    """Every daemon's peer addresses, the ``tunneld show --json`` clients run at once (each is a Python start)."""
+    procs = [d.host.popen(TUNNELD, "show", d.dev, "--json", "--runtime-dir", d.runtime_dir, stderr=subprocess.DEVNULL)
+             for d in daemons]
+    return [{p["address"] for p in json.loads(proc.communicate(timeout=20)[0])["peers"]} for proc in procs]
+
+
 def wait_for(predicate, timeout: float, step: float = 0.1) -> float:
     t0 = time.monotonic()
     while not predicate():
@@ -70,6 +78,21 @@ def wait_for(predicate, timeout: float, step: float = 0.1) -> float:
             raise AssertionError(f"not true within {timeout} s")
         time.sleep(step)
     return time.monotonic() - t0
+
+
+def join_time(etcd, host, url: str, bound: float, others) -> tuple[Tunneld, float]:
+    """Start a daemon on ``host``; seconds from its record appearing in etcd (an ``etcdctl watch`` started
+    before sees the put) to every one of ``others`` reaching it."""
+    watch = etcd.hosts[0].popen(*etcd.etcdctl_argv("watch", f"{PREFIX}/hosts/{host.underlay}"))
+    try:
+        daemon = start(host, url, wait=False)
+        line = watch.stdout.readline()  # "PUT": the registration
+        t0 = time.monotonic()
+        assert line.strip() == "PUT", (line, daemon.output())
+    finally:
+        watch.kill()
+        watch.wait(timeout=5)
+    return daemon, time.monotonic() - t0 + wait_reachable([(a, host.overlay) for a in others], bound)
 
 
 def refused(host, url: str, *extra: str) -> str:
@@ -90,9 +113,8 @@ def test_hosts_find_each_other_through_etcd(tmp_path):
         wait_reachable([(a, b.overlay) for a in hosts[:4] for b in hosts[:4] if a is not b], 10)
 
         # Join: the fifth host, from its interface being up to every other host reaching it.
-        t0 = time.monotonic()
-        daemons.append(start(hosts[4], url))
-        join = time.monotonic() - t0 + wait_reachable([(a, hosts[4].overlay) for a in hosts[:4]], JOIN_BOUND)
+        daemon, join = join_time(etcd, hosts[4], url, JOIN_BOUND, hosts[:4])
+        daemons.append(daemon)
         print(f"join: {join:.2f} s")
         assert join <= JOIN_BOUND
 
@@ -114,18 +136,22 @@ def test_hosts_find_each_other_through_etcd(tmp_path):
         etcd.wait_healthy()
 
         # Leave: SIGKILL, no revocation: gone from every peer list within the TTL (+ etcd's expiry check).
+        watch = etcd.hosts[0].popen(*etcd.etcdctl_argv("watch", f"{PREFIX}/hosts/{hosts[4].underlay}"))
         t0 = time.monotonic()
         daemons[4].kill()
-        wait_for(lambda: all(hosts[4].underlay not in peer_addresses(d) for d in daemons[:4]), LEAVE_BOUND + 5)
+        wait_for(lambda: all(hosts[4].underlay not in peers for peers in peer_lists(daemons[:4])), LEAVE_BOUND + 5,
+                 step=0)
         leave = time.monotonic() - t0
-        print(f"leave: {leave:.2f} s (ttl {TTL} s)")
+        watch.kill()
+        expired = [line for line in watch.communicate(timeout=5)[0].splitlines() if line == "DELETE"]
+        print(f"leave: {leave:.2f} s (ttl {TTL} s; the key expired: {bool(expired)})")
         assert leave <= LEAVE_BOUND
         # A clean stop revokes at once.
         daemons[4] = start(hosts[4], url)
         wait_for(lambda: all(hosts[4].underlay in peer_addresses(d) for d in daemons[:4]), 5)
-        t0 = time.monotonic()
         assert daemons[4].stop() == 0
-        wait_for(lambda: all(hosts[4].underlay not in peer_addresses(d) for d in daemons[:4]), 5)
+        t0 = time.monotonic()
+        wait_for(lambda: all(hosts[4].underlay not in peers for peers in peer_lists(daemons[:4])), 5, step=0)
         print(f"leave after a clean stop: {time.monotonic() - t0:.2f} s")
         assert time.monotonic() - t0 < TTL
 
@@ -177,9 +203,8 @@ def test_hosts_find_each_other_through_etcd(tmp_path):
         etcd.wait_healthy()
         for d in daemons[:4]:
             wait_for(lambda d=d: d.show()["registry"]["up"], 10)
-        t0 = time.monotonic()
-        daemons.append(start(hosts[5], url))
-        rejoin = time.monotonic() - t0 + wait_reachable([(a, hosts[5].overlay) for a in hosts[:4]], REJOIN_BOUND)
+        daemon, rejoin = join_time(etcd, hosts[5], url, REJOIN_BOUND, hosts[:4])
+        daemons.append(daemon)
         print(f"join after etcd came back: {rejoin:.2f} s")
         assert rejoin <= REJOIN_BOUND
         for d in daemons:

@@ -271,8 +271,8 @@ class Registry:
         listing = await client.get_prefix(prefix)  # again: our own write's revision, and anyone's meanwhile
         self._hand(self.membership.resync((kv.key, kv.value) for kv in listing))
         self.stats.reconnects += self.registered.is_set()
-        self.registered.set()
         self._up(endpoint)
+        self.registered.set()
         try:
             watch = await client.watch_prefix(prefix, start_revision=listing.header.revision + 1)
         except aetcd.exceptions.RevisionCompactedError:

@@ -76,6 +76,14 @@ class EtcdCluster:
             proc.wait(timeout=5)
         self.procs[i] = None
 
+    def etcdctl_argv(self, *args: str) -> list[str]:
+        """``etcdctl`` (API v3, every member) for a long-running command (``watch``): run it in a member's host."""
+        cmd = ["env", "ETCDCTL_API=3", ETCDCTL, "--endpoints",
+               ",".join(f"{self.scheme}://{h.underlay}:{CLIENT_PORT}" for h in self.hosts)]
+        if self.tls:
+            cmd += ["--cacert", self.tls["ca"], "--cert", self.tls["cert"], "--key", self.tls["key"]]
+        return [*cmd, *args]
+
     def etcdctl(self, *args: str, via: int | None = None, timeout: float = 10,
                 check: bool = True, client: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """``etcdctl`` (API v3) run in a member's host, against every member (or ``via`` alone); with TLS, as
