@@ -211,11 +211,21 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     a record is not taken over, and the record leaving does not remove the static peer."""
     import dataclasses
 
-    from tests.test_overlay_control import A, B, C, tunnel_over, worker
-    from tunneld.service import Service
+    from types import SimpleNamespace
 
-    w, _, _ = worker(peers=(A,))
-    t = tunnel_over(w)
+    from tunneld.daemon import Tunnel
+    from tunneld.encap.vxlan import Vxlan
+    from tunneld.service import Service
+    from tunneld.testing import FakeDevice, FakeLink
+    from tunneld.worker import Worker
+    from tunneld.workers import Supervisor
+
+    A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
+    w = Worker(0, FakeDevice(), FakeLink(A), Vxlan(7), dev="td0", max_frame=1450, offload=False,
+               peers=[PeerSpec(A)], clock=lambda: 1000.0)
+    t = Tunnel.__new__(Tunnel)  # a tunnel over a fake worker, as the control tests build one
+    t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
+        TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
     t.registry_changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
                         PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
