@@ -22,6 +22,7 @@ Shutdown undoes it in reverse; closing the device fd removes the interface (with
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import ipaddress
 import logging
@@ -59,6 +60,7 @@ WATCH_INTERVAL = 1.0  # seconds between looks at the counters for the log (watch
 # one arrived longer ago, "never" when none has. Three watch intervals: one lost look is not yet silence.
 PEER_UP_WITHIN = 3 * WATCH_INTERVAL
 REGISTRY_START_WAIT = 5.0  # seconds serve() waits for the first registration before going on without it
+REGISTRY_CHUNK = 32  # registry peer changes applied per turn of the event loop (each is one live Apply)
 
 
 class Tunnel:
@@ -255,7 +257,27 @@ class Tunnel:
                         round(time.time(), 3), owner_id(cfg.dev))
         membership = Membership(cfg.registry.hosts_prefix(), cfg.local, l2=l2, mode=cfg.mode, vni=plan.vni,
                                 stats=self.registry_stats)
-        self.registry = Registry(cfg.registry, record, membership, loop=loop, deliver=self.registry_changes,
+        pending: collections.deque = collections.deque()  # (upserts, removals), in the order etcd said them
+
+        def drain() -> None:
+            # At most REGISTRY_CHUNK peer changes per turn of the loop: a resync of a thousand hosts must not hold
+            # the data path for the whole of it. One queue keeps etcd's order (a join, then its leave).
+            done = 0
+            while pending and done < REGISTRY_CHUNK:
+                upserts, removals = pending.popleft()
+                self.registry_changes(upserts, removals)
+                done += len(upserts) + len(removals)
+            if pending:
+                loop.call_soon(drain)
+
+        def deliver(upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
+            idle = not pending
+            pending.extend(((), (address,)) for address in removals)
+            pending.extend(((spec,), ()) for spec in upserts)
+            if idle:
+                drain()
+
+        self.registry = Registry(cfg.registry, record, membership, loop=loop, deliver=deliver,
                                  stats=self.registry_stats)
         log.info("registry: %s as %s", cfg.registry.describe(), cfg.local)
         self.registry.start()

@@ -149,6 +149,9 @@ class Service:
         s = self.tunnel.totals()
         peers = self.tunnel.cfg.peers
         who = f"peer {self.tunnel.cfg.peer}" if len(peers) == 1 else f"{len(peers)} peers"
+        registry = getattr(self.tunnel, "registry_stats", None)  # with --registry (daemon.Tunnel)
+        if registry is not None:
+            who += f" + {registry.peers} from etcd" + ("" if registry.up else " (etcd unreachable)")
         line = f"{who}: sent {s.tx_packets} packets, received {s.rx_packets}"
         return line + (f", dropped {s.dropped}" if s.dropped else "")
 
