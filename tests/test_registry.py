@@ -114,7 +114,7 @@ def tunneld(*args: str) -> subprocess.CompletedProcess:
 def test_cli_registry_makes_peer_optional_and_bad_values_are_one_line(tmp_path):
     r = tunneld("--registry", "etcd://10.0.0.1:2379/x", "--registry-ttl", "5", "--check")
     assert r.returncode == 0, r.stderr
-    assert "no static peers and the hosts in etcd 10.0.0.1:2379 prefix /x ttl 5s" in r.stdout
+    assert "ok: vxlan to the hosts in etcd 10.0.0.1:2379 prefix /x ttl 5s on tunneld0" in r.stdout
     for args, code, says in (
         (("--registry", "etcd:/10.0.0.1"), 2, "registry: 'etcd:/10.0.0.1' is not etcd://"),
         (("--peer", "10.0.0.2", "--registry-ttl", "5"), 2, "registry-ttl: without a registry"),

@@ -483,9 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunneld: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
-        to = f"peer {cfg.peer}" if len(cfg.peers) == 1 else f"{len(cfg.peers)} peers ({cfg.peer}, ...)" \
-            if cfg.peers else "no static peers"
-        to += f" and the hosts in {cfg.registry.describe()}" if cfg.registry else ""
+        to = f"peer {cfg.peer}" if len(cfg.peers) == 1 else f"{len(cfg.peers)} peers ({cfg.peer}, ...)"
+        if cfg.registry:
+            to = (f"{to} and " if cfg.peers else "") + f"the hosts in {cfg.registry.describe()}"
         print(f"{args.config or 'command line'}: ok: {cfg.mode} to {to} on {cfg.dev}")
         return 0
     setup_logging(cfg.log_level)
