@@ -433,6 +433,8 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 #   [control] runtime_dir: where the control socket DEV.sock lives
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
+#   [registry] endpoints = ["HOST:PORT", ...] (or "etcd://HOST:PORT,.../PREFIX"), prefix, ttl, ca, cert, key,
+#             user, password: membership through etcd (tunneld/registry.py); --registry overrides it
 #
 # Every problem is reported, one line each, as "FILE: SECTION.KEY: what is wrong; what is allowed". Unknown
 # sections and keys are errors: a typo must not silently fall back to a default.
