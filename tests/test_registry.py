@@ -3,8 +3,12 @@ The real cluster is tests/test_registry_netns.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
+import time
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -211,8 +215,6 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     a record is not taken over, and the record leaving does not remove the static peer."""
     import dataclasses
 
-    from types import SimpleNamespace
-
     from tunneld.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.service import Service
@@ -239,3 +241,130 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     assert {p.address for p in table.all} == {A, B}
     t.registry_changes((), (A, B))  # both records leave: the static A stays
     assert {p.address for p in table.all} == {A} and t.registry_stats.peers == 0
+
+
+class FakeEtcd:
+    """Just enough of an aetcd client for registry_client.Registry's session, scripted by the test: the first
+    ``fail`` connections are refused; the first watch raises a compaction; puts and revocations are recorded.
+    One instance stands for the cluster (every endpoint's client is it)."""
+
+    def __init__(self, fail: int = 0, others: list[tuple[bytes, bytes]] = ()) -> None:
+        from aetcd.client import Transactions
+
+        self.transactions = Transactions()
+        self.fail = fail
+        self.connects = 0
+        self.kvs = dict(others)
+        self.watches = 0
+        self.revoked: list[int] = []
+        self.events: asyncio.Queue | None = None
+
+    async def connect(self):
+        self.connects += 1
+        if self.connects <= self.fail:
+            import aetcd.exceptions
+
+            raise aetcd.exceptions.ConnectionFailedError("connection refused")
+
+    async def lease(self, ttl):
+        return SimpleNamespace(id=42)
+
+    async def get_lease_info(self, lease_id, keys=False):
+        return SimpleNamespace(TTL=3)
+
+    async def refresh_lease(self, lease_id):
+        return SimpleNamespace(TTL=3)
+
+    async def revoke_lease(self, lease_id):
+        self.revoked.append(lease_id)
+
+    async def transaction(self, compare, success=None, failure=None):
+        for op in success or ():
+            self.kvs[op.key] = op.value
+        return True, []
+
+    async def get_prefix(self, prefix):
+        return _Listing(SimpleNamespace(key=k, value=v) for k, v in sorted(self.kvs.items()))
+
+    async def watch_prefix(self, prefix, start_revision=None):
+        import aetcd.exceptions
+
+        self.watches += 1
+        if self.watches == 1:
+            raise aetcd.exceptions.RevisionCompactedError(start_revision + 5)
+        self.events = asyncio.Queue()
+        events = self.events
+
+        async def iterate():
+            while True:
+                yield await events.get()
+
+        async def cancel():
+            pass
+        return _Watch(iterate, cancel)
+
+    async def close(self):
+        pass
+
+
+class _Listing(list):
+    header = SimpleNamespace(revision=10)
+
+
+class _Watch:
+    def __init__(self, iterate, cancel):
+        self._iterate, self.cancel = iterate, cancel
+
+    def __aiter__(self):
+        return self._iterate()
+
+
+def run_registry(fake: FakeEtcd, monkeypatch, caplog, until, timeout: float = 10.0):
+    """A Registry on its thread against ``fake``, the test's loop as the data path's; ``until(registry,
+    changes)`` is polled; then the registry is stopped. Returns (registry, changes delivered)."""
+    from tunneld import registry_client
+
+    monkeypatch.setattr(registry_client, "_client", lambda cfg, endpoint, timeout: fake)
+    monkeypatch.setattr(registry_client, "BACKOFF_MIN", 0.05)
+    cfg = RegistryConfig(("10.0.0.9:2379", "10.0.0.8:2379"), "/t", 3)
+    rec = record("10.0.0.1", mac="02:00:00:00:00:01", overlay=("192.168.1.1/24",))
+    changes = []
+
+    async def main():
+        stats = RegistryStats()
+        reg = registry_client.Registry(cfg, rec, Membership(cfg.hosts_prefix(), rec.address, l2=True, mode="vxlan",
+                                                            vni=7, stats=stats),
+                                       loop=asyncio.get_running_loop(), deliver=lambda u, r: changes.append((u, r)),
+                                       stats=stats)
+        reg.start()
+        deadline = time.monotonic() + timeout
+        while not until(reg, changes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.get_running_loop().run_in_executor(None, reg.stop)
+        return reg
+
+    with caplog.at_level(logging.INFO, logger="tunneld"):
+        reg = asyncio.run(main())
+    return reg, changes
+
+
+def test_client_retries_quietly_resyncs_after_compaction_and_revokes_on_stop(monkeypatch, caplog):
+    other = record("10.0.0.2")
+    fake = FakeEtcd(fail=5, others=[(b"/t/hosts/10.0.0.2", other.encode())])
+    reg, changes = run_registry(fake, monkeypatch, caplog, lambda reg, ch: fake.events is not None and ch)
+    assert fake.connects == 5 + 2  # five refusals, a session ended by the compaction, the session that watched
+    downs = [r for r in caplog.records if r.getMessage().startswith("registry down")]
+    assert len(downs) == 1, [r.getMessage() for r in caplog.records]  # once per change of state, not per attempt
+    assert any("compacted; resyncing" in r.getMessage() for r in caplog.records)
+    assert changes[0] == ((other.spec(True),), ())  # the listing, handed over once: the resync found no change
+    assert b"/t/hosts/10.0.0.1" in fake.kvs and fake.revoked == [42]
+    assert reg.registered.is_set() and reg.refused is None
+
+
+def test_client_refuses_a_duplicate_overlay_address_before_writing(monkeypatch, caplog):
+    clash = record("10.0.0.2", overlay=("192.168.1.1/24",))
+    fake = FakeEtcd(others=[(b"/t/hosts/10.0.0.2", clash.encode())])
+    reg, changes = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.refused is not None)
+    assert reg.refused == ("registry: overlay address 192.168.1.1 is already registered by host 10.0.0.2; "
+                           "refusing a duplicate overlay address")
+    assert b"/t/hosts/10.0.0.1" not in fake.kvs and changes == [] and not reg.registered.is_set()
