@@ -185,7 +185,8 @@ def test_changes_replace_and_leaves_remove_everything():
 
 def test_resync_answers_with_the_difference():
     m = membership()
-    a, b, c = record("10.0.0.2"), record("10.0.0.3", mac="02:00:00:00:00:03"), record("10.0.0.4", mac="02:00:00:00:00:04")
+    a, b = record("10.0.0.2"), record("10.0.0.3", mac="02:00:00:00:00:03")
+    c = record("10.0.0.4", mac="02:00:00:00:00:04")
     kv = lambda r: (PREFIX + r.address.encode(), r.encode())  # noqa: E731
     assert m.resync([kv(a), kv(b)]) == ((a.spec(True), b.spec(True)), ())
     b2 = record("10.0.0.3", mac="02:00:00:00:00:33")
