@@ -61,6 +61,7 @@ examples:
   then from A:                 ping 192.168.100.2
   from a file (config/):       tunneld --config /etc/tunneld/demo.toml [--check]
   a running tunnel:            tunneld show tunneld0 [--json]; tunneld peer add|remove ... (tunneld show --help)
+  hosts found through etcd:    tunneld --mode vxlan --registry etcd://10.0.0.9:2379/overlay1 --address 192.168.100.1/24
 
   It interoperates with the Linux kernel's own VXLAN on the far end:
     ip link add vx0 type vxlan id 1 remote 10.0.0.1 dstport 4789 dev eth0
