@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools.
-APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn
+# Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools; etcd for
+# the registry's tests (a real 3-member cluster in namespaces; etcd-server's unit is disabled again, as openvpn's).
+APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn etcd-server etcd-client
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: setup apt venv demo test test-unit fuzz bench bench-quick clean
@@ -17,9 +18,10 @@ apt:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 		if [ "$$(id -u)" -ne 0 ]; then echo "make setup: installing $(APT_PACKAGES) needs root (apt-get)"; exit 1; fi; \
 		echo "apt-get: installing $(APT_PACKAGES)"; \
-		had_openvpn=$$(dpkg -s openvpn >/dev/null 2>&1 && echo yes); \
+		had_openvpn=$$(dpkg -s openvpn >/dev/null 2>&1 && echo yes); had_etcd=$$(dpkg -s etcd-server >/dev/null 2>&1 && echo yes); \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 		if [ -z "$$had_openvpn" ] && command -v systemctl >/dev/null; then systemctl disable --quiet openvpn.service 2>/dev/null || true; fi; \
+		if [ -z "$$had_etcd" ] && command -v systemctl >/dev/null; then systemctl disable --now --quiet etcd.service 2>/dev/null || true; fi; \
 	fi
 
 venv: $(VENV)/.installed

@@ -72,7 +72,7 @@ BAD = [
     ("unknown-key", '[tunnel]\npeer = "10.0.0.2"\nvnii = 3\n',
      "tunnel.vnii: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, workers, vni"),
     ("unknown-section", '[tunnel]\npeer = "10.0.0.2"\n[tunel]\n',
-     "tunel: unknown section; allowed: [tunnel], [[peer]], [fdb], [control], [metrics], [log]"),
+     "tunel: unknown section; allowed: [tunnel], [[peer]], [fdb], [control], [metrics], [log], [registry]"),
     ("section-not-table", 'tunnel = 1\n', "tunnel: must be a table [tunnel], got integer 1"),
     ("gre-key-on-vxlan", '[tunnel]\npeer = "10.0.0.2"\nkey = 77\n',
      "tunnel.key: only for mode gre/gretap, not 'vxlan'; mode 'vxlan' takes: vni"),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import logging
 import os
+import socket
 import sys
 from typing import Mapping, Sequence
 
@@ -40,6 +43,7 @@ from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec
 from tunneld.io.netlink import address_kind, is_own_address
 from tunneld.peers import PeerSpec
 from tunneld.plugins import discover
+from tunneld.registry import DEFAULT_TTL, MAX_TTL, MIN_TTL, RegistryConfig, RegistryError, parse_url
 from tunneld.workers import AUTO_RULE
 
 log = logging.getLogger("tunneld")
@@ -57,6 +61,7 @@ examples:
   then from A:                 ping 192.168.100.2
   from a file (config/):       tunneld --config /etc/tunneld/demo.toml [--check]
   a running tunnel:            tunneld show tunneld0 [--json]; tunneld peer add|remove ... (tunneld show --help)
+  hosts found through etcd:    tunneld --mode vxlan --registry etcd://10.0.0.9:2379/overlay1 --address 192.168.100.1/24
 
   It interoperates with the Linux kernel's own VXLAN on the far end:
     ip link add vx0 type vxlan id 1 remote 10.0.0.1 dstport 4789 dev eth0
@@ -242,6 +247,12 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
     p.add_argument("--runtime-dir", metavar="DIR",
                    help=f"directory of the control socket DIR/DEV.sock (default: $RUNTIME_DIRECTORY if systemd "
                    f"sets it, else {DEFAULT_RUNTIME_DIR})")
+    p.add_argument("--registry", metavar="etcd://HOST:PORT[,HOST:PORT...]/PREFIX",
+                   help="find the other hosts through etcd: register this host under PREFIX/hosts/ and make every "
+                   "registered host of the same mode and VNI a peer; --peer becomes optional (see README Registry)")
+    p.add_argument("--registry-ttl", metavar="SECONDS", type=_int_in(MIN_TTL, MAX_TTL, "registry-ttl"),
+                   help=f"the registration's lease: a host that dies unannounced is forgotten after this "
+                   f"(default: {DEFAULT_TTL})")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(default: info)")
     p.add_argument("--list-modes", action="store_true", help="list the available encapsulations and exit")
     p.add_argument("--version", action="version", version=f"tunneld {__version__}")
@@ -331,7 +342,21 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
     if flag_options:
         values["extra"] = {**values.get("extra", {}), **flag_options}
     where = f"{args.config}: " if args.config else ""
-    if "peer" not in values and not values.get("peers"):
+    if args.registry or args.registry_ttl is not None:  # the flags override the file's [registry] table
+        try:
+            registry = values.get("registry")
+            if args.registry:
+                endpoints, prefix = parse_url(args.registry)
+                registry = RegistryConfig(endpoints, prefix) if registry is None else dataclasses.replace(
+                    registry, endpoints=endpoints, prefix=prefix)
+            if registry is None:
+                raise RegistryError("registry-ttl: without a registry (--registry or a [registry] table)")
+            if args.registry_ttl is not None:
+                registry = dataclasses.replace(registry, ttl=args.registry_ttl)
+        except RegistryError as e:
+            raise ConfigError(f"{where}{e}") from None
+        values["registry"] = registry
+    if "peer" not in values and not values.get("peers") and values.get("registry") is None:
         key = "tunnel.peer" if args.config else "--peer"
         raise ConfigError(f"{where}{key}: missing; required: the underlay address of the far end")
     try:
@@ -361,6 +386,35 @@ def on_host(cfg: TunnelConfig, where: str) -> None:
         raise HostError(f"{where}tunnel.{e}" if where else str(e)) from None
 
 
+def registry_local(cfg: TunnelConfig, where: str = "") -> str:
+    """The underlay address this host registers: ``local`` if given, else the source address the kernel picks
+    towards the first etcd member it can route to (asked by connecting a UDP socket: nothing is sent). It must
+    be of the static peers' IP version, as the one socket carrying them all is."""
+    local = cfg.local
+    if local is None or ipaddress.ip_address(local).is_unspecified:
+        for endpoint in cfg.registry.endpoints:
+            host, _, port = endpoint.rpartition(":")
+            try:
+                info = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
+                with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+                    s.connect(info[4])
+                    local = s.getsockname()[0]
+                break
+            except OSError:
+                continue
+        else:
+            raise HostError(f"{where}registry: cannot tell this host's underlay address (no route to any etcd "
+                            "member): give --local ADDR, the address the other hosts reach this one at")
+        ip = ipaddress.ip_address(local)
+        if ip.is_loopback:
+            raise HostError(f"{where}registry: the etcd members are reached over loopback ({local}): give --local "
+                            "ADDR, the address the other hosts reach this one at")
+        if cfg.peers and ip.version != ipaddress.ip_address(cfg.peer).version:
+            raise HostError(f"{where}registry: the address towards etcd ({local}) is not of the static peers' IP "
+                            "version: give --local ADDR")
+    return local
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CONTROL_COMMANDS:
@@ -380,8 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_modes:
         print(list_modes(modes, flags))
         return 0
-    if not args.config and not args.peer:
-        parser.error("--peer is required: the underlay address of the far end (or give --config FILE)")
+    if not args.config and not args.peer and not args.registry:
+        parser.error("--peer is required: the underlay address of the far end (or give --config FILE or --registry)")
     flag_options = given_options(args, parser.error)  # they override the file's
 
     def load() -> TunnelConfig:
@@ -411,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log.warning("peer %s has no routes: it reaches nothing (give it routes = [...])", spec.label())
         if not args.check:  # --check may run on another machine; a start or a reload runs here
             on_host(cfg, f"{args.config}: " if args.config else "")
+            if cfg.registry is not None:  # the address registered, found once the host can be asked
+                cfg = dataclasses.replace(cfg, local=registry_local(cfg, f"{args.config}: " if args.config else ""))
         return cfg
 
     try:
@@ -433,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     if args.check:
         to = f"peer {cfg.peer}" if len(cfg.peers) == 1 else f"{len(cfg.peers)} peers ({cfg.peer}, ...)"
+        if cfg.registry:
+            to = (f"{to} and " if cfg.peers else "") + f"the hosts in {cfg.registry.describe()}"
         print(f"{args.config or 'command line'}: ok: {cfg.mode} to {to} on {cfg.dev}")
         return 0
     setup_logging(cfg.log_level)

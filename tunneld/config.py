@@ -19,6 +19,7 @@ from tunneld.encap.base import DeviceKind, Option, declared
 from tunneld.encap.base import describe_value as _describe  # shared with Option's messages
 from tunneld.peers import PeerSpec
 from tunneld.plugins import discover
+from tunneld.registry import RegistryConfig, RegistryError, check_registry, parse_url
 
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
@@ -71,6 +72,7 @@ class TunnelConfig:
     fdb_max: int = DEFAULT_FDB_MAX  # L2 modes: at most this many FDB entries; past it MACs are not learnt
     fdb_ageing: float = DEFAULT_FDB_AGEING  # L2 modes: seconds before an unheard learnt MAC expires; 0 = never
     runtime_dir: str = DEFAULT_RUNTIME_DIR  # where the control socket DEV.sock lives
+    registry: RegistryConfig | None = None  # membership through etcd (tunneld/registry.py); None: static peers only
     # The mode's options (vxlan: vni; gre: key, seq, csum; a plugin's: its own), as given: typed from a config
     # file or a flag, strings from --opt. The mode's declarations judge them (tunneld.modes.build_codec).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -377,11 +379,15 @@ def check_runtime_dir(value: str, dev: str = DEFAULT_DEV, what: str = "runtime-d
 
 def validate(cfg: TunnelConfig) -> TunnelConfig:
     """Check every field; raise ConfigError on the first problem. Returns the config, normalised."""
-    if not cfg.peers:
-        raise ConfigError("peer: missing; required: the underlay address of the far end")
-    peers = check_peers(cfg.peers)
+    if not cfg.peers and cfg.registry is None:
+        raise ConfigError("peer: missing; required: the underlay address of the far end (or a registry)")
+    peers = check_peers(cfg.peers) if cfg.peers else ()
+    try:
+        registry = check_registry(cfg.registry) if cfg.registry is not None else None
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
     local = check_local(cfg.local) if cfg.local else None
-    if local and ipaddress.ip_address(local).version != ipaddress.ip_address(peers[0].address).version:
+    if local and peers and ipaddress.ip_address(local).version != ipaddress.ip_address(peers[0].address).version:
         raise ConfigError(f"local: {local} and peer {peers[0].address} must be of the same IP version")
     addresses = tuple(check_cidr(a) for a in cfg.addresses)
     if cfg.mtu is not None:
@@ -409,6 +415,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         fdb_max=check_range(cfg.fdb_max, "fdb-max", 1, MAX_FDB_MAX),
         fdb_ageing=check_ageing(cfg.fdb_ageing),
         runtime_dir=check_runtime_dir(cfg.runtime_dir, dev),
+        registry=registry,
         extra=dict(cfg.extra),
     )
 
@@ -426,6 +433,8 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 #   [control] runtime_dir: where the control socket DEV.sock lives
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
+#   [registry] endpoints = ["HOST:PORT", ...] (or "etcd://HOST:PORT,.../PREFIX"), prefix, ttl, ca, cert, key,
+#             user, password: membership through etcd (tunneld/registry.py); --registry overrides it
 #
 # Every problem is reported, one line each, as "FILE: SECTION.KEY: what is wrong; what is allowed". Unknown
 # sections and keys are errors: a typo must not silently fall back to a default.
@@ -434,14 +443,15 @@ EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error
 
 COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "workers")
 PEER_KEYS = ("address", "name", "routes", "macs")
+REGISTRY_KEYS = ("endpoints", "prefix", "ttl", "ca", "cert", "key", "user", "password")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "peer": PEER_KEYS, "fdb": ("max", "ageing"), "control": ("runtime_dir",),
-            "metrics": ("listen",), "log": ("level",)}
+            "metrics": ("listen",), "log": ("level",), "registry": REGISTRY_KEYS}
 ARRAYS = ("peer",)  # written [[peer]]: an array of tables
 # The file's key of a TunnelConfig field that lives outside [tunnel] or is named otherwise there (the others are
 # tunnel.FIELD): for the lines that name a setting, at start-up and on a reload.
 FILE_KEYS = {"log_level": "log.level", "metrics_listen": "metrics.listen", "addresses": "tunnel.address",
              "extra": "tunnel (mode options)", "fdb_max": "fdb.max", "fdb_ageing": "fdb.ageing",
-             "runtime_dir": "control.runtime_dir"}
+             "runtime_dir": "control.runtime_dir", "registry": "registry", "registry_ttl": "registry.ttl"}
 
 
 class ConfigFileError(Exception):
@@ -654,6 +664,10 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
     one_string("control", "runtime_dir", "a directory path string", lambda v: check_runtime_dir(v, ""), "runtime_dir")
     one_string("metrics", "listen", "a \"HOST:PORT\" string (\"\" to disable)", check_listen, "metrics_listen")
 
+    if isinstance(data.get("registry"), dict):
+        if (registry := _registry_table(data["registry"], problem)) is not None:
+            out["registry"] = registry
+
     log = data.get("log") if isinstance(data.get("log"), dict) else {}
     for key, value in log.items():
         if key != "level":
@@ -720,3 +734,51 @@ def _peer_tables(tables: Any, problem: Callable[[str, str], None]) -> tuple[Peer
             say(key, text)
             ok = False
     return tuple(specs) if ok else None
+
+
+def _registry_table(table: dict, problem: Callable[[str, str], None]) -> RegistryConfig | None:
+    """[registry]: ``endpoints`` (an array of "HOST:PORT", or one "etcd://HOST:PORT,.../PREFIX" string),
+    ``prefix``, ``ttl``, TLS ``ca``/``cert``/``key`` (file paths), ``user``/``password``; None if any has a
+    problem (each reported through ``problem``). The files are looked at by ``validate`` (check_registry)."""
+    values: dict[str, Any] = {}
+    bad = False
+    for key, value in table.items():
+        if key not in REGISTRY_KEYS:
+            problem(f"registry.{key}", f"unknown key; allowed in [registry]: {', '.join(REGISTRY_KEYS)}")
+            bad = True
+        elif key == "ttl":
+            if isinstance(value, bool) or not isinstance(value, int):
+                problem("registry.ttl", f"expected an integer number of seconds, got {_describe(value)}")
+                bad = True
+            else:
+                values["ttl"] = value
+        elif key == "endpoints":
+            try:
+                if isinstance(value, str):
+                    values["endpoints"], prefix = parse_url(value, "endpoints")
+                    values.setdefault("prefix", prefix)
+                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    values["endpoints"] = tuple(value)
+                else:
+                    problem("registry.endpoints", f'expected an array of "HOST:PORT" strings, got {_describe(value)}')
+                    bad = True
+            except RegistryError as e:
+                problem("registry.endpoints", str(e).split(": ", 1)[-1])
+                bad = True
+        elif not isinstance(value, str):
+            problem(f"registry.{key}", f"expected a string, got {_describe(value)}")
+            bad = True
+        else:
+            values[key] = value
+    if "endpoints" not in values:
+        if not bad:
+            problem("registry.endpoints", 'missing; required: the etcd members, e.g. ["10.0.0.1:2379"]')
+        return None
+    if bad:
+        return None
+    try:
+        return check_registry(RegistryConfig(**values))
+    except RegistryError as e:
+        what, _, text = str(e).partition(": ")
+        problem(what if what.startswith("registry.") else "registry", text)
+        return None

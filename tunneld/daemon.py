@@ -22,6 +22,7 @@ Shutdown undoes it in reverse; closing the device fd removes the interface (with
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import ipaddress
 import logging
@@ -34,8 +35,10 @@ from tunneld.channel import Apply, Channel
 from tunneld.config import ConfigError, TunnelConfig, check_on_host, check_peers
 from tunneld.control import ControlError, ControlServer, Rows, runtime_dir, socket_path
 from tunneld.fdb import mac_text
-from tunneld.peers import PeerSpec
+from tunneld.peers import REGISTRY, PeerSpec
+from tunneld.registry import Membership, Record, RegistryStats, owner_id
 from tunneld.encap.base import Encapsulator
+from tunneld.io import SetupError
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io import netlink
 from tunneld.io.udp import UdpLink
@@ -57,6 +60,8 @@ WATCH_INTERVAL = 1.0  # seconds between looks at the counters for the log (watch
 # ``tunneld show``: a peer is "up" when a valid packet from it arrived within this many seconds, "silent" when
 # one arrived longer ago, "never" when none has. Three watch intervals: one lost look is not yet silence.
 PEER_UP_WITHIN = 3 * WATCH_INTERVAL
+REGISTRY_START_WAIT = 5.0  # seconds serve() waits for the first registration before going on without it
+REGISTRY_CHUNK = 32  # registry peer changes applied per turn of the event loop (each is one live Apply)
 
 
 class Tunnel:
@@ -71,6 +76,10 @@ class Tunnel:
         self.resources = Resources(self.plan)
         self.supervisor = Supervisor()
         self.worker: Worker | None = None  # worker 0, once open
+        # Membership through etcd (registry_client.py), started by serve() after the fork; its counters exist
+        # from the start so that the metrics endpoint can export them whenever it is (re)made.
+        self.registry_stats = RegistryStats() if cfg.registry is not None else None
+        self.registry = None
 
     def open(self) -> None:
         plan = self.plan
@@ -102,6 +111,8 @@ class Tunnel:
         metrics.watch(self.worker.engine, dev=self.cfg.dev, mtu=self.plan.mtu, vni=self.plan.vni,
                       others=self.supervisor.snapshot_threadsafe if self.workers > 1 else None,
                       cpu=self.worker_cpu)
+        if self.registry_stats is not None:
+            metrics.watch_registry(self.registry_stats)
 
     def fork(self) -> None:
         """Start workers 1 to N-1, each with its own queue and link (which the parent then closes)."""
@@ -203,6 +214,11 @@ class Tunnel:
             out["fdb_max"] = self.cfg.fdb_max
         out.update(fdb_learnt_total=stats.fdb_learnt, fdb_moved_total=stats.fdb_moved,
                    fdb_refused_total=stats.fdb_refused, flooded_packets_total=stats.flooded)
+        rs = getattr(self, "registry_stats", None)  # (tests build bare Tunnels)
+        if rs is not None:
+            out["registry"] = {"endpoints": list(self.cfg.registry.endpoints), "prefix": self.cfg.registry.prefix,
+                               "ttl": self.cfg.registry.ttl, "up": rs.up, "peers": rs.peers,
+                               "invalid_records": dict(rs.invalid)}
         return out
 
     def add_peer(self, spec: PeerSpec) -> str | None:
@@ -227,6 +243,8 @@ class Tunnel:
         check_on_host(spec.address, None, netlink.address_kind, netlink.is_own_address)
         warning = self._path_mtu_warning(spec.address)
         self.apply(Apply(peers_set=(spec,)))
+        if spec.source == REGISTRY:
+            return  # the registry's peers are not the file's: a reload's diff leaves them alone
         # The running configuration says what runs, so that a SIGHUP's diff is taken against it: a reload makes
         # the peers what the file says (as `wg syncconf` does), whether or not they came through this socket.
         kept = tuple(p for p in self.cfg.peers if p.address != spec.address)
@@ -257,6 +275,69 @@ class Tunnel:
             raise ConfigError(f"no peer {canonical} on {self.cfg.dev}")
         self.apply(Apply(peers_removed=(canonical,)))
         self.cfg = dataclasses.replace(self.cfg, peers=tuple(p for p in self.cfg.peers if p.address != canonical))
+
+    # -- the registry (registry_client.py): its thread hands changes to this loop ----------------------------
+
+    def start_registry(self, loop: asyncio.AbstractEventLoop):
+        """Register this host and follow the others (call on the data path's loop, after any fork)."""
+        from tunneld.registry_client import Registry
+
+        cfg, plan = self.cfg, self.plan
+        l2 = self.worker.engine.peers.l2
+        record = Record(cfg.local, cfg.mode, plan.vni, plan.mac if l2 else None, cfg.addresses, __version__,
+                        round(time.time(), 3), owner_id(cfg.dev))
+        membership = Membership(cfg.registry.hosts_prefix(), cfg.local, l2=l2, mode=cfg.mode, vni=plan.vni,
+                                stats=self.registry_stats)
+        pending: collections.deque = collections.deque()  # (upserts, removals), in the order etcd said them
+
+        def drain() -> None:
+            # At most REGISTRY_CHUNK peer changes per turn of the loop: a resync of a thousand hosts must not hold
+            # the data path for the whole of it. One queue keeps etcd's order (a join, then its leave).
+            done = 0
+            while pending and done < REGISTRY_CHUNK:
+                upserts, removals = pending.popleft()
+                self.registry_changes(upserts, removals)
+                done += len(upserts) + len(removals)
+            if pending:
+                loop.call_soon(drain)
+
+        def deliver(upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
+            idle = not pending
+            pending.extend(((), (address,)) for address in removals)
+            pending.extend(((spec,), ()) for spec in upserts)
+            if idle:
+                drain()
+
+        self.registry = Registry(cfg.registry, record, membership, loop=loop, deliver=deliver,
+                                 stats=self.registry_stats)
+        log.info("registry: %s as %s", cfg.registry.describe(), cfg.local)
+        self.registry.start()
+        return self.registry
+
+    def registry_changes(self, upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
+        """Hosts that joined, changed or left, as peers. A static peer (flags, file, control socket) wins over a
+        record for its address: the record is not applied, and its leaving does not remove the static peer. A
+        peer the tunnel refuses is logged and counted (``refused``); the others still apply."""
+        static = {spec.address for spec in self.cfg.peers}
+        table = self.worker.engine.peers
+        for address in removals:
+            peer = table.get(address)
+            if peer is not None and peer.spec.source == REGISTRY and address not in static:
+                self.remove_peer(address)
+                log.info("registry: host %s left", address)
+        for spec in upserts:
+            if spec.address in static:
+                continue
+            known = table.get(spec.address) is not None
+            try:
+                self.add_peer(spec)
+            except (ConfigError, SetupError) as e:
+                log.warning("registry: host %s not made a peer: %s", spec.address, e)
+                self.registry_stats.invalid["refused"] += 1
+                continue
+            if not known:
+                log.info("registry: host %s joined", spec.address)
+        self.registry_stats.peers = sum(1 for p in table.all if p.spec.source == REGISTRY)
 
     def move_metrics(self, listen: str) -> bool:
         """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
@@ -291,7 +372,8 @@ def describe(plan: Plan, device: Device, link: Link) -> str:
         f"mtu {plan.mtu}",
         *([f"mac {plan.mac}"] if plan.mac else []),
         *([codec.describe()] if codec.describe() else []),
-        f"peer {cfg.peer} " + (f"udp/{link.port}" if isinstance(link, UdpLink) else str(codec.transport)),
+        (f"peer {cfg.peer} " if cfg.peers else "no static peers, ")
+        + (f"udp/{link.port}" if isinstance(link, UdpLink) else str(codec.transport)),
         f"local {cfg.local or 'any'}",
         *([f"workers {plan.workers}"] if plan.workers > 1 else []),
         "offload " + (
@@ -337,6 +419,14 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         except ControlError as e:
             log.error("%s; stopping (exit status 1)", e)
             worker.stop(1)
+    registry = None
+    if not worker.stopped.is_set() and tunnel.cfg.registry is not None:
+        registry = tunnel.start_registry(loop)
+        # A duplicate address or refused credentials stop us here; an etcd that does not answer does not: the
+        # tunnel runs with its static peers and the registry keeps trying.
+        if not await registry.first(REGISTRY_START_WAIT):
+            log.error("%s; stopping (exit status 1)", registry.refused)
+            worker.stop(1)
     watcher = None
     if not worker.stopped.is_set():
         log.info("tunneld %s up: %s", __version__, describe(tunnel.plan, *tunnel.resources.unit(0)))
@@ -348,6 +438,8 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         if watcher is not None:
             watcher.cancel()
         service.stopping()
+        if registry is not None:
+            await loop.run_in_executor(None, registry.stop)  # revokes the lease: the others forget us now
         await control.stop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -43,6 +43,7 @@ from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
 from tunneld.httpd import HttpServer
+from tunneld.registry import INVALID_REASONS, RegistryStats
 from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
@@ -298,6 +299,32 @@ class LoopLagProbe:
             self._arm()  # from now, not from the due time: a long stall gives one sample, not a burst
 
 
+class RegistryCollector(Collector):
+    """The etcd registry's state (tunneld/registry_client.py), read at scrape time from its plain values."""
+
+    def __init__(self, stats: RegistryStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        up = GaugeMetricFamily("tunneld_registry_up", "1 while this host is registered in etcd and watching the "
+                               "others; 0 while etcd is unreachable (the last known peers are kept).")
+        up.add_metric([], 1 if stats.up else 0)
+        yield up
+        peers = GaugeMetricFamily("tunneld_registry_peers", "Peers that came from the registry (static ones not "
+                                  "counted).")
+        peers.add_metric([], stats.peers)
+        yield peers
+        invalid = CounterMetricFamily(
+            "tunneld_registry_invalid_records",
+            "Records under PREFIX/hosts/ not made peers, by reason: "
+            + "; ".join(f"{reason}: {text}" for reason, text in INVALID_REASONS.items()) + ".",
+            labels=["reason"])
+        for reason in INVALID_REASONS:
+            invalid.add_metric([reason], stats.invalid.get(reason, 0))
+        yield invalid
+
+
 def _bind(host: str, port: int, registry: CollectorRegistry) -> HttpServer:
     """An HTTP server for ``registry`` bound to host:port (IPv4 or IPv6), not yet serving (tunneld/httpd.py:
     one thread, a cap on connections, read and idle timeouts)."""
@@ -341,6 +368,10 @@ class MetricsServer:
         self._collector = TunnelCollector(engine, dev=dev, mtu=mtu, vni=vni, others=others, cpu=cpu)
         self.registry.register(self._collector)
         self._probe = LoopLagProbe(engine.stats)
+
+    def watch_registry(self, stats: RegistryStats) -> None:
+        """Export the registry's state too (tunneld_registry_*)."""
+        self.registry.register(RegistryCollector(stats))
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start answering scrapes, and measuring the loop's lag (call from the loop that runs the engine)."""

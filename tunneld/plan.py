@@ -134,9 +134,10 @@ def make_plan(
     mac = None
     if codec.device is DeviceKind.TAP:
         # 1: as before the vni was VXLAN's. The first peer, as with one, so adding peers keeps the MAC; with none
-        # (a registry's members come later) the tunnel is named by its device, mode and VNI alone.
+        # (a registry's members come later) the tunnel is named by its device, mode, underlay address (the one it
+        # registers: namespaces of one machine share its machine-id) and VNI.
         identity = (cfg.dev, cfg.mode, cfg.peer, vni(codec, default=1)) if cfg.peers else (
-            cfg.dev, cfg.mode, vni(codec, default=1))
+            cfg.dev, cfg.mode, *([cfg.local] if cfg.local else []), vni(codec, default=1))
         mac = cfg.mac or stable_mac(*identity, machine_id=machine_id)
     return Plan(
         cfg=cfg,

@@ -45,13 +45,16 @@ class Resources:
             raise StartupError(
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
+        # The link's default destination; with only a registry's peers (none yet) our own underlay address, which
+        # gives the socket its family and is never sent to (an empty peer table sends nothing).
+        first = cfg.peer or cfg.local
         try:
             if plan.codec.transport.kind == "ip":
-                self.links = [RawLink(cfg.peer, plan.port, cfg.local)]
+                self.links = [RawLink(first, plan.port, cfg.local)]
             elif plan.workers > 1:
-                self.links = open_group(cfg.peer, plan.port, cfg.local, plan.workers)
+                self.links = open_group(first, plan.port, cfg.local, plan.workers)
             else:
-                self.links = [UdpLink(cfg.peer, plan.port, cfg.local)]
+                self.links = [UdpLink(first, plan.port, cfg.local)]
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
             for _ in range(plan.workers):

@@ -149,6 +149,9 @@ class Service:
         s = self.tunnel.totals()
         peers = self.tunnel.cfg.peers
         who = f"peer {self.tunnel.cfg.peer}" if len(peers) == 1 else f"{len(peers)} peers"
+        registry = getattr(self.tunnel, "registry_stats", None)  # with --registry (daemon.Tunnel)
+        if registry is not None:
+            who += f" + {registry.peers} from etcd" + ("" if registry.up else " (etcd unreachable)")
         line = f"{who}: sent {s.tx_packets} packets, received {s.rx_packets}"
         return line + (f", dropped {s.dropped}" if s.dropped else "")
 
@@ -202,7 +205,8 @@ class Service:
         applied: dict[str, object] = {}
         peers_set, peers_removed = peer_diff(old.peers, new.peers)
         if peers_set or peers_removed or new.peer != old.peer:  # a reorder moves the first peer
-            if len(old.peers) == len(new.peers) == 1 and new.peer != old.peer:
+            # (not with a registry: the table holds its peers too, which a one-peer swap would drop)
+            if len(old.peers) == len(new.peers) == 1 and new.peer != old.peer and old.registry is None:
                 # one peer for another: the link's own check of the new address, with the new peer's whole spec
                 changes = Apply(peer=new.peer, peers_set=new.peers)
             else:

@@ -1,0 +1,336 @@
+"""Membership through etcd: what a host's record says, how the watched records become peers. Pure: no I/O.
+
+The client that talks to etcd (leases, the transaction, the watch) is registry_client.py; this module is what
+it carries, so that every rule below is tested without a cluster.
+
+Layout (flannel's, one key per host instead of per subnet):
+  PREFIX/hosts/<underlay address>   one key per running daemon, bound to its lease (TTL ``ttl`` seconds, kept
+                                    alive every ttl/3); its value is a JSON object, ``Record``:
+  {"address": "10.0.0.1", "mode": "vxlan", "vni": 42, "mac": "02:..", "overlay": ["192.168.100.1/24"],
+   "version": "1.2.0", "started": 1764400000.0, "owner": "9f..."}
+
+What must stay true:
+  - A record becomes a peer only if it is valid for *this* tunnel: a JSON object whose key names its address,
+    of our underlay's IP version, not our own, of our mode and VNI, with a unicast MAC (L2 modes) and overlay
+    CIDRs. Anything else is ignored and counted by reason (``RegistryStats.invalid``), never raised.
+  - A changed record replaces everything it implied (its static MAC, its routes); a vanished one removes it
+    all: ``Membership`` keeps the records it turned into peers and answers each change with the peers to set
+    and the addresses to remove.
+  - ``owner`` says which daemon wrote the record: a hash of the machine, the network namespace and the
+    device. A record left by our own previous run (killed, its lease not yet expired) has our owner and may be
+    taken over; one with another owner is another live daemon: a duplicate, refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from tunneld.peers import REGISTRY, PeerSpec
+
+SCHEME = "etcd://"
+DEFAULT_PREFIX = "/tunneld"
+DEFAULT_TTL = 15  # seconds: a SIGKILLed host is forgotten by all within this (plus etcd's expiry check, 0.5 s)
+MIN_TTL, MAX_TTL = 2, 3600  # etcd grants at least 1.5 × its election timeout's worth anyway (2 s by default)
+DEFAULT_PORT = 2379
+MAX_ENDPOINTS = 16
+MAX_PREFIX = 256
+MAX_RECORD_BYTES = 16384  # a record is ~300 bytes; a larger value is not one of ours
+MAX_OVERLAY = 64  # overlay addresses per record
+HOSTS = "/hosts/"
+
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+# Why a record was not turned into a peer: the label of tunneld_registry_invalid_records_total, declared once.
+INVALID_REASONS = {
+    "json": "the value is not a JSON object of at most 16 KB",
+    "fields": "a field is missing or of the wrong type, or the key does not name the record's address",
+    "family": "the address is of the other IP version than our underlay",
+    "own": "the address is our own (a record of another daemon claiming it, or ours seen as a peer)",
+    "foreign": "another mode or VNI: a host of another overlay sharing the prefix",
+    "refused": "the tunnel refused the peer (an overlay route or MAC another peer already has)",
+}
+
+
+class RegistryError(ValueError):
+    """A registry setting that cannot work; str() is one line naming the setting."""
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Where the registry is and how to log in. ``endpoints``: "HOST:PORT" ("[v6]:PORT") of the etcd members,
+    tried in turn; ``prefix``: the key prefix, "/name[/name...]"; ``ttl``: the lease's seconds."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = DEFAULT_PREFIX
+    ttl: int = DEFAULT_TTL
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def hosts_prefix(self) -> bytes:
+        return (self.prefix + HOSTS).encode()
+
+    def key_of(self, address: str) -> bytes:
+        return self.hosts_prefix() + address.encode()
+
+    def describe(self) -> str:
+        tls = ", tls" if self.ca or self.cert else ""
+        return f"etcd {','.join(self.endpoints)} prefix {self.prefix} ttl {self.ttl}s{tls}"
+
+
+def check_endpoint(text: str, what: str = "registry") -> str:
+    """One member "HOST:PORT" (a port of 2379 may be left out), canonical."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]")
+        port = port[1:] if port.startswith(":") else port
+        try:
+            if ipaddress.ip_address(host).version != 6 or (sep and port and not port.isdigit()):
+                raise ValueError
+        except ValueError:
+            raise RegistryError(f"{what}: {text!r} is not [IPv6]:PORT") from None
+        host = f"[{ipaddress.ip_address(host).compressed}]"
+    else:
+        host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+        if ":" in host:
+            raise RegistryError(f"{what}: write an IPv6 address in brackets, e.g. [{host}]:{port or DEFAULT_PORT}")
+        if not _HOST.match(host):
+            raise RegistryError(f"{what}: {text!r} is not HOST:PORT (an etcd member's client address)")
+    port = port or str(DEFAULT_PORT)
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise RegistryError(f"{what}: port {port!r} of {text!r} is not a number between 1 and 65535")
+    return f"{host}:{int(port)}"
+
+
+def check_prefix(text: str, what: str = "registry") -> str:
+    prefix = "/" + text.strip("/")
+    if len(prefix) > MAX_PREFIX or not _PREFIX.match(prefix):
+        raise RegistryError(f"{what}: prefix {text!r} is not a key prefix like /tunneld or /site/overlay1 "
+                            f"(letters, digits and ._- between slashes, at most {MAX_PREFIX} characters)")
+    return prefix
+
+
+def check_ttl(value: Any, what: str = "registry-ttl") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_TTL <= value <= MAX_TTL:
+        raise RegistryError(f"{what}: {value!r} is not a whole number of seconds from {MIN_TTL} to {MAX_TTL}")
+    return value
+
+
+def check_endpoints(items: Iterable[str], what: str = "registry") -> tuple[str, ...]:
+    endpoints = tuple(check_endpoint(item.strip(), what) for item in items)
+    if not endpoints:
+        raise RegistryError(f"{what}: no etcd endpoint given")
+    if len(endpoints) > MAX_ENDPOINTS:
+        raise RegistryError(f"{what}: {len(endpoints)} endpoints, at most {MAX_ENDPOINTS}")
+    if len(set(endpoints)) != len(endpoints):
+        raise RegistryError(f"{what}: an endpoint is given twice")
+    return endpoints
+
+
+def parse_url(text: str, what: str = "registry") -> tuple[tuple[str, ...], str]:
+    """``etcd://HOST:PORT[,HOST:PORT...]/PREFIX`` → (endpoints, prefix); the prefix defaults to /tunneld."""
+    if not text.startswith(SCHEME):
+        raise RegistryError(f"{what}: {text!r} is not etcd://HOST:PORT[,HOST:PORT...]/PREFIX")
+    rest = text[len(SCHEME):]
+    hosts, slash, prefix = rest.partition("/")
+    return check_endpoints(hosts.split(","), what), check_prefix(prefix, what) if slash and prefix else DEFAULT_PREFIX
+
+
+def check_registry(cfg: RegistryConfig) -> RegistryConfig:
+    """The whole registry setting, canonical; RegistryError (one line) for the first problem. The files named
+    for TLS must be readable now, not at the first reconnection."""
+    endpoints = check_endpoints(cfg.endpoints)
+    prefix = check_prefix(cfg.prefix)
+    ttl = check_ttl(cfg.ttl)
+    if (cfg.cert is None) != (cfg.key is None):
+        raise RegistryError("registry: cert and key go together (the client certificate and its private key)")
+    for name in ("ca", "cert", "key"):
+        path = getattr(cfg, name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise RegistryError(f"registry.{name}: cannot read {path!r}")
+    if (cfg.user is None) != (cfg.password is None):
+        raise RegistryError("registry: user and password go together")
+    return RegistryConfig(endpoints, prefix, ttl, cfg.ca, cfg.cert, cfg.key, cfg.user, cfg.password)
+
+
+def owner_id(dev: str, *, machine_id: bytes | None = None, netns: str | None = None) -> str:
+    """Who writes a record: this machine, network namespace and device, hashed. The same after a restart (so a
+    killed daemon's record can be taken over by its successor), different for any other daemon."""
+    if machine_id is None:
+        try:
+            machine_id = Path("/etc/machine-id").read_bytes().strip()
+        except OSError:
+            machine_id = b""
+    if netns is None:
+        try:
+            netns = os.readlink("/proc/self/ns/net")
+        except OSError:
+            netns = ""
+    return hashlib.sha256(b"tunneld-registry\0" + machine_id + f"\0{netns}\0{dev}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One host as its record says. ``mac``: its device's MAC (L2 modes; None for L3); ``overlay``: the
+    device's addresses as CIDRs."""
+
+    address: str
+    mode: str
+    vni: int | None
+    mac: str | None
+    overlay: tuple[str, ...]
+    version: str
+    started: float
+    owner: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps({"address": self.address, "mode": self.mode, "vni": self.vni, "mac": self.mac,
+                           "overlay": list(self.overlay), "version": self.version, "started": self.started,
+                           "owner": self.owner}, sort_keys=True).encode()
+
+    def spec(self, l2: bool) -> PeerSpec:
+        """The peer this host is: its MAC as a static FDB entry (L2), its overlay addresses as host routes (L3:
+        each host owns its own addresses; the shared subnet is no one's)."""
+        if l2:
+            return PeerSpec(self.address, macs=(self.mac,) if self.mac else (), source=REGISTRY)
+        hosts = tuple(str(ipaddress.ip_interface(cidr).ip) + ("/32" if ":" not in cidr else "/128")
+                      for cidr in self.overlay)
+        return PeerSpec(self.address, routes=hosts, source=REGISTRY)
+
+
+class InvalidRecord(ValueError):
+    """A record that is not made a peer; ``reason`` is one of INVALID_REASONS."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
+def decode(key: bytes, value: bytes, prefix: bytes) -> Record:
+    """The record under ``key``; InvalidRecord("json" or "fields") if it is not one."""
+    if len(value) > MAX_RECORD_BYTES:
+        raise InvalidRecord("json", f"{len(value)} bytes")
+    try:
+        data = json.loads(value)
+    except (ValueError, RecursionError):
+        raise InvalidRecord("json", "not JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRecord("json", "not a JSON object")
+
+    def get(name: str, kinds: tuple[type, ...], optional: bool = False) -> Any:
+        v = data.get(name)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, kinds):
+            raise InvalidRecord("fields", f"{name}: {type(v).__name__}")
+        return v
+
+    address = get("address", (str,))
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise InvalidRecord("fields", f"address: {address!r}") from None
+    if key != prefix + ip.compressed.encode() or ip.compressed != address:
+        raise InvalidRecord("fields", f"key {key!r} does not name address {address}")
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local:
+        raise InvalidRecord("fields", f"address: {address} cannot be a peer")
+    mode, vni, mac = get("mode", (str,)), get("vni", (int,), True), get("mac", (str,), True)
+    if mac is not None and (not _MAC.match(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00"):
+        raise InvalidRecord("fields", f"mac: {mac!r}")
+    overlay = get("overlay", (list,))
+    if len(overlay) > MAX_OVERLAY:
+        raise InvalidRecord("fields", f"overlay: {len(overlay)} addresses")
+    try:
+        overlay = tuple(str(ipaddress.ip_interface(c)) for c in overlay if isinstance(c, str) and "/" in c)
+    except ValueError:
+        raise InvalidRecord("fields", "overlay: not CIDRs") from None
+    if len(overlay) != len(data["overlay"]):
+        raise InvalidRecord("fields", "overlay: not CIDRs")
+    return Record(address, mode, vni, mac, overlay, get("version", (str,)), float(get("started", (int, float))),
+                  get("owner", (str,), True) or "")
+
+
+@dataclass
+class RegistryStats:
+    """What the registry client reports, read at scrape time (metrics.py) and by ``tunneld show``: plain values,
+    written by the registry's thread only."""
+
+    up: bool = False  # registered and watching
+    peers: int = 0  # peers that came from the registry, as applied
+    invalid: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INVALID_REASONS, 0))
+    reconnects: int = 0
+
+
+class Membership:
+    """The records turned into peers, and what each change means for the tunnel. ``us``: our underlay
+    address; ``l2``; ``mode``/``vni``: ours (a record of another overlay is "foreign").
+
+    ``resync(kvs)`` (a full listing) and ``put``/``delete`` (watch events) return (specs to set, addresses to
+    remove); an invalid record is counted in ``stats.invalid`` and, if its address was a peer, removes it."""
+
+    def __init__(self, prefix: bytes, us: str, *, l2: bool, mode: str, vni: int | None, stats: RegistryStats) -> None:
+        self.prefix = prefix
+        self.us = us
+        self.version = ipaddress.ip_address(us).version
+        self.l2 = l2
+        self.mode = mode
+        self.vni = vni
+        self.stats = stats
+        self.specs: dict[str, PeerSpec] = {}  # address → the spec its valid record implies
+
+    def judge(self, key: bytes, value: bytes) -> Record:
+        record = decode(key, value, self.prefix)
+        if ipaddress.ip_address(record.address).version != self.version:
+            raise InvalidRecord("family", record.address)
+        if record.address == self.us:
+            raise InvalidRecord("own", record.address)
+        if record.mode != self.mode or record.vni != self.vni:
+            raise InvalidRecord("foreign", f"{record.mode} vni {record.vni}")
+        if self.l2 and record.mac is None:
+            raise InvalidRecord("fields", "mac: missing for an L2 mode")
+        return record
+
+    def _spec(self, key: bytes, value: bytes) -> PeerSpec | None:
+        if key == self.prefix + self.us.encode():
+            return None  # our own record: not a peer, not invalid
+        try:
+            return self.judge(key, value).spec(self.l2)
+        except InvalidRecord as e:
+            self.stats.invalid[e.reason] = self.stats.invalid.get(e.reason, 0) + 1
+            return None
+
+    def resync(self, kvs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
+        fresh = {}
+        for key, value in kvs:
+            spec = self._spec(key, value)
+            if spec is not None:
+                fresh[spec.address] = spec
+        upserts = tuple(s for a, s in fresh.items() if self.specs.get(a) != s)
+        removals = tuple(a for a in self.specs if a not in fresh)
+        self.specs = fresh
+        return upserts, removals
+
+    def put(self, key: bytes, value: bytes) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
+        spec = self._spec(key, value)
+        if spec is None:  # invalid now: whatever the key's earlier record implied goes
+            return self.delete(key)
+        if self.specs.get(spec.address) == spec:
+            return (), ()
+        self.specs[spec.address] = spec
+        return (spec,), ()
+
+    def delete(self, key: bytes) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
+        address = key[len(self.prefix):].decode(errors="replace")
+        if self.specs.pop(address, None) is None:
+            return (), ()
+        return (), (address,)
