@@ -160,8 +160,8 @@ class EgressTap:
     """An open egress TAP: ``send`` writes one inner super-frame, behind its outer headers and the codec's,
     for the kernel to route to ``dest`` and segment. Counters: ``frames`` (super-frames handed over)."""
 
-    def __init__(self, device, *, mac: bytes, header: bytes, source_ports: list[int], local: str | None,
-                 ttl: int | None = None) -> None:
+    def __init__(self, device, *, mac: bytes, header: bytes, source_ports: list[int], port: int,
+                 local: str | None, ttl: int | None = None) -> None:
         self.device = device
         self.name = device.name
         self._fd = device.fileno()
@@ -170,6 +170,7 @@ class EgressTap:
         self._ports = list(source_ports)
         self._nports = len(self._ports)
         self._local = local
+        self._port = port  # the peers' (the tunnel's) UDP port
         # Forwarding takes one off: the datagrams leave with the host's default TTL, as the socket's do.
         self.ttl = min(255, (ttl if ttl is not None else default_ttl()) + 1)
         self._eth = mac + PEER_MAC + ETH_P_IP.to_bytes(2, "big")
@@ -185,25 +186,27 @@ class EgressTap:
     def fileno(self) -> int:
         return self._fd
 
-    def _addresses_for(self, dest: tuple[str, int]) -> tuple[bytes, bytes, int]:
-        """Source and destination addresses for ``dest`` (the link's destination tuple): the configured local
-        address, else the one the kernel's route picks, as for the socket (a connect sends nothing)."""
+    def _addresses_for(self, dest) -> tuple[bytes, bytes, int]:
+        """Source and destination addresses for ``dest`` (what the link's ``destination`` made of a peer: an
+        (address, port) tuple, or the address): the configured local address, else the one the kernel's route
+        picks, as for the socket (a connect sends nothing)."""
         found = self._addresses.get(dest)
         if found is None:
+            address = dest[0] if isinstance(dest, tuple) else dest
             source = self._local
             if source is None:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    s.connect(dest)
+                    s.connect((address, self._port))
                     source = s.getsockname()[0]
             src = ipaddress.IPv4Address(source).packed
-            dst = ipaddress.IPv4Address(dest[0]).packed
+            dst = ipaddress.IPv4Address(address).packed
             if len(self._addresses) >= 4096:  # peers come and go: keep it bounded
                 self._addresses.clear()
             found = self._addresses[dest] = (src, dst, ones_complement_sum(src + dst))
         return found
 
     def send(self, frame: memoryview, gso_type: int, gso_size: int, csum_start: int, csum_offset: int,
-             hlen: int, flow: int, dest: tuple[str, int]) -> bool:
+             hlen: int, flow: int, dest) -> bool:
         """Hand the super-frame ``frame`` (an Ethernet frame with an IPv4/IPv6 TCP or UDP payload behind
         ``hlen`` bytes of headers, its checksum partial as the device gave it) to the kernel for ``dest``. False when this one cannot go this
         way (too long for one outer IPv4 packet, an inner header we don't place, the kernel refused it): the
@@ -225,7 +228,7 @@ class EgressTap:
         pseudo = addr_sum + PROTO_UDP + udp_len
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-        _UDP.pack_into(p, at + IPV4_LEN, self._ports[flow % self._nports], dest[1], udp_len, pseudo)
+        _UDP.pack_into(p, at + IPV4_LEN, self._ports[flow % self._nports], self._port, udp_len, pseudo)
         TUNNEL_HDR.pack_into(p, 0, F_NEEDS_CSUM | F_UDP_TUNNEL_CSUM, gso_type | GSO_UDP_TUNNEL_IPV4,
                              outer + hlen, gso_size, outer + csum_start, csum_offset, 0, 0, 0, 0,
                              OUTER_TH, outer + ETH_LEN)
@@ -275,7 +278,8 @@ def open_egress(dev: str, *, header: bytes, link, multi_queue: bool = False) -> 
             raise Unsupported(f"cannot configure {name} over netlink: {e.strerror}") from None
         mac = _bring_up(index, name)
         check_devconf(name)
-        return EgressTap(device, mac=mac, header=header, source_ports=link.source_ports(), local=link.local)
+        return EgressTap(device, mac=mac, header=header, source_ports=link.source_ports(), port=link.port,
+                         local=link.local)
     except BaseException:
         device.close()
         raise

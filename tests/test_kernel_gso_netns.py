@@ -1,0 +1,106 @@
+"""The kernel segments VXLAN super-frames (--kernel-gso, tunneld/io/egress.py): it is really used, the data
+arrives intact (sha256) to another tunneld and to the kernel's own VXLAN, and the old path runs where it is off.
+
+The underlay veths are made to behave like a real wire: a veth otherwise hands UDP-tunnel super-packets and
+partial checksums to the other namespace as they are (io/egress.py ``underlay_hazard``), which is why ``auto``
+refuses to run over one that does.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.support import A4, B4, assert_transfers
+from tunneld.testbed import OVERLAY_V4, Tunneld, kernel_vxlan, start_pair, transfer
+
+pytestmark = pytest.mark.netns
+
+EGRESS = "tunneld0-gso"
+WIRE = ("tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off", "tx", "off")
+
+
+def like_a_wire(*hosts) -> None:
+    for h in hosts:
+        h.run("ethtool", "-K", h.ifname, *WIRE)
+
+
+def egress_rx_bytes(host) -> int:
+    """Bytes tunneld wrote into its egress device (the kernel counts a write into a TAP as received)."""
+    out = host.run("ip", "-s", "-o", "link", "show", EGRESS).stdout
+    return int(re.search(r"RX:.*?\\\s+(\d+)", out).group(1))
+
+
+def forwarded(host) -> int:
+    out = host.run("nstat", "-az", "IpForwDatagrams").stdout
+    return int(re.search(r"IpForwDatagrams\s+(\d+)", out).group(1))
+
+
+def test_kernel_segments_between_two_tunnelds(hosts):
+    a, b = hosts
+    like_a_wire(a, b)
+    ta, tb = start_pair(a, b, "vxlan", "--kernel-gso", "on")
+    a.wait_ping(OVERLAY_V4[1])
+    assert a.link_state(EGRESS) == "UP" and b.link_state(EGRESS) == "UP"
+    # The host forwards from that one device only: the global switch stays off.
+    assert a.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
+    assert a.run("sysctl", "-n", f"net.ipv4.conf.{EGRESS}.forwarding").stdout.strip() == "1"
+    assert a.run("sysctl", "-n", "net.ipv4.conf.veth-a.forwarding").stdout.strip() == "0"
+    before, fwd_before = egress_rx_bytes(a), forwarded(a)
+    nbytes = 16 << 20
+    sent, received = transfer(a, b, OVERLAY_V4[1], nbytes)
+    assert sent == received and sent.startswith(f"{nbytes} ")
+    # The stream's bytes went through the egress device, as super-frames the kernel forwarded.
+    assert egress_rx_bytes(a) - before > nbytes // 2
+    assert forwarded(a) - fwd_before > 0
+    assert_transfers(a, b)
+    assert ta.stop() == 0 and tb.stop() == 0
+    assert "kernel segmentation on" in ta.output()
+    assert a.link_state(EGRESS) is None  # removed with the tunnel
+
+
+@pytest.mark.parametrize("tunneld_side", ["A", "B"])
+def test_interop_with_linux_kernel_vxlan_kernel_path(hosts, tunneld_side):
+    a, b = hosts
+    like_a_wire(a, b)
+    t_host, k_host = (a, b) if tunneld_side == "A" else (b, a)
+    t_addr, k_addr = (A4, B4) if tunneld_side == "A" else (B4, A4)
+    kernel_vxlan(k_host, t_host.underlay, vni=4242, address=k_addr)
+    t = Tunneld(t_host, "--mode", "vxlan", "--peer", k_host.underlay, "--vni", "4242", "--address", t_addr,
+                "--kernel-gso", "on")
+    t_host.wait_ping(k_addr.split("/")[0])
+    before = egress_rx_bytes(t_host)
+    assert_transfers(a, b)
+    assert egress_rx_bytes(t_host) - before > 4 << 20
+    assert t.stop() == 0
+
+
+def test_off_keeps_the_old_path(hosts):
+    a, b = hosts
+    like_a_wire(a, b)
+    ta, tb = start_pair(a, b, "vxlan", "--kernel-gso", "off")
+    a.wait_ping(OVERLAY_V4[1])
+    assert a.link_state(EGRESS) is None
+    assert_transfers(a, b)
+    assert ta.stop() == 0 and tb.stop() == 0
+    assert "kernel segmentation off (--kernel-gso off)" in ta.output()
+
+
+def test_auto_refuses_a_veth_that_passes_super_packets(hosts):
+    a, b = hosts  # veths as created: tunnel segmentation and checksums left to the far end
+    ta, tb = start_pair(a, b, "vxlan")
+    a.wait_ping(OVERLAY_V4[1])
+    assert a.link_state(EGRESS) is None
+    sent, received = transfer(a, b, OVERLAY_V4[1], 4 << 20)
+    assert sent == received
+    assert ta.stop() == 0 and tb.stop() == 0
+    out = ta.output()
+    assert "kernel segmentation off (underlay device veth-a is a veth" in out
+    # --kernel-gso on refuses to start there, with one error line and status 1
+    t = Tunneld(a, "--peer", b.underlay, "--kernel-gso", "on", wait=False)
+    assert t.proc.wait(timeout=15) == 1
+    errors = [line for line in t.output().splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == [errors[0]] and errors[0].startswith("tunneld: error: --kernel-gso on: underlay device veth-a "
+                                                          "is a veth"), errors
+    assert a.link_state(EGRESS) is None and a.link_state("tunneld0") is None
