@@ -166,8 +166,13 @@ def test_choose_says_why_it_keeps_the_old_path(monkeypatch):
     assert opened == []
     with pytest.raises(eg.Unsupported, match="offloads are off"):
         eg.choose("on", codec=Vxlan(1), **{**kw, "offload": False})
-    monkeypatch.setattr(eg, "underlay_hazard", lambda dev: "a veth that passes super-packets")
-    assert eg.choose("auto", codec=Vxlan(1), **kw) == (None, "off (a veth that passes super-packets)")
+    monkeypatch.setattr(eg, "underlay_hazard", lambda dev: "underlay device v0 passes super-packets")
+    assert eg.choose("auto", codec=Vxlan(1), **kw) == (None, "off (underlay device v0 passes super-packets)")
+    assert opened == []
+    # on: the operator's word against the guess
+    monkeypatch.setattr(eg, "open_egress", lambda *a, **k: opened.append(1) or type("E", (), {"name": "t0-gso", "ttl": 65})())
+    egress, why = eg.choose("on", codec=Vxlan(1), **kw)
+    assert opened == [1] and why.endswith("although the underlay device v0 passes super-packets")
 
 
 def test_the_kernel_refusing_the_flags_falls_back(monkeypatch):

@@ -344,7 +344,8 @@ def underlay_hazard(dev: str | None) -> str | None:
 def choose(mode: str, *, dev: str, codec, link, underlay_dev: str | None, offload: bool,
            multi_queue: bool = False) -> tuple[EgressTap | None, str]:
     """The egress for ``--kernel-gso MODE`` (auto, on, off), and why, for the start-up log: (None, why not)
-    where tunneld keeps cutting. ``on`` raises Unsupported where ``auto`` would fall back."""
+    where tunneld keeps cutting. ``on`` raises Unsupported where ``auto`` would fall back, except for the
+    underlay hazard, a guess about what lies beyond a veth: there ``on`` goes ahead, and says so."""
     if mode == "off":
         return None, "off (--kernel-gso off)"
     headers = constant_headers(codec)
@@ -355,14 +356,16 @@ def choose(mode: str, *, dev: str, codec, link, underlay_dev: str | None, offloa
     elif codec.device is not DeviceKind.TAP:
         why = f"{codec.name} is a TUN mode (the egress device takes Ethernet frames)"
     else:
-        why = underlay_hazard(underlay_dev)
+        why = None
+    hazard = underlay_hazard(underlay_dev) if why is None else None
     try:
-        if why is not None:
-            raise Unsupported(why)
+        if why is not None or (hazard is not None and mode != "on"):
+            raise Unsupported(why or hazard)
         egress = open_egress(dev, header=headers[0], link=link, multi_queue=multi_queue)
     except Unsupported as e:
         if mode == "on":
             raise
         return None, f"off ({e})"
     return egress, (f"on: super-frames leave whole through {egress.name}, which the kernel forwards from "
-                    f"(that device only) and segments; outer TTL {egress.ttl}")
+                    f"(that device only) and segments; outer TTL {egress.ttl}"
+                    + (f"; --kernel-gso on although the {hazard}" if hazard else ""))
