@@ -37,12 +37,15 @@ def forwarded(host) -> int:
     return int(re.search(r"IpForwDatagrams\s+(\d+)", out).group(1))
 
 
-def test_kernel_segments_between_two_tunnelds(hosts):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_kernel_segments_between_two_tunnelds(hosts, workers):
     a, b = hosts
     like_a_wire(a, b)
-    ta, tb = start_pair(a, b, "vxlan", "--kernel-gso", "on")
+    ta, tb = start_pair(a, b, "vxlan", "--kernel-gso", "on", "--workers", workers)
     a.wait_ping(OVERLAY_V4[1])
     assert a.link_state(EGRESS) == "UP" and b.link_state(EGRESS) == "UP"
+    # one queue per worker (IFF_MULTI_QUEUE), as on the tunnel's own device
+    assert f"numqueues {workers}" in a.run("ip", "-d", "link", "show", EGRESS).stdout or workers == "1"
     # The host forwards from that one device only: the global switch stays off.
     assert a.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
     assert a.run("sysctl", "-n", f"net.ipv4.conf.{EGRESS}.forwarding").stdout.strip() == "1"

@@ -413,13 +413,15 @@ class Engine:
         of the old path would count; None when it must take the old path (flooded, no route, a segment over
         the limit: counted there; or the egress declined this one)."""
         gso = self.port.gso
-        gso_size, hlen = gso[1], gso[4]
-        frame = self._txview[HEADROOM : HEADROOM + n]
-        if hlen + gso_size > self.max_frame:  # each segment must cross the underlay as one packet
-            return None
         peer = only if only is not None else self._choose(n)
         if peer.__class__ is not Peer:
             return None
+        gso_size, hlen = gso[1], gso[4]
+        # Each segment must cross the underlay as one packet: the largest inner frame towards this peer (one
+        # for all peers today; a per-peer path MTU would be read here).
+        if hlen + gso_size > self.max_frame:
+            return None
+        frame = self._txview[HEADROOM : HEADROOM + n]
         try:
             if not self.port.egress.send(frame, *gso, self._flow_hash(frame), peer.dest):
                 return None
