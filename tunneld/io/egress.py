@@ -31,8 +31,8 @@ Detection is by doing, never by kernel version: ``open_egress`` creates the TAP,
 tunnel flags and TUNSETVNETHDRSZ 24 and sets the device's configuration, then reads the effective values back;
 any refusal is an ``Unsupported`` with a one-line reason, and the caller keeps today's path.
 
-Only IPv4 underlays for now: IPv6 forwarding is not per device before Linux 6.17's force_forwarding, and an
-IPv6 underlay falls back.
+Only IPv4 underlays for now: an IPv6 underlay falls back. (IPv6 forwards per device only through the
+force_forwarding setting of Linux 6.17+, and its acceptance of our own source address is untested here.)
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import sys
 from tunneld.encap.checksum import internet_checksum, ones_complement_sum
 from tunneld.io.device import OFFLOADS_UDP_TUNNEL, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Device, DeviceError
 from tunneld.encap.base import DeviceKind, constant_headers
+from tunneld.offload.layout import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET
 from tunneld.offload.vnet import F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_UDP_TUNNEL_IPV4, TUNNEL_HDR, TUNNEL_HDR_LEN
 
 IFNAMSIZ = 16  # with the NUL
@@ -57,7 +58,6 @@ SUFFIX = "-gso"
 ETH_LEN, IPV4_LEN, UDP_LEN = 14, 20, 8
 OUTER_TH = ETH_LEN + IPV4_LEN  # outer_th_offset: where the outer UDP header starts
 IPV4_MAX = 0xFFFF  # an outer packet beyond the IPv4 length field cannot be written (the old path takes it)
-ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 IP_DF = 0x4000
@@ -173,7 +173,7 @@ class EgressTap:
         self._port = port  # the peers' (the tunnel's) UDP port
         # Forwarding takes one off: the datagrams leave with the host's default TTL, as the socket's do.
         self.ttl = min(255, (ttl if ttl is not None else default_ttl()) + 1)
-        self._eth = mac + PEER_MAC + ETH_P_IP.to_bytes(2, "big")
+        self._eth = mac + PEER_MAC + ETHERTYPE_IPV4.to_bytes(2, "big")
         self._outer_len = ETH_LEN + IPV4_LEN + UDP_LEN + len(self._header)
         self._prefix = bytearray(TUNNEL_HDR_LEN + self._outer_len)
         self._prefix[TUNNEL_HDR_LEN : TUNNEL_HDR_LEN + ETH_LEN] = self._eth
@@ -211,7 +211,7 @@ class EgressTap:
         ``hlen`` bytes of headers, its checksum partial as the device gave it) to the kernel for ``dest``. False when this one cannot go this
         way (too long for one outer IPv4 packet, an inner header we don't place, the kernel refused it): the
         caller then takes the old path. OSError other than the kernel's refusal (EINVAL) propagates."""
-        if frame[12] << 8 | frame[13] not in (ETH_P_IP, ETH_P_IPV6):
+        if frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1] not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             return False  # a VLAN tag or another ethertype: inner_nh_offset would be wrong
         outer = self._outer_len
         total = outer - ETH_LEN + len(frame)

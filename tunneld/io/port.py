@@ -34,6 +34,7 @@ from functools import partial
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.io.device import TUN_F_USO4
 from tunneld.offload.coalesce import Coalescer
+from tunneld.offload.layout import TCP_DOFF_OFFSET, UDP_HLEN
 from tunneld.offload.segment import Segmenter
 from tunneld.offload.vnet import (F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_UDP_L4, HDR, NO_OFFLOAD, VNET_HDR_LEN,
                                   finish_checksum)
@@ -100,7 +101,8 @@ class VnetPort:
             if self.egress is not None and flags & F_NEEDS_CSUM and csum_start + 20 <= n:
                 # Headers up to the end of the L4 one (hdr_len is not to be trusted): TCP says its length.
                 l4 = VNET_HDR_LEN + csum_start
-                hlen = csum_start + (8 if gso_type & ~GSO_ECN == GSO_UDP_L4 else (area[l4 + 12] >> 4) * 4)
+                hlen = csum_start + (UDP_HLEN if gso_type & ~GSO_ECN == GSO_UDP_L4
+                                     else (area[l4 + TCP_DOFF_OFFSET] >> 4) * 4)
                 self.gso = (gso_type, gso_size, csum_start, csum_offset, hlen)
                 self._area = area
                 return Super(n)
