@@ -14,16 +14,11 @@ import pytest
 
 from tests.support import A4, B4, assert_transfers
 from tunneld.testbed import OVERLAY_V4, Tunneld, kernel_vxlan, start_pair, transfer
+from tunneld.testbed.netns import like_a_wire
 
 pytestmark = pytest.mark.netns
 
 EGRESS = "tunneld0-gso"
-WIRE = ("tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off", "tx", "off")
-
-
-def like_a_wire(*hosts) -> None:
-    for h in hosts:
-        h.run("ethtool", "-K", h.ifname, *WIRE)
 
 
 def egress_rx_bytes(host) -> int:

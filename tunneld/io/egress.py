@@ -17,8 +17,9 @@ What the host must allow, on that one device only (set over rtnetlink, IFLA_AF_S
     nothing else; nothing else arrives on this device (it has no address and no route points at it);
   - accept_local=1: the outer source is one of our own addresses (the UDP socket's), a martian otherwise;
   - rp_filter=0: the device has no address, and the reverse-path check fails on such a device
-    (__fib_validate_source). The kernel uses max(all, device): with net.ipv4.conf.all.rp_filter set
-    (systemd's default is 2) this path cannot work and start-up falls back (the log says so).
+    (__fib_validate_source). The kernel uses max(all, device): with net.ipv4.conf.all.rp_filter set this
+    path cannot work and start-up falls back (the log says so). (systemd's sysctl defaults put 2 on the
+    devices, which we override on ours, and leave ``all`` at the kernel's 0.)
 IPv6 on the device is switched off at its root (IFLA_INET6_ADDR_GEN_MODE none: no link-local address, no
 router or neighbour solicitations into a queue nobody reads).
 
