@@ -46,9 +46,9 @@ import socket
 import struct
 import sys
 
+from tunneld.encap.base import DeviceKind, constant_headers
 from tunneld.encap.checksum import internet_checksum, ones_complement_sum
 from tunneld.io.device import OFFLOADS_UDP_TUNNEL, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Device, DeviceError
-from tunneld.encap.base import DeviceKind, constant_headers
 from tunneld.offload.layout import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET
 from tunneld.offload.vnet import F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_UDP_TUNNEL_IPV4, TUNNEL_HDR, TUNNEL_HDR_LEN
 
@@ -68,8 +68,6 @@ PEER_MAC = bytes.fromhex("020000000001")  # source MAC of the frames we write: a
 # Per-device IPv4 configuration (include/uapi/linux/ip.h IPV4_DEVCONF_*, 1-based in IFLA_INET_CONF).
 DEVCONF_FORWARDING, DEVCONF_RP_FILTER, DEVCONF_ACCEPT_LOCAL = 1, 8, 23
 EGRESS_DEVCONF = {DEVCONF_FORWARDING: 1, DEVCONF_RP_FILTER: 0, DEVCONF_ACCEPT_LOCAL: 1}
-_DEVCONF_NAMES = {DEVCONF_FORWARDING: "forwarding", DEVCONF_RP_FILTER: "rp_filter",
-                  DEVCONF_ACCEPT_LOCAL: "accept_local"}
 PROC_CONF = "/proc/sys/net/ipv4/conf"
 
 
@@ -209,9 +207,10 @@ class EgressTap:
     def send(self, frame: memoryview, gso_type: int, gso_size: int, csum_start: int, csum_offset: int,
              hlen: int, flow: int, dest) -> bool:
         """Hand the super-frame ``frame`` (an Ethernet frame with an IPv4/IPv6 TCP or UDP payload behind
-        ``hlen`` bytes of headers, its checksum partial as the device gave it) to the kernel for ``dest``. False when this one cannot go this
-        way (too long for one outer IPv4 packet, an inner header we don't place, the kernel refused it): the
-        caller then takes the old path. OSError other than the kernel's refusal (EINVAL) propagates."""
+        ``hlen`` bytes of headers, its checksum partial as the device gave it) to the kernel for ``dest``.
+        False when this one cannot go this way (too long for one outer IPv4 packet, an inner header we don't
+        place, the kernel refused it): the caller then takes the old path. OSError other than the kernel's
+        refusal (EINVAL) propagates."""
         if frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1] not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             return False  # a VLAN tag or another ethertype: inner_nh_offset would be wrong
         outer = self._outer_len
