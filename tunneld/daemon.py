@@ -37,6 +37,7 @@ from tunneld.fdb import mac_text
 from tunneld.peers import PeerSpec
 from tunneld.encap.base import Encapsulator
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
+from tunneld.io import netlink
 from tunneld.io.egress import Unsupported as EgressUnsupported, choose as egress_choose
 from tunneld.io.udp import UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
@@ -115,6 +116,9 @@ class Tunnel:
             raise StartupError(f"--kernel-gso on: {e}") from None
         if index == 0:
             log.info("kernel segmentation %s", self.kernel_gso)
+            # One UDP_SEGMENT send no longer bounds a super-frame (plan.superframe_cap): the IPv4 length field does.
+            if egress is not None and not netlink.set_gso_max_size(cfg.dev, egress.superframe_cap):
+                log.debug("could not set gso_max_size %d on %s", egress.superframe_cap, cfg.dev)
         return egress
 
     def _watch(self, metrics: MetricsServer) -> None:

@@ -178,6 +178,9 @@ class EgressTap:
         self._prefix[TUNNEL_HDR_LEN : TUNNEL_HDR_LEN + ETH_LEN] = self._eth
         self._prefix[TUNNEL_HDR_LEN + self._outer_len - len(self._header) :] = self._header
         self._view = memoryview(self._prefix)
+        # The largest inner IP packet whose outer one still fits the IPv4 length field: what the tunnel's own
+        # device may hand us as one super-frame (its gso_max_size) when the kernel cuts them.
+        self.superframe_cap = IPV4_MAX - (self._outer_len - ETH_LEN) - ETH_LEN
         self._addresses: dict[object, tuple[bytes, bytes, int]] = {}  # dest → (source, destination, their sum)
         self._id = 0
         self.frames = 0
