@@ -16,6 +16,7 @@ import pytest
 from tests.support import A4, B4, assert_transfers
 from tunneld.testbed import OVERLAY_V4, Tunneld, kernel_vxlan, start_pair, transfer
 from tunneld.testbed.netns import like_a_wire
+from tunneld.testbed.prom import exposition, samples, total
 
 pytestmark = pytest.mark.netns
 
@@ -54,6 +55,9 @@ def test_kernel_segments_between_two_tunnelds(hosts, workers):
     assert egress_rx_bytes(a) - before > nbytes // 2
     assert forwarded(a) - fwd_before > 0
     assert_transfers(a, b)
+    text = exposition(a)
+    assert samples(text, "tunneld_segmentation_info") == [({"by": "kernel"}, 1.0)]
+    assert total(text, "tunneld_kernel_gso_frames_total") > nbytes // 65536
     assert ta.stop() == 0 and tb.stop() == 0
     assert "kernel segmentation on" in ta.output()
     assert a.link_state(EGRESS) is None  # removed with the tunnel
@@ -82,6 +86,9 @@ def test_off_keeps_the_old_path(hosts):
     a.wait_ping(OVERLAY_V4[1])
     assert a.link_state(EGRESS) is None
     assert_transfers(a, b)
+    text = exposition(a)
+    assert samples(text, "tunneld_segmentation_info") == [({"by": "tunneld"}, 1.0)]
+    assert total(text, "tunneld_kernel_gso_frames_total") == 0
     assert ta.stop() == 0 and tb.stop() == 0
     assert "kernel segmentation off (--kernel-gso off)" in ta.output()
 
