@@ -95,6 +95,20 @@ def test_the_engine_hands_a_super_frame_whole_and_counts_its_datagrams():
     assert eng.stats.kernel_gso_frames == 1 and egress.frames == 1
 
 
+def test_packets_waiting_leave_before_the_super_frame():
+    egress, edev = make_egress()
+    eng, dev, link = make_engine_with(egress)
+    order = []
+    link.send_segments = lambda packets, size, flow, dest=None: order.append(("link", len(packets)))
+    edev.writev = lambda buffers: order.append(("egress", sum(len(memoryview(b)) for b in buffers)))
+    plain = tcp_super(b"x" * 100)  # a plain frame of the flow: it waits in Pending for others
+    data = payload(GSO * 3)
+    dev.inject(HDR.pack(0, 0, 0, 0, 0, 0) + plain, super_frame(data))
+    eng.on_device_readable()
+    assert order == [("link", 8 + len(plain)), ("egress", 24 + 50 + len(tcp_super(data)))]
+    assert eng.stats.tx_packets == 1 + 3
+
+
 class Refusing:
     def __init__(self) -> None:
         self.calls = 0

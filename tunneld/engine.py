@@ -240,6 +240,8 @@ class Engine:
             reads += 1
             if n.__class__ is not int:
                 if n.__class__ is Super:
+                    if pending.count:  # what waits leaves first: the same flow's packets keep their order
+                        moved -= self._flush()
                     sent = self._send_kernel(n, only)
                     if sent is not None:
                         taken += n + vnet_len
