@@ -19,11 +19,6 @@ the testbed's underlay /24 that no host owns (10.231.0.100-198: the kernel ARPs 
 answer and drops what it queued, all inside the namespaces) — each absent peer with static MACs, so the FDB
 is nearly full (990 of --fdb-max 1024). Its TCP figures sit beside tunneld-vxlan's in the same run; the rows
 with ``flood_peers`` also measure what one flooded broadcast costs (bench.run: flood_cost).
-
-tunneld-vxlan-kernelgso (issue 14): the kernel segments super-frames (--kernel-gso on, io/egress.py). Its veths
-are made to behave like a NIC's wire (testbed.netns.like_a_wire: they segment UDP-tunnel super-packets and
-finish checksums instead of handing them to the far end as they are, which a UDP socket there cannot take);
-tunneld-vxlan-wire is tunneld's own segmentation over the same wire, the A/B of the two paths in one run.
 """
 
 from __future__ import annotations
@@ -38,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tunneld.testbed import OVERLAY_V4, TUNNELD, UNDERLAY_V4, Host, Tunneld, kernel_vxlan
-from tunneld.testbed.netns import like_a_wire
 from tunneld.testbed.procfs import children_of
 
 PREFIX = 24
@@ -154,14 +148,6 @@ def _tunneld_start(mode: str, *extra: str) -> Callable[[Host, Host], Running]:
                        stop=stop)
 
     return start
-
-
-def _on_a_wire(start: Callable[[Host, Host], Running]) -> Callable[[Host, Host], Running]:
-    def wired(a: Host, b: Host) -> Running:
-        like_a_wire(a, b)
-        return start(a, b)
-
-    return wired
 
 
 # -- tunneld with many peers (issue 12) ----------------------------------------------------------------------
@@ -311,11 +297,6 @@ SYSTEMS: dict[str, System] = {
         # two worker processes per end (--workers 2): multi-queue TAP + SO_REUSEPORT; helps parallel flows only
         System("tunneld-vxlan-workers2", "tunneld", _tunneld_available("vxlan"),
                _tunneld_start("vxlan", "--workers", "2")),
-        # issue 14: the kernel segments (--kernel-gso), and tunneld's own segmentation over the same wire-like veths
-        System("tunneld-vxlan-kernelgso", "tunneld", _tunneld_available("vxlan"),
-               _on_a_wire(_tunneld_start("vxlan", "--kernel-gso", "on"))),
-        System("tunneld-vxlan-wire", "tunneld", _tunneld_available("vxlan"),
-               _on_a_wire(_tunneld_start("vxlan", "--kernel-gso", "off"))),
         System("tunneld-gre", "tunneld", _tunneld_available("gre"), _tunneld_start("gre")),
         System("tunneld-gretap", "tunneld", _tunneld_available("gretap"), _tunneld_start("gretap")),
         System("openvpn", "userspace-c", _installed("openvpn"), start_openvpn),
