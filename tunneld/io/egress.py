@@ -251,10 +251,9 @@ class EgressTap:
 def open_egress(dev: str, *, header: bytes, link, multi_queue: bool = False) -> EgressTap:
     """The egress TAP for the tunnel on ``dev`` whose UDP ``link`` it sends for (its source ports, its local
     address), or Unsupported with the reason this host cannot have it."""
-    if sys.byteorder != "little":
-        raise Unsupported("big-endian host: the tunnel vnet header's byte order is not handled")
-    if link.family != socket.AF_INET:
-        raise Unsupported("IPv6 underlay: not handled by the kernel path yet")
+    problem = _host_or_link_problem(link)
+    if problem is not None:
+        raise Unsupported(problem)
     name = egress_name(dev)
     try:
         device = Device(name, DeviceKind.TAP, offload=True, multi_queue=multi_queue)
@@ -286,6 +285,14 @@ def open_egress(dev: str, *, header: bytes, link, multi_queue: bool = False) -> 
     except BaseException:
         device.close()
         raise
+
+
+def _host_or_link_problem(link) -> str | None:
+    if sys.byteorder != "little":
+        return "big-endian host: the tunnel vnet header's byte order is not handled"
+    if link.family != socket.AF_INET:
+        return "IPv6 underlay: not handled by the kernel path yet"
+    return None
 
 
 def _index(name: str) -> int:
@@ -359,7 +366,7 @@ def choose(mode: str, *, dev: str, codec, link, underlay_dev: str | None, offloa
     elif codec.device is not DeviceKind.TAP:
         why = f"{codec.name} is a TUN mode (the egress device takes Ethernet frames)"
     else:
-        why = None
+        why = _host_or_link_problem(link)
     hazard = underlay_hazard(underlay_dev) if why is None else None
     try:
         if why is not None or (hazard is not None and mode != "on"):
