@@ -20,6 +20,7 @@ from tunneld.config import (
     DEFAULT_MODE,
     DEFAULT_RUNTIME_DIR,
     EX_CONFIG,
+    KERNEL_GSO_CHOICES,
     LOG_LEVELS,
     MAX_FDB_AGEING,
     MAX_FDB_MAX,
@@ -229,6 +230,12 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
         "(for debugging and comparison)",
     )
     p.add_argument(
+        "--kernel-gso", choices=KERNEL_GSO_CHOICES, default=None,
+        help="who cuts VXLAN super-frames into datagrams: the kernel, through an egress TAP DEV-gso that it "
+        "forwards from (Linux 6.17+; 'on': or fail to start), or tunneld ('off'). Default 'auto': the kernel "
+        "where it can and where it is safe; the start-up log says which and why",
+    )
+    p.add_argument(
         "--workers", metavar="N", type=_workers,
         help=f"data-path processes, each with its own TAP queue and UDP socket (modes over UDP; raw-IP modes use 1). "
         f"Default 'auto': {AUTO_RULE}; see workers below",
@@ -320,7 +327,7 @@ def setup_logging(level: str) -> None:
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
+FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload", "kernel_gso",
                "workers", "fdb_max", "fdb_ageing", "runtime_dir")
 
 

@@ -67,6 +67,10 @@ class TunnelConfig:
     mac: str | None = None  # None: a stable address derived from the machine, the device name and the peer
     log_level: str = "info"
     offload: bool = True  # TUN/TAP TSO + UDP GSO/GRO (tunneld/offload); False: the plain per-packet path
+    # Who cuts super-frames of UDP codecs with a constant header (VXLAN): the kernel through an egress TAP
+    # (tunneld/io/egress.py), or tunneld. "auto": the kernel where it can and it is safe; "on": the kernel or
+    # fail to start; "off": tunneld. Command line only (--kernel-gso) for now: a file takes the default.
+    kernel_gso: str = "auto"
     workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
     fdb_max: int = DEFAULT_FDB_MAX  # L2 modes: at most this many FDB entries; past it MACs are not learnt
@@ -250,6 +254,15 @@ def check_range(value: int, what: str, low: int, high: int) -> int:
     return value
 
 
+KERNEL_GSO_CHOICES = ("auto", "on", "off")  # see TunnelConfig.kernel_gso
+
+
+def check_choice(value: str, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 MAX_WORKERS = 64  # processes; one TUN queue each (the kernel allows 256) and ~50 MB of Python each
 
 
@@ -410,6 +423,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         mac=check_mac(cfg.mac) if cfg.mac else None,
         log_level=cfg.log_level,
         offload=cfg.offload,
+        kernel_gso=check_choice(cfg.kernel_gso, "kernel-gso", KERNEL_GSO_CHOICES),
         workers=check_workers(cfg.workers),
         metrics_listen=check_listen(cfg.metrics_listen),
         fdb_max=check_range(cfg.fdb_max, "fdb-max", 1, MAX_FDB_MAX),

@@ -41,6 +41,7 @@ from tunneld.encap.base import Encapsulator
 from tunneld.io import SetupError
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io import netlink
+from tunneld.io.egress import Unsupported as EgressUnsupported, choose as egress_choose
 from tunneld.io.udp import UdpLink
 from tunneld.metrics import MetricsError, MetricsServer
 from tunneld.plan import Plan, make_plan, stable_mac
@@ -80,6 +81,7 @@ class Tunnel:
         # from the start so that the metrics endpoint can export them whenever it is (re)made.
         self.registry_stats = RegistryStats() if cfg.registry is not None else None
         self.registry = None
+        self.kernel_gso = "off"  # who segments: the start-up log's words (io/egress.py choose)
 
     def open(self) -> None:
         plan = self.plan
@@ -100,12 +102,33 @@ class Tunnel:
 
     def _worker(self, index: int, device, link) -> Worker:
         plan, cfg = self.plan, self.plan.cfg
+        egress = self._egress(index, link)
         worker = Worker(index, device, link, plan.codec, dev=cfg.dev, max_frame=plan.max_frame,
-                        offload=plan.offload, peers=cfg.peers, fdb_max=cfg.fdb_max, fdb_ageing=cfg.fdb_ageing)
+                        offload=plan.offload, peers=cfg.peers, fdb_max=cfg.fdb_max, fdb_ageing=cfg.fdb_ageing,
+                        egress=egress)
         if index == 0:  # MACs learnt here go to every child; a child's come to this worker (and the others)
             worker.share = self.supervisor.share
             self.supervisor.on_learnt = worker.learn
         return worker
+
+    def _egress(self, index: int, link):
+        """Worker ``index``'s egress device queue where the kernel segments super-frames (io/egress.py), or
+        None. Worker 0 decides, and logs which path runs and why; the others follow (a queue each)."""
+        plan, cfg = self.plan, self.plan.cfg
+        if index > 0 and self.kernel_gso.startswith("off"):
+            return None
+        try:
+            egress, self.kernel_gso = egress_choose(
+                cfg.kernel_gso, dev=cfg.dev, codec=plan.codec, link=link, underlay_dev=plan.underlay_dev,
+                offload=plan.offload, multi_queue=plan.workers > 1)
+        except EgressUnsupported as e:
+            raise StartupError(f"--kernel-gso on: {e}") from None
+        if index == 0:
+            log.info("kernel segmentation %s", self.kernel_gso)
+            # One UDP_SEGMENT send no longer bounds a super-frame (plan.superframe_cap): the IPv4 length field does.
+            if egress is not None and not netlink.set_gso_max_size(cfg.dev, egress.superframe_cap):
+                log.debug("could not set gso_max_size %d on %s", egress.superframe_cap, cfg.dev)
+        return egress
 
     def _watch(self, metrics: MetricsServer) -> None:
         metrics.watch(self.worker.engine, dev=self.cfg.dev, mtu=self.plan.mtu, vni=self.plan.vni,
@@ -128,6 +151,8 @@ class Tunnel:
         import uvloop
 
         unit = self.resources.keep_only(index)
+        if self.worker is not None and self.worker.egress is not None:
+            self.worker.egress.close()  # worker 0's egress queue is the parent's; this worker opens its own
         self.worker = None  # the parent's worker 0: its queue and link are closed now
         worker = self._worker(index, *unit)
         return uvloop.run(worker.serve_channel(channel))

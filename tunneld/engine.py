@@ -10,7 +10,9 @@ whether single datagrams are gathered (``Gatherer``): with batches of one, neith
 Outbound flow (device → peer), on each wake-up of the device fd:
   1. read up to ``batch`` frames (and at most WAKEUP_BYTES), each into the same buffer behind ``HEADROOM``;
   2. a super-frame comes back from the port already cut into rows carrying the codec's declared constant
-     header: the rows leave in one send, after whatever plain packets were waiting;
+     header: the rows leave in one send, after whatever plain packets were waiting. Where the kernel cuts
+     them (an egress device, io/egress.py), the port leaves it whole (``Super``) and it is written there
+     once for its one peer; one the egress cannot take (flooded, too long) is cut as before;
   3. a plain frame that could not cross the underlay without fragmenting is dropped (VTEPs never fragment);
      the encapsulator writes its header into the headroom, in front of the frame: no copy;
   4. the packet leaves now (batches of one), or waits in ``Pending`` with others of its flow and size and
@@ -55,7 +57,7 @@ import numpy as np
 
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
-from tunneld.io.port import Fallback, FramePort, VnetPort
+from tunneld.io.port import Fallback, FramePort, Super, VnetPort
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
 from tunneld.peers import Peer, PeerSpec, PeerTable
@@ -114,12 +116,12 @@ def offload_supported(codec: Encapsulator) -> bool:
     return codec.transport.kind in ("udp", "ip") and constant_headers(codec) is not None
 
 
-def _batch_ports(device, link: LinkPort, codec: Encapsulator, max_frame: int, offload: bool):
+def _batch_ports(device, link: LinkPort, codec: Encapsulator, max_frame: int, offload: bool, egress=None):
     """The one place where offloads make a difference: the device port, whether packets wait to be batched
     (Pending) and single datagrams are gathered (Gatherer), and how the link receives."""
     if not offload:
         return FramePort(device), None, None, link.recv_one
-    port = VnetPort(device, codec, max_frame)  # (refuses a codec without a constant header)
+    port = VnetPort(device, codec, max_frame, egress)  # (refuses a codec without a constant header)
     # Where the kernel cannot coalesce, reads are single datagrams and are gathered. The largest packet the peer
     # should send us sizes raw IP's receive slots.
     link.enable_gro(max_packet=max_frame + codec.header_len)
@@ -146,6 +148,7 @@ class Engine:
         peers: Sequence[PeerSpec] | None = None,
         fdb_max: int = DEFAULT_MAX_ENTRIES,
         fdb_ageing: float = DEFAULT_AGEING,
+        egress=None,
     ) -> None:
         if codec.header_len > HEADROOM:
             raise ValueError(f"{codec.name}: header of {codec.header_len} bytes exceeds the {HEADROOM}-byte headroom")
@@ -168,7 +171,8 @@ class Engine:
             self._flow_hash = _no_flow  # the ~0.8 us hash would be thrown away for every packet
         else:
             self._flow_hash = ethernet_flow_hash if codec.device is DeviceKind.TAP else ip_flow_hash
-        self.port, self._pending, self._gather, self._recv = _batch_ports(device, link, codec, max_frame, offload)
+        self.port, self._pending, self._gather, self._recv = _batch_ports(device, link, codec, max_frame, offload,
+                                                                          egress)
         self._header_len = self.port.header_len
         self._txbuf = bytearray(HEADROOM + MAX_PACKET)
         self._txview = memoryview(self._txbuf)
@@ -236,6 +240,15 @@ class Engine:
                 break
             reads += 1
             if n.__class__ is not int:
+                if n.__class__ is Super:
+                    if pending.count:  # what waits leaves first: the same flow's packets keep their order
+                        moved -= self._flush()
+                    sent = self._send_kernel(n, only)
+                    if sent is not None:
+                        taken += n + vnet_len
+                        moved, nbytes = moved + sent[0], nbytes + sent[1]
+                        continue
+                    n = self.port.cut(n)  # the old way: Segments, Fallback or Drop
                 if n.__class__ is Segments:
                     taken += n.frame_len + vnet_len
                     m, b = self._send_superframe(n, flow_hash(view[HEADROOM : HEADROOM + n.frame_len]), only)
@@ -396,6 +409,36 @@ class Engine:
                 ps.tx_bytes += inner
                 ps.dropped += failed
         return moved, nbytes
+
+    def _send_kernel(self, n: int, only: Peer | None) -> tuple[int, int] | None:
+        """Hand the super-frame at HEADROOM (``n`` bytes, its vnet fields in ``port.gso``) to the egress device,
+        for the kernel to segment on its way to its one peer: (packets, inner bytes) it becomes, as the rows
+        of the old path would count; None when it must take the old path (flooded, no route, a segment over
+        the limit: counted there; or the egress declined this one)."""
+        gso = self.port.gso
+        peer = only if only is not None else self._choose(n)
+        if peer.__class__ is not Peer:
+            return None
+        gso_size, hlen = gso[1], gso[4]
+        # Each segment must cross the underlay as one packet: the largest inner frame towards this peer (one
+        # for all peers today; a per-peer path MTU would be read here).
+        if hlen + gso_size > self.max_frame:
+            return None
+        frame = self._txview[HEADROOM : HEADROOM + n]
+        try:
+            if not self.port.egress.send(frame, *gso, self._flow_hash(frame), peer.dest):
+                return None
+        except OSError:
+            return None  # the old path will say what the socket thinks of it
+        self.stats.kernel_gso_frames += 1
+        payload = n - hlen
+        count = -(-payload // gso_size)
+        inner = count * hlen + payload
+        if only is None:
+            ps = peer.stats
+            ps.tx_packets += count
+            ps.tx_bytes += inner
+        return count, inner
 
     # -- inbound ---------------------------------------------------------------------------------------------
 
@@ -579,9 +622,9 @@ class Engine:
 
 def make_engine(device, link: LinkPort, codec: Encapsulator, *, max_frame: int, offload: bool,
                 peers: Sequence[PeerSpec] | None = None, fdb_max: int = DEFAULT_MAX_ENTRIES,
-                fdb_ageing: float = DEFAULT_AGEING) -> Engine:
+                fdb_ageing: float = DEFAULT_AGEING, egress=None) -> Engine:
     """The data path for an open device and link: with ``offload`` the device was opened with IFF_VNET_HDR
     (and ``offload_supported(codec)`` holds), else batches of one. ``peers``: the peer table's specs (None:
-    the link's one peer)."""
+    the link's one peer). ``egress``: where the kernel segments super-frames for us (io/egress.py), or None."""
     return Engine(device, link, codec, max_frame=max_frame, offload=offload, peers=peers, fdb_max=fdb_max,
-                  fdb_ageing=fdb_ageing)
+                  fdb_ageing=fdb_ageing, egress=egress)

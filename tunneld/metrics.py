@@ -131,6 +131,16 @@ class TunnelCollector(Collector):
         build.add_metric([], {"version": __version__})
         yield build
 
+        segmentation = InfoMetricFamily(
+            "tunneld_segmentation",
+            "Who cuts super-frames into datagrams (value is always 1): \"kernel\" (an egress device the kernel "
+            "forwards from and segments, --kernel-gso), \"tunneld\" (offloads on), \"none\" (offloads off).",
+        )
+        port = engine.port
+        segmentation.add_metric([], {"by": "kernel" if getattr(port, "egress", None) is not None
+                                     else "tunneld" if port.vnet_len else "none"})
+        yield segmentation
+
         info = GaugeMetricFamily(
             "tunneld_info",
             "The tunnel's configuration (value is always 1): interface, its MTU, and the VNI where the mode has one.",
@@ -198,6 +208,15 @@ class TunnelCollector(Collector):
         )
         fallbacks.add_metric(labels, stats.offload_fallbacks)
         yield fallbacks
+
+        kernel = CounterMetricFamily(
+            "tunneld_kernel_gso_frames",
+            "Super-frames handed whole to the kernel to segment (--kernel-gso); their datagrams count in "
+            "tunneld_tx_packets_total as if tunneld had cut them.",
+            labels=LABELS,
+        )
+        kernel.add_metric(labels, stats.kernel_gso_frames)
+        yield kernel
 
         last_rx = GaugeMetricFamily(
             "tunneld_peer_last_rx_timestamp_seconds",

@@ -56,6 +56,7 @@ class Stats:
         "loop_lag",
         "loop_lag_sum",
         "offload_fallbacks",
+        "kernel_gso_frames",
     )
 
     def __init__(self) -> None:
@@ -81,6 +82,8 @@ class Stats:
         self.loop_lag_sum = 0.0
         # Super-frames the offload path could not cut that fit one packet and took the plain path instead.
         self.offload_fallbacks = 0
+        # Super-frames handed whole to the kernel to segment (the egress device, io/egress.py).
+        self.kernel_gso_frames = 0
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag[bisect_left(LOOP_LAG_BUCKETS, seconds)] += 1

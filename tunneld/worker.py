@@ -48,13 +48,14 @@ def cpu_seconds() -> float:
 class Worker:
     def __init__(self, index: int, device, link, codec: Encapsulator, *, dev: str, max_frame: int,
                  offload: bool, peers: Sequence[PeerSpec] | None = None, fdb_max: int = DEFAULT_MAX_ENTRIES,
-                 fdb_ageing: float = DEFAULT_AGEING, clock: Callable[[], float] = time.time) -> None:
+                 fdb_ageing: float = DEFAULT_AGEING, clock: Callable[[], float] = time.time, egress=None) -> None:
         self.index = index
         self.dev = dev  # the interface's name, for the log
         self.link = link
         self.codec = codec
+        self.egress = egress  # where the kernel segments super-frames (io/egress.py), closed with the worker
         self.engine = make_engine(device, link, codec, max_frame=max_frame, offload=offload, peers=peers,
-                                  fdb_max=fdb_max, fdb_ageing=fdb_ageing)
+                                  fdb_max=fdb_max, fdb_ageing=fdb_ageing, egress=egress)
         self.status = 0
         self.stopped = asyncio.Event()  # bound to the running loop on first wait (Python ≥ 3.10)
         self.clock = clock
@@ -116,6 +117,9 @@ class Worker:
             self._timer.cancel()
             self._timer = None
         self.engine.detach()
+        if self.egress is not None:
+            self.egress.close()
+            self.egress = None
 
     def _device_gone(self) -> None:
         if self.index == 0:

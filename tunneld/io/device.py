@@ -40,8 +40,12 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_USO4 = 0x20  # Linux 6.2+
 TUN_F_USO6 = 0x40
+TUN_F_UDP_TUNNEL_GSO = 0x80  # Linux 6.17+: TSO/USO over a UDP tunnel (needs a plain TSO/USO flag too)
+TUN_F_UDP_TUNNEL_GSO_CSUM = 0x100  # ... with the outer UDP checksum computed per segment
 OFFLOADS_TCP = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 OFFLOADS_ALL = OFFLOADS_TCP | TUN_F_USO4 | TUN_F_USO6
+OFFLOADS_UDP_TUNNEL = OFFLOADS_ALL | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM
+TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int); pointer argument: 24 for virtio_net_hdr_v1_hash_tunnel
 
 
 class DeviceError(SetupError):

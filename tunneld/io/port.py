@@ -9,7 +9,10 @@ never looks at a virtio_net_hdr. Two ports answer it:
 front of the frame, and dealt with here:
   - a plain frame whose checksum the kernel left partial (NEEDS_CSUM) gets it finished; the engine then
     sees a plain frame;
-  - a super-frame (gso_type TCPV4/TCPV6/UDP_L4) is cut by the Segmenter into rows that each carry the codec's
+  - a super-frame, where the kernel segments them for us (``egress``, an io/egress.py EgressTap), is left
+    whole: ``Super(n)``, its vnet fields in ``gso``; the engine hands it to the egress device for one peer,
+    or asks ``cut(n)`` for the rows below when it cannot (flooded, or the egress refuses that one);
+  - otherwise a super-frame (gso_type TCPV4/TCPV6/UDP_L4) is cut by the Segmenter into rows that each carry the codec's
     constant header (declared by the codec, ``Encapsulator.constant_header``): the engine sends them as one
     row buffer. One the segmenter cannot cut but that fits one packet is handed on as a plain frame marked
     ``Fallback`` (counted by the engine); a larger one has no way out (``Drop.OFFLOAD_UNSUPPORTED``);
@@ -31,12 +34,22 @@ from functools import partial
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.io.device import TUN_F_USO4
 from tunneld.offload.coalesce import Coalescer
+from tunneld.offload.layout import TCP_DOFF_OFFSET, UDP_HLEN
 from tunneld.offload.segment import Segmenter
-from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, HDR, NO_OFFLOAD, VNET_HDR_LEN, finish_checksum
+from tunneld.offload.vnet import (F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_UDP_L4, HDR, NO_OFFLOAD, VNET_HDR_LEN,
+                                  finish_checksum)
 
 
 class Fallback(int):
     """A super-frame the segmenter could not cut, handed on as one plain frame of this length."""
+
+    __slots__ = ()
+
+
+class Super(int):
+    """A super-frame left whole for the kernel to segment, of this length; the port's ``gso`` holds its vnet
+    fields and the length of its headers (gso_type, gso_size, csum_start, csum_offset, header length) until
+    the next read."""
 
     __slots__ = ()
 
@@ -59,7 +72,7 @@ class VnetPort:
 
     vnet_len = VNET_HDR_LEN
 
-    def __init__(self, device, codec: Encapsulator, max_frame: int) -> None:
+    def __init__(self, device, codec: Encapsulator, max_frame: int, egress=None) -> None:
         headers = constant_headers(codec)
         if headers is None:
             raise ValueError(f"{codec.name}: no constant header declared; offloads need one")
@@ -74,6 +87,9 @@ class VnetPort:
         self._fd = device.fileno()
         self._readv = getattr(device, "sys_readv", os.readv)
         self._writev = getattr(device, "sys_writev", os.writev)
+        self.egress = egress
+        self.gso = (0, 0, 0, 0, 0)
+        self._area: memoryview | None = None
 
     def read(self, areas: tuple[memoryview]):
         """One read into ``areas[0]`` (vnet header, then the frame): the plain frame's length (int, or
@@ -82,19 +98,35 @@ class VnetPort:
         area = areas[0]
         flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = HDR.unpack_from(area)
         if gso_type != GSO_NONE:
-            frame = area[VNET_HDR_LEN : VNET_HDR_LEN + n]
-            segs = self._split(frame, gso_type, gso_size)
-            if segs.__class__ is not str:
-                return segs
-            if n > self._max_frame:  # a super-frame we cannot cut has no other way out
-                return Drop.OFFLOAD_UNSUPPORTED
-            if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
-                return Drop.OFFLOAD_UNSUPPORTED
-            return Fallback(n)  # it fits one packet: the plain path takes it
+            if self.egress is not None and flags & F_NEEDS_CSUM and csum_start + 20 <= n:
+                # Headers up to the end of the L4 one (hdr_len is not to be trusted): TCP says its length.
+                l4 = VNET_HDR_LEN + csum_start
+                hlen = csum_start + (UDP_HLEN if gso_type & ~GSO_ECN == GSO_UDP_L4
+                                     else (area[l4 + TCP_DOFF_OFFSET] >> 4) * 4)
+                self.gso = (gso_type, gso_size, csum_start, csum_offset, hlen)
+                self._area = area
+                return Super(n)
+            return self._cut(area, n, flags, gso_type, gso_size, csum_start, csum_offset)
         if flags & F_NEEDS_CSUM and not finish_checksum(area[VNET_HDR_LEN : VNET_HDR_LEN + n], csum_start,
                                                         csum_offset):
             return Drop.OFFLOAD_UNSUPPORTED
         return n
+
+    def cut(self, n: int):
+        """The ``Super`` of the last read, cut as ``read`` cuts without an egress: Segments, Fallback or Drop."""
+        return self._cut(self._area, n, F_NEEDS_CSUM, *self.gso[:4])
+
+    def _cut(self, area: memoryview, n: int, flags: int, gso_type: int, gso_size: int, csum_start: int,
+             csum_offset: int):
+        frame = area[VNET_HDR_LEN : VNET_HDR_LEN + n]
+        segs = self._split(frame, gso_type, gso_size)
+        if segs.__class__ is not str:
+            return segs
+        if n > self._max_frame:  # a super-frame we cannot cut has no other way out
+            return Drop.OFFLOAD_UNSUPPORTED
+        if flags & F_NEEDS_CSUM and not finish_checksum(frame, csum_start, csum_offset):
+            return Drop.OFFLOAD_UNSUPPORTED
+        return Fallback(n)  # it fits one packet: the plain path takes it
 
     def write(self, frame: memoryview) -> int:
         """One plain frame, behind an empty vnet header."""

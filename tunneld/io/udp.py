@@ -125,6 +125,11 @@ class UdpLink:
     def fileno(self) -> int:
         return self._rx.fileno()
 
+    def source_ports(self) -> list[int]:
+        """The send sockets' ports, in the order ``flow % len`` picks them: what another way out (the kernel
+        path, io/egress.py) must send from for the peer to see the same flows."""
+        return [s.getsockname()[1] for s in self._tx]
+
     def recv_into(self, buf: memoryview) -> tuple[int, str]:
         """One datagram into ``buf``: (length, source address). Raises BlockingIOError when there is none."""
         n, addr = self._rx.recvfrom_into(buf)

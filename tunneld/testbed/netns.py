@@ -167,6 +167,18 @@ def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
             sh("ip", "netns", "del", name, check=False)
 
 
+# What a veth does that a NIC's wire does not: hand UDP-tunnel super-packets and partial checksums to the other
+# namespace as they are (tunneld/io/egress.py underlay_hazard). Off, it segments and checksums as a NIC would;
+# GRO on (which gives a veth a NAPI context) lets the far end coalesce what arrives, as a NIC's driver does.
+WIRE_FEATURES = ("tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off", "tx", "off", "gro", "on")
+
+
+def like_a_wire(*hosts: Host) -> None:
+    """Make each host's veth deliver and receive what a NIC would (see WIRE_FEATURES)."""
+    for host in hosts:
+        host.run("ethtool", "-K", host.ifname, *WIRE_FEATURES)
+
+
 # Not a test, whatever a test runner's name patterns make of "testbed" when a test module imports it.
 testbed.__test__ = False  # type: ignore[attr-defined]
 
