@@ -228,7 +228,7 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
                peers=[PeerSpec(A)], clock=lambda: 1000.0)
     t = Tunnel.__new__(Tunnel)  # a tunnel over a fake worker, as the control tests build one
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
-        TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450), 1, w, Supervisor())
+        TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
     t.registry_changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
                         PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
