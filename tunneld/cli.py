@@ -16,6 +16,8 @@ from tunneld.config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_MODE,
     DEFAULT_RUNTIME_DIR,
+    DF_CHOICES,
+    DF_HELP,
     EX_CONFIG,
     LOG_LEVELS,
     MAX_FDB_AGEING,
@@ -223,6 +225,7 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
         help="move one packet per system call: no TUN/TAP segmentation offload, no UDP GSO/GRO, no sendmmsg/recvmmsg "
         "(for debugging and comparison)",
     )
+    p.add_argument("--df", choices=DF_CHOICES, help=DF_HELP)
     p.add_argument(
         "--workers", metavar="N", type=_workers,
         help=f"data-path processes, each with its own TAP queue and UDP socket (modes over UDP; raw-IP modes use 1). "
@@ -308,7 +311,7 @@ def setup_logging(level: str) -> None:
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload",
+FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload", "df",
                "workers", "fdb_max", "fdb_ageing", "runtime_dir")
 
 

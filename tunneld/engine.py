@@ -102,6 +102,13 @@ TOO_BIG_ERRNOS = (errno.EMSGSIZE, errno.EINVAL)
 # an ACK) waits. Measured with one TCP stream plus ping on this 2-core machine: with only the 32-read bound,
 # ping p50/p90 ~4/7.5 ms; with this budget ~3/5 ms, at the same ~3.3 Gbit/s.
 WAKEUP_BYTES = 256 << 10
+# The underlay socket's receive buffer, in the kernel's accounting. While the loop serves the device (a wake-up
+# of up to WAKEUP_BYTES: ~3 ms of Python with super-frames) and then reads the socket (another WAKEUP_BYTES),
+# the peer keeps sending; the kernel charges each datagram its buffer's true size, about twice the payload of
+# an MTU-size datagram that was not coalesced. 16 budgets (4 MiB, which the kernel doubles for its overhead)
+# hold ~8 wake-ups of arrivals at that rate, room for the other workers or processes sharing the CPUs to run
+# in between. Beyond it the kernel drops, and says so (``kernel_rcvbuf``).
+RECEIVE_BUFFER = 16 * WAKEUP_BYTES
 # Seconds before a peer's learnt path MTU is asked again, when a frame above it arrives: a system call pair per
 # peer and second at most, and only while frames are too big for it.
 PMTU_RECHECK = 1.0
@@ -184,6 +191,13 @@ class Engine:
         self._outer_overhead = codec.outer_overhead(getattr(link, "family", None) == socket.AF_INET6)
         self._icmp_limit = RateLimit()
         self._path_mtu = getattr(link, "path_mtu", None)  # the fakes have none: no limit learnt
+        # The kernel's drops on the underlay socket (SO_RXQ_OVFL), as the link has seen them so far: added to
+        # ``kernel_rcvbuf`` once per wake-up. Links without the count (the fakes) have none.
+        self._counts_kernel_drops = hasattr(link, "kernel_drops")
+        self._kernel_drops = 0
+        size_receive_buffer = getattr(link, "size_receive_buffer", None)
+        if size_receive_buffer is not None:
+            size_receive_buffer(RECEIVE_BUFFER)
         self.batch = batch or (OFFLOAD_BATCH if offload else DEFAULT_BATCH)
         if not 1 <= self.batch <= MAX_BATCH:  # the per-wake-up histograms have a slot per read count up to it
             raise ValueError(f"batch {self.batch} is outside 1..{MAX_BATCH}")
@@ -605,6 +619,11 @@ class Engine:
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
+        if self._counts_kernel_drops:
+            kernel = self.link.kernel_drops
+            if kernel != self._kernel_drops:
+                drops[Drop.KERNEL_RCVBUF] += kernel - self._kernel_drops
+                self._kernel_drops = kernel
         if self._loop is not None and gather is not None and getattr(self.link, "buffered", False):
             # The wake-up's budget ran out with packets the link took from the kernel in hand (raw IP's recvmmsg):
             # no poll would report them, so come back for them on the next turn of the loop.

@@ -45,13 +45,14 @@ class Resources:
             raise StartupError(
                 f"interface {cfg.dev} already exists: pick another --dev, or remove it (ip link del {cfg.dev})"
             )
+        df = cfg.df == "set"
         try:
             if plan.codec.transport.kind == "ip":
-                self.links = [RawLink(cfg.peer, plan.port, cfg.local)]
+                self.links = [RawLink(cfg.peer, plan.port, cfg.local, df=df)]
             elif plan.workers > 1:
-                self.links = open_group(cfg.peer, plan.port, cfg.local, plan.workers)
+                self.links = open_group(cfg.peer, plan.port, cfg.local, plan.workers, df=df)
             else:
-                self.links = [UdpLink(cfg.peer, plan.port, cfg.local)]
+                self.links = [UdpLink(cfg.peer, plan.port, cfg.local, df=df)]
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
             for _ in range(plan.workers):
