@@ -43,7 +43,7 @@ from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
 from tunneld.httpd import HttpServer
-from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
+from tunneld.stats import ICMP_KINDS, LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
     from tunneld.engine import Engine
@@ -197,6 +197,30 @@ class TunnelCollector(Collector):
         )
         fallbacks.add_metric(labels, stats.offload_fallbacks)
         yield fallbacks
+
+        icmp = CounterMetricFamily(
+            "tunneld_icmp_sent",
+            "ICMP errors written back into the device to the sender of a frame the path to its peer cannot carry, "
+            "by type (" + ", ".join(kind.value for kind in ICMP_KINDS) + "); at most the kernel's ICMP budget.",
+            labels=[*LABELS, "type"],
+        )
+        for kind, n in zip(ICMP_KINDS, stats.icmp_sent):
+            icmp.add_metric([*labels, kind.value], n)
+        yield icmp
+        limited = CounterMetricFamily(
+            "tunneld_icmp_ratelimited",
+            "ICMP errors not written back because the budget (1000/s, bursts of 50, as the kernel's) was spent.",
+            labels=LABELS,
+        )
+        limited.add_metric(labels, stats.icmp_limited)
+        yield limited
+        pmtu = CounterMetricFamily(
+            "tunneld_pmtu_changes",
+            "Times a peer's path MTU, as the kernel learnt it, was found changed (asked after a too-big send fails).",
+            labels=LABELS,
+        )
+        pmtu.add_metric(labels, stats.pmtu_changes)
+        yield pmtu
 
         last_rx = GaugeMetricFamily(
             "tunneld_peer_last_rx_timestamp_seconds",
