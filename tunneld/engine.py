@@ -190,7 +190,9 @@ class Engine:
         # Path MTU (see the module's docstring): what the underlay adds around a frame, the ICMP budget.
         self._outer_overhead = codec.outer_overhead(getattr(link, "family", None) == socket.AF_INET6)
         self._icmp_limit = RateLimit()
-        self._path_mtu = getattr(link, "path_mtu", None)  # the fakes have none: no limit learnt
+        # The fakes have no path_mtu, and with DF unset the kernel fragments what the path cannot carry: no limit
+        # learnt per peer.
+        self._path_mtu = getattr(link, "path_mtu", None) if getattr(link, "df", True) else None
         # The kernel's drops on the underlay socket (SO_RXQ_OVFL), as the link has seen them so far: added to
         # ``kernel_rcvbuf`` once per wake-up. Links without the count (the fakes) have none.
         self._counts_kernel_drops = hasattr(link, "kernel_drops")

@@ -286,7 +286,21 @@ class UdpLink:
             for start in range(0, len(packets), per_call):
                 sock.sendmsg((packets[start : start + per_call],), cmsg, 0, peer)
         except OSError as e:
+            if not self.df and e.errno in (errno.EINVAL, errno.EMSGSIZE):
+                # DF unset, yet a UDP_SEGMENT send is refused when its datagrams exceed the path MTU the kernel
+                # learnt (IPv6: udp_v6_send_skb checks them against it); a single datagram it fragments.
+                self._send_one_by_one(sock, packets, start, size, peer)
+                return
             e.sent = start // size  # every call before the failing one carried whole datagrams
+            raise
+
+    def _send_one_by_one(self, sock: socket.socket, packets: memoryview, start: int, size: int, peer) -> None:
+        at = start
+        try:
+            for at in range(start, len(packets), size):
+                sock.sendto(packets[at : at + size], peer)
+        except OSError as e:
+            e.sent = at // size
             raise
 
     def close(self) -> None:

@@ -3,8 +3,11 @@
     A (10.231.0.1, fd00:231::1)  veth-a ── veth-ra  R  veth-rb ── veth-b  B (10.231.3.2, fd00:233::2)
 
 R forwards IPv4 and IPv6. The link A–R keeps MTU 1500, so A's own interface never tells it the path is smaller;
-the link R–B gets ``mtu`` (both ends), and ``Router.set_mtu`` changes R's end while traffic runs. A learns the
-path MTU only as the Internet would: from R's ICMP "fragmentation needed" / "packet too big".
+R's end of the link R–B gets ``mtu`` (``Router.set_mtu`` changes it while traffic runs). A learns the path MTU
+only as the Internet would: from R's ICMP "fragmentation needed" / "packet too big". B's end keeps 1500: a B
+behind the small link would give its own tunnel the small MTU and the inner TCP's MSS option would keep A's
+segments small, and the path would never be put to the test. What crosses is meant to flow from A to B
+(B's packets above ``mtu`` are dropped by R's end of the veth without a word).
 
 Everything created here is removed on exit, as netns.testbed() does; the hosts are ``Host``s as there.
 """
@@ -34,7 +37,7 @@ class Router:
 
 @contextlib.contextmanager
 def routed(mtu: int = 1400) -> Iterator[tuple[Host, Router, Host]]:
-    """Hosts A and B with R between them, the R–B link at ``mtu``; (A, R, B)."""
+    """Hosts A and B with R between them, R's link to B at ``mtu``; (A, R, B)."""
     remove_stale_namespaces()
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     a = Host(f"{NETNS_PREFIX}{tag}-a", A_V4, A_V6, "veth-a")
@@ -49,7 +52,7 @@ def routed(mtu: int = 1400) -> Iterator[tuple[Host, Router, Host]]:
         sh("ip", "link", "add", "veth-a", "netns", a.name, "type", "veth", "peer", "name", "veth-ra", "netns", r.name)
         sh("ip", "link", "add", "veth-rb", "netns", r.name, "type", "veth", "peer", "name", "veth-b", "netns", b.name)
         links = ((a, "veth-a", A_V4, A_V6, 1500), (r, "veth-ra", R_A_V4, R_A_V6, 1500),
-                 (r, "veth-rb", R_B_V4, R_B_V6, mtu), (b, "veth-b", B_V4, B_V6, mtu))
+                 (r, "veth-rb", R_B_V4, R_B_V6, mtu), (b, "veth-b", B_V4, B_V6, 1500))
         for h, dev, v4, v6, link_mtu in links:
             h.run("ip", "link", "set", dev, "mtu", str(link_mtu), "up")
             h.run("ip", "addr", "add", f"{v4}/24", "dev", dev)
