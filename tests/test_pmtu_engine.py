@@ -219,3 +219,16 @@ def test_the_kernels_drops_are_counted_once_per_increment():
     link.kernel_drops = 40
     eng.on_link_readable()
     assert eng.stats.drops[Drop.KERNEL_RCVBUF] == 40
+
+
+def test_no_route_is_answered_with_destination_unreachable():
+    dev, link = FakeDevice(), PathLink(outer=20)
+    link.spreads_flows = False
+    peers = [PeerSpec(PEER, routes=("10.2.0.0/16",)), PeerSpec(OTHER, routes=("10.3.0.0/16",))]
+    eng = make_engine(dev, link, Gre(), max_frame=1476, offload=False, peers=peers)
+    dev.inject(bytes(IP(src="10.1.0.1", dst="10.9.0.1") / TCP() / b"x"), bytes(IP(src="10.1.0.1", dst="10.2.0.1") / TCP()))
+    eng.on_device_readable()
+    assert eng.stats.drops == {Drop.NO_ROUTE: 1} and link.sent_to == [PEER]
+    ip = IP(dev.written[0])
+    assert (ip.src, ip.dst, ip[ICMP].type, ip[ICMP].code) == ("10.9.0.1", "10.1.0.1", 3, 0)
+    assert sent_icmp(eng, Icmp.UNREACHABLE) == 1

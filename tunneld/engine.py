@@ -63,7 +63,8 @@ kernel's global budget, ``pmtu.RateLimit``). Where the per-peer limit comes from
     question: when the kernel's learnt MTU expires (net.ipv4.route.mtu_expires, 600 s) and the inner senders'
     own limits expire too, their larger frames find the path grown back and cross again.
 With ``--df unset`` the kernel fragments outer packets instead (the path's routers too, for IPv4), no send
-fails, and only the engine's own limit is left.
+fails, and only the engine's own limit is left. L3 frames that no peer's routes hold (``no_route``) are answered
+with "destination unreachable" from the same builder, within the same budget.
 """
 
 from __future__ import annotations
@@ -316,9 +317,10 @@ class Engine:
                             moved -= self._flush()
                         m = self._flood(packet, flow, n)
                         moved, nbytes = moved + m, nbytes + m * n
-                    else:
+                    else:  # no_route: the sender is told, as a router would (rate-limited with the rest)
                         drops[peer] += 1
                         fallbacks -= n.__class__ is Fallback
+                        self._write_icmp(view[HEADROOM:end], too_big=False)
                     continue
                 if n > peer.max_frame:
                     self._too_big(view[HEADROOM:end], n, peer)
@@ -457,10 +459,15 @@ class Engine:
         limit = self.segment_limit(peer)
         if size <= limit:  # the path grew back (or the error was not the path's): the next frame will go
             return
+        self._write_icmp(frame, too_big=True, mtu=limit - (ETHERNET_HEADER_LEN if self.l2 else 0))
+
+    def _write_icmp(self, frame: memoryview, *, too_big: bool, mtu: int = 0) -> None:
+        """Answer ``frame``'s sender with an ICMP error written into the device (pmtu.py), within the budget."""
+        stats = self.stats
         if not self._icmp_limit.allow(self._clock()):
             stats.icmp_limited += 1
             return
-        built = reply(frame, l2=self.l2, too_big=True, mtu=limit - (ETHERNET_HEADER_LEN if self.l2 else 0))
+        built = reply(frame, l2=self.l2, too_big=too_big, mtu=mtu)
         if built is None:  # no DF, an ICMP error, a fragment...: nothing may be said (pmtu.py)
             return
         kind, packet = built
@@ -499,6 +506,7 @@ class Engine:
                 self.stats.flooded += segs.count  # frames, as the help says: each segment is flooded
             else:
                 self.stats.drops[peer] += segs.count
+                self._write_icmp(self._txview[HEADROOM : HEADROOM + segs.frame_len], too_big=False)
                 return moved, 0
         nbytes = 0
         frame = self._txview[HEADROOM : HEADROOM + segs.frame_len]
