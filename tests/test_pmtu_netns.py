@@ -177,3 +177,21 @@ def test_a_storm_beyond_the_receive_buffer_is_counted_as_kernel_rcvbuf():
         time.sleep(1.0)
         line = summary(ta)
         assert drops(line).get("kernel_rcvbuf") == dropped, (line, dropped)
+
+
+def test_full_size_frames_again_once_the_learnt_mtu_expires():
+    with routed(1400) as (a, r, b):
+        # The kernel forgets a learnt path MTU after mtu_expires (600 s by default; per namespace): 5 s here.
+        a.run("sysctl", "-qw", "net.ipv4.route.mtu_expires=5")
+        ta, tb = pair(a, b, "vxlan", "set")
+        timed_transfer(a, b, OVERLAY_V4[1])
+        assert cached_mtu(a, OVERLAY_V4[1]) == 1350
+        r.set_mtu(1500)
+        time.sleep(6)  # both learnt MTUs expire: A's towards B (underlay), and the inner route's
+        assert cached_mtu(a, b.underlay) is None and cached_mtu(a, OVERLAY_V4[1]) is None
+        timed_transfer(a, b, OVERLAY_V4[1])
+        # tunneld asked again on the first frame above its learnt limit, found the path grown back and sent no
+        # more ICMP: the inner route learnt nothing this time, and full-size frames crossed.
+        assert cached_mtu(a, OVERLAY_V4[1]) is None
+        summary(ta)
+        summary(tb)
