@@ -31,11 +31,15 @@ def check_v4_checksums(ip: IP) -> None:
     assert rebuilt.chksum == ip.chksum and rebuilt[ICMP].chksum == ip[ICMP].chksum
 
 
+def device_frame(inner, l2: bool) -> bytes:
+    """What the device hands over: the packet, or (TAP) the frame its sender addressed to its gateway."""
+    return bytes(Ether(src=SENDER_MAC, dst=GATEWAY_MAC) / inner) if l2 else bytes(inner)
+
+
 @pytest.mark.parametrize("l2", [False, True])
 def test_frag_needed_for_ipv4_with_df(l2):
     inner = v4()
-    frame = bytes(Ether(src=SENDER_MAC, dst=GATEWAY_MAC) / inner) if l2 else bytes(inner)
-    kind, out = reply(frame, l2=l2, too_big=True, mtu=1350)
+    kind, out = reply(device_frame(inner, l2), l2=l2, too_big=True, mtu=1350)
     assert kind is Icmp.FRAG_NEEDED
     if l2:
         eth = Ether(out)
@@ -55,8 +59,7 @@ def test_frag_needed_for_ipv4_with_df(l2):
 @pytest.mark.parametrize("l2", [False, True])
 def test_packet_too_big_for_ipv6(l2):
     inner = v6()
-    frame = bytes(Ether(src=SENDER_MAC, dst=GATEWAY_MAC) / inner) if l2 else bytes(inner)
-    kind, out = reply(frame, l2=l2, too_big=True, mtu=1330)
+    kind, out = reply(device_frame(inner, l2), l2=l2, too_big=True, mtu=1330)
     assert kind is Icmp.PACKET_TOO_BIG
     ip = Ether(out)[IPv6] if l2 else IPv6(out)
     assert (ip.src, ip.dst, ip.nh, ip.plen) == ("fd00::2", "fd00::1", 58, len(bytes(ip)) - 40)

@@ -13,11 +13,13 @@ And a datagram storm into a socket that cannot read (tunneld stopped) shows the 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import sys
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -40,6 +42,15 @@ def pair(a, b, mode: str, df: str, *opts: str, v6: bool = False) -> tuple[Tunnel
         ta.kill()
         raise
     return ta, tb
+
+
+@contextlib.contextmanager
+def tunnel(a, b, mode: str, df: str, *opts: str, v6: bool = False) -> Iterator[list[str]]:
+    """tunneld on A and B for the block; afterwards the list holds A's and B's summary lines."""
+    lines: list[str] = []
+    ta, tb = pair(a, b, mode, df, *opts, v6=v6)
+    yield lines
+    lines.extend((summary(ta), summary(tb)))
 
 
 def summary(t: Tunneld) -> str:
@@ -73,31 +84,26 @@ def reassembled(host) -> int:
 @pytest.mark.parametrize("mode,overhead", [("vxlan", 50), ("gre", 24)])
 def test_df_set_icmp_reaches_the_inner_sender_and_the_transfer_completes(mode, overhead):
     with routed(1400) as (a, r, b):
-        ta, tb = pair(a, b, mode, "set")
-        timed_transfer(a, b, OVERLAY_V4[1])
-        assert cached_mtu(a, OVERLAY_V4[1]) == 1400 - overhead  # the inner route learnt what the tunnel carries
-        assert cached_mtu(a, b.underlay) == 1400  # A's kernel learnt the path from R
-        line = summary(ta)
-        summary(tb)
-        assert drops(line).get("too_big", 0) > 0, line
+        with tunnel(a, b, mode, "set") as lines:
+            timed_transfer(a, b, OVERLAY_V4[1])
+            assert cached_mtu(a, OVERLAY_V4[1]) == 1400 - overhead  # the inner route learnt what the tunnel carries
+            assert cached_mtu(a, b.underlay) == 1400  # A's kernel learnt the path from R
+        assert drops(lines[0]).get("too_big", 0) > 0, lines
 
 
 @pytest.mark.parametrize("mode", ["vxlan", "gre"])
 def test_df_unset_the_outer_packets_are_fragmented_and_the_transfer_completes(mode):
     with routed(1400) as (a, r, b):
-        ta, tb = pair(a, b, mode, "unset")
-        before = reassembled(b)
-        timed_transfer(a, b, OVERLAY_V4[1])
-        assert reassembled(b) > before  # R fragmented the outer packets, B put them together
-        assert cached_mtu(a, OVERLAY_V4[1]) is None  # nothing for the inner sender to learn
-        line = summary(ta)
-        summary(tb)
-        assert "too_big" not in drops(line), line
+        with tunnel(a, b, mode, "unset") as lines:
+            before = reassembled(b)
+            timed_transfer(a, b, OVERLAY_V4[1])
+            assert reassembled(b) > before  # R fragmented the outer packets, B put them together
+            assert cached_mtu(a, OVERLAY_V4[1]) is None  # nothing for the inner sender to learn
+        assert "too_big" not in drops(lines[0]), lines
 
 
 def test_the_path_shrinks_while_the_transfer_runs():
-    with routed(1500) as (a, r, b):
-        ta, tb = pair(a, b, "vxlan", "set")
+    with routed(1500) as (a, r, b), tunnel(a, b, "vxlan", "set"):
         result: dict = {}
 
         def run() -> None:
@@ -115,33 +121,22 @@ def test_the_path_shrinks_while_the_transfer_runs():
         assert "error" not in result, result.get("error")
         assert running, "the transfer ended before the path changed: nothing was shown"
         assert cached_mtu(a, OVERLAY_V4[1]) == 1350
-        summary(ta)
-        summary(tb)
 
 
 def test_ipv6_underlay_at_the_minimum_mtu():
     # IPv6 underlay, R at 1280: the tunnel carries 1280 - 70 = 1210-byte inner packets, below IPv6's minimum,
     # so only IPv4 crosses with DF set (the RFC 8200 way for IPv6 inside is to fragment below it: df unset).
-    with routed(1280) as (a, r, b):
-        ta, tb = pair(a, b, "vxlan", "set", v6=True)
+    with routed(1280) as (a, r, b), tunnel(a, b, "vxlan", "set", v6=True):
         timed_transfer(a, b, OVERLAY_V4[1])
         assert cached_mtu(a, OVERLAY_V4[1]) == 1210
-        summary(ta)
-        summary(tb)
-    with routed(1280) as (a, r, b):
-        ta, tb = pair(a, b, "vxlan", "unset", v6=True)
+    with routed(1280) as (a, r, b), tunnel(a, b, "vxlan", "unset", v6=True):
         timed_transfer(a, b, OVERLAY_V6[1])  # A fragments the outer IPv6 packets once R told it the path MTU
-        summary(ta)
-        summary(tb)
 
 
 def test_ipv6_inside_gets_packet_too_big():
-    with routed(1400) as (a, r, b):
-        ta, tb = pair(a, b, "vxlan", "set", v6=True)
+    with routed(1400) as (a, r, b), tunnel(a, b, "vxlan", "set", v6=True):
         timed_transfer(a, b, OVERLAY_V6[1])
         assert cached_mtu(a, OVERLAY_V6[1]) == 1400 - 70
-        summary(ta)
-        summary(tb)
 
 
 STORM = """
@@ -183,15 +178,13 @@ def test_full_size_frames_again_once_the_learnt_mtu_expires():
     with routed(1400) as (a, r, b):
         # The kernel forgets a learnt path MTU after mtu_expires (600 s by default; per namespace): 5 s here.
         a.run("sysctl", "-qw", "net.ipv4.route.mtu_expires=5")
-        ta, tb = pair(a, b, "vxlan", "set")
-        timed_transfer(a, b, OVERLAY_V4[1])
-        assert cached_mtu(a, OVERLAY_V4[1]) == 1350
-        r.set_mtu(1500)
-        time.sleep(6)  # both learnt MTUs expire: A's towards B (underlay), and the inner route's
-        assert cached_mtu(a, b.underlay) is None and cached_mtu(a, OVERLAY_V4[1]) is None
-        timed_transfer(a, b, OVERLAY_V4[1])
-        # tunneld asked again on the first frame above its learnt limit, found the path grown back and sent no
-        # more ICMP: the inner route learnt nothing this time, and full-size frames crossed.
-        assert cached_mtu(a, OVERLAY_V4[1]) is None
-        summary(ta)
-        summary(tb)
+        with tunnel(a, b, "vxlan", "set"):
+            timed_transfer(a, b, OVERLAY_V4[1])
+            assert cached_mtu(a, OVERLAY_V4[1]) == 1350
+            r.set_mtu(1500)
+            time.sleep(6)  # both learnt MTUs expire: A's towards B (underlay), and the inner route's
+            assert cached_mtu(a, b.underlay) is None and cached_mtu(a, OVERLAY_V4[1]) is None
+            timed_transfer(a, b, OVERLAY_V4[1])
+            # tunneld asked again on the first frame above its learnt limit, found the path grown back and sent
+            # no more ICMP: the inner route learnt nothing this time, and full-size frames crossed.
+            assert cached_mtu(a, OVERLAY_V4[1]) is None

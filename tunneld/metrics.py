@@ -74,6 +74,13 @@ FDB_COUNTERS = (
      "Frames sent to every peer (head-end replication): broadcast, multicast and unknown unicast; once per frame."),
 )
 
+PMTU_COUNTERS = (
+    ("tunneld_icmp_ratelimited", "icmp_limited",
+     "ICMP errors not written back because the budget (1000/s, bursts of 50, as the kernel's) was spent."),
+    ("tunneld_pmtu_changes", "pmtu_changes",
+     "Times a peer's path MTU, as the kernel learnt it, was found changed (asked after a too-big send fails)."),
+)
+
 
 class MetricsError(Exception):
     """The metrics endpoint cannot be served; ``str()`` is one line for the operator."""
@@ -207,20 +214,10 @@ class TunnelCollector(Collector):
         for kind, n in zip(ICMP_KINDS, stats.icmp_sent):
             icmp.add_metric([*labels, kind.value], n)
         yield icmp
-        limited = CounterMetricFamily(
-            "tunneld_icmp_ratelimited",
-            "ICMP errors not written back because the budget (1000/s, bursts of 50, as the kernel's) was spent.",
-            labels=LABELS,
-        )
-        limited.add_metric(labels, stats.icmp_limited)
-        yield limited
-        pmtu = CounterMetricFamily(
-            "tunneld_pmtu_changes",
-            "Times a peer's path MTU, as the kernel learnt it, was found changed (asked after a too-big send fails).",
-            labels=LABELS,
-        )
-        pmtu.add_metric(labels, stats.pmtu_changes)
-        yield pmtu
+        for name, field, text in PMTU_COUNTERS:
+            family = CounterMetricFamily(name, text, labels=LABELS)
+            family.add_metric(labels, getattr(stats, field))
+            yield family
 
         last_rx = GaugeMetricFamily(
             "tunneld_peer_last_rx_timestamp_seconds",
