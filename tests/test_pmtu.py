@@ -4,10 +4,13 @@ code, MTU, checksums, addresses swapped, the quote; and the packets that must ge
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
+from tunneld.encap.checksum import internet_checksum
 from tunneld.pmtu import IPV6_MIN_MTU, Icmp, RateLimit, reply
 
 SENDER_MAC, GATEWAY_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -143,3 +146,36 @@ def test_rate_limit_is_a_token_bucket():
     assert limit.allow(0.1) is True  # one token after 100 ms at 10/s
     assert limit.allow(100.0) and limit.allow(100.0) and limit.allow(100.0) and not limit.allow(100.0)  # burst cap
     assert not limit.allow(50.0)  # a clock stepping back gives nothing
+
+
+SEEDS = [bytes(p) for p in (v4(), v6(), v4(size=10), v6(size=10))]
+
+
+def damaged(seed: bytes, l2: bool, writes: list[tuple[int, int]], cut: int) -> bytes:
+    """A real packet (behind an Ethernet header for TAP) with a few bytes overwritten and its tail cut."""
+    frame = bytearray(device_frame(IP(seed) if seed[0] >> 4 == 4 else IPv6(seed), l2))
+    for at, value in writes:
+        if at < len(frame):
+            frame[at] = value
+    return bytes(frame[:cut])
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.tuples(st.sampled_from(SEEDS), st.just(None))),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=3), st.integers(0, 1600),
+       st.booleans(), st.booleans(), st.integers(0, 0xFFFF))
+def test_reply_never_raises_and_what_it_builds_is_well_formed(source, writes, cut, l2, too_big, mtu):
+    frame = source if isinstance(source, bytes) else damaged(source[0], l2, writes, cut)
+    built = reply(frame, l2=l2, too_big=too_big, mtu=mtu)
+    if built is None:
+        return
+    kind, out = built
+    ip = out[14:] if l2 else out
+    if ip[0] >> 4 == 4:
+        assert kind in (Icmp.FRAG_NEEDED, Icmp.UNREACHABLE) and len(ip) <= 576
+        assert internet_checksum(ip[:20]) == 0 and internet_checksum(ip[20:]) == 0
+        assert int.from_bytes(ip[2:4], "big") == len(ip)
+    else:
+        assert ip[0] >> 4 == 6 and kind in (Icmp.PACKET_TOO_BIG, Icmp.UNREACHABLE) and len(ip) <= IPV6_MIN_MTU
+        pseudo = ip[8:40] + (len(ip) - 40).to_bytes(4, "big") + bytes(3) + b"\x3a"
+        assert internet_checksum(pseudo + ip[40:]) == 0
