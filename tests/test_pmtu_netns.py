@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, drops, testbed, transfer
+from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, drops, kernel_vxlan, testbed, transfer
 from tunneld.testbed.routed import routed
 
 pytestmark = pytest.mark.netns
@@ -188,3 +188,20 @@ def test_full_size_frames_again_once_the_learnt_mtu_expires():
             # tunneld asked again on the first frame above its learnt limit, found the path grown back and sent
             # no more ICMP: the inner route learnt nothing this time, and full-size frames crossed.
             assert cached_mtu(a, OVERLAY_V4[1]) is None
+
+
+@pytest.mark.parametrize("a_side", ["kernel", "tunneld"])
+def test_as_the_kernels_vxlan_does_and_with_it_as_the_peer(a_side):
+    # The kernel's VXLAN with df set in the same topology is the reference: its inner route learns 1350 too.
+    # With tunneld on A, the kernel's VXLAN on B is the peer.
+    with routed(1400) as (a, r, b):
+        kernel_vxlan(b, a.underlay, address=f"{OVERLAY_V4[1]}/24", extra=("df", "set"))
+        if a_side == "kernel":
+            kernel_vxlan(a, b.underlay, address=f"{OVERLAY_V4[0]}/24", extra=("df", "set"))
+            timed_transfer(a, b, OVERLAY_V4[1])
+        else:
+            ta = Tunneld(a, "--peer", b.underlay, "--vni", "1", "--address", f"{OVERLAY_V4[0]}/24")
+            timed_transfer(a, b, OVERLAY_V4[1])
+        assert cached_mtu(a, OVERLAY_V4[1]) == 1350  # (before tunneld stops: its interface takes the cache along)
+        if a_side == "tunneld":
+            assert "too_big" in drops(summary(ta))
