@@ -146,6 +146,8 @@ def test_rate_limit_is_a_token_bucket():
     assert limit.allow(0.1) is True  # one token after 100 ms at 10/s
     assert limit.allow(100.0) and limit.allow(100.0) and limit.allow(100.0) and not limit.allow(100.0)  # burst cap
     assert not limit.allow(50.0)  # a clock stepping back gives nothing
+    limit.give_back()
+    assert limit.allow(50.0) and not limit.allow(50.0)  # the token given back, and only that one
 
 
 SEEDS = [bytes(p) for p in (v4(), v6(), v4(size=10), v6(size=10))]

@@ -469,6 +469,7 @@ class Engine:
             return
         built = reply(frame, l2=self.l2, too_big=too_big, mtu=mtu)
         if built is None:  # no DF, an ICMP error, a fragment...: nothing may be said (pmtu.py)
+            self._icmp_limit.give_back()  # nor should it cost those who may be answered
             return
         kind, packet = built
         try:

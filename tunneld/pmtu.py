@@ -193,3 +193,7 @@ class RateLimit:
             self.tokens -= 1.0
             return True
         return False
+
+    def give_back(self) -> None:
+        """Return the token ``allow`` just took, for an error that turned out not to be sent."""
+        self.tokens = min(self.burst, self.tokens + 1.0)
