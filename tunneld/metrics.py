@@ -43,6 +43,7 @@ from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
 from tunneld.httpd import HttpServer
+from tunneld.pmtu import ICMP_BURST, ICMP_RATE
 from tunneld.stats import ICMP_KINDS, LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
@@ -76,7 +77,8 @@ FDB_COUNTERS = (
 
 PMTU_COUNTERS = (
     ("tunneld_icmp_ratelimited", "icmp_limited",
-     "ICMP errors not written back because the budget (1000/s, bursts of 50, as the kernel's) was spent."),
+     f"ICMP errors not written back because the budget ({ICMP_RATE:.0f}/s, bursts of {ICMP_BURST}, as the "
+     "kernel's) was spent."),
     ("tunneld_pmtu_changes", "pmtu_changes",
      "Times a peer's path MTU, as the kernel learnt it, was found changed (asked after a too-big send fails)."),
 )
