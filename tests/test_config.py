@@ -70,7 +70,7 @@ BAD = [
     ("local-other-family", '[tunnel]\npeer = "10.0.0.2"\nlocal = "fd00::1"\n',
      "tunnel.local: fd00::1 and peer 10.0.0.2 must be of the same IP version"),
     ("unknown-key", '[tunnel]\npeer = "10.0.0.2"\nvnii = 3\n',
-     "tunnel.vnii: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, workers, vni"),
+     "tunnel.vnii: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, df, workers, vni"),
     ("unknown-section", '[tunnel]\npeer = "10.0.0.2"\n[tunel]\n',
      "tunel: unknown section; allowed: [tunnel], [[peer]], [fdb], [control], [metrics], [log], [registry]"),
     ("section-not-table", 'tunnel = 1\n', "tunnel: must be a table [tunnel], got integer 1"),
@@ -194,7 +194,7 @@ def test_a_plugin_mode_takes_the_options_it_declares(tmp_path):
     with pytest.raises(ConfigFileError) as e:
         load_file(str(path), {"vxlan": Vxlan, "ipudp": Ttl})
     assert e.value.problems == [
-        f"{path}: tunnel.ttk: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, workers, ttl, tos",
+        f"{path}: tunnel.ttk: unknown key; allowed in [tunnel]: mode, peer, local, dev, address, port, mtu, mac, offload, df, workers, ttl, tos",
         f"{path}: tunnel.vni: only for mode vxlan, not 'ipudp'; mode 'ipudp' takes: ttl, tos",
     ]
 

@@ -7,7 +7,8 @@ package and role, not by today's file names, so a new module lands in a layer by
   root         tunneld (the package itself: the version)            the standard library only
   codec        tunneld.encap.*                                      the standard library only
   pure         tunneld.offload.*, and the plain counters and        NumPy
-               tables: tunneld.stats, tunneld.fdb, tunneld.peer(s)
+               tables: tunneld.stats, tunneld.fdb, tunneld.peer(s),
+               the ICMP errors: tunneld.pmtu
   io           tunneld.io.*                                         any dependency
   engine       tunneld.engine, tunneld.engine.*, tunneld.engine_*   any dependency
   composition  every other tunneld module (config, modes, plan,     any dependency
@@ -55,7 +56,7 @@ LAYERS = (
     Layer("root", 0, (), frozenset()),  # matched by exact name below: the package, not everything in it
     Layer("codec", 0, ("tunneld.encap",), frozenset()),
     Layer("pure", 1, ("tunneld.offload", "tunneld.stats", "tunneld.fdb", "tunneld.peer", "tunneld.peers",
-                         "tunneld.routes"),
+                         "tunneld.routes", "tunneld.pmtu"),
           frozenset({"numpy"})),
     Layer("io", 2, ("tunneld.io",), ANY),
     Layer("engine", 3, ("tunneld.engine",), ANY),

@@ -18,6 +18,7 @@ from tunneld.encap.base import constant_headers as constant_prefixes
 from tunneld.engine import offload_supported
 from tunneld.io.mmsg import MessageReceiver, MessageSender
 from tunneld.io.raw import RawLink
+from tunneld.io.udp import KernelDrops
 from tunneld.offload.coalesce import Coalescer, SuperFrame
 from tunneld.offload.segment import Segmenter
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, HDR, VNET_HDR_LEN, finish_checksum
@@ -222,6 +223,9 @@ class FakeReceiver:
     def truncated(self, count: int) -> list[bool]:
         return self.cut[:count]
 
+    def overflow(self, i: int) -> None:
+        return None  # the socket dropped nothing
+
     capacity = 64
 
     def receive(self) -> int:
@@ -236,6 +240,8 @@ def raw_link_with(packets) -> RawLink:
     link.family, link.peer = socket.AF_INET, "10.0.0.2"
     link._sources, link._sockaddrs = {}, {}
     link._sender = None
+    link._drops = KernelDrops()
+    link.size_receive_buffer = lambda size: None  # no socket to size
     link._receive_with(FakeReceiver(packets))
     return link
 

@@ -19,6 +19,8 @@ from tunneld.config import (
     DEFAULT_METRICS_LISTEN,
     DEFAULT_MODE,
     DEFAULT_RUNTIME_DIR,
+    DF_CHOICES,
+    DF_HELP,
     EX_CONFIG,
     KERNEL_GSO_CHOICES,
     LOG_LEVELS,
@@ -229,6 +231,7 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
         help="move one packet per system call: no TUN/TAP segmentation offload, no UDP GSO/GRO, no sendmmsg/recvmmsg "
         "(for debugging and comparison)",
     )
+    p.add_argument("--df", choices=DF_CHOICES, help=DF_HELP)
     p.add_argument(
         "--kernel-gso", choices=KERNEL_GSO_CHOICES, default=None,
         help="who cuts VXLAN super-frames into datagrams: the kernel, through an egress TAP DEV-gso that it "
@@ -327,7 +330,7 @@ def setup_logging(level: str) -> None:
 
 
 # Command-line flag → TunnelConfig field; a flag given on the command line overrides the config file.
-FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload", "kernel_gso",
+FLAG_FIELDS = ("mode", "local", "dev", "port", "mtu", "mac", "log_level", "metrics_listen", "offload", "kernel_gso", "df",
                "workers", "fdb_max", "fdb_ageing", "runtime_dir")
 
 

@@ -41,6 +41,14 @@ DEFAULT_FDB_AGEING = 300.0  # seconds a learnt MAC lives unheard, as Linux bridg
 MAX_FDB_AGEING = 1_000_000.0
 DEFAULT_RUNTIME_DIR = "/run/tunneld"  # the control socket is RUNTIME_DIR/DEV.sock
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
+# Outer "don't fragment": "set" (the default) as RFC 7348 asks of a VTEP; a frame too big for the path is
+# answered with ICMP so the inner sender shrinks it. "unset": the kernel and the path's routers fragment outer
+# packets, for paths that drop ICMP (the kernel's VXLAN defaults to that). io/udp.py says how, per IP version.
+DF_CHOICES = ("set", "unset")
+DEFAULT_DF = "set"
+DF_HELP = ("outer 'don't fragment': 'set' (default: a VTEP must not fragment, RFC 7348; a frame too big for the "
+           "path is answered with ICMP frag-needed/packet-too-big so its sender shrinks it) or 'unset' (the "
+           "kernel and the routers fragment outer packets, for paths that drop ICMP; IPv6 routers never do)")
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -71,6 +79,7 @@ class TunnelConfig:
     # (tunneld/io/egress.py), or tunneld. "auto": the kernel where it can and it is safe; "on": the kernel or
     # fail to start; "off": tunneld. Command line only (--kernel-gso) for now: a file takes the default.
     kernel_gso: str = "auto"
+    df: str = DEFAULT_DF  # outer "don't fragment": "set" or "unset" (DF_HELP)
     workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
     fdb_max: int = DEFAULT_FDB_MAX  # L2 modes: at most this many FDB entries; past it MACs are not learnt
@@ -246,6 +255,12 @@ def check_listen(value: str) -> str:
     except ValueError:
         return f"{host}:{port}"
     return f"[{ip.compressed}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def check_df(value: str) -> str:
+    if value not in DF_CHOICES:
+        raise ConfigError(f"df: {value!r} is not one of {', '.join(DF_CHOICES)}")
+    return value
 
 
 def check_range(value: int, what: str, low: int, high: int) -> int:
@@ -424,6 +439,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
         log_level=cfg.log_level,
         offload=cfg.offload,
         kernel_gso=check_choice(cfg.kernel_gso, "kernel-gso", KERNEL_GSO_CHOICES),
+        df=check_df(cfg.df),
         workers=check_workers(cfg.workers),
         metrics_listen=check_listen(cfg.metrics_listen),
         fdb_max=check_range(cfg.fdb_max, "fdb-max", 1, MAX_FDB_MAX),
@@ -438,7 +454,8 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 #
 # One TOML file per tunnel instance (systemd's tunneld@NAME reads /etc/tunneld/NAME.toml):
 #
-#   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, offload (true/false), workers ("auto" or N),
+#   [tunnel]  mode, peer, local, dev, address, port, mtu, mac, offload (true/false), df ("set"/"unset"),
+#             workers ("auto" or N),
 #             and the options the mode's encapsulator declares (``tunneld --list-modes``; vxlan: vni,
 #             gre/gretap: key, seq, csum), each checked by its declaration (``Option.check``)
 #   [[peer]]  one table per peer, instead of tunnel.peer (not both): address, name, routes = [CIDR, ...] (L3
@@ -455,7 +472,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: the exit status of a configuration error; systemd must not restart on it
 
-COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "workers")
+COMMON_TUNNEL_KEYS = ("mode", "peer", "local", "dev", "address", "port", "mtu", "mac", "offload", "df", "workers")
 PEER_KEYS = ("address", "name", "routes", "macs")
 REGISTRY_KEYS = ("endpoints", "prefix", "ttl", "ca", "cert", "key", "user", "password")
 SECTIONS = {"tunnel": COMMON_TUNNEL_KEYS, "peer": PEER_KEYS, "fdb": ("max", "ageing"), "control": ("runtime_dir",),
@@ -619,6 +636,10 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         elif key == "offload":
             if expect(key, value, (bool,), "true or false"):
                 out["offload"] = value
+        elif key == "df":
+            if expect(key, value, (str,), " or ".join(f'"{c}"' for c in DF_CHOICES)):
+                if (v := checked(key, check_df, value)) is not None:
+                    out["df"] = v
         elif key == "workers":
             if expect(key, value, (int, str), f'"auto" or an integer number of processes (1-{MAX_WORKERS})'):
                 if (v := checked(key, check_workers, value)) is not None:

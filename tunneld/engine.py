@@ -44,12 +44,36 @@ all its rows. ``Pending`` keeps one peer's packets per send. Each send names its
 once by the link (``destination``). With one peer that wins every look-up (``PeerTable.only``: L2, or L3
 with routes covering everything) no look-up is made and its counters are added once per wake-up: the
 one-peer path costs what it did before many peers.
+
+Path MTU, as the kernel's VXLAN does it (tunneld/pmtu.py). Every frame meets two limits: the engine's
+``max_frame`` (the underlay MTU at start-up minus the overhead, which the device's MTU was set from) and its
+peer's ``max_frame`` (peers.py), what the path towards that peer carries as the kernel last reported it
+(``segment_limit(peer)`` is the smaller; super-frames compare their segments with it). A frame above it is
+dropped (``too_big``) and, as a router would, the tunnel writes an ICMP "fragmentation needed" (IPv4 with DF)
+or "packet too big" (IPv6) with that limit back into the device, to the frame's sender (rate-limited: the
+kernel's global budget, ``pmtu.RateLimit``). Where the per-peer limit comes from:
+  - the links send with "don't fragment" (``--df set``): once the kernel has learnt a smaller path MTU (a
+    router's ICMP updates its route cache even for our unconnected sockets: ``__udp4_lib_err`` and ``raw_err``
+    call ``ipv4_sk_update_pmtu``), the next datagram that does not fit fails at once with EMSGSIZE (EINVAL for
+    a UDP_SEGMENT send). Only then does the engine ask the link for the path MTU towards that peer
+    (``link.path_mtu``: IP_MTU of a connected probe socket, the route cache's answer), stores it on the peer
+    and answers the frame with the ICMP. Nothing is asked while packets fit: no system call on the hot path,
+    no timer. IP_RECVERR and the error queue were the other way; they would also make every ICMP error (a
+    peer's "port unreachable") fail the next send of an unconnected socket (``sk_err``), which io/udp.py
+    avoids by design.
+  - a learnt limit is asked again when a frame above it arrives at least PMTU_RECHECK seconds after the last
+    question: when the kernel's learnt MTU expires (net.ipv4.route.mtu_expires, 600 s) and the inner senders'
+    own limits expire too, their larger frames find the path grown back and cross again.
+With ``--df unset`` the kernel fragments outer packets instead (the path's routers too, for IPv4), no send
+fails, and only the engine's own limit is left. L3 frames that no peer's routes hold (``no_route``) are answered
+with "destination unreachable" from the same builder, within the same budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -61,8 +85,9 @@ from tunneld.io.port import Fallback, FramePort, Super, VnetPort
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
 from tunneld.peers import Peer, PeerSpec, PeerTable
+from tunneld.pmtu import RateLimit, reply
 from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
-from tunneld.stats import MAX_BATCH, Stats
+from tunneld.stats import ICMP_KINDS, MAX_BATCH, Stats
 
 HEADROOM = 64  # enough for any encapsulation header this design expects (VXLAN 8, GRE ≤ 16) and a vnet header
 MAX_PACKET = 65535  # the largest frame a device read or a datagram can hold
@@ -81,6 +106,17 @@ _LE64 = np.dtype("<u8")  # a row's source MAC and ethertype read as one word (_l
 # an ACK) waits. Measured with one TCP stream plus ping on this 2-core machine: with only the 32-read bound,
 # ping p50/p90 ~4/7.5 ms; with this budget ~3/5 ms, at the same ~3.3 Gbit/s.
 WAKEUP_BYTES = 256 << 10
+# The underlay socket's receive buffer, in the kernel's accounting. While the loop serves the device (a wake-up
+# of up to WAKEUP_BYTES: ~3 ms of Python with super-frames) and then reads the socket (another WAKEUP_BYTES),
+# the peer keeps sending; the kernel charges each datagram its buffer's true size, about twice the payload of
+# an MTU-size datagram that was not coalesced. 16 budgets (4 MiB, which the kernel doubles for its overhead)
+# hold ~8 wake-ups of arrivals at that rate, room for the other workers or processes sharing the CPUs to run
+# in between. Beyond it the kernel drops, and says so (``kernel_rcvbuf``).
+RECEIVE_BUFFER = 16 * WAKEUP_BYTES
+# Seconds before a peer's learnt path MTU is asked again, when a frame above it arrives: a system call pair per
+# peer and second at most, and only while frames are too big for it.
+PMTU_RECHECK = 1.0
+ETHERNET_HEADER_LEN = 14  # a TAP frame's; the ICMP's MTU is the inner IP packet's
 
 
 def _no_flow(frame: memoryview) -> int:
@@ -156,6 +192,19 @@ class Engine:
         self.link = link
         self.codec = codec
         self.max_frame = max_frame  # the largest inner frame whose encapsulation fits the underlay MTU
+        # Path MTU (see the module's docstring): what the underlay adds around a frame, the ICMP budget.
+        self._outer_overhead = codec.outer_overhead(getattr(link, "family", None) == socket.AF_INET6)
+        self._icmp_limit = RateLimit()
+        # The fakes have no path_mtu, and with DF unset the kernel fragments what the path cannot carry: no limit
+        # learnt per peer.
+        self._path_mtu = getattr(link, "path_mtu", None) if getattr(link, "df", True) else None
+        # The kernel's drops on the underlay socket (SO_RXQ_OVFL), as the link has seen them so far: added to
+        # ``kernel_rcvbuf`` once per wake-up. Links without the count (the fakes) have none.
+        self._counts_kernel_drops = hasattr(link, "kernel_drops")
+        self._kernel_drops = 0
+        size_receive_buffer = getattr(link, "size_receive_buffer", None)
+        if size_receive_buffer is not None:
+            size_receive_buffer(RECEIVE_BUFFER)
         self.batch = batch or (OFFLOAD_BATCH if offload else DEFAULT_BATCH)
         if not 1 <= self.batch <= MAX_BATCH:  # the per-wake-up histograms have a slot per read count up to it
             raise ValueError(f"batch {self.batch} is outside 1..{MAX_BATCH}")
@@ -225,6 +274,8 @@ class Engine:
         # frame picks its peer (FDB or routes) and counts there.
         only = self.peers.only
         dest = only.dest if only is not None else None
+        if only is not None:
+            max_frame = min(max_frame, only.max_frame)
         choose = self._choose
         reads = moved = nbytes = taken = fallbacks = 0
         for _ in range(self.batch):
@@ -262,7 +313,7 @@ class Engine:
                 fallbacks += 1
             taken += n + vnet_len
             if n > max_frame:
-                drops[Drop.TOO_BIG] += 1
+                self._too_big(view[HEADROOM : HEADROOM + n], n, only)
                 continue
             end = HEADROOM + n
             start = encap(buf, HEADROOM, end)
@@ -280,9 +331,14 @@ class Engine:
                             moved -= self._flush()
                         m = self._flood(packet, flow, n)
                         moved, nbytes = moved + m, nbytes + m * n
-                    else:
+                    else:  # no_route: the sender is told, as a router would (rate-limited with the rest)
                         drops[peer] += 1
                         fallbacks -= n.__class__ is Fallback
+                        self._write_icmp(view[HEADROOM:end], too_big=False)
+                    continue
+                if n > peer.max_frame:
+                    self._too_big(view[HEADROOM:end], n, peer)
+                    peer.stats.dropped += 1
                     continue
                 dest = peer.dest
                 ps = peer.stats
@@ -293,7 +349,10 @@ class Engine:
                     moved -= self._flush()
                     pending.add(packet, flow, dest)
             except OSError as e:  # only a packet sent now fails here; waiting ones fail in _flush
-                drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += 1
+                if e.errno == errno.EMSGSIZE:
+                    self._too_big(view[HEADROOM:end], n, only or peer, failed=True)
+                else:
+                    drops[Drop.SOCKET_ERROR] += 1
                 fallbacks -= n.__class__ is Fallback
                 if only is None:  # counted for its peer above: it did not leave
                     ps.tx_packets -= 1
@@ -335,12 +394,20 @@ class Engine:
         that left."""
         self.stats.flooded += 1
         send = self.link.send
+        frame = packet[len(packet) - n :]
         sent = 0
         for peer in self.peers.all:
+            if n > peer.max_frame:
+                self._too_big(frame, n, peer)
+                peer.stats.dropped += 1
+                continue
             try:
                 send(packet, flow, peer.dest)
             except OSError as e:
-                self.stats.drops[Drop.TOO_BIG if e.errno == errno.EMSGSIZE else Drop.SOCKET_ERROR] += 1
+                if e.errno == errno.EMSGSIZE:
+                    self._too_big(frame, n, peer, failed=True)
+                else:
+                    self.stats.drops[Drop.SOCKET_ERROR] += 1
                 peer.stats.dropped += 1
                 continue
             ps = peer.stats
@@ -349,42 +416,100 @@ class Engine:
             sent += 1
         return sent
 
-    def _send_rows(self, rows: memoryview, rowlen: int, count: int, flow: int, dest: object) -> int:
-        """One row buffer to the link, as few system calls as it can; returns how many rows did not leave,
-        counted here as drops (the link's OSError says how many full rows left before the failing call)."""
+    def _send_rows(self, rows: memoryview, rowlen: int, count: int, flow: int, dest: object) -> tuple[int, bool]:
+        """One row buffer to the link, as few system calls as it can: (how many rows did not leave, whether
+        because they were too big for the path). The link's OSError says how many full rows left before the
+        failing call. The rows that failed otherwise are counted here (``socket_error``); too big ones by the
+        caller, which knows their frame (``_too_big``)."""
         try:
             self.link.send_segments(rows, rowlen, flow, dest)
         except OSError as e:
             failed = count - getattr(e, "sent", 0)
-            self.stats.drops[Drop.TOO_BIG if e.errno in TOO_BIG_ERRNOS else Drop.SOCKET_ERROR] += failed
-            return failed
-        return 0
+            if e.errno in TOO_BIG_ERRNOS:
+                return failed, True
+            self.stats.drops[Drop.SOCKET_ERROR] += failed
+            return failed, False
+        return 0, False
 
     def _flush(self) -> int:
         """Send the packets waiting in ``Pending`` (counted as moved when queued); returns how many did not
         leave, their bytes taken back."""
         pending = self._pending
         size = pending.size
-        failed = self._send_rows(pending.rows(), size, pending.count, pending.flow, pending.dest)
-        pending.clear()
+        rows = pending.rows()
+        failed, too_big = self._send_rows(rows, size, pending.count, pending.flow, pending.dest)
         if failed:
+            only = self.peers.only
+            peer = only if only is not None else next((p for p in self.peers.all if p.dest is pending.dest), None)
+            if too_big:  # the first that failed stands for them all: one ICMP, which the rate limit allows anyway
+                at = (pending.count - failed) * size
+                frame = rows[at + self._header_len : at + size]
+                self._too_big(frame, len(frame), peer, count=failed, failed=True)
             inner = failed * (size - self._header_len)
             self.stats.tx_bytes -= inner
-            if self.peers.only is None:  # counted per packet when queued: taken back from that peer
-                for peer in self.peers.all:
-                    if peer.dest is pending.dest:
-                        peer.stats.tx_packets -= failed
-                        peer.stats.tx_bytes -= inner
-                        peer.stats.dropped += failed
+            if only is None and peer is not None:  # counted per packet when queued: taken back from that peer
+                peer.stats.tx_packets -= failed
+                peer.stats.tx_bytes -= inner
+                peer.stats.dropped += failed
+        pending.clear()
         return failed
+
+    def segment_limit(self, peer: Peer | None) -> int:
+        """The largest inner frame (a segment of a super-frame: its headers included) that may leave for
+        ``peer``: the engine's own limit and its path's (None: the engine's only)."""
+        return self.max_frame if peer is None else min(self.max_frame, peer.max_frame)
+
+    def _too_big(self, frame: memoryview, size: int, peer: Peer | None, count: int = 1, failed: bool = False) -> None:
+        """``count`` frames of ``size`` bytes (the first in ``frame``: for a super-frame, the whole of it; ``size``
+        is then its segments') did not fit the path towards ``peer``: counted, and the sender told (ICMP, within
+        the rate limit) the limit it must keep. ``failed``: the send failed, so the kernel knows a smaller path MTU
+        than the peer holds: ask it (and otherwise, for a learnt limit, now and then: the path may have grown)."""
+        stats = self.stats
+        stats.drops[Drop.TOO_BIG] += count
+        if peer is not None and self._path_mtu is not None:
+            now = self._clock()
+            if failed or (peer.pmtu and now - peer.pmtu_checked >= PMTU_RECHECK):
+                self._learn_path(peer, now)
+        limit = self.segment_limit(peer)
+        if size <= limit:  # the path grew back (or the error was not the path's): the next frame will go
+            return
+        self._write_icmp(frame, too_big=True, mtu=limit - (ETHERNET_HEADER_LEN if self.l2 else 0))
+
+    def _write_icmp(self, frame: memoryview, *, too_big: bool, mtu: int = 0) -> None:
+        """Answer ``frame``'s sender with an ICMP error written into the device (pmtu.py), within the budget."""
+        stats = self.stats
+        if not self._icmp_limit.allow(self._clock()):
+            stats.icmp_limited += 1
+            return
+        built = reply(frame, l2=self.l2, too_big=too_big, mtu=mtu)
+        if built is None:  # no DF, an ICMP error, a fragment...: nothing may be said (pmtu.py)
+            self._icmp_limit.give_back()  # nor should it cost those who may be answered
+            return
+        kind, packet = built
+        try:
+            self.port.write(memoryview(packet))
+        except OSError:
+            stats.drops[Drop.DEVICE_WRITE_ERROR] += 1
+            return
+        stats.icmp_sent[ICMP_KINDS.index(kind)] += 1
+
+    def _learn_path(self, peer: Peer, now: float) -> None:
+        """Ask the link what the kernel holds as the path MTU towards ``peer`` and keep it on the peer."""
+        peer.pmtu_checked = now
+        try:
+            mtu = self._path_mtu(peer.address)
+        except OSError:
+            return
+        if mtu and mtu != peer.pmtu:
+            peer.pmtu = mtu
+            peer.max_frame = mtu - self._outer_overhead
+            self.stats.pmtu_changes += 1
 
     def _send_superframe(self, segs: Segments, flow: int, only: Peer | None) -> tuple[int, int]:
         """Send the rows a super-frame was cut into, after what waits (order), to its one peer (looked up once
         for all its rows) or, flooded, to every peer: (packets, inner bytes) that left."""
         moved = -self._flush() if self._pending.count else 0
-        if segs.rowlen - self._header_len > self.max_frame:
-            self.stats.drops[Drop.TOO_BIG] += segs.count
-            return moved, 0
+        segment = segs.rowlen - self._header_len  # the largest inner frame a row carries
         if only is not None:
             targets = (only,)
         else:
@@ -396,10 +521,19 @@ class Engine:
                 self.stats.flooded += segs.count  # frames, as the help says: each segment is flooded
             else:
                 self.stats.drops[peer] += segs.count
+                self._write_icmp(self._txview[HEADROOM : HEADROOM + segs.frame_len], too_big=False)
                 return moved, 0
         nbytes = 0
+        frame = self._txview[HEADROOM : HEADROOM + segs.frame_len]
         for peer in targets:
-            failed = self._send_rows(segs.buffer, segs.rowlen, segs.count, flow, peer.dest)
+            if segment > self.max_frame or segment > peer.max_frame:
+                self._too_big(frame, segment, peer, count=segs.count)
+                if only is None:
+                    peer.stats.dropped += segs.count
+                continue
+            failed, too_big = self._send_rows(segs.buffer, segs.rowlen, segs.count, flow, peer.dest)
+            if too_big:
+                self._too_big(frame, segment, peer, count=failed, failed=True)
             sent = segs.count - failed
             inner = sent * (segs.rowlen - self._header_len) if failed else segs.inner_bytes
             moved, nbytes = moved + sent, nbytes + inner
@@ -420,9 +554,9 @@ class Engine:
         if peer.__class__ is not Peer:
             return None
         gso_size, hlen = gso[1], gso[4]
-        # Each segment must cross the underlay as one packet: the largest inner frame towards this peer (one
-        # for all peers today; a per-peer path MTU would be read here).
-        if hlen + gso_size > self.max_frame:
+        # Each segment must cross the underlay as one packet: the largest inner frame towards this peer (its path
+        # MTU as learnt); one over it takes the old path, which drops it as too_big and answers with ICMP.
+        if hlen + gso_size > self.segment_limit(peer):
             return None
         frame = self._txview[HEADROOM : HEADROOM + n]
         try:
@@ -540,6 +674,11 @@ class Engine:
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
+        if self._counts_kernel_drops:
+            kernel = self.link.kernel_drops
+            if kernel != self._kernel_drops:
+                drops[Drop.KERNEL_RCVBUF] += kernel - self._kernel_drops
+                self._kernel_drops = kernel
         if self._loop is not None and gather is not None and getattr(self.link, "buffered", False):
             # The wake-up's budget ran out with packets the link took from the kernel in hand (raw IP's recvmmsg):
             # no poll would report them, so come back for them on the next turn of the loop.

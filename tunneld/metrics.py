@@ -44,7 +44,8 @@ from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
 from tunneld.httpd import HttpServer
 from tunneld.registry import INVALID_REASONS, RegistryStats
-from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
+from tunneld.pmtu import ICMP_BURST, ICMP_RATE
+from tunneld.stats import ICMP_KINDS, LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
     from tunneld.engine import Engine
@@ -73,6 +74,14 @@ FDB_COUNTERS = (
      "New source MAC addresses not learnt because the FDB held fdb_max entries; frames to them are flooded."),
     ("tunneld_flooded_packets", "flooded",
      "Frames sent to every peer (head-end replication): broadcast, multicast and unknown unicast; once per frame."),
+)
+
+PMTU_COUNTERS = (
+    ("tunneld_icmp_ratelimited", "icmp_limited",
+     f"ICMP errors not written back because the budget ({ICMP_RATE:.0f}/s, bursts of {ICMP_BURST}, as the "
+     "kernel's) was spent."),
+    ("tunneld_pmtu_changes", "pmtu_changes",
+     "Times a peer's path MTU, as the kernel learnt it, was found changed (asked after a too-big send fails)."),
 )
 
 
@@ -217,6 +226,19 @@ class TunnelCollector(Collector):
         )
         kernel.add_metric(labels, stats.kernel_gso_frames)
         yield kernel
+        icmp = CounterMetricFamily(
+            "tunneld_icmp_sent",
+            "ICMP errors written back into the device to the sender of a frame the path to its peer cannot carry, "
+            "by type (" + ", ".join(kind.value for kind in ICMP_KINDS) + "); at most the kernel's ICMP budget.",
+            labels=[*LABELS, "type"],
+        )
+        for kind, n in zip(ICMP_KINDS, stats.icmp_sent):
+            icmp.add_metric([*labels, kind.value], n)
+        yield icmp
+        for name, field, text in PMTU_COUNTERS:
+            family = CounterMetricFamily(name, text, labels=LABELS)
+            family.add_metric(labels, getattr(stats, field))
+            yield family
 
         last_rx = GaugeMetricFamily(
             "tunneld_peer_last_rx_timestamp_seconds",

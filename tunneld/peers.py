@@ -53,17 +53,28 @@ class PeerSpec:
 DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")  # L3, one peer without routes: everything goes to it (as before issue 12)
 
 
+NO_PATH_LIMIT = 65535  # a peer's max_frame until its path MTU is learnt: only the engine's own limit holds
+
+
 class Peer:
     """A peer as the engine holds it: its spec, where the link sends to (``dest``, built once by the link),
-    and its counters (``stats``, the ``PeerStats`` kept in the engine's Stats under its address)."""
+    and its counters (``stats``, the ``PeerStats`` kept in the engine's Stats under its address).
 
-    __slots__ = ("spec", "address", "dest", "stats")
+    Its path, as the engine learns it while running (engine.py, "Path MTU"): ``pmtu``, the underlay path MTU
+    the kernel reported towards it (0: none learnt yet), ``max_frame``, the largest inner frame that crosses
+    that path (NO_PATH_LIMIT until learnt; ``Engine.segment_limit(peer)`` adds the engine's own limit), and
+    ``pmtu_checked``, when the kernel was last asked."""
+
+    __slots__ = ("spec", "address", "dest", "stats", "pmtu", "max_frame", "pmtu_checked")
 
     def __init__(self, spec: PeerSpec, dest: object, stats: PeerStats) -> None:
         self.spec = spec
         self.address = spec.address
         self.dest = dest
         self.stats = stats
+        self.pmtu = 0
+        self.max_frame = NO_PATH_LIMIT
+        self.pmtu_checked = 0.0
 
     def __repr__(self) -> str:
         return self.spec.label()

@@ -48,13 +48,14 @@ class Resources:
         # The link's default destination; with only a registry's peers (none yet) our own underlay address, which
         # gives the socket its family and is never sent to (an empty peer table sends nothing).
         first = cfg.peer or cfg.local
+        df = cfg.df == "set"
         try:
             if plan.codec.transport.kind == "ip":
-                self.links = [RawLink(first, plan.port, cfg.local)]
+                self.links = [RawLink(first, plan.port, cfg.local, df=df)]
             elif plan.workers > 1:
-                self.links = open_group(first, plan.port, cfg.local, plan.workers)
+                self.links = open_group(first, plan.port, cfg.local, plan.workers, df=df)
             else:
-                self.links = [UdpLink(first, plan.port, cfg.local)]
+                self.links = [UdpLink(first, plan.port, cfg.local, df=df)]
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
             for _ in range(plan.workers):

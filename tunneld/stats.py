@@ -13,6 +13,9 @@ from bisect import bisect_left
 from collections import Counter
 
 from tunneld.encap.base import Drop
+from tunneld.pmtu import Icmp
+
+ICMP_KINDS = tuple(Icmp)  # icmp_sent[i] counts ICMP_KINDS[i]
 
 # The most reads one wake-up can count: the frames-per-wake-up histograms have a slot for every count up to it,
 # whatever batch the engine runs with, so Stats (and the metrics' buckets) never depend on the engine's batch.
@@ -57,6 +60,9 @@ class Stats:
         "loop_lag_sum",
         "offload_fallbacks",
         "kernel_gso_frames",
+        "icmp_sent",
+        "icmp_limited",
+        "pmtu_changes",
     )
 
     def __init__(self) -> None:
@@ -84,6 +90,11 @@ class Stats:
         self.offload_fallbacks = 0
         # Super-frames handed whole to the kernel to segment (the egress device, io/egress.py).
         self.kernel_gso_frames = 0
+        # ICMP errors written back into the device (tunneld/pmtu.py), by kind, in ICMP_KINDS order; those the rate
+        # limit held back; and how often a peer's path MTU changed as the kernel reported it.
+        self.icmp_sent = [0] * len(ICMP_KINDS)
+        self.icmp_limited = 0
+        self.pmtu_changes = 0
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag[bisect_left(LOOP_LAG_BUCKETS, seconds)] += 1

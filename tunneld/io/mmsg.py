@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import sys
 
 import numpy as np
 
@@ -52,6 +53,7 @@ _recvmmsg.restype = ctypes.c_int
 
 _MSG_SIZE = ctypes.sizeof(_Mmsghdr)
 _NAMELEN_AT = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_namelen.offset
+_CONTROLLEN_AT = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_controllen.offset
 _MSGLEN_AT = _Mmsghdr.msg_len.offset
 _FLAGS_AT = _Mmsghdr.msg_hdr.offset + _Msghdr.msg_flags.offset
 assert ctypes.sizeof(_Iovec) == 16 and not (_NAMELEN_AT % 4 or _MSGLEN_AT % 4 or _FLAGS_AT % 4)
@@ -61,6 +63,20 @@ def _u32_column(msgs, at: int, count: int) -> np.ndarray:
     """A writable uint32 view of the field at byte ``at`` of every mmsghdr."""
     raw = np.frombuffer(msgs, np.uint8)
     return np.ndarray((count,), np.uint32, raw, at, (_MSG_SIZE,))
+
+
+def _u64_column(msgs, at: int, count: int) -> np.ndarray:
+    """A writable uint64 view of the (size_t) field at byte ``at`` of every mmsghdr."""
+    raw = np.frombuffer(msgs, np.uint8)
+    return np.ndarray((count,), np.uint64, raw, at, (_MSG_SIZE,))
+
+
+# One control message per packet: SO_RXQ_OVFL's u32, behind a struct cmsghdr (size_t len, int level, int type).
+_CMSG_LEVEL_AT = ctypes.sizeof(ctypes.c_size_t)
+_CMSG_DATA_AT = _CMSG_LEVEL_AT + 8
+CONTROL_SIZE = 32  # CMSG_SPACE(4) is 24 on 64-bit Linux; room to spare
+SOL_SOCKET = 1
+SO_RXQ_OVFL = 40
 
 
 def _address(buffer) -> int:
@@ -131,7 +147,8 @@ class MessageSender:
 
 class MessageReceiver:
     """Receives up to ``slots`` packets per system call, each into its own ``slot_size``-byte row of
-    ``self.slots``, with its source address in the same row of ``self.names``."""
+    ``self.slots``, with its source address in the same row of ``self.names``; ``overflow(i)`` is the socket's
+    drop count the i-th packet carried (SO_RXQ_OVFL, once the socket asked for it and has dropped any)."""
 
     NAME_SIZE = 28  # sockaddr_in6, the larger of the two
 
@@ -144,25 +161,32 @@ class MessageReceiver:
         self._iov[:, 0] = self.slots.ctypes.data + np.arange(slots, dtype=np.uint64) * slot_size
         self._iov[:, 1] = slot_size
         self._msgs = (_Mmsghdr * slots)()
-        iov_at, names_at = self._iov.ctypes.data, self.names.ctypes.data
+        self.controls = np.zeros((slots, CONTROL_SIZE), np.uint8)
+        iov_at, names_at, controls_at = self._iov.ctypes.data, self.names.ctypes.data, self.controls.ctypes.data
         for i, m in enumerate(self._msgs):
             m.msg_hdr.msg_name = names_at + self.NAME_SIZE * i
             m.msg_hdr.msg_iov = ctypes.cast(iov_at + 16 * i, ctypes.POINTER(_Iovec))
             m.msg_hdr.msg_iovlen = 1
+            m.msg_hdr.msg_control = controls_at + CONTROL_SIZE * i
+            m.msg_hdr.msg_controllen = CONTROL_SIZE
         self._msgs_at = ctypes.addressof(self._msgs)
         self._namelen = _u32_column(self._msgs, _NAMELEN_AT, slots)
         self.lengths = _u32_column(self._msgs, _MSGLEN_AT, slots)
         self._flags = _u32_column(self._msgs, _FLAGS_AT, slots)
         self._namelen[:] = self.NAME_SIZE
-        self._returned = 0  # messages whose address length the last call overwrote
+        self._controllen = _u64_column(self._msgs, _CONTROLLEN_AT, slots)
+        self._returned = 0  # messages whose address and control lengths the last call overwrote
 
     def receive(self) -> int:
         """How many packets arrived (at least one): ``slots[i, :lengths[i]]`` from ``names[i]``. Raises
         BlockingIOError when none is waiting, OSError for an error the socket reports."""
         if self._returned == 1:
-            self._msgs[0].msg_hdr.msg_namelen = self.NAME_SIZE
+            hdr = self._msgs[0].msg_hdr
+            hdr.msg_namelen = self.NAME_SIZE
+            hdr.msg_controllen = CONTROL_SIZE
         elif self._returned:
             self._namelen[: self._returned] = self.NAME_SIZE  # the kernel wrote back each address's length
+            self._controllen[: self._returned] = CONTROL_SIZE  # and each control message's
         n = _recvmmsg(self._fd, self._msgs_at, self.capacity, MSG_DONTWAIT, None)
         if n < 0:
             code = ctypes.get_errno()
@@ -171,6 +195,18 @@ class MessageReceiver:
             raise OSError(code, os.strerror(code))
         self._returned = n
         return n
+
+    def overflow(self, i: int) -> int | None:
+        """The drop count packet ``i`` of the last call carried, or None (none: the socket has dropped nothing,
+        or does not ask). The last packet's is the latest."""
+        hdr = self._msgs[i].msg_hdr
+        if hdr.msg_controllen < _CMSG_DATA_AT + 4:
+            return None
+        row = self.controls[i]
+        if (int.from_bytes(row[_CMSG_LEVEL_AT : _CMSG_LEVEL_AT + 4], sys.byteorder) != SOL_SOCKET
+                or int.from_bytes(row[_CMSG_LEVEL_AT + 4 : _CMSG_DATA_AT], sys.byteorder) != SO_RXQ_OVFL):
+            return None
+        return int.from_bytes(row[_CMSG_DATA_AT : _CMSG_DATA_AT + 4], sys.byteorder)
 
     def first_length(self) -> int:
         """``lengths[0]`` without a NumPy call: a lone packet (the sparse case) is read field by field."""

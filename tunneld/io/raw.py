@@ -21,8 +21,10 @@ The engine's interface therefore stays that of the UDP link: ``recv_one(buf) -> 
 encapsulated packet in ``buf[:n]``.
 
 Like the UDP link the socket is never connected: the peer can change at run time, and the engine sees (and
-counts) packets from strangers. Sends set "don't fragment": an encapsulated packet that does not fit the path
-fails with EMSGSIZE and is counted as too big.
+counts) packets from strangers. Path MTU and the kernel's drops as in io/udp.py: sends set "don't fragment"
+unless ``df=False`` (an encapsulated packet that does not fit the path fails with EMSGSIZE; the engine asks
+``path_mtu`` and answers the inner sender), and SO_RXQ_OVFL's count rides on the reads (recvmsg's ancillary
+data, or recvmmsg's per packet).
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ import numpy as np
 
 from tunneld.io import LinkError, same_family_peer, underlay_family
 from tunneld.io.udp import (
-    IP_MTU_DISCOVER,
-    IP_PMTUDISC_DO,
-    IPV6_MTU_DISCOVER,
-    IPV6_PMTUDISC_DO,
+    OVFL_SPACE,
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SOCKET_BUFFER,
+    KernelDrops,
+    PathProbe,
     _grow_buffer,
+    count_drops,
+    set_df,
 )
 from tunneld.io.mmsg import MessageReceiver, MessageSender
 
@@ -68,11 +71,14 @@ class RawLink:
     spreads_flows = False  # no ports: the engine need not hash inner flows for us
     NAME_SLOT = MessageReceiver.NAME_SIZE  # bytes per packet's source address in the receiver's names
 
-    def __init__(self, peer: str, protocol: int, local: str | None = None) -> None:
+    def __init__(self, peer: str, protocol: int, local: str | None = None, df: bool = True) -> None:
         self.family, self.peer = underlay_family(peer, local)
         self.protocol = protocol
         self.local = local
         self._peer: tuple[str, int] = (self.peer, 0)
+        self.df = df
+        self._probe = PathProbe(self.family, local)
+        self._drops = KernelDrops()
         try:
             self._sock = socket.socket(self.family, socket.SOCK_RAW, protocol)
         except PermissionError as e:
@@ -87,10 +93,8 @@ class RawLink:
             self._sock.setblocking(False)
             _grow_buffer(self._sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
             _grow_buffer(self._sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
-            if self.family == socket.AF_INET6:
-                self._sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
-            else:
-                self._sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            set_df(self._sock, self.family, df)
+            count_drops(self._sock)
             if local is not None:
                 try:
                     self._sock.bind((local, 0))
@@ -180,6 +184,9 @@ class RawLink:
         who sent it (packed). Plain lists: the run building below indexes them one by one."""
         receiver = self._receiver
         count = receiver.receive()  # BlockingIOError when nothing waits
+        drops = receiver.overflow(count - 1)  # the last packet's count is the latest
+        if drops is not None:
+            self._drops.seen(drops)
         at, size = _NAME_ADDR[self.family]
         if count == 1:  # sparse traffic (a ping, an ACK): no NumPy calls, which cost more than all the rest here
             skip = (self._slots_flat[IPV4_IHL_OFFSET] & 0x0F) * 4 if self.family == socket.AF_INET else 0
@@ -277,7 +284,9 @@ class RawLink:
         packet. Raises BlockingIOError when there is none."""
         scatter = self._scatter
         scatter[1] = buf
-        n, _, _, addr = self._sock.recvmsg_into(scatter)
+        n, ancdata, _, addr = self._sock.recvmsg_into(scatter, OVFL_SPACE)
+        if ancdata:  # only once the socket has dropped something
+            self._drops.note(ancdata)
         header_len = (self._outer[IPV4_IHL_OFFSET] & 0x0F) * 4
         n -= IPV4_HEADER_LEN
         if header_len > IPV4_HEADER_LEN:
@@ -288,8 +297,23 @@ class RawLink:
         return max(0, n), addr[0], 0
 
     def _recv_ipv6(self, buf: memoryview) -> tuple[int, str, int]:
-        n, addr = self._sock.recvfrom_into(buf)
+        n, ancdata, _, addr = self._sock.recvmsg_into((buf,), OVFL_SPACE)
+        if ancdata:
+            self._drops.note(ancdata)
         return n, addr[0], 0
+
+    @property
+    def kernel_drops(self) -> int:
+        """Packets the kernel dropped before we could read them (receive buffer full), as far as reads told."""
+        return self._drops.total
+
+    def size_receive_buffer(self, size: int) -> None:
+        """The socket's receive buffer (see UdpLink.size_receive_buffer)."""
+        _grow_buffer(self._sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+
+    def path_mtu(self, address: str) -> int:
+        """The path MTU the kernel holds towards ``address`` (io/udp.py ``PathProbe``)."""
+        return self._probe.path_mtu(address)
 
     def send(self, packet: memoryview, flow: int, dest: tuple[str, int] | None = None) -> None:
         """Send one packet to ``dest`` (None: ``peer``). ``flow`` is unused (``spreads_flows``): raw IP has no
@@ -298,3 +322,4 @@ class RawLink:
 
     def close(self) -> None:
         self._sock.close()
+        self._probe.close()

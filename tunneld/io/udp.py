@@ -8,8 +8,19 @@ accept any source port, and nothing here expects the peer to reply to a particul
 The sockets are never connected: an ICMP "port unreachable" from a peer that is down then cannot turn into
 an error on the next call (ECONNREFUSED), and the peer can be changed at run time.
 
-The send sockets set "don't fragment" (IP_PMTUDISC_DO): a VTEP must not fragment, so a datagram that does
-not fit the path MTU fails with EMSGSIZE and the engine counts it as too big.
+Path MTU (``df``, ``set_df``): by default the send sockets set "don't fragment" (IP_PMTUDISC_DO): a VTEP must
+not fragment (RFC 7348 §4.3), so a datagram that does not fit the path MTU the kernel knows fails with EMSGSIZE,
+and the engine asks ``path_mtu`` (``PathProbe``) for the new limit and tells the inner sender (engine.py).
+``df=False`` (``--df unset``) is IP_PMTUDISC_DONT: never DF, the kernel fragments to the interface MTU and the
+path's routers fragment further, for paths that drop ICMP. (IP_PMTUDISC_WANT would set DF while a datagram fits
+the path MTU the kernel knows: on a path that drops ICMP it never learns, and the big datagrams vanish.) IPv6
+routers never fragment: there IPV6_PMTUDISC_DONT lets this host fragment to the path MTU it learnt (a router's
+"packet too big" still has to arrive), or to the interface MTU.
+
+The kernel's drops: the receive socket sets SO_RXQ_OVFL, so every datagram read after the socket's first drop
+carries the socket's running count of datagrams dropped for want of buffer space (``sk_drops``); ``KernelDrops``
+turns it into increments, which the engine counts as ``kernel_rcvbuf``. The buffer is sized by the engine from
+its wake-up budget (``size_receive_buffer``; engine.RECEIVE_BUFFER says why that size).
 """
 
 from __future__ import annotations
@@ -21,9 +32,15 @@ import struct
 from tunneld.io import LinkError, same_family_peer, underlay_family
 
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DONT = getattr(socket, "IPV6_PMTUDISC_DONT", 0)
 IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+IP_MTU = getattr(socket, "IP_MTU", 14)  # getsockopt, connected socket: the MTU of its route (path MTU learnt)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # cmsg (u32): the socket's running count of dropped datagrams
+_OVFL = struct.Struct("=I")
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
@@ -35,7 +52,8 @@ GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS was 64 before Linux 6.9; stay below it
 GSO_MAX_BYTES = 65000  # one sendmsg's payload must fit an IP datagram's length field, headers included
 _GSO_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
-CMSG_SPACE = socket.CMSG_SPACE(4)
+CMSG_SPACE = socket.CMSG_SPACE(4) * 2  # UDP_GRO's segment size and SO_RXQ_OVFL's count
+OVFL_SPACE = socket.CMSG_SPACE(4)  # SO_RXQ_OVFL's alone
 
 SOCKET_BUFFER = 4 << 20
 DEFAULT_SEND_SOCKETS = 8
@@ -49,6 +67,71 @@ def _grow_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None
         sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
+def set_df(sock: socket.socket, family: int, df: bool) -> None:
+    """"Don't fragment" on ``sock``'s datagrams (IP_PMTUDISC_DO), or never (IP_PMTUDISC_DONT): see the module."""
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO if df else IPV6_PMTUDISC_DONT)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO if df else IP_PMTUDISC_DONT)
+
+
+def count_drops(sock: socket.socket) -> None:
+    """Have ``sock`` report its dropped datagrams with each one read (SO_RXQ_OVFL); where the kernel refuses,
+    nothing is counted and nothing else changes."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+    except OSError:
+        pass
+
+
+class KernelDrops:
+    """The socket's running drop count (a u32 the kernel may wrap) as a total of increments: ``total`` counts
+    from the socket's creation, when the kernel's count was 0."""
+
+    __slots__ = ("total", "_last")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._last = 0
+
+    def seen(self, count: int) -> None:
+        self.total += (count - self._last) & 0xFFFFFFFF
+        self._last = count
+
+    def note(self, ancdata: list) -> None:
+        """Take the count from a recvmsg's ancillary data, if it carries one."""
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                self.seen(_OVFL.unpack_from(data)[0])
+
+
+class PathProbe:
+    """The path MTU the kernel holds towards an address: IP_MTU (IPV6_MTU) of a UDP socket connected to it,
+    which the route cache answers, a router's "fragmentation needed" included. Connecting sends nothing; one
+    socket is connected again for each question. Asked only when a send failed or a learnt limit is old
+    (engine.py), never per packet."""
+
+    def __init__(self, family: int, local: str | None) -> None:
+        self.family = family
+        self.local = local
+        self._sock: socket.socket | None = None
+
+    def path_mtu(self, address: str) -> int:
+        if self._sock is None:
+            self._sock = socket.socket(self.family, socket.SOCK_DGRAM)
+            if self.local is not None:
+                self._sock.bind((self.local, 0))
+        self._sock.connect((address, 9))  # discard; the route does not depend on the port
+        if self.family == socket.AF_INET6:
+            return self._sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+        return self._sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class UdpLink:
     """Sends to any peer (``destination``) and receives from all over UDP; ``peer`` is the default destination
     (the first peer) and may be changed while running."""
@@ -57,26 +140,27 @@ class UdpLink:
 
     def __init__(
         self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS,
-        reuse_port: bool = False,
+        reuse_port: bool = False, df: bool = True,
     ) -> None:
         self.family, self.peer = underlay_family(peer, local)  # peer: where inbound datagrams must come from
         self.port = port
         self.local = local
         self._peer: tuple[str, int] = (self.peer, port)
         any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
+        self.df = df
+        self._probe = PathProbe(self.family, local)
+        self._drops = KernelDrops()
         self._rx = self._socket()
         if reuse_port:  # one receive socket per worker on the same port; see open_group()
             self._rx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        _grow_buffer(self._rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
+        _grow_buffer(self._rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)  # until the engine sizes it
+        count_drops(self._rx)
         self._bind(self._rx, local or any_addr, port)
         self._tx: list[socket.socket] = []
         try:
             for _ in range(max(1, send_sockets)):
                 s = self._socket()
-                if self.family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
-                else:
-                    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+                set_df(s, self.family, df)
                 _grow_buffer(s, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
                 # Nothing is read from these sockets; keep what strays there from piling up.
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -132,13 +216,29 @@ class UdpLink:
 
     def recv_into(self, buf: memoryview) -> tuple[int, str]:
         """One datagram into ``buf``: (length, source address). Raises BlockingIOError when there is none."""
-        n, addr = self._rx.recvfrom_into(buf)
-        return n, addr[0]
+        n, source, _ = self.recv_one(buf)
+        return n, source
 
     def recv_one(self, buf: memoryview) -> tuple[int, str, int]:
         """One datagram, answered as ``recv_gro_into`` answers (size 0: not rows): the engine's batch of one."""
-        n, addr = self._rx.recvfrom_into(buf)
+        n, ancdata, _flags, addr = self._rx.recvmsg_into((buf,), OVFL_SPACE)
+        if ancdata:  # only once the socket has dropped something
+            self._drops.note(ancdata)
         return n, addr[0], 0
+
+    @property
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped before we could read them (receive buffer full), as far as reads told."""
+        return self._drops.total
+
+    def size_receive_buffer(self, size: int) -> None:
+        """The receive socket's buffer, in bytes of the kernel's accounting (which charges each datagram its
+        buffer's true size); beyond net.core.rmem_max where we may (SO_RCVBUFFORCE, CAP_NET_ADMIN)."""
+        _grow_buffer(self._rx, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+
+    def path_mtu(self, address: str) -> int:
+        """The path MTU the kernel holds towards ``address`` (``PathProbe``)."""
+        return self._probe.path_mtu(address)
 
     def destination(self, address: str) -> tuple[str, int]:
         """What ``send`` takes to reach the peer at ``address``, built once per peer; ValueError (one line) for
@@ -169,6 +269,8 @@ class UdpLink:
         for level, kind, data in ancdata:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                 (size,) = _GRO_SIZE.unpack_from(data)
+            elif level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                self._drops.seen(_OVFL.unpack_from(data)[0])
         return n, addr[0], size
 
     def send_segments(self, packets: memoryview, size: int, flow: int, dest: tuple[str, int] | None = None) -> None:
@@ -189,15 +291,30 @@ class UdpLink:
             for start in range(0, len(packets), per_call):
                 sock.sendmsg((packets[start : start + per_call],), cmsg, 0, peer)
         except OSError as e:
+            if not self.df and e.errno in (errno.EINVAL, errno.EMSGSIZE):
+                # DF unset, yet a UDP_SEGMENT send is refused when its datagrams exceed the path MTU the kernel
+                # learnt (IPv6: udp_v6_send_skb checks them against it); a single datagram it fragments.
+                self._send_one_by_one(sock, packets, start, size, peer)
+                return
             e.sent = start // size  # every call before the failing one carried whole datagrams
+            raise
+
+    def _send_one_by_one(self, sock: socket.socket, packets: memoryview, start: int, size: int, peer) -> None:
+        at = start
+        try:
+            for at in range(start, len(packets), size):
+                sock.sendto(packets[at : at + size], peer)
+        except OSError as e:
+            e.sent = at // size
             raise
 
     def close(self) -> None:
         for s in (self._rx, *self._tx):
             s.close()
+        self._probe.close()
 
 
-def open_group(peer: str, port: int, local: str | None, count: int) -> list[UdpLink]:
+def open_group(peer: str, port: int, local: str | None, count: int, df: bool = True) -> list[UdpLink]:
     """``count`` links whose receive sockets share ``port`` (SO_REUSEPORT): the kernel hands each datagram to
     one of them by the hash of its addresses and ports, so the peer's flows (whose outer source ports differ)
     spread over the workers.
@@ -209,7 +326,7 @@ def open_group(peer: str, port: int, local: str | None, count: int) -> list[UdpL
     links: list[UdpLink] = []
     try:
         for _ in range(count):
-            links.append(UdpLink(peer, port, local, reuse_port=True))
+            links.append(UdpLink(peer, port, local, reuse_port=True, df=df))
     except BaseException:
         for link in links:
             link.close()
