@@ -14,11 +14,7 @@ Outbound flow (device → peer), on each wake-up of the device fd:
   3. a plain frame that could not cross the underlay without fragmenting is dropped (VTEPs never fragment);
      the encapsulator writes its header into the headroom, in front of the frame: no copy;
   4. the packet leaves now (batches of one), or waits in ``Pending`` with others of its flow and size and
-     leaves with them in one send at the end of the wake-up, or when the next packet does not continue them;
-  5. with offloads, a wake-up that stopped on its budget with frames still waiting says the device's queue
-     stands; once it has stood for an interval, super-frames are dropped (``Drop.QUEUE``) at CoDel's rate
-     until a wake-up finds the device empty (offload/queue.py says why tun gives us no other way to keep the
-     inner TCP's queue short). Sparse packets are never dropped for it.
+     leaves with them in one send at the end of the wake-up, or when the next packet does not continue them.
 
 Inbound flow (peer → device), on each wake-up of the socket:
   1. receive up to ``batch`` reads (and at most WAKEUP_BYTES): a datagram, or rows (datagrams of one length
@@ -29,9 +25,7 @@ Inbound flow (peer → device), on each wake-up of the socket:
      routes narrower than everything, the inner source must lie in the sending peer's routes
      (``source_not_allowed``). The device port writes what was accepted (rows coalesced into super-frames
      where they can be) and refused ones are counted by reason: a codec's refusal holds on every path;
-  4. L2 modes learn each accepted frame's source MAC against its peer (the FDB, fdb.py);
-  5. with offloads, the socket's receive queue is watched as the device's is on the way out: while it stands,
-     the rows of a UDP_GRO read (bulk, never a lone datagram) are dropped at the same rate.
+  4. L2 modes learn each accepted frame's source MAC against its peer (the FDB, fdb.py).
 
 Counters stay per packet on the wire: tx/rx packets and bytes count datagrams and their inner frames, however
 they were batched. ``tx_batches``/``rx_batches`` count reads per wake-up.
@@ -54,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import select
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -63,7 +56,6 @@ import numpy as np
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
 from tunneld.io.port import Fallback, FramePort, VnetPort
-from tunneld.offload.queue import StandingQueue
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
 from tunneld.peers import Peer, PeerSpec, PeerTable
@@ -189,12 +181,6 @@ class Engine:
         self._rxview = memoryview(self._rx)
         self._rx_area = self._rxview[:RX_AREA]
         self._loop: asyncio.AbstractEventLoop | None = None
-        # With offloads, super-frames are dropped to drain a standing device queue (offload/queue.py); the port
-        # tells whether a wake-up that stopped on its budget left frames behind.
-        self._queue = StandingQueue() if self._pending is not None else None
-        # The same on the way in (set up by ``attach``, with the socket's poll).
-        self._rx_queue: StandingQueue | None = None
-        self._link_poll = None
         # Called once when the device is gone for good (deleted with `ip link del`): the fd then only fails.
         self.on_device_gone: Callable[[], None] | None = None
 
@@ -202,17 +188,10 @@ class Engine:
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        if self._gather is not None:
-            # The socket's receive queue stands when this side is the slower one: the rows of a UDP_GRO read are
-            # the bulk there. A poll of the socket says whether a wake-up left datagrams behind.
-            self._rx_queue = StandingQueue()
-            self._link_poll = select.poll()
-            self._link_poll.register(self.link.fileno(), select.POLLIN)
         loop.add_reader(self.device.fileno(), self.on_device_readable)
         loop.add_reader(self.link.fileno(), self.on_link_readable)
 
     def detach(self) -> None:
-        self._rx_queue = self._link_poll = None
         if self._loop is not None:
             self._loop.remove_reader(self.device.fileno())
             self._loop.remove_reader(self.link.fileno())
@@ -245,9 +224,6 @@ class Engine:
         only = self.peers.only
         dest = only.dest if only is not None else None
         choose = self._choose
-        queue = self._queue
-        now = time.monotonic() if queue is not None else 0.0
-        drained = False
         reads = moved = nbytes = taken = fallbacks = 0
         for _ in range(self.batch):
             if taken >= WAKEUP_BYTES:
@@ -255,7 +231,6 @@ class Engine:
             try:
                 n = read(areas)
             except BlockingIOError:
-                drained = True
                 break
             except OSError as e:
                 drops[Drop.DEVICE_READ_ERROR] += 1
@@ -265,9 +240,6 @@ class Engine:
             if n.__class__ is not int:
                 if n.__class__ is Segments:
                     taken += n.frame_len + vnet_len
-                    if queue is not None and queue.drop(now):
-                        drops[Drop.QUEUE] += n.count
-                        continue
                     m, b = self._send_superframe(n, flow_hash(view[HEADROOM : HEADROOM + n.frame_len]), only)
                     moved, nbytes = moved + m, nbytes + b
                     continue
@@ -330,11 +302,6 @@ class Engine:
         stats.tx_batches[reads] += 1
         if fallbacks:
             stats.offload_fallbacks += fallbacks
-        if queue is not None:
-            if drained or not self.port.readable():
-                queue.empty(now)
-            else:
-                queue.standing(now)
 
     def _choose(self, n: int):
         """The peer of the frame at HEADROOM (``n`` bytes) when there are several: a Peer, None (flood: L2
@@ -451,9 +418,6 @@ class Engine:
         # L3 with several peers (or routes narrower than everything): the inner source must be the sender's.
         check = self._source_allowed if fdb is None and self.peers.only is None else None
         now = self._clock()
-        queue = self._rx_queue
-        tick = time.monotonic() if queue is not None else 0.0
-        drained = False
         gpeer = None  # the peer whose datagrams are gathered (a gathering holds one peer's only)
         reads = moved = nbytes = taken = 0
         into = area  # where the next read lands: behind the datagrams gathered so far, if any
@@ -463,7 +427,6 @@ class Engine:
             try:
                 n, source, size = recv(into)
             except BlockingIOError:
-                drained = True
                 break
             except OSError:
                 # A queued ICMP error or similar: not fatal, and the next datagram may be fine.
@@ -477,11 +440,6 @@ class Engine:
                 continue
             if gather is not None:
                 single = not size or n <= size
-                if not single and queue is not None and into is area and queue.drop(tick):
-                    rows = -(-n // size)  # a GRO read's rows: bulk, dropped to drain a standing queue
-                    drops[Drop.QUEUE] += rows
-                    peer.stats.dropped += rows
-                    continue
                 if single and n >= GATHER_MIN and peer is gpeer:
                     fill = gather.add(n)
                     if fill:  # gathered behind the others
@@ -541,11 +499,6 @@ class Engine:
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
-        if queue is not None:
-            if drained or not (self._link_poll.poll(0) or getattr(self.link, "buffered", False)):
-                queue.empty(tick)
-            else:
-                queue.standing(tick)
         if self._loop is not None and gather is not None and getattr(self.link, "buffered", False):
             # The wake-up's budget ran out with packets the link took from the kernel in hand (raw IP's recvmmsg):
             # no poll would report them, so come back for them on the next turn of the loop.

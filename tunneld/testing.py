@@ -70,9 +70,6 @@ class FakeDevice:
     def sys_writev(self, fd: int, buffers) -> int:
         return self.writev(buffers)
 
-    def sys_readable(self, fd: int) -> bool:
-        return bool(self.pending)
-
 
 class FakeLink:
     """An underlay socket talking to ``peer``: ``deliver`` datagrams, read ``sent`` as (packet, flow) pairs and

@@ -72,7 +72,6 @@ class Drop(str, enum.Enum):
     SOCKET_ERROR = "socket_error"  # the underlay socket refused the datagram (unreachable, no buffer, ...)
     OFFLOAD_UNSUPPORTED = "offload_unsupported"  # a super-frame or partial checksum we cannot complete
     NO_ROUTE = "no_route"  # L3: the inner destination lies in no peer's routes
-    QUEUE = "queue"  # a super-frame's segments, dropped to drain a standing device queue (offload/queue.py)
     # GRE (RFC 2784, RFC 2890); some apply to any codec that validates the same things
     BAD_VERSION = "bad_version"  # the encapsulation's version field is not one we speak (GRE: not 0)
     BAD_PROTOCOL = "bad_protocol"  # protocol type not carried by this mode, or the inner packet is not of it

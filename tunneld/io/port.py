@@ -19,14 +19,13 @@ front of the frame, and dealt with here:
     each refused row by its reason. A refused row breaks a run: nothing reaches the device unjudged.
 
 The system calls are taken from the device object when it offers them (``sys_readv``, ``sys_write``,
-``sys_writev``, ``sys_readable``, as tunneld.testing's fake devices do), so tests run this very code; a real ``Device`` has
+``sys_writev``, as tunneld.testing's fake devices do), so tests run this very code; a real ``Device`` has
 only its fd and the os functions are used.
 """
 
 from __future__ import annotations
 
 import os
-import select
 from functools import partial
 
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
@@ -75,16 +74,6 @@ class VnetPort:
         self._fd = device.fileno()
         self._readv = getattr(device, "sys_readv", os.readv)
         self._writev = getattr(device, "sys_writev", os.writev)
-        if hasattr(device, "sys_readable"):
-            self._readable = partial(device.sys_readable, self._fd)
-        else:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
-            self._readable = partial(poller.poll, 0)
-
-    def readable(self) -> bool:
-        """Whether a frame waits to be read, without reading it (a poll that does not wait)."""
-        return bool(self._readable())
 
     def read(self, areas: tuple[memoryview]):
         """One read into ``areas[0]`` (vnet header, then the frame): the plain frame's length (int, or
