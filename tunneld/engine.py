@@ -104,15 +104,18 @@ _LE64 = np.dtype("<u8")  # a row's source MAC and ethertype read as one word (_l
 # Bytes one wake-up may take in before it yields to the loop. A count of reads alone is no bound once a read
 # can be a 64 KiB super-frame: 32 of them are ~3 ms of Python during which the other direction (a ping reply,
 # an ACK) waits. Measured with one TCP stream plus ping on this 2-core machine: with only the 32-read bound,
-# ping p50/p90 ~4/7.5 ms; with this budget ~3/5 ms, at the same ~3.3 Gbit/s.
-WAKEUP_BYTES = 256 << 10
+# ping p50/p90 ~4/7.5 ms; with 256 KiB ~3/5 ms, at the same ~3.3 Gbit/s. 64 KiB (one super-frame, or one
+# UDP_GRO read) took ping under load from 16.8 to 12.7 ms p50 on a busy machine (3 alternating runs each,
+# ranges 10.3-23 and 10.5-15.9) at no cost in throughput (0.40 and 0.52 Gbit/s, same noise): a wake-up's
+# work is amortised by its system calls and NumPy calls per super-frame, not by taking several per wake-up.
+WAKEUP_BYTES = 64 << 10
 # The underlay socket's receive buffer, in the kernel's accounting. While the loop serves the device (a wake-up
-# of up to WAKEUP_BYTES: ~3 ms of Python with super-frames) and then reads the socket (another WAKEUP_BYTES),
-# the peer keeps sending; the kernel charges each datagram its buffer's true size, about twice the payload of
-# an MTU-size datagram that was not coalesced. 16 budgets (4 MiB, which the kernel doubles for its overhead)
-# hold ~8 wake-ups of arrivals at that rate, room for the other workers or processes sharing the CPUs to run
-# in between. Beyond it the kernel drops, and says so (``kernel_rcvbuf``).
-RECEIVE_BUFFER = 16 * WAKEUP_BYTES
+# of up to WAKEUP_BYTES) and then reads the socket (another WAKEUP_BYTES), the peer keeps sending; the kernel
+# charges each datagram its buffer's true size, about twice the payload of an MTU-size datagram that was not
+# coalesced. 4 MiB (which the kernel doubles for its overhead) holds ~32 wake-ups of arrivals at that rate,
+# room for the other workers or processes sharing the CPUs to run for a few milliseconds in between (sized
+# when the budget was 256 KiB: 8 of those). Beyond it the kernel drops, and says so (``kernel_rcvbuf``).
+RECEIVE_BUFFER = 4 << 20
 # Seconds before a peer's learnt path MTU is asked again, when a frame above it arrives: a system call pair per
 # peer and second at most, and only while frames are too big for it.
 PMTU_RECHECK = 1.0
