@@ -194,5 +194,5 @@ def test_every_system_the_issue_names_is_known():
     # tunneld-vxlan-100peers: issue 12's bench row (100 configured peers, a nearly full FDB)
     assert list(SYSTEMS) == ["veth", "kernel-vxlan", "tunneld-vxlan", "tunneld-vxlan-100peers",
                              "tunneld-vxlan-nooffload",
-                             "tunneld-vxlan-workers2", "tunneld-gre",
+                             "tunneld-vxlan-workers2", "tunneld-vxlan-kernelgso", "tunneld-gre",
                              "tunneld-gretap", "openvpn", "socat"]
