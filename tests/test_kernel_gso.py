@@ -214,3 +214,32 @@ def test_egress_names_fit_an_interface_name():
     assert eg.egress_name("tunneld0") == "tunneld0-gso"
     assert eg.egress_name("a-very-long-nam") == "a-very-long-gso"
     assert len(eg.egress_name("x" * 15)) == 15
+
+
+def test_with_df_unset_the_outer_packets_may_be_fragmented_as_the_sockets_are():
+    dev = FakeEgressDevice()
+    egress = eg.EgressTap(dev, mac=TAP_MAC, header=Vxlan(VNI).constant_header(4), source_ports=PORTS, port=4789,
+                          local=LOCAL, df=False)
+    assert egress.send(memoryview(tcp_super(payload(GSO * 4))), GSO_TCPV4, GSO, 34, 16, 66, 0, (PEER, 4789))
+    assert not Ether(dev.written[0][24:])[IP].flags.DF
+
+
+def test_a_path_mtu_the_kernel_learnt_sends_super_frames_back_to_the_old_path_and_their_sender_is_told():
+    # Forwarding does not heed a cached path MTU and a write into the egress never fails for it: the engine
+    # asks the kernel (the link's path_mtu) now and then while super-frames flow, and keeps to what it says.
+    egress, edev = make_egress()
+    dev, link = FakeVnetDevice(), FakeGsoLink(PEER)
+    asked = []
+    link.path_mtu = lambda address: asked.append(address) or 1400  # a router said 1400 towards the peer
+    eng = make_engine(dev, link, Vxlan(VNI), max_frame=1464, offload=True, egress=egress)
+    eng._clock = lambda: 1000.0  # a stopped clock, as tests/test_pmtu_engine.py sets it
+    data = payload(GSO * 3)
+    dev.inject(super_frame(data))
+    eng.on_device_readable()
+    assert asked == [PEER]  # asked once, not per frame
+    assert edev.written == [] and eng.stats.kernel_gso_frames == 0
+    assert eng.stats.drops[Drop.TOO_BIG] == 3 and eng.stats.pmtu_changes == 1
+    assert sum(eng.stats.icmp_sent) == 1  # the inner sender learns 1400 - 50 - 14
+    dev.inject(super_frame(data))
+    eng.on_device_readable()
+    assert asked == [PEER]  # within PMTU_RECHECK: the learnt limit holds without asking again

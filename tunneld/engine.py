@@ -558,7 +558,14 @@ class Engine:
             return None
         gso_size, hlen = gso[1], gso[4]
         # Each segment must cross the underlay as one packet: the largest inner frame towards this peer (its path
-        # MTU as learnt); one over it takes the old path, which drops it as too_big and answers with ICMP.
+        # MTU as learnt); one over it takes the old path, which drops it as too_big and answers with ICMP. The
+        # kernel's forwarding does not heed the path MTU it caches (ip_forward_use_pmtu is 0), and a write into
+        # the egress device never fails for it, so no failed send would tell us: ask the kernel now and then
+        # (PMTU_RECHECK, a connect and a getsockopt per peer, only while super-frames flow to it).
+        if self._path_mtu is not None:
+            now = self._clock()
+            if now - peer.pmtu_checked >= PMTU_RECHECK:
+                self._learn_path(peer, now)
         if hlen + gso_size > self.segment_limit(peer):
             return None
         frame = self._txview[HEADROOM : HEADROOM + n]

@@ -160,7 +160,7 @@ class EgressTap:
     for the kernel to route to ``dest`` and segment. Counters: ``frames`` (super-frames handed over)."""
 
     def __init__(self, device, *, mac: bytes, header: bytes, source_ports: list[int], port: int,
-                 local: str | None, ttl: int | None = None) -> None:
+                 local: str | None, ttl: int | None = None, df: bool = True) -> None:
         self.device = device
         self.name = device.name
         self._fd = device.fileno()
@@ -170,6 +170,9 @@ class EgressTap:
         self._nports = len(self._ports)
         self._local = local
         self._port = port  # the peers' (the tunnel's) UDP port
+        # The outer "don't fragment", as the link's sockets send (--df): unset, the kernel fragments each segment
+        # that its route cannot carry, as it does the socket's datagrams.
+        self._frag = IP_DF if df else 0
         # Forwarding takes one off: the datagrams leave with the host's default TTL, as the socket's do.
         self.ttl = min(255, (ttl if ttl is not None else default_ttl()) + 1)
         self._eth = mac + PEER_MAC + ETHERTYPE_IPV4.to_bytes(2, "big")
@@ -224,7 +227,7 @@ class EgressTap:
         p = self._view
         at = TUNNEL_HDR_LEN + ETH_LEN
         self._id = ident = (self._id + 1) & 0xFFFF
-        _IPV4.pack_into(p, at, 0x45, 0, total, ident, IP_DF, self.ttl, PROTO_UDP, 0, src, dst)
+        _IPV4.pack_into(p, at, 0x45, 0, total, ident, self._frag, self.ttl, PROTO_UDP, 0, src, dst)
         p[at + 10 : at + 12] = internet_checksum(p[at : at + IPV4_LEN]).to_bytes(2, "big")
         udp_len = total - IPV4_LEN
         # CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum, the kernel adds the rest.
@@ -281,7 +284,7 @@ def open_egress(dev: str, *, header: bytes, link, multi_queue: bool = False) -> 
         mac = _bring_up(index, name)
         check_devconf(name)
         return EgressTap(device, mac=mac, header=header, source_ports=link.source_ports(), port=link.port,
-                         local=link.local)
+                         local=link.local, df=getattr(link, "df", True))
     except BaseException:
         device.close()
         raise
