@@ -11,7 +11,8 @@ import tomllib
 import pytest
 
 from tunneld.cli import main
-from tunneld.config import EX_CONFIG, ConfigFileError, load_file
+from tunneld.config import EX_CONFIG, ConfigError, ConfigFileError, load_file
+from tunneld.peers import PeerSpec
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
 from tunneld.plugins import discover
@@ -325,3 +326,25 @@ def test_one_l3_peer_routes_everything_several_need_routes(tmp_path, capsys, mon
     assert configs[0].peers[0].routes == DEFAULT_ROUTES
     assert [p.routes for p in configs[1].peers] == [("10.1.0.0/16",), ()]
     assert "peer 192.0.2.2 has no routes: it reaches nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("joining", [
+    PeerSpec("192.0.2.9", name="b"),  # a name another peer has
+    PeerSpec("192.0.2.9", macs=("02:00:00:00:00:0b",)),  # a MAC another peer has
+    PeerSpec("192.0.2.9", routes=("10.2.0.0/16",)),  # a route another peer has
+    PeerSpec("2001:db8::9"),  # the other IP version
+    PeerSpec("192.0.2.9", name="new", macs=("02:00:00:00:00:0c",)),  # nothing taken: accepted
+])
+def test_a_peer_joining_a_live_table_is_judged_as_the_whole_list_would_be(joining):
+    from tunneld.config import check_joining, check_peers
+
+    others = (PeerSpec("192.0.2.2", name="a", macs=("02:00:00:00:00:0a",)),
+              PeerSpec("192.0.2.3", name="b", macs=("02:00:00:00:00:0b",), routes=("10.2.0.0/16",)))
+    try:
+        whole = check_peers((*others, joining))[-1]
+    except ConfigError as e:
+        with pytest.raises(ConfigError) as one:
+            check_joining(others, joining)
+        assert str(one.value) == str(e)
+    else:
+        assert check_joining(others, joining) == whole

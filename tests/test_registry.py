@@ -369,3 +369,51 @@ def test_client_refuses_a_duplicate_overlay_address_before_writing(monkeypatch, 
     assert reg.refused == ("registry: overlay address 192.168.1.1 is already registered by host 10.0.0.2; "
                            "refusing a duplicate overlay address")
     assert b"/t/hosts/10.0.0.1" not in fake.kvs and changes == [] and not reg.registered.is_set()
+
+
+def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
+    """A bug in one live change (anything add_peer raises) is logged and counted as refused; the hosts after it
+    still become peers."""
+    from tunneld.daemon import Tunnel
+    from tunneld.encap.vxlan import Vxlan
+    from tunneld.testing import FakeDevice, FakeLink
+    from tunneld.worker import Worker
+    from tunneld.workers import Supervisor
+
+    A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
+    w = Worker(0, FakeDevice(), FakeLink(A), Vxlan(7), dev="td0", max_frame=1450, offload=False,
+               peers=[PeerSpec(A)], clock=lambda: 1000.0)
+    t = Tunnel.__new__(Tunnel)
+    t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
+        TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
+    t.registry_stats = RegistryStats()
+    real = t.add_peer
+
+    def add_peer(spec):
+        if spec.address == B:
+            raise RuntimeError("a bug")
+        return real(spec)
+
+    t.add_peer = add_peer
+    t.registry_changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
+    assert {p.address for p in w.engine.peers.all} == {A, C}
+    assert t.registry_stats.invalid["refused"] == 1 and t.registry_stats.peers == 1
+
+
+def test_a_stop_before_the_registry_thread_has_its_loop_is_not_lost(monkeypatch):
+    """stop() may come before the thread has made its loop and event (a SIGTERM at start-up): the thread must
+    still end at once rather than go on to register."""
+    from tunneld import registry_client
+
+    fake = FakeEtcd()
+    monkeypatch.setattr(registry_client, "_client", lambda cfg, endpoint, timeout: fake)
+    cfg = RegistryConfig(("10.0.0.9:2379",), "/t", 3)
+    rec = record("10.0.0.1", mac="02:00:00:00:00:01")
+    stats = RegistryStats()
+    reg = registry_client.Registry(cfg, rec, Membership(cfg.hosts_prefix(), rec.address, l2=True, mode="vxlan",
+                                                        vni=7, stats=stats),
+                                   loop=None, deliver=lambda u, r: None, stats=stats)
+    reg.stop()  # before start(): nothing runs yet
+    reg.start()
+    reg._thread.join(5)
+    assert not reg._thread.is_alive() and fake.connects == 0 and not reg.registered.is_set()

@@ -355,17 +355,51 @@ def check_peers(peers: tuple[PeerSpec, ...], what: str = "peer") -> tuple[PeerSp
         if ("address", spec.address) in seen:
             raise ConfigError(f"{what}: {spec.address} is given twice")
         seen["address", spec.address] = spec.address
-        first = checked[0].address
-        if ipaddress.ip_address(spec.address).version != ipaddress.ip_address(first).version:
-            raise ConfigError(f"{what}: {spec.address} and {first} are of different IP versions; one underlay "
-                              "socket carries every peer: all IPv4 or all IPv6")
-        for kind, values in (("name", (spec.name,) if spec.name else ()), ("routes", spec.routes), ("macs", spec.macs)):
-            for value in values:
-                if (kind, value) in seen:
-                    raise ConfigError(f"peer {spec.address}: {kind}: {value} is already given to peer "
-                                      f"{seen[kind, value]}")
-                seen[kind, value] = spec.address
+        _same_version(spec, checked[0].address, what)
+        for claim in _claims(spec):
+            if claim in seen:
+                raise _taken(spec, claim, seen[claim])
+            seen[claim] = spec.address
     return checked
+
+
+def check_joining(others: tuple[PeerSpec, ...], spec: PeerSpec, what: str = "peer") -> PeerSpec:
+    """``spec`` joining ``others`` (a live table's peers, each checked when it joined, none with spec's
+    address): what check_peers would say of the whole list, for one peer's checks and one pass of look-ups
+    over the others' names, routes and MACs. A live change (the control socket, the registry) pays this per
+    peer; check_peers over the whole table per join made a registry's resync of N hosts cost N²."""
+    if len(others) >= MAX_PEERS:
+        raise ConfigError(f"{what}: {len(others) + 1} peers, more than {MAX_PEERS}")
+    spec = check_spec(spec, what)
+    if others:
+        _same_version(spec, others[0].address, what)
+    routes, macs = set(spec.routes), set(spec.macs)
+    for other in others:  # plain attribute tests: at a thousand peers, a registry's resync does this a thousand times
+        if (spec.name and other.name == spec.name) or not routes.isdisjoint(other.routes) or not macs.isdisjoint(other.macs):
+            claim = next(c for c in _claims(spec) if c in set(_claims(other)))
+            raise _taken(spec, claim, other.address)
+    return spec
+
+
+def _claims(spec: PeerSpec):
+    """What a peer holds that no other may: its name, its routes, its static MACs, as (kind, value)."""
+    if spec.name:
+        yield "name", spec.name
+    for route in spec.routes:
+        yield "routes", route
+    for mac in spec.macs:
+        yield "macs", mac
+
+
+def _taken(spec: PeerSpec, claim: tuple[str, str], holder: str) -> ConfigError:
+    kind, value = claim
+    return ConfigError(f"peer {spec.address}: {kind}: {value} is already given to peer {holder}")
+
+
+def _same_version(spec: PeerSpec, first: str, what: str) -> None:
+    if ipaddress.ip_address(spec.address).version != ipaddress.ip_address(first).version:
+        raise ConfigError(f"{what}: {spec.address} and {first} are of different IP versions; one underlay "
+                          "socket carries every peer: all IPv4 or all IPv6")
 
 
 def fit_to_device(cfg: TunnelConfig, device: DeviceKind) -> TunnelConfig:

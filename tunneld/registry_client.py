@@ -145,6 +145,7 @@ class Registry:
         self._thread: threading.Thread | None = None
         self._own_loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._stopping = threading.Event()
         self._down_logged = False
 
     # -- the data path's side ----------------------------------------------------------------------------------
@@ -153,16 +154,19 @@ class Registry:
         self._thread = threading.Thread(target=self._run, name="tunneld-registry", daemon=True)
         self._thread.start()
 
-    async def first(self, within: float) -> bool:
+    async def first(self, within: float, give_up: Callable[[], bool] = lambda: False) -> bool:
         """Wait (without blocking the loop) up to ``within`` seconds for the first registration; False if it was
-        refused (``self.refused`` says why). Unreachable meanwhile is not a refusal: we run on, retrying."""
+        refused (``self.refused`` says why). Unreachable meanwhile is not a refusal: we run on, retrying.
+        ``give_up``: stop waiting at once when it says so (a stop asked for meanwhile)."""
         deadline = time.monotonic() + within
-        while time.monotonic() < deadline and not self.registered.is_set() and self.refused is None:
+        while (time.monotonic() < deadline and not self.registered.is_set() and self.refused is None
+               and not give_up()):
             await asyncio.sleep(0.05)
         return self.refused is None
 
     def stop(self) -> None:
         """Revoke the lease and end the thread (blocking, at most STOP_TIMEOUT: call it off the data path)."""
+        self._stopping.set()  # seen by _main even if its loop and event do not exist yet
         if self._own_loop is not None and self._stop is not None:
             try:
                 self._own_loop.call_soon_threadsafe(self._stop.set)
@@ -185,6 +189,8 @@ class Registry:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
+        if self._stopping.is_set():  # stop() came before this loop had its event
+            self._stop.set()
         backoff, failures, n = BACKOFF_MIN, 0, len(self.cfg.endpoints)
         index = 0
         while not self._stop.is_set():
