@@ -317,6 +317,9 @@ class Engine:
             taken += n + vnet_len
             if n > max_frame:
                 self._too_big(view[HEADROOM : HEADROOM + n], n, only)
+                fallbacks -= n.__class__ is Fallback
+                if only is not None:  # what it learnt holds for the rest of this wake-up
+                    max_frame = min(self.max_frame, only.max_frame)
                 continue
             end = HEADROOM + n
             start = encap(buf, HEADROOM, end)
@@ -342,6 +345,7 @@ class Engine:
                 if n > peer.max_frame:
                     self._too_big(view[HEADROOM:end], n, peer)
                     peer.stats.dropped += 1
+                    fallbacks -= n.__class__ is Fallback
                     continue
                 dest = peer.dest
                 ps = peer.stats
@@ -354,6 +358,8 @@ class Engine:
             except OSError as e:  # only a packet sent now fails here; waiting ones fail in _flush
                 if e.errno == errno.EMSGSIZE:
                     self._too_big(view[HEADROOM:end], n, only or peer, failed=True)
+                    if only is not None:  # the limit it learnt holds for the rest of this wake-up
+                        max_frame = min(self.max_frame, only.max_frame)
                 else:
                     drops[Drop.SOCKET_ERROR] += 1
                 fallbacks -= n.__class__ is Fallback
