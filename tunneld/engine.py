@@ -82,6 +82,7 @@ import numpy as np
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
 from tunneld.io.port import Fallback, FramePort, Super, VnetPort
+from tunneld.offload.layout import ETH_HLEN
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
 from tunneld.peers import Peer, PeerSpec, PeerTable
@@ -119,7 +120,6 @@ RECEIVE_BUFFER = 4 << 20
 # Seconds before a peer's learnt path MTU is asked again, when a frame above it arrives: a system call pair per
 # peer and second at most, and only while frames are too big for it.
 PMTU_RECHECK = 1.0
-ETHERNET_HEADER_LEN = 14  # a TAP frame's; the ICMP's MTU is the inner IP packet's
 
 
 def _no_flow(frame: memoryview) -> int:
@@ -482,7 +482,7 @@ class Engine:
         limit = self.segment_limit(peer)
         if size <= limit:  # the path grew back (or the error was not the path's): the next frame will go
             return
-        self._write_icmp(frame, too_big=True, mtu=limit - (ETHERNET_HEADER_LEN if self.l2 else 0))
+        self._write_icmp(frame, too_big=True, mtu=limit - (ETH_HLEN if self.l2 else 0))  # the ICMP's MTU: the inner IP packet's
 
     def _write_icmp(self, frame: memoryview, *, too_big: bool, mtu: int = 0) -> None:
         """Answer ``frame``'s sender with an ICMP error written into the device (pmtu.py), within the budget."""

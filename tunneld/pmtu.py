@@ -38,11 +38,8 @@ import enum
 import struct
 
 from tunneld.encap.checksum import internet_checksum
+from tunneld.offload.layout import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET
 
-ETHERNET_HEADER_LEN = 14
-ETHERTYPE_OFFSET = 12
-ETHERTYPE_IPV4 = 0x0800
-ETHERTYPE_IPV6 = 0x86DD
 IPV4_HEADER_LEN = 20
 IPV6_HEADER_LEN = 40
 ICMP_HEADER_LEN = 8
@@ -151,10 +148,10 @@ def reply(frame: memoryview | bytes, *, l2: bool, too_big: bool, mtu: int = 0) -
         if version == 4:
             return _v4(frame, too_big, mtu)
         return _v6(frame, too_big, mtu) if version == 6 else None
-    if len(frame) < ETHERNET_HEADER_LEN or frame[6] & 0x01:
+    if len(frame) < ETH_HLEN or frame[6] & 0x01:
         return None  # too short, or a multicast source MAC
-    ethertype = int.from_bytes(frame[ETHERTYPE_OFFSET:ETHERNET_HEADER_LEN], "big")
-    packet = frame[ETHERNET_HEADER_LEN:]
+    ethertype = int.from_bytes(frame[ETHERTYPE_OFFSET:ETH_HLEN], "big")
+    packet = frame[ETH_HLEN:]
     if ethertype == ETHERTYPE_IPV4:
         built = _v4(packet, too_big, mtu)
     elif ethertype == ETHERTYPE_IPV6:
@@ -164,7 +161,7 @@ def reply(frame: memoryview | bytes, *, l2: bool, too_big: bool, mtu: int = 0) -
     if built is None:
         return None
     kind, ip = built
-    return kind, bytes(frame[6:12]) + bytes(frame[0:6]) + bytes(frame[ETHERTYPE_OFFSET:ETHERNET_HEADER_LEN]) + ip
+    return kind, bytes(frame[6:12]) + bytes(frame[0:6]) + bytes(frame[ETHERTYPE_OFFSET:ETH_HLEN]) + ip
 
 
 # The kernel's defaults: net.ipv4.icmp_msgs_per_sec and net.ipv4.icmp_msgs_burst (shared by IPv6 too).

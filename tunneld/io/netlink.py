@@ -9,6 +9,8 @@ from typing import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tunneld.io.udp import PathProbe
+
 DEFAULT_UNDERLAY_MTU = 1500
 
 
@@ -111,21 +113,18 @@ def address_kind(addr: str) -> str | None:
         return "local" if ipaddress.ip_address(s.getsockname()[0]) == ip else "unicast"
 
 
-IP_MTU, IPV6_MTU = 14, 24  # include/uapi/linux/in.h, in6.h: a connected socket's path MTU (getsockopt)
-
-
 def path_mtu(addr: str) -> int | None:
     """The MTU of the route towards ``addr`` (its mtu metric, the output interface's MTU, or a smaller path MTU
-    the kernel learnt), None when there is no route. Asked of a connected UDP socket, which sends nothing: like
-    ``address_kind`` it runs on the event loop (pyroute2's netlink calls refuse to inside a running loop)."""
+    the kernel learnt), None when there is no route: the links' own probe (udp.PathProbe), which sends nothing;
+    like ``address_kind`` it runs on the event loop (pyroute2's netlink calls refuse to inside a running loop)."""
     ip = ipaddress.ip_address(addr)
-    v6 = ip.version == 6
-    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((ip.compressed, 9))
-            return s.getsockopt(socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP, IPV6_MTU if v6 else IP_MTU)
-        except OSError:
-            return None
+    probe = PathProbe(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, None)
+    try:
+        return probe.path_mtu(ip.compressed)
+    except OSError:
+        return None
+    finally:
+        probe.close()
 
 
 def is_own_address(addr: str) -> bool:
