@@ -194,7 +194,8 @@ def test_the_kernel_refusing_the_flags_falls_back(monkeypatch):
         raise eg.Unsupported("the kernel refuses GSO over UDP tunnels on a TAP (Linux 6.17+): Invalid argument")
 
     monkeypatch.setattr(eg, "open_egress", refuse)
-    egress, why = eg.choose("auto", codec=Vxlan(1), dev="t0", link=Link(), underlay_dev=None, offload=True)
+    monkeypatch.setattr(eg, "underlay_hazard", lambda dev: None)  # an underlay that behaves like a wire
+    egress, why = eg.choose("auto", codec=Vxlan(1), dev="t0", link=Link(), underlay_dev="v0", offload=True)
     assert egress is None and why.startswith("off (the kernel refuses GSO over UDP tunnels")
     with pytest.raises(eg.Unsupported):
         eg.choose("on", codec=Vxlan(1), dev="t0", link=Link(), underlay_dev=None, offload=True)
@@ -243,3 +244,12 @@ def test_a_path_mtu_the_kernel_learnt_sends_super_frames_back_to_the_old_path_an
     dev.inject(super_frame(data))
     eng.on_device_readable()
     assert asked == [PEER]  # within PMTU_RECHECK: the learnt limit holds without asking again
+
+
+def test_with_no_underlay_device_to_look_at_auto_keeps_the_old_path(monkeypatch):
+    # A registry's daemon starts with no peer, so no route names the underlay device: over a veth the kernel
+    # path would hand the far end whole super-packets, so auto must not guess (the registry test caught it).
+    opened = []
+    monkeypatch.setattr(eg, "open_egress", lambda *a, **k: opened.append(1) or "EGRESS")
+    egress, why = eg.choose("auto", codec=Vxlan(1), dev="t0", link=Link(), underlay_dev=None, offload=True)
+    assert egress is None and opened == [] and "underlay device is not known" in why

@@ -327,9 +327,10 @@ def underlay_hazard(dev: str | None) -> str | None:
     unsegmented, and a UDP socket on the far end (a tunneld in a container or test namespace) would take one
     giant datagram for one packet; an inner checksum left partial stays partial. Only when the veth itself
     segments and checksums (tx-udp_tnl-segmentation and tx checksumming off) does the far end get what a NIC
-    would send. A real NIC does both, in hardware or in the kernel's software fallback."""
+    would send. A real NIC does both, in hardware or in the kernel's software fallback. With no device to look
+    at (no peer to route to at start-up: a registry's hosts come later) nothing says the path is safe."""
     if dev is None:
-        return None
+        return "the underlay device is not known at start-up (no peer to route to): its offloads cannot be checked"
     try:
         from pyroute2 import IPRoute
         from pyroute2.ethtool import Ethtool
