@@ -6,9 +6,9 @@ the expensive part, so they are made once): join, all pairs, one member killed, 
 garbage counted, every member killed while data moves, etcd back and a new host joins. The TLS test has a
 one-member cluster of its own.
 
-Durations: the "all members killed" phase moves sha256-checked data for ``OUTAGE_SECONDS`` (10 s, not the
-issue's 30 s, to keep this file under ~3 minutes on a 2-core machine; the data path does not depend on the
-duration: it never waits for etcd).
+Durations: the "all members killed" phase moves sha256-checked data for ``OUTAGE_SECONDS`` (30 s, as issue 13
+asks: long enough for every daemon's lease to have expired and its client to have retried several times; the
+whole file takes about 80 s).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.netns
 TTL = 3
 VNI = 77
 PREFIX = "/t13"
-OUTAGE_SECONDS = 10
+OUTAGE_SECONDS = 30
 JOIN_BOUND = 2.0
 LEAVE_BOUND = TTL + 2.0
 REJOIN_BOUND = 5.0

@@ -375,7 +375,8 @@ def check_joining(others: tuple[PeerSpec, ...], spec: PeerSpec, what: str = "pee
         _same_version(spec, others[0].address, what)
     routes, macs = set(spec.routes), set(spec.macs)
     for other in others:  # plain attribute tests: at a thousand peers, a registry's resync does this a thousand times
-        if (spec.name and other.name == spec.name) or not routes.isdisjoint(other.routes) or not macs.isdisjoint(other.macs):
+        if ((spec.name and other.name == spec.name) or not routes.isdisjoint(other.routes)
+                or not macs.isdisjoint(other.macs)):
             claim = next(c for c in _claims(spec) if c in set(_claims(other)))
             raise _taken(spec, claim, other.address)
     return spec

@@ -482,7 +482,8 @@ class Engine:
         limit = self.segment_limit(peer)
         if size <= limit:  # the path grew back (or the error was not the path's): the next frame will go
             return
-        self._write_icmp(frame, too_big=True, mtu=limit - (ETH_HLEN if self.l2 else 0))  # the ICMP's MTU: the inner IP packet's
+        # the MTU the ICMP names is the inner IP packet's: a TAP frame's Ethernet header is not part of it
+        self._write_icmp(frame, too_big=True, mtu=limit - (ETH_HLEN if self.l2 else 0))
 
     def _write_icmp(self, frame: memoryview, *, too_big: bool, mtu: int = 0) -> None:
         """Answer ``frame``'s sender with an ICMP error written into the device (pmtu.py), within the budget."""

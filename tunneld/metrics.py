@@ -76,7 +76,15 @@ FDB_COUNTERS = (
      "Frames sent to every peer (head-end replication): broadcast, multicast and unknown unicast; once per frame."),
 )
 
-PMTU_COUNTERS = (
+# Plain per-tunnel counters: (metric name, Stats field, help).
+COUNTERS = (
+    ("tunneld_offload_fallbacks", "offload_fallbacks",
+     "Super-frames the offload path could not cut (headers it does not parse) that fit one packet and were "
+     "handed to the plain path instead (and counted there like any frame); larger ones are dropped as "
+     "offload_unsupported."),
+    ("tunneld_kernel_gso_frames", "kernel_gso_frames",
+     "Super-frames handed whole to the kernel to segment (--kernel-gso); their datagrams count in "
+     "tunneld_tx_packets_total as if tunneld had cut them."),
     ("tunneld_icmp_ratelimited", "icmp_limited",
      f"ICMP errors not written back because the budget ({ICMP_RATE:.0f}/s, bursts of {ICMP_BURST}, as the "
      "kernel's) was spent."),
@@ -208,24 +216,6 @@ class TunnelCollector(Collector):
             dropped.add_metric([*labels, reason.value], drops.get(reason, 0))
         yield dropped
 
-        fallbacks = CounterMetricFamily(
-            "tunneld_offload_fallbacks",
-            "Super-frames the offload path could not cut (headers it does not parse) that fit one packet and were "
-            "handed to the plain path instead (and counted there like any frame); larger ones are dropped as "
-            "offload_unsupported.",
-            labels=LABELS,
-        )
-        fallbacks.add_metric(labels, stats.offload_fallbacks)
-        yield fallbacks
-
-        kernel = CounterMetricFamily(
-            "tunneld_kernel_gso_frames",
-            "Super-frames handed whole to the kernel to segment (--kernel-gso); their datagrams count in "
-            "tunneld_tx_packets_total as if tunneld had cut them.",
-            labels=LABELS,
-        )
-        kernel.add_metric(labels, stats.kernel_gso_frames)
-        yield kernel
         icmp = CounterMetricFamily(
             "tunneld_icmp_sent",
             "ICMP errors written back into the device to the sender of a frame the path to its peer cannot carry, "
@@ -235,7 +225,7 @@ class TunnelCollector(Collector):
         for kind, n in zip(ICMP_KINDS, stats.icmp_sent):
             icmp.add_metric([*labels, kind.value], n)
         yield icmp
-        for name, field, text in PMTU_COUNTERS:
+        for name, field, text in COUNTERS:
             family = CounterMetricFamily(name, text, labels=LABELS)
             family.add_metric(labels, getattr(stats, field))
             yield family

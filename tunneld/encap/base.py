@@ -66,7 +66,9 @@ class Drop(str, enum.Enum):
     RUNT_FRAME = "runt_frame"  # the inner frame is too short to be a frame at all
     DEVICE_WRITE_ERROR = "device_write_error"  # the kernel refused the inner frame
     SOURCE_NOT_ALLOWED = "source_not_allowed"  # L3: the inner source lies in none of the sending peer's routes
-    KERNEL_RCVBUF = "kernel_rcvbuf"  # the kernel dropped it: the underlay socket's receive buffer was full
+    # the kernel dropped it before we read it (SO_RXQ_OVFL: mostly a full receive buffer, also its checksum and
+    # socket-filter drops)
+    KERNEL_RCVBUF = "kernel_rcvbuf"
     # outbound, from the device
     DEVICE_READ_ERROR = "device_read_error"  # reading the device failed (not merely "nothing to read")
     TOO_BIG = "too_big"  # the encapsulated packet would not fit the underlay MTU; VTEPs don't fragment
