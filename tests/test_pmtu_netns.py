@@ -205,3 +205,17 @@ def test_as_the_kernels_vxlan_does_and_with_it_as_the_peer(a_side):
         assert cached_mtu(a, OVERLAY_V4[1]) == 1350  # (before tunneld stops: its interface takes the cache along)
         if a_side == "tunneld":
             assert "too_big" in drops(summary(ta))
+
+
+def test_with_the_kernel_cutting_super_frames_a_smaller_path_is_still_learnt_and_told():
+    # The kernel's forwarding from the egress device does not heed the path MTU it caches, and a write into that
+    # device never fails for it: tunneld asks the kernel now and then while super-frames flow (engine
+    # _send_kernel), keeps those over the limit on its own path, and answers them with ICMP like any other.
+    from tunneld.testbed.netns import like_a_wire
+
+    with routed(1400) as (a, r, b):
+        like_a_wire(a)  # so that auto would take the kernel path too; "on" says so in the log either way
+        with tunnel(a, b, "vxlan", "set", "--kernel-gso", "on") as lines:
+            timed_transfer(a, b, OVERLAY_V4[1])
+            assert cached_mtu(a, OVERLAY_V4[1]) == 1400 - 50
+        assert drops(lines[0]).get("too_big", 0) > 0, lines
