@@ -536,7 +536,7 @@ class Engine:
         nbytes = 0
         frame = self._txview[HEADROOM : HEADROOM + segs.frame_len]
         for peer in targets:
-            if segment > self.max_frame or segment > peer.max_frame:
+            if segment > self.segment_limit(peer):
                 self._too_big(frame, segment, peer, count=segs.count)
                 if only is None:
                     peer.stats.dropped += segs.count
