@@ -38,7 +38,7 @@ import enum
 import struct
 
 from tunneld.encap.checksum import internet_checksum
-from tunneld.offload.layout import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET
+from tunneld.offload.layout import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET, pack_ipv4
 
 IPV4_HEADER_LEN = 20
 IPV6_HEADER_LEN = 40
@@ -62,7 +62,6 @@ TOS_INTERNETCONTROL = 0xC0  # IPTOS_PREC_INTERNETCONTROL, as the kernel's ICMP
 ICMPV4_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # unreachable, source quench, redirect, time exceeded, parameter
 ICMPV6_INFO_MIN = 128  # ICMPv6 types below this are errors
 
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _ICMP = struct.Struct("!BBHHH")  # type, code, checksum, then 32 bits: unused + next-hop MTU (IPv4)
 _ICMPV6 = struct.Struct("!BBHI")  # type, code, checksum, MTU (packet too big) or unused
@@ -108,8 +107,8 @@ def _v4(packet: memoryview, too_big: bool, mtu: int) -> tuple[Icmp, bytes] | Non
     icmp = bytearray(_ICMP.pack(3, code, 0, 0, rest) + quote)
     struct.pack_into("!H", icmp, 2, internet_checksum(icmp))
     total = IPV4_HEADER_LEN + len(icmp)
-    header = bytearray(_IPV4.pack(0x45, TOS_INTERNETCONTROL, total, 0, 0, TTL, PROTO_ICMP, 0, dst, src))
-    struct.pack_into("!H", header, 10, internet_checksum(header))
+    header = bytearray(IPV4_HEADER_LEN)
+    pack_ipv4(header, 0, total=total, ttl=TTL, proto=PROTO_ICMP, src=dst, dst=src, tos=TOS_INTERNETCONTROL)
     return kind, bytes(header + icmp)
 
 

@@ -47,9 +47,9 @@ import struct
 import sys
 
 from tunneld.encap.base import DeviceKind, constant_headers
-from tunneld.encap.checksum import internet_checksum, ones_complement_sum
+from tunneld.encap.checksum import ones_complement_sum
 from tunneld.io.device import OFFLOADS_UDP_TUNNEL, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Device, DeviceError
-from tunneld.offload.layout import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET
+from tunneld.offload.layout import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET, pack_ipv4
 from tunneld.offload.vnet import F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_UDP_TUNNEL_IPV4, TUNNEL_HDR, TUNNEL_HDR_LEN
 
 IFNAMSIZ = 16  # with the NUL
@@ -59,7 +59,6 @@ SUFFIX = "-gso"
 ETH_LEN, IPV4_LEN, UDP_LEN = 14, 20, 8
 OUTER_TH = ETH_LEN + IPV4_LEN  # outer_th_offset: where the outer UDP header starts
 IPV4_MAX = 0xFFFF  # an outer packet beyond the IPv4 length field cannot be written (the old path takes it)
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 IP_DF = 0x4000
 PROTO_UDP = 17
@@ -227,8 +226,7 @@ class EgressTap:
         p = self._view
         at = TUNNEL_HDR_LEN + ETH_LEN
         self._id = ident = (self._id + 1) & 0xFFFF
-        _IPV4.pack_into(p, at, 0x45, 0, total, ident, self._frag, self.ttl, PROTO_UDP, 0, src, dst)
-        p[at + 10 : at + 12] = internet_checksum(p[at : at + IPV4_LEN]).to_bytes(2, "big")
+        pack_ipv4(p, at, total=total, ttl=self.ttl, proto=PROTO_UDP, src=src, dst=dst, ident=ident, frag=self._frag)
         udp_len = total - IPV4_LEN
         # CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum, the kernel adds the rest.
         pseudo = addr_sum + PROTO_UDP + udp_len

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
+
+from tunneld.encap.checksum import internet_checksum
 
 ETHERTYPE_OFFSET = 12
 ETH_HLEN = 14
@@ -19,6 +22,7 @@ IPV4_FRAG_OFFSET = 6
 IPV4_PROTO_OFFSET = 9
 IPV4_CSUM_OFFSET = 10
 IPV4_ADDRS_OFFSET = 12  # source and destination, 8 bytes
+IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")  # an option-less header: as ``pack_ipv4`` writes it
 IPV6_HLEN = 40
 IPV6_PLEN_OFFSET = 4
 IPV6_NEXT_OFFSET = 6
@@ -139,3 +143,11 @@ def _parse_ip(frame, l3: int, version: int, proto_wanted: int | None) -> Layout 
     else:
         return "other_protocol"
     return Layout(l3, v6, proto, l4, hlen, (pseudo + proto) % 0xFFFF)
+
+
+def pack_ipv4(buf, at: int, *, total: int, ttl: int, proto: int, src: bytes, dst: bytes, tos: int = 0,
+              ident: int = 0, frag: int = 0) -> None:
+    """Write an option-less IPv4 header into ``buf[at : at + 20]``, its checksum filled in."""
+    IPV4_HEADER.pack_into(buf, at, 0x45, tos, total, ident, frag, ttl, proto, 0, src, dst)
+    buf[at + IPV4_CSUM_OFFSET : at + IPV4_CSUM_OFFSET + 2] = internet_checksum(
+        memoryview(buf)[at : at + IPV4_HEADER.size]).to_bytes(2, "big")
