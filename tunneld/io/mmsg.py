@@ -13,9 +13,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 import sys
 
 import numpy as np
+
+from tunneld.io.udp import SO_RXQ_OVFL
 
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
@@ -75,8 +78,6 @@ def _u64_column(msgs, at: int, count: int) -> np.ndarray:
 _CMSG_LEVEL_AT = ctypes.sizeof(ctypes.c_size_t)
 _CMSG_DATA_AT = _CMSG_LEVEL_AT + 8
 CONTROL_SIZE = 32  # CMSG_SPACE(4) is 24 on 64-bit Linux; room to spare
-SOL_SOCKET = 1
-SO_RXQ_OVFL = 40
 
 
 def _address(buffer) -> int:
@@ -203,7 +204,7 @@ class MessageReceiver:
         if hdr.msg_controllen < _CMSG_DATA_AT + 4:
             return None
         row = self.controls[i]
-        if (int.from_bytes(row[_CMSG_LEVEL_AT : _CMSG_LEVEL_AT + 4], sys.byteorder) != SOL_SOCKET
+        if (int.from_bytes(row[_CMSG_LEVEL_AT : _CMSG_LEVEL_AT + 4], sys.byteorder) != socket.SOL_SOCKET
                 or int.from_bytes(row[_CMSG_LEVEL_AT + 4 : _CMSG_DATA_AT], sys.byteorder) != SO_RXQ_OVFL):
             return None
         return int.from_bytes(row[_CMSG_DATA_AT : _CMSG_DATA_AT + 4], sys.byteorder)
