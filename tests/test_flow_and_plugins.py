@@ -5,12 +5,14 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from tunneld import plugins
-from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
+from tunneld.encap.flow import _ip_hash, ethernet_flow_hash, ip_flow_hash
 from tunneld.encap.vxlan import Vxlan
 
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -58,6 +60,20 @@ def test_non_ip_and_truncated_frames_hash_by_mac():
     assert h(ETH / ARP()) == h(ETH / ARP(pdst="1.2.3.4"))
     assert isinstance(ethernet_flow_hash(memoryview(bytes(ETH)[:14] + b"\x45")), int)  # IPv4 ethertype, 1 byte
     assert isinstance(h(ETH / ICMP()), int)
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=st.binary(min_size=24, max_size=80), proto=st.sampled_from([1, 6, 17, 47, 132, 136]),
+       frag=st.sampled_from([b"\x00\x00", b"\x40\x00", b"\x20\x00", b"\x00\x07"]))
+def test_the_one_call_hash_of_ipv4_without_options_is_the_piecewise_one(body, proto, frag):
+    # ethernet_flow_hash and ip_flow_hash hash IPv4 without options in one crc32 call: a flow must keep the
+    # value the general path gives it (the same function picks the egress device's source port).
+    packet = bytearray(b"\x45" + body)
+    packet[6:8] = frag
+    packet[9] = proto
+    frame = bytes(ETH)[:12] + b"\x08\x00" + bytes(packet)
+    assert ethernet_flow_hash(memoryview(frame)) == _ip_hash(memoryview(frame), 14)
+    assert ip_flow_hash(memoryview(bytes(packet))) == _ip_hash(memoryview(bytes(packet)), 0)
 
 
 # -- registry -------------------------------------------------------------------------------------------
