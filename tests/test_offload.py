@@ -218,6 +218,20 @@ def test_psh_ends_a_run_and_syn_fin_never_merge():
     assert Ether(frame)[TCP].flags == "PA"
 
 
+@pytest.mark.parametrize("flags", ["AE", "AC", "AU", "AR", "A" + "N", ""])
+def test_a_row_with_any_flag_but_ack_and_psh_ends_the_run_before_it(flags):
+    # One masked comparison of the header bytes checks the flags too (coalesce._run): each flag it must refuse,
+    # in a row whose checksum and sequence number are right.
+    data = payload(1000 * 5)
+    segs = segments(data[:2000], 1000, flags="A") + segments(data[2000:3000], 1000, flags=flags, seq=3000, ip_id=79) \
+        + segments(data[3000:], 1000, flags="A", seq=4000, ip_id=80)
+    rx, n, rowlen = gro_batch(segs)
+    plan = Coalescer(PREFIX).plan(rx, n, rowlen)
+    kinds = [x.segments if isinstance(x, SuperFrame) else 1 for x in plan]
+    assert kinds == [2, 1, 2]
+    assert [f for _, f in written(plan, rx)][1] == segs[2][8:]
+
+
 def test_bad_vxlan_header_is_left_to_the_codec():
     segs = segments(payload(3000), 1000)
     bad = bytearray(segs[1])

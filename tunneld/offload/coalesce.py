@@ -70,6 +70,7 @@ class Coalescer:
         self._min_frame = (L.ETH_HLEN if l2 else 0) + MIN_PACKET
         self._steps = np.arange(1 << 11, dtype=np.uint32)  # more than the rows of a 64 KiB read
         self._varying_cache: dict[tuple[int, int, bool], np.ndarray] = {}
+        self._fixed_cache: dict[tuple[int, int, bool, int], np.ndarray] = {}
 
     def plan(self, rx: np.ndarray, n: int, rowlen: int) -> list:
         """What to write for the ``n`` bytes at the start of ``rx`` (a uint8 array with at least ``rowlen``
@@ -181,31 +182,36 @@ class Coalescer:
         fcol = l4 + L.TCP_FLAGS_OFFSET
         if head[fcol] != L.TCP_ACK or not self._head_consistent(head, lay, rowlen):
             return 1
-        differ = rows[:, :hl] != head[:hl]
-        differ[:, self._varying(l3, l4, lay.v6)] = False
+        # Each NumPy call costs a few microseconds whatever its size (a read is ~44 rows), so the checks are
+        # folded into as few as they can be. Header bytes: every row's equal the head's where the mask keeps
+        # them (not the varying fields); the head's flags are ACK and the mask leaves PSH out of them, so a
+        # row that carries anything but ACK, or ACK and PSH, differs here too.
+        differ = rows[:, :hl] ^ head[:hl]
+        differ &= self._fixed(l3, l4, lay.v6, hl)
         if lay.v6:
             iplen_base, iplen_at = l3 + L.IPV6_HLEN, l3 + L.IPV6_PLEN_OFFSET
         else:
             iplen_base, iplen_at = l3, l3 + L.IPV4_TOTLEN_OFFSET
         if tail < rowlen:
             last = rows[-1]
-            differ[-1, iplen_at : iplen_at + 2] = (int(last[iplen_at]) << 8 | int(last[iplen_at + 1])) != tail - iplen_base
-        ok = ~differ.any(axis=1)  # the encapsulation header is among the bytes compared with the (valid) head's
-        rflags = rows[:, fcol]
-        ok &= (rflags | L.TCP_PSH) == L.TCP_ACK | L.TCP_PSH
+            differ[-1, iplen_at] = (int(last[iplen_at]) << 8 | int(last[iplen_at + 1])) != tail - iplen_base
+            differ[-1, iplen_at + 1] = 0
         seq = rows[:, l4 + L.TCP_SEQ_OFFSET : l4 + L.TCP_SEQ_OFFSET + 4].view(">u4")[:, 0]
-        ok &= seq - seq[0] == self._steps[:m] * plen  # uint32: wraps like sequence numbers
-        sums = _sum_le(rows, l4, rowlen) % 0xFFFF  # uint32; the pseudo-header terms below stay < 2**26
-        total = sums + (rowlen - l4 + lay.pseudo) * 256
+        # The TCP checksums: a row's sum with its pseudo-header terms (< 2**26, and the sum < 2**31: no wrap).
+        total = _sum_le(rows, l4, rowlen)
+        total += (rowlen - l4 + lay.pseudo) * 256
         if tail < rowlen:
-            total[-1] = sums[-1] + (tail - l4 + lay.pseudo) * 256
-        ok &= total % 0xFFFF == 0
+            total[-1] -= (rowlen - tail) * 256
+        ok = total % 0xFFFF == 0
+        ok &= seq - seq[0] == self._steps[:m] * plen  # uint32: wraps like sequence numbers
+        ok &= ~differ.any(axis=1)  # the encapsulation header is among the bytes compared with the (valid) head's
         k = m if ok.all() else int(ok.argmin())
         if k == 0:
             return 1
-        psh = np.flatnonzero(rflags[:k] & L.TCP_PSH)
-        if psh.size:
-            k = int(psh[0]) + 1
+        psh = rows[:k, fcol] & L.TCP_PSH
+        first = int(psh.argmax())
+        if psh[first]:
+            k = first + 1
         k = min(k, (IP_MAX - (hl - iplen_base)) // plen)  # the IP length field's limit
         return max(k, 1)
 
@@ -251,6 +257,18 @@ class Coalescer:
             ip = [] if v6 else [l3 + o for o in (4, 5, 10, 11)]  # IPv4 ID and header checksum
             cols = self._varying_cache[key] = np.array(tcp + ip)
         return cols
+
+    def _fixed(self, l3: int, l4: int, v6: bool, hl: int) -> np.ndarray:
+        """The mask of what must not differ from the head in a TCP run's ``hl`` header bytes: every bit but the
+        varying fields' and, in the flags, PSH's (cached per layout)."""
+        key = (l3, l4, v6, hl)
+        mask = self._fixed_cache.get(key)
+        if mask is None:
+            mask = np.full(hl, 0xFF, _U8)
+            mask[self._varying(l3, l4, v6)] = 0
+            mask[l4 + L.TCP_FLAGS_OFFSET] = 0xFF ^ L.TCP_PSH
+            self._fixed_cache[key] = mask
+        return mask
 
     def _superframe(self, rows: np.ndarray, lay: L.Layout, last_len: int) -> SuperFrame:
         p = self.p
