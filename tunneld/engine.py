@@ -756,13 +756,17 @@ class Engine:
         """Learn the source MAC of every accepted row in ``rx[:n]``. A read's rows are not one inner flow: UDP
         GRO merges datagrams of one outer 4-tuple, whatever inner flows share the peer's source port (a port
         hash collision, or a peer that sends from one port), and the gatherer merges any consecutive datagrams
-        of one length. Mostly they do carry one source, and that is checked in one NumPy pass: when every row
-        was accepted at the usual offset and every row's source MAC equals the first's, that MAC is learnt
-        once. Otherwise each row's source is learnt (a MAC seen again in the same read only refreshes it)."""
+        of one length. Mostly they do carry one source: when the port wrote them all as one super-frame, the
+        coalescer has already compared every row's Ethernet header with the first's; otherwise one NumPy pass
+        checks it (every row accepted at the usual offset, every source MAC the first's). Then that MAC is
+        learnt once; else each row's source is learnt (a MAC seen again in the same read only refreshes it)."""
         fdb = self.peers.fdb
         p = self.port.header_len
-        count = len(verdicts)
         rx = self._rx
+        if self.port.merged:  # one super-frame: every row carried the head's Ethernet header (io/port.py)
+            fdb.learn(bytes(rx[p + 6 : p + 12]), peer, now)
+            return
+        count = len(verdicts)
         if verdicts.count(p) == count:
             # Each row's source MAC and ethertype as one little-endian word (rows are not aligned: numpy reads
             # them anyway); shifted left by 16, what is left is the MAC: one NumPy pass over the rows.

@@ -90,6 +90,10 @@ class VnetPort:
         self.egress = egress
         self.gso = (0, 0, 0, 0, 0)
         self._area: memoryview | None = None
+        # Whether the last ``write_rows`` wrote every row as one super-frame. The coalescer merges only rows whose
+        # headers equal the head's, the Ethernet header among them, so they all came from one source MAC: the
+        # engine learns it once rather than reading every row's (12 us of NumPy for a 44-row read).
+        self.merged = False
 
     def read(self, areas: tuple[memoryview]):
         """One read into ``areas[0]`` (vnet header, then the frame): the plain frame's length (int, or
@@ -140,6 +144,15 @@ class VnetPort:
         count = len(verdicts)
         if verdicts.count(p) == count:  # the usual case: every row accepted, the header where we expect it
             return self._write_run(rx, view, 0, n, size, drops)
+        try:
+            return self._write_judged(rx, view, n, size, verdicts, drops)
+        finally:
+            self.merged = False
+
+    def _write_judged(self, rx, view: memoryview, n: int, size: int, verdicts: list, drops) -> tuple[int, int]:
+        """``write_rows`` where the codec refused rows or found a header elsewhere: runs between them."""
+        p = self.header_len
+        count = len(verdicts)
         moved = nbytes = 0
         i = 0
         while i < count:
@@ -170,7 +183,9 @@ class VnetPort:
         p = self.header_len
         writev, fd = self._writev, self._fd
         moved = nbytes = 0
-        for item in self._plan(rx[at:], n, size):
+        plan = self._plan(rx[at:], n, size)
+        self.merged = len(plan) == 1 and plan[0].__class__ is not tuple
+        for item in plan:
             if item.__class__ is tuple:
                 start, stop = item
                 try:
