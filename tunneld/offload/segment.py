@@ -29,7 +29,6 @@ _ROW_EXTRA = 256  # room per row for prefix + headers in the output buffer
 
 _U8 = np.uint8
 _U32 = np.uint32
-_U64 = np.uint64
 
 
 class Segments(NamedTuple):
@@ -40,14 +39,22 @@ class Segments(NamedTuple):
     frame_len: int = 0  # the super-frame's length as read: what it weighs against a wake-up's byte budget
 
 
-def _be16_into(rows: np.ndarray, col: int, values: np.ndarray) -> None:
-    rows[:, col : col + 2] = values.astype(">u2").view(_U8).reshape(-1, 2)
+# Lookup tables, built once (~1 MB), that turn per-row arithmetic into one gather each.
+def _be16(values: np.ndarray) -> np.ndarray:
+    """Each value's two big-endian bytes, one row per value."""
+    return values.astype(">u2").view(_U8).reshape(-1, 2)
 
 
-def _fold_le(total: np.ndarray) -> np.ndarray:
-    """Little-endian word sums (mod 0xFFFF) → the big-endian 16-bit checksum, as ``~fold(sum)``."""
-    be = (total % 0xFFFF) * 256 % 0xFFFF  # byte-swap, modulo 0xFFFF
-    return np.where(be == 0, 0, 0xFFFF - be)  # a folded sum of 0xFFFF (≡ 0) complements to 0
+_IDS = np.arange((1 << 16) + MAX_SEGMENTS, dtype=_U32) & 0xFFFF  # IPv4 IDs from any first one, wrapping
+_BE16 = _be16(np.arange(1 << 16, dtype=_U32))  # a 16-bit value's bytes
+# A one's-complement sum modulo 0xFFFF (big-endian words) -> the checksum's bytes, ~fold(sum): a sum of 0 (a
+# folded 0xFFFF) complements to 0.
+_CHECKSUM = np.where(np.arange(0xFFFF, dtype=_U32) == 0, 0, 0xFFFF - np.arange(0xFFFF, dtype=_U32))
+_CSUM_BE = _be16(_CHECKSUM)
+# The same from a sum of little-endian words (the byte-swapped sum: x 256 modulo 0xFFFF), for TCP; and for UDP,
+# where a computed 0 is sent as 0xFFFF (0 means "no checksum").
+_CSUM_LE = _CSUM_BE[np.arange(0xFFFF) * 256 % 0xFFFF]
+_UDP_CSUM_LE = _be16(np.where(_CHECKSUM == 0, 0xFFFF, _CHECKSUM)[np.arange(0xFFFF) * 256 % 0xFFFF])
 
 
 def _sum_le(rows: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -73,6 +80,15 @@ class Segmenter:
             raise ValueError("the IPv4 and IPv6 prefixes must have the same length")
         self._parse = L.parse if l2 else L.parse_ip
         self._out = np.zeros(max_frame + MAX_SEGMENTS * _ROW_EXTRA, _U8)
+        self._steps_size = 0
+        self._steps = np.zeros(MAX_SEGMENTS, _U32)
+
+    def _seq_steps(self, gso_size: int) -> np.ndarray:
+        """Each segment's sequence number offset, i * gso_size (uint32, wrapping), kept while the size holds."""
+        if gso_size != self._steps_size:
+            self._steps = np.arange(MAX_SEGMENTS, dtype=_U32) * np.uint32(gso_size)
+            self._steps_size = gso_size
+        return self._steps
 
     def split(self, frame: memoryview, gso_type: int, gso_size: int) -> Segments | str:
         """Segments of ``frame``, or a short reason why this frame is not one we can cut."""
@@ -95,48 +111,75 @@ class Segmenter:
         rowlen = p + hlen + gso_size
         if nseg > MAX_SEGMENTS or nseg * rowlen > len(self._out) or (p + l3) & 1:
             return "too_many_segments"
+        last_payload = last or gso_size
+        # The headers every row starts from: the super-frame's, with what all rows share already written (full
+        # lengths, checksums zero, the middle rows' TCP flags); one broadcast lays them on every row. What differs
+        # per row is then written in a few NumPy calls (IDs, sequence numbers, checksums) and the first and last
+        # rows' own fields as scalars: each NumPy call costs microseconds whatever its size.
+        hdr = bytearray(frame[:hlen])
+        l4len = hlen - l4 + gso_size  # a full row's TCP/UDP length
+        last_l4len = hlen - l4 + last_payload
+        ip, tp = p + l3, p + l4
+        if lay.v6:
+            lencol, lenbase = l3 + L.IPV6_PLEN_OFFSET, l4 - l3 - L.IPV6_HLEN  # + extension headers
+        else:
+            lencol, lenbase = l3 + L.IPV4_TOTLEN_OFFSET, l4 - l3
+            first_id = int.from_bytes(hdr[l3 + L.IPV4_ID_OFFSET : l3 + L.IPV4_ID_OFFSET + 2], "big")
+            hdr[l3 + L.IPV4_ID_OFFSET : l3 + L.IPV4_ID_OFFSET + 2] = b"\0\0"
+            hdr[l3 + L.IPV4_CSUM_OFFSET : l3 + L.IPV4_CSUM_OFFSET + 2] = b"\0\0"
+        hdr[lencol : lencol + 2] = (l4len + lenbase).to_bytes(2, "big")
+        if lay.proto == L.PROTO_TCP:
+            flags = frame[l4 + L.TCP_FLAGS_OFFSET]
+            hdr[l4 + L.TCP_FLAGS_OFFSET] = flags & ~(L.TCP_FIN | L.TCP_PSH | L.TCP_CWR) & 0xFF
+            ccol = L.TCP_CSUM_OFFSET
+        else:
+            hdr[l4 + L.UDP_LEN_OFFSET : l4 + L.UDP_LEN_OFFSET + 2] = l4len.to_bytes(2, "big")
+            ccol = L.UDP_CSUM_OFFSET
+        hdr[l4 + ccol : l4 + ccol + 2] = b"\0\0"
         f = np.frombuffer(frame, _U8)
         rows = self._out[: nseg * rowlen].reshape(nseg, rowlen)
         body = p + hlen
         rows[:, :p] = self.prefix6 if lay.v6 else self.prefix
-        rows[:, p:body] = f[:hlen]
+        rows[:, p:body] = np.frombuffer(hdr, _U8)
         rows[:nfull, body:] = f[hlen : hlen + nfull * gso_size].reshape(nfull, gso_size)
         if last:
             rows[nfull, body : body + last] = f[hlen + nfull * gso_size :]
             rows[nfull, body + last :] = 0  # so the padded tail adds nothing to the checksum
-        seg_payload = np.full(nseg, gso_size, _U64)
-        if last:
-            seg_payload[-1] = last
-        l4len = seg_payload + (hlen - l4)
-        ip, tp = p + l3, p + l4
-        if lay.v6:
-            _be16_into(rows, ip + L.IPV6_PLEN_OFFSET, l4len + (l4 - l3 - L.IPV6_HLEN))  # + extension headers
-        else:
-            ihl = l4 - l3
-            _be16_into(rows, ip + L.IPV4_TOTLEN_OFFSET, l4len + ihl)
-            first_id = frame[l3 + L.IPV4_ID_OFFSET] << 8 | frame[l3 + L.IPV4_ID_OFFSET + 1]
-            _be16_into(rows, ip + L.IPV4_ID_OFFSET, (np.arange(first_id, first_id + nseg, dtype=_U64)) & 0xFFFF)
-            rows[:, ip + L.IPV4_CSUM_OFFSET : ip + L.IPV4_CSUM_OFFSET + 2] = 0
-            _be16_into(rows, ip + L.IPV4_CSUM_OFFSET, _fold_le(_sum_le(rows, ip, tp)))
+            at = p + lencol
+            rows[-1, at], rows[-1, at + 1] = divmod(last_l4len + lenbase, 256)
+            if lay.proto == L.PROTO_UDP:
+                at = tp + L.UDP_LEN_OFFSET
+                rows[-1, at], rows[-1, at + 1] = divmod(last_l4len, 256)
+        if not lay.v6:
+            # The IPv4 headers differ only in the ID (first + i) and the last row's length: every checksum follows
+            # from one sum (big-endian words, modulo 0xFFFF) of the shared header plus the row's ID.
+            ids = _IDS[first_id : first_id + nseg]
+            rows[:, ip + L.IPV4_ID_OFFSET : ip + L.IPV4_ID_OFFSET + 2] = _BE16[ids]
+            shared = int.from_bytes(hdr[l3:l4], "big") % 0xFFFF
+            sums = ids + shared
+            sums %= 0xFFFF
+            col = ip + L.IPV4_CSUM_OFFSET
+            rows[:, col : col + 2] = _CSUM_BE[sums]
+            if last:
+                rows[-1, col : col + 2] = _CSUM_BE[(int(sums[-1]) + last_payload - gso_size) % 0xFFFF]
         if lay.proto == L.PROTO_TCP:
             seq0 = int.from_bytes(frame[l4 + L.TCP_SEQ_OFFSET : l4 + L.TCP_SEQ_OFFSET + 4], "big")
-            seqs = (np.arange(nseg, dtype=_U64) * gso_size + seq0) & 0xFFFFFFFF
+            seqs = self._seq_steps(gso_size)[:nseg] + np.uint32(seq0)  # uint32: wraps as sequence numbers do
             rows[:, tp + L.TCP_SEQ_OFFSET : tp + L.TCP_SEQ_OFFSET + 4] = seqs.astype(">u4").view(_U8).reshape(-1, 4)
-            flags = frame[l4 + L.TCP_FLAGS_OFFSET]
             fcol = tp + L.TCP_FLAGS_OFFSET
-            rows[:-1, fcol] = flags & ~(L.TCP_FIN | L.TCP_PSH) & 0xFF
-            rows[1:, fcol] &= ~L.TCP_CWR & 0xFF
-            ccol = tp + L.TCP_CSUM_OFFSET
-        else:
-            _be16_into(rows, tp + L.UDP_LEN_OFFSET, l4len)
-            ccol = tp + L.UDP_CSUM_OFFSET
-        rows[:, ccol : ccol + 2] = 0
-        # Everything from the L4 header to the row's end; a short last row is zero-padded, which adds nothing.
-        total = _sum_le(rows, tp, rowlen) + (l4len + lay.pseudo) * 256  # the pseudo-header, byte-swapped
-        csum = _fold_le(total)
-        if lay.proto == L.PROTO_UDP:
-            csum[csum == 0] = 0xFFFF
-        _be16_into(rows, ccol, csum)
+            if nseg > 1:
+                rows[0, fcol] = flags & ~(L.TCP_FIN | L.TCP_PSH) & 0xFF  # CWR on the first only
+                rows[-1, fcol] = flags & ~L.TCP_CWR & 0xFF  # FIN and PSH on the last only
+            else:
+                rows[0, fcol] = flags
+        # Everything from the L4 header to the row's end (a short last row is zero-padded, which adds nothing),
+        # plus the pseudo-header, all as little-endian words: the table turns each sum into the checksum's bytes.
+        sums = _sum_le(rows, tp, rowlen)
+        sums += (l4len + lay.pseudo) * 256  # the pseudo-header, byte-swapped; the sum stays below 2**32
+        if last:
+            sums[-1] -= (gso_size - last_payload) * 256
+        sums %= 0xFFFF
+        rows[:, tp + ccol : tp + ccol + 2] = (_UDP_CSUM_LE if lay.proto == L.PROTO_UDP else _CSUM_LE)[sums]
         size = (nseg - 1) * rowlen + body + (last or gso_size)
         inner = nseg * hlen + payload
         return Segments(memoryview(self._out)[:size], rowlen, nseg, inner, len(frame))
