@@ -207,6 +207,26 @@ def test_out_of_order_mixed_flows_and_bad_checksums_are_not_merged():
     assert frames[1:] == [b[8:] for b in batch[3:]]
 
 
+@pytest.mark.parametrize("candidates_min", [0, 10**6])
+def test_heads_of_runs_are_found_alike_row_by_row_and_in_one_numpy_pass(monkeypatch, candidates_min):
+    # plan() picks the rows that could head a run in one NumPy pass for a long read and row by row for a short one
+    # (CANDIDATES_MIN): both ways must plan alike, here over 16 rows mixing runs, a corrupt row and a non-IP one.
+    import tunneld.offload.coalesce as coalesce
+
+    monkeypatch.setattr(coalesce, "CANDIDATES_MIN", candidates_min)
+    segs = segments(payload(1000 * 10), 1000, flags="A")
+    other = segments(payload(3000, seed=9), 1000, flags="A", seq=5)  # elsewhere in the sequence space
+    corrupt = bytearray(segs[7])
+    corrupt[-1] ^= 0xFF
+    arp_like = segs[9][:20] + b"\x08\x06" + segs[9][22:]  # EtherType ARP: no run starts or continues here
+    batch = segs[:4] + other[:2] + segs[4:7] + [bytes(corrupt)] + [segs[8]] + [arp_like] + [other[2]] + segs[:3]
+    rx, n, rowlen = gro_batch(batch)
+    plan = Coalescer(PREFIX).plan(rx, n, rowlen)
+    kinds = [x.segments if isinstance(x, SuperFrame) else 1 for x in plan]
+    assert kinds == [4, 2, 3, 1, 1, 1, 1, 3]
+    assert sum(kinds) == len(batch) == 16
+
+
 def test_psh_ends_a_run_and_syn_fin_never_merge():
     data = payload(1000 * 6)
     segs = segments(data[:3000], 1000, flags="PA") + segments(data[3000:], 1000, flags="FA", seq=4000)
