@@ -39,7 +39,7 @@ _U8 = np.uint8
 _U64 = np.uint64
 IP_MAX = 65535
 MIN_PACKET = 20 + L.UDP_HLEN  # the shortest IP packet that could be part of a run
-CANDIDATES_MIN = 12  # rows in a read from which a NumPy pass picks the heads of runs (plan)
+CANDIDATES_MIN = 12  # rows left in a read from which a NumPy pass picks the heads of runs (plan)
 
 
 class SuperFrame(NamedTuple):
@@ -88,30 +88,35 @@ class Coalescer:
         # The common case, one run over the whole read, costs one parse and one _run: rows that match the head's
         # header bytes (the encapsulation header included) need no other look.
         first = self._head(mv, 0, rowlen)
+        out: list = []
+        k = 1
         if first is not None:
             run, lay = first
             k = run(rows, lay, tail)
             if k == nrows:
                 return [self._superframe(rows, lay, tail)]
-        # Which rows could head a run: looked at for all rows at once where there are many, else row by row (the
-        # NumPy pass costs ~55 us whatever the count, a row's parse ~5: a read of a few ACKs is the usual case).
-        candidate = self._candidates(rows) if nrows > CANDIDATES_MIN else None
-        out: list = []
+            if k > 1:  # a run that ended early (a PSH, the 64 KiB limit, another flow): the rest is planned below
+                out.append(self._superframe(rows[:k], lay, rowlen))
+        candidate = None
         i = 0
-        while i < nrows:
-            end = rowlen if i < nrows - 1 else tail
+        while True:
+            if k == 1:
+                out.append((i * rowlen, i * rowlen + (rowlen if i < nrows - 1 else tail)))
+                # A row that heads no run: where many are left, one NumPy pass tells which of them could (it costs
+                # ~55 us whatever the count, a row's parse ~5: mostly what is left is a few ACKs, or a run).
+                if candidate is None and nrows - i > CANDIDATES_MIN:
+                    candidate = self._candidates(rows)
+            i += k
+            if i >= nrows:
+                return out
             k = 1
-            if (candidate is None or candidate[i]) and i < nrows - 1:
-                head = self._head(mv, i * rowlen, end)
+            if i < nrows - 1 and (candidate is None or candidate[i]):
+                head = self._head(mv, i * rowlen, rowlen)
                 if head is not None:
                     run, lay = head
                     k = run(rows[i:], lay, tail)
                     if k > 1:
                         out.append(self._superframe(rows[i : i + k], lay, tail if i + k == nrows else rowlen))
-            if k == 1:
-                out.append((i * rowlen, i * rowlen + end))
-            i += k
-        return out
 
     def _candidates(self, rows: np.ndarray) -> np.ndarray:
         """Which rows could head a run: one look at the encapsulation header, EtherType (or IP version) and
