@@ -202,8 +202,8 @@ class FakeReceiver:
         self.slots = np.zeros((len(packets), 2048), np.uint8)
         self.names = np.zeros((len(packets), 28), np.uint8)
         self.lengths = np.zeros(len(packets), np.uint32)
-        for i, (source, payload) in enumerate(packets):
-            whole = bytes(IP(src=source, dst="10.0.0.1", proto=47) / payload)
+        for i, (source, payload, *options) in enumerate(packets):
+            whole = bytes(IP(src=source, dst="10.0.0.1", proto=47, options=options[0] if options else []) / payload)
             self.slots[i, : len(whole)] = np.frombuffer(whole, np.uint8)
             self.lengths[i] = len(whole)
             self.names[i, 4:8] = np.frombuffer(socket.inet_aton(source), np.uint8)
@@ -260,6 +260,18 @@ def test_raw_link_hands_out_runs_of_one_length_like_a_gro_read():
     assert link.recv_gro_into(buf) == (100, peer, 0)
     with pytest.raises(BlockingIOError):
         link.recv_gro_into(buf)
+
+
+def test_a_packet_behind_ipv4_options_is_handed_on_from_its_own_offset_and_ends_runs():
+    # Each packet's payload starts behind its own IPv4 header (IHL); a different offset ends a run as a
+    # different length does.
+    peer = "10.0.0.2"
+    rows = [bytes([i]) * 100 for i in range(4)]
+    link = raw_link_with([(peer, rows[0]), (peer, rows[1]), (peer, rows[2], b"\x01\x01\x01\x00"), (peer, rows[3])])
+    buf = memoryview(bytearray(1 << 16))
+    assert link.recv_gro_into(buf) == (200, peer, 100) and bytes(buf[:200]) == rows[0] + rows[1]
+    assert link.recv_gro_into(buf) == (100, peer, 0) and bytes(buf[:100]) == rows[2]
+    assert link.recv_gro_into(buf) == (100, peer, 0) and bytes(buf[:100]) == rows[3]
 
 
 def test_raw_link_lone_packets_from_the_peer_and_from_strangers():
