@@ -39,7 +39,7 @@ _U8 = np.uint8
 _U64 = np.uint64
 IP_MAX = 65535
 MIN_PACKET = 20 + L.UDP_HLEN  # the shortest IP packet that could be part of a run
-CANDIDATES_MIN = 12  # rows left in a read from which a NumPy pass picks the heads of runs (plan)
+CANDIDATES_MIN = 12  # rows left behind one that heads no run, from which a NumPy pass picks the heads (plan)
 
 
 class SuperFrame(NamedTuple):
@@ -102,8 +102,9 @@ class Coalescer:
         while True:
             if k == 1:
                 out.append((i * rowlen, i * rowlen + (rowlen if i < nrows - 1 else tail)))
-                # A row that heads no run: where many are left, one NumPy pass tells which of them could (it costs
-                # ~55 us whatever the count, a row's parse ~5: mostly what is left is a few ACKs, or a run).
+                # A row that heads no run: where CANDIDATES_MIN or more are left behind it, one NumPy pass tells
+                # which of them could (it costs ~55 us whatever the count, a row's parse ~5: mostly what is left is
+                # a few ACKs, or a run).
                 if candidate is None and nrows - i > CANDIDATES_MIN:
                     candidate = self._candidates(rows)
             i += k
@@ -132,7 +133,8 @@ class Coalescer:
             et_hi, et_lo = rows[:, p + L.ETHERTYPE_OFFSET], rows[:, p + L.ETHERTYPE_OFFSET + 1]
             v4 = (et_hi == 0x08) & (et_lo == 0x00)
             v6 = (et_hi == 0x86) & (et_lo == 0xDD)
-            vlan = good4 & (((et_hi == 0x81) & (et_lo == 0x00)) | ((et_hi == 0x88) & (et_lo == 0xA8)))  # _head parses
+            # _head parses what is behind the tags, and checks the prefix for its IP version
+            vlan = (good4 | good6) & (((et_hi == 0x81) & (et_lo == 0x00)) | ((et_hi == 0x88) & (et_lo == 0xA8)))
         else:
             version = rows[:, l3] >> 4
             v4, v6, vlan = version == 4, version == 6, False

@@ -45,16 +45,19 @@ def _be16(values: np.ndarray) -> np.ndarray:
     return values.astype(">u2").view(_U8).reshape(-1, 2)
 
 
+def _checksum_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A one's-complement sum modulo 0xFFFF -> the checksum's two bytes, ~fold(sum) (a sum of 0, a folded 0xFFFF,
+    complements to 0): from a sum of big-endian words; from one of little-endian words (the byte-swapped sum:
+    x 256 modulo 0xFFFF), for TCP; and the same for UDP, where a computed 0 is sent as 0xFFFF (0: no checksum)."""
+    sums = np.arange(0xFFFF, dtype=_U32)
+    checksum = np.where(sums == 0, 0, 0xFFFF - sums).astype(_U32)
+    swapped = sums * 256 % 0xFFFF
+    return _be16(checksum), _be16(checksum[swapped]), _be16(np.where(checksum == 0, 0xFFFF, checksum)[swapped])
+
+
 _IDS = np.arange((1 << 16) + MAX_SEGMENTS, dtype=_U32) & 0xFFFF  # IPv4 IDs from any first one, wrapping
 _BE16 = _be16(np.arange(1 << 16, dtype=_U32))  # a 16-bit value's bytes
-# A one's-complement sum modulo 0xFFFF (big-endian words) -> the checksum's bytes, ~fold(sum): a sum of 0 (a
-# folded 0xFFFF) complements to 0.
-_CHECKSUM = np.where(np.arange(0xFFFF, dtype=_U32) == 0, 0, 0xFFFF - np.arange(0xFFFF, dtype=_U32))
-_CSUM_BE = _be16(_CHECKSUM)
-# The same from a sum of little-endian words (the byte-swapped sum: x 256 modulo 0xFFFF), for TCP; and for UDP,
-# where a computed 0 is sent as 0xFFFF (0 means "no checksum").
-_CSUM_LE = _CSUM_BE[np.arange(0xFFFF) * 256 % 0xFFFF]
-_UDP_CSUM_LE = _be16(np.where(_CHECKSUM == 0, 0xFFFF, _CHECKSUM)[np.arange(0xFFFF) * 256 % 0xFFFF])
+_CSUM_BE, _CSUM_LE, _UDP_CSUM_LE = _checksum_tables()
 
 
 def _sum_le(rows: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -112,12 +115,13 @@ class Segmenter:
         if nseg > MAX_SEGMENTS or nseg * rowlen > len(self._out) or (p + l3) & 1:
             return "too_many_segments"
         last_payload = last or gso_size
+        full = min(gso_size, payload)  # a full row's payload: gso_size, unless the frame is one shorter segment
         # The headers every row starts from: the super-frame's, with what all rows share already written (full
         # lengths, checksums zero, the middle rows' TCP flags); one broadcast lays them on every row. What differs
         # per row is then written in a few NumPy calls (IDs, sequence numbers, checksums) and the first and last
         # rows' own fields as scalars: each NumPy call costs microseconds whatever its size.
         hdr = bytearray(frame[:hlen])
-        l4len = hlen - l4 + gso_size  # a full row's TCP/UDP length
+        l4len = hlen - l4 + full  # a full row's TCP/UDP length (within 16 bits: the frame's own is)
         last_l4len = hlen - l4 + last_payload
         ip, tp = p + l3, p + l4
         if lay.v6:
@@ -161,7 +165,7 @@ class Segmenter:
             col = ip + L.IPV4_CSUM_OFFSET
             rows[:, col : col + 2] = _CSUM_BE[sums]
             if last:
-                rows[-1, col : col + 2] = _CSUM_BE[(int(sums[-1]) + last_payload - gso_size) % 0xFFFF]
+                rows[-1, col : col + 2] = _CSUM_BE[(int(sums[-1]) + last_payload - full) % 0xFFFF]
         if lay.proto == L.PROTO_TCP:
             seq0 = int.from_bytes(frame[l4 + L.TCP_SEQ_OFFSET : l4 + L.TCP_SEQ_OFFSET + 4], "big")
             seqs = self._seq_steps(gso_size)[:nseg] + np.uint32(seq0)  # uint32: wraps as sequence numbers do
@@ -177,7 +181,7 @@ class Segmenter:
         sums = _sum_le(rows, tp, rowlen)
         sums += (l4len + lay.pseudo) * 256  # the pseudo-header, byte-swapped; the sum stays below 2**32
         if last:
-            sums[-1] -= (gso_size - last_payload) * 256
+            sums[-1] -= (full - last_payload) * 256
         sums %= 0xFFFF
         rows[:, tp + ccol : tp + ccol + 2] = (_UDP_CSUM_LE if lay.proto == L.PROTO_UDP else _CSUM_LE)[sums]
         size = (nseg - 1) * rowlen + body + (last or gso_size)
