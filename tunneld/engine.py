@@ -268,7 +268,6 @@ class Engine:
         read = self.port.read
         encap = self.codec.encap
         flow_hash = self._flow_hash
-        max_frame = self.max_frame
         pending = self._pending
         # Batches of one: the packet leaves now. Otherwise it joins those waiting (False: it does not continue
         # their run, which then leaves first).
@@ -277,8 +276,8 @@ class Engine:
         # frame picks its peer (FDB or routes) and counts there.
         only = self.peers.only
         dest = only.dest if only is not None else None
-        if only is not None:
-            max_frame = min(max_frame, only.max_frame)
+        # The one peer's limit as well as ours; with several, each frame meets its peer's below.
+        max_frame = self.segment_limit(only)
         choose = self._choose
         reads = moved = nbytes = taken = fallbacks = 0
         for _ in range(self.batch):
@@ -318,8 +317,7 @@ class Engine:
             if n > max_frame:
                 self._too_big(view[HEADROOM : HEADROOM + n], n, only)
                 fallbacks -= n.__class__ is Fallback
-                if only is not None:  # what it learnt holds for the rest of this wake-up
-                    max_frame = min(self.max_frame, only.max_frame)
+                max_frame = self.segment_limit(only)  # what it learnt holds for the rest of this wake-up
                 continue
             end = HEADROOM + n
             start = encap(buf, HEADROOM, end)
@@ -358,8 +356,7 @@ class Engine:
             except OSError as e:  # only a packet sent now fails here; waiting ones fail in _flush
                 if e.errno == errno.EMSGSIZE:
                     self._too_big(view[HEADROOM:end], n, only or peer, failed=True)
-                    if only is not None:  # the limit it learnt holds for the rest of this wake-up
-                        max_frame = min(self.max_frame, only.max_frame)
+                    max_frame = self.segment_limit(only)  # the limit it learnt holds for the rest of this wake-up
                 else:
                     drops[Drop.SOCKET_ERROR] += 1
                 fallbacks -= n.__class__ is Fallback
