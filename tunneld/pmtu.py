@@ -38,25 +38,19 @@ import enum
 import struct
 
 from tunneld.encap.checksum import internet_checksum
-from tunneld.offload.layout import ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET, pack_ipv4
+from tunneld.offload.layout import (ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET, IPV4_ADDRS_OFFSET,
+                                    IPV4_DF, IPV4_FRAG_OFFSET, IPV4_HLEN, IPV4_PROTO_OFFSET, IPV6_ADDRS_OFFSET,
+                                    IPV6_HLEN, IPV6_NEXT_OFFSET, pack_ipv4)
 
-IPV4_HEADER_LEN = 20
-IPV6_HEADER_LEN = 40
 ICMP_HEADER_LEN = 8
 IPV4_MIN_MTU = 68  # RFC 791: every IPv4 link carries this
 IPV6_MIN_MTU = 1280  # RFC 8200
 IPV4_QUOTE_TOTAL = 576  # RFC 1812 §4.3.2.3: the whole error datagram within 576 bytes
 PROTO_ICMP = 1
 PROTO_ICMPV6 = 58
-IPV4_DF = 0x4000
 IPV4_FRAG_OFFSET_MASK = 0x1FFF
-IPV4_FRAG_OFF_OFFSET = 6
-IPV4_PROTO_OFFSET = 9
-IPV4_SRC_OFFSET = 12
-IPV4_DST_OFFSET = 16
-IPV6_NEXT_HEADER_OFFSET = 6
-IPV6_SRC_OFFSET = 8
-IPV6_DST_OFFSET = 24
+IPV4_SRC_OFFSET, IPV4_DST_OFFSET = IPV4_ADDRS_OFFSET, IPV4_ADDRS_OFFSET + 4
+IPV6_SRC_OFFSET, IPV6_DST_OFFSET = IPV6_ADDRS_OFFSET, IPV6_ADDRS_OFFSET + 16
 TTL = 64
 TOS_INTERNETCONTROL = 0xC0  # IPTOS_PREC_INTERNETCONTROL, as the kernel's ICMP
 ICMPV4_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # unreachable, source quench, redirect, time exceeded, parameter
@@ -85,12 +79,12 @@ def _bad_v6_source(src: bytes) -> bool:
 
 def _v4(packet: memoryview, too_big: bool, mtu: int) -> tuple[Icmp, bytes] | None:
     n = len(packet)
-    if n < IPV4_HEADER_LEN or packet[0] >> 4 != 4:
+    if n < IPV4_HLEN or packet[0] >> 4 != 4:
         return None
     ihl = (packet[0] & 0x0F) * 4
-    if ihl < IPV4_HEADER_LEN or n < ihl:
+    if ihl < IPV4_HLEN or n < ihl:
         return None
-    frag = int.from_bytes(packet[IPV4_FRAG_OFF_OFFSET : IPV4_FRAG_OFF_OFFSET + 2], "big")
+    frag = int.from_bytes(packet[IPV4_FRAG_OFFSET : IPV4_FRAG_OFFSET + 2], "big")
     if frag & IPV4_FRAG_OFFSET_MASK or (too_big and not frag & IPV4_DF):
         return None
     src = bytes(packet[IPV4_SRC_OFFSET : IPV4_SRC_OFFSET + 4])
@@ -99,31 +93,31 @@ def _v4(packet: memoryview, too_big: bool, mtu: int) -> tuple[Icmp, bytes] | Non
         return None
     if packet[IPV4_PROTO_OFFSET] == PROTO_ICMP and (n <= ihl or packet[ihl] in ICMPV4_ERROR_TYPES):
         return None
-    quote = bytes(packet[: min(n, IPV4_QUOTE_TOTAL - IPV4_HEADER_LEN - ICMP_HEADER_LEN)])
+    quote = bytes(packet[: min(n, IPV4_QUOTE_TOTAL - IPV4_HLEN - ICMP_HEADER_LEN)])
     if too_big:
         kind, code, rest = Icmp.FRAG_NEEDED, 4, min(max(mtu, IPV4_MIN_MTU), 0xFFFF)
     else:
         kind, code, rest = Icmp.UNREACHABLE, 0, 0
     icmp = bytearray(_ICMP.pack(3, code, 0, 0, rest) + quote)
     struct.pack_into("!H", icmp, 2, internet_checksum(icmp))
-    total = IPV4_HEADER_LEN + len(icmp)
-    header = bytearray(IPV4_HEADER_LEN)
+    total = IPV4_HLEN + len(icmp)
+    header = bytearray(IPV4_HLEN)
     pack_ipv4(header, 0, total=total, ttl=TTL, proto=PROTO_ICMP, src=dst, dst=src, tos=TOS_INTERNETCONTROL)
     return kind, bytes(header + icmp)
 
 
 def _v6(packet: memoryview, too_big: bool, mtu: int) -> tuple[Icmp, bytes] | None:
     n = len(packet)
-    if n < IPV6_HEADER_LEN or packet[0] >> 4 != 6:
+    if n < IPV6_HLEN or packet[0] >> 4 != 6:
         return None
     src = bytes(packet[IPV6_SRC_OFFSET : IPV6_SRC_OFFSET + 16])
     dst = bytes(packet[IPV6_DST_OFFSET : IPV6_DST_OFFSET + 16])
     if _bad_v6_source(src):
         return None
-    if packet[IPV6_NEXT_HEADER_OFFSET] == PROTO_ICMPV6 and (
-            n <= IPV6_HEADER_LEN or packet[IPV6_HEADER_LEN] < ICMPV6_INFO_MIN):
+    if packet[IPV6_NEXT_OFFSET] == PROTO_ICMPV6 and (
+            n <= IPV6_HLEN or packet[IPV6_HLEN] < ICMPV6_INFO_MIN):
         return None
-    quote = bytes(packet[: min(n, IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMP_HEADER_LEN)])
+    quote = bytes(packet[: min(n, IPV6_MIN_MTU - IPV6_HLEN - ICMP_HEADER_LEN)])
     if too_big:  # below the IPv6 minimum no link is allowed to be: the sender must not go lower (RFC 8201 §4)
         kind, icmp = Icmp.PACKET_TOO_BIG, bytearray(_ICMPV6.pack(2, 0, 0, max(mtu, IPV6_MIN_MTU)) + quote)
     else:

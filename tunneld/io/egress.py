@@ -49,19 +49,17 @@ import sys
 from tunneld.encap.base import DeviceKind, constant_headers
 from tunneld.encap.checksum import ones_complement_sum
 from tunneld.io.device import OFFLOADS_UDP_TUNNEL, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Device, DeviceError
-from tunneld.offload.layout import ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET, pack_ipv4
+from tunneld.offload.layout import (ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_OFFSET, IPV4_DF, IPV4_HLEN,
+                                    PROTO_UDP, UDP_HLEN, pack_ipv4)
 from tunneld.offload.vnet import F_NEEDS_CSUM, F_UDP_TUNNEL_CSUM, GSO_UDP_TUNNEL_IPV4, TUNNEL_HDR, TUNNEL_HDR_LEN
 
 IFNAMSIZ = 16  # with the NUL
 SUFFIX = "-gso"
 
 # Outer headers written in front of the codec's header: Ethernet, IPv4 without options, UDP.
-ETH_LEN, IPV4_LEN, UDP_LEN = 14, 20, 8
-OUTER_TH = ETH_LEN + IPV4_LEN  # outer_th_offset: where the outer UDP header starts
+OUTER_TH = ETH_HLEN + IPV4_HLEN  # outer_th_offset: where the outer UDP header starts
 IPV4_MAX = 0xFFFF  # an outer packet beyond the IPv4 length field cannot be written (the old path takes it)
 _UDP = struct.Struct("!HHHH")
-IP_DF = 0x4000
-PROTO_UDP = 17
 PEER_MAC = bytes.fromhex("020000000001")  # source MAC of the frames we write: any unicast will do
 
 # Per-device IPv4 configuration (include/uapi/linux/ip.h IPV4_DEVCONF_*, 1-based in IFLA_INET_CONF).
@@ -171,18 +169,18 @@ class EgressTap:
         self._port = port  # the peers' (the tunnel's) UDP port
         # The outer "don't fragment", as the link's sockets send (--df): unset, the kernel fragments each segment
         # that its route cannot carry, as it does the socket's datagrams.
-        self._frag = IP_DF if df else 0
+        self._frag = IPV4_DF if df else 0
         # Forwarding takes one off: the datagrams leave with the host's default TTL, as the socket's do.
         self.ttl = min(255, (ttl if ttl is not None else default_ttl()) + 1)
         self._eth = mac + PEER_MAC + ETHERTYPE_IPV4.to_bytes(2, "big")
-        self._outer_len = ETH_LEN + IPV4_LEN + UDP_LEN + len(self._header)
+        self._outer_len = ETH_HLEN + IPV4_HLEN + UDP_HLEN + len(self._header)
         self._prefix = bytearray(TUNNEL_HDR_LEN + self._outer_len)
-        self._prefix[TUNNEL_HDR_LEN : TUNNEL_HDR_LEN + ETH_LEN] = self._eth
+        self._prefix[TUNNEL_HDR_LEN : TUNNEL_HDR_LEN + ETH_HLEN] = self._eth
         self._prefix[TUNNEL_HDR_LEN + self._outer_len - len(self._header) :] = self._header
         self._view = memoryview(self._prefix)
         # The largest inner IP packet whose outer one still fits the IPv4 length field: what the tunnel's own
         # device may hand us as one super-frame (its gso_max_size) when the kernel cuts them.
-        self.superframe_cap = IPV4_MAX - (self._outer_len - ETH_LEN) - ETH_LEN
+        self.superframe_cap = IPV4_MAX - (self._outer_len - ETH_HLEN) - ETH_HLEN
         self._addresses: dict[object, tuple[bytes, bytes, int]] = {}  # dest → (source, destination, their sum)
         self._id = 0
         self.frames = 0
@@ -219,23 +217,23 @@ class EgressTap:
         if frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1] not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             return False  # a VLAN tag or another ethertype: inner_nh_offset would be wrong
         outer = self._outer_len
-        total = outer - ETH_LEN + len(frame)
+        total = outer - ETH_HLEN + len(frame)
         if total > IPV4_MAX:
             return False
         src, dst, addr_sum = self._addresses_for(dest)
         p = self._view
-        at = TUNNEL_HDR_LEN + ETH_LEN
+        at = TUNNEL_HDR_LEN + ETH_HLEN
         self._id = ident = (self._id + 1) & 0xFFFF
         pack_ipv4(p, at, total=total, ttl=self.ttl, proto=PROTO_UDP, src=src, dst=dst, ident=ident, frag=self._frag)
-        udp_len = total - IPV4_LEN
+        udp_len = total - IPV4_HLEN
         # CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum, the kernel adds the rest.
         pseudo = addr_sum + PROTO_UDP + udp_len
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-        _UDP.pack_into(p, at + IPV4_LEN, self._ports[flow % self._nports], self._port, udp_len, pseudo)
+        _UDP.pack_into(p, at + IPV4_HLEN, self._ports[flow % self._nports], self._port, udp_len, pseudo)
         TUNNEL_HDR.pack_into(p, 0, F_NEEDS_CSUM | F_UDP_TUNNEL_CSUM, gso_type | GSO_UDP_TUNNEL_IPV4,
                              outer + hlen, gso_size, outer + csum_start, csum_offset, 0, 0, 0, 0,
-                             OUTER_TH, outer + ETH_LEN)
+                             OUTER_TH, outer + ETH_HLEN)
         try:
             self._writev(self._fd, (p, frame))
         except OSError as e:

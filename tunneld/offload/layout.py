@@ -16,6 +16,8 @@ ETHERTYPE_IPV6 = 0x86DD
 ETHERTYPE_VLAN = 0x8100
 ETHERTYPE_QINQ = 0x88A8
 
+IPV4_HLEN = 20  # without options
+IPV4_DF = 0x4000  # "don't fragment", in the flags and fragment offset word
 IPV4_TOTLEN_OFFSET = 2
 IPV4_ID_OFFSET = 4
 IPV4_FRAG_OFFSET = 6
@@ -23,6 +25,7 @@ IPV4_PROTO_OFFSET = 9
 IPV4_CSUM_OFFSET = 10
 IPV4_ADDRS_OFFSET = 12  # source and destination, 8 bytes
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")  # an option-less header: as ``pack_ipv4`` writes it
+assert IPV4_HEADER.size == IPV4_HLEN
 IPV6_HLEN = 40
 IPV6_PLEN_OFFSET = 4
 IPV6_NEXT_OFFSET = 6
@@ -150,4 +153,4 @@ def pack_ipv4(buf, at: int, *, total: int, ttl: int, proto: int, src: bytes, dst
     """Write an option-less IPv4 header into ``buf[at : at + 20]``, its checksum filled in."""
     IPV4_HEADER.pack_into(buf, at, 0x45, tos, total, ident, frag, ttl, proto, 0, src, dst)
     buf[at + IPV4_CSUM_OFFSET : at + IPV4_CSUM_OFFSET + 2] = internet_checksum(
-        memoryview(buf)[at : at + IPV4_HEADER.size]).to_bytes(2, "big")
+        memoryview(buf)[at : at + IPV4_HLEN]).to_bytes(2, "big")
