@@ -101,8 +101,12 @@ class KernelDrops:
     def note(self, ancdata: list) -> None:
         """Take the count from a recvmsg's ancillary data, if it carries one."""
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
-                self.seen(_OVFL.unpack_from(data)[0])
+            self.note_one(level, kind, data)
+
+    def note_one(self, level: int, kind: int, data: bytes) -> None:
+        """Take the count from one control message, if it is SO_RXQ_OVFL's."""
+        if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+            self.seen(_OVFL.unpack_from(data)[0])
 
 
 class PathProbe:
@@ -269,8 +273,8 @@ class UdpLink:
         for level, kind, data in ancdata:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                 (size,) = _GRO_SIZE.unpack_from(data)
-            elif level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
-                self._drops.seen(_OVFL.unpack_from(data)[0])
+            else:
+                self._drops.note_one(level, kind, data)
         return n, addr[0], size
 
     def send_segments(self, packets: memoryview, size: int, flow: int, dest: tuple[str, int] | None = None) -> None:
