@@ -257,12 +257,6 @@ def check_listen(value: str) -> str:
     return f"[{ip.compressed}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
-def check_df(value: str) -> str:
-    if value not in DF_CHOICES:
-        raise ConfigError(f"df: {value!r} is not one of {', '.join(DF_CHOICES)}")
-    return value
-
-
 def check_range(value: int, what: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ConfigError(f"{what}: {value} is out of range ({low}-{high})")
@@ -276,6 +270,10 @@ def check_choice(value: str, what: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{what}: {value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def check_df(value: str) -> str:
+    return check_choice(value, "df", DF_CHOICES)
 
 
 MAX_WORKERS = 64  # processes; one TUN queue each (the kernel allows 256) and ~50 MB of Python each
