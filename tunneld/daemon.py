@@ -84,7 +84,7 @@ class Tunnel:
         # from the start so that the metrics endpoint can export them whenever it is (re)made.
         self.registry_stats = RegistryStats() if cfg.registry is not None else None
         self.registry = None
-        self.kernel_gso = "off"  # who segments: the start-up log's words (io/egress.py choose)
+        self.kernel_gso = False  # whether worker 0 got an egress device: the kernel segments (io/egress.py)
 
     def open(self) -> None:
         plan = self.plan
@@ -123,16 +123,17 @@ class Tunnel:
         """Worker ``index``'s egress device queue where the kernel segments super-frames (io/egress.py), or
         None. Worker 0 decides, and logs which path runs and why; the others follow (a queue each)."""
         plan, cfg = self.plan, self.plan.cfg
-        if index > 0 and self.kernel_gso.startswith("off"):
+        if index > 0 and not self.kernel_gso:
             return None
         try:
-            egress, self.kernel_gso = egress_choose(
+            egress, why = egress_choose(
                 cfg.kernel_gso, dev=cfg.dev, codec=plan.codec, link=link, underlay_dev=plan.underlay_dev,
                 offload=plan.offload, multi_queue=plan.workers > 1)
         except EgressUnsupported as e:
             raise StartupError(f"--kernel-gso on: {e}") from None
         if index == 0:
-            log.info("kernel segmentation %s", self.kernel_gso)
+            self.kernel_gso = egress is not None
+            log.info("kernel segmentation %s", why)
             # One UDP_SEGMENT send no longer bounds a super-frame (plan.superframe_cap): the IPv4 length field does.
             if egress is not None and not netlink.set_gso_max_size(cfg.dev, egress.superframe_cap):
                 log.debug("could not set gso_max_size %d on %s", egress.superframe_cap, cfg.dev)
