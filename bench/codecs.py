@@ -14,8 +14,8 @@ from typing import Any
 
 from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
-from tunneld.engine import HEADROOM
-from tunneld.plugins import discover
+from tunneld.datapath.engine import HEADROOM
+from tunneld.encap.plugins import discover
 
 FRAME_LEN = 1400
 

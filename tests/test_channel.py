@@ -1,4 +1,4 @@
-"""The parent–worker channel (tunneld/channel.py) under load, without root: messages of any size the daemon
+"""The parent–worker channel (tunneld/runtime/channel.py) under load, without root: messages of any size the daemon
 produces arrive whole; a full or briefly short socket delays, never loses a must-arrive message nor looks like
 a dead worker; the reader's memory is bounded; a lost stats answer is asked again; a MAC flood never stops
 the daemon (tests/test_overlay_control.py: it is passed on in bounded batches)."""
@@ -12,10 +12,10 @@ import select
 
 import pytest
 
-from tunneld import channel as channel_module
-from tunneld.channel import OFFER_MAX, Apply, Channel, Learnt, StatsReport, StatsRequest
-from tunneld.stats import PeerStats, Stats
-from tunneld.workers import ASK_AGAIN, Child, Supervisor
+from tunneld.runtime import channel as channel_module
+from tunneld.runtime.channel import OFFER_MAX, Apply, Channel, Learnt, StatsReport, StatsRequest
+from tunneld.datapath.stats import PeerStats, Stats
+from tunneld.runtime.workers import ASK_AGAIN, Child, Supervisor
 
 B = "192.0.2.3"
 
@@ -167,7 +167,7 @@ def _pool():
 def test_a_request_whose_answer_was_lost_is_asked_again_less_and_less_often(monkeypatch):
     """Before: ``asked`` stayed set until a report came; one lost report meant no request ever again, the
     child counted as wedged, and the watchdog restarted the daemon."""
-    from tunneld import workers
+    from tunneld.runtime import workers
 
     now = [100.0]
     monkeypatch.setattr(workers.time, "monotonic", lambda: now[0])

@@ -25,7 +25,7 @@ def test_help_teaches():
 def test_help_derives_what_code_decides():
     """The auto-worker rule and the mode options come from their one source; measured numbers stay in bench/."""
     from tunneld.encap.vxlan import Vxlan
-    from tunneld.workers import AUTO_RULE
+    from tunneld.runtime.workers import AUTO_RULE
 
     text = " ".join(tunneld("--help").stdout.split())  # argparse wraps lines
     assert AUTO_RULE in text and "bench/results" in text

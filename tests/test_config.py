@@ -12,10 +12,10 @@ import pytest
 
 from tunneld.cli import main
 from tunneld.config import EX_CONFIG, ConfigError, ConfigFileError, load_file
-from tunneld.peers import PeerSpec
+from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.plugins import discover
+from tunneld.encap.plugins import discover
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "config"
 
@@ -221,7 +221,7 @@ runtime_dir = "/run/x/"
 
 
 def test_peer_tables_values(tmp_path):
-    from tunneld.peers import PeerSpec
+    from tunneld.datapath.peers import PeerSpec
 
     values = load_file(str(write(tmp_path, THREE)), {"vxlan": Vxlan})
     assert values["peers"] == (PeerSpec("10.0.0.2", "b"), PeerSpec("10.0.0.3", macs=("02:00:00:00:0c:01",)))

@@ -158,7 +158,7 @@ def test_the_class_suite_runs_every_check():
 
 # -- the codec's verdict on every path (issue 11) -------------------------------------------------------------
 
-from tunneld.engine import Engine, offload_supported  # noqa: E402
+from tunneld.datapath.engine import Engine, offload_supported  # noqa: E402
 from tunneld.io.port import VnetPort  # noqa: E402
 from tunneld.testing import check_verdicts_under_load, engine_pair, paths, refusing  # noqa: E402
 

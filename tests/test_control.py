@@ -2,7 +2,7 @@
 them, bounds that keep a bad client from costing anyone else, the socket file's life, and the client commands.
 
 The server runs on a uvloop loop in a thread of its own, as it runs on worker 0's loop in the daemon; clients
-are plain blocking sockets or ``tunneld.control.call``, as the command line uses it.
+are plain blocking sockets or ``tunneld.control.server.call``, as the command line uses it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import uvloop
 
-from tunneld import cli, control
+from tunneld import cli
+from tunneld.control import server as control
 from tunneld.config import ConfigError
-from tunneld.peers import PeerSpec
+from tunneld.datapath.peers import PeerSpec
 from tunneld.testbed import TUNNELD
 
 SHOW = {
@@ -398,7 +399,7 @@ def test_render_show_of_an_l3_tunnel_that_never_heard_its_peer():
 def test_a_directory_that_cannot_be_written_is_one_line_naming_the_flag(tmp_path):
     """As nobody when root (root writes anywhere), as ourselves otherwise."""
     tmp_path.chmod(0o755)
-    code = ("import asyncio, sys; from tunneld import control\n"
+    code = ("import asyncio, sys; from tunneld.control import server as control\n"
             "try:\n    asyncio.run(control.ControlServer(sys.argv[1], None).start())\n"
             "except control.ControlError as e:\n    print(e)")
     prefix = NOBODY if os.geteuid() == 0 else []
@@ -445,7 +446,7 @@ def test_the_client_finds_a_units_socket_in_its_instance_directory(served, tmp_p
 def test_the_daemons_default_runtime_dir_is_systemds_runtime_directory(monkeypatch, tmp_path):
     """RuntimeDirectory=tunneld/%i: systemd says where in $RUNTIME_DIRECTORY; a flag or the file still wins."""
     from tunneld.cli import build_parser, merge
-    from tunneld.plugins import discover
+    from tunneld.encap.plugins import discover
 
     parser = build_parser(discover()[0])
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/tunneld/demo")

@@ -11,7 +11,7 @@ from scapy.layers.vxlan import VXLAN
 
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import Engine
+from tunneld.datapath.engine import Engine
 from tunneld.testing import FakeDevice, FakeLink
 
 PEER = "192.0.2.2"

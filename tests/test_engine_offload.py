@@ -13,7 +13,7 @@ from tests.frames import expected_tcp, payload, tcp_super
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import make_engine
+from tunneld.datapath.engine import make_engine
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR, NO_OFFLOAD, finish_checksum
 from tunneld.testing import FakeGsoLink, FakeVnetDevice
 
@@ -175,7 +175,7 @@ def test_garbage_of_any_length_gathered_or_coalesced_never_raises():
 
 
 def test_a_wakeup_yields_after_its_byte_budget_not_only_its_read_count():
-    from tunneld.engine import WAKEUP_BYTES
+    from tunneld.datapath.engine import WAKEUP_BYTES
 
     eng, dev, link = make()
     data = payload(1398 * 20)  # small enough that the 3 left over fit one more wake-up's budget

@@ -1,4 +1,4 @@
-"""The FDB (tunneld/fdb.py) and the routes table (tunneld/routes.py): pure, bounded, exact."""
+"""The FDB (tunneld/datapath/fdb.py) and the routes table (tunneld/datapath/routes.py): pure, bounded, exact."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import tracemalloc
 
 import pytest
 
-from tunneld.fdb import Fdb, mac_bytes, mac_text
-from tunneld.routes import Routes
+from tunneld.datapath.fdb import Fdb, mac_bytes, mac_text
+from tunneld.datapath.routes import Routes
 
 A, B = "10.0.0.2", "10.0.0.3"
 M1, M2 = mac_bytes("02:00:00:00:00:01"), mac_bytes("02:00:00:00:00:02")

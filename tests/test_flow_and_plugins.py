@@ -11,7 +11,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from tunneld import plugins
+from tunneld.encap import plugins
 from tunneld.encap.flow import _ip_hash, ethernet_flow_hash, ip_flow_hash
 from tunneld.encap.vxlan import Vxlan
 

@@ -16,7 +16,7 @@ from scapy.layers.l2 import GRE, Ether
 from tunneld.encap.base import Drop
 from tunneld.encap.checksum import internet_checksum
 from tunneld.encap.gre import KEY_MAX, REORDER_WINDOW, RESYNC_AFTER, Gre, GreTap
-from tunneld.engine import HEADROOM
+from tunneld.datapath.engine import HEADROOM
 
 INNER_IP = {
     "ipv4-icmp": IP(src="192.168.1.1", dst="192.168.1.2") / ICMP(id=7, seq=1) / (b"ping" * 10),

@@ -247,7 +247,7 @@ def test_the_privilege_message_names_the_real_cause(hosts, tmp_path, mode, caps,
 def test_on_host_every_peer_is_checked(monkeypatch):
     from tunneld import cli
     from tunneld.config import TunnelConfig
-    from tunneld.peers import PeerSpec
+    from tunneld.datapath.peers import PeerSpec
 
     kind, own = host({"10.0.0.1": "local"})
     monkeypatch.setattr(cli, "address_kind", kind)

@@ -15,10 +15,10 @@ from tests.frames import expected_tcp, payload, tcp_super
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import make_engine
+from tunneld.datapath.engine import make_engine
 from tunneld.io import egress as eg
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, HDR
-from tunneld.peers import PeerSpec
+from tunneld.datapath.peers import PeerSpec
 from tunneld.testing import FakeDevice, FakeGsoLink, FakeVnetDevice
 
 PEER, LOCAL = "192.0.2.2", "192.0.2.1"

@@ -5,19 +5,19 @@ package and role, not by today's file names, so a new module lands in a layer by
 
   layer        modules                                              may also import (outside tunneld)
   root         tunneld (the package itself: the version)            the standard library only
-  codec        tunneld.encap.*                                      the standard library only
-  pure         tunneld.offload.*, and the plain counters and        NumPy
-               tables: tunneld.stats, tunneld.fdb, tunneld.peer(s),
-               the ICMP errors: tunneld.pmtu
-  io           tunneld.io.*                                         any dependency
-  engine       tunneld.engine, tunneld.engine.*, tunneld.engine_*   any dependency
-  composition  every other tunneld module (config, modes, plan,     any dependency
-               daemon, workers, supervisor, service, metrics, ...)
+  codec        tunneld.encap.*: sans-IO codecs, their sessions,      the standard library only
+               the plugins' contract
+  pure         tunneld.offload.*: row work on super-frames           NumPy
+  io           tunneld.io.*: the kernel's doors                     any dependency
+  datapath     tunneld.datapath.*: the engine, the peer table,      NumPy
+               FDB, routes, path MTU, counters
+  composition  every other tunneld module: tunneld.config,          any dependency
+               tunneld.control, tunneld.runtime, tunneld.observe
   cli          tunneld.cli, tunneld.__main__                        any dependency
 
 A module imports tunneld modules of its own layer or a lower one, never a higher one (codec ← pure ← io ←
-engine ← composition ← cli). Beside the layers:
-  - tunneld.metrics (or a metrics package) is the only module that imports prometheus_client;
+datapath ← composition ← cli). Beside the layers:
+  - tunneld.observe.metrics (or a metrics package) is the only module that imports prometheus_client;
   - nothing in tunneld imports scapy, pytest, tests or bench;
   - the tooling, tunneld.testing (fakes, the conformance kit) and tunneld.testbed (namespaces), may import
     any layer; no layer imports the tooling (the daemon runs without it); the testbed imports nothing but the
@@ -55,18 +55,16 @@ class Layer:
 LAYERS = (
     Layer("root", 0, (), frozenset()),  # matched by exact name below: the package, not everything in it
     Layer("codec", 0, ("tunneld.encap",), frozenset()),
-    Layer("pure", 1, ("tunneld.offload", "tunneld.stats", "tunneld.fdb", "tunneld.peer", "tunneld.peers",
-                         "tunneld.routes", "tunneld.pmtu"),
-          frozenset({"numpy"})),
+    Layer("pure", 1, ("tunneld.offload",), frozenset({"numpy"})),
     Layer("io", 2, ("tunneld.io",), ANY),
-    Layer("engine", 3, ("tunneld.engine",), ANY),
+    Layer("datapath", 3, ("tunneld.datapath",), frozenset({"numpy"})),
     Layer("composition", 4, (), ANY),  # the default for a tunneld module no other layer claims
     Layer("cli", 5, ("tunneld.cli", "tunneld.__main__"), ANY),
 )
 BY_NAME = {layer.name: layer for layer in LAYERS}
 # The tooling, and the dependencies each may import beyond the stdlib and tunneld (never pytest nor scapy).
 TOOLING = {"tunneld.testing": ANY, "tunneld.testbed": frozenset()}
-PROMETHEUS_IMPORTERS = ("tunneld.metrics",)
+PROMETHEUS_IMPORTERS = ("tunneld.observe.metrics",)
 NEVER_IN_TUNNELD = frozenset({"scapy", "pytest", "tests", "bench"})
 
 
@@ -88,8 +86,6 @@ def layer_of(name: str) -> Layer | None:
         return None
     if name == "tunneld":
         return BY_NAME["root"]
-    if name.startswith("tunneld.engine_"):  # an engine split over sibling modules 
-        return BY_NAME["engine"]
     for layer in LAYERS:
         if any(under(name, p) for p in layer.prefixes):
             return layer
@@ -115,12 +111,12 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
                 bad(f"nothing in tunneld imports {top(imported)}")
             elif in_tunneld and top(imported) == "prometheus_client" and not any(
                     under(importer, p) for p in PROMETHEUS_IMPORTERS):
-                bad("only tunneld.metrics imports prometheus_client (metrics are built at scrape time there)")
+                bad("only tunneld.observe.metrics imports prometheus_client (metrics are built at scrape time there)")
             elif mine is not None and is_tooling(imported):
                 bad("the daemon never imports its test tooling (tunneld.testing, tunneld.testbed)")
             elif mine is not None and theirs is not None and theirs.rank > mine.rank:
                 bad(f"the {mine.name} layer imports from the {theirs.name} layer above it "
-                    "(codec ← pure ← io ← engine ← composition ← cli)")
+                    "(codec ← pure ← io ← datapath ← composition ← cli)")
             elif in_tunneld and top(imported) != "tunneld" and not is_stdlib(imported):
                 tool = next((t for t in TOOLING if under(importer, t)), None)
                 allowed = TOOLING[tool] if tool else mine.third_party
@@ -207,16 +203,16 @@ HOUSE = {
     "tunneld.encap.base": {"enum", "dataclasses"},
     "tunneld.encap.vxlan": {"struct", "tunneld.encap.base", "tunneld"},
     "tunneld.offload.segment": {"numpy", "tunneld.encap.checksum"},
-    "tunneld.stats": {"collections", "tunneld.encap.base"},
-    "tunneld.io.udp": {"socket", "tunneld.offload.segment", "tunneld.stats", "pyroute2"},
-    "tunneld.engine": {"asyncio", "tunneld.io.udp", "tunneld.stats"},
-    "tunneld.modes": {"tunneld.encap.vxlan", "importlib.metadata"},
-    "tunneld.plan": {"tunneld.modes", "tunneld.engine"},
-    "tunneld.metrics": {"prometheus_client.core", "tunneld.engine"},
-    "tunneld.supervisor": {"tunneld.metrics", "tunneld.plan", "uvloop"},
-    "tunneld.cli": {"argparse", "tunneld.supervisor", "tunneld.modes"},
+    "tunneld.datapath.stats": {"collections", "tunneld.encap.base"},
+    "tunneld.io.udp": {"socket", "tunneld.offload.segment", "pyroute2"},
+    "tunneld.datapath.engine": {"asyncio", "tunneld.io.udp", "tunneld.datapath.stats"},
+    "tunneld.runtime.modes": {"tunneld.encap.vxlan", "importlib.metadata"},
+    "tunneld.runtime.plan": {"tunneld.runtime.modes", "tunneld.datapath.engine"},
+    "tunneld.observe.metrics": {"prometheus_client.core", "tunneld.datapath.engine"},
+    "tunneld.supervisor": {"tunneld.observe.metrics", "tunneld.runtime.plan", "uvloop"},
+    "tunneld.cli": {"argparse", "tunneld.supervisor", "tunneld.runtime.modes"},
     "tunneld.__main__": {"tunneld.cli"},
-    "tunneld.testing": {"tunneld.engine", "tunneld.encap.base", "random", "numpy"},
+    "tunneld.testing": {"tunneld.datapath.engine", "tunneld.encap.base", "random", "numpy"},
     "tunneld.testbed.netns": {"subprocess", "tunneld.testbed.peers"},
     "tunneld.testbed.peers": {"tunneld.testbed.netns", "tunneld.cli"},
     "bench.run": {"tunneld.testbed", "bench.measure"},
@@ -235,21 +231,21 @@ def test_the_synthetic_house_is_clean():
     ("tunneld", "tunneld.config", "root layer imports from the composition layer"),
     ("tunneld.offload.segment", "tunneld.io.device", "pure layer imports from the io layer"),
     ("tunneld.offload.gather", "pyroute2", "pure layer imports only the standard library and numpy"),
-    ("tunneld.stats", "tunneld.engine", "pure layer imports from the engine layer"),
-    ("tunneld.io.udp", "tunneld.engine", "io layer imports from the engine layer"),
+    ("tunneld.offload.segment", "tunneld.datapath.stats", "pure layer imports from the datapath layer"),
+    ("tunneld.io.udp", "tunneld.datapath.engine", "io layer imports from the datapath layer"),
+    ("tunneld.datapath.engine", "pyroute2", "datapath layer imports only the standard library and numpy"),
     ("tunneld.io.tun", "tunneld.config", "io layer imports from the composition layer"),
-    ("tunneld.engine", "tunneld.daemon", "engine layer imports from the composition layer"),
-    ("tunneld.engine.ports", "tunneld.workers", "engine layer imports from the composition layer"),
-    ("tunneld.engine_offload", "tunneld.plan", "engine layer imports from the composition layer"),
+    ("tunneld.datapath.engine", "tunneld.runtime.daemon", "datapath layer imports from the composition layer"),
+    ("tunneld.datapath.ports", "tunneld.control.server", "datapath layer imports from the composition layer"),
     ("tunneld.supervisor", "tunneld.cli", "composition layer imports from the cli layer"),
-    ("tunneld.service", "prometheus_client", "only tunneld.metrics imports prometheus_client"),
-    ("tunneld.testing", "prometheus_client.core", "only tunneld.metrics imports prometheus_client"),
+    ("tunneld.runtime.service", "prometheus_client", "only tunneld.observe.metrics imports prometheus_client"),
+    ("tunneld.testing", "prometheus_client.core", "only tunneld.observe.metrics imports prometheus_client"),
     ("tunneld.io.raw", "scapy.layers.l2", "nothing in tunneld imports scapy"),
-    ("tunneld.metrics", "pytest", "nothing in tunneld imports pytest"),
-    ("tunneld.daemon", "tests.support", "nothing in tunneld imports tests"),
+    ("tunneld.observe.metrics", "pytest", "nothing in tunneld imports pytest"),
+    ("tunneld.runtime.daemon", "tests.support", "nothing in tunneld imports tests"),
     ("tunneld.testbed.netns", "bench.measure", "nothing in tunneld imports bench"),
-    ("tunneld.workers", "tunneld.testbed", "the daemon never imports its test tooling"),
-    ("tunneld.engine", "tunneld.testing", "the daemon never imports its test tooling"),
+    ("tunneld.runtime.workers", "tunneld.testbed", "the daemon never imports its test tooling"),
+    ("tunneld.datapath.engine", "tunneld.testing", "the daemon never imports its test tooling"),
     ("tunneld.testbed.prom", "numpy", "tunneld.testbed imports only the standard library from"),
     ("bench.systems", "tests.netns", "bench never imports tests"),
     ("tests.test_offload_gre_netns", "tests.test_gre_netns", "test modules do not import each other"),
@@ -288,5 +284,5 @@ def test_imports_are_read_from_every_form(tmp_path):
     assert graph["tunneld.io"] == {"tunneld.io.udp"}
     found = violations(graph)
     assert "tunneld.io.raw imports tunneld.config: the io layer imports from the composition layer above it " \
-           "(codec ← pure ← io ← engine ← composition ← cli)" in found
+           "(codec ← pure ← io ← datapath ← composition ← cli)" in found
     assert any(v.startswith("tunneld.io.raw imports prometheus_client.core: ") for v in found)

@@ -23,9 +23,9 @@ from tunneld import __version__
 from tunneld.config import ConfigError, check_listen
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import Engine
-from tunneld.metrics import LoopLagProbe, MetricsError, MetricsServer, TunnelCollector, BATCH_BOUNDS
-from tunneld.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats
+from tunneld.datapath.engine import Engine
+from tunneld.observe.metrics import LoopLagProbe, MetricsError, MetricsServer, TunnelCollector, BATCH_BOUNDS
+from tunneld.datapath.stats import LOOP_LAG_BUCKETS, MAX_BATCH, Stats
 from tunneld.testbed.prom import PROMTOOL
 from tunneld.testing import FakeDevice, FakeLink
 

@@ -1,4 +1,4 @@
-"""The /metrics HTTP server's bounds (tunneld/httpd.py): one thread whatever the connections, a cap on them,
+"""The /metrics HTTP server's bounds (tunneld/observe/httpd.py): one thread whatever the connections, a cap on them,
 read and idle timeouts, memory back to its level after a flood; and prometheus_client's exposition kept."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
-from tunneld.httpd import MAX_CONNECTIONS, HttpServer
+from tunneld.observe.httpd import MAX_CONNECTIONS, HttpServer
 
 # A MetricsServer in a process of its own, so that its threads, descriptors and memory can be read from /proc.
 SERVER = r"""
 import asyncio, socket, time
-from tunneld.metrics import MetricsServer
+from tunneld.observe.metrics import MetricsServer
 probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
 server = MetricsServer(f"127.0.0.1:{port}")
 loop = asyncio.new_event_loop()  # held: a collected loop closes its selector and self-pipe mid-test

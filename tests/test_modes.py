@@ -14,11 +14,11 @@ import pytest
 
 from tunneld import cli
 from tunneld.config import EX_CONFIG, ConfigFileError, TunnelConfig, load_file
-from tunneld.daemon import stable_mac
+from tunneld.runtime.daemon import stable_mac
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, Option, Transport, declare, declared, is_legacy
 from tunneld.encap.gre import Gre, GreTap
 from tunneld.encap.vxlan import Vxlan
-from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec, vni
+from tunneld.runtime.modes import EncapsulatorFailed, ModeOptionError, build_codec, vni
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VNI = Vxlan.options["vni"]
@@ -208,7 +208,11 @@ def test_legacy_declarations_are_told_apart():
     assert not any(is_legacy(c) for c in (Vxlan, Gre, GreTap, Shade))
 
 
-@pytest.mark.parametrize("module", ["config.py", "cli.py", "modes.py", "plugins.py"])
+OUTSIDE_ENCAP = sorted(str(p.relative_to(ROOT / "tunneld")) for p in (ROOT / "tunneld").rglob("*.py")
+                       if p.relative_to(ROOT / "tunneld").parts[0] not in ("encap", "testing.py", "testbed"))
+
+
+@pytest.mark.parametrize("module", OUTSIDE_ENCAP)
 def test_only_encap_and_the_registry_know_the_built_in_codecs(module):
     """A new built-in mode is a module in encap/ and an entry point: nothing outside encap/ imports a codec."""
     tree = ast.parse((ROOT / "tunneld" / module).read_text())

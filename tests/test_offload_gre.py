@@ -15,7 +15,7 @@ from scapy.layers.l2 import GRE
 from tunneld.encap.gre import Gre, GreTap
 from tunneld.encap.vxlan import Vxlan
 from tunneld.encap.base import constant_headers as constant_prefixes
-from tunneld.engine import offload_supported
+from tunneld.datapath.engine import offload_supported
 from tunneld.io.mmsg import MessageReceiver, MessageSender
 from tunneld.io.raw import RawLink
 from tunneld.io.udp import KernelDrops
@@ -301,7 +301,7 @@ class StubLoop:
 
 def test_packets_left_in_the_slots_when_a_wakeup_ends_are_come_back_for():
     """Taken from the kernel by recvmmsg, they are invisible to the poll: the engine must not wait for it."""
-    from tunneld.engine import Engine
+    from tunneld.datapath.engine import Engine
     from tunneld.testing import FakeVnetDevice
 
     inner = [bytes(IP(src="10.1.0.1", dst="10.1.0.2") / UDP() / (b"x" * n)) for n in range(10, 15)]

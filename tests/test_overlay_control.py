@@ -12,17 +12,17 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import GRE, Ether
 from scapy.layers.vxlan import VXLAN
 
-from tunneld.channel import Apply, Channel, Learnt
+from tunneld.runtime.channel import Apply, Channel, Learnt
 from tunneld.config import ConfigError, TunnelConfig
-from tunneld.daemon import Tunnel
+from tunneld.runtime.daemon import Tunnel
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.fdb import mac_bytes
-from tunneld.peers import PeerSpec
+from tunneld.datapath.fdb import mac_bytes
+from tunneld.datapath.peers import PeerSpec
 from tunneld.testing import FakeDevice, FakeLink
-from tunneld.worker import LEARNT_PER_TICK, Worker
-from tunneld.workers import Supervisor
+from tunneld.runtime.worker import LEARNT_PER_TICK, Worker
+from tunneld.runtime.workers import Supervisor
 
 A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
 VNI = 7
@@ -167,7 +167,7 @@ def test_a_mac_learnt_by_one_worker_reaches_the_others():
 def test_the_parent_passes_a_childs_learnt_macs_to_worker_0_and_the_other_children():
     import os
 
-    from tunneld.workers import Child
+    from tunneld.runtime.workers import Child
 
     supervisor = Supervisor()
     ends = []
@@ -192,7 +192,7 @@ def test_the_parent_passes_a_childs_learnt_macs_to_worker_0_and_the_other_childr
 def test_gre_sequence_numbers_serve_one_peer_only():
     """GRE keeps one RFC 2890 receive window: several peers' sequences would drop each other's packets."""
     from tunneld.encap.gre import Gre
-    from tunneld.modes import ModeOptionError, build_codec
+    from tunneld.runtime.modes import ModeOptionError, build_codec
 
     two = TunnelConfig(peers=(PeerSpec(A), PeerSpec(B)), mode="gre", extra={"seq": True})
     with pytest.raises(ModeOptionError, match="2 peers, but seq: sequence numbers are checked against one peer"):
@@ -266,7 +266,7 @@ def test_peer_add_refuses_an_address_of_this_host(monkeypatch, kind, problem):
 
 
 def test_peer_add_warns_when_the_new_peers_path_mtu_is_below_what_the_device_mtu_assumes(monkeypatch, caplog):
-    from tunneld import control
+    from tunneld.control import server as control
     from tunneld.io import netlink
 
     monkeypatch.setattr(netlink, "path_mtu", lambda addr: 1400 if addr == C else 1500)
@@ -308,7 +308,7 @@ def test_show_of_a_full_fdb_is_written_in_slices_yielding_to_the_loop_between_th
     any show). Now each slice of ROWS_PER_SLICE entries is encoded between two yields."""
     import json
 
-    from tunneld import control
+    from tunneld.control import server as control
 
     t = _full_fdb_tunnel()
     reply = control.dispatch(t, control.Request("show"))

@@ -13,9 +13,9 @@ from tests.frames import expected_tcp, payload, tcp_super
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import Engine, make_engine
+from tunneld.datapath.engine import Engine, make_engine
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, HDR, NO_OFFLOAD
-from tunneld.peers import PeerSpec
+from tunneld.datapath.peers import PeerSpec
 from tunneld.testing import FakeDevice, FakeGsoLink, FakeLink, FakeVnetDevice
 
 A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
@@ -223,7 +223,7 @@ def scrape(eng) -> dict:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tunneld.metrics import TunnelCollector
+    from tunneld.observe.metrics import TunnelCollector
 
     registry = CollectorRegistry()
     registry.register(TunnelCollector(eng, dev="td0", mtu=1450, vni=VNI))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from tunneld.config import TunnelConfig
-from tunneld.daemon import Tunnel
+from tunneld.runtime.daemon import Tunnel
 from tunneld.encap.gre import Gre, GreTap
 from tunneld.encap.vxlan import Vxlan
 from tunneld.errors import EX_CONFIG, StartupError
-from tunneld.plan import make_plan, stable_mac
+from tunneld.runtime.plan import make_plan, stable_mac
 
 MODES = {"vxlan": Vxlan, "gre": Gre, "gretap": GreTap}
 MID = b"0123456789abcdef0123456789abcdef"
@@ -95,7 +95,7 @@ def test_superframes_are_capped_to_one_udp_segment_send():
 
 
 def test_the_tunnel_fails_at_its_plan_before_opening_anything(monkeypatch):
-    from tunneld import resources
+    from tunneld.runtime import resources
 
     monkeypatch.setattr(resources.netlink, "link_exists", lambda name: pytest.fail("opened something"))
     with pytest.raises(StartupError) as e:
@@ -109,7 +109,7 @@ def test_the_tunnel_fails_at_its_plan_before_opening_anything(monkeypatch):
 # -- many peers -----------------------------------------------------------------------------------------------
 
 def test_the_smallest_path_mtu_over_the_peers_decides_and_is_logged(caplog):
-    from tunneld.peers import PeerSpec
+    from tunneld.datapath.peers import PeerSpec
 
     mtus = {"10.0.0.2": (1500, "eth0"), "10.0.0.3": (1400, "eth1"), "10.0.0.4": (9000, "eth2")}
     cfg = TunnelConfig(peers=tuple(PeerSpec(a) for a in mtus), extra={"vni": 7})
@@ -122,7 +122,7 @@ def test_the_smallest_path_mtu_over_the_peers_decides_and_is_logged(caplog):
 
 
 def test_adding_peers_keeps_the_mac_and_no_peer_names_the_tunnel_alone():
-    from tunneld.peers import PeerSpec
+    from tunneld.datapath.peers import PeerSpec
 
     one = plan(TunnelConfig(peer="10.0.0.2", extra={"vni": 7}))
     three = plan(TunnelConfig(peers=(PeerSpec("10.0.0.2"), PeerSpec("10.0.0.3"), PeerSpec("10.0.0.4")), extra={"vni": 7}))

@@ -22,9 +22,9 @@ from tests.support import REPO
 from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, TUNNELD, Tunneld, transfer
 from tunneld.cli import main
 from tunneld.config import TunnelConfig
-from tunneld.daemon import EX_CONFIG, StartupError, Tunnel
+from tunneld.runtime.daemon import EX_CONFIG, StartupError, Tunnel
 from tunneld.encap.base import DeviceKind, Encapsulator, Transport
-from tunneld.plugins import discover
+from tunneld.encap.plugins import discover
 
 PLUGIN_SRC = REPO / "tests" / "plugins" / "tunneld-ipudp"
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]

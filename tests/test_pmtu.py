@@ -1,4 +1,4 @@
-"""The ICMP errors tunneld writes back into the overlay (tunneld/pmtu.py), read by scapy's dissector: type,
+"""The ICMP errors tunneld writes back into the overlay (tunneld/datapath/pmtu.py), read by scapy's dissector: type,
 code, MTU, checksums, addresses swapped, the quote; and the packets that must get no error at all."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6Packe
 from scapy.layers.l2 import Ether
 
 from tunneld.encap.checksum import internet_checksum
-from tunneld.pmtu import IPV6_MIN_MTU, Icmp, RateLimit, reply
+from tunneld.datapath.pmtu import IPV6_MIN_MTU, Icmp, RateLimit, reply
 
 SENDER_MAC, GATEWAY_MAC = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 

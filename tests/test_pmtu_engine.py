@@ -15,11 +15,11 @@ from tests.frames import MACS, payload, tcp_super
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import PMTU_RECHECK, make_engine
+from tunneld.datapath.engine import PMTU_RECHECK, make_engine
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_TCPV4, HDR
-from tunneld.peers import PeerSpec
-from tunneld.pmtu import ICMP_BURST, Icmp
-from tunneld.stats import ICMP_KINDS
+from tunneld.datapath.peers import PeerSpec
+from tunneld.datapath.pmtu import ICMP_BURST, Icmp
+from tunneld.datapath.stats import ICMP_KINDS
 from tunneld.testing import FakeDevice, FakeGsoLink, FakeLink, FakeVnetDevice
 
 PEER, OTHER = "192.0.2.2", "192.0.2.3"

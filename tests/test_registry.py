@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tunneld.config import ConfigFileError, TunnelConfig, load_file, validate
-from tunneld.metrics import RegistryCollector
-from tunneld.peers import REGISTRY, PeerSpec
-from tunneld.registry import (
+from tunneld.observe.metrics import RegistryCollector
+from tunneld.datapath.peers import REGISTRY, PeerSpec
+from tunneld.control.registry import (
     DEFAULT_PREFIX,
     DEFAULT_TTL,
     INVALID_REASONS,
@@ -216,12 +216,12 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     a record is not taken over, and the record leaving does not remove the static peer."""
     import dataclasses
 
-    from tunneld.daemon import Tunnel
+    from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
-    from tunneld.service import Service
+    from tunneld.runtime.service import Service
     from tunneld.testing import FakeDevice, FakeLink
-    from tunneld.worker import Worker
-    from tunneld.workers import Supervisor
+    from tunneld.runtime.worker import Worker
+    from tunneld.runtime.workers import Supervisor
 
     A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
     w = Worker(0, FakeDevice(), FakeLink(A), Vxlan(7), dev="td0", max_frame=1450, offload=False,
@@ -323,7 +323,7 @@ class _Watch:
 def run_registry(fake: FakeEtcd, monkeypatch, caplog, until, timeout: float = 10.0):
     """A Registry on its thread against ``fake``, the test's loop as the data path's; ``until(registry,
     changes)`` is polled; then the registry is stopped. Returns (registry, changes delivered)."""
-    from tunneld import registry_client
+    from tunneld.control import etcd as registry_client
 
     monkeypatch.setattr(registry_client, "_client", lambda cfg, endpoint, timeout: fake)
     monkeypatch.setattr(registry_client, "BACKOFF_MIN", 0.05)
@@ -374,11 +374,11 @@ def test_client_refuses_a_duplicate_overlay_address_before_writing(monkeypatch, 
 def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     """A bug in one live change (anything add_peer raises) is logged and counted as refused; the hosts after it
     still become peers."""
-    from tunneld.daemon import Tunnel
+    from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.testing import FakeDevice, FakeLink
-    from tunneld.worker import Worker
-    from tunneld.workers import Supervisor
+    from tunneld.runtime.worker import Worker
+    from tunneld.runtime.workers import Supervisor
 
     A, B, C = "192.0.2.2", "192.0.2.3", "192.0.2.4"
     w = Worker(0, FakeDevice(), FakeLink(A), Vxlan(7), dev="td0", max_frame=1450, offload=False,
@@ -403,7 +403,7 @@ def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
 def test_a_stop_before_the_registry_thread_has_its_loop_is_not_lost(monkeypatch):
     """stop() may come before the thread has made its loop and event (a SIGTERM at start-up): the thread must
     still end at once rather than go on to register."""
-    from tunneld import registry_client
+    from tunneld.control import etcd as registry_client
 
     fake = FakeEtcd()
     monkeypatch.setattr(registry_client, "_client", lambda cfg, endpoint, timeout: fake)

@@ -18,13 +18,13 @@ import pytest
 
 from tunneld.config import ConfigError, TunnelConfig
 from tunneld.encap.gre import Gre
-from tunneld.channel import Apply
-from tunneld.service import Notifier, Service
-from tunneld.stats import Stats
+from tunneld.runtime.channel import Apply
+from tunneld.runtime.service import Notifier, Service
+from tunneld.datapath.stats import Stats
 from tunneld.testbed import OVERLAY_V4, TUNNELD, Host
 from tunneld.testbed.notify import NotifyReceiver
 from tunneld.testing import FakeDevice, FakeLink
-from tunneld.worker import Worker
+from tunneld.runtime.worker import Worker
 
 
 # -- Notifier, no root --------------------------------------------------------------------------------------
@@ -180,13 +180,13 @@ class RecordingTunnel:
 
 
 def specs(*items) -> tuple:
-    from tunneld.peers import PeerSpec
+    from tunneld.datapath.peers import PeerSpec
 
     return tuple(PeerSpec(*item) if isinstance(item, tuple) else PeerSpec(item) for item in items)
 
 
 def test_peer_diff_holds_only_what_changed():
-    from tunneld.service import peer_diff
+    from tunneld.runtime.service import peer_diff
 
     old = specs("10.0.0.2", ("10.0.0.3", "c"), "10.0.0.4")
     new = specs(("10.0.0.3", "c"), ("10.0.0.4", "d"), "10.0.0.5")

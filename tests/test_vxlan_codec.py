@@ -9,7 +9,7 @@ from scapy.layers.vxlan import VXLAN
 
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import HEADER_LEN, VNI_MAX, Vxlan, build_header
-from tunneld.engine import HEADROOM
+from tunneld.datapath.engine import HEADROOM
 
 INNER_FRAMES = {
     "icmp": Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="192.168.1.1", dst="192.168.1.2") / ICMP(),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tunneld.encap.base import Drop
-from tunneld.stats import Stats
-from tunneld.watch import DROP_REPORT_EVERY, SILENT_AFTER, Watch
+from tunneld.datapath.stats import Stats
+from tunneld.observe.watch import DROP_REPORT_EVERY, SILENT_AFTER, Watch
 
 
 def test_peer_heard_silent_and_heard_again():

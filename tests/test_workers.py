@@ -10,16 +10,16 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tunneld.channel import Apply, Channel, StatsReport, StatsRequest
+from tunneld.runtime.channel import Apply, Channel, StatsReport, StatsRequest
 from tunneld.cli import main
 from tunneld.config import EX_CONFIG, MAX_WORKERS, TunnelConfig
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
-from tunneld.engine import Engine
-from tunneld.metrics import TunnelCollector
-from tunneld.stats import PeerStats, MAX_BATCH, Stats, total
+from tunneld.datapath.engine import Engine
+from tunneld.observe.metrics import TunnelCollector
+from tunneld.datapath.stats import PeerStats, MAX_BATCH, Stats, total
 from tunneld.testing import FakeDevice, FakeLink
-from tunneld.workers import AUTO_CAP, auto_workers, resolve
+from tunneld.runtime.workers import AUTO_CAP, auto_workers, resolve
 
 
 @pytest.mark.parametrize("cpus,expected", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (16, 8), (64, AUTO_CAP)])
@@ -168,7 +168,7 @@ def test_the_exporter_sums_the_workers_and_shows_each_ones_share():
 
 def _pool_with_silent_child():
     """A Supervisor whose one child is this process's own channel end: nothing answers unless the test does."""
-    from tunneld.workers import Child, Supervisor
+    from tunneld.runtime.workers import Child, Supervisor
 
     ours, theirs = Channel.pair()
     pool = Supervisor()
@@ -205,7 +205,7 @@ def test_a_control_message_that_cannot_be_delivered_stops_the_daemon_naming_the_
     pool, theirs = _pool_with_silent_child()
     died = []
     pool._on_death = lambda: died.append(True)
-    from tunneld.channel import Learnt
+    from tunneld.runtime.channel import Learnt
 
     try:  # fill the socket and the channel's queue, as a worker that never reads would
         for _ in range(100):
@@ -227,7 +227,7 @@ def test_a_worker_that_cannot_be_tracked_is_killed_and_reaped_and_its_socket_clo
     import errno
     import time
 
-    from tunneld import workers
+    from tunneld.runtime import workers
 
     def entry(index: int, channel: Channel) -> int:
         time.sleep(30)  # the child waits here; only a kill ends it early (os._exit follows in any case)
@@ -274,8 +274,8 @@ def test_a_stalled_worker_is_logged_once_and_again_when_it_answers(caplog):
 def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch):
     import asyncio
 
-    from tunneld import service
-    from tunneld.service import Notifier, Service
+    from tunneld.runtime import service
+    from tunneld.runtime.service import Notifier, Service
 
     class Tunnel:  # service.Tunnel
         workers = 2
@@ -301,7 +301,7 @@ def test_worker_liveness_is_checked_on_every_tick_without_a_watchdog(monkeypatch
     assert Tunnel.looks >= 3
 
 
-def _cgroup_tree(tmp_path, cpu_max: dict[str, str], own: str = "/system.slice/tunneld.service"):
+def _cgroup_tree(tmp_path, cpu_max: dict[str, str], own: str = "/system.slice/tunneld.runtime.service"):
     """A stand-in for /sys/fs/cgroup (cpu.max per cgroup) and /proc/self/cgroup naming the process's cgroup."""
     root = tmp_path / "cgroup"
     for path, text in cpu_max.items():
@@ -315,23 +315,23 @@ def _cgroup_tree(tmp_path, cpu_max: dict[str, str], own: str = "/system.slice/tu
 
 
 @pytest.mark.parametrize("cpu_max,expected", [
-    ({"/system.slice/tunneld.service": "max 100000"}, None),  # "max": no quota
-    ({"/system.slice/tunneld.service": "200000 100000"}, 2),  # 2 CPUs' worth of time
-    ({"/system.slice/tunneld.service": "150000 100000"}, 2),  # 1.5 rounds up
-    ({"/system.slice/tunneld.service": "50000 100000"}, 1),
-    ({"/system.slice": "300000 100000", "/system.slice/tunneld.service": "max 100000"}, 3),  # a parent's quota
-    ({"/system.slice": "800000 100000", "/system.slice/tunneld.service": "400000 100000"}, 4),  # the tightest
+    ({"/system.slice/tunneld.runtime.service": "max 100000"}, None),  # "max": no quota
+    ({"/system.slice/tunneld.runtime.service": "200000 100000"}, 2),  # 2 CPUs' worth of time
+    ({"/system.slice/tunneld.runtime.service": "150000 100000"}, 2),  # 1.5 rounds up
+    ({"/system.slice/tunneld.runtime.service": "50000 100000"}, 1),
+    ({"/system.slice": "300000 100000", "/system.slice/tunneld.runtime.service": "max 100000"}, 3),  # a parent's quota
+    ({"/system.slice": "800000 100000", "/system.slice/tunneld.runtime.service": "400000 100000"}, 4),  # the tightest
     ({}, None),  # no cpu controller anywhere
 ])
 def test_the_cgroup_cpu_quota_is_read_from_the_process_cgroup_and_its_ancestors(tmp_path, cpu_max, expected):
-    from tunneld.workers import cgroup_cpu_quota
+    from tunneld.runtime.workers import cgroup_cpu_quota
 
     root, self_cgroup = _cgroup_tree(tmp_path, cpu_max)
     assert cgroup_cpu_quota(root, self_cgroup) == expected
 
 
 def test_no_cgroup_v2_line_means_no_quota(tmp_path):
-    from tunneld.workers import cgroup_cpu_quota
+    from tunneld.runtime.workers import cgroup_cpu_quota
 
     (tmp_path / "self-cgroup").write_text("4:memory:/x\n1:cpu:/\n")  # cgroup v1 only
     assert cgroup_cpu_quota(str(tmp_path), str(tmp_path / "self-cgroup")) is None
@@ -339,7 +339,7 @@ def test_no_cgroup_v2_line_means_no_quota(tmp_path):
 
 
 def test_auto_on_32_cpus_with_a_2_cpu_quota_picks_one_worker(monkeypatch):
-    from tunneld import workers
+    from tunneld.runtime import workers
 
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(32)))
     monkeypatch.setattr(workers, "cgroup_cpu_quota", lambda: 2)
@@ -352,7 +352,7 @@ def test_auto_on_32_cpus_with_a_2_cpu_quota_picks_one_worker(monkeypatch):
 
 
 def test_every_message_crosses_the_channel_as_itself_and_a_closed_end_is_seen():
-    from tunneld.channel import Ready, Stop
+    from tunneld.runtime.channel import Ready, Stop
 
     stats = _stats(3, 5, 10.0, Drop.TOO_BIG)
     parent, child = Channel.pair()
@@ -373,7 +373,7 @@ def test_every_message_crosses_the_channel_as_itself_and_a_closed_end_is_seen():
 
 
 def test_a_channel_reads_a_bounded_number_of_messages_per_wake_up():
-    from tunneld.channel import DRAIN_MAX
+    from tunneld.runtime.channel import DRAIN_MAX
 
     parent, child = Channel.pair()
     try:
@@ -426,7 +426,7 @@ class _Device(FakeDevice):
 
 def _worker(index: int = 1):
     from tunneld.encap.gre import Gre
-    from tunneld.worker import Worker
+    from tunneld.runtime.worker import Worker
 
     pipes = [_Pipe(), _Pipe()]
     codec = Gre(seq=True)
@@ -441,7 +441,7 @@ def test_a_child_worker_answers_applies_and_stops_on_its_channel(caplog):
     import asyncio
     import logging
 
-    from tunneld.channel import Ready, Stop
+    from tunneld.runtime.channel import Ready, Stop
 
     worker, pipes = _worker()
     parent, child = Channel.pair()
@@ -546,7 +546,7 @@ def test_the_parent_serves_worker_0_logs_the_up_line_and_stops_cleanly_on_sigter
     import signal
 
     from tunneld.config import TunnelConfig
-    from tunneld.daemon import Tunnel, serve
+    from tunneld.runtime.daemon import Tunnel, serve
 
     caplog.set_level(logging.INFO, logger="tunneld")
     tunnel = Tunnel(TunnelConfig(peer="192.0.2.2", extra={"vni": 7}, metrics_listen="", offload=False), {"vxlan": Vxlan},

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import REPO
-from tunneld import workers as workers_module
+from tunneld.runtime import workers as workers_module
 from tunneld.testbed import OVERLAY_V4, TUNNELD, Host, Tunneld, kernel_vxlan, transfer
 from tunneld.testbed.notify import NotifyReceiver
 from tunneld.testbed.procfs import children_of, cpu_seconds

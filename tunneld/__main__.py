@@ -1,5 +1,5 @@
 """The console script ``tunneld``: the client commands (``tunneld show``, ``tunneld peer``) go to the light
-tunneld.ctl without loading the daemon's modules; everything else is the daemon's command line (tunneld.cli)."""
+tunneld.control.client without loading the daemon's modules; everything else is the daemon's command line (tunneld.cli)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from tunneld import ctl  # light: the control client and the configuration's defaults
+    from tunneld.control import client as ctl  # light: the control client and the configuration's defaults
 
     if argv and argv[0] in ctl.CONTROL_COMMANDS:
         return ctl.main(argv)

@@ -38,16 +38,16 @@ from tunneld.config import (
     load_file,
     validate,
 )
-from tunneld.ctl import CONTROL_COMMANDS, _Parser
-from tunneld.ctl import main as control_main
-from tunneld.daemon import StartupError, run
+from tunneld.control.client import CONTROL_COMMANDS, _Parser
+from tunneld.control.client import main as control_main
+from tunneld.runtime.daemon import StartupError, run
 from tunneld.encap.base import DeviceKind, Encapsulator, Option, declared, is_legacy
-from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec
+from tunneld.runtime.modes import EncapsulatorFailed, ModeOptionError, build_codec
 from tunneld.io.netlink import address_kind, is_own_address
-from tunneld.peers import PeerSpec
-from tunneld.plugins import discover
-from tunneld.registry import DEFAULT_TTL, MAX_TTL, MIN_TTL, RegistryConfig, RegistryError, parse_url
-from tunneld.workers import AUTO_RULE
+from tunneld.datapath.peers import PeerSpec
+from tunneld.encap.plugins import discover
+from tunneld.control.registry import DEFAULT_TTL, MAX_TTL, MIN_TTL, RegistryConfig, RegistryError, parse_url
+from tunneld.runtime.workers import AUTO_RULE
 
 log = logging.getLogger("tunneld")
 
@@ -428,7 +428,7 @@ def registry_local(cfg: TunnelConfig, where: str = "") -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in CONTROL_COMMANDS:
-        return control_main(argv)  # (the console script sends them to tunneld.ctl without importing this module)
+        return control_main(argv)  # (the console script sends them to tunneld.control.client without importing this module)
     modes, broken = discover()
     parser = build_parser(modes)
     args = parser.parse_args(argv)

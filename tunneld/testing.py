@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping
 from tunneld.config import TunnelConfig
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator
 from tunneld.encap.checksum import internet_checksum
-from tunneld.engine import HEADROOM, Engine, offload_supported
+from tunneld.datapath.engine import HEADROOM, Engine, offload_supported
 from tunneld.offload.vnet import HDR, NO_OFFLOAD, VNET_HDR_LEN
-from tunneld.plugins import _check as _check_shape
+from tunneld.encap.plugins import _check as _check_shape
 
 
 class FakeDevice:

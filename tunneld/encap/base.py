@@ -13,7 +13,7 @@ the inner frame starts, or a ``Drop`` naming why the datagram must be discarded.
 Options are declared once, by the codec: ``options`` maps each name to an ``Option`` (type, range or choices,
 default, one-line help). The command line's flags and ``--opt NAME=VALUE``, the config file's keys,
 ``--list-modes`` and ``--help`` are all derived from these declarations, and ``Option.parse`` is the one check
-of a value (``tunneld.modes.build_codec`` applies it once, through ``from_options``).
+of a value (``tunneld.runtime.modes.build_codec`` applies it once, through ``from_options``).
 
 The fast path (kernel offloads) is declared, never guessed:
 - ``constant_header(ip_version)`` is the header ``encap`` lays in front of EVERY frame of that inner IP version
@@ -213,7 +213,7 @@ def is_legacy(cls: type) -> bool:
 
 def parse_options(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
     """Every option ``cls`` declares, parsed from ``given`` (absent or None: its default); undeclared names
-    are not looked at (``tunneld.modes.build_codec`` refuses them first). ValueError says "NAME: problem"."""
+    are not looked at (``tunneld.runtime.modes.build_codec`` refuses them first). ValueError says "NAME: problem"."""
     values = {}
     for name, option in declared(cls).items():
         raw = given.get(name)

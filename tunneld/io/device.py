@@ -14,7 +14,7 @@ the kernel has it, USO4/6): every read and write then starts with a 10-byte ``vi
 With ``multi_queue=True`` (IFF_MULTI_QUEUE) the first open creates the interface and each further open of the
 same name adds one queue (one fd) to it; the kernel spreads the frames it transmits over the queues by flow
 hash (tun_select_queue). The flags, offloads included, must be the same on every queue; the interface goes
-away when the last queue's fd closes. tunneld/workers.py gives each worker process one queue.
+away when the last queue's fd closes. tunneld/runtime/workers.py gives each worker process one queue.
 """
 
 from __future__ import annotations

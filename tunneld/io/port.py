@@ -1,6 +1,6 @@
 """The device side of the data path: ports that read and write frames of a TUN/TAP device.
 
-The engine (tunneld/engine.py) reads frames into its buffer behind headroom and writes frames and rows; it
+The engine (tunneld/datapath/engine.py) reads frames into its buffer behind headroom and writes frames and rows; it
 never looks at a virtio_net_hdr. Two ports answer it:
 
 ``FramePort`` (offloads off, batches of one): one read is one frame; one write is one frame.

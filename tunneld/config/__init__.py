@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping
 
 from tunneld.encap.base import DeviceKind, Option, declared
 from tunneld.encap.base import describe_value as _describe  # shared with Option's messages
-from tunneld.peers import PeerSpec
-from tunneld.plugins import discover
-from tunneld.registry import RegistryConfig, RegistryError, check_registry, parse_url
+from tunneld.datapath.peers import PeerSpec
+from tunneld.encap.plugins import discover
+from tunneld.control.registry import RegistryConfig, RegistryError, check_registry, parse_url
 
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
@@ -80,14 +80,14 @@ class TunnelConfig:
     # fail to start; "off": tunneld. Command line only (--kernel-gso) for now: a file takes the default.
     kernel_gso: str = "auto"
     df: str = DEFAULT_DF  # outer "don't fragment": "set" or "unset" (DF_HELP)
-    workers: int | str = "auto"  # data-path processes (tunneld/workers.py); "auto": decided from the CPUs
+    workers: int | str = "auto"  # data-path processes (tunneld/runtime/workers.py); "auto": decided from the CPUs
     metrics_listen: str = DEFAULT_METRICS_LISTEN  # HOST:PORT or [IPv6]:PORT of the /metrics endpoint; "" = off
     fdb_max: int = DEFAULT_FDB_MAX  # L2 modes: at most this many FDB entries; past it MACs are not learnt
     fdb_ageing: float = DEFAULT_FDB_AGEING  # L2 modes: seconds before an unheard learnt MAC expires; 0 = never
     runtime_dir: str = DEFAULT_RUNTIME_DIR  # where the control socket DEV.sock lives
-    registry: RegistryConfig | None = None  # membership through etcd (tunneld/registry.py); None: static peers only
+    registry: RegistryConfig | None = None  # membership through etcd (tunneld/control/registry.py); None: static peers only
     # The mode's options (vxlan: vni; gre: key, seq, csum; a plugin's: its own), as given: typed from a config
-    # file or a flag, strings from --opt. The mode's declarations judge them (tunneld.modes.build_codec).
+    # file or a flag, strings from --opt. The mode's declarations judge them (tunneld.runtime.modes.build_codec).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -498,7 +498,7 @@ def validate(cfg: TunnelConfig) -> TunnelConfig:
 #   [metrics] listen = "HOST:PORT"
 #   [log]     level
 #   [registry] endpoints = ["HOST:PORT", ...] (or "etcd://HOST:PORT,.../PREFIX"), prefix, ttl, ca, cert, key,
-#             user, password: membership through etcd (tunneld/registry.py); --registry overrides it
+#             user, password: membership through etcd (tunneld/control/registry.py); --registry overrides it
 #
 # Every problem is reported, one line each, as "FILE: SECTION.KEY: what is wrong; what is allowed". Unknown
 # sections and keys are errors: a typo must not silently fall back to a default.

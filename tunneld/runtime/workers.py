@@ -61,8 +61,8 @@ import signal
 import time
 from typing import Callable
 
-from tunneld.channel import Channel, Learnt, Message, Ready, StatsReport, StatsRequest, Stop
-from tunneld.stats import Stats
+from tunneld.runtime.channel import Channel, Learnt, Message, Ready, StatsReport, StatsRequest, Stop
+from tunneld.datapath.stats import Stats
 
 log = logging.getLogger("tunneld")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from tunneld.peers import REGISTRY, PeerSpec
+from tunneld.datapath.peers import REGISTRY, PeerSpec
 
 SCHEME = "etcd://"
 DEFAULT_PREFIX = "/tunneld"

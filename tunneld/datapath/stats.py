@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections import Counter
 
 from tunneld.encap.base import Drop
-from tunneld.pmtu import Icmp
+from tunneld.datapath.pmtu import Icmp
 
 ICMP_KINDS = tuple(Icmp)  # icmp_sent[i] counts ICMP_KINDS[i]
 
@@ -90,7 +90,7 @@ class Stats:
         self.offload_fallbacks = 0
         # Super-frames handed whole to the kernel to segment (the egress device, io/egress.py).
         self.kernel_gso_frames = 0
-        # ICMP errors written back into the device (tunneld/pmtu.py), by kind, in ICMP_KINDS order; those the rate
+        # ICMP errors written back into the device (tunneld/datapath/pmtu.py), by kind, in ICMP_KINDS order; those the rate
         # limit held back; and how often a peer's path MTU changed as the kernel reported it.
         self.icmp_sent = [0] * len(ICMP_KINDS)
         self.icmp_limited = 0
@@ -113,7 +113,7 @@ class Stats:
 
 
 def total(parts: "list[Stats]") -> Stats:
-    """The counters of several workers (tunneld/workers.py) added up, as one Stats: what crossed the tunnel.
+    """The counters of several workers (tunneld/runtime/workers.py) added up, as one Stats: what crossed the tunnel.
 
     Every field is summed (histograms are counts per slot, so they add up too) except ``peer_last_rx``, where
     the latest wins. It goes by ``__slots__``, so a counter added to Stats later is summed without a change here."""

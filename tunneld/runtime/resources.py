@@ -22,8 +22,8 @@ from tunneld.io import SetupError, netlink
 from tunneld.io.device import Device
 from tunneld.io.raw import RawLink
 from tunneld.io.udp import UdpLink, open_group
-from tunneld.metrics import MetricsError, MetricsServer
-from tunneld.plan import Plan
+from tunneld.observe.metrics import MetricsError, MetricsServer
+from tunneld.runtime.plan import Plan
 
 log = logging.getLogger("tunneld")
 

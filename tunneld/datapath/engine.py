@@ -37,7 +37,7 @@ What must stay true:
 - no allocation per packet beyond what the system calls themselves make;
 - a wake-up handles at most ``batch`` reads and about WAKEUP_BYTES, so neither direction starves the other.
 
-Peers (tunneld/peers.py ``PeerTable``): outbound, L2 modes look the destination MAC up in the FDB (a miss, a
+Peers (tunneld/datapath/peers.py ``PeerTable``): outbound, L2 modes look the destination MAC up in the FDB (a miss, a
 broadcast or a multicast goes to every peer: head-end replication, counted ``flooded``), L3 modes the
 destination IP in the routes (longest-prefix match; none: ``no_route``). A super-frame is looked up once for
 all its rows. ``Pending`` keeps one peer's packets per send. Each send names its peer's destination, built
@@ -45,7 +45,7 @@ once by the link (``destination``). With one peer that wins every look-up (``Pee
 with routes covering everything) no look-up is made and its counters are added once per wake-up: the
 one-peer path costs what it did before many peers.
 
-Path MTU, as the kernel's VXLAN does it (tunneld/pmtu.py). Every frame meets two limits: the engine's
+Path MTU, as the kernel's VXLAN does it (tunneld/datapath/pmtu.py). Every frame meets two limits: the engine's
 ``max_frame`` (the underlay MTU at start-up minus the overhead, which the device's MTU was set from) and its
 peer's ``max_frame`` (peers.py), what the path towards that peer carries as the kernel last reported it
 (``segment_limit(peer)`` is the smaller; super-frames compare their segments with it). A frame above it is
@@ -85,10 +85,10 @@ from tunneld.io.port import Fallback, FramePort, Super, VnetPort
 from tunneld.offload.layout import ETH_HLEN
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
 from tunneld.offload.segment import Segments
-from tunneld.peers import Peer, PeerSpec, PeerTable
-from tunneld.pmtu import RateLimit, reply
-from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
-from tunneld.stats import ICMP_KINDS, MAX_BATCH, Stats
+from tunneld.datapath.peers import Peer, PeerSpec, PeerTable
+from tunneld.datapath.pmtu import RateLimit, reply
+from tunneld.datapath.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
+from tunneld.datapath.stats import ICMP_KINDS, MAX_BATCH, Stats
 
 HEADROOM = 64  # enough for any encapsulation header this design expects (VXLAN 8, GRE ≤ 16) and a vnet header
 MAX_PACKET = 65535  # the largest frame a device read or a datagram can hold

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from tunneld.config import ConfigError, check_peer
-from tunneld.peers import PeerSpec
+from tunneld.datapath.peers import PeerSpec
 
 log = logging.getLogger("tunneld")
 

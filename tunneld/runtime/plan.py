@@ -26,12 +26,12 @@ from typing import Callable
 
 from tunneld.config import MIN_MTU, TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
-from tunneld.engine import offload_supported
+from tunneld.datapath.engine import offload_supported
 from tunneld.errors import EX_CONFIG, StartupError
 from tunneld.io import netlink
 from tunneld.io.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS
-from tunneld.modes import EncapsulatorFailed, ModeOptionError, build_codec, vni
-from tunneld.workers import resolve
+from tunneld.runtime.modes import EncapsulatorFailed, ModeOptionError, build_codec, vni
+from tunneld.runtime.workers import resolve
 
 log = logging.getLogger("tunneld")
 

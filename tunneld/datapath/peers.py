@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES, Fdb, mac_bytes
-from tunneld.routes import Routes
-from tunneld.stats import PeerStats, Stats
+from tunneld.datapath.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES, Fdb, mac_bytes
+from tunneld.datapath.routes import Routes
+from tunneld.datapath.stats import PeerStats, Stats
 
 STATIC = "static"  # from the command line, the configuration file or the control socket
 REGISTRY = "registry"  # from a membership registry (etcd)

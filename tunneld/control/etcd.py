@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Callable
 
-from tunneld.registry import InvalidRecord, Membership, Record, RegistryConfig, RegistryStats, decode
+from tunneld.control.registry import InvalidRecord, Membership, Record, RegistryConfig, RegistryStats, decode
 
 log = logging.getLogger("tunneld")
 

@@ -35,11 +35,11 @@ import socket
 import time
 from typing import Callable, Mapping, Protocol
 
-from tunneld.channel import Apply
+from tunneld.runtime.channel import Apply
 from tunneld.config import FILE_KEYS, ConfigError, ConfigFileError, TunnelConfig
 from tunneld.io import SetupError
-from tunneld.peers import PeerSpec
-from tunneld.stats import Stats
+from tunneld.datapath.peers import PeerSpec
+from tunneld.datapath.stats import Stats
 
 log = logging.getLogger("tunneld")
 

@@ -1,9 +1,9 @@
 """Prometheus exporter: the only module that imports prometheus_client.
 
 Theory of operation:
-- The engine counts with plain ints (tunneld.stats.Stats); nothing here runs per packet. ``TunnelCollector``
+- The engine counts with plain ints (tunneld.datapath.stats.Stats); nothing here runs per packet. ``TunnelCollector``
   turns those ints into metric families when Prometheus scrapes, so the hot path pays nothing for metrics.
-- The HTTP server (tunneld/httpd.py) runs prometheus_client's WSGI app on one daemon thread, whatever the
+- The HTTP server (tunneld/observe/httpd.py) runs prometheus_client's WSGI app on one daemon thread, whatever the
   number of connections, with a cap on them and read and idle timeouts. A scrape reads the engine's ints from
   that thread: reading an int or copying a short list is atomic under the GIL, and the collector never iterates
   a dict the engine may be growing (it looks every ``Drop`` reason up by name), so no lock is needed.
@@ -42,13 +42,13 @@ from prometheus_client.registry import Collector
 from tunneld import __version__
 from tunneld.config import parse_listen
 from tunneld.encap.base import Drop
-from tunneld.httpd import HttpServer
-from tunneld.registry import INVALID_REASONS, RegistryStats
-from tunneld.pmtu import ICMP_BURST, ICMP_RATE
-from tunneld.stats import ICMP_KINDS, LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
+from tunneld.observe.httpd import HttpServer
+from tunneld.control.registry import INVALID_REASONS, RegistryStats
+from tunneld.datapath.pmtu import ICMP_BURST, ICMP_RATE
+from tunneld.datapath.stats import ICMP_KINDS, LOOP_LAG_BUCKETS, MAX_BATCH, Stats, total
 
 if TYPE_CHECKING:
-    from tunneld.engine import Engine
+    from tunneld.datapath.engine import Engine
 
 LABELS = ("peer", "mode")
 LAG_PROBE_INTERVAL = 0.25  # seconds; four timer callbacks a second cost nothing measurable
@@ -331,7 +331,7 @@ class LoopLagProbe:
 
 
 class RegistryCollector(Collector):
-    """The etcd registry's state (tunneld/registry_client.py), read at scrape time from its plain values."""
+    """The etcd registry's state (tunneld/control/etcd.py), read at scrape time from its plain values."""
 
     def __init__(self, stats: RegistryStats) -> None:
         self.stats = stats
@@ -357,7 +357,7 @@ class RegistryCollector(Collector):
 
 
 def _bind(host: str, port: int, registry: CollectorRegistry) -> HttpServer:
-    """An HTTP server for ``registry`` bound to host:port (IPv4 or IPv6), not yet serving (tunneld/httpd.py:
+    """An HTTP server for ``registry`` bound to host:port (IPv4 or IPv6), not yet serving (tunneld/observe/httpd.py:
     one thread, a cap on connections, read and idle timeouts)."""
     return HttpServer(host, port, make_wsgi_app(registry))
 

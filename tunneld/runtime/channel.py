@@ -38,8 +38,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Union
 
-from tunneld.peers import PeerSpec
-from tunneld.stats import Stats
+from tunneld.datapath.peers import PeerSpec
+from tunneld.datapath.stats import Stats
 
 log = logging.getLogger("tunneld")
 

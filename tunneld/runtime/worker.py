@@ -20,12 +20,12 @@ import os
 import time
 from typing import Callable, Sequence
 
-from tunneld.channel import LEARNT_MAX, Apply, Channel, Learnt, Message, Ready, StatsReport, StatsRequest, Stop
+from tunneld.runtime.channel import LEARNT_MAX, Apply, Channel, Learnt, Message, Ready, StatsReport, StatsRequest, Stop
 from tunneld.encap.base import Encapsulator
-from tunneld.engine import Engine, make_engine
-from tunneld.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
-from tunneld.peers import PeerSpec
-from tunneld.stats import Stats
+from tunneld.datapath.engine import Engine, make_engine
+from tunneld.datapath.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
+from tunneld.datapath.peers import PeerSpec
+from tunneld.datapath.stats import Stats
 
 log = logging.getLogger("tunneld")
 
@@ -154,7 +154,7 @@ class Worker:
 
     async def serve_channel(self, channel: Channel) -> int:
         """Run until the parent says Stop or closes the channel, or the interface goes; the exit status."""
-        from tunneld.metrics import LoopLagProbe  # prometheus_client is loaded in the parent already
+        from tunneld.observe.metrics import LoopLagProbe  # prometheus_client is loaded in the parent already
 
         loop = asyncio.get_running_loop()
         self.start(loop)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tunneld.stats import Stats
+from tunneld.datapath.stats import Stats
 
 SILENT_AFTER = 30.0  # seconds without a valid packet before the log says so (VXLAN/GRE have no keepalive:
 #                      an idle tunnel is silent too, so this is an observation, not an error)

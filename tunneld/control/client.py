@@ -1,5 +1,5 @@
 """The client commands, ``tunneld show`` and ``tunneld peer add|remove``: one request to a running daemon's
-control socket (tunneld/control.py), its answer printed.
+control socket (tunneld/control/server.py), its answer printed.
 
 A module of its own, light to import (no NumPy, uvloop or pyroute2: the daemon's modules are not loaded), so
 that asking a daemon costs a fraction of a second, not the daemon's start-up: the console script
@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Sequence
 
-from tunneld import control
+from tunneld.control import server as control
 from tunneld.config import DEFAULT_RUNTIME_DIR
 
 

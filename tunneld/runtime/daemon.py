@@ -14,7 +14,7 @@ Start-up order, chosen so that a failure leaves nothing behind:
   3. bind the underlay socket and the metrics endpoint (a busy port fails before any device exists);
   4. create the device, set its MAC, MTU and addresses, bring it up;
   5. with --workers N > 1: the device has N queues and the port N sockets, all opened in steps 3-4; fork
-     the N-1 other workers (tunneld/workers.py) before any event loop exists;
+     the N-1 other workers (tunneld/runtime/workers.py) before any event loop exists;
   6. attach the engine to the event loop (and, with workers, wait until every worker has attached its own).
 Shutdown undoes it in reverse; closing the device fd removes the interface (with workers: the last queue's).
 """
@@ -31,27 +31,27 @@ import time
 from typing import Callable
 
 from tunneld import __version__
-from tunneld.channel import Apply, Channel
+from tunneld.runtime.channel import Apply, Channel
 from tunneld.config import ConfigError, TunnelConfig, check_joining, check_on_host
-from tunneld.control import ControlError, ControlServer, Rows, runtime_dir, socket_path
-from tunneld.fdb import mac_text
-from tunneld.peers import REGISTRY, PeerSpec
-from tunneld.registry import Membership, Record, RegistryStats, owner_id
+from tunneld.control.server import ControlError, ControlServer, Rows, runtime_dir, socket_path
+from tunneld.datapath.fdb import mac_text
+from tunneld.datapath.peers import REGISTRY, PeerSpec
+from tunneld.control.registry import Membership, Record, RegistryStats, owner_id
 from tunneld.encap.base import Encapsulator
 from tunneld.io import SetupError
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io import netlink
 from tunneld.io.egress import Unsupported as EgressUnsupported, choose as egress_choose
 from tunneld.io.udp import UdpLink
-from tunneld.metrics import MetricsError, MetricsServer
-from tunneld.plan import Plan, make_plan, stable_mac
+from tunneld.observe.metrics import MetricsError, MetricsServer
+from tunneld.runtime.plan import Plan, make_plan, stable_mac
 from tunneld.io.device import Device
-from tunneld.resources import Link, Resources
-from tunneld.service import Loader, Service
-from tunneld.stats import PeerStats, Stats, total
-from tunneld.watch import Watch
-from tunneld.worker import Worker, cpu_seconds
-from tunneld.workers import STOP_SIGNALS, Supervisor
+from tunneld.runtime.resources import Link, Resources
+from tunneld.runtime.service import Loader, Service
+from tunneld.datapath.stats import PeerStats, Stats, total
+from tunneld.observe.watch import Watch
+from tunneld.runtime.worker import Worker, cpu_seconds
+from tunneld.runtime.workers import STOP_SIGNALS, Supervisor
 
 __all__ = ["EX_CONFIG", "EX_NOPERM", "EX_SOFTWARE", "StartupError", "Tunnel", "describe", "run", "serve", "stable_mac"]
 
@@ -313,7 +313,7 @@ class Tunnel:
 
     def start_registry(self, loop: asyncio.AbstractEventLoop):
         """Register this host and follow the others (call on the data path's loop, after any fork)."""
-        from tunneld.registry_client import Registry
+        from tunneld.control.etcd import Registry
 
         cfg, plan = self.cfg, self.plan
         l2 = self.worker.engine.peers.l2
