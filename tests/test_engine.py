@@ -144,3 +144,19 @@ def test_wakeups_are_histogrammed_by_reads_dropped_frames_included():
     assert eng.stats.tx_batches[3] == 1 and eng.stats.drops == {Drop.TOO_BIG: 3}
     eng.on_link_readable()  # nothing to read
     assert eng.stats.rx_batches[0] == 1
+
+
+class NumberedVxlan(Vxlan):
+    """A header-only plugin with an instance attribute named ``session`` (the ipudp example's session number)."""
+
+    def __init__(self, vni: int = 1) -> None:
+        super().__init__(vni)
+        self.session = 7
+
+
+def test_a_codec_attribute_named_session_does_not_hide_the_session_method():
+    dev, link = FakeDevice(), FakeLink()
+    engine = Engine(dev, link, NumberedVxlan(vni=5), max_frame=1472)  # TypeError: 'int' object is not callable
+    dev.inject(frame())
+    engine.on_device_readable()
+    assert len(link.sent) == 1 and engine.peers.all[0].session is not None

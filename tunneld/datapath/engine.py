@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import math
 import socket
 import time
@@ -92,7 +93,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
+from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers, session_of
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
 from tunneld.encap.session import HELD
 from tunneld.io.port import Fallback, FramePort, Super, VnetPort
@@ -244,8 +245,8 @@ class Engine:
         self._keyed = codec.keyed
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=link.destination, session=codec.session,
-                               fdb_max=fdb_max, fdb_ageing=fdb_ageing)
+        self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=link.destination,
+                               session=functools.partial(session_of, codec), fdb_max=fdb_max, fdb_ageing=fdb_ageing)
         for spec in peers if peers is not None else (PeerSpec(link.peer),):
             self.peers.upsert(spec, clock())
         if not link.spreads_flows:

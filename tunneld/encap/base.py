@@ -364,6 +364,13 @@ class Encapsulator(abc.ABC):
         return [decap(packets[i : i + size]) for i in range(0, len(packets), size)]
 
 
+def session_of(codec: Encapsulator, peer_id: str) -> Session:
+    """``codec.session(peer_id)``, asked of its class: a plugin written for the header-only contract may keep an
+    instance attribute that happens to be named ``session`` (the ipudp example's session number), which hides
+    the method on the instance. The class's method is the contract."""
+    return type(codec).session(codec, peer_id)
+
+
 def constant_headers(codec: Encapsulator) -> tuple[bytes, bytes] | None:
     """The headers ``codec`` declares in front of every IPv4 and every IPv6 frame, when it declares both and
     they are ``header_len`` bytes long (the offload path lays one before every row and expects it there);
