@@ -207,7 +207,7 @@ class Tunnel:
 
         def peer_row(peer) -> dict:
             spec = peer.spec
-            ps = stats.peers.get(peer.address) or PeerStats()
+            ps = stats.peers.get(peer.id) or PeerStats()  # by id: a roaming peer's address moves
             age = max(0.0, now - ps.last_rx) if ps.last_rx else None
             entry = {
                 "address": peer.address,
