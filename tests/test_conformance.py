@@ -223,3 +223,130 @@ class LiesAboutItsHeader(Good):
 def test_a_false_constant_header_declaration_is_caught():
     with pytest.raises(ConformanceError, match="constant_header"):
         check_round_trip(LiesAboutItsHeader)
+
+
+# -- the session contract (issue 20): stateful codecs, trailers, own packets and timers ----------------------
+
+from tests.keyed import Keyed, KeyedSession  # noqa: E402
+from tunneld.encap.session import HELD, Session  # noqa: E402
+from tunneld.testing import END_A, END_B, RefusingSession, check_own_packets  # noqa: E402
+
+KEYED = {"secret": "conformance"}
+KEYED_ENDS = {END_A: {"self": END_A}, END_B: {"self": END_B}}
+
+
+class TestKeyedConforms(EncapsulatorConformance):
+    encapsulator = Keyed
+    options = KEYED
+    ends = KEYED_ENDS
+
+
+class TestGreSeqCsumConforms(EncapsulatorConformance):
+    encapsulator = Gre
+    options = {"seq": True, "csum": True}
+
+
+class TestGreTapSeqConforms(EncapsulatorConformance):
+    encapsulator = GreTap
+    options = {"seq": True}
+
+
+def keyed_variant(name: str, session_cls: type[KeyedSession], **attrs) -> type[Keyed]:
+    """Keyed with another session class (and class attributes): one broken rule each."""
+    return type(name, (Keyed,), {"session": lambda self, peer_id: (Keyed.session(self, peer_id),
+                                                                    session_cls(self, peer_id))[1], **attrs})
+
+
+class WritesPastItsTrailer(KeyedSession):
+    __slots__ = ()
+
+    def seal(self, buf, start, end, now):
+        sealed = super().seal(buf, start, end, now)
+        buf[sealed[1]] = 0  # one byte past the end it returns
+        return sealed
+
+
+class NeverQuiet(KeyedSession):
+    __slots__ = ()
+
+    def deadline(self):
+        return self._codec.keepalive  # long past: the engine would wake every TIMER_GRAIN
+
+    def poll(self, now):
+        return []
+
+
+class Eager(KeyedSession):
+    __slots__ = ()
+
+    def poll(self, now):
+        self.last_sent = -float("inf")  # sends whenever asked, whatever its deadline said
+        return super().poll(now)
+
+
+class TrustsAnything(KeyedSession):
+    __slots__ = ()
+
+    def open(self, packet, now):
+        verdict = super().open(packet, now)
+        return verdict if verdict is HELD or verdict.__class__ is tuple else (28, max(0, len(packet) - 44))
+
+
+class SharesOneSession(Keyed):
+    def session(self, peer_id):
+        shared = self.__dict__.setdefault("_one", KeyedSession(self, peer_id))
+        return shared
+
+
+@pytest.mark.parametrize(
+    "cls,check,words",
+    [
+        (keyed_variant("past_trailer", WritesPastItsTrailer), check_round_trip, "outside"),
+        (keyed_variant("never_quiet", NeverQuiet), check_own_packets, "still due"),
+        (keyed_variant("eager", Eager), check_own_packets, "before the session's deadline"),
+        (keyed_variant("trusting", TrustsAnything), check_malformed, "authenticating session accepted"),
+        (SharesOneSession, check_declaration, "one session"),
+        (keyed_variant("big_trailer", KeyedSession, tail_room=8), check_round_trip, "trailer_len 8"),
+    ],
+)
+def test_a_broken_session_is_caught_with_a_reason(cls, check, words):
+    with pytest.raises(ConformanceError, match=words):
+        check(cls, KEYED, ends=KEYED_ENDS)
+
+
+def test_a_stateful_refusal_is_honoured_and_an_engine_that_skips_it_is_caught():
+    refusing_keyed = refusing(Keyed, options=KEYED, ends=KEYED_ENDS)
+    codec = refusing_keyed.from_options({**KEYED, "self": END_A})
+    assert codec.stateful and isinstance(codec.session(END_B), RefusingSession)
+    check_verdicts_under_load(Keyed, KEYED, ends=KEYED_ENDS)
+
+    def skipping_engine(*args, **kwargs) -> Engine:
+        engine = Engine(*args, **kwargs)
+        for peer in engine.peers.all:  # the per-peer path opening with the codec's session, not the peer's own
+            if isinstance(peer.session, RefusingSession):
+                peer.session = peer.session._inner
+        return engine
+
+    with pytest.raises(ConformanceError, match="plain path.*not honoured"):
+        check_verdicts_under_load(Keyed, KEYED, ends=KEYED_ENDS, make=skipping_engine)
+
+
+def test_the_refusing_variant_of_a_stateful_gre_keeps_its_sessions():
+    cls = refusing(Gre, options={"seq": True})
+    codec = cls(seq=True)
+    assert codec.stateful and isinstance(codec.session(END_A), RefusingSession)
+    assert not refusing(Gre)().stateful  # without seq: the decap variant, on the batched path
+
+
+class HasASessionNumber(Good):
+    """A header-only plugin with an attribute named ``session`` (as the ipudp example has): it must not hide the
+    contract's ``session`` method from the engine or the kit."""
+
+    name = "numbered"
+
+    def __init__(self) -> None:
+        self.session = 7
+
+
+def test_an_attribute_named_session_does_not_hide_the_contract():
+    check_encapsulator(HasASessionNumber)
