@@ -292,10 +292,30 @@ class TrustsAnything(KeyedSession):
         return verdict if verdict is HELD or verdict.__class__ is tuple else (28, max(0, len(packet) - 44))
 
 
+class MovedByWhatItRefuses(KeyedSession):
+    __slots__ = ()
+
+    def open(self, packet, now):
+        verdict = super().open(packet, now)
+        if verdict.__class__ is Drop and len(packet) >= 28:  # the counter taken before the tag was checked
+            self.rx_counter = max(self.rx_counter or 0, int.from_bytes(packet[20:28], "big"))
+        return verdict
+
+
 class SharesOneSession(Keyed):
     def session(self, peer_id):
         shared = self.__dict__.setdefault("_one", KeyedSession(self, peer_id))
         return shared
+
+
+class KeyedWithoutSessions(Good):
+    name = "keyless"
+    keyed = True
+
+
+def test_a_keyed_codec_without_sessions_is_caught():
+    with pytest.raises(ConformanceError, match="peer_key would never be asked"):
+        check_declaration(KeyedWithoutSessions)
 
 
 @pytest.mark.parametrize(
@@ -305,6 +325,7 @@ class SharesOneSession(Keyed):
         (keyed_variant("never_quiet", NeverQuiet), check_own_packets, "still due"),
         (keyed_variant("eager", Eager), check_own_packets, "before the session's deadline"),
         (keyed_variant("trusting", TrustsAnything), check_malformed, "authenticating session accepted"),
+        (keyed_variant("moved", MovedByWhatItRefuses), check_malformed, "what it refused moved its state"),
         (SharesOneSession, check_declaration, "one session"),
         (keyed_variant("big_trailer", KeyedSession, tail_room=8), check_round_trip, "trailer_len 8"),
     ],
