@@ -128,8 +128,10 @@ def test_keyed_codec_between_two_tunnelds_with_keepalives_and_a_moving_endpoint(
         a.run("ip", "addr", "add", f"{A2}/32", "dev", a.ifname)
         a.run("ip", "route", "replace", f"{b.underlay}/32", "dev", a.ifname, "src", A2)
         moved = wait_for(lambda: metric(b, "tunneld_endpoint_changes_total"), lambda n: n >= 1, timeout=10)
-        assert moved == 1, moved
-        assert endpoint_of(tb) == A2
+        # (once, unless a datagram that left from A's first address overtook one from A2: then B went back and
+        # came again, as WireGuard would; where it ends is what matters)
+        assert moved >= 1, moved
+        assert wait_for(lambda: endpoint_of(tb), lambda e: e == A2, timeout=5) == A2
         a.run("ip", "addr", "del", f"{a.underlay}/24", "dev", a.ifname)  # A's first address is gone
         a.wait_ping(OVERLAY_V4[1], timeout=10)
         b.wait_ping(OVERLAY_V4[0], timeout=10)
@@ -138,6 +140,7 @@ def test_keyed_codec_between_two_tunnelds_with_keepalives_and_a_moving_endpoint(
         assert shown["address"] == A2 and shown["rx_packets"] > 0, shown  # its counters follow it too
 
         # A third address names A: a forged tag, then an old counter. Dropped by reason; A stays where it is.
+        moves = metric(b, "tunneld_endpoint_changes_total")
         drops = {r: metric(b, "tunneld_dropped_packets_total", reason=r) for r in ("bad_checksum", "sequence")}
         a.run("ip", "addr", "add", f"{STRANGER}/32", "dev", a.ifname)
         inner = bytes(IP(src=OVERLAY_V4[0], dst=OVERLAY_V4[1]) / ICMP(id=0x5151) / b"spoofed")
@@ -146,7 +149,7 @@ def test_keyed_codec_between_two_tunnelds_with_keepalives_and_a_moving_endpoint(
         got = wait_for(lambda: {r: metric(b, "tunneld_dropped_packets_total", reason=r) for r in drops},
                        lambda d: all(d[r] >= drops[r] + 1 for r in d), timeout=10)
         assert all(got[r] == drops[r] + 1 for r in drops), (drops, got)
-        assert endpoint_of(tb) == A2 and metric(b, "tunneld_endpoint_changes_total") == 1
+        assert endpoint_of(tb) == A2 and metric(b, "tunneld_endpoint_changes_total") == moves
         b.wait_ping(OVERLAY_V4[0], timeout=10)  # still A2's
     finally:
         ta.stop()
