@@ -198,7 +198,7 @@ def test_the_loops_timer_sends_keepalives_on_real_time():
         for s in quiet:
             s.close()
     assert counts[-1] >= 4, counts  # the first at once, then one each 50 ms from the loop's timer
-    assert engine.stats.codec_packets == len(link.sent)
+    assert engine.stats.codec_packets == len(link.sent) and engine.next_deadline() == math.inf  # detached
 
 
 def test_an_authenticated_packet_moves_the_endpoint_and_a_forged_or_replayed_one_never_does():

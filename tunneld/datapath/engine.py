@@ -285,6 +285,7 @@ class Engine:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._timer_at = math.inf  # nothing is armed now (attach arms it again)
 
     def _device_failed(self, e: OSError) -> None:
         """A device read failed: EBADFD means the interface was deleted under us, and no read will work again."""
