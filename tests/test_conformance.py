@@ -228,7 +228,7 @@ def test_a_false_constant_header_declaration_is_caught():
 # -- the session contract (issue 20): stateful codecs, trailers, own packets and timers ----------------------
 
 from tests.keyed import Keyed, KeyedSession  # noqa: E402
-from tunneld.encap.session import HELD, Session  # noqa: E402
+from tunneld.encap.session import HELD  # noqa: E402
 from tunneld.testing import END_A, END_B, RefusingSession, check_own_packets  # noqa: E402
 
 KEYED = {"secret": "conformance"}

@@ -12,12 +12,11 @@ import struct
 import pytest
 
 from tests.keyed import HEADER_LEN, TAG_LEN, Keyed, KeyedSession
-from tunneld.encap.base import Drop
+from tunneld.encap.base import DeviceKind, Drop
 from tunneld.encap.session import HELD
 from tunneld.datapath.engine import HEADROOM, Engine
 from tunneld.datapath.peers import PeerSpec
 from tunneld.testing import FakeClock, FakeDevice, FakeLink, random_frames
-from tunneld.encap.base import DeviceKind
 
 A, B, C = "192.0.2.1", "192.0.2.2", "192.0.2.3"
 SECRET = "shared secret"
