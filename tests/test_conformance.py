@@ -302,6 +302,14 @@ class MovedByWhatItRefuses(KeyedSession):
         return verdict
 
 
+class ForgetsWhatItSaw(KeyedSession):
+    __slots__ = ()
+
+    def open(self, packet, now):
+        self.rx_counter = None  # no replay protection
+        return super().open(packet, now)
+
+
 class SharesOneSession(Keyed):
     def session(self, peer_id):
         shared = self.__dict__.setdefault("_one", KeyedSession(self, peer_id))
@@ -326,6 +334,7 @@ def test_a_keyed_codec_without_sessions_is_caught():
         (keyed_variant("eager", Eager), check_own_packets, "before the session's deadline"),
         (keyed_variant("trusting", TrustsAnything), check_malformed, "authenticating session accepted"),
         (keyed_variant("moved", MovedByWhatItRefuses), check_malformed, "what it refused moved its state"),
+        (keyed_variant("replayable", ForgetsWhatItSaw), check_malformed, "replayed"),
         (SharesOneSession, check_declaration, "one session"),
         (keyed_variant("big_trailer", KeyedSession, tail_room=8), check_round_trip, "trailer_len 8"),
     ],
