@@ -259,7 +259,7 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
                    f"sets it, else {DEFAULT_RUNTIME_DIR})")
     p.add_argument("--registry", metavar="etcd://HOST:PORT[,HOST:PORT...]/PREFIX",
                    help="find the other hosts through etcd: register this host under PREFIX/hosts/ and make every "
-                   "registered host of the same mode and VNI a peer; --peer becomes optional (see README Registry)")
+                   "registered host of the same mode and VNI a peer; --peer becomes optional (see docs/registry.md)")
     p.add_argument("--registry-ttl", metavar="SECONDS", type=_int_in(MIN_TTL, MAX_TTL, "registry-ttl"),
                    help=f"the registration's lease: a host that dies unannounced is forgotten after this "
                    f"(default: {DEFAULT_TTL})")
