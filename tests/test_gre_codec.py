@@ -290,7 +290,24 @@ def test_invalid_packets_do_not_move_the_window():
 def test_a_new_peer_is_judged_by_its_own_numbers():
     codec = Gre(seq=True)
     wire = lambda n: memoryview(scapy_gre(V4, 0x0800, csum=False, key=None, seq=n))  # noqa: E731
-    assert [codec.decap(wire(n)) for n in (5000, 5001, 5002)] == [8, 8, 8]
-    assert codec.decap(wire(0)) is Drop.SEQUENCE  # same peer: 0 is long past
-    codec.peer_changed()  # a reload moved us to another peer, which counts from 0
-    assert [codec.decap(wire(n)) for n in (0, 1, 2)] == [8, 8, 8]
+    old, new = codec.session("192.0.2.2"), codec.session("192.0.2.3")
+    assert [old.open(wire(n), 0.0) for n in (5000, 5001, 5002)] == [(8, len(V4))] * 3
+    assert old.open(wire(0), 0.0) is Drop.SEQUENCE  # same peer: 0 is long past
+    assert [new.open(wire(n), 0.0) for n in (0, 1, 2)] == [(8, len(V4))] * 3  # another peer counts from its own 0
+    assert old.open(wire(1), 0.0) is Drop.SEQUENCE and old.rx_seq == 5002  # and the first is not disturbed
+
+
+def test_each_peer_sends_its_own_sequence():
+    codec = Gre(seq=True, key=7)
+    a, b = codec.session("192.0.2.2"), codec.session("192.0.2.3")
+    inner = bytes(V4)
+    buf = bytearray(64 + len(inner))
+
+    def seal(session) -> int:
+        buf[64:] = inner
+        start, end = session.seal(buf, 64, len(buf), 0.0)
+        assert (start, end) == (64 - 12, len(buf))
+        return int.from_bytes(buf[start + 8 : start + 12], "big")
+
+    assert [seal(a), seal(a), seal(b), seal(a), seal(b)] == [0, 1, 0, 2, 1]
+    assert codec.session("192.0.2.4") is not codec.session("192.0.2.4")  # a session per peer, never shared

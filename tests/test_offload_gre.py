@@ -237,7 +237,7 @@ class FakeReceiver:
 
 def raw_link_with(packets) -> RawLink:
     link = RawLink.__new__(RawLink)  # no socket: only the run building is under test
-    link.family, link.peer = socket.AF_INET, "10.0.0.2"
+    link.family, link.peer, link.df = socket.AF_INET, "10.0.0.2", True
     link._sources, link._sockaddrs = {}, {}
     link._sender = None
     link._drops = KernelDrops()

@@ -90,7 +90,7 @@ def test_peers_swapping_routes_is_one_change_not_a_conflict():
 def test_the_old_single_peer_reload_still_works():
     w, dev, link = worker(peers=(A,))
     w.apply(Apply(peer="192.0.2.9"))
-    assert list(w.engine.peers.by_address) == ["192.0.2.9"] and w.engine.peers.only is not None
+    assert list(w.engine.peers.by_id) == ["192.0.2.9"] and w.engine.peers.only is not None
     from_peer(link, A)
     w.engine.on_link_readable()
     assert w.stats.drops[Drop.UNKNOWN_PEER] == 1
@@ -189,20 +189,19 @@ def test_the_parent_passes_a_childs_learnt_macs_to_worker_0_and_the_other_childr
         end.close()
 
 
-def test_gre_sequence_numbers_serve_one_peer_only():
-    """GRE keeps one RFC 2890 receive window: several peers' sequences would drop each other's packets."""
+def test_gre_sequence_numbers_serve_many_peers():
+    """Each peer's RFC 2890 window is its own session's: GRE with seq takes several peers, from the file and live."""
     from tunneld.encap.gre import Gre
-    from tunneld.runtime.modes import ModeOptionError, build_codec
+    from tunneld.runtime.modes import build_codec
 
-    two = TunnelConfig(peers=(PeerSpec(A), PeerSpec(B)), mode="gre", extra={"seq": True})
-    with pytest.raises(ModeOptionError, match="2 peers, but seq: sequence numbers are checked against one peer"):
-        build_codec(two, {"gre": Gre})
-    assert build_codec(dataclasses.replace(two, extra={}), {"gre": Gre}).single_peer_only() is None
+    two = TunnelConfig(peers=(PeerSpec(A, routes=("10.1.0.0/16",)), PeerSpec(B, routes=("10.2.0.0/16",))),
+                       mode="gre", extra={"seq": True})
+    assert build_codec(two, {"gre": Gre}).stateful
     w, _, _ = worker(codec=Gre(seq=True), peers=(A,))
     t = tunnel_over(w, mode="gre")
-    with pytest.raises(ConfigError, match="seq: sequence numbers"):
-        t.add_peer(PeerSpec(B, routes=("10.2.0.0/16",)))
-    assert w.engine.peers.get(B) is None
+    t.add_peer(PeerSpec(B, routes=("10.2.0.0/16",)))
+    a, b = w.engine.peers.get(A), w.engine.peers.get(B)
+    assert a is not None and b is not None and a.session is not b.session
 
 
 def test_the_peer_left_alone_names_the_tunnel():

@@ -119,7 +119,7 @@ def test_a_refused_row_breaks_the_run_and_only_accepted_rows_reach_the_device():
     rx, view, n = rows_of(segs)
     verdicts = [8, 8, 8, Drop.VNI_MISMATCH, 8, 8, 8, 8]
     drops: Counter = Counter()
-    moved, nbytes = port.write_rows(rx, view, n, len(segs[0]), verdicts, drops)
+    moved, nbytes, _ = port.write_rows(rx, view, n, len(segs[0]), verdicts, drops)
     assert drops == {Drop.VNI_MISMATCH: 1}
     assert moved == 7 and nbytes == sum(len(s) - 8 for i, s in enumerate(segs) if i != 3)
     kinds = [HDR.unpack_from(w)[1] for w in dev.written]
@@ -135,7 +135,7 @@ def test_a_row_accepted_at_another_offset_is_written_alone_from_there():
     port = VnetPort(dev, Vxlan(7), max_frame=1464)
     segs = segments(3)
     rx, view, n = rows_of(segs)
-    moved, _ = port.write_rows(rx, view, n, len(segs[0]), [8, 10, 8], Counter())
+    moved, _, _ = port.write_rows(rx, view, n, len(segs[0]), [8, 10, 8], Counter())
     assert moved == 3 and dev.written == [NO_OFFLOAD + s[8:] for s in segs[:1]] + [NO_OFFLOAD + segs[1][10:]] + \
         [NO_OFFLOAD + segs[2][8:]]
 

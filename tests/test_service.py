@@ -113,8 +113,8 @@ def reload_with(tmp_path, new, caplog):
     rx.bind(path)
     rx.settimeout(1)
     codec = Gre(seq=True)
-    codec.rx_seq = 5000  # learnt from the old peer
     tunnel = OneWorkerTunnel(BASE, MovableLink(BASE.peer), codec)
+    tunnel.worker.engine.peers.get(BASE.peer).session.rx_seq = 5000  # learnt from the old peer
 
     def loader():
         if isinstance(new, Exception):
@@ -134,7 +134,8 @@ def test_reload_applies_the_peer_live(tmp_path, caplog):
     assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert got[1].startswith("READY=1\nSTATUS=peer 10.0.0.3")
     assert service.tunnel.link.peer == "10.0.0.3" and service.tunnel.cfg.peer == "10.0.0.3"
-    assert service.tunnel.codec.rx_seq is None  # the new peer's sequence numbers start afresh
+    # the new peer's sequence numbers start afresh, in a session of its own
+    assert service.tunnel.worker.engine.peers.get("10.0.0.3").session.rx_seq is None
     assert "reload: peer 10.0.0.2 -> 10.0.0.3" in caplog.text
 
 

@@ -430,9 +430,9 @@ def _worker(index: int = 1):
 
     pipes = [_Pipe(), _Pipe()]
     codec = Gre(seq=True)
-    codec.rx_seq = 5000  # learnt from the old peer
     worker = Worker(index, _Device(pipes[0].r), _Link("192.0.2.2", pipes[1].r), codec, dev="tunneld0",
                     max_frame=1472, offload=False)
+    worker.engine.peers.get("192.0.2.2").session.rx_seq = 5000  # learnt from the old peer
     return worker, pipes
 
 
@@ -480,7 +480,8 @@ def test_a_child_worker_answers_applies_and_stops_on_its_channel(caplog):
         assert isinstance(heard[0], Ready)
         report = next(m for m in heard if isinstance(m, StatsReport))
         assert (report.seq, report.stats.tx_packets) == (3, 42) and report.cpu > 0
-        assert worker.link.peer == "192.0.2.9" and worker.codec.rx_seq is None  # as worker 0 applies a reload
+        # as worker 0 applies a reload: the new peer has a session of its own, its numbers start afresh
+        assert worker.link.peer == "192.0.2.9" and worker.engine.peers.get("192.0.2.9").session.rx_seq is None
         assert logging.getLogger().level == logging.WARNING
         assert "worker 1: reload: another IP version needs a new socket" in caplog.text
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import random
 import re
+import socket
 import struct
 from collections import Counter, deque
 from typing import Any, Callable, Mapping
@@ -73,9 +74,16 @@ class FakeDevice:
 
 class FakeLink:
     """An underlay socket talking to ``peer``: ``deliver`` datagrams, read ``sent`` as (packet, flow) pairs and
-    ``sent_to`` as the peer address each went to (several peers: ``destination`` is the address itself)."""
+    ``sent_to`` as the peer address each went to (several peers: ``destination`` is the address itself).
+
+    It is a whole ``LinkPort`` (tunneld/datapath/engine.py), as the real links are: rows are sent one datagram
+    at a time and received one at a time (``FakeGsoLink`` cuts and coalesces as the kernel would)."""
 
     spreads_flows = True  # set False to stand for a link without ports (raw IP)
+    df = True  # outer packets leave with "don't fragment"
+    buffered = False  # nothing taken from the kernel is held back between reads
+    kernel_drops = 0  # set to stand for the kernel's SO_RXQ_OVFL count
+    path_mtu_answer = 0  # what path_mtu() says (0: the kernel knows no path MTU)
 
     def __init__(self, peer: str = "192.0.2.2") -> None:
         self.peer = peer
@@ -83,6 +91,27 @@ class FakeLink:
         self.sent: list[tuple[bytes, int]] = []
         self.sent_to: list[str] = []
         self.send_error: int | None = None  # errno to raise on send, e.g. errno.EMSGSIZE
+        self.receive_buffer = 0
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.peer else socket.AF_INET
+
+    def size_receive_buffer(self, size: int) -> None:
+        self.receive_buffer = size
+
+    def path_mtu(self, address: str) -> int:
+        return self.path_mtu_answer
+
+    def enable_gro(self, max_packet: int = 65535) -> bool:
+        return False
+
+    def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
+        return self.recv_one(buf)
+
+    def send_segments(self, packets: memoryview, size: int, flow: int, dest: str | None = None) -> None:
+        for i in range(0, len(packets), size):
+            self.send(packets[i : i + size], flow, dest)
 
     def deliver(self, packet: bytes, source: str | None = None) -> None:
         self.pending.append((packet, source or self.peer))

@@ -1,5 +1,17 @@
 """The data path: one device port, one underlay link, one encapsulator, a table of peers.
 
+Two ways through, chosen by what the codec declares (tunneld/encap/base.py, tunneld/encap/session.py):
+- a stateless codec (VXLAN, GRE without sequence numbers, header-only plugins) lays the same header in front
+  of every frame for every peer: the flows below, batched, where ``encap``/``decap_batch`` (and the codec's
+  constant header, for the offload rows) serve all peers at once;
+- a stateful codec keeps a session per peer (``Peer.session``): each frame is sealed by its peer's session and
+  each datagram opened by the session of the peer it names (``_sealed_device_readable``,
+  ``_opened_link_readable``), one by one; the codec's own packets (a keepalive, a handshake) leave when a
+  session's ``deadline`` comes (``run_timers``, on one loop timer); a session that authenticates its packets
+  may move its peer's endpoint to where an accepted datagram came from (roaming).
+Both deliver single datagrams through one method (``_deliver_one``): the verdict (a session's ``open``), the
+source check, the device write, the MAC learnt, the counters.
+
 The engine moves batches; the ports hide how. With offloads (``make_engine(..., offload=True)``) the device
 port (tunneld/io/port.py ``VnetPort``) reads super-frames and cuts them into rows, and the link sends rows
 with one UDP_SEGMENT sendmsg or one sendmmsg and receives them with UDP_GRO or recvmmsg; without, the same
@@ -73,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import socket
 import time
 from typing import Callable, Protocol, Sequence
@@ -81,6 +94,7 @@ import numpy as np
 
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
+from tunneld.encap.session import HELD
 from tunneld.io.port import Fallback, FramePort, Super, VnetPort
 from tunneld.offload.layout import ETH_HLEN
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
@@ -120,6 +134,9 @@ RECEIVE_BUFFER = 4 << 20
 # Seconds before a peer's learnt path MTU is asked again, when a frame above it arrives: a system call pair per
 # peer and second at most, and only while frames are too big for it.
 PMTU_RECHECK = 1.0
+# The soonest the sessions' timer fires again (seconds): a session whose deadline stays in the past after
+# ``poll`` (a bug in it) costs a wake-up per grain, not a spinning loop.
+TIMER_GRAIN = 0.005
 
 
 def _no_flow(frame: memoryview) -> int:
@@ -134,11 +151,20 @@ class DevicePort(Protocol):
 
 
 class LinkPort(Protocol):
-    peer: str
+    """What the engine asks of the underlay link: the real links (io/udp.py ``UdpLink``, io/raw.py ``RawLink``)
+    and the fakes (tunneld/testing.py) all implement every member; the engine probes for none."""
+
+    peer: str  # the default destination (the one peer's address)
+    family: int  # socket.AF_INET or AF_INET6: one IP version for all peers
+    df: bool  # whether outer packets leave with "don't fragment" (then the kernel's path MTU matters)
     spreads_flows: bool  # whether send() uses its flow argument (UDP source ports); raw IP has none to spread
+    buffered: bool  # datagrams taken from the kernel and not yet handed out (raw IP's recvmmsg)
+    kernel_drops: int  # datagrams the kernel dropped on the socket so far (SO_RXQ_OVFL)
 
     def fileno(self) -> int: ...
     def set_peer(self, peer: str) -> None: ...
+    def size_receive_buffer(self, size: int) -> None: ...
+    def path_mtu(self, address: str) -> int: ...  # the kernel's path MTU towards address (0: none known)
     def recv_one(self, buf: memoryview) -> tuple[int, str, int]: ...  # one datagram: (n, source, 0)
     def destination(self, address: str) -> object: ...  # what send takes for a peer (checks the family)
     def send(self, packet: memoryview, flow: int, dest: object = None) -> None: ...  # one datagram, now
@@ -150,9 +176,10 @@ class LinkPort(Protocol):
 
 def offload_supported(codec: Encapsulator) -> bool:
     """Whether the engine can move ``codec``'s packets in batches (offloads): a UDP transport (GSO/GRO) or
-    raw IP (sendmmsg/recvmmsg), and a constant header declared for both IP versions. GRE with checksums or
-    sequence numbers declares none and moves packets one by one."""
-    return codec.transport.kind in ("udp", "ip") and constant_headers(codec) is not None
+    raw IP (sendmmsg/recvmmsg), a stateless codec and a constant header declared for both IP versions. GRE
+    with checksums or sequence numbers declares none and moves packets one by one."""
+    return (codec.transport.kind in ("udp", "ip") and not codec.stateful and not codec.trailer_len
+            and constant_headers(codec) is not None)
 
 
 def _batch_ports(device, link: LinkPort, codec: Encapsulator, max_frame: int, offload: bool, egress=None):
@@ -196,30 +223,32 @@ class Engine:
         self.codec = codec
         self.max_frame = max_frame  # the largest inner frame whose encapsulation fits the underlay MTU
         # Path MTU (see the module's docstring): what the underlay adds around a frame, the ICMP budget.
-        self._outer_overhead = codec.outer_overhead(getattr(link, "family", None) == socket.AF_INET6)
+        self._outer_overhead = codec.outer_overhead(link.family == socket.AF_INET6)
         self._icmp_limit = RateLimit()
-        # The fakes have no path_mtu, and with DF unset the kernel fragments what the path cannot carry: no limit
-        # learnt per peer.
-        self._path_mtu = getattr(link, "path_mtu", None) if getattr(link, "df", True) else None
+        # With DF unset the kernel fragments what the path cannot carry: no limit learnt per peer.
+        self._path_mtu = link.path_mtu if link.df else None
         # The kernel's drops on the underlay socket (SO_RXQ_OVFL), as the link has seen them so far: added to
-        # ``kernel_rcvbuf`` once per wake-up. Links without the count (the fakes) have none.
-        self._counts_kernel_drops = hasattr(link, "kernel_drops")
+        # ``kernel_rcvbuf`` once per wake-up.
         self._kernel_drops = 0
-        size_receive_buffer = getattr(link, "size_receive_buffer", None)
-        if size_receive_buffer is not None:
-            size_receive_buffer(RECEIVE_BUFFER)
+        link.size_receive_buffer(RECEIVE_BUFFER)
         self.batch = batch or (OFFLOAD_BATCH if offload else DEFAULT_BATCH)
         if not 1 <= self.batch <= MAX_BATCH:  # the per-wake-up histograms have a slot per read count up to it
             raise ValueError(f"batch {self.batch} is outside 1..{MAX_BATCH}")
         self.stats = Stats()
         self._clock = clock
         self.l2 = codec.device is DeviceKind.TAP
-        destination = getattr(link, "destination", None) or (lambda address: None)
-        self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=destination, fdb_max=fdb_max,
-                               fdb_ageing=fdb_ageing)
+        # Stateful codecs: a session per peer, packets one by one, the codec's own packets on a timer.
+        self._sessions = codec.stateful
+        if self._sessions and offload:
+            raise ValueError(f"{codec.name}: keeps per-peer sessions; its packets move one by one (no offloads)")
+        self._keyed = codec.keyed
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=link.destination, session=codec.session,
+                               fdb_max=fdb_max, fdb_ageing=fdb_ageing)
         for spec in peers if peers is not None else (PeerSpec(link.peer),):
             self.peers.upsert(spec, clock())
-        if not getattr(link, "spreads_flows", True):
+        if not link.spreads_flows:
             self._flow_hash = _no_flow  # the ~0.8 us hash would be thrown away for every packet
         else:
             self._flow_hash = ethernet_flow_hash if codec.device is DeviceKind.TAP else ip_flow_hash
@@ -244,12 +273,17 @@ class Engine:
         self._loop = loop
         loop.add_reader(self.device.fileno(), self.on_device_readable)
         loop.add_reader(self.link.fileno(), self.on_link_readable)
+        if self._sessions:
+            self.run_timers()  # sessions may have something due from the start (a persistent keepalive)
 
     def detach(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.device.fileno())
             self._loop.remove_reader(self.link.fileno())
             self._loop = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _device_failed(self, e: OSError) -> None:
         """A device read failed: EBADFD means the interface was deleted under us, and no read will work again."""
@@ -257,9 +291,195 @@ class Engine:
             self.detach()
             self.on_device_gone()
 
+    # -- sessions: the codec's own packets and its timers -------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """When the engine's timer next fires for the sessions (``math.inf``: not armed)."""
+        return self._timer_at
+
+    def run_timers(self) -> None:
+        """Send what every session has due now, and arm the one timer for the earliest next deadline. The loop's
+        timer calls it; tests call it after moving their clock."""
+        now = self._clock()
+        for peer in self.peers.all:
+            if peer.session.deadline() <= now:
+                self._send_own(peer, now)
+        self._arm(min((p.session.deadline() for p in self.peers.all), default=math.inf), now)
+
+    def _after_session(self, peer: Peer, now: float) -> None:
+        """``peer``'s session was just used: what it has due now leaves, and a sooner deadline arms the timer."""
+        session = peer.session
+        deadline = session.deadline()
+        if deadline <= now:
+            self._send_own(peer, now)
+            deadline = session.deadline()
+        if deadline < self._timer_at:
+            self._arm(deadline, now)
+
+    def _send_own(self, peer: Peer, now: float) -> None:
+        """The session's own packets due at ``now`` (a keepalive, a handshake), to the peer's endpoint as they are."""
+        stats = self.stats
+        for packet in peer.session.poll(now):
+            try:
+                self.link.send(memoryview(packet), 0, peer.dest)
+            except OSError:
+                stats.drops[Drop.SOCKET_ERROR] += 1
+                peer.stats.dropped += 1
+                continue
+            stats.codec_packets += 1
+
+    def _arm(self, deadline: float, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline != math.inf and self._loop is not None:
+            # Not sooner than TIMER_GRAIN: a session whose deadline stays in the past must not spin the loop.
+            self._timer = self._loop.call_later(max(TIMER_GRAIN, deadline - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self.run_timers()
+
+    # -- sessions: one packet at a time, each through its peer's session ----------------------------------------
+
+    def _sealed_device_readable(self) -> None:
+        """Outbound for a stateful codec: each frame read is sealed by its peer's session (a flooded frame by
+        every peer's, from a copy: a session may rewrite the frame in place) and sent alone."""
+        stats = self.stats
+        drops = stats.drops
+        view = self._txview
+        areas = self._read_areas
+        read = self.port.read
+        only = self.peers.only
+        now = self._clock()
+        reads = moved = nbytes = taken = 0
+        for _ in range(self.batch):
+            if taken >= WAKEUP_BYTES:
+                break
+            try:
+                n = read(areas)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                drops[Drop.DEVICE_READ_ERROR] += 1
+                self._device_failed(e)
+                break
+            reads += 1
+            taken += n
+            frame = view[HEADROOM : HEADROOM + n]
+            flow = self._flow_hash(frame)
+            peer = only if only is not None else self._choose(n)
+            if peer.__class__ is Peer:
+                targets = (peer,)
+            elif peer is None:  # broadcast, multicast, unknown unicast: every peer's session seals a copy
+                stats.flooded += 1
+                targets = self.peers.all
+            else:  # no_route
+                drops[peer] += 1
+                self._write_icmp(frame, too_big=False)
+                continue
+            original = bytes(frame) if len(targets) > 1 else None
+            for i, target in enumerate(targets):
+                if i:
+                    self._txbuf[HEADROOM : HEADROOM + n] = original
+                if n > self.segment_limit(target):
+                    self._too_big(frame, n, target)
+                    target.stats.dropped += 1
+                    continue
+                if self._seal_send(target, n, flow, now):
+                    moved += 1
+                    nbytes += n
+        stats.tx_packets += moved
+        stats.tx_bytes += nbytes
+        stats.tx_batches[reads] += 1
+
+    def _seal_send(self, peer: Peer, n: int, flow: int, now: float) -> bool:
+        """Seal the frame at HEADROOM (``n`` bytes) with ``peer``'s session and send it: whether it left."""
+        ps = peer.stats
+        sealed = peer.session.seal(self._txbuf, HEADROOM, HEADROOM + n, now)
+        if sealed.__class__ is not tuple:
+            if sealed is not HELD:  # HELD: the session keeps it (no keys yet) and sends it through poll
+                self.stats.drops[sealed] += 1
+                ps.dropped += 1
+            self._after_session(peer, now)
+            return False
+        start, end = sealed
+        try:
+            self.link.send(self._txview[start:end], flow, peer.dest)
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                self._too_big(self._txview[HEADROOM : HEADROOM + n], n, peer, failed=True)
+            else:
+                self.stats.drops[Drop.SOCKET_ERROR] += 1
+            ps.dropped += 1
+            return False
+        ps.tx_packets += 1
+        ps.tx_bytes += n
+        self._after_session(peer, now)
+        return True
+
+    def _opened_link_readable(self) -> None:
+        """Inbound for a stateful codec: each datagram goes to the session of the peer it names (keyed codecs:
+        ``peer_key``; others: the source address's peer), then the one delivery path."""
+        stats = self.stats
+        drops = stats.drops
+        view = self._rxview
+        area = self._rx_area
+        recv = self._recv
+        keyed = self._keyed
+        peer_key = self.codec.peer_key
+        deliver_one = self._deliver_one
+        now = self._clock()
+        reads = moved = nbytes = taken = 0
+        for _ in range(self.batch):
+            if taken >= WAKEUP_BYTES:
+                break
+            try:
+                n, source, _ = recv(area)
+            except BlockingIOError:
+                break
+            except OSError:
+                drops[Drop.SOCKET_ERROR] += 1
+                continue
+            reads += 1
+            taken += n
+            packet = view[:n]
+            if keyed:
+                peer_id = peer_key(packet)
+                if peer_id.__class__ is Drop:
+                    drops[peer_id] += 1
+                    continue
+                peer = self.peers.by_id.get(peer_id)
+            else:
+                peer = self.peers.by_endpoint.get(source)
+            if peer is None:
+                drops[Drop.UNKNOWN_PEER] += 1
+                continue
+            b = deliver_one(packet, peer, now, source)
+            if b >= 0:
+                moved += 1
+                nbytes += b
+        if moved:
+            stats.peer_last_rx = now
+        stats.rx_packets += moved
+        stats.rx_bytes += nbytes
+        stats.rx_batches[reads] += 1
+        self._note_kernel_drops()
+
+    def _note_kernel_drops(self) -> None:
+        """The kernel's drops on the underlay socket since the last wake-up, added to ``kernel_rcvbuf``."""
+        kernel = self.link.kernel_drops
+        if kernel != self._kernel_drops:
+            self.stats.drops[Drop.KERNEL_RCVBUF] += kernel - self._kernel_drops
+            self._kernel_drops = kernel
+
     # -- outbound --------------------------------------------------------------------------------------------
 
     def on_device_readable(self) -> None:
+        if self._sessions:
+            return self._sealed_device_readable()
         stats = self.stats
         drops = stats.drops
         buf, view = self._txbuf, self._txview
@@ -551,12 +771,12 @@ class Engine:
                 ps.dropped += failed
         return moved, nbytes
 
-    def _send_kernel(self, n: int, only: Peer | None) -> tuple[int, int] | None:
-        """Hand the super-frame at HEADROOM (``n`` bytes, its vnet fields in ``port.gso``) to the egress device,
+    def _send_kernel(self, n: Super, only: Peer | None) -> tuple[int, int] | None:
+        """Hand the super-frame at HEADROOM (``n`` bytes, its vnet fields in ``n.gso``) to the egress device,
         for the kernel to segment on its way to its one peer: (packets, inner bytes) it becomes, as the rows
         of the old path would count; None when it must take the old path (flooded, no route, a segment over
         the limit: counted there; or the egress declined this one)."""
-        gso = self.port.gso
+        gso = n.gso
         peer = only if only is not None else self._choose(n)
         if peer.__class__ is not Peer:
             return None
@@ -591,21 +811,17 @@ class Engine:
     # -- inbound ---------------------------------------------------------------------------------------------
 
     def on_link_readable(self) -> None:
+        if self._sessions:
+            return self._opened_link_readable()
         stats = self.stats
         drops = stats.drops
         rx, view = self._rx, self._rxview
         area = self._rx_area
         recv = self._recv
-        write = self.port.write
-        decap = self.codec.decap
         deliver = self._deliver
+        deliver_one = self._deliver_one
         gather = self._gather  # None with batches of one: every datagram is judged and written alone
-        by_address = self.peers.by_address
-        fdb = self.peers.fdb
-        learn = fdb.learn if fdb is not None else None
-        fdb_table = fdb.table if fdb is not None else None
-        # L3 with several peers (or routes narrower than everything): the inner source must be the sender's.
-        check = self._source_allowed if fdb is None and self.peers.only is None else None
+        by_endpoint = self.peers.by_endpoint
         now = self._clock()
         gpeer = None  # the peer whose datagrams are gathered (a gathering holds one peer's only)
         reads = moved = nbytes = taken = 0
@@ -623,7 +839,7 @@ class Engine:
                 continue
             reads += 1
             taken += n
-            peer = by_address.get(source)
+            peer = by_endpoint.get(source)
             if peer is None:
                 drops[Drop.UNKNOWN_PEER] += -(-n // size) if size else 1
                 continue
@@ -655,31 +871,10 @@ class Engine:
                     into = view[n : n + RX_AREA]
                     continue
                 # too short to be part of a run: judged and written alone, right away
-            packet = view[:n]
-            verdict = decap(packet)
-            ps = peer.stats
-            if verdict.__class__ is Drop or (check is not None and not check(packet, verdict, peer)):
-                drops[verdict if verdict.__class__ is Drop else Drop.SOURCE_NOT_ALLOWED] += 1
-                ps.dropped += 1
-                continue
-            try:
-                write(packet[verdict:])
-            except OSError:
-                drops[Drop.DEVICE_WRITE_ERROR] += 1
-                ps.dropped += 1
-                continue
-            if fdb_table is not None:
-                mac = bytes(packet[verdict + 6 : verdict + 12])
-                entry = fdb_table.get(mac)
-                if entry is not None and entry.peer is peer:
-                    entry.seen = now
-                else:
-                    learn(mac, peer, now)
-            moved += 1
-            nbytes += n - verdict
-            ps.rx_packets += 1
-            ps.rx_bytes += n - verdict
-            ps.last_rx = now
+            b = deliver_one(view[:n], peer, now, source)
+            if b >= 0:
+                moved += 1
+                nbytes += b
         if gather is not None and gather.fill:
             m, b = deliver(*gather.take(), gpeer, now)
             moved, nbytes = moved + m, nbytes + b
@@ -688,12 +883,8 @@ class Engine:
         stats.rx_packets += moved
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
-        if self._counts_kernel_drops:
-            kernel = self.link.kernel_drops
-            if kernel != self._kernel_drops:
-                drops[Drop.KERNEL_RCVBUF] += kernel - self._kernel_drops
-                self._kernel_drops = kernel
-        if self._loop is not None and gather is not None and getattr(self.link, "buffered", False):
+        self._note_kernel_drops()
+        if self._loop is not None and gather is not None and self.link.buffered:
             # The wake-up's budget ran out with packets the link took from the kernel in hand (raw IP's recvmmsg):
             # no poll would report them, so come back for them on the next turn of the loop.
             self._loop.call_soon(self.on_link_readable)
@@ -707,60 +898,93 @@ class Engine:
             return self.peers.routes.lookup(int.from_bytes(packet[at + 8 : at + 24], "big"), 6) is peer
         return False
 
+    def _deliver_one(self, packet: memoryview, peer: Peer, now: float, source: str) -> int:
+        """The one way a single datagram from ``peer`` reaches the device: its session's verdict (``open``), and
+        in L3 with several peers whether the inner source is the peer's; then the write, the source MAC (L2)
+        and the peer's counters; a session that authenticated it may move the peer to ``source`` (roaming).
+        Returns the inner bytes written, or -1 when nothing was (counted by reason, never raised)."""
+        ps = peer.stats
+        opened = peer.session.open(packet, now)
+        if opened.__class__ is not tuple:
+            if opened is HELD:  # the codec's own message: no frame, no drop; it may have something to send
+                self._after_session(peer, now)
+                self._roam(peer, source)
+                return -1
+            self.stats.drops[opened] += 1
+            ps.dropped += 1
+            return -1
+        at, length = opened
+        fdb = self.peers.fdb
+        if fdb is None and self.peers.only is None and not self._source_allowed(packet, at, peer):
+            self.stats.drops[Drop.SOURCE_NOT_ALLOWED] += 1
+            ps.dropped += 1
+            return -1
+        try:
+            self.port.write(packet[at : at + length])
+        except OSError:
+            self.stats.drops[Drop.DEVICE_WRITE_ERROR] += 1
+            ps.dropped += 1
+            return -1
+        if fdb is not None:
+            mac = bytes(packet[at + 6 : at + 12])
+            entry = fdb.table.get(mac)
+            if entry is not None and entry.peer is peer:
+                entry.seen = now
+            else:
+                fdb.learn(mac, peer, now)
+        ps.rx_packets += 1
+        ps.rx_bytes += length
+        ps.last_rx = now
+        if self._sessions:
+            self._roam(peer, source)
+            self._after_session(peer, now)
+        return length
+
+    def _roam(self, peer: Peer, source: str) -> None:
+        """A datagram from ``source`` was accepted by ``peer``'s session: if the session authenticates what it
+        accepts, the peer is now there; if not, nothing moves (a spoofed source must never redirect a peer)."""
+        if source != peer.endpoint and peer.session.authenticates and self.peers.move(peer, source):
+            self.stats.endpoint_changes += 1
+
     def _deliver(self, n: int, size: int, peer: Peer, now: float) -> tuple[int, int]:
         """The codec's verdict on ``peer``'s datagrams of ``size`` in ``rx[:n]`` (and, L3, whether their inner
         sources are the peer's), then the device port writes what was accepted and, L2, their source MACs
         are learnt: (frames, inner bytes) written."""
         packets = self._rxview[:n]
+        if size >= n:  # one datagram
+            b = self._deliver_one(packets, peer, now, peer.endpoint)
+            return (1, b) if b >= 0 else (0, 0)
         ps = peer.stats
         fdb = self.peers.fdb
-        check = fdb is None and self.peers.only is None
-        if size >= n:  # one datagram
-            verdict = self.codec.decap(packets)
-            if verdict.__class__ is not Drop and check and not self._source_allowed(packets, verdict, peer):
-                verdict = Drop.SOURCE_NOT_ALLOWED
-            if verdict.__class__ is Drop:
-                self.stats.drops[verdict] += 1
-                ps.dropped += 1
-                return 0, 0
-            try:
-                self.port.write(packets[verdict:])
-            except OSError:
-                self.stats.drops[Drop.DEVICE_WRITE_ERROR] += 1
-                ps.dropped += 1
-                return 0, 0
-            if fdb is not None:
-                fdb.learn(bytes(packets[verdict + 6 : verdict + 12]), peer, now)
-            m, b = 1, n - verdict
-        else:
-            verdicts = self.codec.decap_batch(packets, size)
-            if check:
-                for i, verdict in enumerate(verdicts):
-                    if verdict.__class__ is not Drop and not self._source_allowed(
-                            packets[i * size : (i + 1) * size], verdict, peer):
-                        verdicts[i] = Drop.SOURCE_NOT_ALLOWED
-            m, b = self.port.write_rows(self._rx, self._rxview, n, size, verdicts, self.stats.drops)
-            if fdb is not None and m:
-                self._learn_rows(n, size, verdicts, peer, now)
-            ps.dropped += len(verdicts) - m
+        verdicts = self.codec.decap_batch(packets, size)
+        if fdb is None and self.peers.only is None:
+            for i, verdict in enumerate(verdicts):
+                if verdict.__class__ is not Drop and not self._source_allowed(
+                        packets[i * size : (i + 1) * size], verdict, peer):
+                    verdicts[i] = Drop.SOURCE_NOT_ALLOWED
+        m, b, merged = self.port.write_rows(self._rx, self._rxview, n, size, verdicts, self.stats.drops)
+        if fdb is not None and m:
+            self._learn_rows(n, size, verdicts, peer, now, merged)
+        ps.dropped += len(verdicts) - m
         ps.rx_packets += m
         ps.rx_bytes += b
         if m:
             ps.last_rx = now
         return m, b
 
-    def _learn_rows(self, n: int, size: int, verdicts: list, peer: Peer, now: float) -> None:
+    def _learn_rows(self, n: int, size: int, verdicts: list, peer: Peer, now: float, merged: bool) -> None:
         """Learn the source MAC of every accepted row in ``rx[:n]``. A read's rows are not one inner flow: UDP
         GRO merges datagrams of one outer 4-tuple, whatever inner flows share the peer's source port (a port
         hash collision, or a peer that sends from one port), and the gatherer merges any consecutive datagrams
         of one length. Mostly they do carry one source: when the port wrote them all as one super-frame, the
         coalescer has already compared every row's Ethernet header with the first's; otherwise one NumPy pass
         checks it (every row accepted at the usual offset, every source MAC the first's). Then that MAC is
-        learnt once; else each row's source is learnt (a MAC seen again in the same read only refreshes it)."""
+        learnt once; else each row's source is learnt (a MAC seen again in the same read only refreshes it).
+        ``merged``: the port wrote every row as one super-frame (``VnetPort.write_rows``)."""
         fdb = self.peers.fdb
         p = self.port.header_len
         rx = self._rx
-        if self.port.merged:  # one super-frame: every row carried the head's Ethernet header (io/port.py)
+        if merged:  # one super-frame: every row carried the head's Ethernet header (io/port.py)
             fdb.learn(bytes(rx[p + 6 : p + 12]), peer, now)
             return
         count = len(verdicts)

@@ -1,13 +1,20 @@
 """Peers as configuration names them: one value per far end, whatever said so (flags, a file, the control
 socket, later a registry).
 
-A ``PeerSpec`` is what is *said* about a peer; the data path keeps its live state (counters, when it was last
-heard, the FDB entries and routes that point at it) in its own tables, keyed by ``address``. Two specs with
-the same address are the same peer: applying a new spec for a known address changes its name, routes or
-static MACs and keeps its counters (SIGHUP, ``tunneld peer add`` of a known address).
+A ``PeerSpec`` is what is *said* about a peer; the data path keeps its live state (counters, its codec
+session, when it was last heard, the FDB entries and routes that point at it) in its own tables, keyed by
+the peer's ``id``. Two specs with the same id are the same peer: applying a new spec for a known id changes
+its name, routes or static MACs and keeps its counters and session (SIGHUP, ``tunneld peer add``).
 
-The live side (``Peer``, ``PeerTable``) is the engine's: per peer its counters and where the link sends to;
-the FDB (fdb.py) for L2 modes, the routes (routes.py) for L3 modes.
+A peer is known by who it is, not by where it is. Its id is its ``key`` where the codec names peers by a key
+carried in their packets (``Encapsulator.keyed``), else its underlay address. Its ``endpoint`` (the underlay
+address its packets come from and go to; the port is the link's) is an attribute, found through an index
+(``PeerTable.by_endpoint``), and it may change: ``PeerTable.move``, which the engine calls only when the
+peer's session has authenticated a packet from the new place (roaming). For address-named peers id and
+endpoint are one and never move.
+
+The live side (``Peer``, ``PeerTable``) is the engine's: per peer its counters, its codec session and where
+the link sends to; the FDB (fdb.py) for L2 modes, the routes (routes.py) for L3 modes.
 
 Pure: no I/O, stdlib only.
 """
@@ -29,12 +36,14 @@ REGISTRY = "registry"  # from a membership registry (etcd)
 class PeerSpec:
     """One far end of the overlay.
 
-    ``address``: its underlay IPv4/IPv6 address, canonical (``ipaddress`` text form), the peer's identity.
+    ``address``: its underlay IPv4/IPv6 address, canonical (``ipaddress`` text form): where it is first sent
+      to, and its identity unless it has a ``key``.
     ``name``: an operator's label for ``tunneld show``, or None.
     ``routes``: L3 modes (gre, TUN plugins): the inner prefixes reached through this peer, canonical CIDRs;
       inbound packets from it must come from one of them (WireGuard's AllowedIPs).
     ``macs``: L2 modes (vxlan, gretap, TAP plugins): static FDB entries, canonical lower-case ``aa:bb:..``.
     ``source``: who said so, STATIC or REGISTRY (shown by ``tunneld show``).
+    ``key``: its identity for a keyed codec (the value its packets carry that names it), or None.
     """
 
     address: str
@@ -42,6 +51,12 @@ class PeerSpec:
     routes: tuple[str, ...] = ()
     macs: tuple[str, ...] = ()
     source: str = STATIC
+    key: str | None = None
+
+    @property
+    def id(self) -> str:
+        """What the peer tables key it by: its key, or its address."""
+        return self.key if self.key is not None else self.address
 
     def label(self) -> str:
         """How logs and ``tunneld show`` name it: ``name (address)`` or the address alone."""
@@ -50,80 +65,97 @@ class PeerSpec:
 
 # -- the live side: what the data path keeps per peer ----------------------------------------------------------
 
-DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")  # L3, one peer without routes: everything goes to it (as before issue 12)
+DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")  # L3, one peer without routes: everything goes to it
 
 
 NO_PATH_LIMIT = 65535  # a peer's max_frame until its path MTU is learnt: only the engine's own limit holds
 
 
 class Peer:
-    """A peer as the engine holds it: its spec, where the link sends to (``dest``, built once by the link),
-    and its counters (``stats``, the ``PeerStats`` kept in the engine's Stats under its address).
+    """A peer as the engine holds it: its spec, its ``id`` (the key of the tables), its ``endpoint`` (the
+    underlay address it is reached at now) and where the link sends to (``dest``, built once per endpoint by
+    the link), its codec ``session`` (tunneld/encap/session.py) and its counters (``stats``, the ``PeerStats``
+    kept in the engine's Stats under its id).
 
     Its path, as the engine learns it while running (engine.py, "Path MTU"): ``pmtu``, the underlay path MTU
     the kernel reported towards it (0: none learnt yet), ``max_frame``, the largest inner frame that crosses
     that path (NO_PATH_LIMIT until learnt; ``Engine.segment_limit(peer)`` adds the engine's own limit), and
     ``pmtu_checked``, when the kernel was last asked."""
 
-    __slots__ = ("spec", "address", "dest", "stats", "pmtu", "max_frame", "pmtu_checked")
+    __slots__ = ("spec", "id", "endpoint", "dest", "session", "stats", "pmtu", "max_frame", "pmtu_checked")
 
-    def __init__(self, spec: PeerSpec, dest: object, stats: PeerStats) -> None:
+    def __init__(self, spec: PeerSpec, dest: object, stats: PeerStats, session: object = None) -> None:
         self.spec = spec
-        self.address = spec.address
+        self.id = spec.id
+        self.endpoint = spec.address
         self.dest = dest
+        self.session = session
         self.stats = stats
         self.pmtu = 0
         self.max_frame = NO_PATH_LIMIT
         self.pmtu_checked = 0.0
 
+    @property
+    def address(self) -> str:
+        """Where it is now: its endpoint's address."""
+        return self.endpoint
+
     def __repr__(self) -> str:
         return self.spec.label()
 
 
+def _no_session(peer_id: str) -> None:
+    return None
+
+
 class PeerTable:
-    """The peers of one engine: by address (inbound: who sent this), the flood list, and for L2 the FDB, for
-    L3 the routes. ``only`` is the peer every outbound packet goes to without a look-up: set when there is one
-    peer and it would win every look-up (L2; L3 with routes covering everything), which keeps the one-peer
-    path as cheap as before.
+    """The peers of one engine: by id, by endpoint (inbound, for codecs that do not name the peer: who sent
+    this), the flood list, and for L2 the FDB, for L3 the routes. ``only`` is the peer every outbound packet
+    goes to without a look-up: set when there is one peer and it would win every look-up (L2; L3 with routes
+    covering everything), which keeps the one-peer path free of look-ups.
 
     ``destination(address)`` is the link's: it checks the address (family) and builds what its send takes.
+    ``session(peer_id)`` is the codec's: the state it keeps per peer, made once when the peer is added.
     Changes are all-or-nothing: ``apply`` (which ``upsert``, ``remove`` and ``replace`` call) builds the final
     table once and raises ValueError (one line), changing nothing, when the link or the routes refuse it."""
 
     def __init__(self, *, l2: bool, stats: Stats, destination: Callable[[str], object],
+                 session: Callable[[str], object] = _no_session,
                  fdb_max: int = DEFAULT_MAX_ENTRIES, fdb_ageing: float = DEFAULT_AGEING) -> None:
         self.l2 = l2
         self._stats = stats
         self._destination = destination
-        self.by_address: dict[str, Peer] = {}
+        self._session = session
+        self.by_id: dict[str, Peer] = {}
+        self.by_endpoint: dict[str, Peer] = {}
         self.all: tuple[Peer, ...] = ()
         self.fdb: Fdb[Peer] | None = Fdb(fdb_max, fdb_ageing, counters=stats) if l2 else None
         self.routes: Routes[Peer] = Routes()
         self.only: Peer | None = None
 
     def __len__(self) -> int:
-        return len(self.by_address)
+        return len(self.by_id)
 
-    def get(self, address: str) -> Peer | None:
-        return self.by_address.get(address)
+    def get(self, peer_id: str) -> Peer | None:
+        return self.by_id.get(peer_id)
 
     def upsert(self, spec: PeerSpec, now: float = 0.0) -> Peer:
-        """Add ``spec``'s peer, or give a known address its new name, routes and static MACs (its counters and
-        learnt MACs stay)."""
+        """Add ``spec``'s peer, or give a known id its new name, routes and static MACs (its counters, session
+        and learnt MACs stay)."""
         self.apply((spec,), (), now)
-        return self.by_address[spec.address]
+        return self.by_id[spec.id]
 
-    def remove(self, address: str) -> Peer | None:
-        """Forget the peer at ``address``: its FDB entries, routes and counters go; None if there is none."""
-        peer = self.by_address.get(address)
+    def remove(self, peer_id: str) -> Peer | None:
+        """Forget the peer ``peer_id``: its FDB entries, routes, session and counters go; None if there is none."""
+        peer = self.by_id.get(peer_id)
         if peer is not None:
-            self.apply((), (address,))
+            self.apply((), (peer_id,))
         return peer
 
     def replace(self, specs: "tuple[PeerSpec, ...] | list[PeerSpec]", now: float = 0.0) -> None:
         """Make the table hold exactly ``specs``."""
-        keep = {s.address for s in specs}
-        self.apply(specs, tuple(a for a in self.by_address if a not in keep), now)
+        keep = {s.id for s in specs}
+        self.apply(specs, tuple(i for i in self.by_id if i not in keep), now)
 
     def check(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = ()) -> None:
         """ValueError (one line) if ``apply(upserts, removals)`` would be refused; changes nothing."""
@@ -131,43 +163,61 @@ class PeerTable:
 
     def apply(self, upserts: "tuple[PeerSpec, ...] | list[PeerSpec]", removals: "tuple[str, ...]" = (),
               now: float = 0.0) -> None:
-        """Removals, then upserts, as one change: judged against the final table, never an intermediate one (a
-        route moving from one peer to another, or two peers swapping routes, is no conflict). ValueError (one
-        line) if the final table would be refused; nothing has changed then. A known address keeps its counters
-        and learnt MACs and gets its new name, routes and static MACs."""
+        """Removals (ids), then upserts, as one change: judged against the final table, never an intermediate one
+        (a route moving from one peer to another, or two peers swapping routes, is no conflict). ValueError (one
+        line) if the final table would be refused; nothing has changed then. A known id keeps its counters,
+        session and learnt MACs and gets its new name, routes and static MACs."""
         peers, routes, changed = self._plan(upserts, removals)
-        for address in removals:  # from here on nothing raises
-            gone = self.by_address.get(address)
+        for peer_id in removals:  # from here on nothing raises
+            gone = self.by_id.get(peer_id)
             if gone is not None:
-                self._stats.peers.pop(address, None)
+                self._stats.peers.pop(peer_id, None)
                 if self.fdb is not None:
                     self.fdb.flush(gone)
-        for peer, spec, macs, known in changed:
+        for peer, spec, macs, known, dest in changed:
+            if known and dest is not None:
+                peer.endpoint, peer.dest = spec.address, dest
             peer.spec = spec
-            self._stats.peers[spec.address] = peer.stats
+            self._stats.peers[spec.id] = peer.stats
             if self.fdb is not None:
                 if known:
                     self.fdb.flush(peer, learnt=False)  # its old static MACs; the learnt ones stay
                 for mac in macs:
                     self.fdb.add_static(mac, peer, now)
-        self.by_address = peers
+        self.by_id = peers
         self.routes = routes
         self._settle()
 
+    def move(self, peer: Peer, endpoint: str) -> bool:
+        """Roaming: ``peer`` is now at ``endpoint`` (its session authenticated a packet from there). False, and
+        nothing changes, when the link cannot send there (another IP version)."""
+        try:
+            dest = self._destination(endpoint)
+        except ValueError:
+            return False
+        if self.by_endpoint.get(peer.endpoint) is peer:
+            del self.by_endpoint[peer.endpoint]
+        peer.endpoint, peer.dest = endpoint, dest
+        self.by_endpoint[endpoint] = peer
+        return True
+
     def _plan(self, upserts, removals):
-        """The table after the change, built once: (peers by address, routes, [(peer, spec, static MACs, known)]);
+        """The table after the change, built once: (peers by id, routes, [(peer, spec, static MACs, known, the
+        new destination of a known peer told of a new address, else None)]);
         ValueError (one line) for what the link, the MAC syntax or the routes refuse."""
-        peers = {a: p for a, p in self.by_address.items() if a not in removals}
+        peers = {i: p for i, p in self.by_id.items() if i not in removals}
         changed = []
         for spec in upserts:
-            old = peers.get(spec.address)
+            old = peers.get(spec.id)
             macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
+            # A keyed peer told of a new address is sent there from now on (as `wg set ... endpoint` does).
+            dest = self._destination(spec.address) if old is None or old.spec.address != spec.address else None
             peer = old if old is not None else Peer(
-                spec, self._destination(spec.address), self._stats.peers.get(spec.address) or PeerStats())
-            peers[spec.address] = peer
-            changed.append((peer, spec, macs, old is not None))
-        specs = {a: p.spec for a, p in peers.items()}
-        specs.update((spec.address, spec) for _, spec, _, _ in changed)
+                spec, dest, self._stats.peers.get(spec.id) or PeerStats(), self._session(spec.id))
+            peers[spec.id] = peer
+            changed.append((peer, spec, macs, old is not None, dest))
+        specs = {i: p.spec for i, p in peers.items()}
+        specs.update((spec.id, spec) for _, spec, _, _, _ in changed)
         return peers, self._routes(specs, peers), changed
 
     def _routes(self, specs: dict[str, PeerSpec], peers: dict[str, Peer]) -> "Routes[Peer]":
@@ -176,20 +226,21 @@ class PeerTable:
         if self.l2:
             return routes
         if len(specs) == 1:
-            (address, spec), = specs.items()
+            (peer_id, spec), = specs.items()
             for cidr in spec.routes or DEFAULT_ROUTES:
-                routes.add(cidr, peers[address])
+                routes.add(cidr, peers[peer_id])
             return routes
-        for address, spec in specs.items():
+        for peer_id, spec in specs.items():
             for cidr in spec.routes:
                 try:
-                    routes.add(cidr, peers[address])
+                    routes.add(cidr, peers[peer_id])
                 except ValueError as e:
-                    raise ValueError(f"peer {address}: {e}") from None
+                    raise ValueError(f"peer {spec.address}: {e}") from None
         return routes
 
     def _settle(self) -> None:
-        self.all = tuple(self.by_address.values())
+        self.all = tuple(self.by_id.values())
+        self.by_endpoint = {p.endpoint: p for p in self.all}
         only = None
         if len(self.all) == 1:
             peer = self.all[0]

@@ -63,12 +63,14 @@ class Stats:
         "icmp_sent",
         "icmp_limited",
         "pmtu_changes",
+        "endpoint_changes",
+        "codec_packets",
     )
 
     def __init__(self) -> None:
         # The histograms have MAX_BATCH + 1 slots whatever an engine's batch (the engine refuses a larger one),
         # so that snapshots of differently batched workers add up slot by slot.
-        self.peers: dict[str, PeerStats] = {}  # per peer, by address (the engine's peer table adds and removes)
+        self.peers: dict[str, PeerStats] = {}  # per peer, by id (the engine's peer table adds and removes)
         self.flooded = 0  # frames sent to every peer (broadcast, multicast, unknown unicast): once per frame
         self.fdb_learnt = self.fdb_moved = self.fdb_refused = 0  # the FDB's (fdb.py), counted where it learns
         self.tx_packets = 0  # frames read from the device and sent to the peer
@@ -95,6 +97,10 @@ class Stats:
         self.icmp_sent = [0] * len(ICMP_KINDS)
         self.icmp_limited = 0
         self.pmtu_changes = 0
+        # Stateful codecs (tunneld/encap/session.py): how often a peer's endpoint moved to where an authenticated
+        # datagram came from (roaming), and the codec's own packets sent (keepalives, handshakes).
+        self.endpoint_changes = 0
+        self.codec_packets = 0
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag[bisect_left(LOOP_LAG_BUCKETS, seconds)] += 1

@@ -33,7 +33,9 @@ import abc
 import enum
 from dataclasses import KW_ONLY, dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Hashable, Mapping
+
+from tunneld.encap.session import HeaderSession, Session
 
 
 class DeviceKind(enum.Enum):
@@ -265,6 +267,12 @@ class Encapsulator(abc.ABC):
             cls.constant_header = Encapsulator.constant_header  # type: ignore[method-assign]
         if "decap" in cls.__dict__ and "decap_batch" not in cls.__dict__:
             cls.decap_batch = Encapsulator.decap_batch  # type: ignore[method-assign]
+        # Sessions too: one inherited from a stateful codec would seal and open with the parent's code, past the
+        # subclass's own ``encap``/``decap``. Without a ``session`` of its own, the subclass is served by its
+        # ``encap``/``decap`` through the one HeaderSession (whatever state they keep is the codec's own).
+        if ("encap" in cls.__dict__ or "decap" in cls.__dict__) and "session" not in cls.__dict__:
+            cls.session = Encapsulator.session  # type: ignore[method-assign]
+            cls.stateful = Encapsulator.stateful  # type: ignore[assignment]
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Encapsulator":
@@ -279,15 +287,39 @@ class Encapsulator(abc.ABC):
         """This instance's settings for the start-up log line, e.g. ``key 42, seq``; empty when none."""
         return ""
 
-    def single_peer_only(self) -> str | None:
-        """Why this instance can serve only one peer (state it keeps about "the" peer), or None: it serves any
-        number. The configuration and ``tunneld peer add`` refuse a second peer with this line."""
-        return None
+    # -- per-peer sessions (tunneld/encap/session.py) -----------------------------------------------------------
 
-    def peer_changed(self) -> None:
-        """The peer was changed while running (reload): forget what was learnt from the old one.
+    tail_room: ClassVar[int] = 0  # the most bytes a session may write behind a frame
+    align: ClassVar[int] = 1  # sealed frames are padded to a multiple of this (the overhead counts the worst case)
+    keyed: ClassVar[bool] = False  # the peer is found by ``peer_key(packet)``, not by the source address
+    # Whether a stateful codec's sessions may be spread over worker processes (False: the tunnel runs one
+    # worker). Stateless codecs keep nothing per peer and always spread.
+    spreads: ClassVar[bool] = True
 
-        Stateless codecs have nothing to forget; GRE forgets the peer's last sequence number."""
+    def session(self, peer_id: str) -> Session:
+        """The state this codec keeps about the peer ``peer_id``. The default is the codec's one stateless
+        ``HeaderSession`` (``encap``/``decap``), shared by every peer; a codec with per-peer state returns a
+        new ``Session`` of its own."""
+        shared = self.__dict__.get("_header_session")
+        if shared is None:
+            shared = self.__dict__["_header_session"] = HeaderSession(self)
+        return shared
+
+    @property
+    def stateful(self) -> bool:
+        """Whether this codec keeps per-peer sessions (it overrides ``session``): packets then move one by one
+        through each peer's session, and never through the constant-header fast path."""
+        return type(self).session is not Encapsulator.session
+
+    def peer_key(self, packet: memoryview) -> Hashable | Drop:
+        """A keyed codec's answer to "whose packet is this?" (a header field, a key index): the ``peer_id`` of a
+        session it made, or a Drop (a key no peer holds: ``unknown_peer``). Only asked when ``keyed``."""
+        raise NotImplementedError(f"{self.name}: keyed codecs name the peer of a packet")
+
+    @property
+    def trailer_len(self) -> int:
+        """Bytes this instance adds behind each inner frame at most, padding included."""
+        return self.tail_room
 
     @property
     @abc.abstractmethod
@@ -298,7 +330,7 @@ class Encapsulator(abc.ABC):
         """Bytes the underlay adds around a whole inner frame: outer IP, transport and this header."""
         ip = IPV6_HEADER_LEN if underlay_ipv6 else IPV4_HEADER_LEN
         transport = UDP_HEADER_LEN if self.transport.kind == "udp" else 0
-        return ip + transport + self.header_len
+        return ip + transport + self.header_len + self.trailer_len + self.align - 1
 
     def overhead(self, underlay_ipv6: bool) -> int:
         """Bytes between the underlay MTU and the MTU the device can be given (``ip link``'s view).

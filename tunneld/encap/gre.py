@@ -17,7 +17,7 @@ Outbound:
   packet of any other version cannot be described and is dropped (``bad_protocol``).
 - C: the checksum is the one's complement of the one's complement sum of the GRE header (checksum field zero)
   and the payload (RFC 2784 §2.5). K: the configured key. S: a counter that starts at 0 and wraps modulo
-  2**32 (RFC 2890 §2.2); it is this codec's state, advanced once per encapsulated frame.
+  2**32 (RFC 2890 §2.2), advanced once per encapsulated frame; each peer has its own (``GreSession``).
 
 Inbound, checked in this order so that a damaged packet is counted as damaged rather than as something else:
 1. version 0 (``bad_version``); R, s and the top recursion bit clear (RFC 2784 §2.3: "bits 1-5" other than K and
@@ -45,6 +45,11 @@ being shut out (its counter starts again at 0, which looks "behind" us for up to
 The first packet after start-up is accepted whatever its number (RFC 2890 would start from 2**32-1, which
 shuts out a peer that has been running for over 2**31 packets).
 
+Per peer (tunneld/encap/session.py): with ``seq`` the send counter and the receive window are a peer's state,
+kept in its ``GreSession``, so any number of peers each count and are judged on their own: one peer's late or
+restarted sequence never disturbs another's. A peer added later starts afresh, as a new session. The codec's
+own ``encap``/``decap`` use one session of the codec's (the one-peer view, for callers without a peer table).
+
 Offloads (``constant_header``): without checksum and sequence number the header is constant per inner
 protocol (``gre``: IPv4 and IPv6 differ by their protocol type; ``gretap``: one for all); with either, each
 packet's header differs and the engine moves packets one by one. ``decap_batch`` judges a whole batch of
@@ -70,6 +75,7 @@ from tunneld.encap.base import (
     rows_agree,
 )
 from tunneld.encap.checksum import internet_checksum
+from tunneld.encap.session import Session
 
 IPPROTO_GRE = 47
 
@@ -126,6 +132,7 @@ OPTIONS = declare(
 
 
 class _GreBase(Encapsulator):
+    spreads: ClassVar[bool] = False  # a sequence window is one process's (raw IP runs one worker anyway)
     transport: ClassVar[Transport] = Transport("ip", IPPROTO_GRE)
     header_room: ClassVar[int] = BASE_HEADER_LEN + 3 * OPTION_LEN
     options: ClassVar[Mapping[str, Option]] = OPTIONS
@@ -142,26 +149,31 @@ class _GreBase(Encapsulator):
         self._seq_offset = offset if seq else -1
         self._len = offset + (OPTION_LEN if seq else 0)
         self._key_bytes = _U32.pack(self.key) if self.key is not None else b""
-        self.tx_seq = tx_seq & SEQ_MASK  # the number the next encapsulated packet carries
-        self.rx_seq: int | None = None  # the last accepted number; None until the first packet
-        self._late_run = 0  # consecutive late packets that are consecutive among themselves
-        self._late_next = -1
+        self._own = GreSession(self, tx_seq)  # the one-peer view of ``encap``/``decap``
 
     @property
     def header_len(self) -> int:
         return self._len
 
-    def single_peer_only(self) -> str | None:
-        # One receive window (RFC 2890 in-order delivery) is kept, for one sender: the sequences of several
-        # peers would pass each other's as late or duplicate.
-        return "seq: sequence numbers are checked against one peer's; with several peers leave seq off" \
-            if self.seq else None
+    @property
+    def stateful(self) -> bool:
+        return self.seq  # sequence numbers are each peer's; without them the codec keeps nothing per peer
 
-    def peer_changed(self) -> None:
-        # A new peer counts from its own start: judged against the old peer's numbers, its first packets
-        # would look late and be dropped until the resynchronisation rule gave in.
-        self.rx_seq = None
-        self._late_run = 0
+    def session(self, peer_id: str) -> Session:
+        return GreSession(self) if self.seq else super().session(peer_id)
+
+    # The one-peer view's counters (what ``encap`` sends next, what ``decap`` last accepted).
+    @property
+    def tx_seq(self) -> int:
+        return self._own.tx_seq
+
+    @property
+    def rx_seq(self) -> int | None:
+        return self._own.rx_seq
+
+    @rx_seq.setter
+    def rx_seq(self, value: int | None) -> None:
+        self._own.rx_seq = value
 
     def describe(self) -> str:
         parts = [f"key {self.key}"] if self.key is not None else []
@@ -177,15 +189,25 @@ class _GreBase(Encapsulator):
 
     # -- outbound --------------------------------------------------------------------------------------------
 
-    def _finish(self, buf: bytearray, start: int, end: int, header: bytes) -> int:
+    def _finish(self, buf: bytearray, start: int, end: int, header: bytes, session: "GreSession") -> int:
         start -= self._len
         buf[start : start + len(header)] = header
         if self.seq:
-            _U32.pack_into(buf, start + self._seq_offset, self.tx_seq)
-            self.tx_seq = (self.tx_seq + 1) & SEQ_MASK
+            _U32.pack_into(buf, start + self._seq_offset, session.tx_seq)
+            session.tx_seq = (session.tx_seq + 1) & SEQ_MASK
         if self.csum:
             _U16.pack_into(buf, start + CHECKSUM_OFFSET, internet_checksum(memoryview(buf)[start:end]))
         return start
+
+    def encap(self, buf: bytearray, start: int, end: int) -> int | Drop:
+        return self._encap(buf, start, end, self._own)
+
+    def decap(self, packet: memoryview) -> int | Drop:
+        inner = self._judge(packet)
+        if inner.__class__ is Drop or not self.seq:
+            return inner
+        late = self._own.sequence(packet, self._seq_offset)
+        return inner if late is None else late
 
     # -- inbound ---------------------------------------------------------------------------------------------
 
@@ -211,23 +233,6 @@ class _GreBase(Encapsulator):
     def _check_key(self, packet: memoryview) -> bool:
         return self._key_offset < 0 or packet[self._key_offset : self._key_offset + OPTION_LEN] == self._key_bytes
 
-    def _check_sequence(self, packet: memoryview) -> Drop | None:
-        """Step 7: the RFC 2890 receive window; updates it when the packet is accepted."""
-        (number,) = _U32.unpack_from(packet, self._seq_offset)
-        last = self.rx_seq
-        if last is not None and not 0 < (number - last) & SEQ_MASK < SEQ_HALF:
-            behind = (last - number) & SEQ_MASK  # 0 for a duplicate
-            if behind <= REORDER_WINDOW:
-                self._late_run = self._late_run + 1 if number == self._late_next else 1
-                self._late_next = (number + 1) & SEQ_MASK
-                if self._late_run < RESYNC_AFTER:
-                    return Drop.SEQUENCE
-            # else: too far behind to be late; the peer's counter started again
-        self.rx_seq = number
-        self._late_run = 0
-        return None
-
-
 class Gre(_GreBase):
     name: ClassVar[str] = "gre"
     description: ClassVar[str] = "IPv4/IPv6 packets (TUN) in GRE over IP, RFC 2784/2890 (Linux 'type gre'/'ip6gre')"
@@ -238,14 +243,14 @@ class Gre(_GreBase):
         self._header4 = self._static_header(PROTO_IPV4)
         self._header6 = self._static_header(PROTO_IPV6)
 
-    def encap(self, buf: bytearray, start: int, end: int) -> int | Drop:
+    def _encap(self, buf: bytearray, start: int, end: int, session: "GreSession") -> int | Drop:
         if end <= start:
             return Drop.RUNT_FRAME
         version = buf[start + IP_VERSION_OFFSET] >> 4
         if version == 4:
-            return self._finish(buf, start, end, self._header4)
+            return self._finish(buf, start, end, self._header4, session)
         if version == 6:
-            return self._finish(buf, start, end, self._header6)
+            return self._finish(buf, start, end, self._header6, session)
         return Drop.BAD_PROTOCOL
 
     def constant_header(self, ip_version: int) -> bytes | None:
@@ -262,7 +267,8 @@ class Gre(_GreBase):
             return [inner] * (count - 1) + [self.decap(packets[(count - 1) * size :])]
         return super().decap_batch(packets, size)
 
-    def decap(self, packet: memoryview) -> int | Drop:
+    def _judge(self, packet: memoryview) -> int | Drop:
+        """Steps 1-6: the inner packet's offset, or why the datagram is dropped; the sequence is the session's."""
         protocol = self._check_header(packet)
         if protocol.__class__ is Drop:
             return protocol
@@ -291,10 +297,6 @@ class Gre(_GreBase):
             (payload,) = _U16.unpack_from(packet, inner + IPV6_PAYLOAD_LENGTH_OFFSET)
             if IPV6_HEADER_LEN + payload != carried:
                 return Drop.LENGTH_MISMATCH
-        if self.seq:
-            late = self._check_sequence(packet)
-            if late is not None:
-                return late
         return inner
 
 
@@ -307,8 +309,8 @@ class GreTap(_GreBase):
         super().__init__(key, seq, csum, tx_seq=tx_seq)
         self._header = self._static_header(PROTO_TEB)
 
-    def encap(self, buf: bytearray, start: int, end: int) -> int:
-        return self._finish(buf, start, end, self._header)
+    def _encap(self, buf: bytearray, start: int, end: int, session: "GreSession") -> int:
+        return self._finish(buf, start, end, self._header, session)
 
     def constant_header(self, ip_version: int) -> bytes | None:
         return self._constant(self._header)
@@ -322,7 +324,7 @@ class GreTap(_GreBase):
             return [self._len] * count
         return super().decap_batch(packets, size)
 
-    def decap(self, packet: memoryview) -> int | Drop:
+    def _judge(self, packet: memoryview) -> int | Drop:
         protocol = self._check_header(packet)
         if protocol.__class__ is Drop:
             return protocol
@@ -332,8 +334,46 @@ class GreTap(_GreBase):
             return Drop.KEY_MISMATCH
         if len(packet) - self._len < ETHERNET_HEADER_LEN:
             return Drop.RUNT_FRAME
-        if self.seq:
-            late = self._check_sequence(packet)
-            if late is not None:
-                return late
         return self._len
+
+
+class GreSession(Session):
+    """One peer's RFC 2890 state: the number its next packet carries, and the receive window (the last number
+    accepted, and the run of late packets that may be a restarted count: the module docstring's policy)."""
+
+    __slots__ = ("_codec", "tx_seq", "rx_seq", "_late_run", "_late_next")
+
+    def __init__(self, codec: _GreBase, tx_seq: int = 0) -> None:
+        self._codec = codec
+        self.tx_seq = tx_seq & SEQ_MASK
+        self.rx_seq: int | None = None  # None until the first packet
+        self._late_run = 0  # consecutive late packets that are consecutive among themselves
+        self._late_next = -1
+
+    def seal(self, buf: bytearray, start: int, end: int, now: float):
+        start = self._codec._encap(buf, start, end, self)
+        return start if start.__class__ is Drop else (start, end)
+
+    def open(self, packet: memoryview, now: float):
+        codec = self._codec
+        inner = codec._judge(packet)  # every check before the window, so that no invalid packet moves it
+        if inner.__class__ is Drop:
+            return inner
+        late = self.sequence(packet, codec._seq_offset)
+        return late if late is not None else (inner, len(packet) - inner)
+
+    def sequence(self, packet: memoryview, offset: int) -> Drop | None:
+        """Step 7: the RFC 2890 receive window; moved when the packet is accepted (None), else ``sequence``."""
+        (number,) = _U32.unpack_from(packet, offset)
+        last = self.rx_seq
+        if last is not None and not 0 < (number - last) & SEQ_MASK < SEQ_HALF:
+            behind = (last - number) & SEQ_MASK  # 0 for a duplicate
+            if behind <= REORDER_WINDOW:
+                self._late_run = self._late_run + 1 if number == self._late_next else 1
+                self._late_next = (number + 1) & SEQ_MASK
+                if self._late_run < RESYNC_AFTER:
+                    return Drop.SEQUENCE
+            # else: too far behind to be late; the peer's counter started again
+        self.rx_seq = number
+        self._late_run = 0
+        return None

@@ -10,8 +10,8 @@ front of the frame, and dealt with here:
   - a plain frame whose checksum the kernel left partial (NEEDS_CSUM) gets it finished; the engine then
     sees a plain frame;
   - a super-frame, where the kernel segments them for us (``egress``, an io/egress.py EgressTap), is left
-    whole: ``Super(n)``, its vnet fields in ``gso``; the engine hands it to the egress device for one peer,
-    or asks ``cut(n)`` for the rows below when it cannot (flooded, or the egress refuses that one);
+    whole: ``Super(n)``, carrying its vnet fields (``gso``); the engine hands it to the egress device for one
+    peer, or asks ``cut(super)`` for the rows below when it cannot (flooded, or the egress refuses that one);
   - otherwise a super-frame (gso_type TCPV4/TCPV6/UDP_L4) is cut by the Segmenter into rows that each carry the codec's
     constant header (declared by the codec, ``Encapsulator.constant_header``): the engine sends them as one
     row buffer. One the segmenter cannot cut but that fits one packet is handed on as a plain frame marked
@@ -19,7 +19,8 @@ front of the frame, and dealt with here:
   - rows received (a UDP_GRO read, a run out of recvmmsg, datagrams gathered by the engine) come with the
     codec's verdict on each: ``write_rows`` writes the rows the codec accepted, consecutive accepted rows
     coalesced by the Coalescer into super-frames where they are in-order segments of one flow, and counts
-    each refused row by its reason. A refused row breaks a run: nothing reaches the device unjudged.
+    each refused row by its reason. A refused row breaks a run: nothing reaches the device unjudged. It says
+    whether every row went out as one super-frame (``merged``), which the engine's MAC learning uses.
 
 The system calls are taken from the device object when it offers them (``sys_readv``, ``sys_write``,
 ``sys_writev``, as tunneld.testing's fake devices do), so tests run this very code; a real ``Device`` has
@@ -47,11 +48,12 @@ class Fallback(int):
 
 
 class Super(int):
-    """A super-frame left whole for the kernel to segment, of this length; the port's ``gso`` holds its vnet
-    fields and the length of its headers (gso_type, gso_size, csum_start, csum_offset, header length) until
-    the next read."""
+    """A super-frame left whole for the kernel to segment, of this length. ``gso``: its vnet fields and the
+    length of its headers (gso_type, gso_size, csum_start, csum_offset, header length); ``area``: the read's
+    buffer, where ``cut`` finds it."""
 
-    __slots__ = ()
+    gso: tuple[int, int, int, int, int]
+    area: memoryview
 
 
 class FramePort:
@@ -88,13 +90,6 @@ class VnetPort:
         self._readv = getattr(device, "sys_readv", os.readv)
         self._writev = getattr(device, "sys_writev", os.writev)
         self.egress = egress
-        self.gso = (0, 0, 0, 0, 0)
-        self._area: memoryview | None = None
-        # Whether the last ``write_rows`` planned every row as one super-frame (whether its write succeeded says
-        # the count it returned). The coalescer merges only rows whose headers equal the head's, the Ethernet
-        # header among them, so they all came from one source MAC: the engine learns it once rather than reading
-        # every row's (12 us of NumPy for a 44-row read). Read right after ``write_rows``, before the next one.
-        self.merged = False
 
     def read(self, areas: tuple[memoryview]):
         """One read into ``areas[0]`` (vnet header, then the frame): the plain frame's length (int, or
@@ -108,18 +103,19 @@ class VnetPort:
                 l4 = VNET_HDR_LEN + csum_start
                 hlen = csum_start + (UDP_HLEN if gso_type & ~GSO_ECN == GSO_UDP_L4
                                      else (area[l4 + TCP_DOFF_OFFSET] >> 4) * 4)
-                self.gso = (gso_type, gso_size, csum_start, csum_offset, hlen)
-                self._area = area
-                return Super(n)
+                whole = Super(n)
+                whole.gso = (gso_type, gso_size, csum_start, csum_offset, hlen)
+                whole.area = area
+                return whole
             return self._cut(area, n, flags, gso_type, gso_size, csum_start, csum_offset)
         if flags & F_NEEDS_CSUM and not finish_checksum(area[VNET_HDR_LEN : VNET_HDR_LEN + n], csum_start,
                                                         csum_offset):
             return Drop.OFFLOAD_UNSUPPORTED
         return n
 
-    def cut(self, n: int):
-        """The ``Super`` of the last read, cut as ``read`` cuts without an egress: Segments, Fallback or Drop."""
-        return self._cut(self._area, n, F_NEEDS_CSUM, *self.gso[:4])
+    def cut(self, whole: Super):
+        """A ``Super`` of the last read, cut as ``read`` cuts without an egress: Segments, Fallback or Drop."""
+        return self._cut(whole.area, whole, F_NEEDS_CSUM, *whole.gso[:4])
 
     def _cut(self, area: memoryview, n: int, flags: int, gso_type: int, gso_size: int, csum_start: int,
              csum_offset: int):
@@ -137,18 +133,20 @@ class VnetPort:
         """One plain frame, behind an empty vnet header."""
         return self._writev(self._fd, (NO_OFFLOAD, frame))
 
-    def write_rows(self, rx, view: memoryview, n: int, size: int, verdicts: list, drops) -> tuple[int, int]:
+    def write_rows(self, rx, view: memoryview, n: int, size: int, verdicts: list, drops) -> tuple[int, int, bool]:
         """Write the ``n`` bytes of rows of ``size`` at the start of ``rx`` (a uint8 array; ``view`` is its
-        memoryview) as the codec judged them (``verdicts``, one per row): (frames written, their inner bytes).
-        Refused rows are counted in ``drops`` by reason."""
+        memoryview) as the codec judged them (``verdicts``, one per row): (frames written, their inner bytes,
+        merged). Refused rows are counted in ``drops`` by reason.
+
+        ``merged``: every row was planned as one super-frame (whether its write succeeded says the count). The
+        coalescer merges only rows whose headers equal the head's, the Ethernet header among them, so they all
+        came from one source MAC: the engine learns it once rather than reading every row's (12 us of NumPy for
+        a 44-row read)."""
         p = self.header_len
         count = len(verdicts)
         if verdicts.count(p) == count:  # the usual case: every row accepted, the header where we expect it
             return self._write_run(rx, view, 0, n, size, drops)
-        try:
-            return self._write_judged(rx, view, n, size, verdicts, drops)
-        finally:
-            self.merged = False
+        return (*self._write_judged(rx, view, n, size, verdicts, drops), False)
 
     def _write_judged(self, rx, view: memoryview, n: int, size: int, verdicts: list, drops) -> tuple[int, int]:
         """``write_rows`` where the codec refused rows or found a header elsewhere: runs between them."""
@@ -168,7 +166,7 @@ class VnetPort:
                     j += 1
             start, stop = i * size, min(n, j * size)
             if j - i > 1:
-                m, b = self._write_run(rx, view, start, stop - start, size, drops)
+                m, b, _ = self._write_run(rx, view, start, stop - start, size, drops)
                 moved, nbytes = moved + m, nbytes + b
             else:  # accepted alone (or at an offset of its own): written as the codec said
                 try:
@@ -179,13 +177,13 @@ class VnetPort:
             i = j
         return moved, nbytes
 
-    def _write_run(self, rx, view: memoryview, at: int, n: int, size: int, drops) -> tuple[int, int]:
-        """Accepted rows ``rx[at:at + n]``: coalesced where they form runs, the others written alone."""
+    def _write_run(self, rx, view: memoryview, at: int, n: int, size: int, drops) -> tuple[int, int, bool]:
+        """Accepted rows ``rx[at:at + n]``: coalesced where they form runs, the others written alone; (frames,
+        inner bytes, whether the plan was one super-frame)."""
         p = self.header_len
         writev, fd = self._writev, self._fd
         moved = nbytes = 0
         plan = self._plan(rx[at:], n, size)
-        self.merged = len(plan) == 1 and plan[0].__class__ is not tuple
         for item in plan:
             if item.__class__ is tuple:
                 start, stop = item
@@ -204,4 +202,4 @@ class VnetPort:
                     continue
                 moved += item.segments
                 nbytes += item.inner_bytes
-        return moved, nbytes
+        return moved, nbytes, len(plan) == 1 and plan[0].__class__ is not tuple

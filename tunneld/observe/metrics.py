@@ -90,6 +90,11 @@ COUNTERS = (
      "kernel's) was spent."),
     ("tunneld_pmtu_changes", "pmtu_changes",
      "Times a peer's path MTU, as the kernel learnt it, was found changed (asked after a too-big send fails)."),
+    ("tunneld_endpoint_changes", "endpoint_changes",
+     "Times a peer's endpoint moved to the source of a datagram its session authenticated (roaming; modes "
+     "whose sessions authenticate only)."),
+    ("tunneld_codec_packets", "codec_packets",
+     "Packets of the mode's own sent to peers (keepalives, handshakes; modes with per-peer sessions only)."),
 )
 
 
@@ -136,11 +141,11 @@ class TunnelCollector(Collector):
         per_worker = [total([engine.stats]), *(self.others() if self.others is not None else ())]
         stats = per_worker[0] if len(per_worker) == 1 else total(per_worker)
         mode = engine.codec.name
-        peers = list(engine.peers.by_address)  # the configured peers, in order
-        # Series about the whole tunnel carry the peer label too: the one peer's address (as before many
-        # peers), or "" when there are several; the per-peer series below carry each peer's own.
+        peers = list(engine.peers.by_id)  # the configured peers, in order, by id (an address-named peer: its address)
+        # Series about the whole tunnel carry the peer label too: the one peer's address, or "" when there are
+        # several; the per-peer series below carry each peer's own.
         labels = [engine.link.peer if len(peers) == 1 else "", mode]
-        per_peer = [([address, mode], stats.peers.get(address)) for address in peers]
+        per_peer = [([peer_id, mode], stats.peers.get(peer_id)) for peer_id in peers]
         if len(per_peer) == 1:
             per_peer = [(labels, per_peer[0][1])]
 

@@ -269,9 +269,6 @@ class Tunnel:
             raise ConfigError(f"peer {spec.address}: routes are for L3 modes; {self.cfg.mode} learns MACs")
         if not l2 and spec.macs:
             raise ConfigError(f"peer {spec.address}: macs are for L2 modes; {self.cfg.mode} takes routes")
-        why = self.worker.codec.single_peer_only()
-        if why and any(p.address != spec.address for p in table.all):
-            raise ConfigError(f"peer {spec.address}: {why}")
         others = tuple(p.spec for p in table.all if p.address != spec.address)  # registry peers included
         spec = check_joining(others, spec)
         check_on_host(spec.address, None, netlink.address_kind, netlink.is_own_address)

@@ -63,9 +63,6 @@ def build_codec(cfg: TunnelConfig, modes: Mapping[str, type[Encapsulator]]) -> E
         raise ModeOptionError(f"{cfg.mode}: {e}") from None
     except Exception as e:  # a plugin's bug must read as such, not as a traceback
         raise EncapsulatorFailed(f"{cfg.mode}: the encapsulator failed to start: {type(e).__name__}: {e}") from None
-    why = codec.single_peer_only() if len(cfg.peers) > 1 else None
-    if why:
-        raise ModeOptionError(f"{cfg.mode}: {len(cfg.peers)} peers, but {why}")
     return codec
 
 

@@ -130,10 +130,10 @@ def make_plan(
         raise StartupError(f"the underlay MTU {link_mtu} leaves no room for a tunnel", EX_CONFIG)
     if codec.transport.kind not in TRANSPORTS:
         raise StartupError(f"{cfg.mode}: transport {codec.transport} is not supported")
-    workers, note = resolve(cfg.workers, codec.transport.kind, cpus)
+    workers, note = resolve(cfg.workers, codec.transport.kind, cpus, spreads=codec.spreads or not codec.stateful)
     mac = None
     if codec.device is DeviceKind.TAP:
-        # 1: as before the vni was VXLAN's. The first peer, as with one, so adding peers keeps the MAC; with none
+        # 1: the VNI of a mode without one. The first peer, as with one, so adding peers keeps the MAC; with none
         # (a registry's members come later) the tunnel is named by its device, mode, underlay address (the one it
         # registers: namespaces of one machine share its machine-id) and VNI.
         identity = (cfg.dev, cfg.mode, cfg.peer, vni(codec, default=1)) if cfg.peers else (

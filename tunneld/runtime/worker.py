@@ -135,13 +135,10 @@ class Worker:
         peers = self.engine.peers
         if changes.peer is not None:  # one peer for another: the table is that peer alone, as configured
             self.link.set_peer(changes.peer)  # the default destination
-            self.codec.peer_changed()  # e.g. GRE's receive sequence starts afresh with the new peer
             specs = [s for s in changes.peers_set if s.address == self.link.peer] or [PeerSpec(self.link.peer)]
             peers.replace(specs, self.clock())
         elif changes.peers_set or changes.peers_removed:
             peers.apply(changes.peers_set, changes.peers_removed, self.clock())  # all or nothing
-            if changes.peers_removed:
-                self.codec.peer_changed()  # state learnt from a peer (GRE's receive sequence) must not outlive it
             if len(peers.all) == 1 and peers.all[0].address != self.link.peer:
                 self.link.set_peer(peers.all[0].address)  # the one peer left names the tunnel (metrics, logs)
         if changes.log_level is not None:

@@ -133,8 +133,10 @@ def auto_workers(cpus: int) -> int:
     return 1 if cpus <= 2 else min(cpus // 2, AUTO_CAP)
 
 
-def resolve(requested: int | str, transport_kind: str, cpus: int | None = None) -> tuple[int, str | None]:
-    """How many workers to run, and a line for the log when that is not simply what was asked."""
+def resolve(requested: int | str, transport_kind: str, cpus: int | None = None, *,
+            spreads: bool = True) -> tuple[int, str | None]:
+    """How many workers to run, and a line for the log when that is not simply what was asked. ``spreads``: the
+    codec's declaration (``Encapsulator.spreads``) that its per-peer sessions may live in several processes."""
     if requested == "auto":
         cpus = usable_cpus() if cpus is None else cpus
         n = auto_workers(cpus)
@@ -144,6 +146,9 @@ def resolve(requested: int | str, transport_kind: str, cpus: int | None = None) 
     if n > 1 and transport_kind != "udp":
         return 1, (f"workers {requested}: using 1; over raw IP every socket receives every packet, so a second "
                    "worker would deliver each packet twice")
+    if n > 1 and not spreads:
+        return 1, (f"workers {requested}: using 1; this mode keeps per-peer sessions (counters, keys, replay "
+                   "windows) that one process must hold")
     return n, note
 
 
