@@ -20,13 +20,14 @@ from argparse_manpage.manpage import Manpage
 
 from tunneld import __version__
 from tunneld.cli import manpage_parser
+from tunneld.config import DEFAULT_RUNTIME_DIR
 from tunneld.control.client import CONTROL_EPILOG
 
 REPO = Path(__file__).resolve().parent.parent
 
 FILES = r"""
 .TP
-.I /run/tunneld/DEV.sock
+.I {runtime_dir}/DEV.sock
 the control socket of the daemon serving DEV (\fB\-\-runtime\-dir\fR moves it): \fBtunneld show\fR and
 \fBtunneld peer\fR talk to it
 .TP
@@ -131,7 +132,7 @@ def page() -> str:
         man.add_section(heading, ">", content)
     for heading, content in sections(CONTROL_EPILOG, "control socket"):
         man.add_section("client " + heading if heading == "exit status" else heading, ">", content)
-    man.add_section("files", ">", FILES.strip())
+    man.add_section("files", ">", FILES.strip().replace("{runtime_dir}", roff(DEFAULT_RUNTIME_DIR)))
     man.add_section("environment", ">", ENVIRONMENT.strip())
     man.add_section("see also", ">", SEE_ALSO.strip())
     return str(man)
