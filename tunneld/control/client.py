@@ -48,7 +48,7 @@ def build_control_parser() -> argparse.ArgumentParser:
                        help=f"where the daemon's socket is (default: {DEFAULT_RUNTIME_DIR})")
     show = sub.add_parser("show", parents=[where], help="the device, its peers and counters, the FDB",
                           epilog=CONTROL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    show.add_argument("--json", action="store_true", help="print one JSON object (schema: README, Control socket)")
+    show.add_argument("--json", action="store_true", help="print one JSON object (schema: docs/control-socket.md)")
     peer = sub.add_parser("peer", help="add or remove a peer, live")
     what = peer.add_subparsers(dest="action", metavar="add|remove", required=True)
     add = what.add_parser("add", parents=[where], help="add a peer, or change a known one (its counters stay)",
