@@ -646,3 +646,19 @@ def test_a_hosts_record_and_claims_in_one_watch_response_are_judged_together(mon
     reg, changes = run_registry(fake, monkeypatch, caplog, until)
     assert changes == [((joiner.spec(True),), ())]
     assert sum(reg.stats.invalid.values()) == 0
+
+
+def test_a_record_over_our_key_holding_no_claim_is_taken_over_but_a_live_daemons_is_refused(monkeypatch, caplog):
+    """A record under our key with another owner: refused as a duplicate when its underlay claim is held
+    (another live daemon has our address), taken over when no one holds it (junk: no one's peer anyway)."""
+    squatter = record("10.0.0.1", mac="02:00:00:00:00:0f", overlay=(), owner="someone-else")
+    fake = FakeEtcd(others=[(b"/t/hosts/10.0.0.1", squatter.encode())], compact=False)
+    reg, _ = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.registered.is_set() or reg.refused)
+    assert reg.refused is None and reg.registered.is_set()
+    assert json.loads(fake.kvs[b"/t/hosts/10.0.0.1"][0])["owner"] == "o"
+    assert any("holds no claim" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+    fake = FakeEtcd(others=kvs(squatter), compact=False)
+    reg, _ = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.registered.is_set() or reg.refused)
+    assert reg.refused == ("registry: 10.0.0.1 is already registered by another live daemon (key /t/hosts/10.0.0.1); "
+                           "refusing a duplicate underlay address")

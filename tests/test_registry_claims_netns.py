@@ -15,6 +15,7 @@ What the probe found, one test each:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import sys
@@ -246,3 +247,27 @@ def test_junk_records_cannot_fill_max_peers_ahead_of_a_genuine_host_unseen(clust
         # An operator sees it: one warning at once, the rest summed up later (at most one a minute).
         wait_for(lambda: tail.having("not made peers: 1 unclaimed (e.g. 10.232.0.1: its underlay address "
                                      "10.232.0.1 is held by no one)"), 5, what=f"the warning: {tail.lines[-5:]}")
+
+
+def test_a_record_written_over_a_hosts_own_key_is_taken_back(cluster):
+    """A plain put over host c's own record (another owner, no lease, no claims): c holds the underlay claim,
+    so c takes its key back, and the others keep c with its own MAC. On main c resynced into a silent
+    duplicate for good, and the others took the squatter's MAC for c's."""
+    hosts, etcd = cluster
+    prefix = "/c22e"
+    a, b, c = hosts[3:6]
+    with daemons((a, b, c), etcd.url(prefix)) as ds:
+        wait_reachable([(s, d.overlay) for s in (a, b, c) for d in (a, b, c) if s is not d], 10)
+        mac_c = next(p for p in ds[0][0].show()["peers"] if p["address"] == c.underlay)["macs"]
+        etcd.etcdctl("put", f"{prefix}/hosts/{c.underlay}", junk(c.underlay, c.overlay, "02:00:00:00:22:05"))
+
+        def restored() -> bool:
+            kv = record_of(etcd, prefix, c)
+            return kv is not None and kv.get("lease", 0) != 0 and json.loads(base64.b64decode(kv["value"])).get("owner")
+
+        wait_for(restored, 10, what=f"c's record back: {record_of(etcd, prefix, c)}")
+        for d, _ in ds[:2]:
+            wait_for(lambda d=d: next(p for p in d.show()["peers"] if p["address"] == c.underlay)["macs"] == mac_c,
+                     5, what=f"{d.host.name} keeps c's own MAC")
+        assert ds[2][1].having("holds no claim")
+        wait_reachable([(a, c.overlay), (b, c.overlay)], 5)

@@ -148,6 +148,7 @@ class Registry:
         self.key = cfg.key_of(record.address)
         self.claims: tuple[Claim, ...] = record.claims()
         self.claim_keys = tuple(cfg.claim_key(c) for c in self.claims)
+        self.underlay_key = next(k for k, c in zip(self.claim_keys, self.claims) if c.kind.name == "underlay")
         self.lease_id: int | None = None
         self.registered = threading.Event()  # set at the first registration
         self.refused: str | None = None  # why the first registration was refused (a duplicate), if it was
@@ -394,7 +395,7 @@ class Registry:
         for _ in range(3):  # a race with another writer is settled by the compare: look again
             _, found = await client.transaction(compare=[], success=[t.get(key) for key, _, _ in writes], failure=[])
             seen = dict(zip((key for key, _, _ in writes), found))
-            self._check_record(seen[self.key])  # the underlay's duplicate first: the plainest message
+            self._check_record(seen[self.key], seen[self.underlay_key])  # first: the plainest message
             compare = []
             for key, _, claim in writes:
                 kvs = seen[key]
@@ -413,8 +414,11 @@ class Registry:
                 return
         raise ConnectionError("could not write our record and claims (they kept changing)")
 
-    def _check_record(self, kvs: list) -> None:
-        """Duplicate if the record under our key is another live daemon's (not ours, not our previous run's)."""
+    def _check_record(self, kvs: list, underlay: list) -> None:
+        """Duplicate if the record under our key is another live daemon's: another owner's (not ours, not our
+        previous run's), and the underlay address's claim held under another lease. A record whose underlay
+        claim no one holds, or we hold, is no one's peer (registry.Membership): written over ours, or around
+        the transaction. It is taken over, not obeyed: else one such write would keep us out for good."""
         if not kvs:
             return
         value, meta = kvs[0]
@@ -424,6 +428,10 @@ class Registry:
             owner = decode(self.key, value, self.cfg.hosts_prefix()).owner
         except InvalidRecord:
             owner = ""
-        if owner != self.record.owner:
+        if owner == self.record.owner:
+            return  # our previous run's
+        if underlay and underlay[0][1].lease != self.lease_id:
             raise Duplicate(f"registry: {self.record.address} is already registered by another live daemon "
                             f"(key {self.key.decode()})", "underlay address")
+        log.warning("registry: the record under %s is not ours and holds no claim (written over ours, or around "
+                    "the registration); taking it over", self.key.decode())
