@@ -211,11 +211,14 @@ def test_owner_is_stable_per_machine_namespace_and_device():
 def test_registry_metrics():
     stats = RegistryStats(up=True, peers=3)
     stats.invalid["json"] = 2
+    stats.invalid["taken"] = 5  # the losers of a claim, counted by the same family
     reg = CollectorRegistry()
     reg.register(RegistryCollector(stats))
     text = generate_latest(reg).decode()
     assert "tunneld_registry_up 1.0" in text and "tunneld_registry_peers 3.0" in text
     assert 'tunneld_registry_invalid_records_total{reason="json"} 2.0' in text
+    assert 'tunneld_registry_invalid_records_total{reason="taken"} 5.0' in text
+    assert 'tunneld_registry_invalid_records_total{reason="unclaimed"} 0.0' in text
     assert 'tunneld_registry_invalid_records_total{reason="refused"} 0.0' in text
 
 
@@ -662,3 +665,10 @@ def test_a_record_over_our_key_holding_no_claim_is_taken_over_but_a_live_daemons
     reg, _ = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.registered.is_set() or reg.refused)
     assert reg.refused == ("registry: 10.0.0.1 is already registered by another live daemon (key /t/hosts/10.0.0.1); "
                            "refusing a duplicate underlay address")
+
+
+def test_a_junk_key_cannot_forge_a_log_line():
+    m = membership()
+    m.put(PREFIX + b"10.0.0.7\n2026-01-01 ERROR forged", b"not json")
+    line = m.refusals.line(now=0.0)
+    assert "\n" not in line and "'10.0.0.7\\n2026-01-01 ERROR forged'" in line

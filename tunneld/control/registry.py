@@ -484,7 +484,7 @@ class Membership:
                 self.refused[key] = refusal
                 reason, why = refusal
                 self.stats.invalid[reason] = self.stats.invalid.get(reason, 0) + 1
-                self.refusals.note(reason, address, why)
+                self.refusals.note(reason, claim_holder(key[len(self.prefix):]), why)  # a key may be any bytes
             if spec is None:
                 if self.specs.pop(address, None) is not None:
                     removals.append(address)
