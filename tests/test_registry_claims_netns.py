@@ -129,6 +129,8 @@ def test_records_claiming_a_hosts_overlay_address_or_mac_are_no_ones_peer_and_ar
     a, b, c = hosts[3:6]
     with daemons((a, b, c), etcd.url(prefix)) as ds:
         wait_reachable([(s, d.overlay) for s in (a, b, c) for d in (a, b, c) if s is not d], 10)
+        # Each join (record and claims in one transaction) was judged whole: nothing counted for nothing.
+        assert all(sum(d.show()["registry"]["invalid_records"].values()) == 0 for d, _ in ds)
         mac_a = next(p for p in ds[1][0].show()["peers"] if p["address"] == a.underlay)["macs"][0]
         # J1: a bare record (no claims) whose overlay address is host c's. J2: a record holding its own underlay
         # claim, whose MAC is host a's.
@@ -146,6 +148,8 @@ def test_records_claiming_a_hosts_overlay_address_or_mac_are_no_ones_peer_and_ar
                                                     f"{d.show()['registry']['invalid_records']}")
         for d, h in zip((d for d, _ in ds), (a, b, c)):
             assert peers(d) == {x.underlay for x in (a, b, c)} - {h.underlay}, (h.name, peers(d))
+            invalid = d.show()["registry"]["invalid_records"]
+            assert invalid["unclaimed"] == 1 and invalid["taken"] == 1 and sum(invalid.values()) == 2, invalid
         wait_reachable([(s, d.overlay) for s in (a, b, c) for d in (a, b, c) if s is not d], 5)
         # The first refusal is told at once, naming the record and why.
         for _, tail in ds:
