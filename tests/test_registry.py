@@ -211,11 +211,13 @@ def test_registry_metrics():
 
 
 def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
-    """Tunnel.registry_changes on a fake worker: registry peers are added live but never enter cfg.peers, so a
+    """RegistryBridge.changes on a fake worker: registry peers are added live but never enter cfg.peers, so a
     SIGHUP (service.Service.apply) that keeps the file's peers leaves them alone; a static peer's address in
     a record is not taken over, and the record leaving does not remove the static peer."""
     import dataclasses
 
+    from tunneld.control.handlers import PeerControl
+    from tunneld.control.membership import RegistryBridge
     from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.runtime.service import Service
@@ -230,8 +232,9 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
         TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
-    t.registry_changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
-                        PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
+    bridge = RegistryBridge(t, PeerControl(t))
+    bridge.changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
+                    PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
     table = w.engine.peers
     assert table.get(B).spec.source == REGISTRY and table.get(A).spec.source == "static"
     assert [p.address for p in t.cfg.peers] == [A] and t.registry_stats.peers == 1
@@ -240,7 +243,7 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     assert {p.address for p in table.all} == {A, B, C}
     service.apply(dataclasses.replace(t.cfg, peers=(PeerSpec(A),)))  # and removing it again
     assert {p.address for p in table.all} == {A, B}
-    t.registry_changes((), (A, B))  # both records leave: the static A stays
+    bridge.changes((), (A, B))  # both records leave: the static A stays
     assert {p.address for p in table.all} == {A} and t.registry_stats.peers == 0
 
 
@@ -374,6 +377,8 @@ def test_client_refuses_a_duplicate_overlay_address_before_writing(monkeypatch, 
 def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     """A bug in one live change (anything add_peer raises) is logged and counted as refused; the hosts after it
     still become peers."""
+    from tunneld.control.handlers import PeerControl
+    from tunneld.control.membership import RegistryBridge
     from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.testing import FakeDevice, FakeLink
@@ -387,15 +392,16 @@ def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
         TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
-    real = t.add_peer
+    control = PeerControl(t)
+    real = control.add_peer
 
     def add_peer(spec):
         if spec.address == B:
             raise RuntimeError("a bug")
         return real(spec)
 
-    t.add_peer = add_peer
-    t.registry_changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
+    control.add_peer = add_peer
+    RegistryBridge(t, control).changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
     assert {p.address for p in w.engine.peers.all} == {A, C}
     assert t.registry_stats.invalid["refused"] == 1 and t.registry_stats.peers == 1
 

@@ -125,8 +125,8 @@ def find_socket(directory: str, dev: str) -> str:
 
 
 class Handler(Protocol):
-    """What the control socket drives: the running tunnel (daemon.Tunnel). Each call raises ConfigError, one
-    line, to refuse (an unknown address, a route another peer owns, ...), and then changes nothing."""
+    """What the control socket drives: the running tunnel (control/handlers.PeerControl). Each call raises
+    ConfigError, one line, to refuse (an unknown address, a route another peer owns, ...), and then changes nothing."""
 
     def show(self) -> dict: ...
 
