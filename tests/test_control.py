@@ -24,7 +24,7 @@ import uvloop
 
 from tunneld import cli
 from tunneld.control import server as control
-from tunneld.config import ConfigError
+from tunneld.config.schema import ConfigError
 from tunneld.datapath.peers import PeerSpec
 from tunneld.testbed import TUNNELD
 

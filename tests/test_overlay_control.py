@@ -13,7 +13,7 @@ from scapy.layers.l2 import GRE, Ether
 from scapy.layers.vxlan import VXLAN
 
 from tunneld.runtime.channel import Apply, Channel, Learnt
-from tunneld.config import ConfigError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
 from tunneld.control.handlers import PeerControl
 from tunneld.runtime.daemon import Tunnel
 from tunneld.encap.base import Drop
@@ -240,7 +240,7 @@ def test_peer_add_refuses_what_another_peer_has_in_one_line_and_changes_nothing(
 
 
 def test_peer_add_refuses_more_than_max_peers(monkeypatch):
-    from tunneld import config
+    from tunneld.config import checks as config
 
     monkeypatch.setattr(config, "MAX_PEERS", 3)
     w, _, _ = worker()

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tunneld.config import ConfigFileError, TunnelConfig, load_file, validate
+from tunneld.config.schema import TunnelConfig
+from tunneld.config.loading import ConfigFileError, load_file, validate
 from tunneld.observe.metrics import RegistryCollector
 from tunneld.datapath.peers import REGISTRY, PeerSpec
 from tunneld.control.registry import (

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from tunneld.control import server as control
-from tunneld.config import DEFAULT_RUNTIME_DIR
+from tunneld.config.schema import DEFAULT_RUNTIME_DIR
 
 
 class _Parser(argparse.ArgumentParser):

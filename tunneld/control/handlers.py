@@ -20,7 +20,8 @@ import logging
 import time
 from typing import Any, Protocol
 
-from tunneld.config import ConfigError, TunnelConfig, check_joining, check_on_host
+from tunneld.config.schema import ConfigError, TunnelConfig
+from tunneld.config.checks import check_joining, check_on_host
 from tunneld.control.registry import RegistryStats
 from tunneld.control.server import Rows
 from tunneld.datapath.fdb import mac_text

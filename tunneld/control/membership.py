@@ -21,7 +21,7 @@ import logging
 import time
 
 from tunneld import __version__
-from tunneld.config import ConfigError
+from tunneld.config.schema import ConfigError
 from tunneld.control.handlers import PeerControl, Running
 from tunneld.control.registry import Membership, Record, owner_id
 from tunneld.datapath.peers import REGISTRY, PeerSpec

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from tunneld.config import ConfigError, check_peer
+from tunneld.config.schema import ConfigError
+from tunneld.config.checks import check_peer
 from tunneld.datapath.peers import PeerSpec
 
 log = logging.getLogger("tunneld")

@@ -40,7 +40,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from tunneld import __version__
-from tunneld.config import parse_listen
+from tunneld.config.checks import parse_listen
 from tunneld.encap.base import Drop
 from tunneld.observe.httpd import HttpServer
 from tunneld.control.registry import INVALID_REASONS, RegistryStats

@@ -29,7 +29,7 @@ from typing import Callable
 
 from tunneld import __version__
 from tunneld.runtime.channel import Apply, Channel
-from tunneld.config import ConfigError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
 from tunneld.control.handlers import PeerControl
 from tunneld.control.membership import RegistryBridge
 from tunneld.control.server import ControlError, ControlServer, runtime_dir, socket_path

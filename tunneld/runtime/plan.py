@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tunneld.config import MIN_MTU, TunnelConfig
+from tunneld.config.schema import MIN_MTU, TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.datapath.engine import offload_supported
 from tunneld.errors import EX_CONFIG, StartupError

@@ -36,7 +36,8 @@ import time
 from typing import Callable, Mapping, Protocol
 
 from tunneld.runtime.channel import Apply
-from tunneld.config import FILE_KEYS, ConfigError, ConfigFileError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
+from tunneld.config.loading import FILE_KEYS, ConfigFileError
 from tunneld.io import SetupError
 from tunneld.datapath.peers import PeerSpec
 from tunneld.datapath.stats import Stats
