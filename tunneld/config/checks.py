@@ -13,6 +13,8 @@ before any device or socket exists; ``check_on_host`` is the one that asks the r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -38,7 +40,7 @@ from tunneld.config.schema import (
 from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.base import DeviceKind
 
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")  # fullmatch: "$" would let a trailing newline by
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
@@ -129,7 +131,7 @@ def check_dev(value: str) -> str:
 
 
 def check_mac(value: str) -> str:
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ConfigError(f"mac: {value!r} is not a MAC address like 02:00:00:00:00:01")
     if int(value[:2], 16) & 0x01:
         raise ConfigError(f"mac: {value!r} is a multicast address; an interface needs a unicast one")
@@ -200,7 +202,15 @@ def check_workers(value: int | str) -> int | str:
     return value
 
 
-_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME - 1}}}$")
+# -- a peer's rules ---------------------------------------------------------------------------------------------
+#
+# Each is called by every path a peer arrives by: a [[peer]] table or tunnel.peer (loading.py), --peer (cli.py),
+# the control socket's peer-add (control/server.py) and a host's record in etcd (control/registry.py). ``what``
+# is how the caller names the field; the text after it is the rule's, the same everywhere.
+
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME - 1}}}")
+WG_KEY_BYTES = 32  # a Curve25519 public key (WireGuard's whitepaper, section 5.4)
+WG_KEY_TEXT = 44  # its standard base64: 43 characters and one "="
 
 
 def check_route(value: str, what: str = "routes") -> str:
@@ -219,7 +229,7 @@ def check_route(value: str, what: str = "routes") -> str:
 
 def check_static_mac(value: str, what: str = "macs") -> str:
     """A static FDB entry (L2 modes): one host's unicast MAC, lower case."""
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ConfigError(f"{what}: {value!r} is not a MAC address like 02:00:00:00:00:01")
     if int(value[:2], 16) & 0x01 or value == "00:00:00:00:00:00":
         raise ConfigError(f"{what}: {value} is not a unicast address; broadcast, multicast and unknown MACs go "
@@ -228,10 +238,43 @@ def check_static_mac(value: str, what: str = "macs") -> str:
 
 
 def check_name(value: str, what: str = "name") -> str:
-    if not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ConfigError(f"{what}: {value!r} is not a peer name (1-{MAX_NAME} letters, digits and ._:@-, "
                           "starting with a letter or digit)")
     return value
+
+
+def check_public_key(value: str, what: str = "public_key") -> str:
+    """A WireGuard public key: the standard base64 of 32 bytes, as ``wg pubkey`` prints it, kept as given.
+
+    The value is never repeated in the error: a private key pasted into the wrong field must not reach a log.
+    Only the canonical text is taken (the last character's spare bits zero), so one key has one spelling and
+    two peers with the same key are seen to be the same. All zeros is refused: no private key gives it, and a
+    handshake with it would derive an all-zero shared secret."""
+    rule = (f"{what}: not a WireGuard public key (the base64 of {WG_KEY_BYTES} bytes: {WG_KEY_TEXT} characters "
+            "ending in '=', as wg pubkey prints it)")
+    if not isinstance(value, str) or len(value) != WG_KEY_TEXT or not value.isascii():
+        raise ConfigError(rule)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ConfigError(rule) from None
+    if len(raw) != WG_KEY_BYTES or base64.b64encode(raw).decode() != value:
+        raise ConfigError(rule)
+    if not any(raw):
+        raise ConfigError(f"{what}: all zeros, which is no one's public key")
+    return value
+
+
+def check_fits(spec: PeerSpec, layer3: bool, mode: str) -> PeerSpec:
+    """A peer against the mode's device: ``routes`` are for L3 modes (TUN), ``macs`` for L2 modes (TAP)."""
+    if layer3 and spec.macs:
+        raise ConfigError(f"peer {spec.address}: macs are static FDB entries of L2 modes; mode {mode!r} is L3 "
+                          "(TUN): give the peer routes instead")
+    if not layer3 and spec.routes:
+        raise ConfigError(f"peer {spec.address}: routes are for L3 modes; mode {mode!r} is L2 (TAP), whose peers "
+                          "are found by MAC (learnt, or static macs)")
+    return spec
 
 
 def check_spec(spec: PeerSpec, what: str = "peer") -> PeerSpec:
@@ -319,12 +362,7 @@ def fit_to_device(cfg: TunnelConfig, device: DeviceKind) -> TunnelConfig:
     as before there were many peers. Raises ConfigError (one line)."""
     layer3 = device is DeviceKind.TUN
     for spec in cfg.peers:
-        if layer3 and spec.macs:
-            raise ConfigError(f"peer {spec.address}: macs are static FDB entries of L2 modes; mode {cfg.mode!r} "
-                              "is L3 (TUN): give the peer routes instead")
-        if not layer3 and spec.routes:
-            raise ConfigError(f"peer {spec.address}: routes are for L3 modes; mode {cfg.mode!r} is L2 (TAP), "
-                              "whose peers are found by MAC (learnt, or static macs)")
+        check_fits(spec, layer3, cfg.mode)
     if layer3 and len(cfg.peers) == 1 and not cfg.peers[0].routes:
         return replace(cfg, peers=(replace(cfg.peers[0], routes=DEFAULT_ROUTES),))
     return cfg

@@ -21,7 +21,7 @@ import time
 from typing import Any, Protocol
 
 from tunneld.config.schema import ConfigError, TunnelConfig
-from tunneld.config.checks import check_joining, check_on_host
+from tunneld.config.checks import check_fits, check_joining, check_on_host
 from tunneld.control.registry import RegistryStats
 from tunneld.control.server import Rows
 from tunneld.datapath.fdb import mac_text
@@ -130,11 +130,7 @@ class PeerControl:
         will not get through until a restart or a smaller ``mtu``."""
         tunnel = self.tunnel
         table = tunnel.worker.engine.peers
-        l2 = table.l2
-        if l2 and spec.routes:
-            raise ConfigError(f"peer {spec.address}: routes are for L3 modes; {tunnel.cfg.mode} learns MACs")
-        if not l2 and spec.macs:
-            raise ConfigError(f"peer {spec.address}: macs are for L2 modes; {tunnel.cfg.mode} takes routes")
+        check_fits(spec, not table.l2, tunnel.cfg.mode)
         why = tunnel.worker.codec.single_peer_only()
         if why and any(p.address != spec.address for p in table.all):
             raise ConfigError(f"peer {spec.address}: {why}")
