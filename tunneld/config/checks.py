@@ -359,7 +359,7 @@ def _same_version(spec: PeerSpec, first: str, what: str) -> None:
 def fit_to_device(cfg: TunnelConfig, device: DeviceKind) -> TunnelConfig:
     """The peers against the mode's device: ``routes`` are for L3 modes (TUN), ``macs`` for L2 modes (TAP).
     One L3 peer without routes gets DEFAULT_ROUTES: everything goes to it and anything from it is accepted,
-    as before there were many peers. Raises ConfigError (one line)."""
+    so a point-to-point tunnel needs no routes. Raises ConfigError (one line)."""
     layer3 = device is DeviceKind.TUN
     for spec in cfg.peers:
         check_fits(spec, layer3, cfg.mode)

@@ -66,7 +66,7 @@ def build_control_parser() -> argparse.ArgumentParser:
 
 
 def control_request(args: argparse.Namespace) -> dict:
-    """The request object a parsed control command sends (control.py's protocol)."""
+    """The request object a parsed control command sends (control/server.py's protocol)."""
     if args.command == "show":
         return {"command": "show"}
     if args.action == "remove":

@@ -1,6 +1,6 @@
 """Membership through etcd: what a host's record says, how the watched records become peers. Pure: no I/O.
 
-The client that talks to etcd (leases, the transaction, the watch) is registry_client.py; this module is what
+The client that talks to etcd (leases, the transaction, the watch) is control/etcd.py; this module is what
 it carries, so that every rule below is tested without a cluster.
 
 Layout (flannel's, one key per host instead of per subnet):

@@ -125,7 +125,8 @@ class Tunnel:
         if index == 0:
             self.kernel_gso = egress is not None
             log.info("kernel segmentation %s", why)
-            # One UDP_SEGMENT send no longer bounds a super-frame (plan.superframe_cap): the IPv4 length field does.
+            # Through the egress device one UDP_SEGMENT send does not bound a super-frame (plan.superframe_cap):
+            # the IPv4 length field does.
             if egress is not None and not netlink.set_gso_max_size(cfg.dev, egress.superframe_cap):
                 log.debug("could not set gso_max_size %d on %s", egress.superframe_cap, cfg.dev)
         return egress
