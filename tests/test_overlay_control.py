@@ -215,7 +215,7 @@ def test_the_peer_left_alone_names_the_tunnel():
     assert link.peer == B and [p.address for p in w.engine.peers.all] == [B]
 
 
-# -- `tunneld peer add` makes the checks a configuration file gets (config.check_peers, check_on_host) ------------
+# -- `tunneld peer add` makes the checks a configuration file gets (config/checks.py) -------------------------------
 
 
 def _unchanged(t: PeerControl, w: Worker, before: list) -> bool:

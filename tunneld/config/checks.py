@@ -206,7 +206,8 @@ def check_workers(value: int | str) -> int | str:
 #
 # Each is called by every path a peer arrives by: a [[peer]] table or tunnel.peer (loading.py), --peer (cli.py),
 # the control socket's peer-add (control/server.py) and a host's record in etcd (control/registry.py). ``what``
-# is how the caller names the field; the text after it is the rule's, the same everywhere.
+# is how the caller names the field; the text after it is the rule's, the same everywhere. The address's rule,
+# ``check_peer``, sits above with the other address rules.
 
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:@-]{{0,{MAX_NAME - 1}}}")
 WG_KEY_BYTES = 32  # a Curve25519 public key (WireGuard's whitepaper, section 5.4)
@@ -284,7 +285,8 @@ def check_spec(spec: PeerSpec, what: str = "peer") -> PeerSpec:
     where = f"peer {address}"
     name = check_name(spec.name, f"{where}: name") if spec.name is not None else None
     lists = []
-    for key, check, cap in (("routes", check_route, MAX_ROUTES_PER_PEER), ("macs", check_static_mac, MAX_MACS_PER_PEER)):
+    for key, check, cap in (("routes", check_route, MAX_ROUTES_PER_PEER),
+                            ("macs", check_static_mac, MAX_MACS_PER_PEER)):
         items = getattr(spec, key)
         if len(items) > cap:
             raise ConfigError(f"{where}: {key}: {len(items)} given, at most {cap} per peer")

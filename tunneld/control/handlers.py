@@ -122,9 +122,9 @@ class PeerControl:
 
     def add_peer(self, spec: PeerSpec) -> str | None:
         """Add a peer, or change a known one (its counters and learnt MACs stay). ConfigError (one line), and
-        nothing changed, for what a configuration file would be refused for too (config.check_peers,
-        check_on_host): routes in an L2 mode, MACs in an L3 mode, more than MAX_PEERS, an address, name, route
-        or static MAC another peer has, another IP version, one of this host's own addresses. Returns a
+        nothing changed, for what a configuration file would be refused for too (config/checks.py: check_fits,
+        check_joining, check_on_host): routes in an L2 mode, MACs in an L3 mode, more than MAX_PEERS, an address,
+        name, route or static MAC another peer has, another IP version, one of this host's own addresses. Returns a
         warning (one line, also logged) when the peer's path MTU is smaller than the device's MTU assumes:
         the device MTU is not changed live (every flow's MSS depends on it), so larger frames to that peer
         will not get through until a restart or a smaller ``mtu``."""
