@@ -20,7 +20,7 @@ from argparse_manpage.manpage import Manpage
 
 from tunneld import __version__
 from tunneld.cli import manpage_parser
-from tunneld.config import DEFAULT_RUNTIME_DIR
+from tunneld.config.schema import DEFAULT_RUNTIME_DIR
 from tunneld.control.client import CONTROL_EPILOG
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from bench import run as bench_run
 from tunneld import cli
-from tunneld.config import SECTIONS
+from tunneld.config.loading import SECTIONS
 from tunneld.control import server
 from tunneld.control.client import build_control_parser
 from tunneld.control.registry import RegistryStats, decode

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tunneld.config import ConfigFileError, TunnelConfig, load_file, validate
+from tunneld.config.schema import TunnelConfig
+from tunneld.config.loading import ConfigFileError, load_file, validate
 from tunneld.observe.metrics import RegistryCollector
 from tunneld.datapath.peers import REGISTRY, PeerSpec
 from tunneld.control import registry as registry_module
@@ -223,11 +224,13 @@ def test_registry_metrics():
 
 
 def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
-    """Tunnel.registry_changes on a fake worker: registry peers are added live but never enter cfg.peers, so a
+    """RegistryBridge.changes on a fake worker: registry peers are added live but never enter cfg.peers, so a
     SIGHUP (service.Service.apply) that keeps the file's peers leaves them alone; a static peer's address in
     a record is not taken over, and the record leaving does not remove the static peer."""
     import dataclasses
 
+    from tunneld.control.handlers import PeerControl
+    from tunneld.control.membership import RegistryBridge
     from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.runtime.service import Service
@@ -242,8 +245,9 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
         TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
-    t.registry_changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
-                        PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
+    bridge = RegistryBridge(t, PeerControl(t))
+    bridge.changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
+                    PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
     table = w.engine.peers
     assert table.get(B).spec.source == REGISTRY and table.get(A).spec.source == "static"
     assert [p.address for p in t.cfg.peers] == [A] and t.registry_stats.peers == 1
@@ -252,7 +256,7 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     assert {p.address for p in table.all} == {A, B, C}
     service.apply(dataclasses.replace(t.cfg, peers=(PeerSpec(A),)))  # and removing it again
     assert {p.address for p in table.all} == {A, B}
-    t.registry_changes((), (A, B))  # both records leave: the static A stays
+    bridge.changes((), (A, B))  # both records leave: the static A stays
     assert {p.address for p in table.all} == {A} and t.registry_stats.peers == 0
 
 
@@ -425,6 +429,8 @@ def test_client_refuses_a_duplicate_overlay_address_before_writing(monkeypatch, 
 def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     """A bug in one live change (anything add_peer raises) is logged and counted as refused; the hosts after it
     still become peers."""
+    from tunneld.control.handlers import PeerControl
+    from tunneld.control.membership import RegistryBridge
     from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.testing import FakeDevice, FakeLink
@@ -438,15 +444,16 @@ def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
         TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
-    real = t.add_peer
+    control = PeerControl(t)
+    real = control.add_peer
 
     def add_peer(spec):
         if spec.address == B:
             raise RuntimeError("a bug")
         return real(spec)
 
-    t.add_peer = add_peer
-    t.registry_changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
+    control.add_peer = add_peer
+    RegistryBridge(t, control).changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
     assert {p.address for p in w.engine.peers.all} == {A, C}
     assert t.registry_stats.invalid["refused"] == 1 and t.registry_stats.peers == 1
 
@@ -551,7 +558,7 @@ def test_a_claim_that_goes_removes_the_peer_and_a_record_judged_with_its_claims_
 def test_junk_cannot_fill_max_peers_ahead_of_a_genuine_host_and_is_told_in_one_line():
     """More bare records than MAX_PEERS, then a genuine host: only the genuine host is handed to the tunnel,
     the junk is counted, and the warning says how many and why, once per interval however many there are."""
-    from tunneld.config import MAX_PEERS
+    from tunneld.config.schema import MAX_PEERS
 
     m = membership()
     n = MAX_PEERS + 100

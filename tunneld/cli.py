@@ -12,7 +12,7 @@ import sys
 from typing import Mapping, Sequence
 
 from tunneld import __version__
-from tunneld.config import (
+from tunneld.config.schema import (
     DEFAULT_DEV,
     DEFAULT_FDB_AGEING,
     DEFAULT_FDB_MAX,
@@ -29,15 +29,10 @@ from tunneld.config import (
     MAX_PEERS,
     MAX_WORKERS,
     ConfigError,
-    FILE_KEYS,
-    ConfigFileError,
     TunnelConfig,
-    check_ageing,
-    check_on_host,
-    fit_to_device,
-    load_file,
-    validate,
 )
+from tunneld.config.checks import check_ageing, check_on_host, fit_to_device
+from tunneld.config.loading import FILE_KEYS, ConfigFileError, load_file, validate
 from tunneld.control.client import CONTROL_COMMANDS, _Parser, build_control_parser
 from tunneld.control.client import main as control_main
 from tunneld.runtime.daemon import StartupError, run

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from tunneld.control import server as control
-from tunneld.config import DEFAULT_RUNTIME_DIR
+from tunneld.config.schema import DEFAULT_RUNTIME_DIR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +66,7 @@ def build_control_parser() -> argparse.ArgumentParser:
 
 
 def control_request(args: argparse.Namespace) -> dict:
-    """The request object a parsed control command sends (control.py's protocol)."""
+    """The request object a parsed control command sends (control/server.py's protocol)."""
     if args.command == "show":
         return {"command": "show"}
     if args.action == "remove":

@@ -23,7 +23,7 @@ Theory of operation:
      the thread, within a bounded time.
 
 What the tunnel receives: ``deliver(upserts, removals)`` on the data path's loop, which applies them through
-Tunnel.add_peer/remove_peer (daemon.py); a peer the tunnel refuses is counted (``refused``) and forgotten.
+the control handlers (control/membership.py); a peer the tunnel refuses is counted (``refused``) and forgotten.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Membership through etcd: what a host's record says, what it claims, how the watched records become peers.
 Pure: no I/O.
 
-The client that talks to etcd (leases, the transaction, the watch) is etcd.py; this module is what it carries,
-so that every rule below is tested without a cluster.
+The client that talks to etcd (leases, the transaction, the watch) is control/etcd.py; this module is what
+it carries, so that every rule below is tested without a cluster.
 
 Layout (flannel's: one key per host, and one key per claimed value, as flannel has one per subnet):
   PREFIX/hosts/<underlay address>   one key per running daemon, bound to its lease (TTL ``ttl`` seconds, kept
                                     alive every ttl/3); its value is a JSON object, ``Record``:
   {"address": "10.0.0.1", "mode": "vxlan", "vni": 42, "mac": "02:..", "overlay": ["192.168.100.1/24"],
    "version": "1.2.0", "started": 1764400000.0, "owner": "9f..."}
+  and, optional (tunneld writes neither yet; another writer may): "name" (the peer's name) and "routes" (L3
+  modes: prefixes behind the host).
   PREFIX/claims/underlay/<address>            one key per value no two hosts may share (``CLAIM_KINDS``), its
   PREFIX/claims/<mode>-<vni>/overlay/<ip>     value the holder's underlay address, under the holder's lease;
   PREFIX/claims/<mode>-<vni>/mac/<mac>        created with the record in one transaction, only where absent
@@ -17,7 +19,8 @@ Layout (flannel's: one key per host, and one key per claimed value, as flannel h
 What must stay true:
   - A record becomes a peer only if it is valid for *this* tunnel: a JSON object whose key names its address,
     of our underlay's IP version, not our own, of our mode and VNI, with a unicast MAC (L2 modes) and overlay
-    CIDRs. Anything else is ignored and counted by reason (``RegistryStats.invalid``), never raised.
+    CIDRs. Its address, MAC, name and routes meet the rules a configuration file's peer meets (config/checks.py),
+    in the same words. Anything else is ignored and counted by reason (``RegistryStats.invalid``), never raised.
   - A valid record becomes a peer only if etcd says it holds every one of its claims (its underlay address,
     each overlay address, its MAC). Every host reads the same keys at the same revision, so every host —
     including the one whose value was claimed — settles a conflict the same way: the holder in etcd wins; a
@@ -44,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tunneld.config.checks import check_name, check_peer, check_route, check_static_mac
+from tunneld.config.schema import MAX_ROUTES_PER_PEER, ConfigError
 from tunneld.datapath.peers import REGISTRY, PeerSpec
 
 SCHEME = "etcd://"
@@ -60,7 +65,6 @@ CLAIMS = "/claims/"
 REFUSALS_INTERVAL = 60.0  # seconds between two warnings that sum up the records not made peers
 
 _PREFIX = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
 # Why a record was not turned into a peer: the label of tunneld_registry_invalid_records_total, declared once.
@@ -215,20 +219,25 @@ class Record:
     version: str
     started: float
     owner: str = ""
+    name: str | None = None  # the peer's name in `tunneld show`
+    routes: tuple[str, ...] = ()  # L3 modes: prefixes behind the host, beside its overlay addresses
 
     def encode(self) -> bytes:
+        optional = {"name": self.name} if self.name is not None else {}
+        if self.routes:
+            optional["routes"] = list(self.routes)
         return json.dumps({"address": self.address, "mode": self.mode, "vni": self.vni, "mac": self.mac,
                            "overlay": list(self.overlay), "version": self.version, "started": self.started,
-                           "owner": self.owner}, sort_keys=True).encode()
+                           "owner": self.owner, **optional}, sort_keys=True).encode()
 
     def spec(self, l2: bool) -> PeerSpec:
         """The peer this host is: its MAC as a static FDB entry (L2), its overlay addresses as host routes (L3:
-        each host owns its own addresses; the shared subnet is no one's)."""
+        each host owns its own addresses; the shared subnet is no one's) and the routes it names."""
         if l2:
-            return PeerSpec(self.address, macs=(self.mac,) if self.mac else (), source=REGISTRY)
+            return PeerSpec(self.address, self.name, self.routes, (self.mac,) if self.mac else (), source=REGISTRY)
         hosts = tuple(str(ipaddress.ip_interface(cidr).ip) + ("/32" if ":" not in cidr else "/128")
                       for cidr in self.overlay)
-        return PeerSpec(self.address, routes=hosts, source=REGISTRY)
+        return PeerSpec(self.address, self.name, hosts + self.routes, source=REGISTRY)
 
     def claims(self) -> tuple[Claim, ...]:
         """What this record claims, the underlay address first (``CLAIM_KINDS`` order)."""
@@ -309,17 +318,24 @@ def decode(key: bytes, value: bytes, prefix: bytes) -> Record:
         return v
 
     address = get("address", (str,))
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise InvalidRecord("fields", f"address: {address!r}") from None
-    if key != prefix + ip.compressed.encode() or ip.compressed != address:
-        raise InvalidRecord("fields", f"key {key!r} does not name address {address}")
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local:
-        raise InvalidRecord("fields", f"address: {address} cannot be a peer")
     mode, vni, mac = get("mode", (str,)), get("vni", (int,), True), get("mac", (str,), True)
-    if mac is not None and (not _MAC.match(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00"):
-        raise InvalidRecord("fields", f"mac: {mac!r}")
+    name = get("name", (str,), True)
+    routes = get("routes", (list,), True) or []
+    if not all(isinstance(r, str) for r in routes):
+        raise InvalidRecord("fields", "routes: not strings")
+    try:  # a peer's own rules (config/checks.py), in the words a file or the control socket gets
+        if check_peer(address, "address") != address:
+            raise InvalidRecord("fields", f"address: {address} is not written canonically")
+        mac = check_static_mac(mac, "mac") if mac is not None else None
+        if name is not None:
+            check_name(name)
+        if len(routes) > MAX_ROUTES_PER_PEER:
+            raise InvalidRecord("fields", f"routes: {len(routes)} given, at most {MAX_ROUTES_PER_PEER} per peer")
+        routes = tuple(check_route(r) for r in routes)
+    except ConfigError as e:
+        raise InvalidRecord("fields", str(e)) from None
+    if key != prefix + address.encode():
+        raise InvalidRecord("fields", f"key {key!r} does not name address {address}")
     overlay = get("overlay", (list,))
     if len(overlay) > MAX_OVERLAY:
         raise InvalidRecord("fields", f"overlay: {len(overlay)} addresses")
@@ -330,7 +346,7 @@ def decode(key: bytes, value: bytes, prefix: bytes) -> Record:
     if len(overlay) != len(data["overlay"]):
         raise InvalidRecord("fields", "overlay: not CIDRs")
     return Record(address, mode, vni, mac, overlay, get("version", (str,)), float(get("started", (int, float))),
-                  get("owner", (str,), True) or "")
+                  get("owner", (str,), True) or "", name, routes)
 
 
 @dataclass
