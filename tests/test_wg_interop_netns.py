@@ -1,6 +1,7 @@
 """Interop with the real peer: Debian's wireguard-go in one namespace, our sans-IO device in the other, driven by
 this test over a plain UDP socket (no TUN, no engine). Both handshake directions, an ICMP echo each way, a PSK,
-what `wg show` reports on their side, and tshark's WireGuard dissector over a capture of it all.
+our cookie reply under load, what `wg show` reports on their side, and tshark's WireGuard dissector over a
+capture of it all.
 
 Each wireguard-go interface gets a name of its own (its UAPI socket /var/run/wireguard/NAME.sock is shared by
 every namespace); it is stopped with SIGTERM (which removes that socket) and the namespaces are deleted, also when
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tunneld.encap.wireguard import Deliver, Device, Reply, StaticKey, key_to_base64
+from tunneld.encap.wireguard import Deliver, Device, Reason, Reply, StaticKey, key_to_base64
 from tunneld.testbed.netns import Host, is_root, tcpdump, testbed
 
 pytestmark = pytest.mark.netns
@@ -287,3 +288,33 @@ def test_persistent_keepalive_from_wireguard_go_opens_the_session(workdir):
                 ours.pump(lambda: any(is_echo_reply(p, ident, 7) for p in ours.delivered))
             finally:
                 sock.close()
+
+
+def test_under_load_wireguard_go_takes_our_cookie_and_retries_with_mac2(workdir):
+    """Our device under load answers wireguard-go's initiation with a cookie reply only (XChaCha20-Poly1305 from
+    PyNaCl); wireguard-go must open it and retry REKEY_TIMEOUT later with a mac2 we accept."""
+    ours_key, theirs_key = StaticKey.generate(), StaticKey.generate()
+    with testbed() as (a, b):
+        with wireguard_go(b, workdir, theirs_key, ours_key.public, psk=None, endpoint=f"{a.underlay}:{OUR_PORT}",
+                          keepalive=1):
+            device = Device(ours_key, wall_offset=time.time() - time.monotonic())
+            device.force_under_load = True
+            peer = device.add_peer(theirs_key.public)
+            sock = udp_socket_in(a.name, (a.underlay, OUR_PORT))
+            replies: list = []
+            try:
+                ours = Ours(sock, device)
+                original = device.open
+
+                def watched(datagram, source, now, out=None):
+                    result = original(datagram, source, now, out)
+                    if isinstance(result, Reply):
+                        replies.append(result.dropped)
+                    return result
+
+                device.open = watched
+                ours.pump(lambda: peer.has_session, timeout=15)
+            finally:
+                sock.close()
+            assert replies[0] is Reason.COOKIE_REQUIRED  # the first initiation: a cookie, nothing else
+            assert replies[-1] is None and peer.endpoint == (b.underlay, THEIR_PORT)  # the retry carried mac2

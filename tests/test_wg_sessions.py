@@ -347,3 +347,35 @@ def test_mismatched_psk_fails_the_handshake(psk):
     link.pb.set_preshared_key(bytes(range(1, 33)))
     link.send(link.a, ping(1))
     assert link.a.drops == [Reason.DECRYPTION_FAILED] and not link.pa.has_session
+
+
+def test_a_restarted_initiator_is_not_taken_for_a_replay():
+    """A new process with the same key: its monotonic clock starts again, its wall clock went on (even by only
+    50 ms: more than TAI64N's whitened resolution and the 20 ms flood limit); the responder takes its initiation."""
+    from tunneld.encap.wireguard import Device
+    from tests.wg_link import WALL, seeded_random
+
+    link = Link()
+    link.send(link.a, ping(1))
+    key = link.a.device.static
+    wall_now = link.a.device.wall(link.now)
+    restarted = Device(key, wall_offset=wall_now + 0.05 - 3.0, random=seeded_random(9))  # its clock reads 3.0
+    peer = restarted.add_peer(link.b.device.public_key, endpoint=link.b.address)
+    [initiation] = peer.seal(ping(2), 3.0)
+    result = link.b.device.open(initiation, ("10.9.0.1", 40777), link.now + 0.05)
+    assert isinstance(result, Reply) and link.pb.endpoint == ("10.9.0.1", 40777)
+    # while one whose wall clock went back is refused, as wireguard-go refuses it
+    behind = Device(key, wall_offset=WALL - 3600, random=seeded_random(10))
+    old = behind.add_peer(link.b.device.public_key, endpoint=link.b.address)
+    [stale] = old.seal(ping(3), 3.0)
+    assert link.b.device.open(stale, ("10.9.0.1", 40778), link.now + 1) == Drop(Reason.REPLAYED)
+
+
+def test_a_removed_peer_leaves_no_index_behind():
+    link = Link()
+    link.send(link.a, ping(1))
+    link.send(link.b, ping(2))
+    [datagram] = link.pa.seal(ping(3), link.now)
+    link.b.device.remove_peer(link.a.device.public_key)
+    assert link.b.device._indices == {} and not link.b.device.peers
+    assert link.b.device.open(datagram, link.a.address, link.now) == Drop(Reason.NO_SESSION)

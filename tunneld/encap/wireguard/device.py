@@ -13,6 +13,8 @@ What flows through ``open(datagram, source, now)``, in this order for every data
      (EXPIRED_KEYS); the tag must verify (DECRYPTION_FAILED) BEFORE the counter is offered to the replay window
      (REPLAYED); then the peer's endpoint becomes ``source`` (roaming only on authenticated packets) and the inner
      packet is decrypted into ``out`` (or the device's own buffer) and delivered trimmed to its IP length.
+     Not in place: cryptography's decrypt_into refuses overlapping input and output, so ``out`` is another
+     buffer, reused from packet to packet (one copy, the decryption's own, and no allocation).
 The result is one of tunneld.encap.wireguard.results: Deliver, Reply, Consumed, Drop(reason). ``open`` never
 raises on any input.
 
@@ -51,7 +53,6 @@ from tunneld.encap.wireguard.messages import (
     INITIATION_SENDER_OFFSET,
     MESSAGE_COOKIE_REPLY_TYPE,
     MESSAGE_INITIATION_TYPE,
-    MESSAGE_RESPONSE_TYPE,
     MESSAGE_TRANSPORT_HEADER_SIZE,
     MESSAGE_TRANSPORT_MIN_SIZE,
     MESSAGE_TRANSPORT_TYPE,

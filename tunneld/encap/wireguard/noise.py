@@ -15,7 +15,6 @@ What must stay true:
 from __future__ import annotations
 
 import enum
-import hmac
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -290,7 +289,3 @@ def static_static(static: StaticKey | None, public_key: bytes) -> bytes | None:
         return static.dh(public_key)
     except CryptoError:
         return None
-
-
-def same_key(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)

@@ -17,7 +17,7 @@ What must stay true:
 - No primitive is written by hand; the ones above are thin wrappers with the paper's names.
 - A failed AEAD open or an all-zero X25519 result raises ``CryptoError`` with a fixed message: never a key, never
   the library's text (which could one day include one).
-- Key-holding objects hide their bytes from ``repr`` (``Secret``, ``StaticKey``).
+- Key-holding objects hide their bytes from ``repr`` (``StaticKey`` shows its public half only).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -55,32 +54,6 @@ TIMESTAMP_WHITENER = (1 << 24) - 1  # nanosecond bits cleared, so a timestamp is
 
 class CryptoError(Exception):
     """An AEAD open failed or an X25519 result was all zeros. The text is fixed: it never carries key material."""
-
-
-class Secret:
-    """Bytes that must not be printed: a private key, a PSK, a chaining key. ``repr`` and ``str`` hide them."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: bytes) -> None:
-        if len(value) != KEY_LEN:
-            raise ValueError(f"a key is {KEY_LEN} bytes")
-        self._value = bytes(value)
-
-    @property
-    def value(self) -> bytes:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<Secret hidden>"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and hmac.compare_digest(self._value, other._value)
-
-    def __hash__(self) -> int:  # usable in sets without exposing the value through a collision table
-        return hash(HASH(self._value))
 
 
 def HASH(data: bytes) -> bytes:
@@ -192,10 +165,6 @@ def TAI64N(wall: float) -> bytes:
         seconds, nanos = seconds + 1, nanos - 1_000_000_000
     nanos &= ~TIMESTAMP_WHITENER
     return struct.pack(">QI", TAI64_BASE + seconds, nanos)
-
-
-def random_bytes(n: int) -> bytes:
-    return os.urandom(n)
 
 
 def key_to_base64(key: bytes) -> str:

@@ -4,7 +4,8 @@
   Deliver(peer, buffer, offset, length, send)  an authenticated inner packet: write buffer[offset:offset+length]
                                                to the tunnel (after the caller's allowed-IPs source check); then
                                                send ``send`` (queued packets the new session released) to
-                                               ``peer.endpoint``.
+                                               ``peer.endpoint``. ``buffer`` is the caller's ``out`` or else the
+                                               device's own, overwritten by the next ``open``: use it first.
   Reply(datagrams, address, peer, dropped)     send these datagrams to ``address``: a handshake response, the
                                                keepalive that confirms a session, a cookie reply. ``dropped`` is
                                                set when the datagram itself was refused (COOKIE_REQUIRED) and must
