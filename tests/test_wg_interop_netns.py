@@ -37,6 +37,7 @@ THEIR_PORT = 51820
 OUR_OVERLAY = "10.78.0.1"
 THEIR_OVERLAY = "10.78.0.2"
 CLONE_NEWNET = 0x40000000
+PI_WARN = 0x00600000  # epan/proto.h: an expert info's severity, warning and up
 
 
 def needs():
@@ -172,8 +173,22 @@ def is_echo_reply(packet: bytes, ident: int, seq: int, payload: bytes = b"tunnel
             and p[ICMP].id == ident and p[ICMP].seq == seq and bytes(p[ICMP].payload) == payload)
 
 
+def stop_capture(dump: subprocess.Popen, capture: Path, packets: int, timeout: float = 5.0) -> None:
+    """Stop tcpdump once ``packets`` are in the file (or ``timeout`` passed): on SIGINT it drops what it has not
+    read yet, and on a busy machine that can be the last few datagrams."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # a record may be half written
+            if len(scapy_all.rdpcap(str(capture))) >= packets:
+                break
+        time.sleep(0.05)
+    dump.send_signal(signal.SIGINT)
+    dump.wait(timeout=10)
+
+
 def dissect(capture: Path) -> list[dict]:
-    """tshark's WireGuard dissector over the capture: per packet, the message type and any malformed/expert mark."""
+    """tshark's WireGuard dissector over the capture: per packet, the message type's fields and whether it is
+    bad (not dissected as WireGuard, malformed, or an expert info of warning severity or worse)."""
     out = subprocess.run(
         ["tshark", "-r", str(capture), "-d", f"udp.port=={THEIR_PORT},wg", "-T", "fields", "-E", "separator=|",
          "-e", "wg.type", "-e", "wg.sender", "-e", "wg.receiver", "-e", "wg.counter", "-e", "_ws.malformed",
@@ -182,8 +197,12 @@ def dissect(capture: Path) -> list[dict]:
     rows = []
     for line in out.strip().splitlines():
         kind, sender, receiver, counter, malformed, severity = (line.split("|") + [""] * 6)[:6]
+        # expert infos at "chat" level only describe (e.g. "This is a Keepalive message"); warnings and errors
+        # (and a malformed mark) mean the dissector disagreed with the bytes
+        worst = max((int(x, 0) for x in severity.split(",") if x), default=0)
+        # and a datagram it does not take for WireGuard at all (no type: a wrong length) is as bad
         rows.append({"type": kind, "sender": sender, "receiver": receiver, "counter": counter,
-                     "malformed": malformed, "severity": severity})
+                     "bad": bool(malformed or worst >= PI_WARN or not kind)})
     return rows
 
 
@@ -222,10 +241,9 @@ def test_we_initiate_and_ping_wireguard_go(workdir, psk):
                 assert not ours.drops
             finally:
                 sock.close()
-                dump.send_signal(signal.SIGINT)
-                dump.wait(timeout=10)
+                stop_capture(dump, capture, 2 + 10)
             rows = dissect(capture)
-            assert not [r for r in rows if r["malformed"] or r["severity"]], rows
+            assert not [r for r in rows if r["bad"]], rows
             [initiation] = [r for r in rows if r["type"] == "1"]
             [response] = [r for r in rows if r["type"] == "2"]
             assert response["receiver"] == initiation["sender"]
@@ -302,6 +320,8 @@ def test_under_load_wireguard_go_takes_our_cookie_and_retries_with_mac2(workdir)
             peer = device.add_peer(theirs_key.public)
             sock = udp_socket_in(a.name, (a.underlay, OUR_PORT))
             replies: list = []
+            capture = workdir / "cookie.pcap"
+            dump = tcpdump(a, capture, f"udp port {THEIR_PORT}")
             try:
                 ours = Ours(sock, device)
                 original = device.open
@@ -316,5 +336,48 @@ def test_under_load_wireguard_go_takes_our_cookie_and_retries_with_mac2(workdir)
                 ours.pump(lambda: peer.has_session, timeout=15)
             finally:
                 sock.close()
+                stop_capture(dump, capture, 5)  # initiation, cookie reply, initiation, response, keepalive
+            rows = dissect(capture)
+            assert not [r for r in rows if r["bad"]], rows
+            kinds = [r["type"] for r in rows]
+            assert kinds[:2] == ["1", "3"] and "2" in kinds  # initiation, our cookie reply, ..., our response
             assert replies[0] is Reason.COOKIE_REQUIRED  # the first initiation: a cookie, nothing else
             assert replies[-1] is None and peer.endpoint == (b.underlay, THEIR_PORT)  # the retry carried mac2
+
+
+def test_we_follow_wireguard_go_to_its_new_port(workdir):
+    """Roaming, on our side, against the real peer: once their listen port changes, their next authenticated
+    packet moves our endpoint, and our answers reach them there."""
+    ours_key, theirs_key = StaticKey.generate(), StaticKey.generate()
+    with testbed() as (a, b):
+        with wireguard_go(b, workdir, theirs_key, ours_key.public, psk=None, endpoint=f"{a.underlay}:{OUR_PORT}",
+                          keepalive=1) as theirs:
+            device = Device(ours_key, wall_offset=time.time() - time.monotonic())
+            peer = device.add_peer(theirs_key.public)
+            sock = udp_socket_in(a.name, (a.underlay, OUR_PORT))
+            try:
+                ours = Ours(sock, device)
+                ours.pump(lambda: peer.has_session, timeout=10)
+                assert peer.endpoint == (b.underlay, THEIR_PORT)
+                theirs.wg("set", theirs.name, "listen-port", str(THEIR_PORT + 1))
+                ours.pump(lambda: peer.endpoint == (b.underlay, THEIR_PORT + 1), timeout=10)  # their keepalive
+                ident = 0x2222
+                ours.send(peer.seal(echo_request(ident, 1), time.monotonic()), peer.endpoint)
+                ours.pump(lambda: any(is_echo_reply(p, ident, 1) for p in ours.delivered))
+                assert not ours.drops
+            finally:
+                sock.close()
+
+
+def test_the_dissector_check_sees_a_malformed_message(tmp_path):
+    """The tshark check above can fail: a truncated initiation is flagged."""
+    if shutil.which("tshark") is None:
+        pytest.skip("tshark is not installed (make apt installs it)")
+    capture = tmp_path / "bad.pcap"
+    good = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / scapy_all.UDP(sport=40000, dport=THEIR_PORT)
+                 / Raw(b"\x04\x00\x00\x00" + bytes(28)))
+    bad = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / scapy_all.UDP(sport=40000, dport=THEIR_PORT)
+                / Raw(b"\x01\x00\x00\x00" + bytes(60)))
+    scapy_all.wrpcap(str(capture), [IP(good), IP(bad)])
+    rows = dissect(capture)
+    assert [r["bad"] for r in rows] == [False, True], rows
