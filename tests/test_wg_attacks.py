@@ -180,3 +180,12 @@ def test_a_peer_whose_inner_packet_is_not_ip_is_dropped_after_authentication():
     link.send(link.a, ping(2)[:30])  # IPv4 total length 84, but only 30 bytes (padded to 32) carried
     assert link.b.drops == [Reason.BAD_PROTOCOL, Reason.LENGTH_MISMATCH]
     assert link.b.delivered == [ping(1)]
+
+
+def test_any_source_shape_is_taken_without_a_raise():
+    link, kinds = captured()
+    b = link.b.device
+    b.force_under_load = True  # the cookie is bound to the source: the path that reads it
+    for source in (("fd00::1", 5), ("fe80::1%veth0", 5, 0, 2), ("not-an-address", 70000), ("10.1.2.3", 0)):
+        result = b.open(kinds["initiation"][-1], source, link.now)
+        assert isinstance(result, Reply) and result.dropped is Reason.COOKIE_REQUIRED

@@ -11,7 +11,16 @@ The parts, in the order a packet meets them:
   device      the static key, peers, index table, load state; ``open`` for every datagram received
   results     what ``open`` returns: Deliver, Reply, Consumed, Drop(reason)
 
-Nothing here opens a socket or reads a clock: the owner passes ``now`` in and does the sending.
+Nothing here opens a socket or reads a clock: the owner passes ``now`` in and does the sending. An owner's loop:
+
+    device = Device(private_key, wall_offset=time.time() - time.monotonic())
+    peer = device.add_peer(public_key, preshared_key=psk, endpoint=("192.0.2.1", 51820), persistent_keepalive=25)
+    # from the tunnel:  for d in peer.seal(inner, now): sock.sendto(d, peer.endpoint)
+    # from the socket:  match device.open(datagram, source, now, out=buffer):
+    #                     Deliver: write result.packet (after the allowed-IPs check), send result.send
+    #                     Reply: send result.datagrams to result.address (count result.dropped if set)
+    #                     Drop: count result.reason
+    # on the deadline:  datagrams, deadline = device.tick(now)  (send each to its address)
 """
 
 from tunneld.encap.wireguard.device import Device

@@ -49,7 +49,11 @@ def address_bytes(address) -> bytes:
     """The source address a cookie is bound to: the IP's bytes and the port (big-endian). Only its maker reads
     it, so the encoding is ours."""
     host, port = address[0], address[1]
-    return ipaddress.ip_address(host).packed + int(port).to_bytes(2, "big")
+    try:
+        packed = ipaddress.ip_address(host).packed
+    except ValueError:  # not a numeric address (a caller's own naming): still one cookie per source, never a raise
+        packed = str(host).encode("utf-8", "replace")
+    return packed + (int(port) & 0xFFFF).to_bytes(2, "big")
 
 
 class CookieChecker:

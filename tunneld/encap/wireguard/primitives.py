@@ -131,8 +131,11 @@ def DH_GENERATE() -> tuple[X25519PrivateKey, bytes]:
     return private, private.public_key().public_bytes_raw()
 
 
+_NONCE = struct.Struct("<4xQ")  # 32 zero bits, then the counter as 64-bit little-endian
+
+
 def aead_nonce(counter: int) -> bytes:
-    return b"\x00\x00\x00\x00" + struct.pack("<Q", counter)
+    return _NONCE.pack(counter)
 
 
 def AEAD(key: bytes, counter: int, plaintext: bytes, ad: bytes) -> bytes:
