@@ -379,3 +379,31 @@ def test_a_removed_peer_leaves_no_index_behind():
     link.b.device.remove_peer(link.a.device.public_key)
     assert link.b.device._indices == {} and not link.b.device.peers
     assert link.b.device.open(datagram, link.a.address, link.now) == Drop(Reason.NO_SESSION)
+
+
+def test_data_sent_without_an_answer_starts_a_new_handshake_after_15_s():
+    """KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (+ jitter) after sending data with nothing authenticated heard back."""
+    link = Link()
+    link.send(link.a, ping(1))
+    link.send(link.b, ping(2))
+    link.lose["b"] = True  # B goes silent: not even its passive keepalive arrives
+    start = link.now
+    link.send(link.a, ping(3))
+    link.a.sent.clear()
+    link.advance(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT - 0.1, step=0.1)
+    assert 1 not in types(link.a.sent)
+    link.advance(REKEY_TIMEOUT_JITTER_MAX + 0.2, step=0.05)
+    assert types(link.a.sent).count(1) == 1
+    assert KEEPALIVE_TIMEOUT + REKEY_TIMEOUT <= link.now - start
+
+
+def test_an_initiator_receiving_on_an_old_session_rekeys_before_it_expires():
+    link = Link()
+    link.send(link.a, ping(1))
+    link.advance(166, step=10)  # past REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT; A never sent again
+    assert link.now - link.pa.current.created >= 166
+    link.a.sent.clear()
+    link.send(link.b, ping(2))
+    assert link.a.delivered == [ping(2)]
+    assert 1 in types(link.a.sent) and link.now - link.pa.current.created < 1  # a new session already
+    assert link.pa.sent_last_minute_handshake is False  # reset by the completed handshake
