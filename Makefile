@@ -5,7 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools; etcd for
 # the registry's tests (a real 3-member cluster in namespaces; etcd-server's unit is disabled again, as openvpn's).
-APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn etcd-server etcd-client
+# wireguard-go and wireguard-tools are the real WireGuard peer (this kernel has no module); --no-install-recommends
+# matters there: a Recommends would pull in a linux-image package.
+APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn etcd-server etcd-client wireguard-go wireguard-tools
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: setup apt venv demo test test-unit fuzz bench bench-quick clean
