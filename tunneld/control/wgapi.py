@@ -49,7 +49,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -295,7 +295,7 @@ class PeerChange:
 
 @dataclass
 class SetRequest:
-    private_key: PrivateKey | None = None  # all zeros: clear
+    private_key: Key | None = None  # a PrivateKey, or all zeros: clear
     listen_port: int | None = None
     fwmark: int | None = None
     replace_peers: bool = False
@@ -314,8 +314,13 @@ def _true(text: str, what: str) -> bool:
     return True
 
 
+_NAME = re.compile(r"[a-z0-9_]{1,32}")
+
+
 def _shown(name: str) -> str:
-    return repr(name[:32])  # a key's *name* in an error line; its value never is
+    """A line's key *name* for an error or log line: only when it looks like one (a value sent as a name, a
+    key in hex for one, must not reach the log)."""
+    return repr(name) if _NAME.fullmatch(name) and not re.search(r"[0-9a-f]{16}", name) else f"({len(name)} characters)"
 
 
 class SetParser:
@@ -359,7 +364,8 @@ class SetParser:
     def _interface_line(self, key: str, value: str) -> None:
         req = self.request
         if key == "private_key":
-            req.private_key = PrivateKey(Key.from_hex(value, "private_key").raw)
+            key = Key.from_hex(value, "private_key")
+            req.private_key = key if key.is_zero() else PrivateKey(key.raw)  # zero: clear (before clamping)
         elif key == "listen_port":
             req.listen_port = _uint(value, 16, "listen_port")
         elif key == "fwmark":
@@ -411,7 +417,7 @@ def apply(config: InterfaceConfig, req: SetRequest) -> InterfaceConfig:
     private_key, listen_port, fwmark = config.private_key, config.listen_port, config.fwmark
     peers: dict[Key, PeerConfig] = dict(config.peers)
     if req.private_key is not None:
-        private_key = None if req.private_key.is_zero() else req.private_key
+        private_key = req.private_key if isinstance(req.private_key, PrivateKey) else None
     own = None if private_key is None else private_key.public_key()
     if own is not None:
         peers.pop(own, None)  # a peer with our own key could never complete a handshake: dropped, as wireguard-go
@@ -747,6 +753,3 @@ def change_summary(old: InterfaceConfig, new: InterfaceConfig) -> str:
     removed = sum(1 for k in old.peers if k not in new.peers)
     return f"peers {len(new.peers)} (+{added} -{removed}), listen_port {new.listen_port}, fwmark {new.fwmark}"
 
-
-def peers_by_key(peers: Iterable[PeerConfig]) -> dict[Key, PeerConfig]:
-    return {p.public_key: p for p in peers}
