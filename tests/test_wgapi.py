@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from tests.wg_golden import GOLDEN_GET, GOLDEN_SET, PRIV_HEX
 from tunneld.config import ConfigError
 from tunneld.config.wireguard import parse_interface, parse_peer, read_key_file
 from tunneld.control import wgapi
@@ -33,28 +34,9 @@ from tunneld.control.wgapi import (
 )
 
 K = {c: Key(bytes.fromhex(c * 32)) for c in ("22", "33", "44", "55")}
-PRIV_HEX = "a0" * 32
-
 # RFC 7748 section 6.1: Alice's private key and its X25519 public key (an independent known answer).
 RFC7748_PRIVATE = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"
 RFC7748_PUBLIC = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
-
-GOLDEN_SET = (
-    "set=1\n"
-    f"private_key={PRIV_HEX}\nlisten_port=51820\nfwmark=7\n"
-    f"public_key={'22' * 32}\npreshared_key={'33' * 32}\nendpoint=[fd00::1]:123\n"
-    "persistent_keepalive_interval=25\n"
-    "allowed_ip=10.0.0.1/24\nallowed_ip=fd00::/64\nallowed_ip=10.9.0.0/16\n\n"
-)
-# wireguard-go's answer to get=1 after GOLDEN_SET: the private key clamped, host bits cleared, tx before rx.
-GOLDEN_GET = (
-    f"private_key={'a0' * 31}60\nlisten_port=51820\nfwmark=7\n"
-    f"public_key={'22' * 32}\npreshared_key={'33' * 32}\nprotocol_version=1\nendpoint=[fd00::1]:123\n"
-    "last_handshake_time_sec=0\nlast_handshake_time_nsec=0\ntx_bytes=0\nrx_bytes=0\n"
-    "persistent_keepalive_interval=25\n"
-    "allowed_ip=10.0.0.0/24\nallowed_ip=fd00::/64\nallowed_ip=10.9.0.0/16\n"
-    "errno=0\n\n"
-)
 
 
 def talk(session: UapiSession, text: str | bytes) -> bytes:
