@@ -155,6 +155,15 @@ def test_peers_and_allowed_ips_are_bounded(monkeypatch):
     ips = "".join(f"allowed_ip=10.0.{i}.0/24\n" for i in range(3))
     assert talk(s, f"set=1\npublic_key={'22' * 32}\n{ips}\n") == f"errno=-{errno.ENOSPC}\n\n".encode()
     assert len(device.config.peers) == 3 and device.commits == 1
+    monkeypatch.setattr(wgapi, "MAX_TOTAL_ALLOWED_IPS", 4)
+    two = "allowed_ip=10.1.0.0/24\nallowed_ip=10.2.0.0/24\n"
+    assert talk(s, f"set=1\npublic_key={'22' * 32}\n{two}public_key={'33' * 32}\n{two.replace('0/', '1/')}\n") \
+        == b"errno=0\n\n"  # 10.x.0.1/24 is 10.x.0.0/24 again: it moves, the total stays 2
+    assert talk(s, f"set=1\npublic_key={'44' * 32}\n{two.replace('.0.0/', '.9.0/')}"
+                   f"allowed_ip=10.7.0.0/24\n\n") == f"errno=-{errno.ENOSPC}\n\n".encode()
+    assert talk(s, "set=1\n" + "".join(f"public_key={'44' * 32}\nallowed_ip=10.{i}.0.0/16\n" for i in range(5))
+                + "\n") == f"errno=-{errno.ENOSPC}\n\n".encode()  # the request's own count
+    assert device.commits == 2
 
 
 def test_an_allowed_ip_moves_to_the_last_peer_that_claims_it():
@@ -289,6 +298,24 @@ def test_server_bounds_clients_and_drops_idle_ones(tmp_path):
     asyncio.run(main())
 
 
+def test_a_client_that_trickles_is_dropped_within_the_idle_timeout(tmp_path):
+    async def main():
+        path = str(tmp_path / "wgt2.sock")
+        async with UapiServer("wgt2", MemoryDevice(), directory=str(tmp_path), idle_timeout=0.3):
+            reader, writer = await asyncio.open_unix_connection(path)
+            start = asyncio.get_running_loop().time()
+            with pytest.raises((ConnectionError, AssertionError)):
+                for b in b"set=1\nlisten_port=1" * 10:  # a byte every 50 ms: never idle, never done
+                    writer.write(bytes([b]))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    assert not reader.at_eof()
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+            assert asyncio.get_running_loop().time() - start < 2
+            writer.close()
+    asyncio.run(main())
+
+
 def test_interface_names_are_checked():
     for bad in ("", "a/b", "..", "x" * 16, "wg 0"):
         with pytest.raises(ValueError):
@@ -360,3 +387,33 @@ def test_a_key_files_mode_is_its_targets_through_a_symlink(tmp_path):
     with pytest.raises(ConfigError, match="link.key is mode 0640"):
         read_key_file(str(tmp_path / "link.key"))
     assert parse_peer({"public_key": K["22"].base64()}).allowed_ips == ()
+
+
+# -- any input: a reply or a close, never an exception --------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_LINE_KEYS = ["private_key", "listen_port", "fwmark", "replace_peers", "public_key", "remove", "update_only",
+              "preshared_key", "endpoint", "persistent_keepalive_interval", "replace_allowed_ips", "allowed_ip",
+              "protocol_version", "bogus", ""]
+_VALUES = st.one_of(st.sampled_from(["true", "false", "1", "0", "65535", "65536", "22" * 32, "00" * 32,
+                                     "10.0.0.0/8", "fd00::/64", "1.2.3.4:5", "[::1]:5", "[fe80::1%x]:1"]),
+                    st.text(max_size=70))
+_LINES = st.one_of(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(_LINE_KEYS), _VALUES),
+                   st.sampled_from(["set=1", "get=1", ""]), st.text(max_size=20))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_LINES, max_size=40), st.integers(1, 64))
+def test_any_lines_get_well_formed_replies(lines, chunk):
+    device = MemoryDevice()
+    s = UapiSession(device)
+    data = ("set=1\n" + "\n".join(lines) + "\n\n").encode("utf-8", "surrogatepass")
+    out = b"".join(s.receive(data[i:i + chunk]) for i in range(0, len(data), chunk)) + s.eof()
+    assert s.closed
+    for reply in filter(None, out.split(b"\n\n")):
+        assert reply.rsplit(b"\n", 1)[-1].startswith(b"errno="), out
+    text = render_get(device.config)  # whatever was taken renders, and parses back to the same model
+    lines = [line for line in text.splitlines() if not line.startswith(("last_handshake", "tx_bytes", "rx_bytes"))]
+    again = apply(InterfaceConfig(), parse_set("\n".join(lines) + "\n"))
+    assert again == device.config

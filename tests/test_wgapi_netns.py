@@ -30,6 +30,7 @@ from tunneld.control.wgapi import (
     PrivateKey,
     UapiError,
     UapiServer,
+    UapiSocketError,
     socket_path,
 )
 from tunneld.testbed import sh
@@ -215,6 +216,10 @@ def test_replies_are_byte_for_byte_wireguard_gos(hosts, names):
     ours_name, theirs_name, _ = names
     with wireguard_go(a, theirs_name) as theirs, served(ours_name, MemoryDevice()) as server:
         ours = server.path
+        with pytest.raises(UapiSocketError, match=f"socket {theirs} is in use: another WireGuard serves this name"):
+            with served(theirs_name, MemoryDevice()):
+                pass
+        assert os.path.exists(theirs)  # and its socket stays
         assert query(ours, GOLDEN_SET.encode()) == query(theirs, GOLDEN_SET.encode()) == b"errno=0\n\n"
         assert query(ours, b"get=1\n\n") == query(theirs, b"get=1\n\n")
         for bad in (b"set=1\nfoo=1\n\n", b"set=1\nnoequals\n\n", b"set=1\nlisten_port=70000\n\n",

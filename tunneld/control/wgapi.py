@@ -26,9 +26,11 @@ Theory of operation (the protocol: wireguard.com/xplatform; the reference: wireg
     private or preshared key clears it.
   - Bounds, so that input cannot grow without limit: a line is at most MAX_LINE bytes, an operation at most
     MAX_REQUEST bytes (both refused with EMSGSIZE, then the connection is closed: nothing after it can be
-    trusted to be in step), at most MAX_PEERS peers and MAX_ALLOWED_IPS prefixes per peer (ENOSPC; wireguard-go
+    trusted to be in step), at most MAX_PEERS peers, MAX_ALLOWED_IPS prefixes per peer and MAX_TOTAL_ALLOWED_IPS in all (ENOSPC; wireguard-go
     stops at 2^16 peers with EINVAL). The server (``UapiServer``) serves at most MAX_CLIENTS connections and
-    drops one that sits idle for IDLE_TIMEOUT.
+    drops one that has not completed an operation within IDLE_TIMEOUT of connecting or of its previous one.
+    Parsing a large ``set`` is spread over the reads (each read's lines are parsed before the next read is
+    awaited); applying it and rendering a ``get`` are one step each (~0.2 s at the bounds, on this machine).
   - A key never reaches a log line, an exception's text or a repr (``Key.__repr__`` hides it); only ``get``
     replies carry them, on a socket only root (mode 0700 under umask 077, as wireguard-go) can open.
 
@@ -63,8 +65,9 @@ MAX_LINE = 512  # bytes in a request line, newline included; the longest valid o
 MAX_REQUEST = 4 << 20  # bytes in one operation: ~60 000 allowed_ip lines
 MAX_PEERS = 4096  # peers of one interface (tunneld's peer table holds as many); wireguard-go allows 2^16
 MAX_ALLOWED_IPS = 1024  # prefixes per peer (tunneld's routes per peer)
+MAX_TOTAL_ALLOWED_IPS = 65536  # prefixes of all peers together: a get reply stays ~3 MB, ~0.15 s to render
 MAX_CLIENTS = 16  # connections served at once; one more is closed at once (`wg` makes one at a time)
-IDLE_TIMEOUT = 10.0  # seconds a connection may sit without completing an operation
+IDLE_TIMEOUT = 10.0  # seconds a connection has to complete each operation (a trickle cannot hold a slot)
 WRITE_TIMEOUT = 5.0  # seconds a reply may wait for a client that does not read
 IFNAMSIZ = 16  # Linux's limit on an interface name, its NUL included
 
@@ -200,7 +203,7 @@ def parse_allowed_ip(text: str) -> Network:
     if not sep or "%" in addr or not _PREFIX_LEN.fullmatch(bits):
         raise UapiError(EINVAL, "allowed_ip: not ADDRESS/PREFIXLEN")
     try:
-        return ipaddress.ip_network(f"{ipaddress.ip_address(addr)}/{int(bits)}", strict=False)
+        return ipaddress.ip_network((ipaddress.ip_address(addr), int(bits)), strict=False)
     except ValueError:
         raise UapiError(EINVAL, "allowed_ip: not ADDRESS/PREFIXLEN") from None
 
@@ -391,8 +394,8 @@ class SetParser:
             peer.allowed_ips.clear()  # replacing removes what this section added before, too
         elif key == "allowed_ip":
             self._allowed_ips += 1
-            if self._allowed_ips > MAX_PEERS * 16:
-                raise UapiError(ENOSPC, f"more than {MAX_PEERS * 16} allowed IPs in one request")
+            if self._allowed_ips > MAX_TOTAL_ALLOWED_IPS:
+                raise UapiError(ENOSPC, f"more than {MAX_TOTAL_ALLOWED_IPS} allowed IPs in one request")
             peer.allowed_ips.append(parse_allowed_ip(value))
         elif key == "protocol_version":
             if value != "1":
@@ -467,6 +470,8 @@ def apply(config: InterfaceConfig, req: SetRequest) -> InterfaceConfig:
             held.add(net)
         if len(ips) > MAX_ALLOWED_IPS:
             raise UapiError(ENOSPC, f"a peer has at most {MAX_ALLOWED_IPS} allowed IPs")
+        if len(owner) > MAX_TOTAL_ALLOWED_IPS:
+            raise UapiError(ENOSPC, f"an interface has at most {MAX_TOTAL_ALLOWED_IPS} allowed IPs")
         peers[key] = PeerConfig(
             public_key=key,
             preshared_key=psk,
@@ -731,8 +736,12 @@ class UapiServer:
                 self.refused += 1
                 return
             session = UapiSession(self.device)
+            loop = asyncio.get_running_loop()
+            done, deadline = 0, loop.time() + self.idle_timeout
             while not session.closed:
-                data = await asyncio.wait_for(reader.read(64 * 1024), self.idle_timeout)
+                if session.operations != done:  # an operation completed: the next one has its own time
+                    done, deadline = session.operations, loop.time() + self.idle_timeout
+                data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, deadline - loop.time()))
                 reply = session.receive(data) if data else session.eof()
                 if reply:
                     writer.write(reply)
