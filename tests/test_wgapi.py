@@ -202,6 +202,18 @@ def test_the_interfaces_own_public_key_is_never_a_peer():
     assert config.private_key is None and config.public_key is None
 
 
+def test_diff_tells_a_device_what_a_commit_changed():
+    old = apply(InterfaceConfig(), parse_set(
+        f"private_key={PRIV_HEX}\nlisten_port=1\npublic_key={'22' * 32}\npublic_key={'33' * 32}\n"))
+    new = apply(old, parse_set(f"listen_port=2\npublic_key={'22' * 32}\nendpoint=192.0.2.1:1\n"
+                               f"public_key={'33' * 32}\nremove=true\npublic_key={'44' * 32}\n"))
+    d = wgapi.diff(old, new)
+    assert (d.private_key, d.listen_port, d.fwmark) == (False, True, False)
+    assert (d.added, d.removed, d.changed) == ((K["44"],), (K["33"],), (K["22"],))
+    assert wgapi.diff(new, new) == wgapi.ConfigDiff(False, False, False, (), (), ())
+    assert wgapi.change_summary(old, new) == "peers 2 (+1 -1 ~1), private key kept, listen_port 2, fwmark 0"
+
+
 def test_endpoints_render_as_go_prints_them():
     for text in ("192.0.2.1:51820", "[2001:db8::1]:1", "[::ffff:192.0.2.1]:9", "[fe80::1%eth0]:7"):
         assert str(Endpoint.parse(text)) == text

@@ -635,6 +635,22 @@ def socket_path(name: str, directory: str = SOCKET_DIR) -> str:
     return os.path.join(directory, f"{check_ifname(name)}.sock")
 
 
+def _answers(path: str) -> bool:
+    """Whether a process listens on the unix socket at ``path``. A connect to a unix socket never waits: the
+    kernel answers at once (ECONNREFUSED: a file with no listener, left by a process that died)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except ConnectionRefusedError:
+        return False
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EACCES, errno.EPERM)  # a full backlog is a live listener too
+    finally:
+        probe.close()
+
+
 class UapiSocketError(Exception):
     """The socket cannot be had; the text is one line for the operator."""
 
@@ -642,8 +658,6 @@ class UapiSocketError(Exception):
 def bind_uapi_socket(path: str) -> socket.socket:
     """A listening socket at ``path`` made under umask 077 (as wireguard-go: srwx------) in a directory made 0755,
     replacing a file left by a process that died; UapiSocketError if a live one answers there."""
-    from tunneld.control.server import _answers  # the same liveness probe as tunneld's own control socket
-
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -756,9 +770,35 @@ class UapiServer:
             writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
 
 
+@dataclass(frozen=True)
+class ConfigDiff:
+    """What a commit changes, for a device to act on only that: a new private key (every session and the
+    cookie secrets are stale), a new listen port or fwmark (rebind), and peers added, removed or changed
+    (by public key; ``changed``: a preshared key, endpoint, keepalive or allowed IPs differ)."""
+
+    private_key: bool
+    listen_port: bool
+    fwmark: bool
+    added: tuple[Key, ...]
+    removed: tuple[Key, ...]
+    changed: tuple[Key, ...]
+
+
+def diff(old: InterfaceConfig, new: InterfaceConfig) -> ConfigDiff:
+    return ConfigDiff(
+        private_key=old.private_key != new.private_key,
+        listen_port=old.listen_port != new.listen_port,
+        fwmark=old.fwmark != new.fwmark,
+        added=tuple(k for k in new.peers if k not in old.peers),
+        removed=tuple(k for k in old.peers if k not in new.peers),
+        changed=tuple(k for k, p in new.peers.items() if k in old.peers and old.peers[k] != p),
+    )
+
+
 def change_summary(old: InterfaceConfig, new: InterfaceConfig) -> str:
     """A log line for a commit, with counts only (keys never reach a log)."""
-    added = sum(1 for k in new.peers if k not in old.peers)
-    removed = sum(1 for k in old.peers if k not in new.peers)
-    return f"peers {len(new.peers)} (+{added} -{removed}), listen_port {new.listen_port}, fwmark {new.fwmark}"
+    d = diff(old, new)
+    return (f"peers {len(new.peers)} (+{len(d.added)} -{len(d.removed)} ~{len(d.changed)}), "
+            f"private key {'changed' if d.private_key else 'kept'}, listen_port {new.listen_port}, "
+            f"fwmark {new.fwmark}")
 
