@@ -143,7 +143,12 @@ def test_wg_set_show_dump_showconf_setconf_addconf_and_interfaces(names, keys, t
         wg("setconf", name, str(more))
         assert list(device.config.peers) == [PEER2] and device.config.listen_port == 0
         assert device.config.private_key is None  # setconf without a PrivateKey clears it, as for the kernel
-        wg("set", name, "peer", PEER2.base64(), "remove")
+        # syncconf: wg reads the state (get), then sends only the difference.
+        conf_file.write_text(conf)
+        wg("syncconf", name, str(conf_file))
+        assert device.config == config
+        wg("set", name, "private-key", "/dev/null", "listen-port", "0", "fwmark", "0", "peer", PEER.base64(),
+           "remove")  # an empty key file: wg sends a zero key, which clears it
         assert device.config == InterfaceConfig()
         deadline = time.monotonic() + 5  # the server thread sees the last `wg`'s hang-up a moment later
         while server.clients and time.monotonic() < deadline:
