@@ -247,3 +247,26 @@ def test_replies_are_byte_for_byte_wireguard_gos(hosts, names):
         assert show[0] == show[1] and "[Peer]" in show[0]
         assert wg("show", ours_name).stdout.replace(ours_name, "X") == \
             wg("show", theirs_name).stdout.replace(theirs_name, "X")
+
+
+def test_a_thousand_peers_through_setconf_and_back(names, tmp_path):
+    """A request and a reply of many reads and writes (~100 KB each way) with the real tool."""
+    name = names[2]
+    peers = [Key((i + 1).to_bytes(32, "big")) for i in range(1000)]
+    conf = "[Interface]\nListenPort = 51821\n" + "".join(
+        f"\n[Peer]\nPublicKey = {k.base64()}\nAllowedIPs = 10.{i >> 8}.{i & 255}.0/24, fd00:{i:x}::/64\n"
+        f"Endpoint = 192.0.2.{i % 250 + 1}:{1000 + i}\n" for i, k in enumerate(peers))
+    path = tmp_path / "many.conf"
+    path.write_text(conf)
+    device = MemoryDevice()
+    with served(name, device):
+        wg("setconf", name, str(path))
+        assert list(device.config.peers) == peers
+        dump = wg("show", name, "dump").stdout.splitlines()
+        assert len(dump) == 1001 and dump[1000].split("\t")[:4] == [
+            peers[999].base64(), "(none)", "192.0.2.250:1999", "10.3.231.0/24,fd00:3e7::/64"]
+        first = device.config
+        again = tmp_path / "again.conf"
+        again.write_text(wg("showconf", name).stdout)
+        wg("setconf", name, str(again))
+        assert device.config == first and device.config is not first and device.commits == 2
