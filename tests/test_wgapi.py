@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from tests.wg_golden import GOLDEN_GET, GOLDEN_SET, PRIV_HEX
-from tunneld.config import ConfigError
+from tunneld.config.schema import ConfigError
 from tunneld.config.wireguard import parse_interface, parse_peer, read_key_file
 from tunneld.control import wgapi
 from tunneld.control.wgapi import (

@@ -30,7 +30,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tunneld.config import ConfigError
+from tunneld.config.schema import ConfigError
 from tunneld.control.wgapi import (
     MAX_ALLOWED_IPS,
     MAX_PEERS,
