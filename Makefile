@@ -5,12 +5,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests, demo and benchmarks use: real peers, dissectors, scrapers and systemd tools; etcd for
 # the registry's tests (a real 3-member cluster in namespaces; etcd-server's unit is disabled again, as openvpn's).
-APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn etcd-server etcd-client
+# wireguard-go and wireguard-tools are the real WireGuard peer (this kernel has no module); --no-install-recommends
+# matters there: a Recommends would pull in a linux-image package.
+APT_PACKAGES := iproute2 iputils-ping iperf3 tshark tcpdump prometheus socat procps kmod ethtool util-linux systemd systemd-container debootstrap openvpn etcd-server etcd-client wireguard-go wireguard-tools
 export DEBIAN_FRONTEND := noninteractive
 
 .PHONY: setup apt venv demo test test-unit fuzz bench bench-quick clean
 
-setup: apt venv
+setup: apt venv man-install
 
 # openvpn is a peer for bench/, run only inside its namespaces; Debian's package enables openvpn.service (which
 # starts /etc/openvpn/*.conf at boot), so when we are the ones installing it we disable that unit again.
@@ -28,8 +30,28 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench,man]'
 	@touch $@
+
+# tunneld(8), generated from the argument parser (docs/manpage.py with argparse-manpage, never written by hand)
+# and installed where `man tunneld` looks (/usr/local/share/man, in man-db's default path). `make setup` installs
+# it as root; the installed page and man-db's index are rewritten only when the page changed.
+APT_PACKAGES += man-db
+MAN_PAGE := build/man/tunneld.8
+MANDIR ?= /usr/local/share/man/man8
+MANDB ?= mandb
+.PHONY: man man-install
+
+man: venv
+	@mkdir -p $(dir $(MAN_PAGE))
+	$(PY) docs/manpage.py $(MAN_PAGE)
+
+man-install: man
+	@if [ "$$(id -u)" -ne 0 ] && [ ! -w "$(MANDIR)" ]; then echo "make man-install: $(MANDIR) needs root; the page is $(MAN_PAGE)"; \
+	elif ! cmp -s $(MAN_PAGE) $(MANDIR)/tunneld.8; then \
+		install -m 0644 -D $(MAN_PAGE) $(MANDIR)/tunneld.8 && echo "installed $(MANDIR)/tunneld.8"; \
+		if command -v $(MANDB) >/dev/null; then $(MANDB) -q || true; fi; \
+	fi
 
 demo: setup
 	$(PY) -m tests.demo

@@ -235,20 +235,21 @@ def _short(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# -- README -------------------------------------------------------------------------------------------------
+# -- the docs' table --------------------------------------------------------------------------------------
 
-README_BEGIN = "<!-- bench-results -->"
-README_END = "<!-- /bench-results -->"
+DOC_BEGIN = "<!-- bench-results -->"
+DOC_END = "<!-- /bench-results -->"
 
 
-def update_readme(readme: Path, results: dict[str, Any], chart: str) -> bool:
-    """Replace the text between the README's bench markers with this run's table; False if there are none."""
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
+def update_doc(doc: Path, results: dict[str, Any], chart: str) -> bool:
+    """Replace the text between a doc's bench markers (docs/performance.md, "Latest figures") with this run's
+    table; ``chart`` is the chart's path relative to the doc. False if the doc has no markers."""
+    text = doc.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
         return False
     body = markdown(results).split("\n", 2)[2]  # without the "# tunneld benchmark" title
-    section = f"{README_BEGIN}\n![benchmark chart]({chart})\n\n{body.strip()}\n{README_END}"
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    readme.write_text(head + section + tail)
+    section = f"{DOC_BEGIN}\n![benchmark chart]({chart})\n\n{body.strip()}\n{DOC_END}"
+    head, rest = text.split(DOC_BEGIN, 1)
+    tail = rest.split(DOC_END, 1)[1]
+    doc.write_text(head + section + tail)
     return True

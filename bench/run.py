@@ -44,7 +44,8 @@ from tunneld.testbed.netns import IMPORT_ROOT
 from tunneld.testbed.procfs import cpu_seconds
 from tunneld.testbed.prom import exposition, total
 
-REPO = Path(__file__).resolve().parent.parent  # the checkout: its git state and README go into the results
+REPO = Path(__file__).resolve().parent.parent  # the checkout: its git state goes into the results
+TABLE_DOC = REPO / "docs" / "performance.md"  # the doc whose "Latest figures" --update-docs rewrites
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The broadcast address of the overlay every system shares (bench.systems).
@@ -339,8 +340,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true", help="write JSON and Markdown only")
     p.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="results directory (default: %(default)s)")
     p.add_argument("--name", help="results file stem (default: latest, or quick with --quick)")
-    p.add_argument("--update-readme", action="store_true",
-                   help="also put the table into README.md between its <!-- bench-results --> markers")
+    p.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
+                   help=f"also put the table into {TABLE_DOC.relative_to(REPO)} between its <!-- bench-results --> "
+                   "markers (--update-readme: the old name)")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.systems.split(",")] if args.systems else list(SYSTEMS)
     unknown = [n for n in names if n not in SYSTEMS]
@@ -402,12 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = report.write_all(results, args.out, stem, chart=not args.no_chart)
     for path in written:
         say(f"wrote {path}")
-    if args.update_readme:
-        chart = os.path.relpath(args.out / f"{stem}.png", REPO)
-        if report.update_readme(REPO / "README.md", results, chart):
-            say("updated the Benchmarks section of README.md")
+    if args.update_docs:
+        chart = os.path.relpath(args.out / f"{stem}.png", TABLE_DOC.parent)  # a link from the doc's own folder
+        doc = TABLE_DOC.relative_to(REPO)
+        if report.update_doc(TABLE_DOC, results, chart):
+            say(f"updated the latest figures in {doc}")
         else:
-            say("README.md has no <!-- bench-results --> markers; left alone")
+            say(f"{doc} has no <!-- bench-results --> markers; left alone")
     return 0
 
 

@@ -23,8 +23,8 @@ with ``flood_peers`` also measure what one flooded broadcast costs (bench.run: f
 tunneld-vxlan-kernelgso (issue 14): the kernel cuts the super-frames (--kernel-gso on, io/egress.py). Its veths
 are made to behave like a wire first (testbed.netns.like_a_wire: no tunnel segmentation or checksum offload
 handed across, GRO on), as a NIC would: over a default veth the kernel hands the super-packet to the far
-namespace whole and `auto` refuses the path (README "The kernel segments"). So this row pays for software
-segmentation and checksums that the other rows' veths skip; it is the path a host with a real NIC runs.
+namespace whole and `auto` refuses the path (docs/performance.md, "The kernel segments"). So this row pays for
+software segmentation and checksums that the other rows' veths skip; it is the path a host with a real NIC runs.
 """
 
 from __future__ import annotations

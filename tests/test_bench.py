@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from bench import measure, report
+from bench import measure, report, run
 from bench.codecs import bench_codec, sample_frame
 from bench.systems import SYSTEMS
 from tests.support import REPO
@@ -161,20 +161,29 @@ def test_markdown_table_rows_line_up_with_the_header():
     assert "| 0.10× |" in table[3] and "| 0.50× |" in table[3]  # tunneld-vxlan against kernel-vxlan
 
 
-def test_readme_section_is_replaced_between_its_markers(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\noutro\n")
+def test_the_docs_table_is_replaced_between_its_markers(tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"intro\n{report.DOC_BEGIN}\nold table\n{report.DOC_END}\noutro\n")
     results = {
         "date": "2026-11-25T00:00:00+00:00", "git_commit": "abc", "reference": "kernel-vxlan", "codecs": [],
         "machine": {"cpu_model": "cpu", "cores": 2, "kernel": "6.18", "python": "3.11", "loadavg_start": [1, 1, 1]},
         "plan": {"name": "full", "tcp_reps": 3, "tcp_seconds": 3, "udp_seconds": 2}, "testbed": "two namespaces",
         "systems": [{"system": "veth", "kind": "kernel", "status": "ok", "tcp_gbps": 10.0}],
     }
-    assert report.update_readme(readme, results, "bench/results/latest.png")
-    text = readme.read_text()
+    assert report.update_doc(doc, results, "../bench/results/latest.png")
+    text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
-    assert "| veth | 10.00" in text and "![benchmark chart](bench/results/latest.png)" in text
-    assert not report.update_readme(_no_markers(tmp_path), results, "x.png")
+    assert "| veth | 10.00" in text and "![benchmark chart](../bench/results/latest.png)" in text
+    assert not report.update_doc(_no_markers(tmp_path), results, "x.png")
+
+
+def test_the_docs_table_lives_where_the_bench_writes_it():
+    """--update-docs rewrites docs/performance.md, which holds the markers once each, in that order."""
+    text = run.TABLE_DOC.read_text()
+    assert text.count(report.DOC_BEGIN) == 1 and text.count(report.DOC_END) == 1
+    assert text.index(report.DOC_BEGIN) < text.index(report.DOC_END)
+    assert "![benchmark chart](../bench/results/latest.png)" in text  # the chart, relative to docs/
+    assert run.parse_args(["--update-readme"]).update_docs and run.parse_args(["--update-docs"]).update_docs
 
 
 def _no_markers(tmp_path):

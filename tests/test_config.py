@@ -11,7 +11,8 @@ import tomllib
 import pytest
 
 from tunneld.cli import main
-from tunneld.config import EX_CONFIG, ConfigError, ConfigFileError, load_file
+from tunneld.config.schema import EX_CONFIG, ConfigError
+from tunneld.config.loading import ConfigFileError, load_file
 from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.gre import Gre
 from tunneld.encap.vxlan import Vxlan
@@ -300,7 +301,7 @@ def test_bad_peers_one_line_and_exit_78(tmp_path, capsys, name, text, line):
 
 
 def test_the_peer_count_and_the_lists_are_bounded(tmp_path, capsys):
-    from tunneld.config import MAX_PEERS, MAX_ROUTES_PER_PEER
+    from tunneld.config.schema import MAX_PEERS, MAX_ROUTES_PER_PEER
 
     many = "".join(f'[[peer]]\naddress = "10.{n >> 8}.{n & 255}.1"\n' for n in range(MAX_PEERS + 1))
     path = write(tmp_path, '[tunnel]\n' + many)
@@ -315,7 +316,7 @@ def test_the_peer_count_and_the_lists_are_bounded(tmp_path, capsys):
 
 def test_one_l3_peer_routes_everything_several_need_routes(tmp_path, capsys, monkeypatch):
     from tunneld import cli
-    from tunneld.config import DEFAULT_ROUTES
+    from tunneld.config.schema import DEFAULT_ROUTES
 
     configs = []
     monkeypatch.setattr(cli, "run", lambda cfg, modes, reload=None: configs.append(cfg) or 0)
@@ -336,7 +337,7 @@ def test_one_l3_peer_routes_everything_several_need_routes(tmp_path, capsys, mon
     PeerSpec("192.0.2.9", name="new", macs=("02:00:00:00:00:0c",)),  # nothing taken: accepted
 ])
 def test_a_peer_joining_a_live_table_is_judged_as_the_whole_list_would_be(joining):
-    from tunneld.config import check_joining, check_peers
+    from tunneld.config.checks import check_joining, check_peers
 
     others = (PeerSpec("192.0.2.2", name="a", macs=("02:00:00:00:00:0a",)),
               PeerSpec("192.0.2.3", name="b", macs=("02:00:00:00:00:0b",), routes=("10.2.0.0/16",)))

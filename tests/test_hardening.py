@@ -13,7 +13,9 @@ import time
 import pytest
 
 from tunneld.testbed import TUNNELD, Tunneld
-from tunneld.config import MAX_CONFIG_BYTES, ConfigError, ConfigFileError, check_on_host, check_peer, read_text
+from tunneld.config.schema import ConfigError
+from tunneld.config.checks import check_on_host, check_peer
+from tunneld.config.loading import MAX_CONFIG_BYTES, ConfigFileError, read_text
 
 GOOD = '[tunnel]\npeer = "192.0.2.1"\n'
 # A refusal takes about a second (the interpreter and NumPy starting); this bound is there to catch a hang (a
@@ -246,7 +248,7 @@ def test_the_privilege_message_names_the_real_cause(hosts, tmp_path, mode, caps,
 
 def test_on_host_every_peer_is_checked(monkeypatch):
     from tunneld import cli
-    from tunneld.config import TunnelConfig
+    from tunneld.config.schema import TunnelConfig
     from tunneld.datapath.peers import PeerSpec
 
     kind, own = host({"10.0.0.1": "local"})

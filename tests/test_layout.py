@@ -5,8 +5,9 @@ package and role, not by today's file names, so a new module lands in a layer by
 
   layer        modules                                              may also import (outside tunneld)
   root         tunneld (the package itself: the version)            the standard library only
-  codec        tunneld.encap.*: sans-IO codecs, their sessions,      the standard library only
-               the plugins' contract
+  codec        tunneld.encap.*: sans-IO codecs, their sessions,      cryptography, nacl (WireGuard's X25519,
+               the plugins' contract                                 ChaCha20-Poly1305, XChaCha20-Poly1305:
+                                                                     crypto comes from libraries, never by hand)
   pure         tunneld.offload.*: row work on super-frames           NumPy
   io           tunneld.io.*: the kernel's doors                     any dependency
   datapath     tunneld.datapath.*: the engine, the peer table,      NumPy
@@ -54,7 +55,8 @@ class Layer:
 
 LAYERS = (
     Layer("root", 0, (), frozenset()),  # matched by exact name below: the package, not everything in it
-    Layer("codec", 0, ("tunneld.encap",), frozenset()),
+    # the codecs' sessions encrypt (tunneld.encap.wireguard): primitives come from well-kept libraries only
+    Layer("codec", 0, ("tunneld.encap",), frozenset({"cryptography", "nacl"})),
     Layer("pure", 1, ("tunneld.offload",), frozenset({"numpy"})),
     Layer("io", 2, ("tunneld.io",), ANY),
     Layer("datapath", 3, ("tunneld.datapath",), frozenset({"numpy"})),
@@ -202,6 +204,7 @@ HOUSE = {
     "tunneld": set(),
     "tunneld.encap.base": {"enum", "dataclasses"},
     "tunneld.encap.vxlan": {"struct", "tunneld.encap.base", "tunneld"},
+    "tunneld.encap.wireguard.primitives": {"hashlib", "cryptography.hazmat.primitives.ciphers.aead", "nacl.bindings"},
     "tunneld.offload.segment": {"numpy", "tunneld.encap.checksum"},
     "tunneld.datapath.stats": {"collections", "tunneld.encap.base"},
     "tunneld.io.udp": {"socket", "tunneld.offload.segment", "pyroute2"},
@@ -227,7 +230,8 @@ def test_the_synthetic_house_is_clean():
 
 @pytest.mark.parametrize("importer,imported,why", [
     ("tunneld.encap.vxlan", "tunneld.io.udp", "codec layer imports from the io layer"),
-    ("tunneld.encap.gre", "numpy", "codec layer imports only the standard library from"),
+    ("tunneld.encap.gre", "numpy", "codec layer imports only the standard library and cryptography, nacl"),
+    ("tunneld.encap.wireguard.device", "scapy.contrib.wireguard", "nothing in tunneld imports scapy"),
     ("tunneld", "tunneld.config", "root layer imports from the composition layer"),
     ("tunneld.offload.segment", "tunneld.io.device", "pure layer imports from the io layer"),
     ("tunneld.offload.gather", "pyroute2", "pure layer imports only the standard library and numpy"),

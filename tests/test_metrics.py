@@ -20,7 +20,8 @@ from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
 from tunneld import __version__
-from tunneld.config import ConfigError, check_listen
+from tunneld.config.schema import ConfigError
+from tunneld.config.checks import check_listen
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.datapath.engine import Engine

@@ -13,7 +13,8 @@ from typing import ClassVar
 import pytest
 
 from tunneld import cli
-from tunneld.config import EX_CONFIG, ConfigFileError, TunnelConfig, load_file
+from tunneld.config.schema import EX_CONFIG, TunnelConfig
+from tunneld.config.loading import ConfigFileError, load_file
 from tunneld.runtime.daemon import stable_mac
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, Option, Transport, declare, declared, is_legacy
 from tunneld.encap.gre import Gre, GreTap

@@ -1,5 +1,5 @@
-"""Live peer changes (Apply), the control handler on daemon.Tunnel (show, add_peer, remove_peer) and the
-workers' FDB agreement (Learnt), over fakes: no root."""
+"""Live peer changes (Apply), the control handlers over a tunnel (control/handlers.py: show, add_peer,
+remove_peer) and the workers' FDB agreement (Learnt), over fakes: no root."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from scapy.layers.l2 import GRE, Ether
 from scapy.layers.vxlan import VXLAN
 
 from tunneld.runtime.channel import Apply, Channel, Learnt
-from tunneld.config import ConfigError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
+from tunneld.control.handlers import PeerControl
 from tunneld.runtime.daemon import Tunnel
 from tunneld.encap.base import Drop
 from tunneld.encap.gre import Gre
@@ -41,14 +42,15 @@ def from_peer(link, source, src_mac=HOST):
     link.deliver(bytes(VXLAN(flags=8, vni=VNI) / frame), source)
 
 
-def tunnel_over(w: Worker, mode="vxlan") -> Tunnel:
+def tunnel_over(w: Worker, mode="vxlan") -> PeerControl:
+    """The control handlers over a tunnel whose worker 0 is ``w`` (fakes underneath)."""
     t = Tunnel.__new__(Tunnel)
     t.cfg = TunnelConfig(peers=tuple(p.spec for p in w.engine.peers.all), dev="td0", mode=mode)
     t.plan = SimpleNamespace(vni=VNI if mode == "vxlan" else None, mtu=1450, codec=w.codec)
     t.workers = 1
     t.worker = w
     t.supervisor = Supervisor()
-    return t
+    return PeerControl(t)
 
 
 def test_upsert_keeps_counters_and_learnt_macs_removal_flushes_them():
@@ -127,13 +129,13 @@ def test_add_and_remove_peer_through_the_handler():
     t = tunnel_over(w)
     t.add_peer(PeerSpec(C, name="sea"))
     assert w.engine.peers.get(C).spec.name == "sea"
-    assert [p.address for p in t.cfg.peers] == [A, B, C]  # a SIGHUP's diff is taken against what runs
+    assert [p.address for p in t.tunnel.cfg.peers] == [A, B, C]  # a SIGHUP's diff is taken against what runs
     with pytest.raises(ConfigError, match="routes are for L3 modes"):
         t.add_peer(PeerSpec("192.0.2.5", routes=("10.0.0.0/8",)))
     with pytest.raises(ConfigError, match="IP version"):
         t.add_peer(PeerSpec("2001:db8::1"))
     t.remove_peer(C)
-    assert w.engine.peers.get(C) is None and [p.address for p in t.cfg.peers] == [A, B]
+    assert w.engine.peers.get(C) is None and [p.address for p in t.tunnel.cfg.peers] == [A, B]
     with pytest.raises(ConfigError, match="no peer 192.0.2.9"):
         t.remove_peer("192.0.2.9")
     with pytest.raises(ConfigError, match="not an IP address"):
@@ -212,11 +214,11 @@ def test_the_peer_left_alone_names_the_tunnel():
     assert link.peer == B and [p.address for p in w.engine.peers.all] == [B]
 
 
-# -- `tunneld peer add` makes the checks a configuration file gets (config.check_peers, check_on_host) ------------
+# -- `tunneld peer add` makes the checks a configuration file gets (config/checks.py) -------------------------------
 
 
-def _unchanged(t: Tunnel, w: Worker, before: list) -> bool:
-    return [p.spec for p in w.engine.peers.all] == before and [p for p in t.cfg.peers] == before
+def _unchanged(t: PeerControl, w: Worker, before: list) -> bool:
+    return [p.spec for p in w.engine.peers.all] == before and [p for p in t.tunnel.cfg.peers] == before
 
 
 @pytest.mark.parametrize("spec,problem", [
@@ -237,7 +239,7 @@ def test_peer_add_refuses_what_another_peer_has_in_one_line_and_changes_nothing(
 
 
 def test_peer_add_refuses_more_than_max_peers(monkeypatch):
-    from tunneld import config
+    from tunneld.config import checks as config
 
     monkeypatch.setattr(config, "MAX_PEERS", 3)
     w, _, _ = worker()
@@ -275,7 +277,7 @@ def test_peer_add_warns_when_the_new_peers_path_mtu_is_below_what_the_device_mtu
     want = (f"peer {C}: its path MTU 1400 carries inner packets of at most 1350 bytes, less than td0's "
             "MTU 1450")
     assert reply["ok"] and reply["warning"].startswith(want) and want in caplog.text
-    assert w.engine.peers.get(C) is not None and t.plan.mtu == 1450  # added; the device MTU stays
+    assert w.engine.peers.get(C) is not None and t.tunnel.plan.mtu == 1450  # added; the device MTU stays
     assert control.dispatch(t, control.Request("peer-add", spec=PeerSpec("192.0.2.5"))) == {"ok": True}
 
 
@@ -293,7 +295,7 @@ def test_the_path_mtu_is_asked_of_the_kernel_without_netlink_and_runs_on_a_runni
 # -- `tunneld show` of a full FDB does not hold the loop ----------------------------------------------------------
 
 
-def _full_fdb_tunnel(entries: int = 16384) -> Tunnel:
+def _full_fdb_tunnel(entries: int = 16384) -> PeerControl:
     w, _, _ = worker(peers=[A] + [f"10.1.0.{i}" for i in range(1, 100)])
     fdb, peers = w.engine.peers.fdb, w.engine.peers.all
     for i in range(entries):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunneld.config import TunnelConfig
+from tunneld.config.schema import TunnelConfig
 from tunneld.runtime.daemon import Tunnel
 from tunneld.encap.gre import Gre, GreTap
 from tunneld.encap.vxlan import Vxlan

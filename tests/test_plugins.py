@@ -22,7 +22,7 @@ from tests.support import REPO
 from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, TUNNELD, Tunneld, transfer
 from tunneld.testing import CHECKS
 from tunneld.cli import main
-from tunneld.config import TunnelConfig
+from tunneld.config.schema import TunnelConfig
 from tunneld.runtime.daemon import EX_CONFIG, StartupError, Tunnel
 from tunneld.encap.base import DeviceKind, Encapsulator, Transport
 from tunneld.encap.plugins import discover

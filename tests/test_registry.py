@@ -13,10 +13,13 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tunneld.config import ConfigFileError, TunnelConfig, load_file, validate
+from tunneld.config.schema import TunnelConfig
+from tunneld.config.loading import ConfigFileError, load_file, validate
 from tunneld.observe.metrics import RegistryCollector
 from tunneld.datapath.peers import REGISTRY, PeerSpec
+from tunneld.control import registry as registry_module
 from tunneld.control.registry import (
+    CLAIM_KINDS,
     DEFAULT_PREFIX,
     DEFAULT_TTL,
     INVALID_REASONS,
@@ -26,6 +29,7 @@ from tunneld.control.registry import (
     RegistryConfig,
     RegistryError,
     RegistryStats,
+    Refusals,
     check_registry,
     decode,
     owner_id,
@@ -34,6 +38,7 @@ from tunneld.control.registry import (
 from tunneld.testbed import TUNNELD
 
 PREFIX = b"/t/hosts/"
+CLAIMS_PREFIX = b"/t/claims/"
 
 
 def record(address="10.0.0.2", **kw) -> Record:
@@ -43,8 +48,14 @@ def record(address="10.0.0.2", **kw) -> Record:
     return Record(address, **values)
 
 
+def kvs(rec: Record, holder: str | None = None) -> list[tuple[bytes, bytes]]:
+    """A record as a daemon writes it: its claims (held by ``holder``, itself by default), then the record."""
+    return [*((CLAIMS_PREFIX + c.path, (holder or rec.address).encode()) for c in rec.claims()),
+            (PREFIX + rec.address.encode(), rec.encode())]
+
+
 def put(m: Membership, rec: Record):
-    return m.put(PREFIX + rec.address.encode(), rec.encode())
+    return m.apply(kvs(rec))
 
 
 def membership(l2=True, **kw) -> Membership:
@@ -185,12 +196,11 @@ def test_changes_replace_and_leaves_remove_everything():
 
 def test_resync_answers_with_the_difference():
     m = membership()
-    a, b = record("10.0.0.2"), record("10.0.0.3", mac="02:00:00:00:00:03")
-    c = record("10.0.0.4", mac="02:00:00:00:00:04")
-    kv = lambda r: (PREFIX + r.address.encode(), r.encode())  # noqa: E731
-    assert m.resync([kv(a), kv(b)]) == ((a.spec(True), b.spec(True)), ())
-    b2 = record("10.0.0.3", mac="02:00:00:00:00:33")
-    assert m.resync([kv(b2), kv(c)]) == ((b2.spec(True), c.spec(True)), ("10.0.0.2",))
+    a, b = record("10.0.0.2"), record("10.0.0.3", mac="02:00:00:00:00:03", overlay=("192.168.1.3/24",))
+    c = record("10.0.0.4", mac="02:00:00:00:00:04", overlay=("192.168.1.4/24",))
+    assert m.resync([*kvs(a), *kvs(b)]) == ((a.spec(True), b.spec(True)), ())
+    b2 = record("10.0.0.3", mac="02:00:00:00:00:33", overlay=("192.168.1.3/24",))
+    assert m.resync([*kvs(b2), *kvs(c)]) == ((b2.spec(True), c.spec(True)), ("10.0.0.2",))
 
 
 def test_owner_is_stable_per_machine_namespace_and_device():
@@ -202,20 +212,25 @@ def test_owner_is_stable_per_machine_namespace_and_device():
 def test_registry_metrics():
     stats = RegistryStats(up=True, peers=3)
     stats.invalid["json"] = 2
+    stats.invalid["taken"] = 5  # the losers of a claim, counted by the same family
     reg = CollectorRegistry()
     reg.register(RegistryCollector(stats))
     text = generate_latest(reg).decode()
     assert "tunneld_registry_up 1.0" in text and "tunneld_registry_peers 3.0" in text
     assert 'tunneld_registry_invalid_records_total{reason="json"} 2.0' in text
+    assert 'tunneld_registry_invalid_records_total{reason="taken"} 5.0' in text
+    assert 'tunneld_registry_invalid_records_total{reason="unclaimed"} 0.0' in text
     assert 'tunneld_registry_invalid_records_total{reason="refused"} 0.0' in text
 
 
 def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
-    """Tunnel.registry_changes on a fake worker: registry peers are added live but never enter cfg.peers, so a
+    """RegistryBridge.changes on a fake worker: registry peers are added live but never enter cfg.peers, so a
     SIGHUP (service.Service.apply) that keeps the file's peers leaves them alone; a static peer's address in
     a record is not taken over, and the record leaving does not remove the static peer."""
     import dataclasses
 
+    from tunneld.control.handlers import PeerControl
+    from tunneld.control.membership import RegistryBridge
     from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.runtime.service import Service
@@ -230,8 +245,9 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
         TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
-    t.registry_changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
-                        PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
+    bridge = RegistryBridge(t, PeerControl(t))
+    bridge.changes((PeerSpec(B, macs=("02:00:00:00:00:0b",), source=REGISTRY),
+                    PeerSpec(A, macs=("02:00:00:00:00:0a",), source=REGISTRY)), ())
     table = w.engine.peers
     assert table.get(B).spec.source == REGISTRY and table.get(A).spec.source == "static"
     assert [p.address for p in t.cfg.peers] == [A] and t.registry_stats.peers == 1
@@ -240,25 +256,42 @@ def test_registry_peers_stay_out_of_the_reload_diff_and_static_peers_win():
     assert {p.address for p in table.all} == {A, B, C}
     service.apply(dataclasses.replace(t.cfg, peers=(PeerSpec(A),)))  # and removing it again
     assert {p.address for p in table.all} == {A, B}
-    t.registry_changes((), (A, B))  # both records leave: the static A stays
+    bridge.changes((), (A, B))  # both records leave: the static A stays
     assert {p.address for p in table.all} == {A} and t.registry_stats.peers == 0
 
 
 class FakeEtcd:
-    """Just enough of an aetcd client for registry_client.Registry's session, scripted by the test: the first
-    ``fail`` connections are refused; the first watch raises a compaction; puts and revocations are recorded.
+    """Just enough of an aetcd client for etcd.Registry's session, scripted by the test: the first ``fail``
+    connections are refused; the first watch raises a compaction (``compact``); transactions compare and
+    write as etcd does (Version and Mod compares, Get and Put ops); ``expire_lease()`` makes the next
+    keepalive find our lease gone, and its keys with it, as etcd would after a partition longer than the TTL.
     One instance stands for the cluster (every endpoint's client is it)."""
 
-    def __init__(self, fail: int = 0, others: list[tuple[bytes, bytes]] = ()) -> None:
+    def __init__(self, fail: int = 0, others: list[tuple[bytes, bytes]] = (), compact: bool = True) -> None:
         from aetcd.client import Transactions
 
         self.transactions = Transactions()
         self.fail = fail
         self.connects = 0
-        self.kvs = dict(others)
+        self.revision = 1
+        self.kvs: dict[bytes, tuple[bytes, int, int]] = {}  # key → (value, lease, mod revision)
+        for key, value in others:
+            self.put(key, value)
+        self.compact = compact
         self.watches = 0
+        self.leases = 0
+        self.expired: set[int] = set()
         self.revoked: list[int] = []
         self.events: asyncio.Queue | None = None
+
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        self.revision += 1
+        self.kvs[key] = (value, lease, self.revision)
+
+    def expire_lease(self, lease_id: int) -> None:
+        self.expired.add(lease_id)
+        for key in [k for k, (_, lease, _) in self.kvs.items() if lease == lease_id]:
+            del self.kvs[key]
 
     async def connect(self):
         self.connects += 1
@@ -268,30 +301,52 @@ class FakeEtcd:
             raise aetcd.exceptions.ConnectionFailedError("connection refused")
 
     async def lease(self, ttl):
-        return SimpleNamespace(id=42)
+        self.leases += 1
+        return SimpleNamespace(id=41 + self.leases)
 
     async def get_lease_info(self, lease_id, keys=False):
-        return SimpleNamespace(TTL=3)
+        return SimpleNamespace(TTL=-1 if lease_id in self.expired else 3)
 
     async def refresh_lease(self, lease_id):
-        return SimpleNamespace(TTL=3)
+        return SimpleNamespace(TTL=0 if lease_id in self.expired else 3)
 
     async def revoke_lease(self, lease_id):
         self.revoked.append(lease_id)
 
+    def _holds(self, compare) -> bool:
+        from aetcd import rpc
+        from aetcd.transactions import Mod, Version
+
+        assert compare.op == rpc.Compare.EQUAL
+        kv = self.kvs.get(compare.key)
+        if isinstance(compare, Version):
+            return (1 if kv else 0) == compare.value
+        assert isinstance(compare, Mod)
+        return (kv[2] if kv else 0) == compare.value
+
     async def transaction(self, compare, success=None, failure=None):
-        for op in success or ():
-            self.kvs[op.key] = op.value
-        return True, []
+        from aetcd.transactions import Get, Put
+
+        ok = all(self._holds(c) for c in compare)
+        responses = []
+        for op in (success if ok else failure) or ():
+            if isinstance(op, Get):
+                kv = self.kvs.get(op.key)
+                responses.append([(kv[0], SimpleNamespace(lease=kv[1], mod_revision=kv[2]))] if kv else [])
+            else:
+                assert isinstance(op, Put)
+                self.put(op.key, op.value, op.lease or 0)
+                responses.append(None)
+        return ok, responses
 
     async def get_prefix(self, prefix):
-        return _Listing(SimpleNamespace(key=k, value=v) for k, v in sorted(self.kvs.items()))
+        return _Listing(SimpleNamespace(key=k, value=v[0]) for k, v in sorted(self.kvs.items()) if k.startswith(prefix))
 
     async def watch_prefix(self, prefix, start_revision=None):
         import aetcd.exceptions
 
         self.watches += 1
-        if self.watches == 1:
+        if self.watches == 1 and self.compact:
             raise aetcd.exceptions.RevisionCompactedError(start_revision + 5)
         self.events = asyncio.Queue()
         events = self.events
@@ -351,7 +406,7 @@ def run_registry(fake: FakeEtcd, monkeypatch, caplog, until, timeout: float = 10
 
 def test_client_retries_quietly_resyncs_after_compaction_and_revokes_on_stop(monkeypatch, caplog):
     other = record("10.0.0.2")
-    fake = FakeEtcd(fail=5, others=[(b"/t/hosts/10.0.0.2", other.encode())])
+    fake = FakeEtcd(fail=5, others=kvs(other))
     reg, changes = run_registry(fake, monkeypatch, caplog, lambda reg, ch: fake.events is not None and ch)
     assert fake.connects == 5 + 2  # five refusals, a session ended by the compaction, the session that watched
     downs = [r for r in caplog.records if r.getMessage().startswith("registry down")]
@@ -364,16 +419,18 @@ def test_client_retries_quietly_resyncs_after_compaction_and_revokes_on_stop(mon
 
 def test_client_refuses_a_duplicate_overlay_address_before_writing(monkeypatch, caplog):
     clash = record("10.0.0.2", overlay=("192.168.1.1/24",))
-    fake = FakeEtcd(others=[(b"/t/hosts/10.0.0.2", clash.encode())])
+    fake = FakeEtcd(others=kvs(clash))
     reg, changes = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.refused is not None)
-    assert reg.refused == ("registry: overlay address 192.168.1.1 is already registered by host 10.0.0.2; "
-                           "refusing a duplicate overlay address")
+    assert reg.refused == ("registry: overlay address 192.168.1.1 is already registered by host 10.0.0.2 "
+                           "(key /t/claims/vxlan-7/overlay/192.168.1.1); refusing a duplicate overlay address")
     assert b"/t/hosts/10.0.0.1" not in fake.kvs and changes == [] and not reg.registered.is_set()
 
 
 def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     """A bug in one live change (anything add_peer raises) is logged and counted as refused; the hosts after it
     still become peers."""
+    from tunneld.control.handlers import PeerControl
+    from tunneld.control.membership import RegistryBridge
     from tunneld.runtime.daemon import Tunnel
     from tunneld.encap.vxlan import Vxlan
     from tunneld.testing import FakeDevice, FakeLink
@@ -387,15 +444,16 @@ def test_a_peer_change_that_fails_unexpectedly_costs_that_host_only():
     t.cfg, t.plan, t.workers, t.worker, t.supervisor = (
         TunnelConfig(peers=(PeerSpec(A),), dev="td0"), SimpleNamespace(vni=7, mtu=1450, codec=w.codec), 1, w, Supervisor())
     t.registry_stats = RegistryStats()
-    real = t.add_peer
+    control = PeerControl(t)
+    real = control.add_peer
 
     def add_peer(spec):
         if spec.address == B:
             raise RuntimeError("a bug")
         return real(spec)
 
-    t.add_peer = add_peer
-    t.registry_changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
+    control.add_peer = add_peer
+    RegistryBridge(t, control).changes((PeerSpec(B, source=REGISTRY), PeerSpec(C, source=REGISTRY)), ())
     assert {p.address for p in w.engine.peers.all} == {A, C}
     assert t.registry_stats.invalid["refused"] == 1 and t.registry_stats.peers == 1
 
@@ -417,3 +475,207 @@ def test_a_stop_before_the_registry_thread_has_its_loop_is_not_lost(monkeypatch)
     reg.start()
     reg._thread.join(5)
     assert not reg._thread.is_alive() and fake.connects == 0 and not reg.registered.is_set()
+
+
+# -- claims (issue 22): the holder in etcd wins, on every host alike -------------------------------------------
+
+
+def test_a_record_claiming_another_hosts_overlay_address_is_no_peer_and_is_counted():
+    """The probe's record: a bare record (written around the transaction) whose overlay address is host
+    10.0.0.2's. On main it became a peer, uncounted."""
+    m = membership()
+    genuine = record("10.0.0.2")
+    assert put(m, genuine) == ((genuine.spec(True),), ())
+    squatter = record("10.0.0.9", mac="02:00:00:00:00:09", overlay=genuine.overlay)
+    assert m.put(PREFIX + b"10.0.0.9", squatter.encode()) == ((), ())
+    assert m.stats.invalid["unclaimed"] == 1 and set(m.specs) == {"10.0.0.2"}
+    # Holding its own claims but not the overlay address (another holds it): "taken", still no peer.
+    assert m.apply([(CLAIMS_PREFIX + b"underlay/10.0.0.9", b"10.0.0.9"),
+                    (CLAIMS_PREFIX + b"vxlan-7/mac/02:00:00:00:00:09", b"10.0.0.9")]) == ((), ())
+    assert m.stats.invalid["taken"] == 1 and set(m.specs) == {"10.0.0.2"}
+    assert m.refused[PREFIX + b"10.0.0.9"] == ("taken", "its overlay address 192.168.1.2 is held by host 10.0.0.2")
+
+
+def test_a_record_claiming_our_own_mac_is_not_our_peer_either():
+    """The probe's other record: our MAC, refused by the others but taken as a peer by us on main. Our own
+    claims are in etcd like anyone's: the record does not hold our MAC, so it is no peer here either."""
+    m = membership()
+    us = record("10.0.0.1", mac="02:00:00:00:00:01", overlay=("192.168.1.1/24",))
+    assert m.apply(kvs(us)) == ((), ())  # our own record: not a peer, not counted
+    thief = record("10.0.0.9", mac=us.mac, overlay=("192.168.1.9/24",))
+    thief_claims = [kv for kv in kvs(thief) if b"/mac/" not in kv[0]]  # all but the MAC, which is ours
+    assert m.apply(thief_claims) == ((), ())
+    assert m.stats.invalid["taken"] == 1 and m.specs == {} and sum(m.stats.invalid.values()) == 1
+
+
+def test_every_host_settles_a_conflict_the_same_way_whatever_the_order_it_saw():
+    """Two records want one overlay address; the claim names 10.0.0.3. Hosts that saw the keys in different
+    orders (or in one listing) agree: 10.0.0.3 is the peer, 10.0.0.2 is "taken"; when the holder leaves (its
+    lease takes record and claims), 10.0.0.2 stays refused until it claims the address itself."""
+    a = record("10.0.0.2", overlay=("192.168.1.5/24",))
+    b = record("10.0.0.3", mac="02:00:00:00:00:03", overlay=("192.168.1.5/24",))
+    claims_b = [kv for kv in kvs(b) if kv[0].startswith(CLAIMS_PREFIX)]
+    claims_a = [kv for kv in kvs(a) if kv[0].startswith(CLAIMS_PREFIX) and b"/overlay/" not in kv[0]]
+    everything = [*claims_a, *claims_b, (PREFIX + b"10.0.0.2", a.encode()), (PREFIX + b"10.0.0.3", b.encode())]
+    results = []
+    for order in (everything, everything[::-1], sorted(everything)):
+        m = membership()
+        for kv in order:
+            m.apply([kv])
+        results.append((set(m.specs), dict(m.refused)))
+    listed = membership()
+    listed.resync(everything)
+    results.append((set(listed.specs), dict(listed.refused)))
+    assert all(r == results[0] for r in results)
+    assert results[0][0] == {"10.0.0.3"} and results[0][1][PREFIX + b"10.0.0.2"][0] == "taken"
+    # The holder leaves: its keys go in one revision.
+    gone = [(k, None) for k, _ in claims_b] + [(PREFIX + b"10.0.0.3", None)]
+    assert listed.apply(gone) == ((), ("10.0.0.3",))
+    assert listed.refused[PREFIX + b"10.0.0.2"][0] == "unclaimed" and listed.specs == {}
+    assert listed.apply([(CLAIMS_PREFIX + b"vxlan-7/overlay/192.168.1.5", b"10.0.0.2")]) == ((a.spec(True),), ())
+
+
+def test_a_verdict_is_counted_once_not_once_per_listing():
+    m = membership()
+    junk = [(PREFIX + b"10.0.0.7", b"not json"), (PREFIX + b"10.0.0.8", record("10.0.0.8").encode())]
+    for _ in range(3):  # three reconnections, three listings of the same junk
+        m.resync(junk)
+    assert m.stats.invalid["json"] == 1 and m.stats.invalid["unclaimed"] == 1
+    m.resync([])  # gone, and back: counted again
+    m.resync(junk)
+    assert m.stats.invalid["json"] == 2
+
+
+def test_a_claim_that_goes_removes_the_peer_and_a_record_judged_with_its_claims_is_not_counted():
+    m = membership()
+    rec = record("10.0.0.2")
+    assert m.apply(kvs(rec)) == ((rec.spec(True),), ())  # record and claims in one revision
+    assert sum(m.stats.invalid.values()) == 0
+    assert m.apply([(CLAIMS_PREFIX + b"vxlan-7/mac/02:00:00:00:00:02", None)]) == ((), ("10.0.0.2",))
+    assert m.refused[PREFIX + b"10.0.0.2"] == ("unclaimed", "its MAC 02:00:00:00:00:02 is held by no one")
+
+
+def test_junk_cannot_fill_max_peers_ahead_of_a_genuine_host_and_is_told_in_one_line():
+    """More bare records than MAX_PEERS, then a genuine host: only the genuine host is handed to the tunnel,
+    the junk is counted, and the warning says how many and why, once per interval however many there are."""
+    from tunneld.config.schema import MAX_PEERS
+
+    m = membership()
+    n = MAX_PEERS + 100
+    junk = [(PREFIX + f"10.1.{i >> 8}.{i & 255}".encode(),
+             record(f"10.1.{i >> 8}.{i & 255}", mac=f"02:00:00:01:{i >> 8:02x}:{i & 255:02x}",
+                    overlay=()).encode()) for i in range(n)]
+    assert m.resync(junk) == ((), ())
+    genuine = record("10.0.0.2")
+    assert m.apply(kvs(genuine)) == ((genuine.spec(True),), ())
+    assert m.stats.invalid["unclaimed"] == n
+    line = m.refusals.line(now=1000.0)
+    assert line.startswith(f"registry: {n} records not made peers: {n} unclaimed (e.g. 10.1.0.0: its underlay "
+                           "address 10.1.0.0 is held by no one)")
+    assert m.refusals.line(now=1001.0) is None  # nothing new
+
+
+def test_refusals_are_told_at_once_then_at_most_once_per_interval():
+    r = Refusals(interval=60)
+    assert r.line(0.0) is None
+    r.note("unclaimed", "10.0.0.7", "its underlay address 10.0.0.7 is held by no one")
+    assert r.line(5.0) == ("registry: 1 record not made peers: 1 unclaimed (e.g. 10.0.0.7: its underlay address "
+                           "10.0.0.7 is held by no one) (tunneld_registry_invalid_records_total; at most one such "
+                           "line per 60 s)")
+    for i in range(1000):
+        r.note("taken", f"10.0.1.{i % 250}", "its MAC 02:00:00:00:00:01 is held by host 10.0.0.1")
+    r.note("foreign", "10.0.0.9", "gretap vni None")  # another overlay sharing the prefix: no one's mistake
+    assert r.line(30.0) is None  # within the minute: held back
+    line = r.line(65.0)
+    assert line.startswith("registry: 1000 records not made peers: 1000 taken (e.g. 10.0.1.0: its MAC")
+    assert r.line(200.0) is None
+
+
+def test_claim_kinds_are_a_declared_list_and_a_new_kind_is_one_more_entry(monkeypatch):
+    """The claims follow CLAIM_KINDS: a record claims one key per value of each kind (the tunnel's kinds
+    scoped to mode and VNI), and a kind added to the list is claimed, and required, with no other change."""
+    assert [k.name for k in CLAIM_KINDS] == ["underlay", "overlay", "mac"]
+    rec = record("10.0.0.2", overlay=("192.168.1.2/24", "fd00::2/64"))
+    assert [c.path for c in rec.claims()] == [b"underlay/10.0.0.2", b"vxlan-7/overlay/192.168.1.2",
+                                              b"vxlan-7/overlay/fd00::2", b"vxlan-7/mac/02:00:00:00:00:02"]
+    key_kind = registry_module.ClaimKind("key", "public key", True, lambda r: (f"k-{r.address}",))
+    monkeypatch.setattr(registry_module, "CLAIM_KINDS", (*CLAIM_KINDS, key_kind))
+    assert rec.claims()[-1].path == b"vxlan-7/key/k-10.0.0.2"
+    m = membership()
+    without_key = [kv for kv in kvs(rec) if b"/key/" not in kv[0]]
+    assert m.apply(without_key) == ((), ())
+    assert m.refused[PREFIX + b"10.0.0.2"] == ("unclaimed", "its public key k-10.0.0.2 is held by no one")
+
+
+def test_a_claim_taken_while_away_is_named_at_every_retry_and_the_host_returns_when_it_is_free(monkeypatch, caplog):
+    """After registering, our lease expires (a partition longer than the TTL: etcd drops our record and
+    claims) and another host claims our overlay address meanwhile. Every retry says so, naming it; when it
+    leaves, we claim again by ourselves."""
+    fake = FakeEtcd(compact=False)
+    holder = record("10.0.0.7", mac="02:00:00:00:00:07", overlay=("192.168.1.1/24",))
+    state = {"phase": 0}
+
+    def until(reg, changes):
+        said = [r for r in caplog.records if "is already registered by host 10.0.0.7" in r.getMessage()]
+        if state["phase"] == 0 and reg.registered.is_set() and fake.events is not None:
+            state["phase"] = 1
+            fake.expire_lease(reg.lease_id)
+            for key, value in kvs(holder):
+                fake.put(key, value, lease=99)
+        elif state["phase"] == 1 and len(said) >= 3:
+            state["phase"] = 2
+            fake.expire_lease(99)
+        state["back"] = state["phase"] == 2 and reg.stats.up
+        return state["back"]
+    reg, _ = run_registry(fake, monkeypatch, caplog, until, timeout=15)
+    said = [r for r in caplog.records if "is already registered by host 10.0.0.7" in r.getMessage()]
+    assert len(said) >= 3 and all(r.levelno == logging.WARNING and "retrying in" in r.getMessage() for r in said)
+    assert said[0].getMessage().startswith("registry: overlay address 192.168.1.1 is already registered by host "
+                                           "10.0.0.7 (key /t/claims/vxlan-7/overlay/192.168.1.1); not registered")
+    assert reg.refused is None and state["back"]
+    assert fake.kvs[b"/t/claims/vxlan-7/overlay/192.168.1.1"][0] == b"10.0.0.1"
+    assert any(r.getMessage().startswith("registry up") for r in caplog.records if r.created > said[-1].created)
+
+
+def test_a_hosts_record_and_claims_in_one_watch_response_are_judged_together(monkeypatch, caplog):
+    """A join is one transaction: its claims and record arrive in one watch response and must be judged
+    together, never the record alone ("unclaimed", counted and told for nothing)."""
+    from aetcd.rtypes import EventKind
+
+    fake = FakeEtcd(compact=False)
+    joiner = record("10.0.0.5", mac="02:00:00:00:00:05", overlay=("192.168.1.5/24",))
+    sent = {"done": False}
+
+    def until(reg, changes):
+        if not sent["done"] and fake.events is not None:
+            sent["done"] = True
+            events = [SimpleNamespace(kind=EventKind.PUT, kv=SimpleNamespace(key=k, value=v, lease=77))
+                      for k, v in reversed(kvs(joiner))]  # the record first: the worst order
+            reg._own_loop.call_soon_threadsafe(lambda: [fake.events.put_nowait(e) for e in events])
+        return bool(changes)
+    reg, changes = run_registry(fake, monkeypatch, caplog, until)
+    assert changes == [((joiner.spec(True),), ())]
+    assert sum(reg.stats.invalid.values()) == 0
+
+
+def test_a_record_over_our_key_holding_no_claim_is_taken_over_but_a_live_daemons_is_refused(monkeypatch, caplog):
+    """A record under our key with another owner: refused as a duplicate when its underlay claim is held
+    (another live daemon has our address), taken over when no one holds it (junk: no one's peer anyway)."""
+    squatter = record("10.0.0.1", mac="02:00:00:00:00:0f", overlay=(), owner="someone-else")
+    fake = FakeEtcd(others=[(b"/t/hosts/10.0.0.1", squatter.encode())], compact=False)
+    reg, _ = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.registered.is_set() or reg.refused)
+    assert reg.refused is None and reg.registered.is_set()
+    assert json.loads(fake.kvs[b"/t/hosts/10.0.0.1"][0])["owner"] == "o"
+    assert any("holds no claim" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+    fake = FakeEtcd(others=kvs(squatter), compact=False)
+    reg, _ = run_registry(fake, monkeypatch, caplog, lambda reg, ch: reg.registered.is_set() or reg.refused)
+    assert reg.refused == ("registry: 10.0.0.1 is already registered by another live daemon (key /t/hosts/10.0.0.1); "
+                           "refusing a duplicate underlay address")
+
+
+def test_a_junk_key_cannot_forge_a_log_line():
+    m = membership()
+    m.put(PREFIX + b"10.0.0.7\n2026-01-01 ERROR forged", b"not json")
+    line = m.refusals.line(now=0.0)
+    assert "\n" not in line and "'10.0.0.7\\n2026-01-01 ERROR forged'" in line

@@ -175,8 +175,10 @@ def test_hosts_find_each_other_through_etcd(tmp_path):
         etcd.start(0)
         etcd.wait_healthy()
 
-        # Duplicates: a live record of another daemon for host 5's address; host 5 claiming host 0's overlay.
+        # Duplicates: a live record of another daemon for host 5's address (its record and underlay claim under
+        # its lease, as a daemon writes them); host 5 claiming host 0's overlay.
         lease = etcd.etcdctl("lease", "grant", "60").stdout.split()[1]
+        etcd.etcdctl("put", "--lease", lease, f"{PREFIX}/claims/underlay/{hosts[5].underlay}", hosts[5].underlay)
         etcd.etcdctl("put", "--lease", lease, f"{PREFIX}/hosts/{hosts[5].underlay}",
                      f'{{"address": "{hosts[5].underlay}", "mode": "vxlan", "vni": {VNI}, "mac": "02:00:00:00:00:55",'
                      f' "overlay": [], "version": "x", "started": 1, "owner": "someone-else"}}')

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from tunneld.config import ConfigError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
 from tunneld.encap.gre import Gre
 from tunneld.runtime.channel import Apply
 from tunneld.runtime.service import Notifier, Service

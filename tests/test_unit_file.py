@@ -66,7 +66,7 @@ def test_unit_gives_the_control_socket_its_runtime_directory():
     """/run/tunneld/NAME below config.DEFAULT_RUNTIME_DIR, writable under ProtectSystem=strict, one per instance:
     systemd chowns a RuntimeDirectory= recursively to the unit's (transient) user at every start, so a shared
     /run/tunneld (as before) was handed from instance to instance with the others' sockets in it."""
-    from tunneld.config import DEFAULT_RUNTIME_DIR
+    from tunneld.config.schema import DEFAULT_RUNTIME_DIR
 
     lines = UNIT.read_text().splitlines()
     assert DEFAULT_RUNTIME_DIR == "/run/tunneld"

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tunneld.runtime.channel import Apply, Channel, StatsReport, StatsRequest
 from tunneld.cli import main
-from tunneld.config import EX_CONFIG, MAX_WORKERS, TunnelConfig
+from tunneld.config.schema import EX_CONFIG, MAX_WORKERS, TunnelConfig
 from tunneld.encap.base import Drop
 from tunneld.encap.vxlan import Vxlan
 from tunneld.datapath.engine import Engine
@@ -546,7 +546,7 @@ def test_the_parent_serves_worker_0_logs_the_up_line_and_stops_cleanly_on_sigter
     import logging
     import signal
 
-    from tunneld.config import TunnelConfig
+    from tunneld.config.schema import TunnelConfig
     from tunneld.runtime.daemon import Tunnel, serve
 
     caplog.set_level(logging.INFO, logger="tunneld")

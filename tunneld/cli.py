@@ -12,7 +12,7 @@ import sys
 from typing import Mapping, Sequence
 
 from tunneld import __version__
-from tunneld.config import (
+from tunneld.config.schema import (
     DEFAULT_DEV,
     DEFAULT_FDB_AGEING,
     DEFAULT_FDB_MAX,
@@ -29,16 +29,11 @@ from tunneld.config import (
     MAX_PEERS,
     MAX_WORKERS,
     ConfigError,
-    FILE_KEYS,
-    ConfigFileError,
     TunnelConfig,
-    check_ageing,
-    check_on_host,
-    fit_to_device,
-    load_file,
-    validate,
 )
-from tunneld.control.client import CONTROL_COMMANDS, _Parser
+from tunneld.config.checks import check_ageing, check_on_host, fit_to_device
+from tunneld.config.loading import FILE_KEYS, ConfigFileError, load_file, validate
+from tunneld.control.client import CONTROL_COMMANDS, _Parser, build_control_parser
 from tunneld.control.client import main as control_main
 from tunneld.runtime.daemon import StartupError, run
 from tunneld.encap.base import DeviceKind, Encapsulator, Option, declared, is_legacy
@@ -259,7 +254,7 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
                    f"sets it, else {DEFAULT_RUNTIME_DIR})")
     p.add_argument("--registry", metavar="etcd://HOST:PORT[,HOST:PORT...]/PREFIX",
                    help="find the other hosts through etcd: register this host under PREFIX/hosts/ and make every "
-                   "registered host of the same mode and VNI a peer; --peer becomes optional (see README Registry)")
+                   "registered host of the same mode and VNI a peer; --peer becomes optional (see docs/registry.md)")
     p.add_argument("--registry-ttl", metavar="SECONDS", type=_int_in(MIN_TTL, MAX_TTL, "registry-ttl"),
                    help=f"the registration's lease: a host that dies unannounced is forgotten after this "
                    f"(default: {DEFAULT_TTL})")
@@ -269,6 +264,21 @@ def build_parser(modes: Mapping[str, type[Encapsulator]] | Sequence[str]) -> arg
     group = p.add_argument_group("mode options", "declared by each mode's encapsulator; given to another mode, refused")
     flags = {name: _add_option_flag(group, option, owners) for name, (option, owners) in option_flags(classes).items()}
     p.set_defaults(**{OPTION_FLAGS: {name: flag for name, flag in flags.items() if flag}})
+    return p
+
+
+def manpage_parser() -> argparse.ArgumentParser:
+    """The whole command line as one parser, for the tunneld(8) page (``make man``, argparse-manpage): the
+    daemon's flags with the built-in modes' options (installed plugins left out, so the page is the same on
+    every machine), and the client commands (show, peer) as sub-commands. Only read, never used to parse."""
+    modes, _ = discover()
+    p = build_parser({name: cls for name, cls in modes.items() if cls.__module__.startswith("tunneld.")})
+    p.man_short_description = "userspace tunnelling daemon: TAP/TUN devices over VXLAN, GRE or plugins"
+    # The client commands are the control parser's own (help, usage, epilog), not a copy: its sub-command action
+    # is listed in a group of this parser, so the page shows them; the daemon's usage line stays without them.
+    control = build_control_parser()
+    commands = next(a for a in control._actions if isinstance(a, argparse._SubParsersAction))
+    p.add_argument_group("commands")._group_actions.append(commands)
     return p
 
 

@@ -6,7 +6,7 @@ resources.py) and the command line (cli.py) prints it; none of them should impor
 
 from __future__ import annotations
 
-from tunneld.config import EX_CONFIG
+from tunneld.config.schema import EX_CONFIG
 
 EX_SOFTWARE = 1
 EX_NOPERM = 77

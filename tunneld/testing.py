@@ -21,7 +21,7 @@ import struct
 from collections import Counter, deque
 from typing import Any, Callable, Mapping
 
-from tunneld.config import TunnelConfig
+from tunneld.config.schema import TunnelConfig
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, session_of
 from tunneld.encap.checksum import internet_checksum
 from tunneld.encap.session import HELD, Session

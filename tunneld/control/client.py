@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from tunneld.control import server as control
-from tunneld.config import DEFAULT_RUNTIME_DIR
+from tunneld.config.schema import DEFAULT_RUNTIME_DIR
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +48,7 @@ def build_control_parser() -> argparse.ArgumentParser:
                        help=f"where the daemon's socket is (default: {DEFAULT_RUNTIME_DIR})")
     show = sub.add_parser("show", parents=[where], help="the device, its peers and counters, the FDB",
                           epilog=CONTROL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    show.add_argument("--json", action="store_true", help="print one JSON object (schema: README, Control socket)")
+    show.add_argument("--json", action="store_true", help="print one JSON object (schema: docs/control-socket.md)")
     peer = sub.add_parser("peer", help="add or remove a peer, live")
     what = peer.add_subparsers(dest="action", metavar="add|remove", required=True)
     add = what.add_parser("add", parents=[where], help="add a peer, or change a known one (its counters stay)",
@@ -66,7 +66,7 @@ def build_control_parser() -> argparse.ArgumentParser:
 
 
 def control_request(args: argparse.Namespace) -> dict:
-    """The request object a parsed control command sends (control.py's protocol)."""
+    """The request object a parsed control command sends (control/server.py's protocol)."""
     if args.command == "show":
         return {"command": "show"}
     if args.action == "remove":

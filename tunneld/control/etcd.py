@@ -1,62 +1,70 @@
-"""The etcd side of the registry: one lease, one key, one watch, on a thread of its own.
+"""The etcd side of the registry: one lease, our record and claims, one watch, on a thread of its own.
 
 Theory of operation:
   1. ``Registry.start`` (called by daemon.serve, in the parent, after every worker is forked: gRPC's threads
      and fork() do not mix) starts a thread with its own asyncio loop. Nothing of etcd or gRPC ever runs on the
      data path's loop: a slow etcd, a reconnection or gRPC's CPU cannot stall a packet. aetcd is imported there.
   2. A session, against one endpoint at a time (the next on failure): keep our lease (re-granted if it
-     expired), write our record in a transaction that never overwrites another live daemon's (``_register``),
-     list PREFIX/hosts/ and hand the difference to the data path's loop (``call_soon_threadsafe``), watch from
-     the listing's revision + 1, and keep the lease alive every ttl/3. Any error ends the session: the peers
-     stay as they are (the data path keeps forwarding to the last known hosts), the next session resyncs in
-     full. A compacted watch revision is one more reason to resync.
+     expired), write our record and our claims (registry.CLAIM_KINDS) in one transaction that creates a claim
+     only where no one holds it, never overwriting another live daemon's (``_register``), list PREFIX/ and hand
+     the difference to the data path's loop (``call_soon_threadsafe``), watch from the listing's revision + 1
+     (the events of one response judged together: a host's record and claims come in one revision), and keep
+     the lease alive every ttl/3. Any error ends the session: the peers stay as they are (the data path keeps
+     forwarding to the last known hosts), the next session resyncs in full. A compacted watch revision, or our
+     record or a claim of ours deleted or replaced, is one more reason to resync.
+     A partition longer than the TTL costs our lease, and our record and claims with it; the next session
+     grants a new lease and claims again: it heals by itself unless another host took a claim meanwhile, and
+     then every retry's warning names that host.
   3. Backoff: the endpoints are tried in turn without waiting; after a whole round failed, wait 0.5 s doubling
-     to 8 s. The log says "registry up"/"registry down: why" once per change of state, not per attempt.
+     to 8 s. The log says "registry up"/"registry down: why" once per change of state, not per attempt;
+     a claim another host holds is said at every retry (only the operator, or the holder leaving, mends it).
+     Records not made peers are summed up in one warning a minute at most (registry.Refusals).
   4. ``Registry.stop`` revokes the lease at once (the others forget us now rather than after the TTL) and ends
      the thread, within a bounded time.
 
 What the tunnel receives: ``deliver(upserts, removals)`` on the data path's loop, which applies them through
-Tunnel.add_peer/remove_peer (daemon.py); a peer the tunnel refuses is counted (``refused``) and forgotten.
+the control handlers (control/membership.py); a peer the tunnel refuses is counted (``refused``) and forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import threading
 import time
 from typing import Callable
 
-from tunneld.control.registry import InvalidRecord, Membership, Record, RegistryConfig, RegistryStats, decode
+from tunneld.control.registry import (
+    Claim,
+    InvalidRecord,
+    Membership,
+    Record,
+    RegistryConfig,
+    RegistryStats,
+    claim_holder,
+    decode,
+)
 
 log = logging.getLogger("tunneld")
 
 RPC_TIMEOUT = 2.0  # seconds for each unary call: a dead member is given up on this fast, the next one is tried
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 8.0
 STOP_TIMEOUT = 3.0  # seconds stop() waits for the revocation and the thread
+REFUSALS_TICK = 5.0  # seconds between looks at whether a summary of refused records is due
 
 
 class Duplicate(Exception):
-    """Another live daemon has our underlay address, or one of our overlay addresses or our MAC."""
+    """Another live daemon has our underlay address, or another host holds one of our claims. str() names the
+    value and the other record; ``what``: the kind of value, for "refusing a duplicate ..."."""
+
+    def __init__(self, text: str, what: str) -> None:
+        super().__init__(text)
+        self.what = what
 
 
 class _Resync(Exception):
     """Start a new session now: our record vanished, our lease expired, or the watch was compacted."""
-
-
-def _lease_compare(key: bytes, lease_id: int):
-    """``lease(key) == lease_id``: the transaction compare aetcd has no class for (etcd ≥ 3.3)."""
-    from aetcd import rpc
-    from aetcd.transactions import BaseCompare
-
-    class LeaseCompare(BaseCompare):
-        def build_compare(self, compare):
-            compare.target = rpc.Compare.LEASE
-            compare.lease = self.value
-
-    return LeaseCompare(key) == lease_id
 
 
 def _client(cfg: RegistryConfig, endpoint: str, timeout: float):
@@ -138,6 +146,9 @@ class Registry:
         self.stats = stats
         self.rpc_timeout = min(rpc_timeout, cfg.ttl / 3)
         self.key = cfg.key_of(record.address)
+        self.claims: tuple[Claim, ...] = record.claims()
+        self.claim_keys = tuple(cfg.claim_key(c) for c in self.claims)
+        self.underlay_key = next(k for k, c in zip(self.claim_keys, self.claims) if c.kind.name == "underlay")
         self.lease_id: int | None = None
         self.registered = threading.Event()  # set at the first registration
         self.refused: str | None = None  # why the first registration was refused (a duplicate), if it was
@@ -191,23 +202,37 @@ class Registry:
         self._stop = asyncio.Event()
         if self._stopping.is_set():  # stop() came before this loop had its event
             self._stop.set()
+        teller = asyncio.ensure_future(self._tell_refusals_every(REFUSALS_TICK))
+        try:
+            await self._sessions()
+        finally:
+            teller.cancel()
+
+    async def _sessions(self) -> None:
         backoff, failures, n = BACKOFF_MIN, 0, len(self.cfg.endpoints)
         index = 0
         while not self._stop.is_set():
             endpoint = self.cfg.endpoints[index % n]
             index += 1
             client = _client(self.cfg, endpoint, self.rpc_timeout)
-            ok = False
+            ok = taken = False
             try:
                 ok = await self._session(client, endpoint)
             except _Resync as e:
                 log.info("registry: %s; resyncing", e)
                 ok = True
             except Duplicate as e:
-                self._down(str(e))
                 if not self.registered.is_set():
-                    self.refused = str(e)
+                    self._down(f"{e}; refusing a duplicate {e.what}")
+                    self.refused = f"{e}; refusing a duplicate {e.what}"
                     return
+                # We were registered: the claim was taken while we were away (our lease expired). Not an endpoint's
+                # fault, and not mended by trying the next one: said at every retry, naming the holder.
+                taken = True
+                self.last_error = str(e)
+                self.stats.up = False
+                self._down_logged = True
+                log.warning("%s; not registered, retrying in %g s (the holder must leave first)", e, backoff)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # aetcd's ClientError family, gRPC's, OSError: etcd is not there for us
@@ -224,7 +249,7 @@ class Registry:
                 backoff, failures = BACKOFF_MIN, 0
                 continue
             failures += 1
-            if failures % n == 0:  # every endpoint tried: wait before the next round
+            if taken or failures % n == 0:  # every endpoint tried (or a claim taken): wait before the next round
                 try:
                     await asyncio.wait_for(self._stop.wait(), backoff)
                 except asyncio.TimeoutError:
@@ -271,11 +296,11 @@ class Registry:
 
         await client.connect()
         await self._lease(client)
-        prefix = self.cfg.hosts_prefix()
-        listing = await client.get_prefix(prefix)
-        await self._register(client, [(kv.key, kv.value) for kv in listing])
-        listing = await client.get_prefix(prefix)  # again: our own write's revision, and anyone's meanwhile
+        await self._register(client)
+        prefix = self.cfg.root()  # the hosts and the claims, at one revision
+        listing = await client.get_prefix(prefix)  # our own write's revision, and anyone's meanwhile
         self._hand(self.membership.resync((kv.key, kv.value) for kv in listing))
+        self._tell_refusals()
         self.stats.reconnects += self.registered.is_set()
         self._up(endpoint)
         self.registered.set()
@@ -305,18 +330,40 @@ class Registry:
         return True
 
     async def _events(self, watch) -> None:
+        """The watch's events, judged a response at a time: aetcd queues a whole response's events before this
+        task runs again, so a flush scheduled with call_soon at a batch's first event runs after its last. A
+        host's record and claims, written in one transaction, are thus never judged apart (a record seen before
+        its claims would be counted "unclaimed" for nothing)."""
         from aetcd.rtypes import EventKind
+
+        ours = {self.key, *self.claim_keys}
+        batch: list[tuple[bytes, bytes | None]] = []
+
+        def flush() -> None:
+            changes = batch[:]
+            batch.clear()
+            self._hand(self.membership.apply(changes))
+            self._tell_refusals()
 
         async for event in watch:
             key = event.kv.key
-            if key == self.key:
-                if event.kind == EventKind.DELETE or event.kv.lease != self.lease_id:
-                    raise _Resync("our record was deleted or replaced")
-                continue
-            if event.kind == EventKind.PUT:
-                self._hand(self.membership.put(key, event.kv.value))
-            else:
-                self._hand(self.membership.delete(key))
+            if key in ours and (event.kind == EventKind.DELETE or event.kv.lease != self.lease_id):
+                what = "record" if key == self.key else f"claim {key.decode(errors='replace')}"
+                raise _Resync(f"our {what} was deleted or replaced")
+            if not batch:
+                asyncio.get_running_loop().call_soon(flush)
+            batch.append((key, event.kv.value if event.kind == EventKind.PUT else None))
+
+    def _tell_refusals(self) -> None:
+        line = self.membership.refusals.line(time.monotonic())
+        if line is not None:
+            log.warning("%s", line)
+
+    async def _tell_refusals_every(self, seconds: float) -> None:
+        """A summary held back by the rate limit is told when its minute is over, events or not."""
+        while True:
+            await asyncio.sleep(seconds)
+            self._tell_refusals()
 
     async def _keepalive(self, client) -> None:
         while True:
@@ -336,52 +383,55 @@ class Registry:
         lease = await client.lease(self.cfg.ttl)
         self.lease_id = lease.id
 
-    async def _register(self, client, listing: list[tuple[bytes, bytes]]) -> None:
-        """Our record under our lease, in a transaction that never overwrites another live daemon's record:
-        created if absent; rewritten if it is under our lease; taken over if our own previous run left it (same
-        owner: killed, its lease not yet expired); else ``Duplicate``. Our overlay addresses and MAC must not be
-        another live host's either (checked against ``listing``)."""
-        self._check_conflicts(listing)
+    async def _register(self, client) -> None:
+        """Our claims and record under our lease, in one transaction that holds only if every key is as we
+        read it: absent (``Version == 0``, flannel's rule for its subnet keys) or already ours (our lease, our
+        address as a claim's holder, our owner in the record: a previous run killed before its lease expired).
+        Any key another live host holds is a ``Duplicate`` naming it. The claims come first in the transaction,
+        so a watcher that judges one event at a time still sees them before the record."""
         t = client.transactions
-        value = self.record.encode()
+        writes = [(key, self.record.address.encode(), claim) for key, claim in zip(self.claim_keys, self.claims)]
+        writes.append((self.key, self.record.encode(), None))
         for _ in range(3):  # a race with another writer is settled by the compare: look again
-            ok, responses = await client.transaction(
-                compare=[t.create(self.key) == 0], success=[t.put(self.key, value, lease=self.lease_id)],
-                failure=[t.get(self.key)])
+            _, found = await client.transaction(compare=[], success=[t.get(key) for key, _, _ in writes], failure=[])
+            seen = dict(zip((key for key, _, _ in writes), found))
+            self._check_record(seen[self.key], seen[self.underlay_key])  # first: the plainest message
+            compare = []
+            for key, _, claim in writes:
+                kvs = seen[key]
+                if not kvs:
+                    compare.append(t.version(key) == 0)
+                    continue
+                value, meta = kvs[0]
+                if claim is not None and meta.lease != self.lease_id and claim_holder(value) != self.record.address:
+                    raise Duplicate(f"registry: {claim.describe()} is already registered by host {claim_holder(value)} "
+                                    f"(key {key.decode()})", claim.kind.what)
+                compare.append(t.mod(key) == meta.mod_revision)
+            ok, _ = await client.transaction(
+                compare=compare, success=[t.put(key, value, lease=self.lease_id) for key, value, _ in writes],
+                failure=[])
             if ok:
                 return
-            if not responses or not responses[0]:
-                continue  # it vanished meanwhile
-            old_value, old = responses[0][0]
-            if old.lease == self.lease_id:
-                compare = _lease_compare(self.key, self.lease_id)
-            else:
-                try:
-                    owner = decode(self.key, old_value, self.cfg.hosts_prefix()).owner
-                except InvalidRecord:
-                    owner = ""
-                if owner != self.record.owner:
-                    raise Duplicate(f"registry: {self.record.address} is already registered by another live daemon "
-                                    f"(key {self.key.decode()}); refusing a duplicate underlay address")
-                compare = t.mod(self.key) == old.mod_revision  # our previous run's: ours now
-            ok, _ = await client.transaction(compare=[compare], success=[t.put(self.key, value, lease=self.lease_id)],
-                                             failure=[])
-            if ok:
-                return
-        raise ConnectionError("could not write our record (it kept changing)")
+        raise ConnectionError("could not write our record and claims (they kept changing)")
 
-    def _check_conflicts(self, listing: list[tuple[bytes, bytes]]) -> None:
-        ours = {str(ipaddress.ip_interface(c).ip) for c in self.record.overlay}
-        for key, value in listing:
-            if key == self.key:
-                continue
-            try:
-                other = self.membership.judge(key, value)
-            except InvalidRecord:
-                continue
-            clash = ours & {str(ipaddress.ip_interface(c).ip) for c in other.overlay}
-            if clash:
-                raise Duplicate(f"registry: overlay address {min(clash)} is already registered by host "
-                                f"{other.address}; refusing a duplicate overlay address")
-            if self.record.mac and other.mac == self.record.mac:
-                raise Duplicate(f"registry: MAC {other.mac} is already registered by host {other.address}")
+    def _check_record(self, kvs: list, underlay: list) -> None:
+        """Duplicate if the record under our key is another live daemon's: another owner's (not ours, not our
+        previous run's), and the underlay address's claim held under another lease. A record whose underlay
+        claim no one holds, or we hold, is no one's peer (registry.Membership): written over ours, or around
+        the transaction. It is taken over, not obeyed: else one such write would keep us out for good."""
+        if not kvs:
+            return
+        value, meta = kvs[0]
+        if meta.lease == self.lease_id:
+            return
+        try:
+            owner = decode(self.key, value, self.cfg.hosts_prefix()).owner
+        except InvalidRecord:
+            owner = ""
+        if owner == self.record.owner:
+            return  # our previous run's
+        if underlay and underlay[0][1].lease != self.lease_id:
+            raise Duplicate(f"registry: {self.record.address} is already registered by another live daemon "
+                            f"(key {self.key.decode()})", "underlay address")
+        log.warning("registry: the record under %s is not ours and holds no claim (written over ours, or around "
+                    "the registration); taking it over", self.key.decode())

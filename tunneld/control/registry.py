@@ -1,21 +1,36 @@
-"""Membership through etcd: what a host's record says, how the watched records become peers. Pure: no I/O.
+"""Membership through etcd: what a host's record says, what it claims, how the watched records become peers.
+Pure: no I/O.
 
-The client that talks to etcd (leases, the transaction, the watch) is registry_client.py; this module is what
+The client that talks to etcd (leases, the transaction, the watch) is control/etcd.py; this module is what
 it carries, so that every rule below is tested without a cluster.
 
-Layout (flannel's, one key per host instead of per subnet):
+Layout (flannel's: one key per host, and one key per claimed value, as flannel has one per subnet):
   PREFIX/hosts/<underlay address>   one key per running daemon, bound to its lease (TTL ``ttl`` seconds, kept
                                     alive every ttl/3); its value is a JSON object, ``Record``:
   {"address": "10.0.0.1", "mode": "vxlan", "vni": 42, "mac": "02:..", "overlay": ["192.168.100.1/24"],
    "version": "1.2.0", "started": 1764400000.0, "owner": "9f..."}
+  and, optional (tunneld writes neither yet; another writer may): "name" (the peer's name) and "routes" (L3
+  modes: prefixes behind the host).
+  PREFIX/claims/underlay/<address>            one key per value no two hosts may share (``CLAIM_KINDS``), its
+  PREFIX/claims/<mode>-<vni>/overlay/<ip>     value the holder's underlay address, under the holder's lease;
+  PREFIX/claims/<mode>-<vni>/mac/<mac>        created with the record in one transaction, only where absent
+                                              (``Version(key) == 0``) or already the same host's.
 
 What must stay true:
   - A record becomes a peer only if it is valid for *this* tunnel: a JSON object whose key names its address,
     of our underlay's IP version, not our own, of our mode and VNI, with a unicast MAC (L2 modes) and overlay
-    CIDRs. Anything else is ignored and counted by reason (``RegistryStats.invalid``), never raised.
-  - A changed record replaces everything it implied (its static MAC, its routes); a vanished one removes it
-    all: ``Membership`` keeps the records it turned into peers and answers each change with the peers to set
-    and the addresses to remove.
+    CIDRs. Its address, MAC, name and routes meet the rules a configuration file's peer meets (config/checks.py),
+    in the same words. Anything else is ignored and counted by reason (``RegistryStats.invalid``), never raised.
+  - A valid record becomes a peer only if etcd says it holds every one of its claims (its underlay address,
+    each overlay address, its MAC). Every host reads the same keys at the same revision, so every host —
+    including the one whose value was claimed — settles a conflict the same way: the holder in etcd wins; a
+    record whose claim another holds is "taken", one whose claim no one holds (written around the
+    transaction) is "unclaimed"; neither is a peer anywhere, both are counted.
+  - A record's verdict is counted once per change of verdict, not once per listing: a resync after a
+    reconnection does not count the same junk again.
+  - A changed record replaces everything it implied (its static MAC, its routes); a vanished one, or one whose
+    claim went, removes it all: ``Membership`` keeps the records it turned into peers and answers each batch of
+    changes with the peers to set and the addresses to remove.
   - ``owner`` says which daemon wrote the record: a hash of the machine, the network namespace and the
     device. A record left by our own previous run (killed, its lease not yet expired) has our owner and may be
     taken over; one with another owner is another live daemon: a duplicate, refused.
@@ -30,8 +45,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from tunneld.config.checks import check_name, check_peer, check_route, check_static_mac
+from tunneld.config.schema import MAX_ROUTES_PER_PEER, ConfigError
 from tunneld.datapath.peers import REGISTRY, PeerSpec
 
 SCHEME = "etcd://"
@@ -44,9 +61,10 @@ MAX_PREFIX = 256
 MAX_RECORD_BYTES = 16384  # a record is ~300 bytes; a larger value is not one of ours
 MAX_OVERLAY = 64  # overlay addresses per record
 HOSTS = "/hosts/"
+CLAIMS = "/claims/"
+REFUSALS_INTERVAL = 60.0  # seconds between two warnings that sum up the records not made peers
 
 _PREFIX = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
 # Why a record was not turned into a peer: the label of tunneld_registry_invalid_records_total, declared once.
@@ -57,6 +75,8 @@ INVALID_REASONS = {
     "own": "the address is our own (a record of another daemon claiming it, or ours seen as a peer)",
     "foreign": "another mode or VNI: a host of another overlay sharing the prefix",
     "refused": "the tunnel refused the peer (an overlay route or MAC another peer already has)",
+    "taken": "another host holds one of its claims (underlay, overlay address, MAC) in etcd: the holder wins",
+    "unclaimed": "no one holds one of its claims in etcd: written around the registration transaction",
 }
 
 
@@ -83,6 +103,13 @@ class RegistryConfig:
 
     def key_of(self, address: str) -> bytes:
         return self.hosts_prefix() + address.encode()
+
+    def root(self) -> bytes:
+        """Every key of this registry (hosts and claims): what is listed and watched, at one revision."""
+        return (self.prefix + "/").encode()
+
+    def claim_key(self, claim: "Claim") -> bytes:
+        return (self.prefix + CLAIMS).encode() + claim.path
 
     def describe(self) -> str:
         tls = ", tls" if self.ca or self.cert else ""
@@ -192,20 +219,75 @@ class Record:
     version: str
     started: float
     owner: str = ""
+    name: str | None = None  # the peer's name in `tunneld show`
+    routes: tuple[str, ...] = ()  # L3 modes: prefixes behind the host, beside its overlay addresses
 
     def encode(self) -> bytes:
+        optional = {"name": self.name} if self.name is not None else {}
+        if self.routes:
+            optional["routes"] = list(self.routes)
         return json.dumps({"address": self.address, "mode": self.mode, "vni": self.vni, "mac": self.mac,
                            "overlay": list(self.overlay), "version": self.version, "started": self.started,
-                           "owner": self.owner}, sort_keys=True).encode()
+                           "owner": self.owner, **optional}, sort_keys=True).encode()
 
     def spec(self, l2: bool) -> PeerSpec:
         """The peer this host is: its MAC as a static FDB entry (L2), its overlay addresses as host routes (L3:
-        each host owns its own addresses; the shared subnet is no one's)."""
+        each host owns its own addresses; the shared subnet is no one's) and the routes it names."""
         if l2:
-            return PeerSpec(self.address, macs=(self.mac,) if self.mac else (), source=REGISTRY)
+            return PeerSpec(self.address, self.name, self.routes, (self.mac,) if self.mac else (), source=REGISTRY)
         hosts = tuple(str(ipaddress.ip_interface(cidr).ip) + ("/32" if ":" not in cidr else "/128")
                       for cidr in self.overlay)
-        return PeerSpec(self.address, routes=hosts, source=REGISTRY)
+        return PeerSpec(self.address, self.name, hosts + self.routes, source=REGISTRY)
+
+    def claims(self) -> tuple[Claim, ...]:
+        """What this record claims, the underlay address first (``CLAIM_KINDS`` order)."""
+        scope = self.mode if self.vni is None else f"{self.mode}-{self.vni}"
+        return tuple(Claim(kind, value, (f"{scope}/" if kind.tunnel else "").encode()
+                           + f"{kind.name}/{value}".encode())
+                     for kind in CLAIM_KINDS for value in kind.values(self))
+
+
+@dataclass(frozen=True)
+class ClaimKind:
+    """A value no two hosts may share. ``what``: its name in a log line; ``tunnel``: scoped to one tunnel (mode
+    and VNI: two overlays sharing a prefix may reuse each other's addresses and MACs), else to the prefix;
+    ``values``: what a record claims of it, canonical."""
+
+    name: str
+    what: str
+    tunnel: bool
+    values: Callable[["Record"], Iterable[str]]
+
+
+# The claims, declared once: the registration transaction, the peers' rule and the log lines all derive from
+# this list (a public key is one more entry).
+CLAIM_KINDS = (
+    ClaimKind("underlay", "underlay address", False, lambda r: (r.address,)),
+    ClaimKind("overlay", "overlay address", True,
+              lambda r: sorted({str(ipaddress.ip_interface(c).ip) for c in r.overlay})),
+    ClaimKind("mac", "MAC", True, lambda r: (r.mac,) if r.mac else ()),
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claimed value; ``path``: its key under PREFIX/claims/."""
+
+    kind: ClaimKind
+    value: str
+    path: bytes
+
+    def describe(self) -> str:
+        return f"{self.kind.what} {self.value}"
+
+
+def claim_holder(value: bytes) -> str:
+    """A claim's value as a log line may show it: an address, or its first bytes quoted (never a raw newline)."""
+    text = value[:64].decode(errors="replace")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return repr(text)
 
 
 class InvalidRecord(ValueError):
@@ -236,17 +318,24 @@ def decode(key: bytes, value: bytes, prefix: bytes) -> Record:
         return v
 
     address = get("address", (str,))
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise InvalidRecord("fields", f"address: {address!r}") from None
-    if key != prefix + ip.compressed.encode() or ip.compressed != address:
-        raise InvalidRecord("fields", f"key {key!r} does not name address {address}")
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local:
-        raise InvalidRecord("fields", f"address: {address} cannot be a peer")
     mode, vni, mac = get("mode", (str,)), get("vni", (int,), True), get("mac", (str,), True)
-    if mac is not None and (not _MAC.match(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00"):
-        raise InvalidRecord("fields", f"mac: {mac!r}")
+    name = get("name", (str,), True)
+    routes = get("routes", (list,), True) or []
+    if not all(isinstance(r, str) for r in routes):
+        raise InvalidRecord("fields", "routes: not strings")
+    try:  # a peer's own rules (config/checks.py), in the words a file or the control socket gets
+        if check_peer(address, "address") != address:
+            raise InvalidRecord("fields", f"address: {address} is not written canonically")
+        mac = check_static_mac(mac, "mac") if mac is not None else None
+        if name is not None:
+            check_name(name)
+        if len(routes) > MAX_ROUTES_PER_PEER:
+            raise InvalidRecord("fields", f"routes: {len(routes)} given, at most {MAX_ROUTES_PER_PEER} per peer")
+        routes = tuple(check_route(r) for r in routes)
+    except ConfigError as e:
+        raise InvalidRecord("fields", str(e)) from None
+    if key != prefix + address.encode():
+        raise InvalidRecord("fields", f"key {key!r} does not name address {address}")
     overlay = get("overlay", (list,))
     if len(overlay) > MAX_OVERLAY:
         raise InvalidRecord("fields", f"overlay: {len(overlay)} addresses")
@@ -257,7 +346,7 @@ def decode(key: bytes, value: bytes, prefix: bytes) -> Record:
     if len(overlay) != len(data["overlay"]):
         raise InvalidRecord("fields", "overlay: not CIDRs")
     return Record(address, mode, vni, mac, overlay, get("version", (str,)), float(get("started", (int, float))),
-                  get("owner", (str,), True) or "")
+                  get("owner", (str,), True) or "", name, routes)
 
 
 @dataclass
@@ -271,22 +360,69 @@ class RegistryStats:
     reconnects: int = 0
 
 
-class Membership:
-    """The records turned into peers, and what each change means for the tunnel. ``us``: our underlay
-    address; ``l2``; ``mode``/``vni``: ours (a record of another overlay is "foreign").
+# Reasons that are no one's mistake: a host of another overlay sharing the prefix is counted, never warned of.
+QUIET_REASONS = frozenset({"foreign"})
 
-    ``resync(kvs)`` (a full listing) and ``put``/``delete`` (watch events) return (specs to set, addresses to
-    remove); an invalid record is counted in ``stats.invalid`` and, if its address was a peer, removes it."""
+
+class Refusals:
+    """The records not made peers since the last warning, summed up in one line at most every ``interval``
+    seconds (the first at once): junk under the prefix, however much, costs an operator one line a minute
+    that says how many and why. Pure: the caller passes ``now``."""
+
+    def __init__(self, interval: float = REFUSALS_INTERVAL) -> None:
+        self.interval = interval
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+        self.due = 0.0
+
+    def note(self, reason: str, address: str, why: str) -> None:
+        if reason in QUIET_REASONS:
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.examples.setdefault(reason, f"{address}: {why}")
+
+    def line(self, now: float) -> str | None:
+        """The warning to log now, or None (nothing new, or the last one was less than ``interval`` ago)."""
+        if not self.counts or now < self.due:
+            return None
+        self.due = now + self.interval
+        total = sum(self.counts.values())
+        parts = "; ".join(f"{n} {reason} (e.g. {self.examples[reason]})" for reason, n in sorted(self.counts.items()))
+        self.counts, self.examples = {}, {}
+        return (f"registry: {total} record{'s' if total != 1 else ''} not made peers: {parts} "
+                f"(tunneld_registry_invalid_records_total; at most one such line per {self.interval:g} s)")
+
+
+Changes = tuple[tuple[PeerSpec, ...], tuple[str, ...]]
+
+
+class Membership:
+    """The records turned into peers, and what each change means for the tunnel. ``prefix``: PREFIX/hosts/
+    (the claims are its sibling PREFIX/claims/); ``us``: our underlay address; ``l2``; ``mode``/``vni``: ours
+    (a record of another overlay is "foreign").
+
+    ``resync(kvs)`` (a full listing) and ``apply(changes)`` (a batch of watch events, (key, value or None))
+    return (specs to set, addresses to remove). A batch should be one revision or more, never part of one: a
+    host's record and claims are written in one transaction, and judged together. An invalid record, or one
+    that does not hold its claims, is counted in ``stats.invalid`` (once per change of verdict), noted in
+    ``refusals``, and, if its address was a peer, removes it."""
 
     def __init__(self, prefix: bytes, us: str, *, l2: bool, mode: str, vni: int | None, stats: RegistryStats) -> None:
         self.prefix = prefix
+        self.claims_prefix = prefix[:-len(HOSTS)] + CLAIMS.encode()
         self.us = us
+        self.own_key = prefix + us.encode()
         self.version = ipaddress.ip_address(us).version
         self.l2 = l2
         self.mode = mode
         self.vni = vni
         self.stats = stats
-        self.specs: dict[str, PeerSpec] = {}  # address → the spec its valid record implies
+        self.refusals = Refusals()
+        self.specs: dict[str, PeerSpec] = {}  # address → the spec its valid, claimed record implies
+        self.verdicts: dict[bytes, Record | InvalidRecord] = {}  # host key → its record, or why it is none
+        self.holders: dict[bytes, str] = {}  # claim path → the holder's address, as etcd says
+        self.claimants: dict[bytes, set[bytes]] = {}  # claim path → the host keys whose records claim it
+        self.refused: dict[bytes, tuple[str, str]] = {}  # host key → (reason, why): the verdict last counted
 
     def judge(self, key: bytes, value: bytes) -> Record:
         record = decode(key, value, self.prefix)
@@ -300,37 +436,98 @@ class Membership:
             raise InvalidRecord("fields", "mac: missing for an L2 mode")
         return record
 
-    def _spec(self, key: bytes, value: bytes) -> PeerSpec | None:
-        if key == self.prefix + self.us.encode():
-            return None  # our own record: not a peer, not invalid
-        try:
-            return self.judge(key, value).spec(self.l2)
-        except InvalidRecord as e:
-            self.stats.invalid[e.reason] = self.stats.invalid.get(e.reason, 0) + 1
-            return None
+    def unheld(self, record: Record) -> tuple[str, str] | None:
+        """("taken" or "unclaimed", why) for the first claim of ``record`` that etcd does not give it."""
+        for claim in record.claims():
+            holder = self.holders.get(claim.path)
+            if holder == record.address:
+                continue
+            if holder is None:
+                return "unclaimed", f"its {claim.describe()} is held by no one"
+            return "taken", f"its {claim.describe()} is held by host {holder}"
+        return None
 
-    def resync(self, kvs: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
-        fresh = {}
+    # -- the state, as etcd says it ------------------------------------------------------------------------------
+
+    def _forget(self, key: bytes) -> None:
+        old = self.verdicts.pop(key, None)
+        if isinstance(old, Record):
+            for claim in old.claims():
+                keys = self.claimants.get(claim.path)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self.claimants[claim.path]
+
+    def _change(self, key: bytes, value: bytes | None, touched: set[bytes]) -> None:
+        if key.startswith(self.claims_prefix):
+            path = key[len(self.claims_prefix):]
+            if value is None:
+                self.holders.pop(path, None)
+            else:
+                self.holders[path] = claim_holder(value)
+            touched.update(self.claimants.get(path, ()))
+        elif key.startswith(self.prefix):
+            self._forget(key)
+            touched.add(key)
+            if value is None or key == self.own_key:
+                return  # our own record: not a peer, not invalid
+            try:
+                record = self.judge(key, value)
+            except InvalidRecord as e:
+                self.verdicts[key] = e
+                return
+            self.verdicts[key] = record
+            for claim in record.claims():
+                self.claimants.setdefault(claim.path, set()).add(key)
+        # anything else under the prefix is no one's record: not ours to judge
+
+    def _settle(self, touched: Iterable[bytes]) -> Changes:
+        upserts, removals = [], []
+        for key in sorted(touched):
+            address = key[len(self.prefix):].decode(errors="replace")
+            verdict = self.verdicts.get(key)
+            spec = refusal = None
+            if isinstance(verdict, InvalidRecord):
+                refusal = verdict.reason, str(verdict)
+            elif verdict is not None:
+                refusal = self.unheld(verdict)
+                if refusal is None:
+                    spec = verdict.spec(self.l2)
+            if refusal is None:
+                self.refused.pop(key, None)
+            elif self.refused.get(key) != refusal:  # a new verdict: counted once, however often it is listed
+                self.refused[key] = refusal
+                reason, why = refusal
+                self.stats.invalid[reason] = self.stats.invalid.get(reason, 0) + 1
+                self.refusals.note(reason, claim_holder(key[len(self.prefix):]), why)  # a key may be any bytes
+            if spec is None:
+                if self.specs.pop(address, None) is not None:
+                    removals.append(address)
+            elif self.specs.get(address) != spec:
+                self.specs[address] = spec
+                upserts.append(spec)
+        return tuple(upserts), tuple(removals)
+
+    # -- what the client calls -----------------------------------------------------------------------------------
+
+    def apply(self, changes: Iterable[tuple[bytes, bytes | None]]) -> Changes:
+        """A batch of watch events, (key, value) for a put and (key, None) for a delete, judged together."""
+        touched: set[bytes] = set()
+        for key, value in changes:
+            self._change(key, value, touched)
+        return self._settle(touched)
+
+    def resync(self, kvs: Iterable[tuple[bytes, bytes]]) -> Changes:
+        """A full listing of PREFIX/ replaces all that was known."""
+        touched = set(self.verdicts) | set(self.refused) | {self.prefix + a.encode() for a in self.specs}
+        self.verdicts, self.holders, self.claimants = {}, {}, {}
         for key, value in kvs:
-            spec = self._spec(key, value)
-            if spec is not None:
-                fresh[spec.address] = spec
-        upserts = tuple(s for a, s in fresh.items() if self.specs.get(a) != s)
-        removals = tuple(a for a in self.specs if a not in fresh)
-        self.specs = fresh
-        return upserts, removals
+            self._change(key, value, touched)
+        return self._settle(touched)
 
-    def put(self, key: bytes, value: bytes) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
-        spec = self._spec(key, value)
-        if spec is None:  # invalid now: whatever the key's earlier record implied goes
-            return self.delete(key)
-        if self.specs.get(spec.address) == spec:
-            return (), ()
-        self.specs[spec.address] = spec
-        return (spec,), ()
+    def put(self, key: bytes, value: bytes) -> Changes:
+        return self.apply(((key, value),))
 
-    def delete(self, key: bytes) -> tuple[tuple[PeerSpec, ...], tuple[str, ...]]:
-        address = key[len(self.prefix):].decode(errors="replace")
-        if self.specs.pop(address, None) is None:
-            return (), ()
-        return (), (address,)
+    def delete(self, key: bytes) -> Changes:
+        return self.apply(((key, None),))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -51,7 +50,8 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from tunneld.config import ConfigError, check_peer
+from tunneld.config.schema import ConfigError
+from tunneld.config.checks import check_peer, check_spec
 from tunneld.datapath.peers import PeerSpec
 
 log = logging.getLogger("tunneld")
@@ -60,8 +60,6 @@ MAX_LINE = 64 * 1024  # bytes in one request line, newline included
 READ_TIMEOUT = 5.0  # seconds a client may take to send a whole request line (or sit idle between requests)
 WRITE_TIMEOUT = 5.0  # seconds a reply may wait for a client that does not read
 MAX_CLIENTS = 64  # connections served at once; one more is closed at once
-MAX_NAME = 64  # characters in a peer's name
-MAX_ITEMS = 1024  # routes, or static MACs, in one peer-add
 BUSY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0)  # a client's pauses (s) before it asks a busy daemon again
 
 # Client exit statuses (sysexits(3)), documented in the README and `tunneld show --help`.
@@ -125,8 +123,8 @@ def find_socket(directory: str, dev: str) -> str:
 
 
 class Handler(Protocol):
-    """What the control socket drives: the running tunnel (daemon.Tunnel). Each call raises ConfigError, one
-    line, to refuse (an unknown address, a route another peer owns, ...), and then changes nothing."""
+    """What the control socket drives: the running tunnel (control/handlers.PeerControl). Each call raises
+    ConfigError, one line, to refuse (an unknown address, a route another peer owns, ...), and then changes nothing."""
 
     def show(self) -> dict: ...
 
@@ -157,47 +155,10 @@ class Request:
     address: str | None = None  # peer-remove
 
 
-def _string_list(value: Any, key: str) -> list[str]:
+def _string_list(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RequestError(f"{key}: expected a list of strings")
-    if len(value) > MAX_ITEMS:
-        raise RequestError(f"{key}: {len(value)} items, at most {MAX_ITEMS}")
-    return value
-
-
-def check_route(text: str) -> str:
-    """A CIDR as a peer's route: canonical text; host bits set are refused (they suggest a typo)."""
-    try:
-        return str(ipaddress.ip_network(text))
-    except ValueError:
-        pass
-    try:
-        net = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise RequestError(f"routes: {text!r} is not an IPv4 or IPv6 prefix like 10.1.0.0/24") from None
-    raise RequestError(f"routes: {text!r} has host bits set; did you mean {net}?")
-
-
-def check_fdb_mac(text: str) -> str:
-    """A static FDB entry's MAC: canonical lower case; group (multicast, broadcast) and all-zero refused."""
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
-        raise RequestError(f"macs: {text!r} is not a MAC address like 02:00:00:00:00:01")
-    octets = bytes(int(p, 16) for p in parts)
-    if octets[0] & 1:
-        raise RequestError(f"macs: {text!r} is a group (multicast or broadcast) address; a host has a unicast one")
-    if not any(octets):
-        raise RequestError(f"macs: {text!r} is all zeros")
-    return text.lower()
-
-
-def _unique(items: list[str], key: str) -> tuple[str, ...]:
-    seen: dict[str, None] = {}
-    for item in items:
-        if item in seen:
-            raise RequestError(f"{key}: {item} is given twice")
-        seen[item] = None
-    return tuple(seen)
+    return tuple(value)
 
 
 def parse_request(line: bytes) -> Request:
@@ -228,12 +189,15 @@ def parse_request(line: bytes) -> Request:
     if command == "peer-remove":
         return Request(command, address=address)
     name = obj.get("name")
-    if name is not None:
-        if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= MAX_NAME:
-            raise RequestError(f"name: expected 1 to {MAX_NAME} printable characters")
-    routes = _unique([check_route(r) for r in _string_list(obj.get("routes", []), "routes")], "routes")
-    macs = _unique([check_fdb_mac(m) for m in _string_list(obj.get("macs", []), "macs")], "macs")
-    return Request(command, spec=PeerSpec(address, name, routes, macs))
+    if name is not None and not isinstance(name, str):
+        raise RequestError("name: expected a string")
+    routes = _string_list(obj.get("routes", []), "routes")
+    macs = _string_list(obj.get("macs", []), "macs")
+    try:  # the peer's own rules, as a configuration file's [[peer]] table gets them
+        spec = check_spec(PeerSpec(address, name, routes, macs))
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+    return Request(command, spec=spec)
 
 
 def dispatch(handler: Handler, request: Request) -> dict:

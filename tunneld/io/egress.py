@@ -23,10 +23,11 @@ What the host must allow, on that one device only (set over rtnetlink, IFLA_AF_S
 IPv6 on the device is switched off at its root (IFLA_INET6_ADDR_GEN_MODE none: no link-local address, no
 router or neighbour solicitations into a queue nobody reads).
 
-What the packets look like: outer source address and port are exactly what the UDP socket the old path
-would have used for that flow sends from (same pool, same flow → port choice: tunneld/io/udp.py), so the
-peer (a kernel VXLAN or another tunneld) cannot tell the paths apart and replies reach our socket. Forwarding
-takes one off the TTL: we write the host's default TTL plus one. Don't fragment is set, as on the socket.
+What the packets look like: outer source address and port are exactly what the UDP socket of the socket path
+(tunneld cutting super-frames itself) would have used for that flow sends from (same pool, same flow → port
+choice: tunneld/io/udp.py), so the peer (a kernel VXLAN or another tunneld) cannot tell the paths apart and
+replies reach our socket. Forwarding takes one off the TTL: we write the host's default TTL plus one. Don't
+fragment is set, as on the socket.
 
 Detection is by doing, never by kernel version: ``open_egress`` creates the TAP, asks TUNSETOFFLOAD with the
 tunnel flags and TUNSETVNETHDRSZ 24 and sets the device's configuration, then reads the effective values back;
@@ -58,7 +59,7 @@ SUFFIX = "-gso"
 
 # Outer headers written in front of the codec's header: Ethernet, IPv4 without options, UDP.
 OUTER_TH = ETH_HLEN + IPV4_HLEN  # outer_th_offset: where the outer UDP header starts
-IPV4_MAX = 0xFFFF  # an outer packet beyond the IPv4 length field cannot be written (the old path takes it)
+IPV4_MAX = 0xFFFF  # an outer packet beyond the IPv4 length field cannot be written (the socket path takes it)
 _UDP = struct.Struct("!HHHH")
 PEER_MAC = bytes.fromhex("020000000001")  # source MAC of the frames we write: any unicast will do
 
@@ -74,7 +75,7 @@ class Unsupported(Exception):
 
 def egress_name(dev: str) -> str:
     """``<dev>-gso``, the device name cut to fit IFNAMSIZ (a clash with another tunnel's is refused by the
-    kernel: EBUSY, and that tunnel then keeps the old path)."""
+    kernel: EBUSY, and that tunnel then keeps the socket path)."""
     return dev[: IFNAMSIZ - 1 - len(SUFFIX)] + SUFFIX
 
 
@@ -141,7 +142,7 @@ def check_devconf(dev: str) -> None:
 
 
 def default_ttl() -> int:
-    """The TTL our UDP sockets send with (the host's default): what a datagram of the old path carries."""
+    """The TTL our UDP sockets send with (the host's default): what a datagram of the socket path carries."""
     try:
         with open("/proc/sys/net/ipv4/ip_default_ttl") as f:
             return int(f.read())
@@ -212,7 +213,7 @@ class EgressTap:
         """Hand the super-frame ``frame`` (an Ethernet frame with an IPv4/IPv6 TCP or UDP payload behind
         ``hlen`` bytes of headers, its checksum partial as the device gave it) to the kernel for ``dest``.
         False when this one cannot go this way (too long for one outer IPv4 packet, an inner header we don't
-        place, the kernel refused it): the caller then takes the old path. OSError other than the kernel's
+        place, the kernel refused it): the caller then takes the socket path. OSError other than the kernel's
         refusal (EINVAL) propagates."""
         if frame[ETHERTYPE_OFFSET] << 8 | frame[ETHERTYPE_OFFSET + 1] not in (ETHERTYPE_IPV4, ETHERTYPE_IPV6):
             return False  # a VLAN tag or another ethertype: inner_nh_offset would be wrong

@@ -79,6 +79,7 @@ class RawLink:
         self.df = df
         self._probe = PathProbe(self.family, local)
         self._drops = KernelDrops()
+        self._count = self._next = 0  # nothing held until enable_gro() gives the receiver slots (``buffered``)
         try:
             self._sock = socket.socket(self.family, socket.SOCK_RAW, protocol)
         except PermissionError as e:

@@ -141,6 +141,7 @@ class UdpLink:
     (the first peer) and may be changed while running."""
 
     spreads_flows = True  # the inner flow picks the send socket, hence the outer source port
+    buffered = False  # every datagram read is handed out at once (the kernel holds the rest)
 
     def __init__(
         self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS,

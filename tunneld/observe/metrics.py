@@ -40,7 +40,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from tunneld import __version__
-from tunneld.config import parse_listen
+from tunneld.config.checks import parse_listen
 from tunneld.encap.base import Drop
 from tunneld.observe.httpd import HttpServer
 from tunneld.control.registry import INVALID_REASONS, RegistryStats
@@ -142,8 +142,9 @@ class TunnelCollector(Collector):
         stats = per_worker[0] if len(per_worker) == 1 else total(per_worker)
         mode = engine.codec.name
         peers = list(engine.peers.by_id)  # the configured peers, in order, by id (an address-named peer: its address)
-        # Series about the whole tunnel carry the peer label too: the one peer's address, or "" when there are
-        # several; the per-peer series below carry each peer's own.
+        # Series about the whole tunnel carry the peer label too: the one peer's address (a point-to-point
+        # tunnel's series name its far end), or "" when there are several; the per-peer series below carry
+        # each peer's own.
         labels = [engine.link.peer if len(peers) == 1 else "", mode]
         per_peer = [([peer_id, mode], stats.peers.get(peer_id)) for peer_id in peers]
         if len(per_peer) == 1:
@@ -179,7 +180,7 @@ class TunnelCollector(Collector):
             nbytes = CounterMetricFamily(
                 f"tunneld_{direction}_bytes", f"Bytes of the frames {verb}. {INNER_BYTES}", labels=LABELS
             )
-            if len(per_peer) == 1:  # one peer: the tunnel's own counters, exactly as before many peers
+            if len(per_peer) == 1:  # one peer: the tunnel's own counters, exactly
                 packets.add_metric(per_peer[0][0], getattr(stats, f"{direction}_packets"))
                 nbytes.add_metric(per_peer[0][0], getattr(stats, f"{direction}_bytes"))
             else:  # one series per peer (cardinality: the number of peers); a flooded frame counts at each

@@ -15,6 +15,7 @@ from tunneld.datapath.stats import Stats
 SILENT_AFTER = 30.0  # seconds without a valid packet before the log says so (VXLAN/GRE have no keepalive:
 #                      an idle tunnel is silent too, so this is an observation, not an error)
 DROP_REPORT_EVERY = 60.0  # at most one drop summary per this many seconds
+WATCH_INTERVAL = 1.0  # seconds between two ticks (runtime/daemon.py); the other workers' counters refresh as often
 
 
 class Watch:

@@ -1,4 +1,4 @@
-"""Kernel offloads: moving TCP/UDP super-frames instead of MTU-sized packets (issue 7).
+"""Kernel offloads: moving TCP/UDP super-frames instead of MTU-sized packets.
 
 Theory of operation (VXLAN over a TAP device opened with IFF_VNET_HDR and TUNSETOFFLOAD):
 

@@ -22,9 +22,6 @@ Shutdown undoes it in reverse; closing the device fd removes the interface (with
 from __future__ import annotations
 
 import asyncio
-import collections
-import dataclasses
-import ipaddress
 import logging
 import signal
 import time
@@ -32,13 +29,12 @@ from typing import Callable
 
 from tunneld import __version__
 from tunneld.runtime.channel import Apply, Channel
-from tunneld.config import ConfigError, TunnelConfig, check_joining, check_on_host
-from tunneld.control.server import ControlError, ControlServer, Rows, runtime_dir, socket_path
-from tunneld.datapath.fdb import mac_text
-from tunneld.datapath.peers import REGISTRY, PeerSpec
-from tunneld.control.registry import Membership, Record, RegistryStats, owner_id
+from tunneld.config.schema import ConfigError, TunnelConfig
+from tunneld.control.handlers import PeerControl
+from tunneld.control.membership import RegistryBridge
+from tunneld.control.server import ControlError, ControlServer, runtime_dir, socket_path
+from tunneld.control.registry import RegistryStats
 from tunneld.encap.base import Encapsulator
-from tunneld.io import SetupError
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io import netlink
 from tunneld.io.egress import Unsupported as EgressUnsupported, choose as egress_choose
@@ -48,8 +44,8 @@ from tunneld.runtime.plan import Plan, make_plan, stable_mac
 from tunneld.io.device import Device
 from tunneld.runtime.resources import Link, Resources
 from tunneld.runtime.service import Loader, Service
-from tunneld.datapath.stats import PeerStats, Stats, total
-from tunneld.observe.watch import Watch
+from tunneld.datapath.stats import Stats, total
+from tunneld.observe.watch import WATCH_INTERVAL, Watch
 from tunneld.runtime.worker import Worker, cpu_seconds
 from tunneld.runtime.workers import STOP_SIGNALS, Supervisor
 
@@ -57,20 +53,14 @@ __all__ = ["EX_CONFIG", "EX_NOPERM", "EX_SOFTWARE", "StartupError", "Tunnel", "d
 
 log = logging.getLogger("tunneld")
 
-WATCH_INTERVAL = 1.0  # seconds between looks at the counters for the log (watch.py)
-# ``tunneld show``: a peer is "up" when a valid packet from it arrived within this many seconds, "silent" when
-# one arrived longer ago, "never" when none has. Three watch intervals: one lost look is not yet silence.
-PEER_UP_WITHIN = 3 * WATCH_INTERVAL
 REGISTRY_START_WAIT = 5.0  # seconds serve() waits for the first registration before going on without it
-# Registry peer changes applied per turn of the event loop. Each is one live Apply, whose checks and table build
-# are linear in the peers: at 1,000 peers one costs ~0.6 ms (measured, 2-core machine), so 8 hold the data path
-# ~5 ms, and a resync of a thousand hosts is spread over 125 turns.
-REGISTRY_CHUNK = 8
 
 
 class Tunnel:
     """A tunnel put together: its plan, its descriptors, worker 0 and the supervisor of the others. It is
-    what the service layer drives (service.Tunnel): totals, liveness, live changes, the metrics endpoint."""
+    what the service layer drives (service.Tunnel): totals, liveness, live changes, the metrics endpoint.
+    ``control`` answers the control socket (control/handlers.py); ``membership`` bridges the etcd registry
+    (control/membership.py), with --registry only."""
 
     def __init__(self, cfg: TunnelConfig, modes: dict[str, type[Encapsulator]], *,
                  underlay_mtu: Callable[[str], tuple[int, str | None]] | None = None, cpus: int | None = None) -> None:
@@ -80,10 +70,11 @@ class Tunnel:
         self.resources = Resources(self.plan)
         self.supervisor = Supervisor()
         self.worker: Worker | None = None  # worker 0, once open
-        # Membership through etcd (registry_client.py), started by serve() after the fork; its counters exist
-        # from the start so that the metrics endpoint can export them whenever it is (re)made.
+        self.control = PeerControl(self)
+        # Membership through etcd, started by serve() after the fork; its counters exist from the start so that
+        # the metrics endpoint can export them whenever it is (re)made.
         self.registry_stats = RegistryStats() if cfg.registry is not None else None
-        self.registry = None
+        self.membership = RegistryBridge(self, self.control) if cfg.registry is not None else None
         self.kernel_gso = False  # whether worker 0 got an egress device: the kernel segments (io/egress.py)
 
     def open(self) -> None:
@@ -134,7 +125,8 @@ class Tunnel:
         if index == 0:
             self.kernel_gso = egress is not None
             log.info("kernel segmentation %s", why)
-            # One UDP_SEGMENT send no longer bounds a super-frame (plan.superframe_cap): the IPv4 length field does.
+            # Through the egress device one UDP_SEGMENT send does not bound a super-frame (plan.superframe_cap):
+            # the IPv4 length field does.
             if egress is not None and not netlink.set_gso_max_size(cfg.dev, egress.superframe_cap):
                 log.debug("could not set gso_max_size %d on %s", egress.superframe_cap, cfg.dev)
         return egress
@@ -192,188 +184,6 @@ class Tunnel:
             raise ConfigError(str(e)) from None
         if changes:
             self.supervisor.broadcast(changes)
-
-    # -- the control handler (control.py serves it on worker 0's loop) ---------------------------------------
-
-    def show(self) -> dict:
-        """What ``tunneld show --json`` prints (README "Many hosts"): the tunnel, each peer with its counters
-        summed over the workers, and (L2 modes) the FDB as worker 0 holds it (all workers agree within 1 s).
-        The peers and the FDB are ``control.Rows``: snapshots taken now, made into JSON objects a slice at a
-        time as the control socket writes them, so that a full FDB never holds the data path's loop."""
-        engine = self.worker.engine
-        table = engine.peers
-        stats = self.totals()
-        now = time.time()
-
-        def peer_row(peer) -> dict:
-            spec = peer.spec
-            ps = stats.peers.get(peer.id) or PeerStats()  # by id: a roaming peer's address moves
-            age = max(0.0, now - ps.last_rx) if ps.last_rx else None
-            entry = {
-                "address": peer.address,
-                "name": spec.name,
-                "source": spec.source,
-                "state": "never" if age is None else "up" if age <= PEER_UP_WITHIN else "silent",
-                "last_rx_age_s": None if age is None else round(age, 3),
-                "tx_packets": ps.tx_packets,
-                "rx_packets": ps.rx_packets,
-                "tx_bytes": ps.tx_bytes,
-                "rx_bytes": ps.rx_bytes,
-                "dropped": ps.dropped,
-            }
-            if not table.l2:
-                entry["routes"] = table.routes_of(peer)  # as the data path uses them (one peer: everything)
-            entry["macs"] = list(spec.macs)
-            return entry
-
-        def fdb_row(item) -> dict:
-            mac, e = item
-            return {"mac": mac_text(mac), "peer": e.peer.address, "static": e.static,
-                    "age_s": round(max(0.0, now - e.seen), 3)}
-
-        link = self.worker.link
-        out = {
-            "device": self.cfg.dev,
-            "mode": self.cfg.mode,
-            "vni": self.plan.vni,
-            "mtu": self.plan.mtu,
-            "listen_port": link.port if isinstance(link, UdpLink) else None,
-            "workers": self.workers,
-            "peers": Rows(table.all, peer_row),  # table.all is a tuple: replaced, never changed in place
-        }
-        if table.fdb is not None:
-            out["fdb"] = Rows(list(table.fdb.entries()), fdb_row)
-            out["fdb_max"] = table.fdb.max_entries
-        else:
-            out["fdb_max"] = self.cfg.fdb_max
-        out.update(fdb_learnt_total=stats.fdb_learnt, fdb_moved_total=stats.fdb_moved,
-                   fdb_refused_total=stats.fdb_refused, flooded_packets_total=stats.flooded)
-        rs = getattr(self, "registry_stats", None)  # (tests build bare Tunnels)
-        if rs is not None:
-            out["registry"] = {"endpoints": list(self.cfg.registry.endpoints), "prefix": self.cfg.registry.prefix,
-                               "ttl": self.cfg.registry.ttl, "up": rs.up, "peers": rs.peers,
-                               "invalid_records": dict(rs.invalid)}
-        return out
-
-    def add_peer(self, spec: PeerSpec) -> str | None:
-        """Add a peer, or change a known one (its counters and learnt MACs stay). ConfigError (one line), and
-        nothing changed, for what a configuration file would be refused for too (config.check_peers,
-        check_on_host): routes in an L2 mode, MACs in an L3 mode, more than MAX_PEERS, an address, name, route
-        or static MAC another peer has, another IP version, one of this host's own addresses. Returns a
-        warning (one line, also logged) when the peer's path MTU is smaller than the device's MTU assumes:
-        the device MTU is not changed live (every flow's MSS depends on it), so larger frames to that peer
-        will not get through until a restart or a smaller ``mtu``."""
-        table = self.worker.engine.peers
-        l2 = table.l2
-        if l2 and spec.routes:
-            raise ConfigError(f"peer {spec.address}: routes are for L3 modes; {self.cfg.mode} learns MACs")
-        if not l2 and spec.macs:
-            raise ConfigError(f"peer {spec.address}: macs are for L2 modes; {self.cfg.mode} takes routes")
-        others = tuple(p.spec for p in table.all if p.address != spec.address)  # registry peers included
-        spec = check_joining(others, spec)
-        check_on_host(spec.address, None, netlink.address_kind, netlink.is_own_address)
-        warning = self._path_mtu_warning(spec.address)
-        self.apply(Apply(peers_set=(spec,)))
-        if warning:
-            log.warning("%s", warning)
-        if spec.source != REGISTRY:  # the registry's peers are not the file's: a reload's diff leaves them alone
-            # The running configuration says what runs, so that a SIGHUP's diff is taken against it: a reload
-            # makes the peers what the file says (as `wg syncconf` does), whether or not they came through here.
-            kept = tuple(p for p in self.cfg.peers if p.address != spec.address)
-            self.cfg = dataclasses.replace(self.cfg, peers=(*kept, spec))
-        return warning
-
-    def _path_mtu_warning(self, address: str) -> str | None:
-        """A line when the underlay path towards ``address`` carries less than the device MTU plus overhead."""
-        path_mtu = netlink.path_mtu(address)
-        if path_mtu is None:
-            return None  # no route yet: nothing known to compare (the start-up plan assumes the default too)
-        inner = path_mtu - self.plan.codec.overhead(ipaddress.ip_address(address).version == 6)
-        if inner >= self.plan.mtu:
-            return None
-        return (f"peer {address}: its path MTU {path_mtu} carries inner packets of at most {inner} "
-                f"bytes, less than {self.cfg.dev}'s MTU {self.plan.mtu}: larger ones to it will not get through; "
-                "the device MTU is not changed live (restart, or set mtu)")
-
-    def remove_peer(self, address: str) -> None:
-        """Remove a peer: its FDB entries, routes and counters go; ConfigError (one line) for an unknown one."""
-        try:
-            canonical = str(ipaddress.ip_address(address))
-        except ValueError:
-            raise ConfigError(f"not an IP address: {address!r}") from None
-        if self.worker.engine.peers.get(canonical) is None:
-            raise ConfigError(f"no peer {canonical} on {self.cfg.dev}")
-        self.apply(Apply(peers_removed=(canonical,)))
-        self.cfg = dataclasses.replace(self.cfg, peers=tuple(p for p in self.cfg.peers if p.address != canonical))
-
-    # -- the registry (registry_client.py): its thread hands changes to this loop ----------------------------
-
-    def start_registry(self, loop: asyncio.AbstractEventLoop):
-        """Register this host and follow the others (call on the data path's loop, after any fork)."""
-        from tunneld.control.etcd import Registry
-
-        cfg, plan = self.cfg, self.plan
-        l2 = self.worker.engine.peers.l2
-        record = Record(cfg.local, cfg.mode, plan.vni, plan.mac if l2 else None, cfg.addresses, __version__,
-                        round(time.time(), 3), owner_id(cfg.dev))
-        membership = Membership(cfg.registry.hosts_prefix(), cfg.local, l2=l2, mode=cfg.mode, vni=plan.vni,
-                                stats=self.registry_stats)
-        pending: collections.deque = collections.deque()  # (upserts, removals), in the order etcd said them
-
-        def drain() -> None:
-            # At most REGISTRY_CHUNK peer changes per turn of the loop: a resync of a thousand hosts must not hold
-            # the data path for the whole of it. One queue keeps etcd's order (a join, then its leave).
-            done = 0
-            try:
-                while pending and done < REGISTRY_CHUNK:
-                    upserts, removals = pending.popleft()
-                    self.registry_changes(upserts, removals)
-                    done += len(upserts) + len(removals)
-            finally:  # whatever one change raised, the others still come (deliver only calls drain when idle)
-                if pending:
-                    loop.call_soon(drain)
-
-        def deliver(upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
-            idle = not pending
-            pending.extend(((), (address,)) for address in removals)
-            pending.extend(((spec,), ()) for spec in upserts)
-            if idle:
-                drain()
-
-        self.registry = Registry(cfg.registry, record, membership, loop=loop, deliver=deliver,
-                                 stats=self.registry_stats)
-        log.info("registry: %s as %s", cfg.registry.describe(), cfg.local)
-        self.registry.start()
-        return self.registry
-
-    def registry_changes(self, upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
-        """Hosts that joined, changed or left, as peers. A static peer (flags, file, control socket) wins over a
-        record for its address: the record is not applied, and its leaving does not remove the static peer. A
-        peer the tunnel refuses is logged and counted (``refused``); the others still apply."""
-        static = {spec.address for spec in self.cfg.peers}
-        table = self.worker.engine.peers
-        for address in removals:
-            peer = table.get(address)
-            if peer is not None and peer.spec.source == REGISTRY and address not in static:
-                self.remove_peer(address)
-                log.info("registry: host %s left", address)
-        for spec in upserts:
-            if spec.address in static:
-                continue
-            known = table.get(spec.address) is not None
-            try:
-                self.add_peer(spec)
-            except (ConfigError, SetupError) as e:
-                log.warning("registry: host %s not made a peer: %s", spec.address, e)
-                self.registry_stats.invalid["refused"] += 1
-                continue
-            except Exception:  # noqa: BLE001 - a bug here must cost one host, not the registry for good
-                log.exception("registry: host %s not made a peer", spec.address)
-                self.registry_stats.invalid["refused"] += 1
-                continue
-            if not known:
-                log.info("registry: host %s joined", spec.address)
-        self.registry_stats.peers = sum(1 for p in table.all if p.spec.source == REGISTRY)
 
     def move_metrics(self, listen: str) -> bool:
         """Serve /metrics at ``listen`` ("" = off) instead; False (old endpoint kept) if it cannot bind."""
@@ -448,7 +258,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         # a SIGTERM meanwhile is a clean stop
         if not await supervisor.started(worker.stopped) and not worker.stopped.is_set():
             worker.stop(1)
-    control = ControlServer(socket_path(runtime_dir(tunnel.cfg), tunnel.cfg.dev), tunnel)
+    control = ControlServer(socket_path(runtime_dir(tunnel.cfg), tunnel.cfg.dev), tunnel.control)
     if not worker.stopped.is_set():
         try:
             await control.start()  # `tunneld show`; a second daemon for this device stops here
@@ -456,9 +266,9 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
             log.error("%s; stopping (exit status 1)", e)
             worker.stop(1)
     registry = None
-    if not worker.stopped.is_set() and tunnel.cfg.registry is not None:
+    if not worker.stopped.is_set() and tunnel.membership is not None:
         try:
-            registry = tunnel.start_registry(loop)
+            registry = tunnel.membership.start(loop)
         except Exception as e:  # noqa: BLE001 - e.g. the etcd client missing: one line, and the clean stop below
             log.error("registry: cannot start: %s; stopping (exit status 1)", e)
             worker.stop(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from tunneld.config import ConfigError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
 from tunneld.encap.base import Encapsulator, declared
 from tunneld.errors import EX_CONFIG, EX_SOFTWARE
 

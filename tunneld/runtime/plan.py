@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tunneld.config import MIN_MTU, TunnelConfig
+from tunneld.config.schema import MIN_MTU, TunnelConfig
 from tunneld.encap.base import DeviceKind, Encapsulator
 from tunneld.datapath.engine import offload_supported
 from tunneld.errors import EX_CONFIG, StartupError
@@ -133,9 +133,10 @@ def make_plan(
     workers, note = resolve(cfg.workers, codec.transport.kind, cpus, spreads=codec.spreads or not codec.stateful)
     mac = None
     if codec.device is DeviceKind.TAP:
-        # 1: the VNI of a mode without one. The first peer, as with one, so adding peers keeps the MAC; with none
-        # (a registry's members come later) the tunnel is named by its device, mode, underlay address (the one it
-        # registers: namespaces of one machine share its machine-id) and VNI.
+        # 1 for a mode without a VNI, so that its MAC stays what running tunnels have. The first peer, as with
+        # one, so adding peers keeps the MAC; with none (a registry's members come later) the tunnel is named by
+        # its device, mode, underlay address (the one it registers: namespaces of one machine share its
+        # machine-id) and VNI.
         identity = (cfg.dev, cfg.mode, cfg.peer, vni(codec, default=1)) if cfg.peers else (
             cfg.dev, cfg.mode, *([cfg.local] if cfg.local else []), vni(codec, default=1))
         mac = cfg.mac or stable_mac(*identity, machine_id=machine_id)

@@ -22,7 +22,7 @@ first peer's address also goes as ``Apply.peer``, the one-peer link's send addre
 diff the tunnel refuses (a route another peer owns, another IP version) is logged in one line and the running
 peers stay. Everything else is part of the interface, the sockets or the tables' sizes (fdb.max, fdb.ageing,
 control.runtime_dir); a change there is reported as needing a restart and the running values stay. A new
-file that does not validate is refused with one log line per problem, and the tunnel keeps running as before.
+file that does not validate is refused with one log line per problem, and the tunnel keeps running unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import time
 from typing import Callable, Mapping, Protocol
 
 from tunneld.runtime.channel import Apply
-from tunneld.config import FILE_KEYS, ConfigError, ConfigFileError, TunnelConfig
+from tunneld.config.schema import ConfigError, TunnelConfig
+from tunneld.config.loading import FILE_KEYS, ConfigFileError
 from tunneld.io import SetupError
 from tunneld.datapath.peers import PeerSpec
 from tunneld.datapath.stats import Stats

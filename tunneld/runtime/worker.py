@@ -29,7 +29,7 @@ from tunneld.datapath.stats import Stats
 
 log = logging.getLogger("tunneld")
 
-# How often a worker tells the others the MACs it learnt (issue 12: used by them within 1 s), and ages its FDB.
+# How often a worker tells the others the MACs it learnt (they use them within 1 s), and ages its FDB.
 FDB_SYNC_INTERVAL = 0.25
 # Learnt entries sent per tick, at most: a MAC flood must not fill the channels (8000 MACs a second; a full
 # FDB of 16384 reaches the others in ~2 s). The rest waits in the FDB's ``fresh`` for the next tick rather
