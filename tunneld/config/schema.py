@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from tunneld.datapath.peers import PeerSpec
+from tunneld.datapath.peers import DEFAULT_ROUTES, PeerSpec  # DEFAULT_ROUTES: what the peer table gives a lone L3 peer
 
 if TYPE_CHECKING:  # the registry's settings are its own (control/registry.py); a config only holds them
     from tunneld.control.registry import RegistryConfig
@@ -25,7 +25,6 @@ MAX_PEERS = 4096  # one device and one socket carry them all; the data path keep
 MAX_ROUTES_PER_PEER = 1024  # L3 modes: inner prefixes per peer
 MAX_MACS_PER_PEER = 1024  # L2 modes: static FDB entries per peer
 MAX_NAME = 64  # a peer's label, shown by `tunneld show`
-DEFAULT_ROUTES = ("0.0.0.0/0", "::/0")  # one L3 peer without routes reaches everything: point-to-point needs none
 DEFAULT_FDB_MAX = 16384  # L2 modes: FDB entries, learnt and static (Linux vxlan's `limit` is unbounded by default)
 MAX_FDB_MAX = 1_000_000
 DEFAULT_FDB_AGEING = 300.0  # seconds a learnt MAC lives unheard, as Linux bridges and vxlan; 0 = never

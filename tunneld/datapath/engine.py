@@ -24,7 +24,7 @@ Outbound flow (device → peer), on each wake-up of the device fd:
   2. a super-frame comes back from the port already cut into rows carrying the codec's declared constant
      header: the rows leave in one send, after whatever plain packets were waiting. Where the kernel cuts
      them (an egress device, io/egress.py), the port leaves it whole (``Super``) and it is written there
-     once for its one peer; one the egress cannot take (flooded, too long) is cut as before;
+     once for its one peer; one the egress cannot take (flooded, too long) is cut into rows;
   3. a plain frame that could not cross the underlay without fragmenting is dropped (VTEPs never fragment);
      the encapsulator writes its header into the headroom, in front of the frame: no copy;
   4. the packet leaves now (batches of one), or waits in ``Pending`` with others of its flow and size and
@@ -523,7 +523,7 @@ class Engine:
                         taken += n + vnet_len
                         moved, nbytes = moved + sent[0], nbytes + sent[1]
                         continue
-                    n = self.port.cut(n)  # the old way: Segments, Fallback or Drop
+                    n = self.port.cut(n)  # cut here after all: Segments, Fallback or Drop
                 if n.__class__ is Segments:
                     taken += n.frame_len + vnet_len
                     m, b = self._send_superframe(n, flow_hash(view[HEADROOM : HEADROOM + n.frame_len]), only)
@@ -776,7 +776,7 @@ class Engine:
     def _send_kernel(self, n: Super, only: Peer | None) -> tuple[int, int] | None:
         """Hand the super-frame at HEADROOM (``n`` bytes, its vnet fields in ``n.gso``) to the egress device,
         for the kernel to segment on its way to its one peer: (packets, inner bytes) it becomes, as the rows
-        of the old path would count; None when it must take the old path (flooded, no route, a segment over
+        cut here would count; None when it must be cut here (flooded, no route, a segment over
         the limit: counted there; or the egress declined this one)."""
         gso = n.gso
         peer = only if only is not None else self._choose(n)
@@ -784,7 +784,7 @@ class Engine:
             return None
         gso_size, hlen = gso[1], gso[4]
         # Each segment must cross the underlay as one packet: the largest inner frame towards this peer (its path
-        # MTU as learnt); one over it takes the old path, which drops it as too_big and answers with ICMP. The
+        # MTU as learnt); one over it is cut here, where it is dropped as too_big and answered with ICMP. The
         # kernel's forwarding does not heed the path MTU it caches (ip_forward_use_pmtu is 0), and a write into
         # the egress device never fails for it, so no failed send would tell us: ask the kernel now and then
         # (PMTU_RECHECK, a connect and a getsockopt per peer, only while super-frames flow to it).
@@ -799,7 +799,7 @@ class Engine:
             if not self.port.egress.send(frame, *gso, self._flow_hash(frame), peer.dest):
                 return None
         except OSError:
-            return None  # the old path will say what the socket thinks of it
+            return None  # cut here, the sends will say what the socket thinks of it
         self.stats.kernel_gso_frames += 1
         payload = n - hlen
         count = -(-payload // gso_size)

@@ -4,7 +4,7 @@ What flows through: every frame accepted from a peer teaches its source MAC (``l
 from the device asks for its destination MAC (``lookup``); a miss, a broadcast or a multicast is flooded to
 every peer by the engine (head-end replication), as the kernel does with all-zero FDB entries.
 
-What must stay true (issue 12):
+What must stay true:
 - Bounded: at most ``max_entries`` entries. Past it a new MAC is not learnt (``refused``) and frames to it
   flood; nothing is evicted to make room, so a storm of random source MACs from one peer costs one dict
   look-up per frame and no memory, and cannot push out the MACs other peers' traffic uses.
