@@ -20,6 +20,7 @@ from tunneld.encap.base import describe_value as _describe  # shared with Option
 from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.plugins import discover
 from tunneld.control.registry import RegistryConfig, RegistryError, check_registry, parse_url
+from tunneld.control.client import DEFAULT_RUNTIME_DIR  # the control socket's: declared where the light client reads it
 
 DEFAULT_DEV = "tunneld0"
 DEFAULT_MODE = "vxlan"
@@ -39,7 +40,6 @@ DEFAULT_FDB_MAX = 16384  # L2 modes: FDB entries, learnt and static (Linux vxlan
 MAX_FDB_MAX = 1_000_000
 DEFAULT_FDB_AGEING = 300.0  # seconds a learnt MAC lives unheard, as Linux bridges and vxlan; 0 = never
 MAX_FDB_AGEING = 1_000_000.0
-DEFAULT_RUNTIME_DIR = "/run/tunneld"  # the control socket is RUNTIME_DIR/DEV.sock
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 # Outer "don't fragment": "set" (the default) as RFC 7348 asks of a VTEP; a frame too big for the path is
 # answered with ICMP so the inner sender shrinks it. "unset": the kernel and the path's routers fragment outer
