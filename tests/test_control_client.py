@@ -61,6 +61,13 @@ def test_in_pid_1s_network_namespace_the_socket_is_the_plain_one(tmp_path, monke
     assert client.socket_path("/run/tunneld", "tap7") == "/run/tunneld/tap7.sock"
 
 
+def test_the_kernels_fixed_inode_names_the_host_namespace_with_pid_1_hidden(tmp_path, monkeypatch):
+    """The systemd unit on a recent kernel: ProtectProc=invisible hides /proc/1; the socket stays DIR/DEV.sock."""
+    fake_proc(tmp_path, monkeypatch, self="host")
+    monkeypatch.setattr(client, "NET_NS_INIT_INO", os.stat(tmp_path / "self").st_ino)
+    assert client.socket_path("/run/tunneld/demo", "tap7") == "/run/tunneld/demo/tap7.sock"
+
+
 def test_in_another_network_namespace_the_socket_carries_its_inode(tmp_path, monkeypatch):
     fake_proc(tmp_path, monkeypatch, self="test-a", **{"1": "host"})
     inode = os.stat(tmp_path / "self").st_ino
@@ -68,8 +75,15 @@ def test_in_another_network_namespace_the_socket_carries_its_inode(tmp_path, mon
     assert client.find_socket("/run/tunneld-none", "tap7") == f"/run/tunneld-none/tap7:net{inode}.sock"
 
 
-def test_when_pid_1_cannot_be_looked_at_the_socket_is_the_plain_one(tmp_path, monkeypatch):
-    """The systemd unit: ProtectProc=invisible hides /proc/1 from the daemon; its socket stays DIR/DEV.sock."""
-    fake_proc(tmp_path, monkeypatch, self="unit")
-    assert client.socket_path("/run/tunneld/demo", "tap7") == "/run/tunneld/demo/tap7.sock"
-
+def test_when_it_cannot_be_told_the_daemon_tags_and_the_client_tries_both(tmp_path, monkeypatch):
+    """PID 1 hidden, no fixed inode: the tagged name is never wrong; the client takes a plain one if that is all."""
+    (tmp_path / "proc").mkdir()
+    fake_proc(tmp_path / "proc", monkeypatch, self="unknown")
+    inode = os.stat(tmp_path / "proc" / "self").st_ino
+    run = tmp_path / "run"
+    assert client.socket_path(str(run), "tap7") == f"{run}/tap7:net{inode}.sock"
+    (run / "unit").mkdir(parents=True)
+    (run / "unit" / "tap7.sock").write_text("")
+    assert client.find_socket(str(run), "tap7") == f"{run}/unit/tap7.sock"
+    (run / f"tap7:net{inode}.sock").write_text("")
+    assert client.find_socket(str(run), "tap7") == f"{run}/tap7:net{inode}.sock"

@@ -7,15 +7,19 @@ request, not the daemon's start-up. A monitoring loop may run ``tunneld show`` e
 tunnel. The console script (``tunneld.__main__``) sends these commands here before anything else is imported;
 the server imports what both ends share from here (where the socket is, the exit statuses, ``ControlError``).
 
-Where the socket is (``socket_path``): ``RUNTIME_DIR/DEV.sock`` in the network namespace of PID 1, the host's;
+Where the socket is (``socket_path``): ``RUNTIME_DIR/DEV.sock`` in the host's network namespace;
 ``RUNTIME_DIR/DEV:netINODE.sock`` in any other, INODE being the namespace's own (``lsns -t net``, ``readlink
 /proc/self/ns/net``). Namespaces share ``/run``, and a device name is only unique within its namespace: two
 tunnelds serving ``tunneld0`` in two namespaces (how one machine tests a link) each have their socket, and
-``tunneld show tunneld0`` typed in a namespace reaches that namespace's daemon. When PID 1's namespace cannot
-be looked at (``/proc/1`` hidden, as the systemd unit's ProtectProc=invisible hides it, or owned by another
-user), the path is the plain one, as it always was: the unit's socket stays ``/run/tunneld/NAME/DEV.sock``.
-As a last check the client asks the kernel who listens (SO_PEERCRED) and refuses a daemon it can see is in
-another network namespace, so that a command never acts on another namespace's tunnel unawares.
+``tunneld show tunneld0`` typed in a namespace reaches that namespace's daemon. The host's namespace is the
+one whose inode is NET_NS_INIT_INO (kernels from 6.18 give it that fixed number), or PID 1's. When neither
+tells (an older kernel, and ``/proc/1`` hidden: the systemd unit's ProtectProc=invisible hides it from the
+daemon, and some sandboxes from root), the daemon takes the tagged name, which is never ambiguous, and a
+client that cannot tell either tries the tagged name, then the plain one. So the unit's socket stays
+``/run/tunneld/NAME/DEV.sock`` on recent kernels (``DEV:netINODE.sock`` in the same directory on older ones),
+and root's ``tunneld show DEV`` finds it either way. As a last check the client asks the kernel who listens
+(SO_PEERCRED) and refuses a daemon it can see is in another network namespace, so that a command never acts
+on another namespace's tunnel unawares.
 
 Busy: a daemon serves MAX_CLIENTS connections and closes the one that has waited longest for a request to make
 room for a new one (server.py), so an operator's command gets through idle and hostile clients alike. A full
@@ -38,6 +42,7 @@ from typing import Sequence
 
 DEFAULT_RUNTIME_DIR = "/run/tunneld"  # the control socket is RUNTIME_DIR/DEV.sock (tunneld.config's default too)
 NETNS = "/proc/{}/ns/net"  # a process's network namespace, as a file whose inode names it
+NET_NS_INIT_INO = 0xEFFFFFF9  # the host's network namespace's inode where the kernel fixes it (linux/nsfs.h)
 BUSY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)  # a client's first pauses (s) before it asks a busy daemon again
 BUSY_PAUSE = 1.0  # ... and every later one, until the call's deadline
 CALL_TIMEOUT = 10.0  # seconds a client command waits for its answer, retries included
@@ -71,11 +76,22 @@ def netns_of(pid: int | str = "self") -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def in_host_netns(pid: int | str = "self") -> bool | None:
+    """Whether process ``pid`` is in the host's network namespace; None when that cannot be told."""
+    own = netns_of(pid)
+    if own is None:
+        return None
+    if own[1] == NET_NS_INIT_INO:
+        return True
+    host = netns_of(1)
+    return None if host is None else own == host
+
+
 def netns_tag(pid: int | str = "self") -> str:
-    """What a socket's name carries for the network namespace of process ``pid``: "" in PID 1's (or when either
-    cannot be looked at: the plain name, as before there were tags), else ``:netINODE``."""
-    own, host = netns_of(pid), netns_of(1)
-    if own is None or host is None or own == host:
+    """What a socket's name carries for the network namespace of process ``pid``: "" in the host's (or without
+    /proc at all), else ``:netINODE``, also when it cannot be told whether it is the host's."""
+    own = netns_of(pid)
+    if own is None or in_host_netns(pid):
         return ""
     return f":net{own[1]}"
 
@@ -87,21 +103,33 @@ def socket_path(directory: str, dev: str, tag: str | None = None) -> str:
 
 def find_socket(directory: str, dev: str) -> str:
     """The client's socket for ``dev`` in this network namespace: ``DIR/DEV.sock`` (tagged outside the host's
-    namespace); failing that, the one ``DIR/*/DEV.sock`` (the systemd unit gives each instance its own
-    ``/run/tunneld/NAME``). ControlError when several instances serve DEV."""
-    path = socket_path(directory, dev)
-    if os.path.lexists(path):
-        return path
-    name = os.path.basename(path)
-    try:
-        found = sorted(os.path.join(entry.path, name) for entry in os.scandir(directory)
-                       if entry.is_dir(follow_symlinks=False) and os.path.lexists(os.path.join(entry.path, name)))
-    except OSError:
-        return path
-    if len(found) > 1:
-        raise ControlError(f"{len(found)} sockets for {dev}: {', '.join(found)}; say which with --runtime-dir",
-                           EX_UNAVAILABLE)
-    return found[0] if found else path
+    namespace; both names when this cannot be told); failing that, the one ``DIR/*/`` socket of that name (the
+    systemd unit gives each instance its own ``/run/tunneld/NAME``). ControlError when several instances
+    serve DEV."""
+    own, host = netns_of(), in_host_netns()
+    plain, tagged = f"{dev}.sock", None if own is None else f"{dev}:net{own[1]}.sock"
+    if host:  # then tagged: a daemon here that could not tell (the unit, on a kernel without the fixed inode)
+        names = [plain, tagged]
+    elif host is None:  # then plain: maybe the host's (elsewhere() refuses it if it is not)
+        names = [tagged, plain]
+    else:
+        names = [tagged]
+    names = [name for name in names if name is not None]
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path):
+            return path
+        try:
+            found = sorted(os.path.join(entry.path, name) for entry in os.scandir(directory)
+                           if entry.is_dir(follow_symlinks=False) and os.path.lexists(os.path.join(entry.path, name)))
+        except OSError:
+            continue
+        if len(found) > 1:
+            raise ControlError(f"{len(found)} sockets for {dev}: {', '.join(found)}; say which with --runtime-dir",
+                               EX_UNAVAILABLE)
+        if found:
+            return found[0]
+    return os.path.join(directory, names[0])
 
 
 def listener(sock: socket.socket) -> tuple[int, int]:
