@@ -87,3 +87,15 @@ def test_when_it_cannot_be_told_the_daemon_tags_and_the_client_tries_both(tmp_pa
     assert client.find_socket(str(run), "tap7") == f"{run}/unit/tap7.sock"
     (run / f"tap7:net{inode}.sock").write_text("")
     assert client.find_socket(str(run), "tap7") == f"{run}/tap7:net{inode}.sock"
+
+
+def test_in_systemds_directory_for_the_instance_the_daemons_socket_is_plain(tmp_path, monkeypatch):
+    """A unit in a container: its PID 1 hidden (ProtectProc=invisible), no fixed inode to tell; the directory is
+    the instance's own, so the name needs no tag: /run/tunneld/NAME/DEV.sock, as the unit has always had it."""
+    from tunneld.control import server
+
+    (tmp_path / "proc").mkdir()
+    fake_proc(tmp_path / "proc", monkeypatch, self="container")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/tunneld/demo")
+    assert server.socket_path("/run/tunneld/demo", "tap7") == "/run/tunneld/demo/tap7.sock"
+    assert server.socket_path("/run/tunneld-other", "tap7").startswith("/run/tunneld-other/tap7:net")

@@ -53,7 +53,8 @@ from typing import Any, Protocol
 from tunneld.config import ConfigError, check_peer
 from tunneld.control.client import (  # what both ends share; the client's side is re-exported for its users
     BUSY_RETRIES, EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, ControlError, call, elsewhere, find_socket,
-    listener, netns_tag, render_show, socket_path)
+    listener, netns_tag, render_show)
+from tunneld.control import client as _client
 from tunneld.datapath.peers import PeerSpec
 
 log = logging.getLogger("tunneld")
@@ -96,6 +97,17 @@ class Rows(Sequence):
 def runtime_dir(cfg: Any) -> str:
     """Where a tunnel's control socket lives."""
     return cfg.runtime_dir
+
+
+def socket_path(directory: str, dev: str, tag: str | None = None) -> str:
+    """The daemon's control socket (client.socket_path: tagged outside the host's network namespace), but the
+    plain ``DEV.sock`` in the directory systemd made for this instance alone ($RUNTIME_DIRECTORY: no other
+    namespace's daemon puts a socket there), so that the unit's socket is ``/run/tunneld/NAME/DEV.sock`` as
+    always, even inside a container whose PID 1 the unit's ProtectProc=invisible hides from the daemon."""
+    own = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if tag is None and own and os.path.normpath(directory) == os.path.normpath(own):
+        tag = ""
+    return _client.socket_path(directory, dev, tag)
 
 
 class Handler(Protocol):
