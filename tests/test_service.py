@@ -157,6 +157,39 @@ def test_an_invalid_reload_is_refused_and_ready_again(tmp_path, caplog):
 
 # -- the peer-list diff on reload, no root ------------------------------------------------------------------
 
+def test_reloads_keep_the_python_heap_flat():
+    """Issue 22 reported ~0.29 KiB of RSS per SIGHUP over 2,000 reloads. Measured on the real daemon (unchanged
+    file, and a file whose peer flips each time): RSS rises ~0.4 MiB over the first ~2,000 reloads, all of it in
+    one pymalloc arena's pages, then stays flat through 8,000, and tracemalloc shows no live objects growing:
+    the arena's pages filling (fragmentation), not a leak. This holds the live part: 400 reloads through
+    Service and a real Worker, the peer flipping each time, leave the traced heap within a few KiB."""
+    import gc
+    import tracemalloc
+
+    other = dataclasses.replace(BASE, peer="10.0.0.3")
+    tunnel = OneWorkerTunnel(BASE, MovableLink(BASE.peer), Gre(seq=True))
+    flip = iter(range(10**6))
+    service = Service(tunnel, lambda: other if next(flip) % 2 else BASE, notifier=Notifier({}))
+    logging.getLogger("tunneld").disabled = True  # the log lines are no part of what is measured
+    try:
+        for _ in range(200):  # warm: caches, interned names, first-time imports
+            service.reload()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(400):
+                service.reload()
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    finally:
+        logging.getLogger("tunneld").disabled = False
+    assert tunnel.cfg.peer in (BASE.peer, other.peer) and tunnel.link.peer == tunnel.cfg.peer
+    assert grown < 8 * 1024, f"{grown} bytes more after 400 reloads"
+
+
 class RecordingTunnel:
     """service.Tunnel that records what it is asked to apply, and refuses with ``refuse`` when set."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from tunneld.control.client import DEFAULT_RUNTIME_DIR  # the control socket's: declared where the light client reads it
 from tunneld.datapath.peers import DEFAULT_ROUTES, PeerSpec  # DEFAULT_ROUTES: what the peer table gives a lone L3 peer
 
 if TYPE_CHECKING:  # the registry's settings are its own (control/registry.py); a config only holds them
@@ -29,7 +30,6 @@ DEFAULT_FDB_MAX = 16384  # L2 modes: FDB entries, learnt and static (Linux vxlan
 MAX_FDB_MAX = 1_000_000
 DEFAULT_FDB_AGEING = 300.0  # seconds a learnt MAC lives unheard, as Linux bridges and vxlan; 0 = never
 MAX_FDB_AGEING = 1_000_000.0
-DEFAULT_RUNTIME_DIR = "/run/tunneld"  # the control socket is RUNTIME_DIR/DEV.sock
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
 # Outer "don't fragment": "set" (the default) as RFC 7348 asks of a VTEP; a frame too big for the path is
 # answered with ICMP so the inner sender shrinks it. "unset": the kernel and the path's routers fragment outer

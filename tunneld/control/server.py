@@ -1,14 +1,16 @@
 """The control socket: ``tunneld show`` and ``tunneld peer add|remove`` talk to a running daemon here.
 
 Theory of operation:
-  - One unix stream socket per tunnel, ``RUNTIME_DIR/DEV.sock`` (RUNTIME_DIR: ``runtime_dir()``), made with
+  - One unix stream socket per tunnel, ``RUNTIME_DIR/DEV.sock`` (RUNTIME_DIR: ``runtime_dir()``), tagged
+    ``DEV:netINODE.sock`` outside the host's network namespace (client.py says why and how), made with
     mode 0600 (the umask while binding, so there is no moment it is wider) in a directory made 0755 if
     missing. A socket file already there is replaced only when nothing answers on it (a daemon that died);
-    if a daemon answers, this one refuses to start in one line rather than steal its clients.
+    if a daemon answers, this one refuses to start in one line naming it (its pid, from SO_PEERCRED) rather
+    than steal its clients.
   - Served on worker 0's event loop, beside the data path: every step that can wait (reading a request,
     writing a reply) is awaited with a timeout, every buffer is bounded (a request line ≤ MAX_LINE, at most
-    MAX_CLIENTS connections; beyond, a connection is closed at once), so a slow, stuck or hostile client costs
-    the data path nothing but a few bytes and a timer.
+    MAX_CLIENTS connections; one more closes the connection idle longest), so a slow, stuck or hostile client
+    costs the data path nothing but a few bytes and a timer, and an operator's command always gets through.
   - Only root and the daemon's own uid are served (SO_PEERCRED, the kernel's word, not the client's); the 0600
     mode already keeps others out when the daemon runs as root, the check also holds when it does not.
   - The protocol, JSON lines (README "Control socket"): one request object per line, one reply object per
@@ -21,7 +23,7 @@ Theory of operation:
     Replies: ``{"ok": true, "result": {...}}`` (show: the handler's dict, SHOW_SCHEMA) or ``{"ok": true}``
     (peer-add: with ``"warning": "one line"`` when it was done but something is amiss, e.g. the peer's path MTU);
     ``{"ok": false, "error": "one line"}``, plus ``"denied": true`` when the caller's uid is refused and
-    ``"busy": true`` when MAX_CLIENTS are connected already (the client retries a few times). A request
+    ``"busy": true`` when MAX_CLIENTS connections are all mid-request (the client retries). A request
     that is not JSON, not an object, names an unknown command or key, or carries a bad value gets an error
     reply and changes nothing: it is checked here (``parse_request``) before the handler sees it.
   - The handler (``Handler``) is the tunnel: ``show()``, ``add_peer(PeerSpec)``, ``remove_peer(address)``; it
@@ -31,7 +33,7 @@ Theory of operation:
     items (references, taken at once) turned into JSON ROWS_PER_SLICE at a time, each slice written and
     drained before the next, yielding to the loop in between. The reply is still one JSON object on one line.
 
-The client side (``call``) is blocking and used by the command line only.
+The client side (``call``, in client.py, re-exported here) is blocking and used by the command line only.
 """
 
 from __future__ import annotations
@@ -41,17 +43,18 @@ import errno
 import json
 import logging
 import os
-import random
 import socket
 import stat
-import struct
-import time
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from tunneld.config.schema import ConfigError
 from tunneld.config.checks import check_peer, check_spec
+from tunneld.control.client import (  # what both ends share; the client's side is re-exported for its users
+    BUSY_RETRIES, EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, ControlError, call, elsewhere, find_socket,
+    listener, netns_tag, render_show)
+from tunneld.control import client as _client
 from tunneld.datapath.peers import PeerSpec
 
 log = logging.getLogger("tunneld")
@@ -59,19 +62,12 @@ log = logging.getLogger("tunneld")
 MAX_LINE = 64 * 1024  # bytes in one request line, newline included
 READ_TIMEOUT = 5.0  # seconds a client may take to send a whole request line (or sit idle between requests)
 WRITE_TIMEOUT = 5.0  # seconds a reply may wait for a client that does not read
-MAX_CLIENTS = 64  # connections served at once; one more is closed at once
-BUSY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0)  # a client's pauses (s) before it asks a busy daemon again
-
-# Client exit statuses (sysexits(3)), documented in the README and `tunneld show --help`.
-EX_FAILURE = 1  # the daemon answered with an error
-EX_UNAVAILABLE = 69  # no daemon answers at that socket
-EX_NOPERM = 77  # not allowed to talk to it
-
+MAX_CLIENTS = 64  # connections served at once; one more closes the one idle longest (or, none idle: "busy")
+LISTEN_BACKLOG = 256  # connections the kernel queues before accept(); beyond, connect() fails with EAGAIN
 COMMANDS = ("show", "peer-add", "peer-remove")
 KEYS = {"show": frozenset(), "peer-add": frozenset({"address", "name", "routes", "macs"}),
         "peer-remove": frozenset({"address"})}
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 ROWS_PER_SLICE = 256  # entries of a reply's long list encoded between two yields to the loop (~2 ms)
 WRITE_PIECE = 16 * 1024  # bytes of a reply gathered before they are written and the loop is yielded to
 
@@ -101,25 +97,15 @@ def runtime_dir(cfg: Any) -> str:
     return cfg.runtime_dir
 
 
-def socket_path(directory: str, dev: str) -> str:
-    return os.path.join(directory, f"{dev}.sock")
-
-
-def find_socket(directory: str, dev: str) -> str:
-    """The client's socket for ``dev``: ``DIR/DEV.sock``; failing that, the one ``DIR/*/DEV.sock`` (the systemd
-    unit gives each instance its own ``/run/tunneld/NAME``). ControlError when several instances serve DEV."""
-    path = socket_path(directory, dev)
-    if os.path.lexists(path):
-        return path
-    try:
-        found = sorted(socket_path(entry.path, dev) for entry in os.scandir(directory)
-                       if entry.is_dir(follow_symlinks=False) and os.path.lexists(socket_path(entry.path, dev)))
-    except OSError:
-        return path
-    if len(found) > 1:
-        raise ControlError(f"{len(found)} sockets for {dev}: {', '.join(found)}; say which with --runtime-dir",
-                           EX_UNAVAILABLE)
-    return found[0] if found else path
+def socket_path(directory: str, dev: str, tag: str | None = None) -> str:
+    """The daemon's control socket (client.socket_path: tagged outside the host's network namespace), but the
+    plain ``DEV.sock`` in the directory systemd made for this instance alone ($RUNTIME_DIRECTORY: no other
+    namespace's daemon puts a socket there), so that the unit's socket is ``/run/tunneld/NAME/DEV.sock`` as
+    always, even inside a container whose PID 1 the unit's ProtectProc=invisible hides from the daemon."""
+    own = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if tag is None and own and os.path.normpath(directory) == os.path.normpath(own):
+        tag = ""
+    return _client.socket_path(directory, dev, tag)
 
 
 class Handler(Protocol):
@@ -131,14 +117,6 @@ class Handler(Protocol):
     def add_peer(self, spec: PeerSpec) -> str | None: ...  # a warning for the reply (e.g. a small path MTU)
 
     def remove_peer(self, address: str) -> None: ...
-
-
-class ControlError(Exception):
-    """The control socket cannot be served (start-up) or reached (client); ``str()`` is one line."""
-
-    def __init__(self, message: str, code: int = EX_FAILURE) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class RequestError(ValueError):
@@ -250,25 +228,33 @@ def reply_chunks(value: Any) -> Iterator[str]:
 
 def peer_uid(sock) -> int:
     """The connecting process's uid, as the kernel recorded it at connect() (SO_PEERCRED)."""
-    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return uid
+    return listener(sock)[1]
 
 
-def _answers(path: str) -> bool:
-    """Whether a process accepts connections on the unix socket at ``path`` (a live daemon, not a stale file).
-    Connecting to a unix socket never waits: the kernel says at once whether a listener is bound to it."""
+def _holder(path: str) -> str | None:
+    """Who listens on the unix socket at ``path``, in words for the error line; None when nobody does (a daemon
+    that died left the file). Connecting to a unix socket never waits: the kernel says at once whether a
+    listener is bound to it, and (SO_PEERCRED) which process made it listen."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
-        return True
+        pid, _ = listener(probe)
     except ConnectionRefusedError:
-        return False
+        return None
     except OSError as e:
         # A full backlog (EAGAIN) is a live daemon too busy to accept; anything else: no listener.
-        return e.errno in (errno.EAGAIN, errno.EACCES, errno.EPERM)
+        if e.errno == errno.EAGAIN:
+            return "a process too busy to accept connections listens there"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return "a process this user may not connect to listens there"
+        return None
     finally:
         probe.close()
+    other = elsewhere(pid)
+    if other is not None:  # only where PID 1's namespace is hidden from us, so that the path carries no tag
+        return other
+    return f"tunneld pid {pid} serves it in this network namespace" if pid > 0 else "a process listens there"
 
 
 def _why(e: OSError) -> str:
@@ -277,9 +263,15 @@ def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
+
+
 def bind_socket(path: str) -> socket.socket:
     """The listening socket at ``path``, mode 0600, replacing a stale file; ControlError if a daemon answers
-    there, or the path cannot be made."""
+    there (naming it), or the path cannot be made."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:  # the namespace's tag may make a --runtime-dir's room too small
+        raise ControlError(f"control socket {path}: {len(os.fsencode(path))} bytes, longer than a unix socket "
+                           f"path may be ({SUN_PATH_MAX}); give a shorter --runtime-dir")
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -291,8 +283,10 @@ def bind_socket(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlError(f"control socket {path}: exists and is not a socket; remove it")
-        if _answers(path):
-            raise ControlError(f"control socket {path} is in use: another tunneld serves this device")
+        holder = _holder(path)
+        if holder is not None:
+            raise ControlError(f"control socket {path} is in use: {holder}; stop that daemon first, or give this "
+                               "one another --runtime-dir")
         os.unlink(path)  # a daemon that died without cleaning up
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # bound as 0600: never readable by others, not even for a moment
@@ -301,26 +295,50 @@ def bind_socket(path: str) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:  # another daemon bound it between our look and our bind
-            raise ControlError(f"control socket {path} is in use: another tunneld serves this device") from None
+            raise ControlError(f"control socket {path} is in use: another tunneld bound it as this one started; "
+                               "give this one another --runtime-dir") from None
         raise ControlError(f"control socket {path}: {_why(e)}") from None
     finally:
         os.umask(old)
-    sock.listen(MAX_CLIENTS)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
 
+class _Connection:
+    """One client's connection, as the server keeps it: its task, its stream, and since when (the loop's clock)
+    it has been waiting for a request line, or None while a request is handled or its reply written."""
+
+    __slots__ = ("task", "writer", "waiting_since")
+
+    def __init__(self, task: asyncio.Task, writer: asyncio.StreamWriter) -> None:
+        self.task = task
+        self.writer = writer
+        self.waiting_since: float | None = None
+
+
 class ControlServer:
-    """The control socket of one tunnel, served on the running event loop (see the module's docstring)."""
+    """The control socket of one tunnel, served on the running event loop (see the module's docstring).
+
+    At most MAX_CLIENTS connections. One more makes room by closing the connection that has waited longest
+    for a request line (an idle client, or one sending a byte at a time): a connection that just arrived has
+    its request on the way, an idle one asks nothing. So an operator's ``tunneld show`` gets through however
+    many idle or hostile clients hold connections; only when every connection is mid-reply does the newcomer
+    get ``busy`` (and its client retries). ``evicted`` counts the connections closed to make room."""
 
     def __init__(self, path: str, handler: Handler, *, uid: int | None = None) -> None:
         self.path = path
         self.handler = handler
         self.uid = os.geteuid() if uid is None else uid  # besides root, the one uid served
-        self.clients = 0
+        self.evicted = 0
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._connections: dict[asyncio.Task, _Connection] = {}
+
+    @property
+    def clients(self) -> int:
+        """Connections being served now."""
+        return len(self._connections)
 
     async def start(self) -> None:
         """Bind and serve; raises ControlError (one line) if the socket cannot be had."""
@@ -340,10 +358,11 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._tasks):
+        tasks = list(self._connections)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._unlink()
 
     def _unlink(self) -> None:
@@ -354,31 +373,46 @@ class ControlServer:
         except OSError:
             pass
 
+    def _make_room(self) -> bool:
+        """Close the connection waiting longest for a request; False when every one is busy with a request."""
+        waiting = [c for c in self._connections.values() if c.waiting_since is not None]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c.waiting_since)
+        del self._connections[oldest.task]  # no longer counted: the bound holds from now
+        oldest.task.cancel()
+        oldest.writer.transport.abort()
+        self.evicted += 1
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._tasks.add(task)
-        self.clients += 1
+        if len(self._connections) >= MAX_CLIENTS and not self._make_room():
+            writer.write(encode(error(f"busy: {MAX_CLIENTS} clients are being answered; try again", busy=True)))
+            writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
+            return
+        conn = self._connections[task] = _Connection(task, writer)
         try:
-            if self.clients > MAX_CLIENTS:
-                writer.write(encode(error(f"busy: {MAX_CLIENTS} clients already; try again", busy=True)))
-                return
             uid = peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, self.uid):
                 writer.write(encode(error(f"permission denied: uid {uid} is neither root nor the daemon's "
                                           f"uid {self.uid}", denied=True)))
                 return
-            await self._conversation(reader, writer)
+            await self._conversation(reader, writer, conn)
         except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         except Exception:  # a bug of ours must cost this one client, never the daemon
             log.exception("control socket: client dropped")
         finally:
-            self.clients -= 1
-            self._tasks.discard(task)
+            if self._connections.get(task) is conn:
+                del self._connections[task]
             writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
 
-    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            conn.waiting_since = loop.time()  # from here until a line comes, room may be made by closing it
             try:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT)
             except asyncio.IncompleteReadError as e:  # the client closed; a last request without its newline
@@ -389,6 +423,7 @@ class ControlServer:
                 writer.write(encode(error(f"malformed request: line longer than {MAX_LINE} bytes")))
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
                 return
+            conn.waiting_since = None  # a request: answered, whatever newcomers arrive meanwhile
             try:
                 reply = dispatch(self.handler, parse_request(line))
             except RequestError as e:
@@ -418,110 +453,3 @@ class ControlServer:
         pending.append("\n")
         writer.write("".join(pending).encode())
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
-
-
-# -- the client ------------------------------------------------------------------------------------------------
-
-
-def call(path: str, request: dict, timeout: float = 10.0) -> dict:
-    """Send one request to the daemon at ``path`` and return its reply object; ControlError (with the exit
-    status for the command line) when there is no daemon, no permission, or no sensible answer."""
-    deadline = time.monotonic() + timeout
-    for pause in BUSY_RETRIES:  # a daemon at MAX_CLIENTS says "busy" at once: come back a little later
-        reply = _call_once(path, request, max(0.1, deadline - time.monotonic()))
-        if not reply.get("busy") or time.monotonic() + pause >= deadline:
-            break
-        time.sleep(pause * (0.5 + random.random()))  # jittered, so that a crowd does not return all at once
-    if not reply["ok"]:
-        raise ControlError(str(reply.get("error", "refused")), EX_NOPERM if reply.get("denied") else EX_FAILURE)
-    return reply
-
-
-def _call_once(path: str, request: dict, timeout: float) -> dict:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(f"no tunneld answers at {path} (is the tunnel running? --runtime-dir?)",
-                               EX_UNAVAILABLE) from None
-        except PermissionError:
-            raise ControlError(f"{path}: permission denied (run as root or as the daemon's user)",
-                               EX_NOPERM) from None
-        except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}", EX_UNAVAILABLE) from None
-        try:
-            try:
-                sock.sendall(encode(request))
-                sock.shutdown(socket.SHUT_WR)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # it answered (refused: busy, another uid) and closed before reading us: read that answer
-            data = bytearray()
-            while chunk := sock.recv(1 << 16):
-                data += chunk
-        except socket.timeout:
-            raise ControlError(f"{path}: no reply within {timeout:g} s") from None
-        except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}") from None
-    finally:
-        sock.close()
-    try:
-        reply = json.loads(data.split(b"\n", 1)[0])
-        assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool)
-    except (ValueError, AssertionError):
-        raise ControlError(f"{path}: not a tunneld reply") from None
-    return reply
-
-
-# -- tunneld show ----------------------------------------------------------------------------------------------
-
-
-def _bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    if seconds < 120:
-        return f"{seconds:.1f} s ago"
-    minutes, s = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return (f"{hours} h " if hours else "") + f"{minutes} min {s} s ago"
-
-
-def render_show(d: dict) -> str:
-    """``tunneld show``'s human text, after ``wg show``: the device, each peer, the FDB."""
-    out = [f"device: {d['device']}"]
-    for key, label in (("mode", "mode"), ("vni", "vni"), ("listen_port", "listen port"), ("mtu", "mtu"),
-                       ("workers", "workers")):
-        if d.get(key) is not None:
-            out.append(f"  {label}: {d[key]}")
-    if "fdb" in d:
-        counts = ", ".join(f"{what} {d.get(f'fdb_{what}_total', 0)}" for what in ("learnt", "moved", "refused"))
-        out.append(f"  fdb: {len(d['fdb'])} entries (max {d.get('fdb_max', '?')}), {counts}; "
-                   f"flooded {d.get('flooded_packets_total', 0)} packets")
-    for p in d.get("peers", []):
-        out += ["", f"peer: {p['address']}" + (f" ({p['name']})" if p.get("name") else "")]
-        out.append(f"  source: {p.get('source', '?')}")
-        out.append(f"  state: {p.get('state', '?')}, last heard: {_age(p.get('last_rx_age_s'))}")
-        out.append(f"  transfer: {p['rx_packets']} packets / {_bytes(p['rx_bytes'])} received, "
-                   f"{p['tx_packets']} packets / {_bytes(p['tx_bytes'])} sent")
-        out.append(f"  dropped: {p.get('dropped', 0)}")
-        for key in ("routes", "macs"):
-            if p.get(key):
-                out.append(f"  {key}: {', '.join(p[key])}")
-    if d.get("fdb"):
-        width = max(len(e["peer"]) for e in d["fdb"])
-        out += ["", "fdb:", f"  {'MAC':<17}  {'PEER':<{width}}  {'TYPE':<6}  AGE"]
-        for e in d["fdb"]:
-            kind = "static" if e["static"] else "learnt"
-            age = "-" if e["static"] else f"{e['age_s']:.0f} s"
-            out.append(f"  {e['mac']:<17}  {e['peer']:<{width}}  {kind:<6}  {age}")
-    return "\n".join(out)

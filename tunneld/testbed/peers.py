@@ -71,7 +71,10 @@ class Tunneld:
         return json.loads(r.stdout)
 
     def socket_path(self) -> str:
-        return f"{self.runtime_dir}/{self.dev}.sock"
+        """The daemon's control socket: tagged with its network namespace (tunneld/control/client.py)."""
+        from tunneld.control.client import netns_tag, socket_path
+
+        return socket_path(self.runtime_dir, self.dev, netns_tag(self.proc.pid))
 
     def pids(self, workers: int = 1) -> list[int]:
         """The daemon and its forked workers (``workers`` > 1), for CPU and memory accounting."""
