@@ -38,7 +38,7 @@ def test_tunneld_show_imports_the_client_alone(tmp_path):
 
 
 def test_the_default_runtime_dir_is_declared_once():
-    from tunneld import config
+    from tunneld.config import schema as config
 
     assert config.DEFAULT_RUNTIME_DIR is client.DEFAULT_RUNTIME_DIR == "/run/tunneld"
 
