@@ -909,8 +909,8 @@ class Engine:
         opened = peer.session.open(packet, now)
         if opened.__class__ is not tuple:
             if opened is HELD:  # the codec's own message: no frame, no drop; it may have something to send
+                self._roam(peer, source)  # first: an answer (a handshake response) goes where the peer is now
                 self._after_session(peer, now)
-                self._roam(peer, source)
                 return -1
             self.stats.drops[opened] += 1
             ps.dropped += 1
