@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,18 +47,29 @@ class Host:
     ifname: str  # its veth end
     procs: list[subprocess.Popen] = field(default_factory=list)
     overlay: str = ""  # the overlay address the testbed's plan gives it (segment(); "" for the pair)
-    runtime_dir: str = ""  # its own directory for control sockets (segment(); "" for the pair)
+    runtime_dir: str = ""  # its own directory for control sockets
 
     def argv(self, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *cmd]
 
+    def environ(self, env: dict[str, str] | None) -> dict[str, str] | None:
+        """The environment for a command in this host: the caller's (or ours) with RUNTIME_DIRECTORY set to the
+        host's own directory, so that a tunneld started without --runtime-dir keeps its control socket there
+        rather than in the /run/tunneld every namespace shares (tests run in parallel meet there otherwise).
+        A --runtime-dir flag or a config file's runtime_dir still wins (cli.merge)."""
+        if not self.runtime_dir:
+            return env
+        return {**(os.environ if env is None else env), "RUNTIME_DIRECTORY": self.runtime_dir}
+
     def run(self, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        kw["env"] = self.environ(kw.get("env"))
         return sh(*self.argv(*cmd), check=check, timeout=timeout, **kw)
 
     def popen(self, *cmd: str, **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.STDOUT)
         kw.setdefault("text", True)
+        kw["env"] = self.environ(kw.get("env"))
         proc = subprocess.Popen(self.argv(*cmd), start_new_session=True, **kw)
         self.procs.append(proc)
         return proc
@@ -125,6 +137,7 @@ def tcpdump(host: Host, path: Path | str, bpf: str, *options: str, timeout: floa
 
 
 NETNS_PREFIX = "td-"
+RUNTIME_DIR = "/run/tunneld-testbed"  # hosts share /run: each host's control sockets go in a directory of its own
 
 
 def remove_stale_namespaces() -> list[str]:
@@ -146,8 +159,8 @@ def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
     """
     remove_stale_namespaces()
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    a = Host(f"{NETNS_PREFIX}{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
-    b = Host(f"{NETNS_PREFIX}{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
+    a, b = (Host(f"{NETNS_PREFIX}{tag}-{x}", UNDERLAY_V4[i], UNDERLAY_V6[i], f"veth-{x}",
+                 runtime_dir=f"{RUNTIME_DIR}/{NETNS_PREFIX}{tag}-{x}") for i, x in enumerate("ab"))
     created: list[str] = []
     try:
         for h in (a, b):
@@ -165,6 +178,8 @@ def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
             h.kill_all()
         for name in created:
             sh("ip", "netns", "del", name, check=False)
+        for h in (a, b):
+            shutil.rmtree(h.runtime_dir, ignore_errors=True)
 
 
 # What a veth does that a NIC's wire does not: hand UDP-tunnel super-packets and partial checksums to the other
