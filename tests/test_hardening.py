@@ -167,8 +167,8 @@ def test_usage_errors_are_one_line_pointing_at_help(args, needle):
 
 @pytest.mark.netns
 @pytest.mark.parametrize("which", ["v4", "v6"])
-def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
-    a, _ = hosts
+def test_our_own_address_as_peer_is_refused_at_start_up(module_hosts, which):
+    a, _ = module_hosts
     own = a.underlay if which == "v4" else a.underlay6
     r = a.run(TUNNELD, "--peer", own, "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78
@@ -178,16 +178,16 @@ def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
 
 
 @pytest.mark.netns
-def test_a_broadcast_address_of_our_network_is_refused(hosts):
-    a, _ = hosts
+def test_a_broadcast_address_of_our_network_is_refused(module_hosts):
+    a, _ = module_hosts
     r = a.run(TUNNELD, "--peer", a.underlay.rsplit(".", 1)[0] + ".255", "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78 and "is a broadcast address on this host's network" in one_line(r)
     assert a.link_state("tunneld0") is None
 
 
 @pytest.mark.netns
-def test_a_local_address_that_is_not_ours_is_refused_before_binding(hosts):
-    a, b = hosts
+def test_a_local_address_that_is_not_ours_is_refused_before_binding(module_hosts):
+    a, b = module_hosts
     r = a.run(TUNNELD, "--peer", b.underlay, "--local", "10.99.0.1", "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78
     assert one_line(r).startswith("tunneld: error: local: 10.99.0.1 is not an address of this host")
@@ -195,8 +195,8 @@ def test_a_local_address_that_is_not_ours_is_refused_before_binding(hosts):
 
 
 @pytest.mark.netns
-def test_a_reload_to_our_own_address_is_refused_and_the_tunnel_keeps_running(hosts, tmp_path):
-    a, b = hosts
+def test_a_reload_to_our_own_address_is_refused_and_the_tunnel_keeps_running(module_hosts, tmp_path):
+    a, b = module_hosts
     path = tmp_path / "a.toml"
     path.write_text(f'[tunnel]\npeer = "{b.underlay}"\n[metrics]\nlisten = ""\n')
     t = Tunneld(a, "--config", str(path))
@@ -228,8 +228,8 @@ exec "$@"
     ("0600", "-all", "cannot open /dev/net/tun: permission denied (mode 0600 root:root); CAP_NET_ADMIN is not held"),
     ("0666", "-all", "creating TAP device 'tunneld0' needs CAP_NET_ADMIN"),
 ])
-def test_the_privilege_message_names_the_real_cause(hosts, tmp_path, mode, caps, needle):
-    a, b = hosts
+def test_the_privilege_message_names_the_real_cause(module_hosts, tmp_path, mode, caps, needle):
+    a, b = module_hosts
     tmp_path.chmod(0o755)
     setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}"]
     if caps != "-all":
