@@ -66,11 +66,20 @@ def tier(item: pytest.Item) -> str:
     return "unit"
 
 
+# The order tests start in: the longest kinds first, so that in a parallel run (tests/suite.py) an nspawn boot or
+# an etcd cluster does not begin when everything else is done. Within a tier, the files' own order.
+ORDER = ("e2e", "netns", "process", "unit")
+FIRST = ("test_systemd_e2e.py", "test_registry_netns.py")  # the longest files of the first tier, longest first
+
+
 def pytest_collection_modifyitems(config, items):
     root = is_root()
     skip = pytest.mark.skip(reason="needs root: creates network namespaces, veth pairs and TAP/TUN devices")
+    levels = {item.nodeid: tier(item) for item in items}
+    items.sort(key=lambda item: (ORDER.index(levels[item.nodeid]),
+                                 FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST)))
     for item in items:
-        level = tier(item)
+        level = levels[item.nodeid]
         item.add_marker(level)
         if name(item) in SERIAL_TESTS:
             item.add_marker("serial")
