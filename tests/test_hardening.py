@@ -8,11 +8,11 @@ import codecs
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from tunneld.testbed import TUNNELD, Tunneld
+from tunneld.testbed.notify import NotifyReceiver
 from tunneld.config import MAX_CONFIG_BYTES, ConfigError, ConfigFileError, check_on_host, check_peer, read_text
 
 GOOD = '[tunnel]\npeer = "192.0.2.1"\n'
@@ -199,13 +199,17 @@ def test_a_reload_to_our_own_address_is_refused_and_the_tunnel_keeps_running(mod
     a, b = module_hosts
     path = tmp_path / "a.toml"
     path.write_text(f'[tunnel]\npeer = "{b.underlay}"\n[metrics]\nlisten = ""\n')
-    t = Tunneld(a, "--config", str(path))
+    rx = NotifyReceiver(str(tmp_path / "notify"))  # the daemon says when it has handled the reload
+    t = Tunneld(a, "--config", str(path), env={"NOTIFY_SOCKET": rx.path})
     try:
+        rx.until("READY=1")
         path.write_text(f'[tunnel]\npeer = "{a.underlay}"\n[metrics]\nlisten = ""\n')
         t.proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        rx.until("RELOADING=1")
+        rx.until("READY=1")  # the reload is over (refused), the daemon serves on
         assert t.proc.poll() is None and a.link_state("tunneld0") == "UP"
     finally:
+        rx.close()
         assert t.stop() == 0
     assert f"reload refused, keeping the running configuration: {path}: tunnel.peer: {a.underlay} is an address of " \
            "this host" in (out := t.output()), out
