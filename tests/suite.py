@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ DURATIONS = "--durations=25"
 
 def run(argv: list[str]) -> tuple[int, dict[str, int]]:
     """Run one pytest, its output passed through; (exit status, outcome counts from its summary line)."""
-    print("+", " ".join(argv), flush=True)
+    print("+", shlex.join(argv), flush=True)
     summary = ""
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         assert proc.stdout is not None
