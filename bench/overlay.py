@@ -172,7 +172,8 @@ def bench_mac_storm(seconds: int = 5) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overlay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.overlay", description="One peer's throughput under a MAC "
+                                     "storm from another peer and under live peer changes, against before and after.")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if not is_root():

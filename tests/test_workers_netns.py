@@ -409,7 +409,14 @@ def test_a_reload_reaches_a_worker_that_was_stalled_through_hundreds_of_scrapes(
     assert ta.proc.poll() is None, ta.output()  # the reload fitted: nothing to stop for
     # Every flow arrives, whichever worker it hashes to: a worker still sending to the old peer loses its share.
     assert udp_flows(a, b) == FLOWS * PER_FLOW
-    per_worker = [value(scrape(a), "tunneld_worker_packets_total", worker=w, direction="tx") for w in "01"]
+    # A scrape waits only 0.1 s for fresh counters here: a busy worker's may be a report old. Ask until both
+    # workers' show (bounded; a worker that carried nothing never will).
+    deadline = time.monotonic() + 10
+    while True:
+        per_worker = [value(scrape(a), "tunneld_worker_packets_total", worker=w, direction="tx") for w in "01"]
+        if all(n > 0 for n in per_worker) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert all(n > 0 for n in per_worker), per_worker
     for t in (ta, tb):
         assert t.stop() == 0, t.output()
