@@ -238,8 +238,8 @@ def test_two_workers_each_end_share_the_flows_and_count_exactly(hosts):
     assert "workers 2" in ta.output()
 
 
-def test_one_worker_is_one_process_on_a_single_queue_device(hosts):
-    a, b = hosts
+def test_one_worker_is_one_process_on_a_single_queue_device(module_hosts):
+    a, b = module_hosts
     t = Tunneld(a, "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24", "--workers", "1")
     tb = Tunneld(b, "--peer", a.underlay, "--address", f"{OVERLAY_V4[1]}/24", "--workers", "1")
     a.wait_ping(OVERLAY_V4[1])
@@ -263,8 +263,8 @@ def test_two_workers_against_the_kernels_vxlan(hosts, offload):
     assert t.stop() == 0, t.output()
 
 
-def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
-    a, b = hosts
+def test_sigterm_stops_every_worker_and_removes_the_interface(module_hosts):
+    a, b = module_hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "3")
     kids = wait_children(t.proc.pid, 2)
     assert len(kids) == 2
@@ -273,11 +273,11 @@ def test_sigterm_stops_every_worker_and_removes_the_interface(hosts):
     assert a.link_state("tunneld0") is None
 
 
-def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(hosts):
+def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(module_hosts):
     """systemd's stop signals every process of the unit at once; here right as the first worker appears,
     before the parent has its handlers: the signal waits (blocked) until it can be handled."""
 
-    a, b = hosts
+    a, b = module_hosts
     for _ in range(5):
         proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "3", "--metrics-listen", "")
         try:
@@ -293,9 +293,9 @@ def test_sigterm_to_the_whole_unit_while_the_workers_are_forked_is_a_clean_stop(
 
 
 @pytest.mark.serial  # how long the stop took
-def test_sigterm_while_waiting_for_a_stalled_worker_to_start_stops_without_waiting_for_it(hosts):
+def test_sigterm_while_waiting_for_a_stalled_worker_to_start_stops_without_waiting_for_it(module_hosts):
 
-    a, b = hosts
+    a, b = module_hosts
     proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")
     try:
         [kid] = wait_children(proc.pid, 1, timeout=10)
@@ -313,8 +313,8 @@ def test_sigterm_while_waiting_for_a_stalled_worker_to_start_stops_without_waiti
     assert took < 12, (took, out)
 
 
-def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):
-    a, b = hosts
+def test_a_worker_killed_stops_the_daemon_with_status_1(module_hosts):
+    a, b = module_hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
     [kid] = wait_children(t.proc.pid, 1)
     os.kill(kid, signal.SIGKILL)
@@ -325,8 +325,8 @@ def test_a_worker_killed_stops_the_daemon_with_status_1(hosts):
     a.wait_link("tunneld0", present=False, timeout=5)
 
 
-def test_the_main_process_killed_takes_its_workers_and_the_interface_with_it(hosts):
-    a, b = hosts
+def test_the_main_process_killed_takes_its_workers_and_the_interface_with_it(module_hosts):
+    a, b = module_hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
     kids = wait_children(t.proc.pid, 1)
     assert len(kids) == 1
@@ -336,8 +336,8 @@ def test_the_main_process_killed_takes_its_workers_and_the_interface_with_it(hos
     a.wait_link("tunneld0", present=False, timeout=5)
 
 
-def test_interface_deleted_underneath_stops_every_worker(hosts):
-    a, b = hosts
+def test_interface_deleted_underneath_stops_every_worker(module_hosts):
+    a, b = module_hosts
     t = Tunneld(a, "--peer", b.underlay, "--workers", "2")
     kids = wait_children(t.proc.pid, 1)
     assert len(kids) == 1
@@ -439,9 +439,9 @@ def test_gre_runs_one_worker_and_delivers_each_packet_once(hosts):
 
 
 @pytest.mark.serial  # when the watchdog's pings stop
-def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts, tmp_path):
+def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(module_hosts, tmp_path):
 
-    a, b = hosts
+    a, b = module_hosts
     rx = NotifyReceiver(str(tmp_path / "notify"))
     env = {**os.environ, "NOTIFY_SOCKET": rx.path, "WATCHDOG_USEC": "400000", **SHORT_LATE}  # a ping every 0.2 s
     proc = a.popen(TUNNELD, "--peer", b.underlay, "--workers", "2", "--log-level", "debug", env=env)
@@ -483,9 +483,9 @@ def test_ready_waits_for_every_worker_and_a_wedged_one_stops_the_watchdog(hosts,
     assert f"worker 1 (pid {kid}) has not answered for" in out, out
 
 
-def test_a_second_daemon_on_the_port_fails_instead_of_joining_the_reuseport_group(hosts):
+def test_a_second_daemon_on_the_port_fails_instead_of_joining_the_reuseport_group(module_hosts):
 
-    a, b = hosts
+    a, b = module_hosts
     first = Tunneld(a, "--peer", b.underlay, "--workers", "2", "--metrics-listen", "")
     r = a.run(TUNNELD, "--dev", "tunneld9", "--peer", b.underlay, "--workers", "2", "--metrics-listen", "",
               check=False, timeout=20)
