@@ -56,11 +56,15 @@ man-install: man
 demo: setup
 	$(PY) -m tests.demo
 
+# The whole suite: the tests that measure time (marker `serial`) alone after the rest, which runs TEST_JOBS at a
+# time (pytest-xdist); each run prints its slowest 25, and the last line adds both up (tests/suite.py).
+TEST_JOBS ?= 4
 test: setup
-	$(PY) -m pytest
+	$(PY) -m tests.suite --jobs $(TEST_JOBS)
 
+# No root: the unit and process tiers (tests/conftest.py), about a minute.
 test-unit: venv
-	$(PY) -m pytest -m "not netns"
+	$(PY) -m pytest -m "not netns" -n 2
 
 # Long fuzzing runs (tests/test_fuzz.py runs a short, derandomized one in `make test`): hypothesis with
 # FUZZ_EXAMPLES random examples per target, then atheris (coverage-guided) FUZZ_SECONDS per target where it

@@ -4,10 +4,13 @@ Layers, so that each run starts clean and the slow part is done once per machine
   base     debootstrap'ed bookworm (minbase + systemd, python3, iproute2, ping), cached under CACHE, keyed by
            BASE_VERSION; built in a scratch directory and renamed into place only when complete, under a lock,
            so an interrupted or concurrent build never leaves a half root behind. Never written to afterwards.
-  run      an overlay on the base holding this checkout: /opt/tunneld (a venv with the wheels built here by
-           the host's pip, installed with --no-index: the container needs no registry) and the unit file.
-  host     one overlay per container on top of both (lowerdir=run:base): its config, journal, state.
-Everything but the base is removed afterwards, also on failure.
+  deps     an overlay on the base holding /opt/tunneld, a venv with tunneld's dependencies (wheels built here by
+           the host's pip, installed with --no-index: the container needs no registry), cached under CACHE
+           keyed by the base, the dependency list in pyproject.toml and the week (so new releases come in);
+           built and renamed into place as the base is. Installing numpy, grpcio and the rest was most of a run.
+  run      an overlay on both holding this checkout: tunneld itself in that venv (--no-deps), and the unit file.
+  host     one overlay per container on top of all (lowerdir=run:deps:base): its config, journal, state.
+Everything but the base and the deps layer is removed afterwards, also on failure.
 
 The containers are driven through nsenter into their PID 1's namespaces: this machine runs no systemd on
 the host (PID 1 is not systemd), so systemd-machined, `systemctl -M` and `machinectl shell` are not
@@ -18,14 +21,18 @@ Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
+import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -68,6 +75,62 @@ def base_root() -> Path:
     return root
 
 
+def _cached(name: str, build) -> Path:
+    """CACHE/NAME, made by ``build(scratch)`` on first use: in a scratch directory renamed into place once
+    complete, under a lock, so an interrupted or concurrent build never leaves a half-made layer behind."""
+    done = CACHE / name
+    if done.is_dir():
+        return done
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run builds it once; the others wait for it
+        if done.is_dir():
+            return done
+        for stale in CACHE.glob(f".{name}-*"):  # a build killed half-way; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
+        try:
+            build(scratch)
+            scratch.rename(done)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    return done
+
+
+def dependencies() -> list[str]:
+    """tunneld's runtime requirements as pyproject.toml lists them."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["project"]["dependencies"])
+
+
+def deps_layer(workdir: Path, base: Path) -> Path:
+    """The cached overlay upper dir (on ``base``) whose VENV holds tunneld's dependencies, not tunneld."""
+    requirements = dependencies()
+    year, week, _ = datetime.date.today().isocalendar()
+    key = hashlib.sha256("\n".join([BASE_VERSION, *requirements]).encode()).hexdigest()[:12]
+
+    def build(upper: Path) -> None:
+        wheels = workdir / "deps-wheels"
+        sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "-w", str(wheels),
+           *requirements, timeout=600)
+        merged = workdir / "deps-merged"
+        mount_overlay([base], upper, workdir / "deps-work", merged)
+        try:
+            shutil.copytree(wheels, merged / "var" / "tmp" / "wheels")  # not /tmp: nspawn mounts a tmpfs there
+            nspawn_run(merged, "sh", "-ec",
+                       f"python3 -m venv {VENV}; {VENV}/bin/pip install --quiet --no-index --find-links /var/tmp/wheels"
+                       f" {' '.join(shlex.quote(r) for r in requirements)}; rm -rf /var/tmp/wheels", timeout=600)
+        finally:
+            umount(merged)
+        shutil.rmtree(workdir / "deps-work", ignore_errors=True)
+
+    for old in CACHE.glob("deps-*"):  # layers of past weeks: no run that started this week uses them
+        if time.time() - old.stat().st_mtime > 14 * 86400:
+            shutil.rmtree(old, ignore_errors=True)
+    return _cached(f"deps-{key}-{year}w{week:02d}", build)
+
+
 def mount_overlay(lower: list[Path], upper: Path, work: Path, merged: Path) -> None:
     for d in (upper, work, merged):
         d.mkdir(parents=True, exist_ok=True)
@@ -90,18 +153,20 @@ def nspawn_run(root: Path, *cmd: str, timeout: float = 120) -> subprocess.Comple
 
 
 @contextlib.contextmanager
-def run_layer(workdir: Path, base: Path) -> Iterator[Path]:
-    """An overlay upper dir holding tunneld from this checkout, installed in a venv, and its unit file."""
+def run_layer(workdir: Path, lower: list[Path]) -> Iterator[Path]:
+    """An overlay upper dir (on ``lower``: the deps layer and the base) holding tunneld from this checkout,
+    installed in the deps layer's venv, and its unit file."""
     wheels = workdir / "wheels"
-    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "-w", str(wheels), str(REPO),
-       timeout=300)
+    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps", "-w", str(wheels),
+       str(REPO), timeout=300)
     upper, merged = workdir / "run", workdir / "run-merged"
-    mount_overlay([base], upper, workdir / "run-work", merged)
+    mount_overlay(lower, upper, workdir / "run-work", merged)
     try:
         # Not under /tmp: nspawn mounts a fresh tmpfs there.
         shutil.copytree(wheels, merged / "var" / "tmp" / "wheels")
         nspawn_run(merged, "sh", "-ec",
-                   f"python3 -m venv {VENV}; {VENV}/bin/pip install --quiet --no-index --find-links /var/tmp/wheels tunneld;"
+                   f"{VENV}/bin/pip install --quiet --no-index --no-deps --find-links /var/tmp/wheels tunneld;"
+                   f" {VENV}/bin/pip check >/dev/null;"  # the cached dependencies still satisfy this checkout
                    f" ln -sf {VENV}/bin/tunneld /usr/local/bin/tunneld; rm -rf /var/tmp/wheels; mkdir -p /etc/tunneld")
         shutil.copy(REPO / "systemd" / "tunneld@.service", merged / "etc" / "systemd" / "system" / "tunneld@.service")
     finally:
@@ -268,7 +333,9 @@ def containers(a: Host, b: Host) -> Iterator[tuple[Container, Container]]:
     base = base_root()
     workdir = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir="/var/tmp"))
     try:
-        with run_layer(workdir, base) as run, boot(a, [run, base], workdir) as ca, boot(b, [run, base], workdir) as cb:
+        deps = deps_layer(workdir, base)
+        with run_layer(workdir, [deps, base]) as run, boot(a, [run, deps, base], workdir) as ca, \
+                boot(b, [run, deps, base], workdir) as cb:
             yield ca, cb
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -17,7 +17,10 @@ A4, B4 = (f"{a}/24" for a in OVERLAY_V4)
 A6, B6 = (f"{a}/64" for a in OVERLAY_V6)
 
 
-def assert_transfers(a: Host, b: Host, nbytes: int = 8 << 20, v6: bool = False) -> None:
+TRANSFER_BYTES = 1 << 20  # a correctness transfer: hundreds of full-size segments, GSO super-frames among them
+
+
+def assert_transfers(a: Host, b: Host, nbytes: int = TRANSFER_BYTES, v6: bool = False) -> None:
     """``nbytes`` over TCP from A to B, then from B to A, arrive intact (sha256 at both ends)."""
     dst_b, dst_a = (OVERLAY_V6[1], OVERLAY_V6[0]) if v6 else (OVERLAY_V4[1], OVERLAY_V4[0])
     sent, received = transfer(a, b, dst_b, nbytes)

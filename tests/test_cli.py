@@ -1,14 +1,14 @@
-"""The command line: what an operator sees when something is wrong — one line, the right exit status."""
+"""The command line: what an operator sees when something is wrong — one line, the right exit status.
+
+Without root; the refusals that need a namespace (privileges, a port or device taken) are test_cli_netns.py's."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 
 import pytest
 
-from tunneld.testbed import OVERLAY_V4, TUNNELD, Tunneld
+from tunneld.testbed import TUNNELD
 
 
 def tunneld(*args: str) -> subprocess.CompletedProcess:
@@ -81,50 +81,6 @@ def test_bad_arguments_are_usage_errors(args, needle):
     assert r.stderr.strip().splitlines()[-1].startswith("tunneld: error: ")
 
 
-@pytest.mark.netns
-def test_without_privileges_says_what_is_needed(hosts):
-    a, b = hosts
-    r = a.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-              TUNNELD, "--peer", b.underlay, check=False)
-    assert r.returncode == 77
-    assert "CAP_NET_ADMIN" in r.stderr and "Traceback" not in r.stderr
-    assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
-    assert a.link_state("tunneld0") is None
-
-
-@pytest.mark.netns
-def test_port_in_use(hosts):
-    a, b = hosts
-    holder = a.popen(sys.executable, "-c",
-                     "import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
-                     "s.bind(('0.0.0.0',4789)); print('bound',flush=True); time.sleep(30)")
-    assert holder.stdout.readline().strip() == "bound"
-    r = a.run(TUNNELD, "--peer", b.underlay, check=False)
-    assert r.returncode == 1
-    assert "UDP port 4789 on 0.0.0.0 is already in use" in r.stderr and "Traceback" not in r.stderr
-    assert a.link_state("tunneld0") is None  # nothing left behind
-
-
-@pytest.mark.netns
-def test_device_exists(hosts):
-    a, b = hosts
-    a.run("ip", "link", "add", "tunneld0", "type", "bridge")
-    r = a.run(TUNNELD, "--peer", b.underlay, check=False)
-    assert r.returncode == 1
-    assert "interface tunneld0 already exists" in r.stderr and "Traceback" not in r.stderr
-    assert "bridge" in a.run("ip", "-d", "link", "show", "tunneld0").stdout  # and it was not touched
-
-
-@pytest.mark.netns
-def test_sigint_stops_cleanly(hosts):
-    a, b = hosts
-    t = Tunneld(a, "--peer", b.underlay, "--address", f"{OVERLAY_V4[0]}/24")
-    assert t.stop(signal.SIGINT) == 0
-    assert a.link_state("tunneld0") is None
-    out = t.output()
-    assert "shutting down" in out and "removed interface tunneld0" in out and "Traceback" not in out
-
-
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -174,16 +130,3 @@ def test_peer_repeats_and_check_counts_them():
 def test_bad_peer_flags_are_usage_errors(args, needle):
     r = tunneld(*args, "--check")
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1
-
-
-@pytest.mark.netns
-def test_the_peer_with_the_smallest_path_mtu_sets_the_device_mtu(hosts):
-    """Two peers, one behind a route with a smaller MTU: the interface gets that one's, and the log says so."""
-    a, b = hosts
-    a.run("ip", "route", "add", "10.231.0.9/32", "dev", a.ifname, "mtu", "1400")
-    t = Tunneld(a, "--peer", b.underlay, "--peer", "10.231.0.9", "--address", f"{OVERLAY_V4[0]}/24")
-    try:
-        assert "mtu 1350" in a.run("ip", "-o", "link", "show", "tunneld0").stdout
-    finally:
-        assert t.stop() == 0
-    assert "underlay MTU 1400: the smallest path MTU, towards peer 10.231.0.9" in t.output()

@@ -25,8 +25,8 @@ def show(tunneld: Tunneld, *flags: str) -> str:
     return r.stdout
 
 
-def test_show_json_counts_a_ping_and_the_socket_is_removed_on_exit(hosts):
-    a, b = hosts
+def test_show_json_counts_a_ping_and_the_socket_is_removed_on_exit(module_hosts):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, "vxlan", "--metrics-listen", "")
     path = ta.socket_path()
     try:
@@ -50,11 +50,11 @@ def test_show_json_counts_a_ping_and_the_socket_is_removed_on_exit(hosts):
     assert not os.path.exists(path)  # removed on exit
 
 
-def test_peer_add_refuses_this_hosts_own_address_and_warns_of_a_smaller_path_mtu(hosts):
+def test_peer_add_refuses_this_hosts_own_address_and_warns_of_a_smaller_path_mtu(module_hosts):
     """The kernel's word on the new peer, asked from the daemon's running loop: one of A's own addresses is
     refused (one line, nothing changed); a peer behind a route with a smaller MTU is added with a warning on
     the client's stderr and in the log, and the device MTU stays."""
-    a, b = hosts
+    a, b = module_hosts
     ta, tb = start_pair(a, b, "vxlan", "--metrics-listen", "")
     try:
         r = ta.client("peer", "add", a.underlay)

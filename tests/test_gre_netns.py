@@ -23,7 +23,7 @@ from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, TUNNELD, Tunneld, drops, sta
 pytestmark = pytest.mark.netns
 
 ALL_OPTIONS = ("--key", "3735928559", "--seq", "--csum")  # key 0xDEADBEEF
-TRANSFER_BYTES = 8 << 20
+TRANSFER_BYTES = 1 << 20
 
 
 def summary(t: Tunneld) -> str:
@@ -53,8 +53,8 @@ def assert_transfer(src, dst, dst_addr: str) -> None:
     ],
     ids=["gre", "gre-key-seq-csum", "gretap", "gretap-key-seq-csum"],
 )
-def test_tunneld_pair_ping_and_transfer(hosts, mode, opts, mtu):
-    a, b = hosts
+def test_tunneld_pair_ping_and_transfer(module_hosts, mode, opts, mtu):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, mode, *opts)
     assert device_mtu(a) == mtu
     a.wait_ping(OVERLAY_V4[1])
@@ -68,8 +68,8 @@ def test_tunneld_pair_ping_and_transfer(hosts, mode, opts, mtu):
 
 
 @pytest.mark.parametrize("mode", ["gre", "gretap"])
-def test_ipv6_underlay(hosts, mode):
-    a, b = hosts
+def test_ipv6_underlay(module_hosts, mode):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, mode, "--key", "7", "--csum", underlay6=True)
     assert device_mtu(a) == 1500 - 40 - 12 - (14 if mode == "gretap" else 0)
     a.wait_ping(OVERLAY_V4[1])
@@ -78,8 +78,8 @@ def test_ipv6_underlay(hosts, mode):
     assert "peer fd00:231::2 ip proto 47" in ta.output()
 
 
-def test_key_mismatch_is_dropped_and_counted(hosts):
-    a, b = hosts
+def test_key_mismatch_is_dropped_and_counted(module_hosts):
+    a, b = module_hosts
     ta = Tunneld(a, "--mode", "gre", "--peer", b.underlay, "--key", "1", "--address", f"{OVERLAY_V4[0]}/24")
     tb = Tunneld(b, "--mode", "gre", "--peer", a.underlay, "--key", "2", "--address", f"{OVERLAY_V4[1]}/24")
     assert not a.ping(OVERLAY_V4[1], count=3, timeout=3)
@@ -89,9 +89,9 @@ def test_key_mismatch_is_dropped_and_counted(hosts):
     ta.stop()
 
 
-def test_scapy_peer_exchanges_gre_with_key_seq_csum(hosts):
+def test_scapy_peer_exchanges_gre_with_key_seq_csum(module_hosts):
     """tunneld in A; in B no tunneld, only scapy behind a raw socket, speaking GRE with C, K and S."""
-    a, b = hosts
+    a, b = module_hosts
     key = 0xDEADBEEF
     ta = Tunneld(a, "--mode", "gre", "--peer", b.underlay, "--key", str(key), "--seq", "--csum",
                  "--address", f"{OVERLAY_V4[0]}/24", "--address", f"{OVERLAY_V6[0]}/64")
@@ -148,8 +148,8 @@ def _complete(echo) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["gre", "gretap"])
-def test_tshark_decodes_tunneld_gre(hosts, tmp_path, mode):
-    a, b = hosts
+def test_tshark_decodes_tunneld_gre(module_hosts, tmp_path, mode):
+    a, b = module_hosts
     os.chmod(tmp_path, 0o755)  # tshark drops privileges before reading
     capture = tmp_path / "underlay.pcap"
     ta, tb = start_pair(a, b, mode, *ALL_OPTIONS)
@@ -190,8 +190,8 @@ def test_tshark_decodes_tunneld_gre(hosts, tmp_path, mode):
         t.stop()
 
 
-def test_without_cap_net_raw_says_what_is_needed(hosts):
-    a, b = hosts
+def test_without_cap_net_raw_says_what_is_needed(module_hosts):
+    a, b = module_hosts
     # Root, but with CAP_NET_RAW gone from the bounding set: CAP_NET_ADMIN stays, the raw socket is refused.
     r = a.run("setpriv", "--bounding-set=-net_raw", TUNNELD, "--mode", "gre", "--peer", b.underlay, check=False)
     assert r.returncode == 77, r.stderr

@@ -8,11 +8,11 @@ import codecs
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from tunneld.testbed import TUNNELD, Tunneld
+from tunneld.testbed.notify import NotifyReceiver
 from tunneld.config.schema import ConfigError
 from tunneld.config.checks import check_on_host, check_peer
 from tunneld.config.loading import MAX_CONFIG_BYTES, ConfigFileError, read_text
@@ -169,8 +169,8 @@ def test_usage_errors_are_one_line_pointing_at_help(args, needle):
 
 @pytest.mark.netns
 @pytest.mark.parametrize("which", ["v4", "v6"])
-def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
-    a, _ = hosts
+def test_our_own_address_as_peer_is_refused_at_start_up(module_hosts, which):
+    a, _ = module_hosts
     own = a.underlay if which == "v4" else a.underlay6
     r = a.run(TUNNELD, "--peer", own, "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78
@@ -180,16 +180,16 @@ def test_our_own_address_as_peer_is_refused_at_start_up(hosts, which):
 
 
 @pytest.mark.netns
-def test_a_broadcast_address_of_our_network_is_refused(hosts):
-    a, _ = hosts
+def test_a_broadcast_address_of_our_network_is_refused(module_hosts):
+    a, _ = module_hosts
     r = a.run(TUNNELD, "--peer", a.underlay.rsplit(".", 1)[0] + ".255", "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78 and "is a broadcast address on this host's network" in one_line(r)
     assert a.link_state("tunneld0") is None
 
 
 @pytest.mark.netns
-def test_a_local_address_that_is_not_ours_is_refused_before_binding(hosts):
-    a, b = hosts
+def test_a_local_address_that_is_not_ours_is_refused_before_binding(module_hosts):
+    a, b = module_hosts
     r = a.run(TUNNELD, "--peer", b.underlay, "--local", "10.99.0.1", "--metrics-listen", "", check=False, timeout=HANG)
     assert r.returncode == 78
     assert one_line(r).startswith("tunneld: error: local: 10.99.0.1 is not an address of this host")
@@ -197,17 +197,21 @@ def test_a_local_address_that_is_not_ours_is_refused_before_binding(hosts):
 
 
 @pytest.mark.netns
-def test_a_reload_to_our_own_address_is_refused_and_the_tunnel_keeps_running(hosts, tmp_path):
-    a, b = hosts
+def test_a_reload_to_our_own_address_is_refused_and_the_tunnel_keeps_running(module_hosts, tmp_path):
+    a, b = module_hosts
     path = tmp_path / "a.toml"
     path.write_text(f'[tunnel]\npeer = "{b.underlay}"\n[metrics]\nlisten = ""\n')
-    t = Tunneld(a, "--config", str(path))
+    rx = NotifyReceiver(str(tmp_path / "notify"))  # the daemon says when it has handled the reload
+    t = Tunneld(a, "--config", str(path), env={"NOTIFY_SOCKET": rx.path})
     try:
+        rx.until("READY=1")
         path.write_text(f'[tunnel]\npeer = "{a.underlay}"\n[metrics]\nlisten = ""\n')
         t.proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        rx.until("RELOADING=1")
+        rx.until("READY=1")  # the reload is over (refused), the daemon serves on
         assert t.proc.poll() is None and a.link_state("tunneld0") == "UP"
     finally:
+        rx.close()
         assert t.stop() == 0
     assert f"reload refused, keeping the running configuration: {path}: tunnel.peer: {a.underlay} is an address of " \
            "this host" in (out := t.output()), out
@@ -230,8 +234,8 @@ exec "$@"
     ("0600", "-all", "cannot open /dev/net/tun: permission denied (mode 0600 root:root); CAP_NET_ADMIN is not held"),
     ("0666", "-all", "creating TAP device 'tunneld0' needs CAP_NET_ADMIN"),
 ])
-def test_the_privilege_message_names_the_real_cause(hosts, tmp_path, mode, caps, needle):
-    a, b = hosts
+def test_the_privilege_message_names_the_real_cause(module_hosts, tmp_path, mode, caps, needle):
+    a, b = module_hosts
     tmp_path.chmod(0o755)
     setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}"]
     if caps != "-all":

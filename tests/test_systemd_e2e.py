@@ -150,7 +150,9 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
         # A broken config: the start fails with 78 (EX_CONFIG) and RestartPreventExitStatus=78 holds it there.
         ca.write(CONF, conf(b.underlay, OVERLAY_V4[0]) + "bogus = 1\n")
         assert ca.systemctl("restart", UNIT, check=False, timeout=30).returncode != 0
-        time.sleep(5)  # RestartSec=2: a restart loop would have tried twice by now
+        # A restart that systemd meant to make would hold the unit in "activating (auto-restart)" for RestartSec=2;
+        # "failed" is where it goes only when no restart follows: wait for that, rather than out RestartSec.
+        ca.wait_for(UNIT, timeout=15, ActiveState="failed", SubState="failed")
         state = ca.show(UNIT, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
         assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "78", "NRestarts": "0"}
         assert f"tunneld: {CONF}: log.bogus: unknown key; allowed in [log]: level" in ca.journal(UNIT)

@@ -14,8 +14,8 @@ from tunneld.testbed import OVERLAY_V4, OVERLAY_V6, Tunneld, kernel_vxlan, start
 pytestmark = pytest.mark.netns
 
 
-def test_tunneld_to_tunneld_ping_and_transfers(hosts):
-    a, b = hosts
+def test_tunneld_to_tunneld_ping_and_transfers(module_hosts):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, "vxlan")
     a.wait_ping(OVERLAY_V4[1])
     assert a.ping(OVERLAY_V4[1], count=5)
@@ -25,8 +25,8 @@ def test_tunneld_to_tunneld_ping_and_transfers(hosts):
     assert a.link_state("tunneld0") is None and b.link_state("tunneld0") is None  # removed on exit
 
 
-def test_ipv6_underlay_and_ipv6_overlay(hosts):
-    a, b = hosts
+def test_ipv6_underlay_and_ipv6_overlay(module_hosts):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, "vxlan", underlay6=True)
     # IPv6 underlay costs 20 more bytes: 1500 - 70
     assert "mtu 1430" in a.run("ip", "-o", "link", "show", "tunneld0").stdout
@@ -59,8 +59,8 @@ def test_kernel_peer_with_other_vni_is_not_heard(hosts):
     assert "vni_mismatch" in t.output()
 
 
-def test_malformed_burst_while_traffic_flows(hosts):
-    a, b = hosts
+def test_malformed_burst_while_traffic_flows(module_hosts):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, "vxlan")
     a.wait_ping(OVERLAY_V4[1])
     # From B's underlay address (so past the peer check) and from a stranger address, aim garbage at A.
@@ -91,8 +91,8 @@ def test_malformed_burst_while_traffic_flows(hosts):
     assert tb.stop() == 0
 
 
-def test_peer_starting_late_and_restarting(hosts):
-    a, b = hosts
+def test_peer_starting_late_and_restarting(module_hosts):
+    a, b = module_hosts
     ta = Tunneld(a, "--peer", b.underlay, "--address", A4)
     assert not a.ping(OVERLAY_V4[1], count=1, timeout=1)  # nobody there yet: not fatal
     time.sleep(1)
@@ -109,8 +109,8 @@ def test_peer_starting_late_and_restarting(hosts):
     assert f"peer {b.underlay} heard: first valid packet received" in ta.output()  # the log says what happened
 
 
-def test_sigkilled_peer_comes_back_with_the_same_identity(hosts):
-    a, b = hosts
+def test_sigkilled_peer_comes_back_with_the_same_identity(module_hosts):
+    a, b = module_hosts
     ta, tb = start_pair(a, b, "vxlan")
     a.wait_ping(OVERLAY_V4[1])
     mac_before = b.run("cat", "/sys/class/net/tunneld0/address").stdout
@@ -122,8 +122,8 @@ def test_sigkilled_peer_comes_back_with_the_same_identity(hosts):
     assert ta.stop() == 0 and tb.stop() == 0
 
 
-def test_oversized_frames_are_dropped_not_fragmented(hosts):
-    a, b = hosts
+def test_oversized_frames_are_dropped_not_fragmented(module_hosts):
+    a, b = module_hosts
     ta = Tunneld(a, "--peer", b.underlay, "--address", A4, "--mtu", "1500")  # above what the underlay carries
     tb = Tunneld(b, "--peer", a.underlay, "--address", B4, "--mtu", "1500")
     a.wait_ping(OVERLAY_V4[1])
@@ -135,8 +135,8 @@ def test_oversized_frames_are_dropped_not_fragmented(hosts):
 
 
 @pytest.mark.parametrize("offload", [[], ["--no-offload"]], ids=["offload", "plain"])
-def test_interface_deleted_underneath_stops_with_status_1(hosts, offload):
-    a, b = hosts
+def test_interface_deleted_underneath_stops_with_status_1(module_hosts, offload):
+    a, b = module_hosts
     t = Tunneld(a, "--peer", b.underlay, "--address", A4, *offload)
     a.run("ip", "link", "del", "tunneld0")
     assert t.proc.wait(timeout=10) == 1  # not a silent daemon with nothing to carry: systemd restarts it

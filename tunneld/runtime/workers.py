@@ -69,9 +69,21 @@ log = logging.getLogger("tunneld")
 AUTO_CAP = 8  # "auto" never picks more workers than this
 # auto_workers() in words, for --help and the README's readers: keep it true when the rule changes.
 AUTO_RULE = f"1 with 2 CPUs available to the process or fewer, else half of them, at most {AUTO_CAP}"
+
+
+def _seconds(name: str, default: float) -> float:
+    """A timer the tests shorten through the environment (TUNNELD_LATE_AFTER, TUNNELD_SNAPSHOT_TIMEOUT) rather
+    than wait out; the default when unset or not a positive number of seconds."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
 READY_TIMEOUT = 15.0  # seconds for every child to attach its engine
-SNAPSHOT_TIMEOUT = 1.0  # seconds a scrape waits for the children's counters
-LATE_AFTER = 5.0  # seconds without an answer after which a child counts as wedged
+SNAPSHOT_TIMEOUT = _seconds("TUNNELD_SNAPSHOT_TIMEOUT", 1.0)  # seconds a scrape waits for the children's counters
+LATE_AFTER = _seconds("TUNNELD_LATE_AFTER", 5.0)  # seconds without an answer after which a child counts as wedged
 ASK_AGAIN = 2.0  # seconds after which an unanswered StatsRequest is sent again (its answer may have been lost)
 ASK_AGAIN_MAX = 60.0  # ... doubling while the child stays silent, up to this
 STOP_TIMEOUT = 5.0  # seconds the children get to stop before SIGKILL

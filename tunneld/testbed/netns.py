@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ class Host:
     ifname: str  # its veth end
     procs: list[subprocess.Popen] = field(default_factory=list)
     overlay: str = ""  # the overlay address the testbed's plan gives it (segment(); "" for the pair)
-    runtime_dir: str = ""  # its own directory for control sockets (segment(); "" for the pair)
+    runtime_dir: str = ""  # its own directory for control sockets
 
     def argv(self, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *cmd]
@@ -125,6 +126,7 @@ def tcpdump(host: Host, path: Path | str, bpf: str, *options: str, timeout: floa
 
 
 NETNS_PREFIX = "td-"
+RUNTIME_DIR = "/run/tunneld-testbed"  # hosts share /run: each host's control sockets go in a directory of its own
 
 
 def remove_stale_namespaces() -> list[str]:
@@ -146,8 +148,8 @@ def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
     """
     remove_stale_namespaces()
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    a = Host(f"{NETNS_PREFIX}{tag}-a", UNDERLAY_V4[0], UNDERLAY_V6[0], "veth-a")
-    b = Host(f"{NETNS_PREFIX}{tag}-b", UNDERLAY_V4[1], UNDERLAY_V6[1], "veth-b")
+    a, b = (Host(f"{NETNS_PREFIX}{tag}-{x}", UNDERLAY_V4[i], UNDERLAY_V6[i], f"veth-{x}",
+                 runtime_dir=f"{RUNTIME_DIR}/{NETNS_PREFIX}{tag}-{x}") for i, x in enumerate("ab"))
     created: list[str] = []
     try:
         for h in (a, b):
@@ -165,6 +167,8 @@ def testbed(mtu: int = 1500) -> Iterator[tuple[Host, Host]]:
             h.kill_all()
         for name in created:
             sh("ip", "netns", "del", name, check=False)
+        for h in (a, b):
+            shutil.rmtree(h.runtime_dir, ignore_errors=True)
 
 
 # What a veth does that a NIC's wire does not: hand UDP-tunnel super-packets and partial checksums to the other

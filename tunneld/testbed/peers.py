@@ -20,27 +20,27 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from tunneld.testbed.netns import OVERLAY_V4, OVERLAY_V6, Host
+from tunneld.testbed.netns import OVERLAY_V4, OVERLAY_V6, RUNTIME_DIR, Host
 from tunneld.testbed.procfs import children_of
 
 VENV_BIN = Path(sys.executable).parent
 TUNNELD = str(VENV_BIN / "tunneld") if (VENV_BIN / "tunneld").exists() else shutil.which("tunneld") or "tunneld"
 DEV = "tunneld0"  # the interface a Tunneld creates unless told otherwise
-RUNTIME_DIR = "/run/tunneld-testbed"  # hosts share /run: each host's control sockets go in a directory of its own
 
 
 class Tunneld:
     """A tunneld process in a host; ``stop()`` sends SIGTERM and returns the exit status."""
 
     def __init__(self, host: Host, *args: str, dev: str = DEV, wait: bool = True, timeout: float = 15,
-                 runtime_dir: str | None = None):
+                 runtime_dir: str | None = None, env: dict[str, str] | None = None):
         self.host = host
         self.dev = dev
         self.args = args
         # Daemons in different namespaces share one filesystem: each gets its own control-socket directory
         # (the segment's per-host one, else one named after the host).
         self.runtime_dir = runtime_dir or host.runtime_dir or f"{RUNTIME_DIR}/{host.name}"
-        self.proc = host.popen(TUNNELD, "--dev", dev, "--runtime-dir", self.runtime_dir, *args)
+        self.proc = host.popen(TUNNELD, "--dev", dev, "--runtime-dir", self.runtime_dir, *args,
+                               env=None if env is None else {**os.environ, **env})  # env: what it adds
         if wait:
             try:
                 deadline = time.monotonic() + timeout
