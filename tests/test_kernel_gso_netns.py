@@ -105,7 +105,7 @@ def test_auto_refuses_a_veth_that_passes_super_packets(hosts):
     assert "kernel segmentation off (underlay device veth-a is a veth" in out
     # --kernel-gso on is the operator's word against the guess: it runs, and says so
     t = Tunneld(a, "--peer", b.underlay, "--kernel-gso", "on")
-    assert a.link_state(EGRESS) == "UP"
+    a.wait_link(EGRESS)  # (the tunnel's device comes up first; the egress device is brought up after it)
     assert t.stop() == 0
     out = t.output()
     assert "kernel segmentation on: " in out and "--kernel-gso on although the underlay device veth-a" in out
