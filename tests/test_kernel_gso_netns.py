@@ -40,7 +40,8 @@ def test_kernel_segments_between_two_tunnelds(hosts, workers):
     like_a_wire(a, b)
     ta, tb = start_pair(a, b, "vxlan", "--kernel-gso", "on", "--workers", workers)
     a.wait_ping(OVERLAY_V4[1])
-    assert a.link_state(EGRESS) == "UP" and b.link_state(EGRESS) == "UP"
+    a.wait_link(EGRESS)  # brought up after the tunnel's device: waited for, not read once
+    b.wait_link(EGRESS)
     # one queue per worker (IFF_MULTI_QUEUE), as on the tunnel's own device
     assert f"numqueues {workers}" in a.run("ip", "-d", "link", "show", EGRESS).stdout or workers == "1"
     # The host forwards from that one device only: the global switch stays off.
