@@ -50,6 +50,18 @@ class Held(enum.Enum):
 HELD = Held.HELD
 
 
+class Answer:
+    """A keyed codec's reply to a datagram that names no peer (``Encapsulator.identify``): ``packets`` go back to
+    the datagram's source as they are (WireGuard's cookie reply under load), and ``drop``, when set, is the
+    reason the datagram itself is counted under."""
+
+    __slots__ = ("packets", "drop")
+
+    def __init__(self, packets, drop=None) -> None:
+        self.packets = tuple(packets)
+        self.drop = drop
+
+
 class Session:
     """One peer's state in a codec; the base is stateless and refuses nothing it is not asked about."""
 
