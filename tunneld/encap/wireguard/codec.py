@@ -94,7 +94,10 @@ class WireGuard(Encapsulator):
         if not isinstance(peers, Mapping):
             raise ValueError("wg_peers: given by [[peer]] tables, not as a value")
         checked = {}
-        for public, (psk, keepalive) in peers.items():
+        for public, given in peers.items():
+            if not isinstance(public, str) or not isinstance(given, tuple) or len(given) != 2:
+                raise ValueError("wg_peers: given by [[peer]] tables, not as a value")
+            psk, keepalive = given
             try:
                 key_from_base64(public)
             except ValueError:
