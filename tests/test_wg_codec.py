@@ -125,3 +125,50 @@ def test_keys_are_given_as_files_never_as_text_and_never_shown():
         assert PA not in str(e.value) and "\n" not in str(e.value)
     codec = WireGuard.from_options({"private_key": bytes(range(1, 33))})
     assert codec.describe() == f"public key {PA}"
+
+
+def test_wg_show_reads_the_codec_and_the_engine_through_the_uapi_adapter():
+    from tunneld.control.wgapi import Key, UapiSession
+    from tunneld.runtime.wgdevice import EngineWgDevice
+
+    clock = FakeClock(T0)
+    ea, eb = engines(clock, psk=bytes(range(100, 132)), keepalive=25)
+    ea.device.inject(random_frames(DeviceKind.TUN, 300, seed=4)[0])
+    ea.on_device_readable()
+    exchange(ea, eb)
+    device = EngineWgDevice(ea.codec, ea, 51820)
+    (peer,) = device.config.peers.values()
+    assert peer.public_key == Key(KB.public) and peer.persistent_keepalive == 25 and peer.preshared_key is not None
+    assert [str(n) for n in peer.allowed_ips] == list(ALL)
+    stats = device.peer_stats(Key(KB.public))
+    assert stats.last_handshake_ns == int(T0 * 1e9) and stats.tx_bytes > 300 and stats.rx_bytes > 0
+    assert str(stats.endpoint) == f"{B}:51820"
+    reply = UapiSession(device).receive(b"get=1\n\n").decode()
+    assert f"public_key={KB.public.hex()}" in reply and reply.endswith("errno=0\n\n")
+    assert "last_handshake_time_sec=1800000000" in reply and "allowed_ip=0.0.0.0/0" in reply
+    refused = UapiSession(device).receive(b"set=1\nlisten_port=4000\n\n").decode()
+    assert "errno=-1" in refused and device.config.listen_port == 51820
+
+
+def test_a_link_for_a_keyed_codec_sends_from_its_listening_port():
+    """A WireGuard peer answers the source address and port it saw: the link must send from the one it listens on."""
+    import socket
+
+    from tunneld.io.udp import UdpLink
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.2", port))  # the peer, on the same port (loopback's other address)
+    sink.settimeout(5)
+    link = UdpLink("127.0.0.2", port, "127.0.0.1", send_sockets=0)
+    try:
+        for flow in range(4):
+            link.send(memoryview(b"x"), flow, link.destination("127.0.0.2"))
+            assert sink.recvfrom(16) == (b"x", ("127.0.0.1", port))
+        assert not link.spreads_flows
+    finally:
+        link.close()
+        sink.close()

@@ -1,7 +1,7 @@
 """``tunneld --mode wireguard`` against Debian's wireguard-go: tunneld in namespace A (configured by a TOML file
 with a 0600 key file and a [[peer]] table), wireguard-go in namespace B (configured with the stock `wg set`).
 Each side starts the handshake in turn; ping both ways, a 1 MiB sha256-checked TCP transfer both ways, and `wg
-show` on wireguard-go's side reports the handshake and the bytes.
+show` on both sides (tunneld's through its UAPI socket, get only) reports the handshake and the bytes.
 
 Interface names are unique per run (wireguard-go's UAPI socket /var/run/wireguard/NAME.sock is shared by every
 namespace); wireguard-go is stopped with SIGTERM and the namespaces deleted, also when the test fails."""
@@ -116,6 +116,15 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
             assert peer["latest_handshake"] > 0, peer
             assert peer["rx"] > TRANSFER and peer["tx"] > TRANSFER, peer
             assert peer["endpoint"] == f"{a.underlay}:{PORT}", peer
+            # and the stock `wg show` reaches tunneld itself (its UAPI socket, get only)
+            mine = their_peer(a, ours)
+            assert mine["latest_handshake"] > 0 and mine["endpoint"] == f"{b.underlay}:{PORT}", mine
+            assert mine["rx"] > TRANSFER and mine["tx"] > TRANSFER, mine
+            shown = a.run("wg", "show", ours).stdout
+            assert their_public in shown and f"allowed ips: {OVERLAY_V4[1]}/32" in shown, shown
+            assert (tmp_path / "a.key").read_text().strip() not in shown
+            refused = a.run("wg", "set", ours, "listen-port", "4000", check=False)
+            assert refused.returncode != 0  # set is not served yet: refused, nothing changed
         finally:
             status = t.stop()
         log = t.output()
