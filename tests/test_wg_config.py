@@ -94,3 +94,9 @@ def test_keys_and_peer_options_cannot_be_given_as_text(tmp_path):
     for options in ({"wg_peers": {"x": 1}}, {"private_key": "a.key"}):
         with pytest.raises(ValueError):
             WireGuard.from_options(options)
+
+
+def test_a_peer_from_the_command_line_is_refused_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "tunneld", "--mode", "wireguard", "--peer", "10.0.0.2", "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "[[peer]] table" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -467,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, OPTION_DEST.format(name)) is not None and name not in takes:
                 owners = "/".join(option_flags(modes)[name][1])
                 raise ModeOptionError(f"only for mode {owners}, not {cfg.mode!r}", flag)
+        if cfg.mode == "wireguard" and args.peer:
+            raise ConfigError("--peer: a wireguard peer is named by its public key: give it in a [[peer]] table "
+                              "(public_key, endpoint, allowed_ips) of a --config file")
         if cfg.mode == "wireguard":  # the key file read here, once: the codec gets bytes, never a path
             try:
                 cfg = wireguard_keys(cfg)
