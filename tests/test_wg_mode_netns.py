@@ -44,7 +44,8 @@ def genkey(host, path: Path) -> str:
 
 
 @contextlib.contextmanager
-def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint: str | None):
+def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint: str | None,
+                 pskfile: Path | None = None):
     proc = host.popen("wireguard-go", "-f", name)
     try:
         deadline = time.monotonic() + 10
@@ -56,6 +57,8 @@ def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint
                 "peer", peer_public, "allowed-ips", f"{OVERLAY_V4[0]}/32"]
         if peer_endpoint:
             args += ["endpoint", peer_endpoint]
+        if pskfile:
+            args += ["preshared-key", str(pskfile)]
         host.run("wg", *args)
         host.run("ip", "addr", "add", f"{OVERLAY_V4[1]}/24", "dev", name)
         host.run("ip", "link", "set", name, "up")
@@ -78,8 +81,9 @@ def their_peer(host, name: str) -> dict:
     return {"endpoint": fields[2], "latest_handshake": int(fields[4]), "rx": int(fields[5]), "tx": int(fields[6])}
 
 
-@pytest.mark.parametrize("first", ["tunneld", "wireguard-go"])
-def test_tunneld_and_wireguard_go_carry_ping_and_tcp_both_ways(hosts, tmp_path, first):
+@pytest.mark.parametrize("first, psk", [("tunneld", False), ("wireguard-go", False), ("tunneld", True)],
+                         ids=["tunneld-initiates", "wireguard-go-initiates", "tunneld-initiates-psk"])
+def test_tunneld_and_wireguard_go_carry_ping_and_tcp_both_ways(hosts, tmp_path, first, psk):
     needs()
     a, b = hosts
     run = uuid.uuid4().hex[:8]
@@ -97,10 +101,15 @@ address = "{OVERLAY_V4[0]}/24"
 public_key = "{their_public}"
 endpoint = "{b.underlay}:{PORT}"
 allowed_ips = ["{OVERLAY_V4[1]}/32"]
-""")
+""" + ('preshared_key = "p.psk"\n' if psk else ""))
+    pskfile = None
+    if psk:  # the same preshared key on both sides, a 0600 file each reads
+        pskfile = tmp_path / "p.psk"
+        pskfile.write_text(a.run("wg", "genpsk").stdout)
+        pskfile.chmod(0o600)
     # wireguard-go knows where tunneld is only when it starts (else it learns it from tunneld's initiation)
     endpoint = f"{a.underlay}:{PORT}" if first == "wireguard-go" else None
-    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, endpoint):
+    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, endpoint, pskfile):
         t = Tunneld(a, "--config", str(config), dev=ours)
         try:
             if first == "tunneld":
@@ -123,6 +132,8 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
             shown = a.run("wg", "show", ours).stdout
             assert their_public in shown and f"allowed ips: {OVERLAY_V4[1]}/32" in shown, shown
             assert (tmp_path / "a.key").read_text().strip() not in shown
+            if psk:
+                assert "preshared key: (hidden)" in shown, shown
             refused = a.run("wg", "set", ours, "listen-port", "4000", check=False)
             assert refused.returncode != 0  # set is not served yet: refused, nothing changed
         finally:
@@ -130,5 +141,5 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
         log = t.output()
         assert status == 0, log
         assert "wireguard on" in log, log
-        for key in ("a.key", "b.key"):  # a private key never reaches a log line
+        for key in ("a.key", "b.key", *(("p.psk",) if psk else ())):  # no key ever reaches a log line
             assert (tmp_path / key).read_text().strip() not in log
