@@ -172,3 +172,18 @@ def test_a_link_for_a_keyed_codec_sends_from_its_listening_port():
     finally:
         link.close()
         sink.close()
+
+
+def test_a_removed_peer_takes_its_keys_and_a_re_added_one_starts_afresh():
+    clock = FakeClock(T0)
+    ea, eb = engines(clock)
+    ea.device.inject(random_frames(DeviceKind.TUN, 300, seed=6)[0])
+    ea.on_device_readable()
+    exchange(ea, eb)
+    old = ea.peers.all[0].session.peer
+    assert old.has_session and KB.public in ea.codec.wg.peers
+    ea.peers.remove(PB)
+    assert KB.public not in ea.codec.wg.peers and not old.has_session
+    ea.peers.upsert(PeerSpec(B, routes=ALL, key=PB))
+    new = ea.peers.all[0].session.peer
+    assert new is not old and not new.has_session and ea.codec.wg.peers[KB.public] is new

@@ -21,6 +21,7 @@ never touches a socket, a clock or a logger.
                               own (a handshake, a keepalive) that carries no frame, is not a drop, and may have
                               given the session something to send (see ``deadline``).
   poll(now)                   the codec's own packets due now, each to go to this peer's endpoint as it is.
+  close()                     the peer was removed: drop its keys and state (the engine's peer table calls it).
   deadline()                  when ``poll`` next has something to say (``math.inf``: never). A session that
                               wants to answer at once (a handshake response) returns a time <= now; the
                               engine asks ``deadline`` after it used the session and keeps one timer at the
@@ -86,6 +87,9 @@ class Session:
     def deadline(self) -> float:
         """When ``poll`` next has packets (``math.inf``: never)."""
         return math.inf
+
+    def close(self) -> None:
+        """The peer left the table: forget what is kept about it (keys). A session is not used after this."""
 
 
 class HeaderSession(Session):

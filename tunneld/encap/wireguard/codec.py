@@ -201,6 +201,10 @@ class WireGuardSession(Session):
         datagrams, _ = self.peer.tick(now)
         return due + datagrams
 
+    def close(self) -> None:
+        self._due.clear()
+        self._codec.wg.remove_peer(self.peer.public_key)  # its keys are zeroed
+
     def deadline(self) -> float:
         if self._due:
             return -math.inf
