@@ -187,3 +187,30 @@ def test_a_removed_peer_takes_its_keys_and_a_re_added_one_starts_afresh():
     ea.peers.upsert(PeerSpec(B, routes=ALL, key=PB))
     new = ea.peers.all[0].session.peer
     assert new is not old and not new.has_session and ea.codec.wg.peers[KB.public] is new
+
+
+def test_mangled_datagrams_never_raise_and_are_each_counted():
+    import random
+
+    clock = FakeClock(T0)
+    ea, eb = engines(clock)
+    frames = random_frames(DeviceKind.TUN, 400, seed=8)[:4]
+    valid = []
+    for f in frames:  # an initiation, then transport datagrams once the session is up
+        ea.device.inject(f)
+        ea.on_device_readable()
+        valid += [p for p, _ in ea.link.sent]
+        exchange(ea, eb)
+    rng = random.Random(21)
+    before = sum(eb.stats.drops.values())
+    for _ in range(300):
+        d = bytearray(rng.choice(valid))
+        for _ in range(rng.randint(1, 4)):
+            d[rng.randrange(len(d))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            d = d[: rng.randrange(len(d))]
+        eb.link.deliver(bytes(d), source=rng.choice([A, "198.51.100.3"]))
+        eb.on_link_readable()
+    dropped = sum(eb.stats.drops.values()) - before
+    assert 250 <= dropped <= 300 and eb.peers.all[0].endpoint == A
+    assert len(eb.device.written) == len(frames)  # a mangled datagram never reaches the device
