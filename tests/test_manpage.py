@@ -87,7 +87,7 @@ def test_the_page_follows_the_parser(monkeypatch):
 def test_the_page_does_not_depend_on_installed_plugins():
     """Only the built-in modes: the installed page is the same on every machine."""
     modes = cli.manpage_parser()._option_string_actions["--mode"].choices
-    assert sorted(modes) == ["gre", "gretap", "vxlan"]
+    assert sorted(modes) == ["gre", "gretap", "vxlan", "wireguard"]
 
 
 @pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed (Debian: groff-base, man-db's)")

@@ -66,7 +66,7 @@ def test_broken_plugins_are_named_and_never_take_down_the_builtins(tmp_path):
     r = subprocess.run([TUNNELD, "--list-modes"], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     listed = {line.split()[0] for line in r.stdout.splitlines() if not line.startswith(" ")}
-    assert listed == {"gre", "gretap", "vxlan"}
+    assert listed == {"gre", "gretap", "vxlan", "wireguard"}
     assert "Traceback" not in r.stderr
     for expected in (
         "'brokenimport' (no_such_module_for_tunneld:Codec) skipped: failed to import: ModuleNotFoundError",

@@ -33,6 +33,7 @@ from tunneld.config.schema import (
 )
 from tunneld.config.checks import check_ageing, check_on_host, fit_to_device
 from tunneld.config.loading import FILE_KEYS, ConfigFileError, load_file, validate
+from tunneld.config.wireguard import with_keys as wireguard_keys
 from tunneld.control.client import CONTROL_COMMANDS, _Parser, build_control_parser
 from tunneld.control.client import main as control_main
 from tunneld.runtime.daemon import StartupError, run
@@ -466,6 +467,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, OPTION_DEST.format(name)) is not None and name not in takes:
                 owners = "/".join(option_flags(modes)[name][1])
                 raise ModeOptionError(f"only for mode {owners}, not {cfg.mode!r}", flag)
+        if cfg.mode == "wireguard" and args.peer:
+            raise ConfigError("--peer: a wireguard peer is named by its public key: give it in a [[peer]] table "
+                              "(public_key, endpoint, allowed_ips) of a --config file")
+        if cfg.mode == "wireguard":  # the key file read here, once: the codec gets bytes, never a path
+            try:
+                cfg = wireguard_keys(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{args.config}: {e}" if args.config else str(e).replace("private_key", "--private-key", 1)) from None
         try:
             codec = build_codec(cfg, modes)  # the mode's options, checked once, by its declarations, without the kernel
         except ModeOptionError as e:

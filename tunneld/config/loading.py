@@ -45,6 +45,7 @@ from tunneld.config.checks import (
     check_spec,
     check_workers,
 )
+from tunneld.config import wireguard
 from tunneld.config.schema import (
     DEFAULT_MODE,
     DF_CHOICES,
@@ -292,6 +293,11 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
                                      f"{', '.join(takes) or 'no options'}")
         elif mode is not None:
             problem(f"tunnel.{key}", f"unknown key; allowed in [tunnel]: {', '.join((*COMMON_TUNNEL_KEYS, *takes))}")
+    if mode == "wireguard" and "wg_peers" in tunnel:
+        problem("tunnel.wg_peers", "set by the [[peer]] tables, not here")
+        extra.pop("wg_peers", None)
+    if mode == "wireguard" and isinstance(extra.get("private_key"), str):  # relative to the file, as its peers' keys
+        extra["private_key"] = os.path.join(os.path.dirname(path), extra["private_key"])
     if extra:
         out["extra"] = extra
 
@@ -299,6 +305,13 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
         if "peer" in tunnel:
             problem("peer", "[[peer]] tables and tunnel.peer both given; name one peer as tunnel.peer or every "
                             "peer in a [[peer]] table")
+        elif mode == "wireguard":  # public_key, endpoint, allowed_ips, ...: tunneld/config/wireguard.py
+            port = tunnel.get("port", modes[mode].transport.number)
+            try:
+                out["peers"], extra["wg_peers"] = wireguard.peer_specs(data["peer"], os.path.dirname(path), port)
+                out["extra"] = extra
+            except ConfigError as e:
+                problem("peer", str(e))
         elif (peers := _peer_tables(data["peer"], problem)) is not None:
             out["peers"] = peers
 

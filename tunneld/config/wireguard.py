@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tunneld.config.schema import ConfigError
@@ -43,6 +44,7 @@ from tunneld.control.wgapi import (
     UapiError,
     parse_allowed_ip,
 )
+from tunneld.datapath.peers import PeerSpec
 
 MAX_KEY_FILE = 256  # bytes: a key file holds 44 characters and a newline
 PEER_KEYS = frozenset({"public_key", "endpoint", "allowed_ips", "preshared_key", "persistent_keepalive"})
@@ -163,3 +165,49 @@ def parse_interface(tunnel: Mapping[str, Any], peers: Sequence[Mapping[str, Any]
             owner[net] = n
         by_key[peer.public_key] = peer
     return InterfaceConfig(private_key=private_key, listen_port=listen_port, fwmark=fwmark, peers=by_key)
+
+
+# -- ``--mode wireguard`` of tunneld: the [[peer]] tables as the engine's peers, the key files as the codec's --
+
+
+def peer_specs(tables: Any, base_dir: str, port: int) -> tuple[tuple[PeerSpec, ...], dict[str, tuple]]:
+    """A wireguard tunnel's [[peer]] tables as the engine's peers (id: the public key in base64; address: the
+    endpoint's; routes: the allowed IPs, checked both ways by the engine) and the codec's per-peer options
+    (``wg_peers``: public key -> (preshared key bytes or None, persistent keepalive)). ConfigError, one line.
+
+    tunneld sends every peer to the tunnel's own UDP port and knows a peer by its address until it has
+    authenticated a packet from it, so each peer needs an endpoint, on that port."""
+    if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+        raise ConfigError("peer: [[peer]] tables, one per peer")
+    if len(tables) > MAX_PEERS:
+        raise ConfigError(f"peer: {len(tables)} peers, more than {MAX_PEERS}")
+    specs: list[PeerSpec] = []
+    options: dict[str, tuple] = {}
+    for n, table in enumerate(tables, 1):
+        what = f"peer[{n}]"
+        peer = parse_peer(table, base_dir, what)
+        public = peer.public_key.base64()
+        if public in options:
+            raise ConfigError(f"{what}: public_key is also another peer's")
+        if peer.endpoint is None:
+            raise ConfigError(f"{what}: endpoint is required (ADDRESS:PORT): tunneld does not yet wait for a "
+                              "peer to make itself known")
+        if peer.endpoint.port != port:
+            raise ConfigError(f"{what}: endpoint port {peer.endpoint.port} is not the tunnel's port {port}: "
+                              "tunneld sends to every peer at its own port")
+        specs.append(PeerSpec(str(peer.endpoint.address), routes=tuple(str(net) for net in peer.allowed_ips),
+                              key=public))
+        options[public] = (None if peer.preshared_key is None else peer.preshared_key.raw,
+                           peer.persistent_keepalive)
+    return tuple(specs), options
+
+
+def with_keys(cfg):
+    """``cfg`` (a wireguard TunnelConfig) with its private key file read: the codec gets the key's bytes, never
+    a path or a text. ConfigError (one line, never the key) for a file that is missing, readable by others or
+    not a key."""
+    path = cfg.extra.get("private_key")
+    if path is None or isinstance(path, bytes):
+        return cfg
+    key = read_private_key(str(path))
+    return replace(cfg, extra={**cfg.extra, "private_key": key.raw})

@@ -95,7 +95,7 @@ import numpy as np
 
 from tunneld.encap.base import DeviceKind, Drop, Encapsulator, constant_headers, session_of
 from tunneld.encap.flow import ethernet_flow_hash, ip_flow_hash
-from tunneld.encap.session import HELD
+from tunneld.encap.session import HELD, Answer
 from tunneld.io.port import Fallback, FramePort, Super, VnetPort
 from tunneld.offload.layout import ETH_HLEN
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
@@ -431,7 +431,7 @@ class Engine:
         area = self._rx_area
         recv = self._recv
         keyed = self._keyed
-        peer_key = self.codec.peer_key
+        identify = self.codec.identify
         deliver_one = self._deliver_one
         now = self._clock()
         reads = moved = nbytes = taken = 0
@@ -449,9 +449,12 @@ class Engine:
             taken += n
             packet = view[:n]
             if keyed:
-                peer_id = peer_key(packet)
+                peer_id = identify(packet, source, now)
                 if peer_id.__class__ is Drop:
                     drops[peer_id] += 1
+                    continue
+                if peer_id.__class__ is Answer:
+                    self._answer(peer_id, source)
                     continue
                 peer = self.peers.by_id.get(peer_id)
             else:
@@ -469,6 +472,23 @@ class Engine:
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
         self._note_kernel_drops()
+
+    def _answer(self, answer: Answer, source: str) -> None:
+        """A keyed codec's reply to a datagram that names no peer (a cookie reply): back to its source."""
+        stats = self.stats
+        if answer.drop is not None:
+            stats.drops[answer.drop] += 1
+        try:
+            dest = self.link.destination(source)
+        except ValueError:
+            return
+        for packet in answer.packets:
+            try:
+                self.link.send(memoryview(packet), 0, dest)
+            except OSError:
+                stats.drops[Drop.SOCKET_ERROR] += 1
+                continue
+            stats.codec_packets += 1
 
     def _note_kernel_drops(self) -> None:
         """The kernel's drops on the underlay socket since the last wake-up, added to ``kernel_rcvbuf``."""

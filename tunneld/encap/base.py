@@ -84,6 +84,15 @@ class Drop(str, enum.Enum):
     BAD_CHECKSUM = "bad_checksum"  # the encapsulation's checksum does not verify
     SEQUENCE = "sequence"  # an old or duplicate sequence number (RFC 2890 in-order delivery)
     LENGTH_MISMATCH = "length_mismatch"  # the inner IP header's length disagrees with the bytes carried
+    # WireGuard (tunneld/encap/wireguard): the core's reasons, under the same names
+    BAD_TYPE = "bad_type"  # no message type of the codec's (or its reserved bytes not zero)
+    BAD_MAC = "bad_mac"  # a handshake's mac1 does not verify (or there is no private key yet): no answer
+    COOKIE_REQUIRED = "cookie_required"  # under load without a valid mac2: only a cookie reply went back
+    RATE_LIMITED = "rate_limited"  # a handshake flood from one source, or initiations too close together
+    DECRYPTION_FAILED = "decryption_failed"  # an AEAD tag or a key exchange refused
+    REPLAYED = "replayed"  # a counter already seen or behind the replay window; an initiation not newer
+    NO_SESSION = "no_session"  # a receiver index not handed out, or whose keys are gone
+    EXPIRED_KEYS = "expired_keys"  # a session older than REJECT_AFTER_TIME (180 s)
 
 
 _TRUE = ("1", "yes", "true", "on")
@@ -310,6 +319,12 @@ class Encapsulator(abc.ABC):
         """Whether this codec keeps per-peer sessions (it overrides ``session``): packets then move one by one
         through each peer's session, and never through the constant-header fast path."""
         return type(self).session is not Encapsulator.session
+
+    def identify(self, packet: memoryview, source: str, now: float):
+        """What the engine asks of a keyed codec: ``peer_key(packet)``, unless the codec needs the datagram's
+        source and the time to say whose it is (WireGuard runs its handshake here). Besides a peer id or a Drop it
+        may return an ``Answer``: packets for the source, which names no peer (tunneld/encap/session.py)."""
+        return self.peer_key(packet)
 
     def peer_key(self, packet: memoryview) -> Hashable | Drop:
         """A keyed codec's answer to "whose packet is this?" (a header field, a key index): the ``peer_id`` of a

@@ -21,6 +21,7 @@ never touches a socket, a clock or a logger.
                               own (a handshake, a keepalive) that carries no frame, is not a drop, and may have
                               given the session something to send (see ``deadline``).
   poll(now)                   the codec's own packets due now, each to go to this peer's endpoint as it is.
+  close()                     the peer was removed: drop its keys and state (the engine's peer table calls it).
   deadline()                  when ``poll`` next has something to say (``math.inf``: never). A session that
                               wants to answer at once (a handshake response) returns a time <= now; the
                               engine asks ``deadline`` after it used the session and keeps one timer at the
@@ -50,6 +51,18 @@ class Held(enum.Enum):
 HELD = Held.HELD
 
 
+class Answer:
+    """A keyed codec's reply to a datagram that names no peer (``Encapsulator.identify``): ``packets`` go back to
+    the datagram's source as they are (WireGuard's cookie reply under load), and ``drop``, when set, is the
+    reason the datagram itself is counted under."""
+
+    __slots__ = ("packets", "drop")
+
+    def __init__(self, packets, drop=None) -> None:
+        self.packets = tuple(packets)
+        self.drop = drop
+
+
 class Session:
     """One peer's state in a codec; the base is stateless and refuses nothing it is not asked about."""
 
@@ -74,6 +87,9 @@ class Session:
     def deadline(self) -> float:
         """When ``poll`` next has packets (``math.inf``: never)."""
         return math.inf
+
+    def close(self) -> None:
+        """The peer left the table: forget what is kept about it (keys). A session is not used after this."""
 
 
 class HeaderSession(Session):

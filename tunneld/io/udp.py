@@ -162,8 +162,14 @@ class UdpLink:
         count_drops(self._rx)
         self._bind(self._rx, local or any_addr, port)
         self._tx: list[socket.socket] = []
+        if send_sockets == 0:
+            # Send from the receive socket, hence from the listening port: a peer that replies to where a
+            # datagram came from (WireGuard's endpoint is the source address AND port) then reaches us.
+            set_df(self._rx, self.family, df)
+            self._tx.append(self._rx)
+            self.spreads_flows = False
         try:
-            for _ in range(max(1, send_sockets)):
+            for _ in range(send_sockets if send_sockets == 0 else max(1, send_sockets)):
                 s = self._socket()
                 set_df(s, self.family, df)
                 _grow_buffer(s, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
@@ -314,7 +320,7 @@ class UdpLink:
             raise
 
     def close(self) -> None:
-        for s in (self._rx, *self._tx):
+        for s in {self._rx, *self._tx}:
             s.close()
         self._probe.close()
 

@@ -33,10 +33,12 @@ from tunneld.config.schema import ConfigError, TunnelConfig
 from tunneld.control.handlers import PeerControl
 from tunneld.control.membership import RegistryBridge
 from tunneld.control.server import ControlError, ControlServer, runtime_dir, socket_path
+from tunneld.control.wgapi import UapiServer, UapiSocketError
 from tunneld.control.registry import RegistryStats
 from tunneld.encap.base import Encapsulator
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io import netlink
+from tunneld.runtime.wgdevice import EngineWgDevice
 from tunneld.io.egress import Unsupported as EgressUnsupported, choose as egress_choose
 from tunneld.io.udp import UdpLink
 from tunneld.observe.metrics import MetricsError, MetricsServer
@@ -265,6 +267,16 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         except ControlError as e:
             log.error("%s; stopping (exit status 1)", e)
             worker.stop(1)
+    uapi = None
+    if not worker.stopped.is_set() and tunnel.plan.codec.name == "wireguard":
+        # `wg show DEV` reaches us at /var/run/wireguard/DEV.sock (get only, for now: runtime/wgdevice.py)
+        uapi = UapiServer(tunnel.cfg.dev, EngineWgDevice(tunnel.plan.codec, worker.engine, tunnel.plan.port))
+        try:
+            await uapi.start()
+        except (UapiSocketError, OSError) as e:
+            log.error("wireguard userspace API: %s; stopping (exit status 1)", e)
+            uapi = None
+            worker.stop(1)
     registry = None
     if not worker.stopped.is_set() and tunnel.membership is not None:
         try:
@@ -292,6 +304,8 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         if registry is not None:
             await loop.run_in_executor(None, registry.stop)  # revokes the lease: the others forget us now
         await control.stop()
+        if uapi is not None:
+            await uapi.close()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         metrics = tunnel.resources.metrics  # a reload may have moved it

@@ -55,7 +55,9 @@ class Resources:
             elif plan.workers > 1:
                 self.links = open_group(first, plan.port, cfg.local, plan.workers, df=df)
             else:
-                self.links = [UdpLink(first, plan.port, cfg.local, df=df)]
+                # A keyed codec's peer (WireGuard) answers the source port: send from the listening one.
+                self.links = [UdpLink(first, plan.port, cfg.local, df=df,
+                                      **({"send_sockets": 0} if plan.codec.keyed else {}))]
             if cfg.metrics_listen:
                 self.metrics = MetricsServer(cfg.metrics_listen)
             for _ in range(plan.workers):
