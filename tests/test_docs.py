@@ -20,6 +20,8 @@ import io
 import json
 import re
 import shlex
+import base64
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +195,12 @@ def test_every_toml_example_parses_and_a_tunnel_passes_check(block, tmp_path):
         return  # a fragment of another file (a plugin's pyproject.toml): parsing it is the check
     path = tmp_path / "example.toml"
     path.write_text(block.text)
+    for key_file in (data["tunnel"].get("private_key"),) if data["tunnel"].get("mode") == "wireguard" else ():
+        # the key file the example names, made as `wg genkey` would, beside the file when the path is relative
+        made = tmp_path / key_file if not key_file.startswith("/") else None
+        if made is not None:
+            made.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+            made.chmod(0o600)
     code, output = _check_daemon(["--config", str(path)])
     assert code == 0, f"{block.where()}: {output}"
 
