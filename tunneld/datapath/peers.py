@@ -174,9 +174,8 @@ class PeerTable:
                 self._stats.peers.pop(peer_id, None)
                 if self.fdb is not None:
                     self.fdb.flush(gone)
-                close = getattr(gone.session, "close", None)  # (a plugin's session may predate close)
-                if close is not None and (peer_id not in peers):
-                    close()  # its keys go with it (WireGuard); a peer removed and re-added gets a new session
+                if gone.session is not None and peer_id not in peers:
+                    gone.session.close()  # its keys go with it (WireGuard); a peer re-added gets a new session
         for peer, spec, macs, known, dest in changed:
             if known and dest is not None:
                 peer.endpoint, peer.dest = spec.address, dest
