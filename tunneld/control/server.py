@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -55,6 +54,7 @@ from tunneld.control.client import (  # what both ends share; the client's side 
     BUSY_RETRIES, EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, ControlError, call, elsewhere, find_socket,
     listener, netns_tag, render_show)
 from tunneld.control import client as _client
+from tunneld.io import unix
 from tunneld.datapath.peers import PeerSpec
 
 log = logging.getLogger("tunneld")
@@ -272,37 +272,25 @@ def bind_socket(path: str) -> socket.socket:
     if len(os.fsencode(path)) > SUN_PATH_MAX:  # the namespace's tag may make a --runtime-dir's room too small
         raise ControlError(f"control socket {path}: {len(os.fsencode(path))} bytes, longer than a unix socket "
                            f"path may be ({SUN_PATH_MAX}); give a shorter --runtime-dir")
-    directory = os.path.dirname(path) or "."
+    holder: str | None = None
+
+    def live(candidate: str) -> bool:
+        nonlocal holder
+        holder = _holder(candidate)
+        return holder is not None
+
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ControlError(f"control socket {path}: {_why(e)}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"control socket {path}: exists and is not a socket; remove it")
-        holder = _holder(path)
-        if holder is not None:
-            raise ControlError(f"control socket {path} is in use: {holder}; stop that daemon first, or give this "
-                               "one another --runtime-dir")
-        os.unlink(path)  # a daemon that died without cleaning up
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # bound as 0600: never readable by others, not even for a moment
-    try:
-        sock.bind(path)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:  # another daemon bound it between our look and our bind
+        return unix.listen(path, umask=0o177, backlog=LISTEN_BACKLOG, live=live)  # 0600, never looser
+    except unix.NotASocket:
+        raise ControlError(f"control socket {path}: exists and is not a socket; remove it") from None
+    except unix.Taken as e:
+        if e.raced:  # another daemon bound it between our look and our bind
             raise ControlError(f"control socket {path} is in use: another tunneld bound it as this one started; "
                                "give this one another --runtime-dir") from None
+        raise ControlError(f"control socket {path} is in use: {holder}; stop that daemon first, or give this "
+                           "one another --runtime-dir") from None
+    except OSError as e:
         raise ControlError(f"control socket {path}: {_why(e)}") from None
-    finally:
-        os.umask(old)
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
 
 
 class _Connection:

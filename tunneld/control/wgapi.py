@@ -50,12 +50,13 @@ import logging
 import os
 import re
 import socket
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tunneld.io import unix
 
 log = logging.getLogger("tunneld")
 
@@ -658,35 +659,15 @@ class UapiSocketError(Exception):
 def bind_uapi_socket(path: str) -> socket.socket:
     """A listening socket at ``path`` made under umask 077 (as wireguard-go: srwx------) in a directory made 0755,
     replacing a file left by a process that died; UapiSocketError if a live one answers there."""
-    directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
+        return unix.listen(path, umask=0o077, backlog=MAX_CLIENTS, live=_answers)
+    except unix.NotASocket:
+        raise UapiSocketError(f"WireGuard UAPI socket {path}: exists and is not a socket; remove it") from None
+    except unix.Taken:
+        raise UapiSocketError(f"WireGuard UAPI socket {path} is in use: another WireGuard serves this name") \
+            from None
     except OSError as e:
         raise UapiSocketError(f"WireGuard UAPI socket {path}: {e.strerror}") from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise UapiSocketError(f"WireGuard UAPI socket {path}: exists and is not a socket; remove it")
-        if _answers(path):
-            raise UapiSocketError(f"WireGuard UAPI socket {path} is in use: another WireGuard serves this name")
-        os.unlink(path)  # stale: its process died without removing it
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        sock.bind(path)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise UapiSocketError(f"WireGuard UAPI socket {path} is in use: another WireGuard serves this name") \
-                from None
-        raise UapiSocketError(f"WireGuard UAPI socket {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    sock.listen(MAX_CLIENTS)
-    sock.setblocking(False)
-    return sock
 
 
 class UapiServer:
