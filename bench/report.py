@@ -135,8 +135,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 # -- the chart ------------------------------------------------------------------------------------------------
 
-COLORS = {"kernel": "#4c72b0", "tunneld": "#dd8452", "userspace-c": "#55a868"}
-KIND_LABEL = {"kernel": "Linux kernel", "tunneld": "tunneld (Python)", "userspace-c": "userspace C peers"}
+COLORS = {"kernel": "#4c72b0", "tunneld": "#dd8452", "userspace-c": "#55a868", "userspace-go": "#8172b3"}
+KIND_LABEL = {"kernel": "Linux kernel", "tunneld": "tunneld (Python)", "userspace-c": "userspace C peers",
+              "userspace-go": "userspace Go peers"}
 
 
 def draw_chart(results: dict[str, Any], path: Path) -> None:

@@ -5,6 +5,11 @@ overlay is the same for every tunnel (192.168.231.0/24, A = .1, B = .2), so only
 MTUs are each system's own default (tunneld and the kernel derive it from the 1500-byte underlay), except
 for the userspace C peers, which are given 1450 like VXLAN so no outer packet needs fragmenting.
 
+tunneld-wireguard and wireguard-go (issue 21): encrypted, side by side. wireguard-go runs in the foreground at
+both ends (``-f``: the PID started is the one that carries the data, all its threads counted), its MTU set to
+1440 rather than its default 1420; tunneld keeps its own default (1425, start_tunneld_wireguard says why).
+Each end's interface name is new per run: /var/run/wireguard/NAME.sock is one file for every namespace.
+
 A system reports the processes that carry its data path in userspace (``pids``), so the bench can charge
 their CPU time and memory; kernel systems have none. With --workers a tunneld is several processes: its
 forked workers are found in /proc and charged too.
@@ -29,14 +34,21 @@ software segmentation and checksums that the other rows' veths skip; it is the p
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tunneld.testbed import OVERLAY_V4, TUNNELD, UNDERLAY_V4, Host, Tunneld, kernel_vxlan
 from tunneld.testbed.netns import like_a_wire
@@ -61,7 +73,7 @@ class Running:
 @dataclass(frozen=True)
 class System:
     name: str
-    kind: str  # "kernel", "tunneld" or "userspace-c": what the chart groups by
+    kind: str  # "kernel", "tunneld", "userspace-c" or "userspace-go": what the chart groups by
     available: Callable[[], str | None]  # None, or why it cannot run here
     start: Callable[[Host, Host], Running]
     flood_peers: int = 0  # >0: also measure the CPU cost of flooding a broadcast to this many peers
@@ -227,6 +239,14 @@ def _installed(tool: str) -> Callable[[], str | None]:
     return check
 
 
+def _installed_all(*tools: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        missing = [tool for tool in tools if not shutil.which(tool)]
+        return f"{', '.join(missing)} not installed (make setup installs it)" if missing else None
+
+    return check
+
+
 def _popen_logged(host: Host, *argv: str) -> subprocess.Popen:
     """Start a peer with its output in an unnamed temporary file: a pipe nobody reads could fill and stall it."""
     log = tempfile.TemporaryFile(mode="w+")
@@ -299,6 +319,143 @@ def start_socat(a: Host, b: Host) -> Running:
     return Running(dst=OVERLAY_V4[1], dev=dev, pids=[p.pid for p in procs])
 
 
+# -- WireGuard: tunneld's mode and Debian's wireguard-go (issue 21) ------------------------------------------
+
+WG_PORT = 51820
+WG_MTU = 1440  # 1500 - 60 (outer IPv4 20, UDP 8, WireGuard header 16, tag 16); padding to 16 never passes it
+WG_SOCKET_DIR = Path("/var/run/wireguard")  # UAPI sockets: one directory for every namespace
+
+
+def _wg_names(prefix: str) -> tuple[str, str]:
+    """A's and B's interface names, unique per run: the UAPI socket NAME.sock is shared by all namespaces."""
+    run = uuid.uuid4().hex[:8]
+    return f"{prefix}a{run}", f"{prefix}b{run}"
+
+
+def _wg_keypair(path: Path) -> str:
+    """A new private key written to ``path`` (mode 0600, base64 as `wg genkey` prints it); its public key."""
+    private = X25519PrivateKey.generate()
+    raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(raw).decode() + "\n")
+    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(public).decode()
+
+
+def _wg_ends(a: Host, b: Host, workdir: Path) -> list[tuple[Host, Host, str, str, Path, str]]:
+    """Per end: (host, peer host, own overlay address, peer's overlay address, own key file, peer's public key)."""
+    keys = [workdir / "a.key", workdir / "b.key"]
+    publics = [_wg_keypair(k) for k in keys]
+    return [(a, b, OVERLAY_V4[0], OVERLAY_V4[1], keys[0], publics[1]),
+            (b, a, OVERLAY_V4[1], OVERLAY_V4[0], keys[1], publics[0])]
+
+
+def start_tunneld_wireguard(a: Host, b: Host) -> Running:
+    """tunneld --mode wireguard at both ends, each from a TOML file with a 0600 key file and one [[peer]].
+
+    Its MTU is its own default, like every tunneld row: 1425 on a 1500-byte underlay, as tunneld counts the
+    worst case of padding to 16 (15 bytes) on top of WireGuard's 60. Given ``--mtu 1440`` it sets the device
+    to 1440 but answers a 1440-byte packet with "fragmentation needed, mtu 1425", so 1440 would only be a
+    label here."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-wireguard-"))
+    names = _wg_names("tw")
+    ends: list[Tunneld] = []
+    try:
+        for (host, peer, addr, peer_addr, key, peer_public), dev in zip(_wg_ends(a, b, workdir), names):
+            config = workdir / f"{host.name}.toml"
+            config.write_text(f"""[tunnel]
+mode = "wireguard"
+private_key = "{key}"
+port = {WG_PORT}
+address = "{addr}/{PREFIX}"
+
+[[peer]]
+public_key = "{peer_public}"
+endpoint = "{peer.underlay}:{WG_PORT}"
+allowed_ips = ["{peer_addr}/32"]
+""")
+            ends.append(Tunneld(host, "--config", str(config), dev=dev))
+    except BaseException:
+        for end in ends:
+            end.kill()
+        for dev in names:  # a killed tunneld leaves its UAPI socket file behind
+            (WG_SOCKET_DIR / f"{dev}.sock").unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+    def stop() -> list[str]:
+        try:
+            return _stop_tunnelds(ends)
+        finally:
+            for dev in names:
+                (WG_SOCKET_DIR / f"{dev}.sock").unlink(missing_ok=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=[e.proc.pid for e in ends], stop=stop)
+
+
+def _stop_wireguard_go(procs: list[tuple[Host, str, subprocess.Popen]]) -> list[str]:
+    """SIGTERM each wireguard-go (it removes its device and UAPI socket); kill what ignores it; remove what a
+    killed one left behind. Returns what went wrong, for the row's errors."""
+    problems = []
+    for host, dev, proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+                problems.append(f"wireguard-go in {host.name} ignored SIGTERM; killed")
+            else:
+                if proc.returncode != 0:
+                    problems.append(f"wireguard-go in {host.name} exited with {proc.returncode}")
+        else:
+            problems.append(f"wireguard-go in {host.name} had already exited with {proc.returncode}")
+        sock = WG_SOCKET_DIR / f"{dev}.sock"
+        if sock.exists():
+            sock.unlink(missing_ok=True)
+            problems.append(f"wireguard-go in {host.name} left {sock} behind; removed")
+    return problems
+
+
+def start_wireguard_go(a: Host, b: Host) -> Running:
+    """Debian's wireguard-go (0.0.20220316: no offloads) at both ends, in the foreground (``-f``: its PID is the
+    data path's), configured with the stock ``wg set``, then ``ip addr``, the MTU and ``ip link up``.
+
+    wireguard-go's own default MTU is 1420 (room for an IPv6 underlay); it is set to 1440 here, what a 1500-byte
+    IPv4 underlay carries, as tunneld-wireguard gets, so that both carry the same inner packets."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-wireguard-go-"))
+    names = _wg_names("wg")
+    procs: list[tuple[Host, str, subprocess.Popen]] = []
+    try:
+        ends = _wg_ends(a, b, workdir)
+        for (host, *_), dev in zip(ends, names):
+            procs.append((host, dev, _popen_logged(host, "wireguard-go", "-f", dev)))
+        for (host, dev, proc) in procs:
+            _wait_for([host], [proc], dev,
+                      lambda h, dev=dev: h.link_state(dev) is not None and (WG_SOCKET_DIR / f"{dev}.sock").exists())
+        for (host, peer, addr, peer_addr, key, peer_public), dev in zip(ends, names):
+            host.run("wg", "set", dev, "private-key", str(key), "listen-port", str(WG_PORT),
+                     "peer", peer_public, "endpoint", f"{peer.underlay}:{WG_PORT}", "allowed-ips", f"{peer_addr}/32")
+            host.run("ip", "addr", "add", f"{addr}/{PREFIX}", "dev", dev)
+            host.run("ip", "link", "set", dev, "mtu", str(WG_MTU), "up")
+    except BaseException:
+        _stop_wireguard_go(procs)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+    def stop() -> list[str]:
+        try:
+            return _stop_wireguard_go(procs)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    return Running(dst=OVERLAY_V4[1], dev=names[0], pids=[p.pid for _, _, p in procs], stop=stop)
+
+
 SYSTEMS: dict[str, System] = {
     s.name: s
     for s in (
@@ -321,6 +478,9 @@ SYSTEMS: dict[str, System] = {
         System("tunneld-gretap", "tunneld", _tunneld_available("gretap"), _tunneld_start("gretap")),
         System("openvpn", "userspace-c", _installed("openvpn"), start_openvpn),
         System("socat", "userspace-c", _installed("socat"), start_socat),
+        # issue 21: tunneld's encrypted mode and the userspace WireGuard it interoperates with
+        System("tunneld-wireguard", "tunneld", _tunneld_available("wireguard"), start_tunneld_wireguard),
+        System("wireguard-go", "userspace-go", _installed_all("wireguard-go", "wg"), start_wireguard_go),
     )
 }
 REFERENCE = "kernel-vxlan"

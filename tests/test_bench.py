@@ -204,4 +204,4 @@ def test_every_system_the_issue_names_is_known():
     assert list(SYSTEMS) == ["veth", "kernel-vxlan", "tunneld-vxlan", "tunneld-vxlan-100peers",
                              "tunneld-vxlan-nooffload",
                              "tunneld-vxlan-workers2", "tunneld-vxlan-kernelgso", "tunneld-gre",
-                             "tunneld-gretap", "openvpn", "socat"]
+                             "tunneld-gretap", "openvpn", "socat", "tunneld-wireguard", "wireguard-go"]
