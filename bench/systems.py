@@ -133,6 +133,19 @@ def _tunneld_available(mode: str) -> Callable[[], str | None]:
     return check
 
 
+def _stop_and_tidy(halt: Callable[[], list[str]], tidy: Callable[[], None]) -> Callable[[], list[str]]:
+    """A system's ``stop``: ``halt`` its processes (returning the errors it met), then ``tidy`` what they leave
+    on disk, whatever happened. A failed start calls ``tidy`` itself after killing what it had started."""
+
+    def stop() -> list[str]:
+        try:
+            return halt()
+        finally:
+            tidy()
+
+    return stop
+
+
 def _stop_tunnelds(ends: list[Tunneld]) -> list[str]:
     """SIGTERM each end; what went wrong (ignored SIGTERM, a non-zero exit), for the row's errors."""
     problems = []
@@ -205,6 +218,7 @@ def many_peers_config(mode: str, real_peer: str, address: str) -> str:
 
 def start_tunneld_many_peers(a: Host, b: Host) -> Running:
     workdir = Path(tempfile.mkdtemp(prefix="bench-many-peers-"))
+    tidy = lambda: shutil.rmtree(workdir, ignore_errors=True)  # noqa: E731
     ends: list[Tunneld] = []
     try:
         for host, peer, addr in ((a, b.underlay, OVERLAY_V4[0]), (b, a.underlay, OVERLAY_V4[1])):
@@ -217,15 +231,9 @@ def start_tunneld_many_peers(a: Host, b: Host) -> Running:
     except BaseException:
         for end in ends:
             end.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        tidy()
         raise
-
-    def stop() -> list[str]:
-        try:
-            return _stop_tunnelds(ends)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
+    stop = _stop_and_tidy(lambda: _stop_tunnelds(ends), tidy)
     return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=[e.proc.pid for e in ends], stop=stop)
 
 
@@ -361,6 +369,12 @@ def start_tunneld_wireguard(a: Host, b: Host) -> Running:
     label here."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-wireguard-"))
     names = _wg_names("tw")
+
+    def tidy() -> None:
+        for dev in names:  # a killed tunneld leaves its UAPI socket file behind
+            (WG_SOCKET_DIR / f"{dev}.sock").unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
     ends: list[Tunneld] = []
     try:
         for (host, peer, addr, peer_addr, key, peer_public), dev in zip(_wg_ends(a, b, workdir), names):
@@ -380,19 +394,9 @@ allowed_ips = ["{peer_addr}/32"]
     except BaseException:
         for end in ends:
             end.kill()
-        for dev in names:  # a killed tunneld leaves its UAPI socket file behind
-            (WG_SOCKET_DIR / f"{dev}.sock").unlink(missing_ok=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        tidy()
         raise
-
-    def stop() -> list[str]:
-        try:
-            return _stop_tunnelds(ends)
-        finally:
-            for dev in names:
-                (WG_SOCKET_DIR / f"{dev}.sock").unlink(missing_ok=True)
-            shutil.rmtree(workdir, ignore_errors=True)
-
+    stop = _stop_and_tidy(lambda: _stop_tunnelds(ends), tidy)
     return Running(dst=OVERLAY_V4[1], dev=ends[0].dev, pids=[e.proc.pid for e in ends], stop=stop)
 
 
@@ -428,6 +432,7 @@ def start_wireguard_go(a: Host, b: Host) -> Running:
     wireguard-go's own default MTU is 1420 (room for an IPv6 underlay); it is set to 1440 here, what a 1500-byte
     IPv4 underlay carries, as tunneld-wireguard gets, so that both carry the same inner packets."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-wireguard-go-"))
+    tidy = lambda: shutil.rmtree(workdir, ignore_errors=True)  # noqa: E731
     names = _wg_names("wg")
     procs: list[tuple[Host, str, subprocess.Popen]] = []
     try:
@@ -444,15 +449,9 @@ def start_wireguard_go(a: Host, b: Host) -> Running:
             host.run("ip", "link", "set", dev, "mtu", str(WG_MTU), "up")
     except BaseException:
         _stop_wireguard_go(procs)
-        shutil.rmtree(workdir, ignore_errors=True)
+        tidy()
         raise
-
-    def stop() -> list[str]:
-        try:
-            return _stop_wireguard_go(procs)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
+    stop = _stop_and_tidy(lambda: _stop_wireguard_go(procs), tidy)
     return Running(dst=OVERLAY_V4[1], dev=names[0], pids=[p.pid for _, _, p in procs], stop=stop)
 
 
