@@ -329,3 +329,25 @@ def test_after_rows_that_were_not_merged_the_port_says_so():
     eng.on_link_readable()
     assert merged == [True, False]
     assert eng.peers.fdb.lookup(bytes.fromhex("02000000000e")).address == C
+
+
+@pytest.mark.parametrize("codec", ["vxlan", "gretap --seq"])
+def test_a_flood_to_many_peers_spends_the_wakeups_budget_per_copy_and_leaves_the_rest_for_later(codec):
+    """Head-end replication to a thousand peers is a thousand sends a frame. Counted as one read, 64 such frames
+    held a worker's loop for seconds (its control channel unanswered, the parent logging it stalled)."""
+    from tunneld.datapath.engine import WAKEUP_BYTES
+    from tunneld.encap.gre import GreTap
+
+    peers = [f"10.240.{i >> 8}.{i & 255}" for i in range(1, 1001)]
+    dev, link = FakeDevice(), FakeLink(peers[0])
+    proto = Vxlan(VNI) if codec == "vxlan" else GreTap(seq=True)
+    eng = Engine(dev, link, proto, max_frame=1450, peers=[PeerSpec(p) for p in peers], clock=lambda: 100.0)
+    frame = ether(LOCAL, "ff:ff:ff:ff:ff:ff", size=200)
+    per_wakeup = -(-WAKEUP_BYTES // (len(frame) * len(peers)))  # frames until the copies reach the budget
+    assert per_wakeup < eng.batch  # otherwise the read count, not the budget, would be tested
+    dev.inject(*[frame] * 5)
+    eng.on_device_readable()
+    assert len(link.sent_to) == per_wakeup * len(peers) and len(dev.pending) == 5 - per_wakeup
+    for _ in range(5):  # one wake-up takes at least one frame
+        eng.on_device_readable()
+    assert len(link.sent_to) == 5 * len(peers) and eng.stats.flooded == 5  # nothing lost, only later

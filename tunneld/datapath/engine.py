@@ -125,6 +125,10 @@ _LE64 = np.dtype("<u8")  # a row's source MAC and ethertype read as one word (_l
 # ranges 10.3-23 and 10.5-15.9) at no cost in throughput (0.40 and 0.52 Gbit/s, same noise): a wake-up's
 # work is amortised by its system calls and NumPy calls per super-frame, not by taking several per wake-up.
 WAKEUP_BYTES = 64 << 10
+# FLOOD_COUNTS: a flooded frame spends the budget once per copy it sends, not once for the read. Head-end
+# replication to a thousand peers is a thousand system calls a frame; counted as one read, 64 such frames in
+# one wake-up kept a worker off its control channel for seconds on a loaded machine (its parent logged it
+# as stalled). Now the loop gets a turn after about WAKEUP_BYTES of copies.
 # The underlay socket's receive buffer, in the kernel's accounting. While the loop serves the device (a wake-up
 # of up to WAKEUP_BYTES) and then reads the socket (another WAKEUP_BYTES), the peer keeps sending; the kernel
 # charges each datagram its buffer's true size, about twice the payload of an MTU-size datagram that was not
@@ -383,6 +387,7 @@ class Engine:
                 self._write_icmp(frame, too_big=False)
                 continue
             original = bytes(frame) if len(targets) > 1 else None
+            taken += (len(targets) - 1) * n  # FLOOD_COUNTS
             for i, target in enumerate(targets):
                 if i:
                     self._txbuf[HEADROOM : HEADROOM + n] = original
@@ -577,6 +582,7 @@ class Engine:
                             moved -= self._flush()
                         m = self._flood(packet, flow, n)
                         moved, nbytes = moved + m, nbytes + m * n
+                        taken += (m - 1) * n  # FLOOD_COUNTS: the copies spend the wake-up's budget too
                     else:  # no_route: the sender is told, as a router would (rate-limited with the rest)
                         drops[peer] += 1
                         fallbacks -= n.__class__ is Fallback
