@@ -186,8 +186,8 @@ def test_third_party_plugin_end_to_end(ipudp_installed, hosts):
                  "--address", f"{OVERLAY_V4[1]}/24", "--address", f"{OVERLAY_V6[1]}/64")
     a.wait_ping(OVERLAY_V4[1])
     a.wait_ping(OVERLAY_V6[1])
-    sent, received = transfer(a, b, OVERLAY_V4[1], 8 << 20)
-    assert sent == received and sent.startswith(f"{8 << 20} "), (sent, received)
+    sent, received = transfer(a, b, OVERLAY_V4[1], 1 << 20)
+    assert sent == received and sent.startswith(f"{1 << 20} "), (sent, received)
     assert ta.stop() == 0 and tb.stop() == 0
     # MTU: 1500 - 20 (IPv4) - 8 (UDP) - 4 (its header), from the overhead the plugin declared
     assert "ipudp on tunneld0, mtu 1468, session 7, peer 10.231.0.2 udp/4790" in ta.output()
