@@ -286,7 +286,8 @@ PEER_BAD = [
     ("runtime-relative", '[tunnel]\npeer = "10.0.0.2"\n[control]\nruntime_dir = "run"\n',
      "control.runtime_dir: 'run' is not an absolute path, e.g. /run/tunneld"),
     ("runtime-long", '[tunnel]\npeer = "10.0.0.2"\n[control]\nruntime_dir = "/' + "x" * 100 + '"\n',
-     f"control.runtime_dir: '/{'x' * 100}' is too long for a unix socket path with tunneld0.sock in it (at most 93 bytes)"),
+     f"control.runtime_dir: '/{'x' * 100}' is too long for a unix socket path with tunneld0.sock and a network namespace tag in it "
+     "(at most 79 bytes)"),
 ]
 
 
@@ -349,3 +350,16 @@ def test_a_peer_joining_a_live_table_is_judged_as_the_whole_list_would_be(joinin
         assert str(one.value) == str(e)
     else:
         assert check_joining(others, joining) == whole
+
+
+def test_the_longest_runtime_dir_taken_still_fits_the_socket_name_a_namespaced_daemon_gives_itself():
+    """A daemon outside the host's namespace tags its socket (``DEV:netINODE.sock``); a directory the check took
+    must leave room for the longest tag, or the daemon fails at bind time with a kernel error instead."""
+    from tunneld.config.checks import SUN_PATH_MAX, check_runtime_dir
+    from tunneld.control.client import socket_path
+
+    longest = "/" + "x" * 78
+    assert check_runtime_dir(longest) == longest
+    with pytest.raises(ConfigError):
+        check_runtime_dir(longest + "x")
+    assert len(socket_path(longest, "tunneld0", f":net{2**32 - 1}").encode()) <= SUN_PATH_MAX

@@ -377,15 +377,23 @@ def check_ageing(value: float, what: str = "fdb-ageing") -> float:
     return float(value)
 
 
-def check_runtime_dir(value: str, dev: str = DEFAULT_DEV, what: str = "runtime-dir") -> str:
-    """An absolute directory path that leaves room in a unix socket address for ``DEV.sock``."""
+# What a daemon outside the host's network namespace adds to its socket's name (control/client.netns_tag):
+# ":net" and the namespace's inode number, which is 32 bits (up to 10 digits).
+NETNS_TAG_MAX = len(":net") + len(str(2**32 - 1))
+
+
+def check_runtime_dir(value: str, dev: str | None = DEFAULT_DEV, what: str = "runtime-dir") -> str:
+    """An absolute directory path that leaves room in a unix socket address for ``DEV:netINODE.sock`` (its room
+    judged only when the device's name is known: not None)."""
     if not value.startswith("/") or "\0" in value:
         raise ConfigError(f"{what}: {value!r} is not an absolute path, e.g. {DEFAULT_RUNTIME_DIR}")
     path = os.path.normpath(value)
     path = "/" + path.lstrip("/")  # normpath keeps a leading "//"
-    room = SUN_PATH_MAX - len(f"/{dev}.sock".encode())
+    if dev is None:
+        return path
+    room = SUN_PATH_MAX - len(f"/{dev}.sock".encode()) - NETNS_TAG_MAX
     if len(path.encode()) > room:
-        raise ConfigError(f"{what}: {value!r} is too long for a unix socket path with {dev}.sock in it "
-                          f"(at most {room} bytes)")
+        raise ConfigError(f"{what}: {value!r} is too long for a unix socket path with {dev}.sock and a network "
+                          f"namespace tag in it (at most {room} bytes)")
     return path
 

@@ -347,7 +347,7 @@ def load_file(path: str, modes: Mapping[str, type] | None = None) -> dict[str, A
                     problem(f"{section}.{key}", str(e).split(": ", 1)[-1])
 
     # The room runtime_dir leaves for DEV.sock is judged by validate(), which knows the device's name.
-    one_string("control", "runtime_dir", "a directory path string", lambda v: check_runtime_dir(v, ""), "runtime_dir")
+    one_string("control", "runtime_dir", "a directory path string", lambda v: check_runtime_dir(v, None), "runtime_dir")
     one_string("metrics", "listen", "a \"HOST:PORT\" string (\"\" to disable)", check_listen, "metrics_listen")
 
     if isinstance(data.get("registry"), dict):
