@@ -10,7 +10,7 @@ from tunneld.encap.base import DeviceKind, Drop
 from tunneld.encap.plugins import discover
 from tunneld.encap.session import Answer
 from tunneld.encap.wireguard import StaticKey, key_to_base64
-from tunneld.encap.wireguard.codec import HEADER_LEN, TAIL_LEN, WireGuard
+from tunneld.encap.wireguard.codec import HEADER_LEN, PORT, TAIL_LEN, WireGuard
 from tunneld.testing import FakeClock, FakeDevice, FakeLink, random_frames
 
 A, B = "192.0.2.1", "192.0.2.2"
@@ -24,8 +24,10 @@ def engines(clock: FakeClock, psk: bytes | None = None, keepalive: int = 0):
     a = WireGuard.from_options({"private_key": bytes(range(1, 33)),
                                 "wg_peers": {PB: (psk, keepalive)}})
     b = WireGuard.from_options({"private_key": bytes(range(33, 65)), "wg_peers": {PA: (psk, 0)}})
-    ea = Engine(FakeDevice(), FakeLink(B), a, max_frame=1420, clock=clock, peers=[PeerSpec(B, routes=ALL, key=PB)])
-    eb = Engine(FakeDevice(), FakeLink(A), b, max_frame=1420, clock=clock, peers=[PeerSpec(A, routes=ALL, key=PA)])
+    ea = Engine(FakeDevice(), FakeLink(B, PORT), a, max_frame=1420, clock=clock,
+                peers=[PeerSpec(B, routes=ALL, key=PB)])
+    eb = Engine(FakeDevice(), FakeLink(A, PORT), b, max_frame=1420, clock=clock,
+                peers=[PeerSpec(A, routes=ALL, key=PA)])
     return ea, eb
 
 
@@ -43,6 +45,27 @@ def exchange(ea: Engine, eb: Engine) -> None:
     for _ in range(4):
         if not (carry(ea, eb, A) + carry(eb, ea, B)):
             break
+
+
+def test_a_peer_is_answered_at_the_port_it_sent_from_and_a_forgery_from_another_port_moves_nothing():
+    """WireGuard's endpoint is an address AND a port: a client whose listen port is not ours (wg-quick picks a
+    random one) must get its handshake response, and every packet after, at the port it sent from."""
+    clock = FakeClock(T0)
+    ea, eb = engines(clock)
+    eb.device.inject(random_frames(DeviceKind.TUN, 100, seed=3)[0])
+    eb.on_device_readable()  # B initiates from its own port 40000
+    for packet, _ in eb.link.sent:
+        ea.link.deliver(packet, source=B, port=40000)
+    eb.link.sent.clear()
+    ea.on_link_readable()
+    (peer,) = ea.peers.all
+    assert ea.link.sent_to == [f"{B}:40000"] and peer.port == 40000  # the response went to B's port
+    assert ea.stats.endpoint_changes == 1
+    forged = bytearray(ea.link.sent[0][0])
+    forged[-1] ^= 1  # a bit-flipped response, replayed at A from another port: no move, counted
+    ea.link.deliver(bytes(forged), source=B, port=40001)
+    ea.on_link_readable()
+    assert peer.port == 40000 and ea.stats.endpoint_changes == 1 and sum(ea.stats.drops.values()) == 1
 
 
 def test_registered_with_the_declared_shape():

@@ -59,9 +59,16 @@ def test_peers_become_keyed_specs_with_their_allowed_ips_as_routes(tmp_path):
     assert session.peer.persistent_keepalive == 25 and session.peer.has_preshared_key
 
 
+def test_a_peer_on_a_port_of_its_own_is_sent_there_and_one_on_ours_names_none(tmp_path):
+    values = load_file(str(write(tmp_path, GOOD.replace("10.0.0.2:51820", "10.0.0.2:4000"))))
+    assert values["peers"][0].port == 4000
+    values = load_file(str(write(tmp_path, GOOD)))
+    assert values["peers"][0].port is None  # the tunnel's port, followed if the tunnel's changes
+
+
 @pytest.mark.parametrize("change, words", [
     (('endpoint = "10.0.0.2:51820"\n', ""), "endpoint is required"),
-    (("10.0.0.2:51820", "10.0.0.2:4000"), "not the tunnel's port 51820"),
+    (("10.0.0.2:51820", "10.0.0.2:0"), "endpoint port 0"),
     ((PEER, "AAAA"), "public_key"),
     (('"p.psk"', '"missing.psk"'), "missing.psk"),
     (("persistent_keepalive = 25", "persistent_keepalive = -1"), "persistent_keepalive"),

@@ -45,7 +45,7 @@ def genkey(host, path: Path) -> str:
 
 @contextlib.contextmanager
 def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint: str | None,
-                 pskfile: Path | None = None):
+                 pskfile: Path | None = None, port: int = PORT):
     proc = host.popen("wireguard-go", "-f", name)
     try:
         deadline = time.monotonic() + 10
@@ -53,7 +53,7 @@ def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("wireguard-go did not start")
             time.sleep(0.05)
-        args = ["set", name, "private-key", str(keyfile), "listen-port", str(PORT),
+        args = ["set", name, "private-key", str(keyfile), "listen-port", str(port),
                 "peer", peer_public, "allowed-ips", f"{OVERLAY_V4[0]}/32"]
         if peer_endpoint:
             args += ["endpoint", peer_endpoint]
@@ -81,9 +81,14 @@ def their_peer(host, name: str) -> dict:
     return {"endpoint": fields[2], "latest_handshake": int(fields[4]), "rx": int(fields[5]), "tx": int(fields[6])}
 
 
-@pytest.mark.parametrize("first, psk", [("tunneld", False), ("wireguard-go", False), ("tunneld", True)],
-                         ids=["tunneld-initiates", "wireguard-go-initiates", "tunneld-initiates-psk"])
-def test_tunneld_and_wireguard_go_carry_ping_and_tcp_both_ways(hosts, tmp_path, first, psk):
+@pytest.mark.parametrize("first, psk, their_port, told", [
+    ("tunneld", False, PORT, PORT), ("wireguard-go", False, PORT, PORT), ("tunneld", True, PORT, PORT),
+    # wireguard-go on a port of its own: tunneld told so, and not told (a stale port in the file: tunneld must
+    # answer where the initiation came from, as it must for a wg-quick client without ListenPort)
+    ("tunneld", False, 51999, 51999), ("wireguard-go", False, 51999, PORT)],
+    ids=["tunneld-initiates", "wireguard-go-initiates", "tunneld-initiates-psk", "to-their-own-port",
+         "from-their-own-port"])
+def test_tunneld_and_wireguard_go_carry_ping_and_tcp_both_ways(hosts, tmp_path, first, psk, their_port, told):
     needs()
     a, b = hosts
     run = uuid.uuid4().hex[:8]
@@ -99,7 +104,7 @@ address = "{OVERLAY_V4[0]}/24"
 
 [[peer]]
 public_key = "{their_public}"
-endpoint = "{b.underlay}:{PORT}"
+endpoint = "{b.underlay}:{told}"
 allowed_ips = ["{OVERLAY_V4[1]}/32"]
 """ + ('preshared_key = "p.psk"\n' if psk else ""))
     pskfile = None
@@ -109,7 +114,7 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
         pskfile.chmod(0o600)
     # wireguard-go knows where tunneld is only when it starts (else it learns it from tunneld's initiation)
     endpoint = f"{a.underlay}:{PORT}" if first == "wireguard-go" else None
-    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, endpoint, pskfile):
+    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, endpoint, pskfile, their_port):
         t = Tunneld(a, "--config", str(config), dev=ours)
         try:
             if first == "tunneld":
@@ -127,7 +132,7 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
             assert peer["endpoint"] == f"{a.underlay}:{PORT}", peer
             # and the stock `wg show` reaches tunneld itself (its UAPI socket, get only)
             mine = their_peer(a, ours)
-            assert mine["latest_handshake"] > 0 and mine["endpoint"] == f"{b.underlay}:{PORT}", mine
+            assert mine["latest_handshake"] > 0 and mine["endpoint"] == f"{b.underlay}:{their_port}", mine
             assert mine["rx"] > TRANSFER and mine["tx"] > TRANSFER, mine
             shown = a.run("wg", "show", ours).stdout
             assert their_public in shown and f"allowed ips: {OVERLAY_V4[1]}/32" in shown, shown

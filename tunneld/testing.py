@@ -89,8 +89,9 @@ class FakeLink:
     kernel_drops = 0  # set to stand for the kernel's SO_RXQ_OVFL count
     path_mtu_answer = 0  # what path_mtu() says (0: the kernel knows no path MTU)
 
-    def __init__(self, peer: str = "192.0.2.2") -> None:
+    def __init__(self, peer: str = "192.0.2.2", port: int = 4789) -> None:
         self.peer = peer
+        self.port = port  # the tunnel's own: datagrams come from it unless ``deliver`` says otherwise
         self.pending: deque[tuple[bytes, str] | OSError] = deque()
         self.sent: list[tuple[bytes, int]] = []
         self.sent_to: list[str] = []
@@ -117,8 +118,9 @@ class FakeLink:
         for i in range(0, len(packets), size):
             self.send(packets[i : i + size], flow, dest)
 
-    def deliver(self, packet: bytes, source: str | None = None) -> None:
-        self.pending.append((packet, source or self.peer))
+    def deliver(self, packet: bytes, source: str | None = None, port: int = 0) -> None:
+        """Queue a datagram from ``source`` (default: the peer) and ``port`` (0: the tunnel's own)."""
+        self.pending.append((packet, source or self.peer, port))
 
     def deliver_error(self, err: int) -> None:
         """Queue a socket error, as a pending ICMP error surfaces on the next receive."""
@@ -128,24 +130,29 @@ class FakeLink:
         return -1
 
     def recv_into(self, buf: memoryview) -> tuple[int, str]:
+        n, source, _port = self.recv_from(buf)
+        return n, source
+
+    def recv_from(self, buf: memoryview) -> tuple[int, str, int]:
         if not self.pending:
             raise BlockingIOError(errno.EAGAIN, "no datagram")
         item = self.pending.popleft()
         if isinstance(item, OSError):
             raise item
-        packet, source = item
+        packet, source, port = item
         buf[: len(packet)] = packet
-        return len(packet), source
+        return len(packet), source, port or self.port
 
     def recv_one(self, buf: memoryview) -> tuple[int, str, int]:
         n, source = self.recv_into(buf)
         return n, source, 0
 
-    def destination(self, address: str) -> str:
-        """As the real links: one IP version for all peers (ValueError, one line, for the other)."""
+    def destination(self, address: str, port: int | None = None) -> str:
+        """As the real links: one IP version for all peers (ValueError, one line, for the other). ``sent_to``
+        names a peer by its address alone while it is at the tunnel's port, ``ADDRESS:PORT`` otherwise."""
         if (":" in address) != (":" in self.peer):
             raise ValueError(f"peer {address} is not of the same IP version as the underlay socket")
-        return address
+        return address if port is None or port == self.port else f"{address}:{port}"
 
     def set_peer(self, peer: str) -> None:
         self.peer = peer

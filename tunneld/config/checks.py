@@ -295,7 +295,10 @@ def check_spec(spec: PeerSpec, what: str = "peer") -> PeerSpec:
             twice = next(x for x in done if done.count(x) > 1)
             raise ConfigError(f"{where}: {key}: {twice} is given twice")
         lists.append(done)
-    return PeerSpec(address, name, lists[0], lists[1], spec.source, spec.key)  # a keyed peer keeps its id
+    if spec.port is not None and not 1 <= spec.port <= 65535:
+        raise ConfigError(f"{where}: port {spec.port} is not a UDP port (1-65535)")
+    # a keyed peer keeps its id, and its own port
+    return replace(spec, address=address, name=name, routes=lists[0], macs=lists[1])
 
 
 def check_peers(peers: tuple[PeerSpec, ...], what: str = "peer") -> tuple[PeerSpec, ...]:

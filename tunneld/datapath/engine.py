@@ -171,7 +171,9 @@ class LinkPort(Protocol):
     def size_receive_buffer(self, size: int) -> None: ...
     def path_mtu(self, address: str) -> int: ...  # the kernel's path MTU towards address (0: none known)
     def recv_one(self, buf: memoryview) -> tuple[int, str, int]: ...  # one datagram: (n, source, 0)
-    def destination(self, address: str) -> object: ...  # what send takes for a peer (checks the family)
+    def recv_from(self, buf: memoryview) -> tuple[int, str, int]: ...  # one datagram: (n, source, its port)
+    # what send takes for a peer (checks the family; port None: the tunnel's)
+    def destination(self, address: str, port: int | None = None) -> object: ...
     def send(self, packet: memoryview, flow: int, dest: object = None) -> None: ...  # one datagram, now
     # rows, where the engine batches (offloads): see io/udp.py and io/raw.py
     def enable_gro(self, max_packet: int = 65535) -> object: ...
@@ -434,7 +436,7 @@ class Engine:
         drops = stats.drops
         view = self._rxview
         area = self._rx_area
-        recv = self._recv
+        recv = self.link.recv_from  # the source's port too: a WireGuard peer is answered where it sent from
         keyed = self._keyed
         identify = self.codec.identify
         deliver_one = self._deliver_one
@@ -444,7 +446,7 @@ class Engine:
             if taken >= WAKEUP_BYTES:
                 break
             try:
-                n, source, _ = recv(area)
+                n, source, port = recv(area)
             except BlockingIOError:
                 break
             except OSError:
@@ -467,7 +469,7 @@ class Engine:
             if peer is None:
                 drops[Drop.UNKNOWN_PEER] += 1
                 continue
-            b = deliver_one(packet, peer, now, source)
+            b = deliver_one(packet, peer, now, source, port)
             if b >= 0:
                 moved += 1
                 nbytes += b
@@ -926,16 +928,17 @@ class Engine:
             return self.peers.routes.lookup(int.from_bytes(packet[at + 8 : at + 24], "big"), 6) is peer
         return False
 
-    def _deliver_one(self, packet: memoryview, peer: Peer, now: float, source: str) -> int:
+    def _deliver_one(self, packet: memoryview, peer: Peer, now: float, source: str, port: int = 0) -> int:
         """The one way a single datagram from ``peer`` reaches the device: its session's verdict (``open``), and
         in L3 with several peers whether the inner source is the peer's; then the write, the source MAC (L2)
-        and the peer's counters; a session that authenticated it may move the peer to ``source`` (roaming).
+        and the peer's counters; a session that authenticated it may move the peer to ``source`` and ``port``
+        (roaming; port 0: not known, the peer keeps its own).
         Returns the inner bytes written, or -1 when nothing was (counted by reason, never raised)."""
         ps = peer.stats
         opened = peer.session.open(packet, now)
         if opened.__class__ is not tuple:
             if opened is HELD:  # the codec's own message: no frame, no drop; it may have something to send
-                self._roam(peer, source)  # first: an answer (a handshake response) goes where the peer is now
+                self._roam(peer, source, port)  # first: an answer (a handshake response) goes where the peer is now
                 self._after_session(peer, now)
                 return -1
             self.stats.drops[opened] += 1
@@ -964,14 +967,18 @@ class Engine:
         ps.rx_bytes += length
         ps.last_rx = now
         if self._sessions:
-            self._roam(peer, source)
+            self._roam(peer, source, port)
             self._after_session(peer, now)
         return length
 
-    def _roam(self, peer: Peer, source: str) -> None:
-        """A datagram from ``source`` was accepted by ``peer``'s session: if the session authenticates what it
-        accepts, the peer is now there; if not, nothing moves (a spoofed source must never redirect a peer)."""
-        if source != peer.endpoint and peer.session.authenticates and self.peers.move(peer, source):
+    def _roam(self, peer: Peer, source: str, port: int) -> None:
+        """A datagram from ``source`` and ``port`` (0: not known) was accepted by ``peer``'s session: if the
+        session authenticates what it accepts, the peer is now there; if not, nothing moves (a spoofed source
+        must never redirect a peer)."""
+        if port == 0:
+            port = peer.port
+        if (source != peer.endpoint or port != peer.port) and peer.session.authenticates \
+                and self.peers.move(peer, source, port):
             self.stats.endpoint_changes += 1
 
     def _deliver(self, n: int, size: int, peer: Peer, now: float) -> tuple[int, int]:

@@ -44,6 +44,8 @@ class PeerSpec:
     ``macs``: L2 modes (vxlan, gretap, TAP plugins): static FDB entries, canonical lower-case ``aa:bb:..``.
     ``source``: who said so, STATIC or REGISTRY (shown by ``tunneld show``).
     ``key``: its identity for a keyed codec (the value its packets carry that names it), or None.
+    ``port``: the underlay port it listens on when not the tunnel's own (WireGuard: each end picks its own
+      listen port), or None: the tunnel's port.
     """
 
     address: str
@@ -52,6 +54,7 @@ class PeerSpec:
     macs: tuple[str, ...] = ()
     source: str = STATIC
     key: str | None = None
+    port: int | None = None
 
     @property
     def id(self) -> str:
@@ -73,7 +76,7 @@ NO_PATH_LIMIT = 65535  # a peer's max_frame until its path MTU is learnt: only t
 
 class Peer:
     """A peer as the engine holds it: its spec, its ``id`` (the key of the tables), its ``endpoint`` (the
-    underlay address it is reached at now) and where the link sends to (``dest``, built once per endpoint by
+    underlay address it is reached at now) and ``port`` (None: the tunnel's) and where the link sends to (``dest``, built once per endpoint by
     the link), its codec ``session`` (tunneld/encap/session.py) and its counters (``stats``, the ``PeerStats``
     kept in the engine's Stats under its id).
 
@@ -82,12 +85,13 @@ class Peer:
     that path (NO_PATH_LIMIT until learnt; ``Engine.segment_limit(peer)`` adds the engine's own limit), and
     ``pmtu_checked``, when the kernel was last asked."""
 
-    __slots__ = ("spec", "id", "endpoint", "dest", "session", "stats", "pmtu", "max_frame", "pmtu_checked")
+    __slots__ = ("spec", "id", "endpoint", "port", "dest", "session", "stats", "pmtu", "max_frame", "pmtu_checked")
 
     def __init__(self, spec: PeerSpec, dest: object, stats: PeerStats, session: object = None) -> None:
         self.spec = spec
         self.id = spec.id
         self.endpoint = spec.address
+        self.port = spec.port
         self.dest = dest
         self.session = session
         self.stats = stats
@@ -114,12 +118,13 @@ class PeerTable:
     goes to without a look-up: set when there is one peer and it would win every look-up (L2; L3 with routes
     covering everything), which keeps the one-peer path free of look-ups.
 
-    ``destination(address)`` is the link's: it checks the address (family) and builds what its send takes.
+    ``destination(address, port)`` is the link's: it checks the address (family) and builds what its send takes
+    (port None: the tunnel's).
     ``session(peer_id)`` is the codec's: the state it keeps per peer, made once when the peer is added.
     Changes are all-or-nothing: ``apply`` (which ``upsert``, ``remove`` and ``replace`` call) builds the final
     table once and raises ValueError (one line), changing nothing, when the link or the routes refuse it."""
 
-    def __init__(self, *, l2: bool, stats: Stats, destination: Callable[[str], object],
+    def __init__(self, *, l2: bool, stats: Stats, destination: Callable[[str, int | None], object],
                  session: Callable[[str], object] = _no_session,
                  fdb_max: int = DEFAULT_MAX_ENTRIES, fdb_ageing: float = DEFAULT_AGEING) -> None:
         self.l2 = l2
@@ -178,7 +183,7 @@ class PeerTable:
                     gone.session.close()  # its keys go with it (WireGuard); a peer re-added gets a new session
         for peer, spec, macs, known, dest in changed:
             if known and dest is not None:
-                peer.endpoint, peer.dest = spec.address, dest
+                peer.endpoint, peer.port, peer.dest = spec.address, spec.port, dest
             peer.spec = spec
             self._stats.peers[spec.id] = peer.stats
             if self.fdb is not None:
@@ -190,16 +195,20 @@ class PeerTable:
         self.routes = routes
         self._settle()
 
-    def move(self, peer: Peer, endpoint: str) -> bool:
-        """Roaming: ``peer`` is now at ``endpoint`` (its session authenticated a packet from there). False, and
-        nothing changes, when the link cannot send there (another IP version)."""
+    def move(self, peer: Peer, endpoint: str, port: int | None = None) -> bool:
+        """Roaming: ``peer`` is now at ``endpoint`` and ``port`` (None: the tunnel's) (its session authenticated
+        a packet from there). False when it has not moved: the link cannot send there (another IP version), or
+        it is where the peer was (its port, None for the tunnel's, now named: the next packet finds it there)."""
         try:
-            dest = self._destination(endpoint)
+            dest = self._destination(endpoint, port)
         except ValueError:
+            return False
+        if endpoint == peer.endpoint and dest == peer.dest:
+            peer.port = port
             return False
         if self.by_endpoint.get(peer.endpoint) is peer:
             del self.by_endpoint[peer.endpoint]
-        peer.endpoint, peer.dest = endpoint, dest
+        peer.endpoint, peer.port, peer.dest = endpoint, port, dest
         self.by_endpoint[endpoint] = peer
         return True
 
@@ -213,7 +222,8 @@ class PeerTable:
             old = peers.get(spec.id)
             macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
             # A keyed peer told of a new address is sent there from now on (as `wg set ... endpoint` does).
-            dest = self._destination(spec.address) if old is None or old.spec.address != spec.address else None
+            moved = old is None or (old.spec.address, old.spec.port) != (spec.address, spec.port)
+            dest = self._destination(spec.address, spec.port) if moved else None
             peer = old if old is not None else Peer(
                 spec, dest, self._stats.peers.get(spec.id) or PeerStats(), self._session(spec.id))
             peers[spec.id] = peer

@@ -120,9 +120,10 @@ class RawLink:
         if self._sender is not None:
             self._sender.set_destination(self._sockaddrs[self._peer])
 
-    def destination(self, address: str) -> tuple[str, int]:
+    def destination(self, address: str, port: int | None = None) -> tuple[str, int]:
         """What ``send`` takes to reach the peer at ``address``, built once per peer (with its sockaddr for
-        sendmmsg); ValueError (one line) for an address of the other IP version."""
+        sendmmsg); ValueError (one line) for an address of the other IP version. (Raw IP has no ports: ``port``
+        is the link protocol's, and ignored.)"""
         try:
             dest = (same_family_peer(address, self.family), 0)
         except Exception as e:
@@ -274,6 +275,10 @@ class RawLink:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def recv_from(self, buf: memoryview) -> tuple[int, str, int]:
+        """One packet's payload: (length, source, 0): raw IP has no ports (the link protocol's ``recv_from``)."""
+        return self.recv_one(buf)
 
     def recv_into(self, buf: memoryview) -> tuple[int, str]:
         """One packet's payload into ``buf``: (length, source). Raises BlockingIOError when there is none."""

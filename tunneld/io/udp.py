@@ -230,12 +230,18 @@ class UdpLink:
         n, source, _ = self.recv_one(buf)
         return n, source
 
-    def recv_one(self, buf: memoryview) -> tuple[int, str, int]:
-        """One datagram, answered as ``recv_gro_into`` answers (size 0: not rows): the engine's batch of one."""
+    def recv_from(self, buf: memoryview) -> tuple[int, str, int]:
+        """One datagram: (length, source address, source port), for the codecs whose peers answer from a port
+        of their own (WireGuard)."""
         n, ancdata, _flags, addr = self._rx.recvmsg_into((buf,), OVFL_SPACE)
         if ancdata:  # only once the socket has dropped something
             self._drops.note(ancdata)
-        return n, addr[0], 0
+        return n, addr[0], addr[1]
+
+    def recv_one(self, buf: memoryview) -> tuple[int, str, int]:
+        """One datagram, answered as ``recv_gro_into`` answers (size 0: not rows): the engine's batch of one."""
+        n, source, _port = self.recv_from(buf)
+        return n, source, 0
 
     @property
     def kernel_drops(self) -> int:
@@ -251,11 +257,11 @@ class UdpLink:
         """The path MTU the kernel holds towards ``address`` (``PathProbe``)."""
         return self._probe.path_mtu(address)
 
-    def destination(self, address: str) -> tuple[str, int]:
-        """What ``send`` takes to reach the peer at ``address``, built once per peer; ValueError (one line) for
-        an address of the other IP version (one socket family for all peers)."""
+    def destination(self, address: str, port: int | None = None) -> tuple[str, int]:
+        """What ``send`` takes to reach the peer at ``address`` and ``port`` (None: the tunnel's), built once per
+        peer; ValueError (one line) for an address of the other IP version (one socket family for all peers)."""
         try:
-            return (same_family_peer(address, self.family), self.port)
+            return (same_family_peer(address, self.family), self.port if port is None else port)
         except Exception as e:
             raise ValueError(str(e)) from None
 

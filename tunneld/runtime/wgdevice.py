@@ -36,8 +36,8 @@ class EngineWgDevice:
         self.engine = engine
         self.port = port
 
-    def _endpoint(self, address: str) -> Endpoint:
-        return Endpoint(ipaddress.ip_address(address), self.port)
+    def _endpoint(self, address: str, port: int | None) -> Endpoint:
+        return Endpoint(ipaddress.ip_address(address), self.port if port is None else port)
 
     @property
     def config(self) -> InterfaceConfig:
@@ -50,7 +50,7 @@ class EngineWgDevice:
                 continue
             key = Key(key_from_base64(peer.spec.id))
             psk = Key(wg.keys.preshared_key) if wg.has_preshared_key else None
-            peers[key] = PeerConfig(public_key=key, preshared_key=psk, endpoint=self._endpoint(peer.spec.address),
+            peers[key] = PeerConfig(public_key=key, preshared_key=psk, endpoint=self._endpoint(peer.endpoint, peer.port),
                                     persistent_keepalive=wg.persistent_keepalive,
                                     allowed_ips=tuple(parse_allowed_ip(r) for r in peer.spec.routes))
         return InterfaceConfig(private_key=private, listen_port=self.port, peers=peers)
@@ -66,4 +66,5 @@ class EngineWgDevice:
         handshake = wg.last_handshake_wall
         return PeerStats(last_handshake_ns=0 if handshake is None else int(handshake * 1e9),
                          rx_bytes=wg.rx_bytes, tx_bytes=wg.tx_bytes,
-                         endpoint=None if engine_peer is None else self._endpoint(engine_peer.endpoint))
+                         endpoint=None if engine_peer is None else self._endpoint(engine_peer.endpoint,
+                                                                                  engine_peer.port))
