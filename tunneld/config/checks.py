@@ -337,6 +337,22 @@ def check_joining(others: tuple[PeerSpec, ...], spec: PeerSpec, what: str = "pee
     return spec
 
 
+def check_disjoint(others: tuple[PeerSpec, ...], spec: PeerSpec, what: str = "peer") -> PeerSpec:
+    """``spec``'s routes (a WireGuard peer's allowed IPs) overlap none of ``others``': not the same prefix
+    (``check_joining``'s rule) and neither inside the other. A file's [[peer]] tables may nest prefixes, as
+    WireGuard allows (the longest wins); a peer from the registry may not, or one record could take part of a
+    host's addresses. One line naming the other peer; the prefixes are checked canonical (``check_spec``)."""
+    mine = [ipaddress.ip_network(r) for r in spec.routes]
+    for other in others:
+        for route in other.routes:
+            theirs = ipaddress.ip_network(route)
+            for net in mine:
+                if net.version == theirs.version and net.overlaps(theirs):
+                    raise ConfigError(f"{what} {spec.address}: allowed IP {net} overlaps {theirs} of peer "
+                                      f"{other.address}")
+    return spec
+
+
 def _claims(spec: PeerSpec):
     """What a peer holds that no other may: its name, its routes, its static MACs, as (kind, value)."""
     if spec.name:
