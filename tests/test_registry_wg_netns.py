@@ -186,3 +186,24 @@ def test_three_wireguard_hosts_mesh_through_etcd_refuse_a_forged_key_and_drop_a_
         assert private not in log and base64.b64decode(private).hex() not in log
         if d is not c_daemon:
             assert "registry: host" in log and "Traceback" not in log, log
+
+
+def test_a_wireguard_host_without_a_private_key_stops_with_one_line_and_registers_nothing(cluster):
+    """Without a key there is no public key to register: one line, exit status 1, nothing written to etcd."""
+    hosts, etcd = cluster
+    prefix = "/wg21nokey"
+    dev = f"wgn{uuid.uuid4().hex[:6]}"
+    d = Tunneld(hosts[3], "--mode", "wireguard", "--address", f"{hosts[3].overlay}/24", "--registry",
+                etcd.url(prefix), "--registry-ttl", str(TTL), "--metrics-listen", "", dev=dev, wait=False)
+    try:
+        status = d.proc.wait(timeout=30)
+        log = d.output()
+    finally:
+        d.kill()
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"/var/run/wireguard/{dev}.sock").unlink()
+    assert status == 1, log
+    refusals = [line for line in log.splitlines() if "registers its public key" in line]
+    assert len(refusals) == 1 and "give it a private key" in refusals[0], log
+    assert "Traceback" not in log, log
+    assert etcd.etcdctl("get", f"{prefix}/", "--prefix", "--keys-only").stdout.strip() == ""
