@@ -7,7 +7,8 @@ wireguard`` with only their own key file and ``--registry`` (no [[peer]] table).
     other two's public keys at their endpoints;
   - no private key is anywhere in etcd (its whole keyspace read), nor in any log;
   - a fourth record forging a host's public key with another endpoint is refused by every host (counted
-    "taken", or "own" on the host whose key it is) and the traffic does not notice;
+    "taken", or "own" on the host whose key it is) and the traffic does not notice; a real daemon given a
+    copy of that host's key file stops at start-up, naming the host that holds the key;
   - a host that stops without a word (SIGKILL: its lease is not revoked) leaves the others' `wg show` when its
     lease's TTL (3 s here, ``--registry-ttl``) lapses.
 Every daemon is stopped (killed if need be) and its UAPI socket file removed, also when the test fails.
@@ -166,6 +167,27 @@ def test_three_wireguard_hosts_mesh_through_etcd_refuse_a_forged_key_and_drop_a_
         for (src, *_), (dst, *_) in pairs:
             r = src.run("ping", "-c", "3", "-i", "0.2", "-W", "1", dst.overlay, check=False, timeout=10)
             assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout
+
+        # 3b. A real daemon on another host given b's key file: refused at start, naming b; b stays b.
+        copy = tmp_path / "copy-of-b.key"
+        copy.write_text(ds[1][3] + "\n")
+        copy.chmod(0o600)
+        dev = f"wgx{uuid.uuid4().hex[:6]}"
+        twin = Tunneld(hosts[0], "--mode", "wireguard", "--private-key", str(copy), "--address", "10.254.0.98/24",
+                       "--registry", etcd.url(prefix), "--registry-ttl", str(TTL), "--metrics-listen", "",
+                       dev=dev, wait=False)
+        try:
+            status = twin.proc.wait(timeout=30)
+            log = twin.output()
+        finally:
+            twin.kill()
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"/var/run/wireguard/{dev}.sock").unlink()
+        assert status == 1, log
+        assert f"public key {b_public} is already registered by host {b_host.underlay}" in log, log
+        assert ds[1][3] not in log
+        for me in ds:
+            assert wg_peers(me[0], me[2]) == {o[4]: f"{o[0].underlay}:{PORT}" for o in ds if o is not me}
 
         # 4. Host c stops without a word: its lease lapses after the TTL and it leaves a's and b's peers.
         c_host, c_daemon, c_dev, _, c_public = ds[2]
