@@ -164,12 +164,41 @@ def tunnel_over_fakes(static: tuple[PeerSpec, ...] = ()):
     return t, RegistryBridge(t, PeerControl(t)), codec
 
 
-def test_the_bridge_publishes_our_public_key_and_port_never_the_private_key():
+def test_the_bridge_publishes_our_public_key_and_port_never_the_private_key(monkeypatch):
+    """The record the bridge hands the etcd client, as it would be written: our key and endpoint, no secret."""
+    import asyncio
+    import dataclasses
+
+    from tunneld.control import etcd
+    from tunneld.control.registry import RegistryConfig
+
+    handed = {}
+
+    class Client:  # stands for etcd.Registry: what start() gives it is what would be written
+        def __init__(self, cfg, record, membership, **kw):
+            handed.update(record=record, membership=membership)
+
+        def start(self):
+            handed["started"] = True
+
+    monkeypatch.setattr(etcd, "Registry", Client)
     t, bridge, _ = tunnel_over_fakes()
-    assert bridge.identity() == (OUR_KEY, PORT)
-    ours = record("192.0.2.1", key=OUR_KEY, overlay=("10.78.0.1/24",))
-    assert base64.b64encode(OUR_PRIVATE).decode() not in ours.encode().decode()
-    assert OUR_PRIVATE.hex() not in ours.encode().decode()
+    t.cfg = dataclasses.replace(t.cfg, local="192.0.2.1", addresses=("10.78.0.1/24",),
+                                registry=RegistryConfig(("192.0.2.9:2379",), "/mesh"))
+    loop = asyncio.new_event_loop()
+    try:
+        bridge.start(loop)
+    finally:
+        loop.close()
+    written = handed["record"].encode().decode()
+    assert handed["started"] and json.loads(written)["public_key"] == OUR_KEY
+    assert json.loads(written)["endpoint"] == f"192.0.2.1:{PORT}"
+    assert json.loads(written)["allowed_ips"] == ["10.78.0.1/32"]
+    for secret in (base64.b64encode(OUR_PRIVATE).decode(), OUR_PRIVATE.hex(), OUR_PRIVATE.decode("latin-1")):
+        assert secret not in written
+    assert handed["membership"].public_key == OUR_KEY and handed["membership"].port == PORT
+    assert [c.path for c in handed["record"].claims()][-1] == b"wireguard/key/" + OUR_KEY.encode()
+
     from tunneld.encap.wireguard.codec import WireGuard
 
     bridge.tunnel.plan = SimpleNamespace(vni=None, mtu=1420, codec=WireGuard(None), port=PORT)  # no key yet
