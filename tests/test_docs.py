@@ -221,12 +221,14 @@ def test_the_control_socket_examples_are_requests_the_server_takes():
     assert {server.parse_request(line.encode()).command for line in lines} == {"show", "peer-add", "peer-remove"}
 
 
-def test_the_registry_record_example_decodes():
+def test_the_registry_record_examples_decode():
     text = (REPO / "docs" / "registry.md").read_text()
-    block = next(b for b in blocks(REPO / "docs" / "registry.md") if b.text.lstrip().startswith('{"address"'))
-    record = json.loads(block.text)
-    assert decode(f"/overlay1/hosts/{record['address']}".encode(), block.text.encode(), b"/overlay1/hosts/")
-    assert "PREFIX/hosts/<underlay address>" in text
+    found = [b for b in blocks(REPO / "docs" / "registry.md") if b.text.lstrip().startswith('{"address"')]
+    for block in found:
+        record = json.loads(block.text)
+        assert decode(f"/overlay1/hosts/{record['address']}".encode(), block.text.encode(), b"/overlay1/hosts/")
+    assert {json.loads(b.text)["mode"] for b in found} == {"vxlan", "wireguard"}  # a wireguard record's too
+    assert "PREFIX/hosts/<underlay address>" in text and "whoever can write the etcd prefix" in text
 
 
 def test_the_show_json_example_uses_only_documented_fields():

@@ -594,17 +594,17 @@ def test_refusals_are_told_at_once_then_at_most_once_per_interval():
 def test_claim_kinds_are_a_declared_list_and_a_new_kind_is_one_more_entry(monkeypatch):
     """The claims follow CLAIM_KINDS: a record claims one key per value of each kind (the tunnel's kinds
     scoped to mode and VNI), and a kind added to the list is claimed, and required, with no other change."""
-    assert [k.name for k in CLAIM_KINDS] == ["underlay", "overlay", "mac"]
+    assert [k.name for k in CLAIM_KINDS] == ["underlay", "overlay", "mac", "key"]  # key: wireguard records only
     rec = record("10.0.0.2", overlay=("192.168.1.2/24", "fd00::2/64"))
     assert [c.path for c in rec.claims()] == [b"underlay/10.0.0.2", b"vxlan-7/overlay/192.168.1.2",
                                               b"vxlan-7/overlay/fd00::2", b"vxlan-7/mac/02:00:00:00:00:02"]
-    key_kind = registry_module.ClaimKind("key", "public key", True, lambda r: (f"k-{r.address}",))
-    monkeypatch.setattr(registry_module, "CLAIM_KINDS", (*CLAIM_KINDS, key_kind))
-    assert rec.claims()[-1].path == b"vxlan-7/key/k-10.0.0.2"
+    name_kind = registry_module.ClaimKind("name", "peer name", True, lambda r: (f"n-{r.address}",))
+    monkeypatch.setattr(registry_module, "CLAIM_KINDS", (*CLAIM_KINDS, name_kind))
+    assert rec.claims()[-1].path == b"vxlan-7/name/n-10.0.0.2"
     m = membership()
-    without_key = [kv for kv in kvs(rec) if b"/key/" not in kv[0]]
-    assert m.apply(without_key) == ((), ())
-    assert m.refused[PREFIX + b"10.0.0.2"] == ("unclaimed", "its public key k-10.0.0.2 is held by no one")
+    without_name = [kv for kv in kvs(rec) if b"/name/" not in kv[0]]
+    assert m.apply(without_name) == ((), ())
+    assert m.refused[PREFIX + b"10.0.0.2"] == ("unclaimed", "its peer name n-10.0.0.2 is held by no one")
 
 
 def test_a_claim_taken_while_away_is_named_at_every_retry_and_the_host_returns_when_it_is_free(monkeypatch, caplog):

@@ -9,23 +9,32 @@ Flow:
   3. ``changes`` applies them through the control handlers (control/handlers.PeerControl), so that a host
      from etcd meets the rules a peer from a file or the control socket meets.
 
-What must stay true: a static peer (flags, file, control socket) wins over a record for its address; a peer
-the tunnel refuses is logged and counted (``refused``), and the other hosts still apply.
+What must stay true: a static peer (flags, file, control socket) wins over a record for its address (and, in
+a keyed mode, its key); a peer the tunnel refuses is logged and counted (``refused``), and the other hosts
+still apply.
+
+In a keyed mode (wireguard) our record carries our public key and listen port, never the private key (the codec
+holds its bytes; nothing here reads them), and each peer is known by its key: removals are by id, and a
+record's allowed IPs must not overlap any other peer's (WireGuard would split the traffic by longest prefix;
+the registry does not let a record take part of a host's addresses).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import logging
 import time
 
 from tunneld import __version__
+from tunneld.config.checks import check_disjoint
 from tunneld.config.schema import ConfigError
 from tunneld.control.handlers import PeerControl, Running
 from tunneld.control.registry import Membership, Record, owner_id
 from tunneld.datapath.peers import REGISTRY, PeerSpec
 from tunneld.io import SetupError
+from tunneld.runtime.channel import Apply
 
 log = logging.getLogger("tunneld")
 
@@ -50,10 +59,11 @@ class RegistryBridge:
         tunnel = self.tunnel
         cfg, plan = tunnel.cfg, tunnel.plan
         l2 = tunnel.worker.engine.peers.l2
+        public_key, port = self.identity()
         record = Record(cfg.local, cfg.mode, plan.vni, plan.mac if l2 else None, cfg.addresses, __version__,
-                        round(time.time(), 3), owner_id(cfg.dev))
+                        round(time.time(), 3), owner_id(cfg.dev), public_key=public_key, port=port)
         membership = Membership(cfg.registry.hosts_prefix(), cfg.local, l2=l2, mode=cfg.mode, vni=plan.vni,
-                                stats=tunnel.registry_stats)
+                                stats=tunnel.registry_stats, public_key=public_key, port=port)
         pending: collections.deque = collections.deque()  # (upserts, removals), in the order etcd said them
 
         def drain() -> None:
@@ -82,24 +92,41 @@ class RegistryBridge:
         self.registry.start()
         return self.registry
 
+    def identity(self) -> tuple[str | None, int | None]:
+        """(our public key in base64, our listen port) for a keyed codec's record, else (None, None). A keyed
+        tunnel without a private key has nothing to register: ValueError, one line (serve stops with it)."""
+        codec = self.tunnel.plan.codec
+        if not getattr(codec, "keyed", False):
+            return None, None
+        public = getattr(getattr(codec, "wg", None), "public_key", None)
+        if public is None:
+            raise ValueError(f"mode {self.tunnel.cfg.mode} registers its public key: give it a private key "
+                             "(--private-key FILE or tunnel.private_key)")
+        return base64.b64encode(public).decode(), self.tunnel.plan.port
+
     def changes(self, upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
-        """Hosts that joined, changed or left, as peers. A static peer (flags, file, control socket) wins over a
-        record for its address: the record is not applied, and its leaving does not remove the static peer. A
-        peer the tunnel refuses is logged and counted (``refused``); the others still apply."""
+        """Hosts that joined, changed or left, as peers (``removals``: their ids). A static peer (flags, file,
+        control socket) wins over a record for its address or key: the record is not applied, and its leaving
+        does not remove the static peer. A peer the tunnel refuses is logged and counted (``refused``); the
+        others still apply."""
         tunnel = self.tunnel
         stats = tunnel.registry_stats
-        static = {spec.address for spec in tunnel.cfg.peers}
+        static = {spec.address for spec in tunnel.cfg.peers} | {spec.id for spec in tunnel.cfg.peers}
         table = tunnel.worker.engine.peers
-        for address in removals:
-            peer = table.get(address)
-            if peer is not None and peer.spec.source == REGISTRY and address not in static:
-                self.peers.remove_peer(address)
-                log.info("registry: host %s left", address)
+        for peer_id in removals:
+            peer = table.get(peer_id)
+            if peer is not None and peer.spec.source == REGISTRY and peer_id not in static:
+                # by id, through the same Apply as `tunneld peer remove`: a keyed peer's session is closed and
+                # its keys zeroed (PeerTable.apply); registry peers are not in cfg.peers, so nothing else changes
+                tunnel.apply(Apply(peers_removed=(peer.id,)))
+                log.info("registry: host %s left", peer.spec.address)
         for spec in upserts:
-            if spec.address in static:
+            if spec.address in static or spec.id in static:
                 continue
-            known = table.get(spec.address) is not None
+            known = table.get(spec.id) is not None
             try:
+                if spec.key is not None:
+                    check_disjoint(tuple(p.spec for p in table.all if p.id != spec.id), spec)
                 self.peers.add_peer(spec)
             except (ConfigError, SetupError) as e:
                 log.warning("registry: host %s not made a peer: %s", spec.address, e)

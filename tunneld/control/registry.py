@@ -10,11 +10,15 @@ Layout (flannel's: one key per host, and one key per claimed value, as flannel h
   {"address": "10.0.0.1", "mode": "vxlan", "vni": 42, "mac": "02:..", "overlay": ["192.168.100.1/24"],
    "version": "1.2.0", "started": 1764400000.0, "owner": "9f..."}
   and, optional (tunneld writes neither yet; another writer may): "name" (the peer's name) and "routes" (L3
-  modes: prefixes behind the host).
+  modes: prefixes behind the host). A wireguard host's record adds what a WireGuard peer is made of (its
+  private key never: only the key file holds it): "public_key" (base64, as `wg pubkey` prints it),
+  "endpoint" ("ADDRESS:PORT": its underlay address and listen port) and "allowed_ips" (its overlay addresses
+  as host prefixes, then its routes: exactly what the record's "overlay" and "routes" imply, written out for
+  whoever reads etcd with WireGuard's words).
   PREFIX/claims/underlay/<address>            one key per value no two hosts may share (``CLAIM_KINDS``), its
   PREFIX/claims/<mode>-<vni>/overlay/<ip>     value the holder's underlay address, under the holder's lease;
   PREFIX/claims/<mode>-<vni>/mac/<mac>        created with the record in one transaction, only where absent
-                                              (``Version(key) == 0``) or already the same host's.
+  PREFIX/claims/wireguard/key/<public key>    (``Version(key) == 0``) or already the same host's.
 
 What must stay true:
   - A record becomes a peer only if it is valid for *this* tunnel: a JSON object whose key names its address,
@@ -30,10 +34,16 @@ What must stay true:
     reconnection does not count the same junk again.
   - A changed record replaces everything it implied (its static MAC, its routes); a vanished one, or one whose
     claim went, removes it all: ``Membership`` keeps the records it turned into peers and answers each batch of
-    changes with the peers to set and the addresses to remove.
+    changes with the peers to set and the peers (ids) to remove.
   - ``owner`` says which daemon wrote the record: a hash of the machine, the network namespace and the
     device. A record left by our own previous run (killed, its lease not yet expired) has our owner and may be
     taken over; one with another owner is another live daemon: a duplicate, refused.
+  - A wireguard record is a peer known by its public key (``PeerSpec.key``), sent to at its endpoint, its
+    allowed IPs its routes. Its key is a claim like the others, so two records never hold one key and a
+    forged record naming a host's key is "taken" on every host; a record whose key is ours is "own"; one with
+    a malformed key, an endpoint that is not its address and a port, or allowed IPs that are not what its
+    overlay and routes imply, is "fields". Allowed IPs overlapping another peer's are refused by the bridge
+    (control/membership.py, "refused").
 """
 
 from __future__ import annotations
@@ -43,11 +53,11 @@ import ipaddress
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from tunneld.config.checks import check_name, check_peer, check_route, check_static_mac
+from tunneld.config.checks import check_name, check_peer, check_public_key, check_route, check_static_mac
 from tunneld.config.schema import MAX_ROUTES_PER_PEER, ConfigError
 from tunneld.datapath.peers import REGISTRY, PeerSpec
 
@@ -72,10 +82,10 @@ INVALID_REASONS = {
     "json": "the value is not a JSON object of at most 16 KB",
     "fields": "a field is missing or of the wrong type, or the key does not name the record's address",
     "family": "the address is of the other IP version than our underlay",
-    "own": "the address is our own (a record of another daemon claiming it, or ours seen as a peer)",
+    "own": "the address or public key is our own (a record of another daemon claiming it, or ours seen as a peer)",
     "foreign": "another mode or VNI: a host of another overlay sharing the prefix",
-    "refused": "the tunnel refused the peer (an overlay route or MAC another peer already has)",
-    "taken": "another host holds one of its claims (underlay, overlay address, MAC) in etcd: the holder wins",
+    "refused": "the tunnel refused the peer (an overlay route, allowed IP or MAC another peer already has)",
+    "taken": "another host holds one of its claims (underlay, overlay address, MAC, public key) in etcd: the holder wins",
     "unclaimed": "no one holds one of its claims in etcd: written around the registration transaction",
 }
 
@@ -221,23 +231,40 @@ class Record:
     owner: str = ""
     name: str | None = None  # the peer's name in `tunneld show`
     routes: tuple[str, ...] = ()  # L3 modes: prefixes behind the host, beside its overlay addresses
+    # wireguard: who the host is and where it listens; never its private key
+    public_key: str | None = None  # base64, as `wg pubkey` prints it
+    port: int | None = None  # its listen port; with ``address``, the peer's endpoint
+
+    def allowed_ips(self) -> tuple[str, ...]:
+        """What is routed to this host, and accepted from it: each overlay address as a host prefix (each host
+        owns its own addresses; the shared subnet is no one's), then the routes it names."""
+        hosts = tuple(str(ipaddress.ip_interface(cidr).ip) + ("/32" if ":" not in cidr else "/128")
+                      for cidr in self.overlay)
+        return hosts + self.routes
+
+    def endpoint(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
 
     def encode(self) -> bytes:
-        optional = {"name": self.name} if self.name is not None else {}
+        optional: dict[str, Any] = {"name": self.name} if self.name is not None else {}
         if self.routes:
             optional["routes"] = list(self.routes)
+        if self.public_key is not None:
+            optional.update(public_key=self.public_key, endpoint=self.endpoint(),
+                            allowed_ips=list(self.allowed_ips()))
         return json.dumps({"address": self.address, "mode": self.mode, "vni": self.vni, "mac": self.mac,
                            "overlay": list(self.overlay), "version": self.version, "started": self.started,
                            "owner": self.owner, **optional}, sort_keys=True).encode()
 
-    def spec(self, l2: bool) -> PeerSpec:
+    def spec(self, l2: bool, our_port: int | None = None) -> PeerSpec:
         """The peer this host is: its MAC as a static FDB entry (L2), its overlay addresses as host routes (L3:
-        each host owns its own addresses; the shared subnet is no one's) and the routes it names."""
+        each host owns its own addresses; the shared subnet is no one's) and the routes it names; a keyed host
+        (wireguard) is sent to at its own listen port (None when it is ours, ``our_port``)."""
         if l2:
             return PeerSpec(self.address, self.name, self.routes, (self.mac,) if self.mac else (), source=REGISTRY)
-        hosts = tuple(str(ipaddress.ip_interface(cidr).ip) + ("/32" if ":" not in cidr else "/128")
-                      for cidr in self.overlay)
-        return PeerSpec(self.address, self.name, hosts + self.routes, source=REGISTRY)
+        port = None if self.port is None or self.port == our_port else self.port
+        return PeerSpec(self.address, self.name, self.allowed_ips(), source=REGISTRY, key=self.public_key,
+                        port=port)
 
     def claims(self) -> tuple[Claim, ...]:
         """What this record claims, the underlay address first (``CLAIM_KINDS`` order)."""
@@ -266,6 +293,7 @@ CLAIM_KINDS = (
     ClaimKind("overlay", "overlay address", True,
               lambda r: sorted({str(ipaddress.ip_interface(c).ip) for c in r.overlay})),
     ClaimKind("mac", "MAC", True, lambda r: (r.mac,) if r.mac else ()),
+    ClaimKind("key", "public key", True, lambda r: (r.public_key,) if r.public_key else ()),
 )
 
 
@@ -345,8 +373,26 @@ def decode(key: bytes, value: bytes, prefix: bytes) -> Record:
         raise InvalidRecord("fields", "overlay: not CIDRs") from None
     if len(overlay) != len(data["overlay"]):
         raise InvalidRecord("fields", "overlay: not CIDRs")
-    return Record(address, mode, vni, mac, overlay, get("version", (str,)), float(get("started", (int, float))),
-                  get("owner", (str,), True) or "", name, routes)
+    record = Record(address, mode, vni, mac, overlay, get("version", (str,)), float(get("started", (int, float))),
+                    get("owner", (str,), True) or "", name, routes)
+    public_key = get("public_key", (str,), True)
+    if public_key is None:
+        return record
+    # A WireGuard peer: its key, where it listens, what it may send from. The key's own error never quotes it.
+    try:
+        check_public_key(public_key)
+    except ConfigError as e:
+        raise InvalidRecord("fields", str(e)) from None
+    endpoint = get("endpoint", (str,))
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or host.strip("[]") != address or ("[" in host) != (":" in address) or not port.isdigit() \
+            or not 1 <= int(port) <= 65535 or str(int(port)) != port:
+        raise InvalidRecord("fields", f"endpoint: {endpoint[:64]!r} is not this record's address and a port")
+    record = replace(record, public_key=public_key, port=int(port))
+    allowed = get("allowed_ips", (list,))
+    if allowed != list(record.allowed_ips()):
+        raise InvalidRecord("fields", "allowed_ips: not its overlay addresses as host prefixes, then its routes")
+    return record
 
 
 @dataclass
@@ -399,15 +445,17 @@ Changes = tuple[tuple[PeerSpec, ...], tuple[str, ...]]
 class Membership:
     """The records turned into peers, and what each change means for the tunnel. ``prefix``: PREFIX/hosts/
     (the claims are its sibling PREFIX/claims/); ``us``: our underlay address; ``l2``; ``mode``/``vni``: ours
-    (a record of another overlay is "foreign").
+    (a record of another overlay is "foreign"); ``public_key``/``port``: ours, for a keyed tunnel (wireguard):
+    every record must then name its own key (and is sent to at its own listen port).
 
     ``resync(kvs)`` (a full listing) and ``apply(changes)`` (a batch of watch events, (key, value or None))
-    return (specs to set, addresses to remove). A batch should be one revision or more, never part of one: a
+    return (specs to set, peer ids to remove: an address, or a keyed peer's key). A batch should be one revision or more, never part of one: a
     host's record and claims are written in one transaction, and judged together. An invalid record, or one
     that does not hold its claims, is counted in ``stats.invalid`` (once per change of verdict), noted in
     ``refusals``, and, if its address was a peer, removes it."""
 
-    def __init__(self, prefix: bytes, us: str, *, l2: bool, mode: str, vni: int | None, stats: RegistryStats) -> None:
+    def __init__(self, prefix: bytes, us: str, *, l2: bool, mode: str, vni: int | None, stats: RegistryStats,
+                 public_key: str | None = None, port: int | None = None) -> None:
         self.prefix = prefix
         self.claims_prefix = prefix[:-len(HOSTS)] + CLAIMS.encode()
         self.us = us
@@ -416,6 +464,8 @@ class Membership:
         self.l2 = l2
         self.mode = mode
         self.vni = vni
+        self.public_key = public_key
+        self.port = port
         self.stats = stats
         self.refusals = Refusals()
         self.specs: dict[str, PeerSpec] = {}  # address → the spec its valid, claimed record implies
@@ -434,6 +484,11 @@ class Membership:
             raise InvalidRecord("foreign", f"{record.mode} vni {record.vni}")
         if self.l2 and record.mac is None:
             raise InvalidRecord("fields", "mac: missing for an L2 mode")
+        if self.public_key is not None:
+            if record.public_key is None:
+                raise InvalidRecord("fields", f"public_key: missing for mode {self.mode}")
+            if record.public_key == self.public_key:
+                raise InvalidRecord("own", "its public key is ours")
         return record
 
     def unheld(self, record: Record) -> tuple[str, str] | None:
@@ -493,7 +548,7 @@ class Membership:
             elif verdict is not None:
                 refusal = self.unheld(verdict)
                 if refusal is None:
-                    spec = verdict.spec(self.l2)
+                    spec = verdict.spec(self.l2, self.port)
             if refusal is None:
                 self.refused.pop(key, None)
             elif self.refused.get(key) != refusal:  # a new verdict: counted once, however often it is listed
@@ -501,10 +556,13 @@ class Membership:
                 reason, why = refusal
                 self.stats.invalid[reason] = self.stats.invalid.get(reason, 0) + 1
                 self.refusals.note(reason, claim_holder(key[len(self.prefix):]), why)  # a key may be any bytes
+            old = self.specs.get(address)
             if spec is None:
                 if self.specs.pop(address, None) is not None:
-                    removals.append(address)
-            elif self.specs.get(address) != spec:
+                    removals.append(old.id)
+            elif old != spec:
+                if old is not None and old.id != spec.id:  # a new key at the same address: another peer
+                    removals.append(old.id)
                 self.specs[address] = spec
                 upserts.append(spec)
         return tuple(upserts), tuple(removals)
