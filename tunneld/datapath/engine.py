@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import math
 import socket
 import time
@@ -250,7 +249,7 @@ class Engine:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=link.destination,
-                               session=functools.partial(session_of, codec), fdb_max=fdb_max, fdb_ageing=fdb_ageing)
+                               session=self._new_session, fdb_max=fdb_max, fdb_ageing=fdb_ageing)
         for spec in peers if peers is not None else (PeerSpec(link.peer),):
             self.peers.upsert(spec, clock())
         if not link.spreads_flows:
@@ -298,6 +297,13 @@ class Engine:
             self.on_device_gone()
 
     # -- sessions: the codec's own packets and its timers -------------------------------------------------------
+
+    def _new_session(self, peer_id: str):
+        """The codec's session for a new peer, told the largest frame it will be given (a new peer's path is not
+        learnt yet: the engine's own limit); ``_learn_path`` tells it when that changes."""
+        session = session_of(self.codec, peer_id)
+        session.set_frame_limit(self.max_frame)
+        return session
 
     def next_deadline(self) -> float:
         """When the engine's timer next fires for the sessions (``math.inf``: not armed)."""
@@ -759,6 +765,8 @@ class Engine:
             peer.pmtu = mtu
             peer.max_frame = mtu - self._outer_overhead
             self.stats.pmtu_changes += 1
+            if self._sessions:
+                peer.session.set_frame_limit(self.segment_limit(peer))  # a padding session pads within it
 
     def _send_superframe(self, segs: Segments, flow: int, only: Peer | None) -> tuple[int, int]:
         """Send the rows a super-frame was cut into, after what waits (order), to its one peer (looked up once
