@@ -102,3 +102,44 @@ def test_a_limit_that_is_no_multiple_of_16_caps_the_padding_and_follows_a_learnt
     assert len(ea.link.sent[-1][0]) == 1340 + 32
     exchange(ea, eb)
     assert eb.device.written[-1] == frame
+
+
+class MtuDevice(FakeDevice):
+    """A fake interface whose MTU an operator changes (``ip link set DEV mtu N``)."""
+
+    def __init__(self, mtu: int) -> None:
+        super().__init__()
+        self.value = mtu
+
+    def mtu(self) -> int:
+        return self.value
+
+
+def test_the_interface_mtu_caps_the_padding_too_and_a_change_of_it_is_followed():
+    clock = FakeClock(T0)
+    ea, eb = ends(clock, 1440)
+    ea = Engine(MtuDevice(1440), FakeLink(B), ea.codec, max_frame=1440, clock=clock,
+                peers=[PeerSpec(B, routes=ALL, key=PB)])
+    session = ea.peers.all[0].session
+    ea.device.inject(frame_of(100))
+    ea.on_device_readable()
+    exchange(ea, eb)
+    ea.check_device_mtu()
+    assert ea.device_mtu == 1440 and session.peer.mtu == 1440
+    ea.device.value = 1420  # wg-quick sets 1420 (room for an IPv6 underlay): wireguard-go then pads within it
+    ea.check_device_mtu()
+    assert session.peer.mtu == 1420
+    for length, sealed in ((1420, 1420 + 32), (1415, 1420 + 32), (1400, 1408 + 32)):
+        ea.device.inject(frame_of(length))
+        ea.on_device_readable()
+        assert len(ea.link.sent[-1][0]) == sealed, length
+        exchange(ea, eb)
+        assert len(eb.device.written[-1]) == length
+    ea.device.value = 9000  # above what the underlay carries: the path's limit holds
+    ea.check_device_mtu()
+    assert session.peer.mtu == 1440
+    ends_b = Engine(MtuDevice(1420), FakeLink(A), WireGuard.from_options({}), max_frame=1440, clock=clock,
+                    peers=[PeerSpec(A, routes=ALL, key=PA)])
+    ends_b.check_device_mtu()  # a peer added later starts within the interface's MTU too
+    ends_b.peers.upsert(PeerSpec("192.0.2.9", routes=("10.9.0.0/24",), key=PB))
+    assert [p.session.peer.mtu for p in ends_b.peers.all] == [1420, 1420]
