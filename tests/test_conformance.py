@@ -310,6 +310,23 @@ class ForgetsWhatItSaw(KeyedSession):
         return super().open(packet, now)
 
 
+class PadsPastItsLimit(KeyedSession):
+    """Declares that its padding stays within the frame limit, and pads exactly the frames at the limit."""
+
+    __slots__ = ("limit",)
+
+    def set_frame_limit(self, limit):
+        self.limit = limit
+
+    def seal(self, buf, start, end, now):
+        at_limit = end - start == getattr(self, "limit", None)
+        start, stop = super().seal(buf, start, end, now)
+        if at_limit:
+            buf[stop : stop + 15] = bytes(15)
+            stop += 15
+        return start, stop
+
+
 class SharesOneSession(Keyed):
     def session(self, peer_id):
         shared = self.__dict__.setdefault("_one", KeyedSession(self, peer_id))
@@ -319,6 +336,14 @@ class SharesOneSession(Keyed):
 class KeyedWithoutSessions(Good):
     name = "keyless"
     keyed = True
+
+
+def test_a_codec_whose_padding_stays_within_the_limit_passes_and_counts_no_padding_in_its_overhead():
+    honest = keyed_variant("honest_padding", KeyedSession, pads_within_limit=True, align=16, tail_room=31,
+                       trailer_len=16)
+    check_round_trip(honest, KEYED, ends=KEYED_ENDS, count=50)
+    codec = honest.from_options({**KEYED, "self": END_A})
+    assert codec.outer_overhead(False) == 20 + 8 + codec.header_len + codec.trailer_len
 
 
 def test_a_keyed_codec_without_sessions_is_caught():
@@ -337,6 +362,9 @@ def test_a_keyed_codec_without_sessions_is_caught():
         (keyed_variant("replayable", ForgetsWhatItSaw), check_malformed, "replayed"),
         (SharesOneSession, check_declaration, "one session"),
         (keyed_variant("big_trailer", KeyedSession, tail_room=8), check_round_trip, "trailer_len 8"),
+        (keyed_variant("padding", PadsPastItsLimit, pads_within_limit=True, align=16, tail_room=31,
+                       trailer_len=16),
+         check_round_trip, "exactly the frame limit"),
     ],
 )
 def test_a_broken_session_is_caught_with_a_reason(cls, check, words):

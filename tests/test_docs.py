@@ -36,9 +36,12 @@ from tunneld.control import server
 from tunneld.control.client import build_control_parser
 from tunneld.control.registry import RegistryStats, decode
 from tunneld.datapath.engine import Engine
+from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.base import Drop, declared
 from tunneld.encap.plugins import discover
 from tunneld.encap.vxlan import Vxlan
+from tunneld.encap.wireguard import StaticKey, key_to_base64
+from tunneld.encap.wireguard.codec import WireGuard
 from tunneld.observe.metrics import RegistryCollector, TunnelCollector
 from tunneld.testing import FakeDevice, FakeLink
 
@@ -294,6 +297,11 @@ def _exported_metrics() -> set[str]:
     registry = CollectorRegistry()
     registry.register(TunnelCollector(engine, dev="td0", mtu=1450, vni=7))
     registry.register(RegistryCollector(RegistryStats()))
+    # wireguard's per-peer series (tunneld_wireguard_*) come with a wireguard tunnel
+    key = key_to_base64(StaticKey(bytes(range(1, 33))).public)
+    wireguard = Engine(FakeDevice(), FakeLink("192.0.2.3"), WireGuard.from_options({}), max_frame=1440,
+                       clock=lambda: 1700000000.0, peers=[PeerSpec("192.0.2.3", key=key)])
+    registry.register(TunnelCollector(wireguard, dev="wg0", mtu=1440))
     text = generate_latest(registry).decode()
     return set(re.findall(r"^# TYPE (tunneld_\w+) ", text, re.M))
 

@@ -476,11 +476,18 @@ def check_round_trip(cls: type[Encapsulator], options: Mapping[str, Any] | None 
     for i, frame in enumerate(random_frames(cls.device, count, seed)):
         version = _inner_version(cls.device, frame)
         declared = sender.constant_header(version) if version in (4, 6) and not sender.stateful else None
+        at_limit = sender.pads_within_limit and i % 2 == 1
+        if sender.pads_within_limit:  # every other frame is exactly the limit: no padding may pass it
+            to_b.set_frame_limit(len(frame) if at_limit else 65535)
         wire = _seal_checked(sender, to_b, frame, now)
         if wire is None:
             held.append(frame)
             out += _exchange_own((sender, to_b), (receiver, from_a), now)
             continue
+        if at_limit and len(wire) > sender.header_len + len(frame) + sender.trailer_len:
+            raise ConformanceError(f"{cls.name}: frame {i} of exactly the frame limit ({len(frame)} bytes) was sealed "
+                                   f"to {len(wire)} bytes: pads_within_limit allows header_len + trailer_len "
+                                   f"({sender.header_len + sender.trailer_len}) around it, no padding")
         if declared is not None and wire[: len(wire) - len(frame)] != declared:
             raise ConformanceError(f"{cls.name}: frame {i} ({len(frame)} bytes) got the header "
                                    f"{wire[: len(wire) - len(frame)].hex()}, not the declared "

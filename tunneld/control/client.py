@@ -261,13 +261,27 @@ def render_show(d: dict) -> str:
         out.append(f"  fdb: {len(d['fdb'])} entries (max {d.get('fdb_max', '?')}), {counts}; "
                    f"flooded {d.get('flooded_packets_total', 0)} packets")
     for p in d.get("peers", []):
-        out += ["", f"peer: {p['address']}" + (f" ({p['name']})" if p.get("name") else "")]
+        name = f" ({p['name']})" if p.get("name") else ""
+        wireguard = "public_key" in p
+        inner = "transfer"
+        if wireguard:  # as `wg show` lists a peer, then tunneld's own lines
+            out += ["", f"peer: {p['public_key']}{name}", f"  endpoint: {p.get('endpoint')}",
+                    f"  allowed ips: {', '.join(p.get('allowed_ips') or []) or '(none)'}"]
+            if p.get("latest_handshake_age_s") is not None:
+                out.append(f"  latest handshake: {_age(p['latest_handshake_age_s'])}")
+            out.append(f"  transfer: {_bytes(p.get('transfer_rx_bytes', 0))} received, "
+                       f"{_bytes(p.get('transfer_tx_bytes', 0))} sent")
+            if p.get("persistent_keepalive"):
+                out.append(f"  persistent keepalive: every {p['persistent_keepalive']} seconds")
+            inner = "inner"
+        else:
+            out += ["", f"peer: {p['address']}{name}"]
         out.append(f"  source: {p.get('source', '?')}")
         out.append(f"  state: {p.get('state', '?')}, last heard: {_age(p.get('last_rx_age_s'))}")
-        out.append(f"  transfer: {p['rx_packets']} packets / {_bytes(p['rx_bytes'])} received, "
+        out.append(f"  {inner}: {p['rx_packets']} packets / {_bytes(p['rx_bytes'])} received, "
                    f"{p['tx_packets']} packets / {_bytes(p['tx_bytes'])} sent")
         out.append(f"  dropped: {p.get('dropped', 0)}")
-        for key in ("routes", "macs"):
+        for key in ("macs",) if wireguard else ("routes", "macs"):
             if p.get(key):
                 out.append(f"  {key}: {', '.join(p[key])}")
     if d.get("fdb"):

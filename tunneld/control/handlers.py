@@ -53,6 +53,32 @@ class Running(Protocol):
     def apply(self, changes: Apply) -> None: ...
 
 
+def _endpoint(address: str, port: int | None) -> str:
+    """``192.0.2.2:51820``, ``[2001:db8::2]:51820``: as ``wg show`` writes an endpoint."""
+    if port is None:
+        return address
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _wireguard_fields(peer, core, routes: list[str], port: int | None, now: float) -> dict:
+    """What ``wg show`` says of a peer, from the WireGuard core (plain values, read now) and the peer table: its
+    public key (the peer's id; public by design: no private or preshared key is ever read here), its endpoint as
+    it is now (after roaming; the port is the link's), the latest handshake, the transfer as WireGuard counts it
+    (whole messages), its allowed IPs (the routes the data path checks) and the persistent keepalive."""
+    handshake = core.last_handshake_wall
+    return {
+        "public_key": peer.id,
+        "endpoint": _endpoint(peer.endpoint, port),
+        "latest_handshake": handshake,
+        "latest_handshake_age_s": None if handshake is None else round(max(0.0, now - handshake), 3),
+        "transfer_rx_bytes": core.rx_bytes,
+        "transfer_tx_bytes": core.tx_bytes,
+        "allowed_ips": list(routes),
+        "persistent_keepalive": core.persistent_keepalive,
+        "handshakes": dict(core.handshakes),
+    }
+
+
 class PeerControl:
     """The control socket's handler over a running tunnel."""
 
@@ -89,6 +115,9 @@ class PeerControl:
             if not table.l2:
                 entry["routes"] = table.routes_of(peer)  # as the data path uses them (one peer: everything)
             entry["macs"] = list(spec.macs)
+            core = getattr(peer.session, "peer", None)  # WireGuard: the core's peer (encap/wireguard/peer.py)
+            if core is not None:
+                entry.update(_wireguard_fields(peer, core, entry["routes"], port, now))
             return entry
 
         def fdb_row(item) -> dict:
@@ -97,12 +126,13 @@ class PeerControl:
                     "age_s": round(max(0.0, now - e.seen), 3)}
 
         link = tunnel.worker.link
+        port = link.port if isinstance(link, UdpLink) else None
         out = {
             "device": cfg.dev,
             "mode": cfg.mode,
             "vni": tunnel.plan.vni,
             "mtu": tunnel.plan.mtu,
-            "listen_port": link.port if isinstance(link, UdpLink) else None,
+            "listen_port": port,
             "workers": tunnel.workers,
             "peers": Rows(table.all, peer_row),  # table.all is a tuple: replaced, never changed in place
         }

@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import math
 import socket
 import time
@@ -142,6 +141,9 @@ PMTU_RECHECK = 1.0
 # The soonest the sessions' timer fires again (seconds): a session whose deadline stays in the past after
 # ``poll`` (a bug in it) costs a wake-up per grain, not a spinning loop.
 TIMER_GRAIN = 0.005
+# How often a stateful codec's engine looks at the interface's MTU (``ip link set DEV mtu N``, wg-quick's): a
+# session that pads keeps within it (WireGuard, as wireguard-go follows its TUN's MTU).
+DEVICE_MTU_INTERVAL = 1.0
 
 
 def _no_flow(frame: memoryview) -> int:
@@ -251,8 +253,10 @@ class Engine:
         self._keyed = codec.keyed
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self.device_mtu = 0  # the interface's MTU as last looked at (0: not known; stateful codecs only)
+        self._mtu_timer: asyncio.TimerHandle | None = None
         self.peers = PeerTable(l2=self.l2, stats=self.stats, destination=link.destination,
-                               session=functools.partial(session_of, codec), fdb_max=fdb_max, fdb_ageing=fdb_ageing)
+                               session=self._new_session, fdb_max=fdb_max, fdb_ageing=fdb_ageing)
         for spec in peers if peers is not None else (PeerSpec(link.peer),):
             self.peers.upsert(spec, clock())
         if not link.spreads_flows:
@@ -282,6 +286,8 @@ class Engine:
         loop.add_reader(self.link.fileno(), self.on_link_readable)
         if self._sessions:
             self.run_timers()  # sessions may have something due from the start (a persistent keepalive)
+            if self.codec.pads_within_limit and callable(getattr(self.device, "mtu", None)):
+                self._follow_device_mtu()  # only a session that pads cares (1 ioctl a second)
 
     def detach(self) -> None:
         if self._loop is not None:
@@ -292,6 +298,9 @@ class Engine:
             self._timer.cancel()
             self._timer = None
         self._timer_at = math.inf  # nothing is armed now (attach arms it again)
+        if self._mtu_timer is not None:
+            self._mtu_timer.cancel()
+            self._mtu_timer = None
 
     def _device_failed(self, e: OSError) -> None:
         """A device read failed: EBADFD means the interface was deleted under us, and no read will work again."""
@@ -300,6 +309,38 @@ class Engine:
             self.on_device_gone()
 
     # -- sessions: the codec's own packets and its timers -------------------------------------------------------
+
+    def _new_session(self, peer_id: str):
+        """The codec's session for a new peer, told the largest frame it will be given (a new peer's path is not
+        learnt yet: the engine's own limit); ``_learn_path`` and ``check_device_mtu`` tell it when that changes."""
+        session = session_of(self.codec, peer_id)
+        session.set_frame_limit(self._frame_limit(None))
+        return session
+
+    def _frame_limit(self, peer: Peer | None) -> int:
+        """The largest frame ``peer``'s session will be given: what its path carries (``segment_limit``), and no
+        more than the interface's MTU, when known (a TAP's excludes its Ethernet header)."""
+        limit = self.segment_limit(peer)
+        if self.device_mtu:
+            limit = min(limit, self.device_mtu + (ETH_HLEN if self.l2 else 0))
+        return limit
+
+    def check_device_mtu(self) -> None:
+        """Look at the interface's MTU (the device's ``mtu()``); when it changed, every session is told its new
+        frame limit. The loop calls it every DEVICE_MTU_INTERVAL; tests call it after changing the MTU."""
+        try:
+            mtu = self.device.mtu()
+        except OSError:
+            return  # the interface is going away: the device read says so
+        if mtu != self.device_mtu:
+            self.device_mtu = mtu
+            for peer in self.peers.all:
+                peer.session.set_frame_limit(self._frame_limit(peer))
+
+    def _follow_device_mtu(self) -> None:
+        self.check_device_mtu()
+        if self._loop is not None:
+            self._mtu_timer = self._loop.call_later(DEVICE_MTU_INTERVAL, self._follow_device_mtu)
 
     def next_deadline(self) -> float:
         """When the engine's timer next fires for the sessions (``math.inf``: not armed)."""
@@ -761,6 +802,8 @@ class Engine:
             peer.pmtu = mtu
             peer.max_frame = mtu - self._outer_overhead
             self.stats.pmtu_changes += 1
+            if self._sessions:
+                peer.session.set_frame_limit(self._frame_limit(peer))  # a padding session pads within it
 
     def _send_superframe(self, segs: Segments, flow: int, only: Peer | None) -> tuple[int, int]:
         """Send the rows a super-frame was cut into, after what waits (order), to its one peer (looked up once

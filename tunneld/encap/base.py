@@ -300,6 +300,10 @@ class Encapsulator(abc.ABC):
 
     tail_room: ClassVar[int] = 0  # the most bytes a session may write behind a frame
     align: ClassVar[int] = 1  # sealed frames are padded to a multiple of this (the overhead counts the worst case)
+    # Whether padding stops at the largest frame the path carries (the session's ``set_frame_limit``), as
+    # WireGuard's does (wireguard-go pads to 16 but never past the device MTU): then the overhead does not count
+    # it, and a frame of exactly the limit is sealed with no padding at all and still fits the underlay.
+    pads_within_limit: ClassVar[bool] = False
     keyed: ClassVar[bool] = False  # the peer is found by ``peer_key(packet)``, not by the source address
     # Whether a stateful codec's sessions may be spread over worker processes (False: the tunnel runs one
     # worker). Stateless codecs keep nothing per peer and always spread.
@@ -333,7 +337,8 @@ class Encapsulator(abc.ABC):
 
     @property
     def trailer_len(self) -> int:
-        """Bytes this instance adds behind each inner frame at most, padding included."""
+        """Bytes this instance adds behind each inner frame at most, padding included (unless the padding stays
+        within the frame limit: ``pads_within_limit``)."""
         return self.tail_room
 
     @property
@@ -345,7 +350,8 @@ class Encapsulator(abc.ABC):
         """Bytes the underlay adds around a whole inner frame: outer IP, transport and this header."""
         ip = IPV6_HEADER_LEN if underlay_ipv6 else IPV4_HEADER_LEN
         transport = UDP_HEADER_LEN if self.transport.kind == "udp" else 0
-        return ip + transport + self.header_len + self.trailer_len + self.align - 1
+        padding = 0 if self.pads_within_limit else self.align - 1
+        return ip + transport + self.header_len + self.trailer_len + padding
 
     def overhead(self, underlay_ipv6: bool) -> int:
         """Bytes between the underlay MTU and the MTU the device can be given (``ip link``'s view).

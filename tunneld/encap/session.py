@@ -22,6 +22,9 @@ never touches a socket, a clock or a logger.
                               given the session something to send (see ``deadline``).
   poll(now)                   the codec's own packets due now, each to go to this peer's endpoint as it is.
   close()                     the peer was removed: drop its keys and state (the engine's peer table calls it).
+  set_frame_limit(limit)      the largest inner frame the path to this peer carries now (the engine's
+                              ``segment_limit``): told when the session is made and whenever it changes. A
+                              session that pads (WireGuard, to 16) never pads past it, so padding costs no MTU.
   deadline()                  when ``poll`` next has something to say (``math.inf``: never). A session that
                               wants to answer at once (a handshake response) returns a time <= now; the
                               engine asks ``deadline`` after it used the session and keeps one timer at the
@@ -90,6 +93,9 @@ class Session:
 
     def close(self) -> None:
         """The peer left the table: forget what is kept about it (keys). A session is not used after this."""
+
+    def set_frame_limit(self, limit: int) -> None:
+        """The largest inner frame the engine sends through this session from now on (padding stays within it)."""
 
 
 class HeaderSession(Session):

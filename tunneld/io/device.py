@@ -140,5 +140,9 @@ class Device:
         """One frame from several buffers (virtio_net_hdr, headers, payloads), written as one."""
         return os.writev(self._fd, buffers)
 
+    def mtu(self) -> int:
+        """The interface's MTU as it is now (SIOCGIFMTU; ``ip link set DEV mtu N`` changes it); OSError if it is gone."""
+        return self._dev.mtu
+
     def close(self) -> None:
         self._dev.close()

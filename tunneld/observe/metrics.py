@@ -42,6 +42,8 @@ from prometheus_client.registry import Collector
 from tunneld import __version__
 from tunneld.config.checks import parse_listen
 from tunneld.encap.base import Drop
+from tunneld.encap.wireguard.codec import WireGuard
+from tunneld.encap.wireguard.results import HANDSHAKE_RESULTS
 from tunneld.observe.httpd import HttpServer
 from tunneld.control.registry import INVALID_REASONS, RegistryStats
 from tunneld.datapath.pmtu import ICMP_BURST, ICMP_RATE
@@ -144,8 +146,10 @@ class TunnelCollector(Collector):
         peers = list(engine.peers.by_id)  # the configured peers, in order, by id (an address-named peer: its address)
         # Series about the whole tunnel carry the peer label too: the one peer's address (a point-to-point
         # tunnel's series name its far end), or "" when there are several; the per-peer series below carry
-        # each peer's own.
-        labels = [engine.link.peer if len(peers) == 1 else "", mode]
+        # each peer's own. A keyed mode names a peer by its id, not its address, which roams (WireGuard: the
+        # public key in base64, public by design).
+        one = (peers[0] if engine.codec.keyed else engine.link.peer) if len(peers) == 1 else ""
+        labels = [one, mode]
         per_peer = [([peer_id, mode], stats.peers.get(peer_id)) for peer_id in peers]
         if len(per_peer) == 1:
             per_peer = [(labels, per_peer[0][1])]
@@ -258,6 +262,9 @@ class TunnelCollector(Collector):
             peer_dropped.add_metric(peer_labels, ps.dropped if ps else 0)
         yield peer_dropped
 
+        if isinstance(engine.codec, WireGuard):
+            yield from _wireguard_families(engine, mode)
+
         fdb = engine.peers.fdb
         entries = GaugeMetricFamily(
             "tunneld_fdb_entries",
@@ -296,6 +303,41 @@ class TunnelCollector(Collector):
         )
         lag.add_metric(labels, _histogram(list(stats.loop_lag), LOOP_LAG_BUCKETS, int), sum_value=stats.loop_lag_sum)
         yield lag
+
+
+def _wireguard_families(engine: Engine, mode: str) -> Iterator[Metric]:
+    """Per peer, what the WireGuard core counts (tunneld/encap/wireguard/peer.py: plain ints, read here), as
+    WireGuard exporters show it: the latest handshake, handshakes by result, and the bytes ``wg show`` reports.
+    The ``peer`` label is the public key (base64): the private key is never read here. One series per peer in the
+    table now: a removed peer's series go with it. WireGuard runs one worker, so worker 0's core is the whole."""
+    latest = GaugeMetricFamily(
+        "tunneld_wireguard_latest_handshake_seconds",
+        "Unix time of the latest completed handshake with the peer (as `wg show`'s latest handshake); 0 if none.",
+        labels=LABELS)
+    wire = {direction: CounterMetricFamily(
+        f"tunneld_wireguard_{direction}_bytes",
+        f"Bytes of WireGuard messages {verb} the peer as `wg show` counts them (transfer): transport data with "
+        "its header, padding and tag, handshakes and keepalives; without the UDP and IP headers.",
+        labels=LABELS) for direction, verb in (("received", "received from"), ("sent", "sent to"))}
+    handshakes = CounterMetricFamily(
+        "tunneld_wireguard_handshakes",
+        "Handshakes with the peer by result: " + "; ".join(f"{k}: {v}" for k, v in HANDSHAKE_RESULTS.items()) + ".",
+        labels=[*LABELS, "result"])
+    for peer in engine.peers.all:  # a tuple, replaced (never changed) when the table changes
+        core = getattr(peer.session, "peer", None)
+        if core is None:
+            continue
+        labels = [peer.id, mode]
+        latest.add_metric(labels, core.last_handshake_wall or 0.0)
+        wire["received"].add_metric(labels, core.rx_bytes)
+        wire["sent"].add_metric(labels, core.tx_bytes)
+        counts = core.handshakes
+        for result in HANDSHAKE_RESULTS:
+            handshakes.add_metric([*labels, result], counts[result])
+    yield latest
+    yield wire["received"]
+    yield wire["sent"]
+    yield handshakes
 
 
 class LoopLagProbe:

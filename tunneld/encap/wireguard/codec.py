@@ -17,7 +17,9 @@ Inbound, one datagram at a time:
      ``(16, length)`` returned; packets the new session released, handshake responses, confirming keepalives
      are queued and ``open`` says HELD for messages without a frame; ``deadline`` is then now, so the engine
      polls them at once, after it moved the peer to the source (roaming: only authenticated messages get here).
-Outbound: ``seal`` gives the frame to ``Peer.seal``. One transport datagram comes back when a session is up:
+Outbound: ``seal`` gives the frame to ``Peer.seal``, which pads it to 16 but never past the frame limit the engine
+gives (``set_frame_limit``: the largest frame the path carries, what the device MTU was set from), so that padding
+costs no MTU: a frame of exactly the limit is sealed to limit + 32 and fits the underlay (as wireguard-go's). One transport datagram comes back when a session is up:
 it is written over the frame's place in the engine's buffer (header in the headroom, padding and tag in the
 tail room) and ``(start, end)`` returned. Anything else (an initiation instead, or staged packets released with
 it) is queued for ``poll`` and the frame is HELD.
@@ -43,7 +45,9 @@ from tunneld.encap.wireguard.results import Deliver, Reply
 PORT = 51820
 KEY_LEN = 32
 HEADER_LEN = MESSAGE_TRANSPORT_HEADER_SIZE  # type, receiver index, counter
-TAIL_LEN = PADDING_MULTIPLE - 1 + AEAD_TAG_LEN  # padding to 16, then the Poly1305 tag
+# Room behind a frame: padding to 16, then the Poly1305 tag. Only the tag counts in the overhead: padding never
+# takes a frame past the path's frame limit (``set_frame_limit``), as wireguard-go never pads past the device MTU.
+TAIL_LEN = PADDING_MULTIPLE - 1 + AEAD_TAG_LEN
 KEEPALIVE_MAX = 65535
 
 # The core's reasons are the engine's drop reasons of the same name (tunneld.encap.base.Drop).
@@ -72,6 +76,8 @@ class WireGuard(Encapsulator):
     transport: ClassVar[Transport] = Transport("udp", PORT)
     header_room: ClassVar[int] = HEADER_LEN
     tail_room: ClassVar[int] = TAIL_LEN
+    align: ClassVar[int] = PADDING_MULTIPLE
+    pads_within_limit: ClassVar[bool] = True
     keyed: ClassVar[bool] = True
     spreads: ClassVar[bool] = False  # keys, counters and replay windows are one process's
     options: ClassVar[Mapping[str, Option]] = declare(
@@ -110,6 +116,10 @@ class WireGuard(Encapsulator):
     @property
     def header_len(self) -> int:
         return HEADER_LEN
+
+    @property
+    def trailer_len(self) -> int:
+        return AEAD_TAG_LEN  # the padding stays within the frame limit (``pads_within_limit``)
 
     def describe(self) -> str:
         public = self.wg.public_key
@@ -200,6 +210,9 @@ class WireGuardSession(Session):
         due, self._due = self._due, []
         datagrams, _ = self.peer.tick(now)
         return due + datagrams
+
+    def set_frame_limit(self, limit: int) -> None:
+        self.peer.mtu = limit  # the core pads to 16 but never past it (messages.padded_length)
 
     def close(self) -> None:
         self._due.clear()

@@ -303,6 +303,7 @@ class Device:
         peer = entry[0]
         if not peer.cookie.consume_reply(msg, now):
             return _DROPS[Reason.DECRYPTION_FAILED]
+        peer.handshakes["cookie_received"] += 1
         return Consumed(peer)
 
     def _open_transport(self, datagram, length: int, source, now: float, out) -> Deliver | Reply | Consumed | Drop:

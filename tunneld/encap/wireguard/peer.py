@@ -64,6 +64,7 @@ from tunneld.encap.wireguard.noise import (
     static_static,
 )
 from tunneld.encap.wireguard.primitives import AEAD_TAG_LEN, ZERO_KEY, CryptoError, aead_nonce, key_to_base64
+from tunneld.encap.wireguard.results import HANDSHAKE_RESULTS
 
 if TYPE_CHECKING:
     from tunneld.encap.wireguard.device import Device
@@ -93,6 +94,7 @@ class Peer:
         self.tx_bytes = 0
         self.last_handshake_wall: float | None = None  # wall-clock seconds of the latest completed handshake
         self.staged_dropped = 0
+        self.handshakes = dict.fromkeys(HANDSHAKE_RESULTS, 0)  # by result (results.HANDSHAKE_RESULTS), for metrics
         # timers
         self.retransmit_handshake_at: float | None = None
         self.new_handshake_at: float | None = None
@@ -218,6 +220,7 @@ class Peer:
         self._timers_any_authenticated_packet_sent()
         self._timers_handshake_initiated(now)
         self.tx_bytes += len(msg)
+        self.handshakes["initiated"] += 1
         return [bytes(msg)]
 
     # -- inbound, called by the device once a message has authenticated -----------------------------------------
@@ -242,6 +245,7 @@ class Peer:
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
         self.tx_bytes += len(msg)
+        self.handshakes["answered"] += 1
         return bytes(msg)
 
     def _received_response(self, keypair: Keypair, source, now: float, length: int) -> list[bytes]:
@@ -254,6 +258,7 @@ class Peer:
         self._begin_session(keypair)
         self._timers_session_derived(now)
         self._timers_handshake_complete(now)
+        self.handshakes["completed_as_initiator"] += 1
         return self.keepalive(now)
 
     def _received_transport(self, keypair: Keypair, source, now: float, length: int, plaintext_length: int) -> list[bytes]:
@@ -263,6 +268,7 @@ class Peer:
         out = []
         if self._received_with_keypair(keypair):
             self._timers_handshake_complete(now)
+            self.handshakes["completed_as_responder"] += 1
             out.extend(self._send_staged(now))
         out.extend(self._keep_key_fresh_receiving(now))
         self._timers_any_authenticated_packet_traversal(now)
@@ -363,6 +369,7 @@ class Peer:
         if self.retransmit_handshake_at is not None and now >= self.retransmit_handshake_at:
             self.retransmit_handshake_at = None
             if self.handshake_attempts > MAX_TIMER_HANDSHAKES:  # give up: drop what waited for it
+                self.handshakes["timed_out"] += 1
                 self.send_keepalive_at = None
                 self.staged.clear()
                 if self.zero_key_material_at is None:

@@ -39,6 +39,20 @@ class Reason(str, enum.Enum):
     BAD_PROTOCOL = "bad_protocol"  # the decrypted packet is neither IPv4 nor IPv6
 
 
+# What a peer's handshakes came to, counted on the core's Peer (``Peer.handshakes``, plain ints) where each happens;
+# the keys are metric labels (tunneld_wireguard_handshakes_total{result}) and the values their help. Only what the
+# core can state for a known peer: a cookie reply we send answers a datagram whose sender is not known yet (it is
+# the COOKIE_REQUIRED drop), and a refused initiation is a drop by reason before any peer is known.
+HANDSHAKE_RESULTS = {
+    "initiated": "initiations sent to the peer (retries included)",
+    "completed_as_initiator": "responses to our initiation consumed: a session we initiated is up",
+    "answered": "initiations from the peer answered with a response",
+    "completed_as_responder": "the peer's first transport message on a session we answered: confirmed",
+    "timed_out": "handshakes given up after the retries (about 90 s without a response); waiting packets dropped",
+    "cookie_received": "cookie replies from the peer accepted (it is under load: our next initiation carries mac2)",
+}
+
+
 @dataclass(slots=True)
 class Deliver:
     peer: Any
