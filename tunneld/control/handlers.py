@@ -63,7 +63,7 @@ def _endpoint(address: str, port: int | None) -> str:
 def _wireguard_fields(peer, core, routes: list[str], port: int | None, now: float) -> dict:
     """What ``wg show`` says of a peer, from the WireGuard core (plain values, read now) and the peer table: its
     public key (the peer's id; public by design: no private or preshared key is ever read here), its endpoint as
-    it is now (after roaming; the port is the link's), the latest handshake, the transfer as WireGuard counts it
+    it is now (after roaming; ``port``: the peer's own, else the link's), the latest handshake, the transfer as WireGuard counts it
     (whole messages), its allowed IPs (the routes the data path checks) and the persistent keepalive."""
     handshake = core.last_handshake_wall
     return {
@@ -117,7 +117,8 @@ class PeerControl:
             entry["macs"] = list(spec.macs)
             core = getattr(peer.session, "peer", None)  # WireGuard: the core's peer (encap/wireguard/peer.py)
             if core is not None:
-                entry.update(_wireguard_fields(peer, core, entry["routes"], port, now))
+                entry.update(_wireguard_fields(peer, core, entry["routes"], port if peer.port is None else peer.port,
+                                               now))
             return entry
 
         def fdb_row(item) -> dict:
