@@ -34,8 +34,9 @@ ALL = ("0.0.0.0/0", "::/0")
 def engines(clock: FakeClock, routes_a=ALL, keepalive: int = 0):
     a = WireGuard.from_options({"private_key": PRIVATE_A, "wg_peers": {PB: (None, keepalive)}})
     b = WireGuard.from_options({"private_key": PRIVATE_B, "wg_peers": {PA: (None, 0)}})
-    ea = Engine(FakeDevice(), FakeLink(B), a, max_frame=1440, clock=clock, peers=[PeerSpec(B, routes=ALL, key=PB)])
-    eb = Engine(FakeDevice(), FakeLink(A), b, max_frame=1440, clock=clock,
+    ea = Engine(FakeDevice(), FakeLink(B, 51820), a, max_frame=1440, clock=clock,
+                peers=[PeerSpec(B, routes=ALL, key=PB)])
+    eb = Engine(FakeDevice(), FakeLink(A, 51820), b, max_frame=1440, clock=clock,
                 peers=[PeerSpec(A, routes=routes_a, key=PA)])
     return ea, eb
 
