@@ -7,6 +7,8 @@ to repeat it (CPython's regrtest resources, pytest's markers):
   process  starts processes or servers of its own, no root (PROCESS_FILES, PROCESS_TESTS)
   netns    needs root: network namespaces, veth, TAP/TUN (its own ``netns`` marker, or the ``hosts`` fixture)
   e2e      a booted container (systemd-nspawn) or an etcd cluster (E2E_FILES); needs root, so it is netns too
+  soak     pure, but long (a million datagrams through an engine): its own ``soak`` marker. No root needed, yet it
+           is marked netns too, so that ``-m "not netns"`` (make test-unit, the pre-commit run) stays fast
 
 ``make test-unit`` is ``-m "not netns"``: unit and process, no root. Tests marked ``serial`` measure time;
 ``make test`` runs them alone after the parallel part (tests/suite.py). Each tier has a deadline
@@ -48,7 +50,7 @@ NETNS_FIXTURES = frozenset({"hosts", "hosts3", "hosts4", "module_hosts"})
 
 # Seconds a test may take, by tier (unit: pyproject.toml's timeout). Several times what each takes on a loaded
 # 2-CPU machine; e2e's covers a first run that debootstraps the containers' base (tests/nspawn.py).
-TIMEOUTS = {"process": 180, "netns": 240, "e2e": 1500}
+TIMEOUTS = {"process": 180, "netns": 240, "e2e": 1500, "soak": 900}
 
 
 def name(item: pytest.Item) -> str:
@@ -60,6 +62,8 @@ def tier(item: pytest.Item) -> str:
     filename = item.path.name
     if filename in E2E_FILES or item.get_closest_marker("e2e"):
         return "e2e"
+    if item.get_closest_marker("soak"):
+        return "soak"
     if item.get_closest_marker("netns") or NETNS_FIXTURES & set(getattr(item, "fixturenames", ())):
         return "netns"
     if filename in PROCESS_FILES or name(item) in PROCESS_TESTS:
@@ -69,7 +73,7 @@ def tier(item: pytest.Item) -> str:
 
 # The order tests start in: the longest kinds first, so that in a parallel run (tests/suite.py) an nspawn boot or
 # an etcd cluster does not begin when everything else is done. Within a tier, the files' own order.
-ORDER = ("e2e", "netns", "process", "unit")
+ORDER = ("e2e", "soak", "netns", "process", "unit")
 FIRST = ("test_systemd_e2e.py", "test_registry_netns.py")  # the longest files of the first tier, longest first
 
 
@@ -86,6 +90,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("serial")
         if level == "e2e":
             item.add_marker("netns")  # needs root as netns does: `-m "not netns"` stays the no-root tier
+        if level == "soak":
+            item.add_marker("netns")  # long: `-m "not netns"` stays the fast tier (not skipped without root)
         if level in TIMEOUTS and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TIMEOUTS[level]))
         if level in ("netns", "e2e") and not root:

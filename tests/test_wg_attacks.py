@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 
 from tunneld.encap.wireguard import Deliver, Device, Drop, Reason, Reply, StaticKey
-from tunneld.encap.wireguard.messages import MESSAGE_INITIATION_SIZE, MESSAGE_RESPONSE_SIZE
-from tests.wg_link import WALL, Link, ping
+from tunneld.encap.wireguard.constants import COOKIE_SECRET_MAX_AGE
+from tunneld.encap.wireguard.messages import MESSAGE_INITIATION_SIZE, MESSAGE_INITIATION_TYPE, MESSAGE_RESPONSE_SIZE
+from tests.wg_link import A_ADDR, WALL, Link, ping
 
 SPOOFED = ("10.66.6.6", 6666)
 
@@ -189,3 +190,28 @@ def test_any_source_shape_is_taken_without_a_raise():
     for source in (("fd00::1", 5), ("fe80::1%veth0", 5, 0, 2), ("not-an-address", 70000), ("10.1.2.3", 0)):
         result = b.open(kinds["initiation"][-1], source, link.now)
         assert isinstance(result, Reply) and result.dropped is Reason.COOKIE_REQUIRED
+
+
+def test_a_cookie_is_good_from_its_own_source_only_and_until_the_secret_rotates():
+    """mac2 binds an initiation to the address its cookie was made for. The checker keeps the cookie it made last
+    (a flood from one source asks for the same one twice per datagram): that must never serve another source, nor
+    outlive the secret it was made with."""
+    link = Link()
+    b = link.b.device
+    checker = b.cookie_checker
+    b.force_under_load = True
+    link.send(link.a, ping(1))  # A learns a cookie for its address
+    now = link.now + 1
+    link.pa.last_sent_handshake = None
+    [retry] = link.pa._send_handshake_initiation(now, retry=False)
+    other = ("10.9.0.99", A_ADDR[1])
+    for source, good in ((A_ADDR, True), (other, False), (A_ADDR, True), (other, False)):
+        assert checker.check_mac2(retry, MESSAGE_INITIATION_TYPE, source, now) is good, source
+    result = b.open(retry, other, now)
+    assert isinstance(result, Reply) and result.dropped is Reason.COOKIE_REQUIRED  # a new cookie, for `other`
+    assert checker.check_mac2(retry, MESSAGE_INITIATION_TYPE, A_ADDR, now)  # A's cookie is the one kept now
+    # past COOKIE_SECRET_MAX_AGE the next cookie reply makes a new secret: the cookie A holds is worth nothing
+    later = now + COOKIE_SECRET_MAX_AGE + 1
+    assert not checker.check_mac2(retry, MESSAGE_INITIATION_TYPE, A_ADDR, later)
+    assert checker.create_reply(retry, MESSAGE_INITIATION_TYPE, 1, A_ADDR, later)[0] == 3
+    assert not checker.check_mac2(retry, MESSAGE_INITIATION_TYPE, A_ADDR, later)
