@@ -7,8 +7,8 @@ share one switched underlay (tunneld.testbed.segment). Two floods:
     on: past the cookie check to the per-source rate limit (20 a second, a burst of 5), and what that lets
     through reaches the key exchange, which refuses the unknown key (unknown_peer).
 
-The flooder sends from port 51820, as WireGuard hosts do: tunneld answers a source at its own listen port (its
-engine knows peers by address; wireguard-go answers the source port).
+The flooder sends from ports the kernel picks, as a host behind NAT would: tunneld answers the address and port a
+datagram came from, as wireguard-go does.
 
 What must hold:
   - tunneld goes under load and answers the flood with cookie replies (counted on the flooder's socket, and by

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     mac1_key = HASH(LABEL_MAC1 + public_key)
     cookie_key = HASH(LABEL_COOKIE + public_key)
     bases = initiations(public_key)
-    socks = [bound_socket(address, args.port) for address in args.sources.split(",")]
+    # from ports of the kernel's choosing, as a host behind NAT sends: the cookie replies must come back there
+    socks = [bound_socket(address, 0) for address in args.sources.split(",")]
     target = (args.target, args.port)
     cookies_of: list[bytes | None] = [None] * len(socks)  # each source's cookie, once a reply gave it
     mac1s: list[bytes] = [b""] * MAC1_RING

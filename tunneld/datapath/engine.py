@@ -502,7 +502,7 @@ class Engine:
                     drops[peer_id] += 1
                     continue
                 if peer_id.__class__ is Answer:
-                    self._answer(peer_id, source)
+                    self._answer(peer_id, source, port)
                     continue
                 peer = self.peers.by_id.get(peer_id)
             else:
@@ -521,13 +521,13 @@ class Engine:
         stats.rx_batches[reads] += 1
         self._note_kernel_drops()
 
-    def _answer(self, answer: Answer, source: str) -> None:
+    def _answer(self, answer: Answer, source: str, port: int) -> None:
         """A keyed codec's reply to a datagram that names no peer (a cookie reply): back to its source."""
         stats = self.stats
         if answer.drop is not None:
             stats.drops[answer.drop] += 1
         try:
-            dest = self.link.destination(source)
+            dest = self.link.destination(source, port or None)  # back to the port it came from
         except ValueError:
             return
         for packet in answer.packets:
