@@ -323,6 +323,20 @@ def test_under_load_each_source_is_rate_limited_even_with_a_valid_cookie():
     assert 8 <= len(refused) <= 15 and len(refused) + sum(isinstance(r, Reply) for r in results) == 30
 
 
+def test_an_ipv6_64_is_one_source_to_the_rate_limiter_however_many_addresses_it_sends_from():
+    """The kernel's WireGuard rate-limits IPv6 per /64: a host is given a whole /64, and per address a flood
+    from it would find a fresh bucket at every datagram."""
+    from tunneld.encap.wireguard.constants import RATE_LIMIT_BURST
+
+    b = Link().b.device
+    now = 1000.0
+    one_64 = sum(b._allow((f"2001:db8:0:1::{i + 1:x}", 51820), now + i * 0.001) for i in range(30))
+    assert 1 <= one_64 <= RATE_LIMIT_BURST + 1  # the burst, and what 30 ms refill
+    assert b._allow(("2001:db8:0:2::1", 51820), now + 0.05)  # another /64 has its own bucket
+    ipv4 = sum(b._allow((f"10.9.0.{i + 1}", 51820), now + i * 0.001) for i in range(30))
+    assert ipv4 == 30  # IPv4 addresses each have their own
+
+
 def test_a_peers_initiations_closer_than_20_ms_are_a_flood():
     link = Link()
     first = link.pa._send_handshake_initiation(link.now, retry=False)

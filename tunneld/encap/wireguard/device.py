@@ -33,6 +33,7 @@ sessions); the rate limiter tracks at most RATE_LIMIT_TABLE_MAX sources.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from typing import Callable, Iterable
 
@@ -172,9 +173,16 @@ class Device:
             self._under_load_until = now + UNDER_LOAD_AFTER_TIME
 
     def _allow(self, source, now: float) -> bool:
-        """wireguard-go's ratelimiter: a token bucket per source IP, RATE_LIMIT_PACKETS_PER_SECOND with a burst of
-        RATE_LIMIT_BURST. The table is bounded: when full, idle entries go; if none is idle, new sources wait."""
+        """wireguard-go's ratelimiter: a token bucket per source, RATE_LIMIT_PACKETS_PER_SECOND with a burst of
+        RATE_LIMIT_BURST. A source is an IPv4 address, or an IPv6 /64 as the kernel's WireGuard counts it (one
+        host is given a whole /64: per address, a flood from it would have 2^64 buckets). The table is bounded:
+        when full, idle entries go; if none is idle, new sources wait."""
         ip = str(source[0])
+        if ":" in ip:
+            try:
+                ip = socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])[:8]
+            except OSError:
+                pass  # not an address the kernel gave: its text is its own bucket
         cost = 1.0 / RATE_LIMIT_PACKETS_PER_SECOND
         most = cost * RATE_LIMIT_BURST
         entry = self._limiter.get(ip)
