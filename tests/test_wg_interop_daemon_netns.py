@@ -257,3 +257,65 @@ def test_64_mib_each_way_sha256_checked_and_wg_show_agrees_on_both_sides(interop
     assert min(ours["rx"], ours["tx"], theirs["rx"], theirs["tx"]) > BIG, (ours, theirs)
     interop.stop_tunneld()
     assert "wireguard on" in interop.logs[-1]
+
+
+# -- a restart of either side ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_tunneld_restarted_reforms_the_session_without_touching_wireguard_go(interop):
+    """A new tunneld process has no session: its first packet starts a handshake with a later TAI64N, which
+    wireguard-go (configured once, left alone) accepts; traffic resumes both ways."""
+    a, b = interop.a, interop.b
+    interop.start_wireguard_go(endpoint=False)
+    interop.start_tunneld()
+    a.wait_ping(OVERLAY_V4[1], timeout=20)
+    check_transfer(a, b, OVERLAY_V4[1], SMALL)
+    first = interop.theirs_peer()
+    assert first["latest_handshake"] > 0, first
+    interop.stop_tunneld()
+    next_second(first["latest_handshake"])
+    restarted = int(time.time())
+    interop.start_tunneld()
+    assert interop.ours_peer()["latest_handshake"] == 0  # a new process: no handshake yet
+    a.wait_ping(OVERLAY_V4[1], timeout=20)
+    b.wait_ping(OVERLAY_V4[0], timeout=10)
+    for src, dst, addr in ((a, b, OVERLAY_V4[1]), (b, a, OVERLAY_V4[0])):
+        check_transfer(src, dst, addr, SMALL)
+    ours, theirs = interop.ours_peer(), interop.theirs_peer()
+    assert theirs["latest_handshake"] >= restarted > first["latest_handshake"], (first, theirs)
+    assert ours["latest_handshake"] >= restarted, ours
+    assert theirs["endpoint"] == f"{a.underlay}:{PORT}" and ours["endpoint"] == f"{b.underlay}:{PORT}"
+    assert ours["rx"] > SMALL and ours["tx"] > SMALL  # the new process's counters: this session's traffic
+    assert theirs["rx"] > 2 * SMALL  # wireguard-go's count both sessions'
+    interop.stop_tunneld()
+
+
+@pytest.mark.timeout(300)
+def test_wireguard_go_killed_and_restarted_tunneld_rehandshakes(interop):
+    """wireguard-go is SIGKILLed (no goodbye, its socket file left behind) and started again, reconfigured with
+    ``wg set`` but without tunneld's endpoint: it cannot initiate, and drops tunneld's packets on the old session
+    (an index it never issued). tunneld must notice that nothing comes back (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+    after sending, ~15 s) and handshake again on its own."""
+    a, b = interop.a, interop.b
+    interop.start_wireguard_go(endpoint=False)
+    interop.start_tunneld()
+    a.wait_ping(OVERLAY_V4[1], timeout=20)
+    check_transfer(b, a, OVERLAY_V4[0], SMALL)
+    first = interop.ours_peer()
+    assert first["latest_handshake"] > 0, first
+    interop.stop_wireguard_go(signal.SIGKILL)
+    b.wait_link(interop.theirs, present=False)
+    next_second(first["latest_handshake"])
+    restarted = int(time.time())
+    interop.start_wireguard_go(endpoint=False)
+    assert interop.theirs_peer()["latest_handshake"] == 0
+    took = a.wait_ping(OVERLAY_V4[1], timeout=40)
+    b.wait_ping(OVERLAY_V4[0], timeout=10)
+    for src, dst, addr in ((a, b, OVERLAY_V4[1]), (b, a, OVERLAY_V4[0])):
+        check_transfer(src, dst, addr, SMALL)
+    ours, theirs = interop.ours_peer(), interop.theirs_peer()
+    print(f"tunneld re-handshook {took:.1f} s after the first unanswered ping")
+    assert ours["latest_handshake"] >= restarted > first["latest_handshake"], (first, ours)
+    assert theirs["latest_handshake"] >= restarted, theirs
+    assert theirs["endpoint"] == f"{a.underlay}:{PORT}"  # learnt from tunneld's initiation: it initiated
+    interop.stop_tunneld()
