@@ -32,6 +32,7 @@ import pytest
 
 from tunneld.testbed import OVERLAY_V4, Tunneld, tcpdump, transfer
 from tunneld.testbed.netns import is_root
+from tunneld.testbed.prom import exposition, total
 
 pytestmark = pytest.mark.netns
 
@@ -93,9 +94,9 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
 
     # -- tunneld, namespace A ---------------------------------------------------------------------------------
 
-    def start_tunneld(self) -> None:
+    def start_tunneld(self, *args: str) -> None:
         assert self.tunneld is None
-        self.tunneld = Tunneld(self.a, "--config", str(self.config), dev=self.ours)
+        self.tunneld = Tunneld(self.a, "--config", str(self.config), *args, dev=self.ours)
         # `wg` reaches it once its UAPI socket is up; the interface being up comes first
         deadline = time.monotonic() + 10
         while self.a.run("wg", "show", self.ours, "dump", check=False).returncode != 0:
@@ -318,4 +319,108 @@ def test_wireguard_go_killed_and_restarted_tunneld_rehandshakes(interop):
     assert ours["latest_handshake"] >= restarted > first["latest_handshake"], (first, ours)
     assert theirs["latest_handshake"] >= restarted, theirs
     assert theirs["endpoint"] == f"{a.underlay}:{PORT}"  # learnt from tunneld's initiation: it initiated
+    interop.stop_tunneld()
+
+
+# -- roaming -----------------------------------------------------------------------------------------------------
+
+METRICS = "127.0.0.1:9477"
+MOVED = "10.231.0.3"  # wireguard-go's host's new underlay address (the testbed's /24)
+SEND = "import socket, sys\n" \
+       "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
+       "s.bind((sys.argv[1], 40000))\n" \
+       "for h in sys.argv[4:]:\n" \
+       "    s.sendto(bytes.fromhex(h), (sys.argv[2], int(sys.argv[3])))\n"
+
+
+def dropped(host) -> dict[str, float]:
+    """tunneld's tunneld_dropped_packets_total by the reasons a replay and a forgery are dropped for."""
+    text = exposition(host, METRICS)
+    return {reason: total(text, "tunneld_dropped_packets_total", reason=reason)
+            for reason in ("replayed", "decryption_failed")}
+
+
+def captured_data_message(host, capture: Path, wanted) -> bytes:
+    """The first WireGuard transport message carrying data in the capture, for which ``wanted(ip)`` holds."""
+    scapy_all = pytest.importorskip("scapy.all")
+    for packet in scapy_all.rdpcap(str(capture)):
+        if scapy_all.UDP in packet and wanted(packet[scapy_all.IP]):
+            payload = bytes(packet[scapy_all.UDP].payload)
+            if payload[:4] == b"\x04\x00\x00\x00" and len(payload) > 32:
+                return payload
+    raise AssertionError(f"no data message in {capture}")
+
+
+@pytest.mark.timeout(600)
+def test_wireguard_go_moves_to_a_new_address_mid_transfer_and_tunneld_follows_only_when_authenticated(interop):
+    """wireguard-go's host takes a second address; from it, a replay of one of wireguard-go's own data messages
+    and a bit-flipped copy reach tunneld, which must not move its endpoint for them. Then, 64 MiB into a transfer
+    from wireguard-go's side, the old address is deleted (the new one is promoted): wireguard-go's next
+    datagrams leave from the new address, tunneld follows on the first that authenticates, its answers reach the
+    new address, and the transfer completes intact. (~50 s: wireguard-go notices its lost source only by its own
+    15 s timer, and TCP's retransmission timer has backed off meanwhile.)"""
+    needs("tcpdump")
+    a, b = interop.a, interop.b
+    interop.start_wireguard_go(endpoint=False)
+    interop.start_tunneld("--metrics-listen", METRICS)
+    a.wait_ping(OVERLAY_V4[1], timeout=20)
+    assert interop.ours_peer()["endpoint"] == f"{b.underlay}:{PORT}"
+    b.run("sysctl", "-qw", f"net.ipv4.conf.{b.ifname}.promote_secondaries=1")
+    b.run("ip", "addr", "add", f"{MOVED}/24", "dev", b.ifname)
+
+    capture = interop.workdir / "b-to-a.pcap"
+    dump = tcpdump(a, capture, f"udp and src host {b.underlay} and src port {PORT}")
+    try:
+        b.wait_ping(OVERLAY_V4[0], timeout=10)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=10)
+    genuine = captured_data_message(a, capture, lambda ip: ip.src == b.underlay)
+    flipped = bytearray(genuine)
+    flipped[-1] ^= 0x01  # the tag's last byte
+    before = dropped(a)
+    b.run(sys.executable, "-c", SEND, MOVED, a.underlay, str(PORT), genuine.hex(), bytes(flipped).hex())
+    # both reached tunneld's socket before this round trip's reply did, and were read first
+    a.wait_ping(OVERLAY_V4[1], timeout=10)
+    after = dropped(a)
+    assert after["replayed"] == before["replayed"] + 1 and \
+        after["decryption_failed"] == before["decryption_failed"] + 1, (before, after)
+    assert interop.ours_peer()["endpoint"] == f"{b.underlay}:{PORT}", "moved on a replayed or forged datagram"
+
+    result: dict = {}
+
+    def upload() -> None:
+        try:
+            result["sums"] = transfer(b, a, OVERLAY_V4[0], BIG, timeout=300)
+        except BaseException as e:  # handed to the test's thread
+            result["error"] = e
+
+    rx0 = interop.ours_peer()["rx"]
+    sender = threading.Thread(target=upload, daemon=True)
+    sender.start()
+    try:
+        wait_until(lambda: interop.ours_peer()["rx"] - rx0 > BIG // 8 or not sender.is_alive(), 120,
+                   "an eighth of the transfer", step=0.02)
+        assert sender.is_alive(), f"the transfer ended before the address moved: {result}"
+        b.run("ip", "addr", "del", f"{b.underlay}/24", "dev", b.ifname)
+        moved_at = interop.ours_peer()["rx"] - rx0
+        began = time.monotonic()
+        # wireguard-go keeps sending from the address it was reached at (its "sticky" source) until its own
+        # new-handshake timer clears it (~15 s without an answer): tunneld sees nothing from it until then
+        wait_until(lambda: interop.ours_peer()["endpoint"] == f"{MOVED}:{PORT}", 60, "tunneld's endpoint to move")
+        followed = time.monotonic() - began
+    finally:
+        sender.join(timeout=320)
+    assert not sender.is_alive(), "the transfer did not end"
+    if "error" in result:
+        raise result["error"]
+    sent, received = result["sums"]
+    assert sent == received and sent.startswith(f"{BIG} "), (sent, received)
+    assert moved_at < BIG, moved_at  # the address moved mid-transfer
+    ours = interop.ours_peer()
+    assert ours["endpoint"] == f"{MOVED}:{PORT}", ours
+    assert interop.theirs_peer()["endpoint"] == f"{a.underlay}:{PORT}"
+    print(f"moved after {moved_at} of {BIG} bytes; tunneld followed {followed:.1f} s later")
+    a.wait_ping(OVERLAY_V4[1], timeout=10)
+    b.wait_ping(OVERLAY_V4[0], timeout=10)
     interop.stop_tunneld()
