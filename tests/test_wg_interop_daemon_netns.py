@@ -16,11 +16,9 @@ namespace). The ``interop`` fixture stops both daemons (SIGTERM, then SIGKILL) a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -123,7 +121,8 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
         deadline = time.monotonic() + 10
         while self.b.link_state(self.theirs) is None or not socket_file.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"wireguard-go did not start: {proc.stdout.read() if proc.poll() is not None else ''}")
+                said = proc.stdout.read() if proc.poll() is not None and proc.stdout else "(still running)"
+                raise RuntimeError(f"wireguard-go did not start: {said}")
             time.sleep(0.05)
         args = ["set", self.theirs, "private-key", str(self.workdir / "b.key"), "listen-port", str(PORT),
                 "peer", self.our_public, "allowed-ips", f"{OVERLAY_V4[0]}/32"]
@@ -159,6 +158,7 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
             with contextlib.suppress(Exception):
                 self.tunneld.stop()
             self.tunneld.kill()
+            self.logs.append(self.tunneld.output())
             self.tunneld = None
         self.stop_wireguard_go()
         with contextlib.suppress(FileNotFoundError):  # a SIGKILLed wireguard-go's socket
