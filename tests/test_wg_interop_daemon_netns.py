@@ -37,6 +37,7 @@ pytestmark = pytest.mark.netns
 PORT = 51820  # both sides listen on it, each in its own namespace
 BIG = 64 << 20  # issue 21's transfer size, once per direction
 SMALL = 1 << 20  # the check after a restart
+METRICS = "127.0.0.1:9477"  # tunneld's exporter, inside namespace A
 
 
 def needs(*tools: str) -> None:
@@ -263,11 +264,14 @@ def test_64_mib_each_way_sha256_checked_and_wg_show_agrees_on_both_sides(interop
 # -- a restart of either side ------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_tunneld_restarted_reforms_the_session_without_touching_wireguard_go(interop):
-    """A new tunneld process has no session: its first packet starts a handshake with a later TAI64N, which
-    wireguard-go (configured once, left alone) accepts; traffic resumes both ways."""
+@pytest.mark.parametrize("speaks_first", ["tunneld", "wireguard-go"])
+def test_tunneld_restarted_reforms_the_session_without_touching_wireguard_go(interop, speaks_first):
+    """A new tunneld process has no session. If it speaks first, its packet starts a handshake with a later TAI64N,
+    which wireguard-go (configured once, left alone) accepts. If wireguard-go speaks first, on the session it still
+    holds, tunneld drops that as no_session (silently), and wireguard-go, hearing nothing back, starts a handshake
+    of its own 15 s later (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT), which tunneld answers. Traffic resumes both ways."""
     a, b = interop.a, interop.b
-    interop.start_wireguard_go(endpoint=False)
+    interop.start_wireguard_go(endpoint=False)  # it learns tunneld's endpoint from the first handshake, and keeps it
     interop.start_tunneld()
     a.wait_ping(OVERLAY_V4[1], timeout=20)
     check_transfer(a, b, OVERLAY_V4[1], SMALL)
@@ -276,10 +280,17 @@ def test_tunneld_restarted_reforms_the_session_without_touching_wireguard_go(int
     interop.stop_tunneld()
     next_second(first["latest_handshake"])
     restarted = int(time.time())
-    interop.start_tunneld()
+    interop.start_tunneld("--metrics-listen", METRICS)
     assert interop.ours_peer()["latest_handshake"] == 0  # a new process: no handshake yet
-    a.wait_ping(OVERLAY_V4[1], timeout=20)
-    b.wait_ping(OVERLAY_V4[0], timeout=10)
+    if speaks_first == "tunneld":
+        took = a.wait_ping(OVERLAY_V4[1], timeout=20)
+        b.wait_ping(OVERLAY_V4[0], timeout=10)
+    else:
+        took = b.wait_ping(OVERLAY_V4[0], timeout=40)
+        assert took > 5, took  # not at once: the old session's packets found no session
+        assert total(exposition(a, METRICS), "tunneld_dropped_packets_total", reason="no_session") > 0
+        a.wait_ping(OVERLAY_V4[1], timeout=10)
+    print(f"{speaks_first} first: traffic resumed after {took:.1f} s")
     for src, dst, addr in ((a, b, OVERLAY_V4[1]), (b, a, OVERLAY_V4[0])):
         check_transfer(src, dst, addr, SMALL)
     ours, theirs = interop.ours_peer(), interop.theirs_peer()
@@ -324,7 +335,6 @@ def test_wireguard_go_killed_and_restarted_tunneld_rehandshakes(interop):
 
 # -- roaming -----------------------------------------------------------------------------------------------------
 
-METRICS = "127.0.0.1:9477"
 MOVED = "10.231.0.3"  # wireguard-go's host's new underlay address (the testbed's /24)
 SEND = "import socket, sys\n" \
        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n" \
