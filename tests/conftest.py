@@ -74,7 +74,8 @@ def tier(item: pytest.Item) -> str:
 # The order tests start in: the longest kinds first, so that in a parallel run (tests/suite.py) an nspawn boot or
 # an etcd cluster does not begin when everything else is done. Within a tier, the files' own order.
 ORDER = ("e2e", "soak", "netns", "process", "unit")
-FIRST = ("test_systemd_e2e.py", "test_registry_netns.py")  # the longest files of the first tier, longest first
+# The longest files of their tiers, longest first: the WireGuard interop file holds a 138 s rekey test.
+FIRST = ("test_systemd_e2e.py", "test_wg_interop_daemon_netns.py", "test_registry_netns.py")
 
 
 def pytest_collection_modifyitems(config, items):
