@@ -215,6 +215,14 @@ def test_wireguard_under_the_unit(hosts, record_property):
                         wg_example("ab"[n - 1], public[other.host.name, dev], other.host.underlay) if dev == "wg0" else
                         wg_conf(dev, port, f"{net}.{n}", public[other.host.name, dev], other.host.underlay,
                                 f"{net}.{3 - n}"))
+                if c is ca and dev == "wg1":
+                    # A name in use at /run/wireguard (here another program's socket) is never replaced by root's
+                    # link: that start fails, and the other's socket stays.
+                    c.run("python3", "-c", "import socket; socket.socket(socket.AF_UNIX).bind('/run/wireguard/wg1.sock')")
+                    assert c.systemctl("start", "tunneld@wg1.service", check=False, timeout=60).returncode != 0
+                    assert c.run("stat", "-c", "%F", "/run/wireguard/wg1.sock").stdout.strip() == "socket"
+                    assert "/run/wireguard/wg1.sock': File exists" in c.journal("tunneld@wg1.service")
+                    c.run("rm", "/run/wireguard/wg1.sock")
                 r = c.systemctl("start", f"tunneld@{dev}.service", check=False, timeout=60)
                 assert r.returncode == 0, r.stderr + c.journal(f"tunneld@{dev}.service")
         for c in (ca, cb):

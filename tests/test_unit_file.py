@@ -88,7 +88,10 @@ def test_unit_serves_wireguards_socket_from_the_instances_directory_and_hands_ov
     assert "BindPaths=/run/tunneld/%i/wireguard:/run/wireguard" in lines
     links = [line for line in lines if line.startswith(("ExecStartPost=", "ExecStopPost="))]
     assert all("+/usr/bin/nsenter --target=1 --mount " in line for line in links) and len(links) == 3
-    assert any("-lname /run/tunneld/%i/wireguard/* -delete" in line for line in links)
+    # root's link bears the instance's name, never one the daemon chose, and replaces nothing (no ln -f)
+    assert any("-type s -name %i.sock -exec /bin/ln -s -t /run/wireguard {} +" in line for line in links)
+    assert any("-name %i.sock -type l -lname /run/tunneld/%i/wireguard/%i.sock -delete" in line for line in links)
+    assert not any("ln -sf" in line or "*" in line for line in links)
     assert "ExecStart=/usr/local/bin/tunneld --config /etc/tunneld/%i.toml" in lines  # the config beside the key
     assert f"LoadCredential=%i.key:{UNIT_CONFIG_DIR}/%i.key" in lines
     assert "SetCredential=%i.key:\\n" in lines  # a lone newline: read_key_file's "no file at start"
