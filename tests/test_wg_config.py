@@ -154,7 +154,8 @@ def test_without_a_credential_the_error_is_the_files_own(unit_dirs, monkeypatch)
     for path in (etc / "other.key", etc / "wg1.key"):
         with pytest.raises(ConfigError) as e:
             read_key_file(str(path))
-        assert str(e.value) == f"private_key: {path}: Permission denied"
+        assert str(e.value) == (f"private_key: {path}: Permission denied (the unit hands the daemon {etc}/NAME.key, "
+                                "and a file named in a LoadCredential= of a drop-in, as credentials: docs/systemd.md)")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ConfigError, match="wg0.key: Permission denied$"):
         read_key_file(str(etc / "wg0.key"))
@@ -167,7 +168,7 @@ def test_a_credential_for_a_file_elsewhere_is_not_taken(unit_dirs, monkeypatch, 
 
     etc, _ = unit_dirs
     monkeypatch.setattr(wireguard, "UNIT_CONFIG_DIR", str(tmp_path / "elsewhere"))
-    with pytest.raises(ConfigError, match="Permission denied$"):
+    with pytest.raises(ConfigError, match="Permission denied .*docs/systemd.md[)]$"):
         wireguard.read_key_file(str(etc / "wg0.key"))
 
 

@@ -76,7 +76,11 @@ def read_key_file(path: str, what: str = "private_key") -> Key:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except PermissionError as e:
         if (copy := _credential(path)) is None:
-            raise ConfigError(f"{what}: {path}: {e.strerror}") from None
+            hint = ""
+            if os.environ.get("CREDENTIALS_DIRECTORY"):  # under systemd: say which files the unit hands over
+                hint = (f" (the unit hands the daemon {UNIT_CONFIG_DIR}/NAME.key, and a file named in a "
+                        "LoadCredential= of a drop-in, as credentials: docs/systemd.md)")
+            raise ConfigError(f"{what}: {path}: {e.strerror}{hint}") from None
         try:
             fd = os.open(copy, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
