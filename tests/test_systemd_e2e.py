@@ -179,10 +179,12 @@ def wg_example(host: str, peer_key: str, peer_underlay: str) -> str:
 
 def wg_conf(dev: str, port: int, address: str, peer_key: str, peer_underlay: str, peer_overlay: str) -> str:
     # Another tunnel on the same hosts: its key file beside the config file, named after the instance
-    # (/etc/tunneld/NAME.key: what the unit hands the daemon as a credential).
+    # (/etc/tunneld/NAME.key: what the unit hands the daemon as a credential), and a preshared key, which a
+    # drop-in hands over (docs/systemd.md).
     return (f'[tunnel]\nmode = "wireguard"\nprivate_key = "{dev}.key"\ndev = "{dev}"\naddress = ["{address}/24"]\n'
             f'port = {port}\n[[peer]]\npublic_key = "{peer_key}"\nendpoint = "{peer_underlay}:{port}"\n'
-            f'allowed_ips = ["{peer_overlay}/32"]\n[metrics]\nlisten = "127.0.0.1:{9477 + port - 51820}"\n')
+            f'allowed_ips = ["{peer_overlay}/32"]\npreshared_key = "{dev}-peer.psk"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{9477 + port - 51820}"\n')
 
 
 def wg_dump(c: nspawn.Container, dev: str) -> dict[str, str]:
@@ -190,7 +192,7 @@ def wg_dump(c: nspawn.Container, dev: str) -> dict[str, str]:
     lines = c.run("wg", "show", dev, "dump", timeout=10).stdout.strip().splitlines()
     assert len(lines) == 2, lines
     fields = lines[1].split("\t")
-    return {"public_key": fields[0], "endpoint": fields[2], "allowed_ips": fields[3],
+    return {"public_key": fields[0], "preshared_key": fields[1], "endpoint": fields[2], "allowed_ips": fields[3],
             "latest_handshake": fields[4], "rx": fields[5], "tx": fields[6], "keepalive": fields[7],
             "listen_port": lines[0].split("\t")[2]}
 
@@ -198,7 +200,7 @@ def wg_dump(c: nspawn.Container, dev: str) -> dict[str, str]:
 @pytest.mark.skipif(shutil.which("wg") is None, reason="needs wg (wireguard-tools) to copy into the containers")
 def test_wireguard_under_the_unit(hosts, record_property):
     """Two containers, each running tunneld@wg0 and tunneld@wg1 in mode wireguard with keys made by `wg genkey`
-    in the container; root's `wg show` reaches each confined daemon through /run/wireguard/DEV.sock; stopping one
+    in the container (wg1 with a preshared key too, handed over by a drop-in); root's `wg show` reaches each confined daemon through /run/wireguard/DEV.sock; stopping one
     instance removes its interface and socket and leaves the other's."""
     a, b = hosts
     started = time.monotonic()
@@ -209,6 +211,13 @@ def test_wireguard_under_the_unit(hosts, record_property):
             for dev in tunnels:
                 c.run("sh", "-c", f"umask 077; wg genkey > /etc/tunneld/{dev}.key")
                 public[c.host.name, dev] = c.run("sh", "-c", f"wg pubkey < /etc/tunneld/{dev}.key").stdout.strip()
+        psk = ca.run("wg", "genpsk").stdout.strip()
+        for c in (ca, cb):  # wg1's preshared key, the same on both sides, root's 0600, through a drop-in
+            c.run("sh", "-c", "umask 077; cat > /etc/tunneld/wg1-peer.psk", input=psk + "\n")
+            c.run("mkdir", "-p", "/etc/systemd/system/tunneld@wg1.service.d")
+            c.write("/etc/systemd/system/tunneld@wg1.service.d/psk.conf",
+                    "[Service]\nLoadCredential=wg1-peer.psk:/etc/tunneld/wg1-peer.psk\n")
+            c.systemctl("daemon-reload")
         for c, other, n in ((ca, cb, 1), (cb, ca, 2)):
             for dev, (port, net) in tunnels.items():
                 c.write(f"/etc/tunneld/{dev}.toml",
@@ -258,6 +267,7 @@ def test_wireguard_under_the_unit(hosts, record_property):
                 assert 0 <= now - int(peer["latest_handshake"]) < 60, peer
                 assert int(peer["rx"]) > 0 and int(peer["tx"]) > 0, peer
                 assert peer["keepalive"] == ("25" if dev == "wg0" else "off"), peer  # the example sets 25 s
+                assert peer["preshared_key"] == (psk if dev == "wg1" else "(none)")  # read through the drop-in
         shown = ca.run("wg", "show", "wg0").stdout
         for line in ("interface: wg0", f"peer: {public[cb.host.name, 'wg0']}", "latest handshake: ", "transfer: "):
             assert line in shown, shown
