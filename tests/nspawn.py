@@ -8,7 +8,8 @@ Layers, so that each run starts clean and the slow part is done once per machine
            the host's pip, installed with --no-index: the container needs no registry), cached under CACHE
            keyed by the base, the dependency list in pyproject.toml and the week (so new releases come in);
            built and renamed into place as the base is. Installing numpy, grpcio and the rest was most of a run.
-  run      an overlay on both holding this checkout: tunneld itself in that venv (--no-deps), and the unit file.
+  run      an overlay on both holding this checkout: tunneld itself in that venv (--no-deps), the unit file, and
+           the host's `wg` (wireguard-tools) when it has one.
   host     one overlay per container on top of all (lowerdir=run:deps:base): its config, journal, state.
 Everything but the base and the deps layer is removed afterwards, also on failure.
 
@@ -169,6 +170,10 @@ def run_layer(workdir: Path, lower: list[Path]) -> Iterator[Path]:
                    f" {VENV}/bin/pip check >/dev/null;"  # the cached dependencies still satisfy this checkout
                    f" ln -sf {VENV}/bin/tunneld /usr/local/bin/tunneld; rm -rf /var/tmp/wheels; mkdir -p /etc/tunneld")
         shutil.copy(REPO / "systemd" / "tunneld@.service", merged / "etc" / "systemd" / "system" / "tunneld@.service")
+        if (wg := shutil.which("wg")) is not None:
+            # WireGuard's own tool, root's `wg show` in the container: the host's (Debian's wireguard-tools, of
+            # the same release as the base; it needs only libc), rather than a base rebuilt with the package.
+            shutil.copy(wg, merged / "usr" / "bin" / "wg")
     finally:
         umount(merged)
     yield upper

@@ -156,10 +156,16 @@ def test_the_docs_have_command_examples_to_check():
 
 
 @pytest.mark.parametrize("where,argv", DAEMON_LINES, ids=[f"{w} {' '.join(a)}"[:90] for w, a in DAEMON_LINES])
-def test_every_daemon_command_line_passes_check(where, argv, monkeypatch):
+def test_every_daemon_command_line_passes_check(where, argv, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # the examples name config/... from the source tree
     if "--config" in argv and not Path(argv[argv.index("--config") + 1]).exists():
         installed = {"/etc/tunneld/demo.toml": "config/vxlan-host-a.toml"}  # docs/systemd.md installs it so
+        # ... and the wireguard one with its key beside it (`wg genkey`, 0600): in a copy, no key ships
+        wg0 = tmp_path / "wg0.toml"
+        wg0.write_text((REPO / "config" / "wireguard-host-a.toml").read_text())
+        (tmp_path / "wg0.key").write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        (tmp_path / "wg0.key").chmod(0o600)
+        installed["/etc/tunneld/wg0.toml"] = str(wg0)
         argv = [installed.get(a, a) for a in argv]
     code, output = _check_daemon(argv)
     assert code == 0, f"{where}: tunneld {' '.join(argv)} --check: {output}"

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 
 import pytest
 
 from tests import nspawn
+from tests.support import REPO
 from tunneld.testbed import OVERLAY_V4
 
 UNIT = "tunneld@demo.service"
@@ -160,3 +162,135 @@ def test_two_hosts_linked_by_systemd(hosts, record_property):
         record_property("report", f"nspawn e2e: two containers booted and tunneld installed in {booted:.0f}s, "
                                   f"whole scenario {time.monotonic() - started:.0f}s (base root cached in {nspawn.CACHE}); "
                                   f"{segmentation}")
+
+
+# -- mode wireguard under the unit (issue 21): keys from `wg genkey`, root's `wg show` ---------------------------
+
+
+def wg_example(host: str, peer_key: str, peer_underlay: str) -> str:
+    """The shipped example (config/wireguard-host-A.toml), as docs/systemd.md has the operator adapt it: the other
+    host's public key and underlay address. Its key file is wg0.key beside it, /etc/tunneld/wg0.key."""
+    text = (REPO / "config" / f"wireguard-host-{host}.toml").read_text()
+    example_peer = {"a": "10.0.0.2", "b": "10.0.0.1"}[host]
+    text, n = re.subn(r'^public_key = "[^"]+"', f'public_key = "{peer_key}"', text, flags=re.M)
+    assert n == 1 and f'endpoint = "{example_peer}:51820"' in text
+    return text.replace(f'endpoint = "{example_peer}:51820"', f'endpoint = "{peer_underlay}:51820"')
+
+
+def wg_conf(dev: str, port: int, address: str, peer_key: str, peer_underlay: str, peer_overlay: str) -> str:
+    # Another tunnel on the same hosts: its key file beside the config file, named after the instance
+    # (/etc/tunneld/NAME.key: what the unit hands the daemon as a credential), and a preshared key, which a
+    # drop-in hands over (docs/systemd.md).
+    return (f'[tunnel]\nmode = "wireguard"\nprivate_key = "{dev}.key"\ndev = "{dev}"\naddress = ["{address}/24"]\n'
+            f'port = {port}\n[[peer]]\npublic_key = "{peer_key}"\nendpoint = "{peer_underlay}:{port}"\n'
+            f'allowed_ips = ["{peer_overlay}/32"]\npreshared_key = "{dev}-peer.psk"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{9477 + port - 51820}"\n')
+
+
+def wg_dump(c: nspawn.Container, dev: str) -> dict[str, str]:
+    """Root's `wg show DEV dump` in the container: the interface line and its one peer's line."""
+    lines = c.run("wg", "show", dev, "dump", timeout=10).stdout.strip().splitlines()
+    assert len(lines) == 2, lines
+    fields = lines[1].split("\t")
+    return {"public_key": fields[0], "preshared_key": fields[1], "endpoint": fields[2], "allowed_ips": fields[3],
+            "latest_handshake": fields[4], "rx": fields[5], "tx": fields[6], "keepalive": fields[7],
+            "listen_port": lines[0].split("\t")[2]}
+
+
+@pytest.mark.skipif(shutil.which("wg") is None, reason="needs wg (wireguard-tools) to copy into the containers")
+def test_wireguard_under_the_unit(hosts, record_property):
+    """Two containers, each running tunneld@wg0 and tunneld@wg1 in mode wireguard with keys made by `wg genkey`
+    in the container (wg1 with a preshared key too, handed over by a drop-in); root's `wg show` reaches each confined daemon through /run/wireguard/DEV.sock; stopping one
+    instance removes its interface and socket and leaves the other's."""
+    a, b = hosts
+    started = time.monotonic()
+    tunnels = {"wg0": (51820, "10.78.0"), "wg1": (51821, "10.79.0")}
+    with nspawn.containers(a, b) as (ca, cb):
+        public = {}
+        for c in (ca, cb):
+            for dev in tunnels:
+                c.run("sh", "-c", f"umask 077; wg genkey > /etc/tunneld/{dev}.key")
+                public[c.host.name, dev] = c.run("sh", "-c", f"wg pubkey < /etc/tunneld/{dev}.key").stdout.strip()
+        psk = ca.run("wg", "genpsk").stdout.strip()
+        for c in (ca, cb):  # wg1's preshared key, the same on both sides, root's 0600, through a drop-in
+            c.run("sh", "-c", "umask 077; cat > /etc/tunneld/wg1-peer.psk", input=psk + "\n")
+            c.run("mkdir", "-p", "/etc/systemd/system/tunneld@wg1.service.d")
+            c.write("/etc/systemd/system/tunneld@wg1.service.d/psk.conf",
+                    "[Service]\nLoadCredential=wg1-peer.psk:/etc/tunneld/wg1-peer.psk\n")
+            c.systemctl("daemon-reload")
+        for c, other, n in ((ca, cb, 1), (cb, ca, 2)):
+            for dev, (port, net) in tunnels.items():
+                c.write(f"/etc/tunneld/{dev}.toml",
+                        wg_example("ab"[n - 1], public[other.host.name, dev], other.host.underlay) if dev == "wg0" else
+                        wg_conf(dev, port, f"{net}.{n}", public[other.host.name, dev], other.host.underlay,
+                                f"{net}.{3 - n}"))
+                if c is ca and dev == "wg1":
+                    # A name in use at /run/wireguard (here another program's socket) is never replaced by root's
+                    # link: that start fails, and the other's socket stays.
+                    c.run("python3", "-c", "import socket; socket.socket(socket.AF_UNIX).bind('/run/wireguard/wg1.sock')")
+                    assert c.systemctl("start", "tunneld@wg1.service", check=False, timeout=60).returncode != 0
+                    assert c.run("stat", "-c", "%F", "/run/wireguard/wg1.sock").stdout.strip() == "socket"
+                    assert "/run/wireguard/wg1.sock': File exists" in c.journal("tunneld@wg1.service")
+                    c.run("rm", "/run/wireguard/wg1.sock")
+                r = c.systemctl("start", f"tunneld@{dev}.service", check=False, timeout=60)
+                assert r.returncode == 0, r.stderr + c.journal(f"tunneld@{dev}.service")
+        for c in (ca, cb):
+            for dev in tunnels:
+                unit = f"tunneld@{dev}.service"
+                state = c.show(unit, "ActiveState", "SubState", "MainPID")
+                assert (state["ActiveState"], state["SubState"]) == ("active", "running"), c.journal(unit)
+                uid, caps = cap_eff(c, state["MainPID"])
+                assert uid != 0 and caps == (1 << 12) | (1 << 13)  # the transient user, two capabilities
+                # The key stays root's, 0600; the daemon read systemd's copy, its own user's alone, in memory.
+                assert c.run("stat", "-c", "%U %a", f"/etc/tunneld/{dev}.key").stdout.split() == ["root", "600"]
+                copy = c.run("stat", "-c", "%u %a", f"/run/credentials/{unit}/{dev}.key").stdout.split()
+                assert copy == [str(uid), "400"], copy
+                # root's /run/wireguard/DEV.sock: a link to the socket the daemon bound in its own directory
+                sock = f"/run/tunneld/{dev}/wireguard/{dev}.sock"
+                assert c.run("readlink", f"/run/wireguard/{dev}.sock").stdout.strip() == sock
+                assert c.run("stat", "-c", "%u %a %F", sock).stdout.split() == [str(uid), "700", "socket"]
+                assert c.run("stat", "-c", "%U %a", "/run/wireguard").stdout.split() == ["root", "755"]
+                assert "up: wireguard" in c.journal(unit)
+        assert sorted(ca.run("wg", "show", "interfaces").stdout.split()) == ["wg0", "wg1"]
+
+        # Traffic both ways on both tunnels, then what root's `wg show` says about each peer.
+        for dev, (port, net) in tunnels.items():
+            a.wait_ping(f"{net}.2", timeout=20)
+            b.wait_ping(f"{net}.1", timeout=10)
+        now = int(ca.run("date", "+%s").stdout)
+        for c, other, n in ((ca, cb, 1), (cb, ca, 2)):
+            for dev, (port, net) in tunnels.items():
+                peer = wg_dump(c, dev)
+                assert peer["public_key"] == public[other.host.name, dev] and peer["listen_port"] == str(port), peer
+                assert peer["endpoint"] == f"{other.host.underlay}:{port}", peer
+                assert peer["allowed_ips"] == f"{net}.{3 - n}/32", peer
+                assert 0 <= now - int(peer["latest_handshake"]) < 60, peer
+                assert int(peer["rx"]) > 0 and int(peer["tx"]) > 0, peer
+                assert peer["keepalive"] == ("25" if dev == "wg0" else "off"), peer  # the example sets 25 s
+                assert peer["preshared_key"] == (psk if dev == "wg1" else "(none)")  # read through the drop-in
+        shown = ca.run("wg", "show", "wg0").stdout
+        for line in ("interface: wg0", f"peer: {public[cb.host.name, 'wg0']}", "latest handshake: ", "transfer: "):
+            assert line in shown, shown
+        assert "private key: (hidden)" in shown
+        private = ca.run("cat", "/etc/tunneld/wg0.key").stdout.strip()
+        assert private not in ca.journal("tunneld@wg0.service") + shown
+
+        # Stopping wg1 removes its interface, its socket and root's link, and leaves wg0's.
+        ca.systemctl("stop", "tunneld@wg1.service", timeout=30)
+        assert a.link_state("wg1") is None
+        assert ca.run("test", "-L", "/run/wireguard/wg1.sock", check=False).returncode != 0
+        assert ca.run("test", "-e", "/run/tunneld/wg1", check=False).returncode != 0
+        assert ca.run("wg", "show", "wg1", check=False).returncode != 0
+        assert ca.run("wg", "show", "interfaces").stdout.split() == ["wg0"]
+        assert wg_dump(ca, "wg0")["public_key"] == public[cb.host.name, "wg0"]
+        a.wait_ping("10.78.0.2", timeout=10)
+        # ... and a restart (SIGKILL: systemd's restart) brings root's link back to the new daemon's socket.
+        ca.systemctl("kill", "--signal=SIGKILL", "--kill-who=main", "tunneld@wg0.service")
+        ca.wait_for("tunneld@wg0.service", timeout=30, ActiveState="active", SubState="running", NRestarts="1")
+        assert ca.run("wg", "show", "interfaces").stdout.split() == ["wg0"]
+        a.wait_ping("10.78.0.2", timeout=20)
+        ca.systemctl("stop", "tunneld@wg0.service", timeout=30)
+        assert a.link_state("wg0") is None
+        assert ca.run("sh", "-c", "ls -A /run/wireguard").stdout.strip() == ""
+        record_property("report", f"nspawn e2e wireguard: two tunneld@ instances per container, root's wg show "
+                                  f"through /run/wireguard; whole scenario {time.monotonic() - started:.0f}s\n{shown}")

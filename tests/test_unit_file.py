@@ -70,6 +70,28 @@ def test_unit_gives_the_control_socket_its_runtime_directory():
 
     lines = UNIT.read_text().splitlines()
     assert DEFAULT_RUNTIME_DIR == "/run/tunneld"
-    for expected in ("RuntimeDirectory=tunneld/%i", "RuntimeDirectoryMode=0755"):
+    # the first is $RUNTIME_DIRECTORY's first path, the daemon's default; the second, WireGuard's UAPI socket's
+    for expected in ("RuntimeDirectory=tunneld/%i tunneld/%i/wireguard", "RuntimeDirectoryMode=0755"):
         assert expected in lines
-    assert not any(line.startswith("RuntimeDirectory=") and line != "RuntimeDirectory=tunneld/%i" for line in lines)
+    assert [line for line in lines if line.startswith("RuntimeDirectory=")] == [
+        "RuntimeDirectory=tunneld/%i tunneld/%i/wireguard"]
+
+
+def test_unit_serves_wireguards_socket_from_the_instances_directory_and_hands_over_its_key():
+    """Mode wireguard: the daemon's /run/wireguard is its instance's own directory, linked from the host's by root;
+    its key file reaches the transient user as a credential, optional (an empty default) for other modes."""
+    from tunneld.config.wireguard import UNIT_CONFIG_DIR
+    from tunneld.control.wgapi import SOCKET_DIR
+
+    lines = UNIT.read_text().splitlines()
+    assert SOCKET_DIR in ("/run/wireguard", "/var/run/wireguard")  # /var/run is a link to /run
+    assert "BindPaths=/run/tunneld/%i/wireguard:/run/wireguard" in lines
+    links = [line for line in lines if line.startswith(("ExecStartPost=", "ExecStopPost="))]
+    assert all("+/usr/bin/nsenter --target=1 --mount " in line for line in links) and len(links) == 3
+    # root's link bears the instance's name, never one the daemon chose, and replaces nothing (no ln -f)
+    assert any("-type s -name %i.sock -exec /bin/ln -s -t /run/wireguard {} +" in line for line in links)
+    assert any("-name %i.sock -type l -lname /run/tunneld/%i/wireguard/%i.sock -delete" in line for line in links)
+    assert not any("ln -sf" in line or "*" in line for line in links)
+    assert "ExecStart=/usr/local/bin/tunneld --config /etc/tunneld/%i.toml" in lines  # the config beside the key
+    assert f"LoadCredential=%i.key:{UNIT_CONFIG_DIR}/%i.key" in lines
+    assert "SetCredential=%i.key:\\n" in lines  # a lone newline: read_key_file's "no file at start"

@@ -107,3 +107,88 @@ def test_a_peer_from_the_command_line_is_refused_in_one_line():
     done = subprocess.run([sys.executable, "-m", "tunneld", "--mode", "wireguard", "--peer", "10.0.0.2", "--check"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "[[peer]] table" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+# -- under systemd/tunneld@.service: root's 0600 key files reach the transient user as credentials ----------------
+
+
+@pytest.fixture
+def unit_dirs(tmp_path, monkeypatch):
+    """A stand-in /etc/tunneld holding root's key file, which this process may not open (as the unit's transient
+    user may not), and a $CREDENTIALS_DIRECTORY with systemd's copy of it (mode 0400, as systemd makes it)."""
+    import errno
+    import os
+
+    from tunneld.config import wireguard
+
+    etc, creds = tmp_path / "etc-tunneld", tmp_path / "credentials"
+    etc.mkdir()
+    creds.mkdir()
+    key = etc / "wg0.key"
+    key.write_text(key_to_base64(bytes(range(100, 132))) + "\n")  # root's: never read in these tests
+    key.chmod(0o600)
+    (creds / "wg0.key").write_text(key_to_base64(PRIVATE) + "\n")
+    (creds / "wg0.key").chmod(0o400)
+    monkeypatch.setattr(wireguard, "UNIT_CONFIG_DIR", str(etc))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    real_open = os.open
+
+    def open_as_the_transient_user(path, flags, *args):
+        if os.path.dirname(os.fspath(path)) == str(etc):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_as_the_transient_user)
+    return etc, creds
+
+
+def test_a_key_file_the_daemon_may_not_open_is_read_from_systemds_credential(unit_dirs):
+    from tunneld.config.wireguard import read_key_file
+
+    etc, _ = unit_dirs
+    assert read_key_file(str(etc / "wg0.key")).raw == PRIVATE
+
+
+def test_without_a_credential_the_error_is_the_files_own(unit_dirs, monkeypatch):
+    """No credential, the unit's empty default (a lone newline: no file at start), or a file outside the unit's
+    directory: the open's own error, one line, never the copy's content."""
+    from tunneld.config.schema import ConfigError
+    from tunneld.config.wireguard import read_key_file
+
+    etc, creds = unit_dirs
+    (etc / "wg1.key").write_text("x")
+    (creds / "wg1.key").write_text("\n")
+    for path in (etc / "other.key", etc / "wg1.key"):
+        with pytest.raises(ConfigError) as e:
+            read_key_file(str(path))
+        assert str(e.value) == (f"private_key: {path}: Permission denied (the unit hands the daemon {etc}/NAME.key, "
+                                "and a file named in a LoadCredential= of a drop-in, as credentials: docs/systemd.md)")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="wg0.key: Permission denied$"):
+        read_key_file(str(etc / "wg0.key"))
+
+
+def test_a_credential_for_a_file_elsewhere_is_not_taken(unit_dirs, monkeypatch, tmp_path):
+    """Only a file of the unit's directory has a credential: one of the same name elsewhere is another key."""
+    from tunneld.config import wireguard
+    from tunneld.config.schema import ConfigError
+
+    etc, _ = unit_dirs
+    monkeypatch.setattr(wireguard, "UNIT_CONFIG_DIR", str(tmp_path / "elsewhere"))
+    with pytest.raises(ConfigError, match="Permission denied .*docs/systemd.md[)]$"):
+        wireguard.read_key_file(str(etc / "wg0.key"))
+
+
+def test_a_credential_still_must_be_a_key_and_private(unit_dirs):
+    from tunneld.config.schema import ConfigError
+    from tunneld.config.wireguard import read_key_file
+
+    etc, creds = unit_dirs
+    (creds / "wg0.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="is mode 0644; a key file must be mode 0600"):
+        read_key_file(str(etc / "wg0.key"))
+    (creds / "wg0.key").chmod(0o600)
+    (creds / "wg0.key").write_text("not a key at all, and secret\n")
+    with pytest.raises(ConfigError) as e:
+        read_key_file(str(etc / "wg0.key"))
+    assert "not a key" in str(e.value) and "secret" not in str(e.value)

@@ -51,10 +51,40 @@ PEER_KEYS = frozenset({"public_key", "endpoint", "allowed_ips", "preshared_key",
 TUNNEL_KEYS = frozenset({"private_key", "listen_port", "fwmark"})  # the wireguard keys of [tunnel]
 
 
+UNIT_CONFIG_DIR = "/etc/tunneld"  # where systemd/tunneld@.service finds NAME.toml, and the key files it hands over
+
+
+def _credential(path: str) -> str | None:
+    """The copy of key file ``path`` that systemd handed this process ($CREDENTIALS_DIRECTORY, LoadCredential=),
+    if ``path`` lies in UNIT_CONFIG_DIR and a credential of the file's name holds more than the unit's default
+    (a lone newline: no such file at start). The unit runs the daemon as a transient user, which may not open
+    root's 0600 key files; systemd reads them as root and gives it copies only its user may read."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory or os.path.dirname(os.path.abspath(path)) != UNIT_CONFIG_DIR:
+        return None
+    copy = os.path.join(directory, os.path.basename(path))
+    try:
+        return copy if os.stat(copy).st_size > 1 else None
+    except OSError:
+        return None
+
+
 def read_key_file(path: str, what: str = "private_key") -> Key:
-    """The key in ``path`` (base64, as ``wg genkey`` writes it), refused unless only its owner may read it."""
+    """The key in ``path`` (base64, as ``wg genkey`` writes it), refused unless only its owner may read it.
+    A file we may not open is read from systemd's copy (``_credential``) when the unit passed one."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except PermissionError as e:
+        if (copy := _credential(path)) is None:
+            hint = ""
+            if os.environ.get("CREDENTIALS_DIRECTORY"):  # under systemd: say which files the unit hands over
+                hint = (f" (the unit hands the daemon {UNIT_CONFIG_DIR}/NAME.key, and a file named in a "
+                        "LoadCredential= of a drop-in, as credentials: docs/systemd.md)")
+            raise ConfigError(f"{what}: {path}: {e.strerror}{hint}") from None
+        try:
+            fd = os.open(copy, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as e:
+            raise ConfigError(f"{what}: {path} (systemd's credential {copy}): {e.strerror}") from None
     except OSError as e:
         raise ConfigError(f"{what}: {path}: {e.strerror}") from None
     try:
