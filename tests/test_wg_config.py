@@ -51,6 +51,9 @@ def test_peers_become_keyed_specs_with_their_allowed_ips_as_routes(tmp_path):
     values = load_file(str(write(tmp_path, GOOD)))
     (spec,) = values["peers"]
     assert spec.key == PEER and spec.address == "10.0.0.2" and spec.routes == ("10.78.0.2/32", "fd78::2/128")
+    assert spec.port == 51820 and spec.where == "10.0.0.2:51820"  # a peer is sent to its own port
+    other = load_file(str(write(tmp_path, GOOD.replace("10.0.0.2:51820", "10.0.0.2:4000"))))["peers"][0]
+    assert other.port == 4000 and other.where == "10.0.0.2:4000"  # which need not be ours
     cfg = with_keys(TunnelConfig(**values))
     assert cfg.extra["wg_peers"] == {PEER: (PSK, 25)}
     codec = WireGuard.from_options(cfg.options())
@@ -61,7 +64,7 @@ def test_peers_become_keyed_specs_with_their_allowed_ips_as_routes(tmp_path):
 
 @pytest.mark.parametrize("change, words", [
     (('endpoint = "10.0.0.2:51820"\n', ""), "endpoint is required"),
-    (("10.0.0.2:51820", "10.0.0.2:4000"), "not the tunnel's port 51820"),
+    (("10.0.0.2:51820", "10.0.0.2:0"), "endpoint port 0"),
     ((PEER, "AAAA"), "public_key"),
     (('"p.psk"', '"missing.psk"'), "missing.psk"),
     (("persistent_keepalive = 25", "persistent_keepalive = -1"), "persistent_keepalive"),

@@ -142,8 +142,14 @@ class FakeLink:
         return n, source, 0
 
     def destination(self, address: str) -> str:
-        """As the real links: one IP version for all peers (ValueError, one line, for the other)."""
-        if (":" in address) != (":" in self.peer):
+        """As the real links: one IP version for all peers (ValueError, one line, for the other). An endpoint with
+        its port (``ADDRESS:PORT``, ``[ADDRESS]:PORT``: a keyed codec's peer, datapath/peers.py) is taken whole."""
+        host = address
+        if address.startswith("["):
+            host = address[1:address.index("]")]
+        elif address.count(":") == 1:
+            host = address.partition(":")[0]
+        if (":" in host) != (":" in self.peer):
             raise ValueError(f"peer {address} is not of the same IP version as the underlay socket")
         return address
 

@@ -295,7 +295,7 @@ def check_spec(spec: PeerSpec, what: str = "peer") -> PeerSpec:
             twice = next(x for x in done if done.count(x) > 1)
             raise ConfigError(f"{where}: {key}: {twice} is given twice")
         lists.append(done)
-    return PeerSpec(address, name, lists[0], lists[1], spec.source, spec.key)  # a keyed peer keeps its id
+    return PeerSpec(address, name, lists[0], lists[1], spec.source, spec.key, spec.port)  # a keyed peer keeps its id
 
 
 def check_peers(peers: tuple[PeerSpec, ...], what: str = "peer") -> tuple[PeerSpec, ...]:

@@ -175,8 +175,9 @@ def peer_specs(tables: Any, base_dir: str, port: int) -> tuple[tuple[PeerSpec, .
     endpoint's; routes: the allowed IPs, checked both ways by the engine) and the codec's per-peer options
     (``wg_peers``: public key -> (preshared key bytes or None, persistent keepalive)). ConfigError, one line.
 
-    tunneld sends every peer to the tunnel's own UDP port and knows a peer by its address until it has
-    authenticated a packet from it, so each peer needs an endpoint, on that port."""
+    Each peer is sent to its endpoint (address and port, ``PeerSpec.port``). A file's peers need an endpoint;
+    peers that wait to be contacted are added at run time with ``wg set`` (runtime/wgdevice.py). ``port``, the
+    tunnel's own, is no longer a peer's constraint (kept for the callers)."""
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
         raise ConfigError("peer: [[peer]] tables, one per peer")
     if len(tables) > MAX_PEERS:
@@ -192,11 +193,10 @@ def peer_specs(tables: Any, base_dir: str, port: int) -> tuple[tuple[PeerSpec, .
         if peer.endpoint is None:
             raise ConfigError(f"{what}: endpoint is required (ADDRESS:PORT): tunneld does not yet wait for a "
                               "peer to make itself known")
-        if peer.endpoint.port != port:
-            raise ConfigError(f"{what}: endpoint port {peer.endpoint.port} is not the tunnel's port {port}: "
-                              "tunneld sends to every peer at its own port")
+        if peer.endpoint.port == 0:
+            raise ConfigError(f"{what}: endpoint port 0 is no peer's port")
         specs.append(PeerSpec(str(peer.endpoint.address), routes=tuple(str(net) for net in peer.allowed_ips),
-                              key=public))
+                              key=public, port=peer.endpoint.port))
         options[public] = (None if peer.preshared_key is None else peer.preshared_key.raw,
                            peer.persistent_keepalive)
     return tuple(specs), options

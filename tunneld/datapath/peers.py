@@ -8,7 +8,8 @@ its name, routes or static MACs and keeps its counters and session (SIGHUP, ``tu
 
 A peer is known by who it is, not by where it is. Its id is its ``key`` where the codec names peers by a key
 carried in their packets (``Encapsulator.keyed``), else its underlay address. Its ``endpoint`` (the underlay
-address its packets come from and go to; the port is the link's) is an attribute, found through an index
+address its packets come from and go to; the port is the link's, or, for a keyed peer with a ``port``, its
+own: then the endpoint is ``ADDRESS:PORT`` text) is an attribute, found through an index
 (``PeerTable.by_endpoint``), and it may change: ``PeerTable.move``, which the engine calls only when the
 peer's session has authenticated a packet from the new place (roaming). For address-named peers id and
 endpoint are one and never move.
@@ -44,6 +45,10 @@ class PeerSpec:
     ``macs``: L2 modes (vxlan, gretap, TAP plugins): static FDB entries, canonical lower-case ``aa:bb:..``.
     ``source``: who said so, STATIC or REGISTRY (shown by ``tunneld show``).
     ``key``: its identity for a keyed codec (the value its packets carry that names it), or None.
+    ``port``: the UDP port it is sent to, for a keyed codec whose peers each listen where they like (WireGuard's
+      endpoint is an address AND a port); None: the link's own port, as every other mode has it. Then the
+      peer's endpoint is ``ADDRESS:PORT`` text (``[ADDRESS]:PORT`` for IPv6: ``where``), as such a link reports
+      the sources of what it receives (io/udp.py ``endpoint_ports``).
     """
 
     address: str
@@ -52,6 +57,12 @@ class PeerSpec:
     macs: tuple[str, ...] = ()
     source: str = STATIC
     key: str | None = None
+    port: int | None = None
+
+    @property
+    def where(self) -> str:
+        """Where it is sent to first: its address, or ``ADDRESS:PORT`` when it has a port of its own."""
+        return self.address if self.port is None else endpoint_text(self.address, self.port)
 
     @property
     def id(self) -> str:
@@ -61,6 +72,20 @@ class PeerSpec:
     def label(self) -> str:
         """How logs and ``tunneld show`` name it: ``name (address)`` or the address alone."""
         return f"{self.name} ({self.address})" if self.name else self.address
+
+
+def endpoint_text(address: str, port: int) -> str:
+    """``192.0.2.1:51820`` or ``[2001:db8::1]:51820``: an underlay address with its port, as WireGuard writes one."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def endpoint_host(endpoint: str) -> str:
+    """The address of an endpoint, with or without a port (``endpoint_text``)."""
+    if endpoint.startswith("["):
+        return endpoint[1:endpoint.index("]")]
+    if endpoint.count(":") == 1:
+        return endpoint.partition(":")[0]
+    return endpoint
 
 
 # -- the live side: what the data path keeps per peer ----------------------------------------------------------
@@ -87,7 +112,7 @@ class Peer:
     def __init__(self, spec: PeerSpec, dest: object, stats: PeerStats, session: object = None) -> None:
         self.spec = spec
         self.id = spec.id
-        self.endpoint = spec.address
+        self.endpoint = spec.where
         self.dest = dest
         self.session = session
         self.stats = stats
@@ -97,8 +122,8 @@ class Peer:
 
     @property
     def address(self) -> str:
-        """Where it is now: its endpoint's address."""
-        return self.endpoint
+        """Where it is now: its endpoint's address (without a port)."""
+        return endpoint_host(self.endpoint)
 
     def __repr__(self) -> str:
         return self.spec.label()
@@ -178,7 +203,7 @@ class PeerTable:
                     gone.session.close()  # its keys go with it (WireGuard); a peer re-added gets a new session
         for peer, spec, macs, known, dest in changed:
             if known and dest is not None:
-                peer.endpoint, peer.dest = spec.address, dest
+                peer.endpoint, peer.dest = spec.where, dest
             peer.spec = spec
             self._stats.peers[spec.id] = peer.stats
             if self.fdb is not None:
@@ -213,7 +238,7 @@ class PeerTable:
             old = peers.get(spec.id)
             macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
             # A keyed peer told of a new address is sent there from now on (as `wg set ... endpoint` does).
-            dest = self._destination(spec.address) if old is None or old.spec.address != spec.address else None
+            dest = self._destination(spec.where) if old is None or old.spec.where != spec.where else None
             peer = old if old is not None else Peer(
                 spec, dest, self._stats.peers.get(spec.id) or PeerStats(), self._session(spec.id))
             peers[spec.id] = peer
@@ -229,7 +254,9 @@ class PeerTable:
             return routes
         if len(specs) == 1:
             (peer_id, spec), = specs.items()
-            for cidr in spec.routes or DEFAULT_ROUTES:
+            # A keyed peer's routes are its allowed IPs, which say whom it may speak for: none means none (as
+            # `wg set PEER` without allowed-ips), never everything; a configuration file gives it routes.
+            for cidr in spec.routes or (DEFAULT_ROUTES if spec.key is None else ()):
                 routes.add(cidr, peers[peer_id])
             return routes
         for peer_id, spec in specs.items():

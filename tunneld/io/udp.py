@@ -43,6 +43,7 @@ SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # cmsg (u32): the socket's run
 _OVFL = struct.Struct("=I")
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_MARK = getattr(socket, "SO_MARK", 36)
 
 # UDP GSO/GRO (include/uapi/linux/udp.h); Python's socket module lacks the names.
 SOL_UDP = 17
@@ -145,10 +146,15 @@ class UdpLink:
 
     def __init__(
         self, peer: str, port: int, local: str | None = None, send_sockets: int = DEFAULT_SEND_SOCKETS,
-        reuse_port: bool = False, df: bool = True,
+        reuse_port: bool = False, df: bool = True, endpoint_ports: bool = False,
     ) -> None:
         self.family, self.peer = underlay_family(peer, local)  # peer: where inbound datagrams must come from
         self.port = port
+        # WireGuard's peers are each at an address AND a port of their own: then sources read are reported as
+        # ``ADDRESS:PORT`` text (``[ADDRESS]:PORT`` for IPv6, datapath/peers.py ``endpoint_text``), and
+        # ``destination`` takes that text too (a bare address still means the link's own port).
+        self.endpoint_ports = endpoint_ports
+        self.mark = 0  # SO_MARK (set_mark)
         self.local = local
         self._peer: tuple[str, int] = (self.peer, port)
         any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
@@ -235,6 +241,8 @@ class UdpLink:
         n, ancdata, _flags, addr = self._rx.recvmsg_into((buf,), OVFL_SPACE)
         if ancdata:  # only once the socket has dropped something
             self._drops.note(ancdata)
+        if self.endpoint_ports:
+            return n, _endpoint(addr, self.family), 0
         return n, addr[0], 0
 
     @property
@@ -253,11 +261,46 @@ class UdpLink:
 
     def destination(self, address: str) -> tuple[str, int]:
         """What ``send`` takes to reach the peer at ``address``, built once per peer; ValueError (one line) for
-        an address of the other IP version (one socket family for all peers)."""
+        an address of the other IP version (one socket family for all peers). With ``endpoint_ports`` the
+        address may carry its port (``ADDRESS:PORT``, ``[ADDRESS]:PORT``)."""
+        port = self.port
+        if self.endpoint_ports and (address.startswith("[") or address.count(":") == 1):
+            host, _, text = address.rpartition(":")
+            address, port = host.strip("[]"), int(text)
         try:
-            return (same_family_peer(address, self.family), self.port)
+            return (same_family_peer(address, self.family), port)
         except Exception as e:
             raise ValueError(str(e)) from None
+
+    def set_mark(self, mark: int) -> None:
+        """SO_MARK on what this link sends (WireGuard's ``fwmark``: policy routing keeps the tunnel's own
+        datagrams out of the tunnel); 0: none. Needs CAP_NET_ADMIN; OSError when refused, nothing changed."""
+        for sock in {self._rx, *self._tx}:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        self.mark = mark
+
+    def rebind(self, port: int) -> int:
+        """Listen (and, with ``send_sockets=0``, send) on ``port`` from now on, 0: one the kernel picks; the
+        port bound. The new socket is bound before the old one closes: a port in use raises LinkError (one
+        line) and nothing changes. Only for a link that sends from its receive socket (WireGuard's
+        ``listen_port``): the caller takes the old descriptor off its event loop first, the new one on after."""
+        if self._tx != [self._rx]:
+            raise LinkError("this link sends from ports of its own: its listening port is fixed")
+        new = self._socket()
+        count_drops(new)
+        set_df(new, self.family, self.df)
+        if self.mark:
+            new.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        self._bind(new, self.local or ("::" if self.family == socket.AF_INET6 else "0.0.0.0"), port)
+        size = self._rx.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
+        _grow_buffer(new, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+        old, self._rx = self._rx, new
+        self._tx = [new]
+        self._drops = _carried(self._drops)
+        self.port = new.getsockname()[1]
+        self._peer = (self.peer, self.port)
+        old.close()
+        return self.port
 
     def send(self, packet: memoryview, flow: int, dest: tuple[str, int] | None = None) -> None:
         """Send one datagram to ``dest`` (``destination(peer)``; None: ``peer``) from the source port that
@@ -282,6 +325,8 @@ class UdpLink:
                 (size,) = _GRO_SIZE.unpack_from(data)
             else:
                 self._drops.note_one(level, kind, data)
+        if self.endpoint_ports:
+            return n, _endpoint(addr, self.family), size
         return n, addr[0], size
 
     def send_segments(self, packets: memoryview, size: int, flow: int, dest: tuple[str, int] | None = None) -> None:
@@ -323,6 +368,18 @@ class UdpLink:
         for s in {self._rx, *self._tx}:
             s.close()
         self._probe.close()
+
+
+def _endpoint(addr: tuple, family: int) -> str:
+    """A source as ``ADDRESS:PORT`` text (``[ADDRESS]:PORT`` for IPv6), as datapath/peers.py writes endpoints."""
+    return f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+
+
+def _carried(drops: KernelDrops) -> KernelDrops:
+    """The drop count of a new socket (which starts at 0) on top of the old one's total."""
+    new = KernelDrops()
+    new.total = drops.total
+    return new
 
 
 def open_group(peer: str, port: int, local: str | None, count: int, df: bool = True) -> list[UdpLink]:
