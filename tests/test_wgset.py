@@ -167,3 +167,14 @@ def test_a_wireguard_link_reports_sources_with_their_ports_and_moves_to_a_new_po
         link.close()
         peer.close()
         blocker.close()
+
+
+def test_under_load_the_rate_limit_is_per_address_whatever_the_source_port():
+    """The engine names sources ADDRESS:PORT (endpoints have ports); a flood must not get a fresh bucket per port."""
+    from tunneld.encap.wireguard.constants import RATE_LIMIT_BURST
+    from tunneld.encap.wireguard.device import Device
+
+    device = Device(KA)
+    allowed = [device._allow((f"198.51.100.9:{1024 + i}", 0), T0) for i in range(RATE_LIMIT_BURST + 5)]
+    assert allowed.count(True) <= RATE_LIMIT_BURST and allowed[-1] is False
+    assert device._allow(("[2001:db8::9]:4000", 0), T0) and device._allow(("198.51.100.10:1024", 0), T0)

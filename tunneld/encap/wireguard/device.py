@@ -175,6 +175,8 @@ class Device:
         """wireguard-go's ratelimiter: a token bucket per source IP, RATE_LIMIT_PACKETS_PER_SECOND with a burst of
         RATE_LIMIT_BURST. The table is bounded: when full, idle entries go; if none is idle, new sources wait."""
         ip = str(source[0])
+        if ip.startswith("[") or ip.count(":") == 1:  # the engine's ADDRESS:PORT: one bucket per address, any port
+            ip = ip[1:ip.find("]")] if ip.startswith("[") else ip.partition(":")[0]
         cost = 1.0 / RATE_LIMIT_PACKETS_PER_SECOND
         most = cost * RATE_LIMIT_BURST
         entry = self._limiter.get(ip)
