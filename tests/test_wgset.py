@@ -178,3 +178,12 @@ def test_under_load_the_rate_limit_is_per_address_whatever_the_source_port():
     allowed = [device._allow((f"198.51.100.9:{1024 + i}", 0), T0) for i in range(RATE_LIMIT_BURST + 5)]
     assert allowed.count(True) <= RATE_LIMIT_BURST and allowed[-1] is False
     assert device._allow(("[2001:db8::9]:4000", 0), T0) and device._allow(("198.51.100.10:1024", 0), T0)
+
+
+def test_the_wg_quick_entry_point_refuses_bad_arguments_in_one_line(capsys):
+    from tunneld.runtime.wgquick import main
+
+    assert main([]) == 2 and main(["-f"]) == 2
+    assert main(["bad/name"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "interface name" in err[-1] and "Traceback" not in "".join(err)

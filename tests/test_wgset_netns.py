@@ -5,7 +5,7 @@ by `wg` too; and `wg-quick up`/`down` with tunneld as its userspace implementati
 What each step shows: the keyless start answers `wg show`; setconf/addconf give it a key, a port and peers (one
 waiting to be contacted, with no endpoint); showconf fed back to setconf changes nothing; ping and a 1 MiB
 sha256-checked transfer both ways; the listen port moved live (to a port, then to 0: the kernel's pick) and the
-far end follows (its `wg show` endpoint); refusals are wg's error line and change nothing; a removed peer's
+far end follows (its `wg show` endpoint), and tunneld follows the far end's move; refusals are wg's error line and change nothing; a removed peer's
 traffic stops and is counted by reason (the daemon's shutdown line).
 
 Interface names are unique per run (/var/run/wireguard is shared by every namespace); daemons, wireguard-go and
@@ -118,6 +118,12 @@ PersistentKeepalive = 25
                 followed = wait_for(lambda: dump(b, theirs)[1][our_public][2] == f"{a.underlay}:{port}")
                 assert followed, dump(b, theirs)
                 b.wait_ping(OVERLAY_V4[0], timeout=10)
+
+            # and the other way: wireguard-go moves, tunneld follows on its first authenticated packet from there
+            b.run("wg", "set", theirs, "listen-port", "51830")
+            b.wait_ping(OVERLAY_V4[0], timeout=10)
+            assert wait_for(lambda: dump(a, ours)[1][their_public][2] == f"{b.underlay}:51830"), dump(a, ours)
+            a.wait_ping(OVERLAY_V4[1], timeout=10)
 
             # refusals are wg's error line and change nothing
             before = configured(a, ours)

@@ -128,6 +128,7 @@ class EngineWgDevice:
         self._link(config, change)
         if change.private_key:
             self.codec.wg.set_private_key(None if config.private_key is None else config.private_key.raw)
+            log.info("wireguard: %s; every session starts again", self.codec.describe())  # the public key only
         if upserts or removals:
             try:
                 self._apply(upserts, removals)
