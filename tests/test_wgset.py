@@ -187,3 +187,17 @@ def test_the_wg_quick_entry_point_refuses_bad_arguments_in_one_line(capsys):
     assert main(["bad/name"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "interface name" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_without_a_key_a_bare_tunnel_answers_nothing_and_counts_it():
+    from tunneld.encap.base import Drop
+    from tunneld.encap.wireguard import Device
+
+    clock = FakeClock(T0)
+    engine, _ = keyless(clock, A)
+    other = Device(KB)
+    (initiation,) = other.add_peer(KA.public, endpoint=(A, 51820)).seal(PING, T0)
+    assert initiation[0] == 1  # a handshake initiation, to us (by our future public key)
+    engine.link.deliver(initiation, source=f"{B}:51820")
+    engine.on_link_readable()
+    assert engine.link.sent == [] and engine.stats.drops[Drop.BAD_MAC] == 1  # no key: no mac1 verifies
