@@ -66,11 +66,11 @@ def test_a_wireguard_record_says_key_endpoint_and_allowed_ips_and_becomes_a_keye
     assert data["allowed_ips"] == ["10.78.0.2/32", "fd78::2/128"]
     assert "private_key" not in data and "port" not in data
     assert decode(PREFIX + b"10.0.0.2", rec.encode(), PREFIX) == rec
-    assert rec.spec(l2=False, our_port=51820) == PeerSpec("10.0.0.2", routes=("10.78.0.2/32", "fd78::2/128"),
-                                                          source=REGISTRY, key=KEY_B)
+    assert rec.spec(l2=False) == PeerSpec("10.0.0.2", routes=("10.78.0.2/32", "fd78::2/128"), source=REGISTRY,
+                                          key=KEY_B, port=51820)
     assert rec.spec(l2=False).id == KEY_B
     # a host listening on a port of its own is sent there
-    assert replace(rec, port=4000).spec(l2=False, our_port=51820).port == 4000
+    assert replace(rec, port=4000).spec(l2=False).port == 4000
     v6 = record("fd00::2")
     assert json.loads(v6.encode())["endpoint"] == "[fd00::2]:51820"
     assert decode(PREFIX + b"fd00::2", v6.encode(), PREFIX) == v6
@@ -138,9 +138,9 @@ def test_a_forged_record_naming_a_hosts_key_is_taken_on_every_host_whatever_the_
 def test_a_host_back_with_a_new_key_replaces_its_old_peer_and_a_leaving_host_is_removed_by_key():
     m = membership()
     first = record()
-    assert m.apply(kvs(first)) == ((first.spec(False, 51820),), ())
+    assert m.apply(kvs(first)) == ((first.spec(False),), ())
     again = record(key=KEY_C)
-    assert m.apply(kvs(again)) == ((again.spec(False, 51820),), (KEY_B,))  # the old key's peer goes
+    assert m.apply(kvs(again)) == ((again.spec(False),), (KEY_B,))  # the old key's peer goes
     assert m.delete(PREFIX + b"10.0.0.2") == ((), (KEY_C,))
 
 
@@ -211,7 +211,7 @@ def test_the_bridge_publishes_our_public_key_and_port_never_the_private_key(monk
 
 def test_registry_hosts_become_keyed_peers_and_leave_with_their_session_closed_and_keys_zeroed():
     t, bridge, codec = tunnel_over_fakes()
-    b, c = record().spec(False, 51820), record("192.0.2.3", KEY_C, overlay=("10.78.0.3/24",)).spec(False, 51820)
+    b, c = record().spec(False), record("192.0.2.3", KEY_C, overlay=("10.78.0.3/24",)).spec(False)
     bridge.changes((b, c), ())
     table = t.worker.engine.peers
     assert table.get(KEY_B).endpoint == "10.0.0.2" and table.get(KEY_C).spec.source == REGISTRY
@@ -228,13 +228,13 @@ def test_registry_hosts_become_keyed_peers_and_leave_with_their_session_closed_a
 def test_allowed_ips_overlapping_another_peers_are_refused_and_counted():
     static = (PeerSpec("192.0.2.7", routes=("10.78.5.0/24",), key=KEY_C),)
     t, bridge, _ = tunnel_over_fakes(static)
-    inside = record(overlay=("10.78.5.9/24",)).spec(False, 51820)  # inside the static peer's prefix
+    inside = record(overlay=("10.78.5.9/24",)).spec(False)  # inside the static peer's prefix
     bridge.changes((inside,), ())
     assert t.worker.engine.peers.get(KEY_B) is None and t.registry_stats.invalid["refused"] == 1
     # a record naming a static peer's key is not applied over it (the static peer wins), nor removed by leaving
-    bridge.changes((record("10.0.0.5", KEY_C, overlay=("10.78.0.5/24",)).spec(False, 51820),), (KEY_C,))
+    bridge.changes((record("10.0.0.5", KEY_C, overlay=("10.78.0.5/24",)).spec(False),), (KEY_C,))
     assert t.worker.engine.peers.get(KEY_C).spec.source == "static"
-    fine = record(overlay=("10.78.6.9/24",)).spec(False, 51820)
+    fine = record(overlay=("10.78.6.9/24",)).spec(False)
     bridge.changes((fine,), ())
     assert t.worker.engine.peers.get(KEY_B) is not None and t.registry_stats.invalid["refused"] == 1
 

@@ -139,8 +139,10 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
             assert (tmp_path / "a.key").read_text().strip() not in shown
             if psk:
                 assert "preshared key: (hidden)" in shown, shown
-            refused = a.run("wg", "set", ours, "listen-port", "4000", check=False)
-            assert refused.returncode != 0  # set is not served yet: refused, nothing changed
+            before = a.run("wg", "show", ours, "endpoints").stdout
+            refused = a.run("wg", "set", ours, "peer", their_public, "endpoint", "127.0.0.1:51820", check=False)
+            assert refused.returncode != 0  # a loopback endpoint: refused, nothing changed
+            assert a.run("wg", "show", ours, "endpoints").stdout == before
         finally:
             status = t.stop()
         log = t.output()

@@ -377,7 +377,8 @@ def merge(args: argparse.Namespace, file_values: dict, flag_options: dict | None
         except RegistryError as e:
             raise ConfigError(f"{where}{e}") from None
         values["registry"] = registry
-    if "peer" not in values and not values.get("peers") and values.get("registry") is None:
+    if ("peer" not in values and not values.get("peers") and values.get("registry") is None
+            and values.get("mode") != "wireguard"):  # WireGuard: `wg set` gives it peers once it runs
         key = "tunnel.peer" if args.config else "--peer"
         raise ConfigError(f"{where}{key}: missing; required: the underlay address of the far end")
     try:
@@ -455,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_modes:
         print(list_modes(modes, flags))
         return 0
-    if not args.config and not args.peer and not args.registry:
+    if not args.config and not args.peer and not args.registry and args.mode != "wireguard":
         parser.error("--peer is required: the underlay address of the far end (or give --config FILE or --registry)")
     flag_options = given_options(args, parser.error)  # they override the file's
 
@@ -517,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunneld: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check:
-        to = f"peer {cfg.peer}" if len(cfg.peers) == 1 else f"{len(cfg.peers)} peers ({cfg.peer}, ...)"
+        to = (f"peer {cfg.peer}" if len(cfg.peers) == 1 else f"{len(cfg.peers)} peers ({cfg.peer}, ...)" if cfg.peers
+              else "no peers yet (wg set gives them)")
         if cfg.registry:
             to = (f"{to} and " if cfg.peers else "") + f"the hosts in {cfg.registry.describe()}"
         print(f"{args.config or 'command line'}: ok: {cfg.mode} to {to} on {cfg.dev}")

@@ -68,7 +68,7 @@ from tunneld.encap.plugins import discover
 
 def validate(cfg: TunnelConfig) -> TunnelConfig:
     """Check every field; raise ConfigError on the first problem. Returns the config, normalised."""
-    if not cfg.peers and cfg.registry is None:
+    if not cfg.peers and cfg.registry is None and cfg.mode != "wireguard":  # wireguard: `wg set` adds them live
         raise ConfigError("peer: missing; required: the underlay address of the far end (or a registry)")
     peers = check_peers(cfg.peers) if cfg.peers else ()
     try:

@@ -205,9 +205,9 @@ def peer_specs(tables: Any, base_dir: str, port: int) -> tuple[tuple[PeerSpec, .
     endpoint's; routes: the allowed IPs, checked both ways by the engine) and the codec's per-peer options
     (``wg_peers``: public key -> (preshared key bytes or None, persistent keepalive)). ConfigError, one line.
 
-    Each peer needs an endpoint (tunneld does not yet keep a peer that has no address until it makes itself
-    known); its port is the peer's own listen port, whatever the tunnel's (``port``: the tunnel's, for a
-    peer on it the spec says None)."""
+    Each peer is sent to its endpoint (address and port, ``PeerSpec.port``). A file's peers need an endpoint;
+    peers that wait to be contacted are added at run time with ``wg set`` (runtime/wgdevice.py). ``port``, the
+    tunnel's own, is no longer a peer's constraint (kept for the callers)."""
     if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
         raise ConfigError("peer: [[peer]] tables, one per peer")
     if len(tables) > MAX_PEERS:
@@ -223,11 +223,10 @@ def peer_specs(tables: Any, base_dir: str, port: int) -> tuple[tuple[PeerSpec, .
         if peer.endpoint is None:
             raise ConfigError(f"{what}: endpoint is required (ADDRESS:PORT): tunneld does not yet wait for a "
                               "peer to make itself known")
-        peer_port = peer.endpoint.port
-        if peer_port == 0:
-            raise ConfigError(f"{what}: endpoint port 0: give the UDP port the peer listens on")
+        if peer.endpoint.port == 0:
+            raise ConfigError(f"{what}: endpoint port 0 is no peer's port")
         specs.append(PeerSpec(str(peer.endpoint.address), routes=tuple(str(net) for net in peer.allowed_ips),
-                              key=public, port=None if peer_port == port else peer_port))
+                              key=public, port=peer.endpoint.port))
         options[public] = (None if peer.preshared_key is None else peer.preshared_key.raw,
                            peer.persistent_keepalive)
     return tuple(specs), options

@@ -256,15 +256,14 @@ class Record:
                            "overlay": list(self.overlay), "version": self.version, "started": self.started,
                            "owner": self.owner, **optional}, sort_keys=True).encode()
 
-    def spec(self, l2: bool, our_port: int | None = None) -> PeerSpec:
+    def spec(self, l2: bool) -> PeerSpec:
         """The peer this host is: its MAC as a static FDB entry (L2), its overlay addresses as host routes (L3:
         each host owns its own addresses; the shared subnet is no one's) and the routes it names; a keyed host
-        (wireguard) is sent to at its own listen port (None when it is ours, ``our_port``)."""
+        (wireguard) is sent to at its own listen port, as a file's [[peer]] is."""
         if l2:
             return PeerSpec(self.address, self.name, self.routes, (self.mac,) if self.mac else (), source=REGISTRY)
-        port = None if self.port is None or self.port == our_port else self.port
         return PeerSpec(self.address, self.name, self.allowed_ips(), source=REGISTRY, key=self.public_key,
-                        port=port)
+                        port=self.port)
 
     def claims(self) -> tuple[Claim, ...]:
         """What this record claims, the underlay address first (``CLAIM_KINDS`` order)."""
@@ -548,7 +547,7 @@ class Membership:
             elif verdict is not None:
                 refusal = self.unheld(verdict)
                 if refusal is None:
-                    spec = verdict.spec(self.l2, self.port)
+                    spec = verdict.spec(self.l2)
             if refusal is None:
                 self.refused.pop(key, None)
             elif self.refused.get(key) != refusal:  # a new verdict: counted once, however often it is listed

@@ -8,7 +8,8 @@ its name, routes or static MACs and keeps its counters and session (SIGHUP, ``tu
 
 A peer is known by who it is, not by where it is. Its id is its ``key`` where the codec names peers by a key
 carried in their packets (``Encapsulator.keyed``), else its underlay address. Its ``endpoint`` (the underlay
-address its packets come from and go to; the port is the link's) is an attribute, found through an index
+address its packets come from and go to) and its ``port`` (None: the link's; a WireGuard peer's own) are
+attributes, found through an index
 (``PeerTable.by_endpoint``), and it may change: ``PeerTable.move``, which the engine calls only when the
 peer's session has authenticated a packet from the new place (roaming). For address-named peers id and
 endpoint are one and never move.
@@ -239,7 +240,9 @@ class PeerTable:
             return routes
         if len(specs) == 1:
             (peer_id, spec), = specs.items()
-            for cidr in spec.routes or DEFAULT_ROUTES:
+            # A keyed peer's routes are its allowed IPs, which say whom it may speak for: none means none (as
+            # `wg set PEER` without allowed-ips), never everything; a configuration file gives it routes.
+            for cidr in spec.routes or (DEFAULT_ROUTES if spec.key is None else ()):
                 routes.add(cidr, peers[peer_id])
             return routes
         for peer_id, spec in specs.items():

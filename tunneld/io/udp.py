@@ -43,6 +43,7 @@ SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)  # cmsg (u32): the socket's run
 _OVFL = struct.Struct("=I")
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_MARK = getattr(socket, "SO_MARK", 36)
 
 # UDP GSO/GRO (include/uapi/linux/udp.h); Python's socket module lacks the names.
 SOL_UDP = 17
@@ -149,6 +150,7 @@ class UdpLink:
     ) -> None:
         self.family, self.peer = underlay_family(peer, local)  # peer: where inbound datagrams must come from
         self.port = port
+        self.mark = 0  # SO_MARK (set_mark)
         self.local = local
         self._peer: tuple[str, int] = (self.peer, port)
         any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
@@ -265,6 +267,36 @@ class UdpLink:
         except Exception as e:
             raise ValueError(str(e)) from None
 
+    def set_mark(self, mark: int) -> None:
+        """SO_MARK on what this link sends (WireGuard's ``fwmark``: policy routing keeps the tunnel's own
+        datagrams out of the tunnel); 0: none. Needs CAP_NET_ADMIN; OSError when refused, nothing changed."""
+        for sock in {self._rx, *self._tx}:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        self.mark = mark
+
+    def rebind(self, port: int) -> int:
+        """Listen (and, with ``send_sockets=0``, send) on ``port`` from now on, 0: one the kernel picks; the
+        port bound. The new socket is bound before the old one closes: a port in use raises LinkError (one
+        line) and nothing changes. Only for a link that sends from its receive socket (WireGuard's
+        ``listen_port``): the caller takes the old descriptor off its event loop first, the new one on after."""
+        if self._tx != [self._rx]:
+            raise LinkError("this link sends from ports of its own: its listening port is fixed")
+        new = self._socket()
+        count_drops(new)
+        set_df(new, self.family, self.df)
+        if self.mark:
+            new.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        self._bind(new, self.local or ("::" if self.family == socket.AF_INET6 else "0.0.0.0"), port)
+        size = self._rx.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
+        _grow_buffer(new, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+        old, self._rx = self._rx, new
+        self._tx = [new]
+        self._drops = _carried(self._drops)
+        self.port = new.getsockname()[1]
+        self._peer = (self.peer, self.port)
+        old.close()
+        return self.port
+
     def send(self, packet: memoryview, flow: int, dest: tuple[str, int] | None = None) -> None:
         """Send one datagram to ``dest`` (``destination(peer)``; None: ``peer``) from the source port that
         ``flow`` selects."""
@@ -329,6 +361,13 @@ class UdpLink:
         for s in {self._rx, *self._tx}:
             s.close()
         self._probe.close()
+
+
+def _carried(drops: KernelDrops) -> KernelDrops:
+    """The drop count of a new socket (which starts at 0) on top of the old one's total."""
+    new = KernelDrops()
+    new.total = drops.total
+    return new
 
 
 def open_group(peer: str, port: int, local: str | None, count: int, df: bool = True) -> list[UdpLink]:

@@ -38,7 +38,7 @@ from tunneld.control.registry import RegistryStats
 from tunneld.encap.base import Encapsulator
 from tunneld.errors import EX_CONFIG, EX_NOPERM, EX_SOFTWARE, StartupError
 from tunneld.io import netlink
-from tunneld.runtime.wgdevice import EngineWgDevice
+from tunneld.runtime.wgdevice import EngineWgDevice, host_check
 from tunneld.io.egress import Unsupported as EgressUnsupported, choose as egress_choose
 from tunneld.io.udp import UdpLink
 from tunneld.observe.metrics import MetricsError, MetricsServer
@@ -269,8 +269,11 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
             worker.stop(1)
     uapi = None
     if not worker.stopped.is_set() and tunnel.plan.codec.name == "wireguard":
-        # `wg show DEV` reaches us at /var/run/wireguard/DEV.sock (get only, for now: runtime/wgdevice.py)
-        uapi = UapiServer(tunnel.cfg.dev, EngineWgDevice(tunnel.plan.codec, worker.engine, tunnel.plan.port))
+        # `wg show DEV`, `wg set DEV ...` reach us at /var/run/wireguard/DEV.sock (runtime/wgdevice.py); peers
+        # change through tunnel.apply, as the control socket's and the registry's do
+        uapi = UapiServer(tunnel.cfg.dev, EngineWgDevice(
+            tunnel.plan.codec, worker.engine, tunnel.plan.port, on_host=host_check,
+            apply=lambda upserts, removals: tunnel.apply(Apply(peers_set=tuple(upserts), peers_removed=tuple(removals)))))
         try:
             await uapi.start()
         except (UapiSocketError, OSError) as e:

@@ -47,7 +47,8 @@ class Resources:
             )
         # The link's default destination; with only a registry's peers (none yet) our own underlay address, which
         # gives the socket its family and is never sent to (an empty peer table sends nothing).
-        first = cfg.peer or cfg.local
+        # A wireguard tunnel may start with neither (`wg set` gives it peers later): IPv4 then, as its one socket.
+        first = cfg.peer or cfg.local or "0.0.0.0"
         df = cfg.df == "set"
         try:
             if plan.codec.transport.kind == "ip":
