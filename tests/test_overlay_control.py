@@ -373,3 +373,21 @@ def test_a_mac_flood_is_passed_on_a_bounded_batch_per_tick_and_the_rest_on_the_n
 
     assert asyncio.run(ticks()) == [LEARNT_PER_TICK, LEARNT_PER_TICK, 500, 0]
     assert [mac for m in sent for mac, _ in m.entries] == macs and all(a == B for m in sent for _, a in m.entries)
+
+
+def test_a_wireguard_peer_is_removed_by_its_address_as_show_lists_it():
+    """A keyed peer's id is its public key; `tunneld peer remove ADDR` names it by its address all the same."""
+    from tunneld.encap.wireguard import StaticKey, key_to_base64
+    from tunneld.encap.wireguard.codec import WireGuard
+
+    keys = [key_to_base64(StaticKey(bytes([n]) * 32).public) for n in (1, 2)]
+    codec = WireGuard(bytes([9]) * 32)
+    w, _, _ = worker(codec, peers=(PeerSpec(A, routes=("10.1.0.0/24",), key=keys[0], port=51820),
+                                   PeerSpec(B, routes=("10.2.0.0/24",), key=keys[1], port=51820)))
+    t = tunnel_over(w, mode="wireguard")
+    session = w.engine.peers.get(keys[0]).session
+    t.remove_peer(A)
+    assert [p.id for p in w.engine.peers.all] == [keys[1]] and [p.id for p in t.tunnel.cfg.peers] == [keys[1]]
+    assert bytes(StaticKey(bytes([1]) * 32).public) not in codec.wg.peers and session.peer.current is None
+    with pytest.raises(ConfigError, match=f"no peer {A}"):
+        t.remove_peer(A)

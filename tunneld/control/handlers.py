@@ -190,13 +190,18 @@ class PeerControl:
                 "the device MTU is not changed live (restart, or set mtu)")
 
     def remove_peer(self, address: str) -> None:
-        """Remove a peer: its FDB entries, routes and counters go; ConfigError (one line) for an unknown one."""
+        """Remove a peer: its FDB entries, routes and counters go; ConfigError (one line) for an unknown one. A
+        keyed peer (WireGuard: known by its public key) is named by its address, as `tunneld show` lists it: the
+        one configured or the one it roamed to."""
         tunnel = self.tunnel
         try:
             canonical = str(ipaddress.ip_address(address))
         except ValueError:
             raise ConfigError(f"not an IP address: {address!r}") from None
-        if tunnel.worker.engine.peers.get(canonical) is None:
+        peers = tunnel.worker.engine.peers
+        peer = peers.get(canonical) or next(
+            (p for p in peers.all if canonical in (p.endpoint, p.spec.address)), None)
+        if peer is None:
             raise ConfigError(f"no peer {canonical} on {tunnel.cfg.dev}")
-        tunnel.apply(Apply(peers_removed=(canonical,)))
-        tunnel.cfg = dataclasses.replace(tunnel.cfg, peers=tuple(p for p in tunnel.cfg.peers if p.address != canonical))
+        tunnel.apply(Apply(peers_removed=(peer.id,)))
+        tunnel.cfg = dataclasses.replace(tunnel.cfg, peers=tuple(p for p in tunnel.cfg.peers if p.id != peer.id))
