@@ -301,6 +301,9 @@ class Encapsulator(abc.ABC):
     tail_room: ClassVar[int] = 0  # the most bytes a session may write behind a frame
     align: ClassVar[int] = 1  # sealed frames are padded to a multiple of this (the overhead counts the worst case)
     keyed: ClassVar[bool] = False  # the peer is found by ``peer_key(packet)``, not by the source address
+    # Whether this stateful codec's sessions seal rows and the codec opens them (``open_rows``): then it takes
+    # the offload path (tunneld/encap/session.py, "Rows").
+    rows: ClassVar[bool] = False
     # Whether a stateful codec's sessions may be spread over worker processes (False: the tunnel runs one
     # worker). Stateless codecs keep nothing per peer and always spread.
     spreads: ClassVar[bool] = True
