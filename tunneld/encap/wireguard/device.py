@@ -350,23 +350,28 @@ class Device:
         it would take for each row."""
         verdicts: list = []
         sends: dict = {}
-        n = len(packets)
+        n = len(packets)  # a datagram shorter than a transport header is the one-at-a-time path's
         indices = self._indices
         unpack = TRANSPORT_HEADER.unpack_from
+        nonce = aead_nonce
+        limit = len(out)
         drops = Reason
         run_keypair = run_peer = None
         run_bytes = run_data = 0
         start = 0
-        while start < n:
-            end = min(n, start + size)
-            length = end - start
-            if packets[start] != MESSAGE_TRANSPORT_TYPE or length < 4 or packets[start + 1 : start + 4] != b"\0\0\0":
+        while start + MESSAGE_TRANSPORT_HEADER_SIZE <= n:
+            end = start + size
+            if end > n:
+                end = n
+            kind, receiver, counter = unpack(packets, start)
+            if kind != MESSAGE_TRANSPORT_TYPE:  # (the reserved bytes are in the type word: zero)
                 break  # a handshake, a cookie reply, junk: the caller's one-at-a-time path judges it
-            start += size
+            length = end - start
+            body = start + MESSAGE_TRANSPORT_HEADER_SIZE
+            start = end
             if length < MESSAGE_TRANSPORT_MIN_SIZE:
                 verdicts.append(drops.TRUNCATED)
                 continue
-            _, receiver, counter = unpack(packets, end - length)
             entry = indices.get(receiver)
             if entry is None or entry[1].__class__ is not Keypair or entry[1].receive is None:
                 verdicts.append(drops.NO_SESSION)
@@ -375,14 +380,12 @@ class Device:
             if now - keypair.created >= REJECT_AFTER_TIME:
                 verdicts.append(drops.EXPIRED_KEYS)
                 continue
-            plaintext_length = length - MESSAGE_TRANSPORT_HEADER_SIZE - AEAD_TAG_LEN
-            if at + plaintext_length > len(out):
+            plaintext_length = length - MESSAGE_TRANSPORT_MIN_SIZE
+            if at + plaintext_length > limit:
                 verdicts.append(drops.LENGTH_MISMATCH)
                 continue
             try:
-                keypair.receive.decrypt_into(aead_nonce(counter),
-                                             packets[end - length + MESSAGE_TRANSPORT_HEADER_SIZE : end], None,
-                                             out[at : at + plaintext_length])
+                keypair.receive.decrypt_into(nonce(counter), packets[body:end], None, out[at : at + plaintext_length])
             except InvalidTag:
                 verdicts.append(drops.DECRYPTION_FAILED)
                 continue
@@ -399,9 +402,19 @@ class Device:
             if plaintext_length == 0:
                 verdicts.append((peer, at, 0))
                 continue
-            inner = _inner_length(out[at:], plaintext_length)
-            if inner.__class__ is not int:
-                verdicts.append(inner)
+            # the inner packet's own length (the plaintext holds padding too): _inner_length, inlined
+            version = out[at] >> 4
+            if version == 4 and plaintext_length >= IPV4_MIN_HEADER:
+                inner = out[at + 2] << 8 | out[at + 3]
+                low = IPV4_MIN_HEADER
+            elif version == 6 and plaintext_length >= IPV6_HEADER_LEN:
+                inner = IPV6_HEADER_LEN + (out[at + 4] << 8 | out[at + 5])
+                low = IPV6_HEADER_LEN
+            else:
+                verdicts.append(drops.BAD_PROTOCOL if version not in (4, 6) else drops.LENGTH_MISMATCH)
+                continue
+            if inner > plaintext_length or inner < low:
+                verdicts.append(drops.LENGTH_MISMATCH)
                 continue
             verdicts.append((peer, at, inner))
             at += inner
