@@ -9,6 +9,13 @@ Two ways through, chosen by what the codec declares (tunneld/encap/base.py, tunn
   ``_opened_link_readable``), one by one; the codec's own packets (a keepalive, a handshake) leave when a
   session's ``deadline`` comes (``run_timers``, on one loop timer); a session that authenticates its packets
   may move its peer's endpoint to where an accepted datagram came from (roaming).
+  With offloads, a stateful codec whose sessions declare ``rows`` (WireGuard) batches too: a super-frame is cut
+  into rows with nothing in front, its peer's session seals them all into ``_sealed`` (``seal_rows``: counters
+  in row order) and they leave in one send (``_seal_superframe``); inbound, the codec's ``open_rows`` judges a
+  read's datagrams and writes each accepted frame into ``_plain`` right behind the one before, and the wake-up's
+  frames are written together, a flow's coalesced (``_opened_rows_readable``, ``_write_opened``). A datagram
+  ``open_rows`` does not take (a handshake) goes the one-by-one way, and weighs ``codec.cost`` against the
+  wake-up's budget.
 Both deliver single datagrams through one method (``_deliver_one``): the verdict (a session's ``open``), the
 source check, the device write, the MAC learnt, the counters.
 
