@@ -13,6 +13,7 @@ from tests.frames import payload
 from tunneld.datapath.engine import WAKEUP_BYTES, make_engine, offload_supported
 from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.base import Drop
+from tunneld.encap.session import Answer
 from tunneld.encap.wireguard import StaticKey, key_to_base64
 from tunneld.encap.wireguard.codec import HANDSHAKE_COST, HEADER_LEN, WireGuard
 from tunneld.offload.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, HDR, NO_OFFLOAD, VNET_HDR_LEN
@@ -218,6 +219,7 @@ def test_a_handshake_weighs_more_than_its_bytes_against_the_wake_up_budget():
     assert codec.cost(memoryview(initiation), Drop.BAD_MAC) == len(initiation)
     assert codec.cost(memoryview(initiation), PA) == HANDSHAKE_COST
     assert codec.cost(memoryview(initiation), Drop.REPLAYED) == HANDSHAKE_COST  # X25519 was done for it
+    assert codec.cost(memoryview(initiation), Answer(())) == len(initiation)  # a cookie reply under load: cheap
     # The same valid initiation 12 times: each is worked on (a response, then replays of its timestamp); one
     # wake-up takes WAKEUP_BYTES // HANDSHAKE_COST of them, and the rest wait for the next.
     for _ in range(12):
@@ -249,3 +251,15 @@ def test_plain_frames_and_keepalives_keep_working_on_the_rows_path():
     carry(ea, eb, A)
     carry(eb, ea, B)
     assert not ea.stats.drops and not eb.stats.drops
+
+
+def test_a_row_that_is_no_transport_message_takes_the_one_by_one_way_and_the_rest_stay_in_order():
+    clock = FakeClock(T0)
+    ea, eb = handshake(clock)
+    rows = sealed_rows(clock, ea, 8)
+    junk = b"\x01\0\0\0" + bytes(len(rows[0]) - 4)  # an initiation's type, the wrong length: judged alone
+    eb.link.deliver_gro(rows[:3] + [junk] + rows[3:], source=A)
+    eb.on_link_readable()
+    assert {k: v for k, v in eb.stats.drops.items() if v} == {Drop.LENGTH_MISMATCH: 1}
+    got, writes = payload_of_writes(eb.device.written)
+    assert got == payload(MSS * 8) and writes == 2  # the rows before it written first, then the rest
