@@ -23,9 +23,10 @@ tail room) and ``(start, end)`` returned. Anything else (an initiation instead, 
 it) is queued for ``poll`` and the frame is HELD.
 Rows (the offload path, tunneld/encap/session.py "Rows"): ``seal_rows`` seals a super-frame's segments with
 consecutive counters into the engine's row buffer, one transport message every ``stride`` bytes (equal rows pad
-to equal lengths, so they leave as one UDP_SEGMENT send; ``Peer.seal_rows``). Without a usable session they go to ``Peer.seal`` one by one, as ``seal`` does. ``open_rows`` runs the core's
-transport fast path (``Device.open_transport_rows``) on a read's datagrams, up to the first that is not a
-transport message, which the engine then takes one at a time through ``identify`` and ``open``.
+to equal lengths, so they leave as one UDP_SEGMENT send; ``Peer.seal_rows``). Without a usable session they go
+to ``Peer.seal`` one by one, as ``seal`` does. ``open_rows`` runs the core's transport fast path
+(``Device.open_transport_rows``) on a read's datagrams, up to the first that is not a transport message, which
+the engine then takes one at a time through ``identify`` and ``open`` (weighed by ``cost`` against its budget).
 
 Timers: ``deadline`` is the core's next timer (``Peer.next_deadline``); ``poll`` fires them (``Peer.tick``).
 

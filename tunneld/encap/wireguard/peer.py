@@ -223,23 +223,26 @@ class Peer:
         keypair.send_counter = counter + count
         encrypt_into, remote, pack = keypair.send.encrypt_into, keypair.remote_index, TRANSPORT_HEADER.pack_into
         scratch_view = memoryview(scratch)
-        at = start = 0
-        end = len(rows)
+        tail = len(rows) - (count - 1) * rowlen  # the last row's length (rowlen when it is whole)
+        at = 0
         for i in range(count):
-            stop = min(end, start + rowlen)
-            length = stop - start
-            padded = full if length == rowlen else padded_length(length, self.mtu)
-            if padded == length:
-                plaintext = rows[start:stop]
+            start = i * rowlen
+            if i < count - 1 or tail == rowlen:
+                length, padded = rowlen, full
             else:
-                scratch[:length] = rows[start:stop]
+                length = tail
+                padded = padded_length(length, self.mtu)
+            if padded == length:
+                plaintext = rows[start : start + length]
+            else:
+                scratch[:length] = rows[start : start + length]
                 scratch[length:padded] = _ZEROS[: padded - length]
                 plaintext = scratch_view[:padded]
-            pack(out, at, MESSAGE_TRANSPORT_TYPE, remote, counter + i)
+            pack(out, at, MESSAGE_TRANSPORT_TYPE, remote, counter)
             body = at + MESSAGE_TRANSPORT_HEADER_SIZE
-            encrypt_into(aead_nonce(counter + i), plaintext, None, out[body : body + padded + AEAD_TAG_LEN])
+            encrypt_into(aead_nonce(counter), plaintext, None, out[body : body + padded + AEAD_TAG_LEN])
+            counter += 1
             at += stride
-            start = stop
         total = at - stride + MESSAGE_TRANSPORT_HEADER_SIZE + padded + AEAD_TAG_LEN
         self.tx_bytes += total
         own = self._keep_key_fresh_sending(keypair, now)
