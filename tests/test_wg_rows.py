@@ -263,3 +263,42 @@ def test_a_row_that_is_no_transport_message_takes_the_one_by_one_way_and_the_res
     assert {k: v for k, v in eb.stats.drops.items() if v} == {Drop.LENGTH_MISMATCH: 1}
     got, writes = payload_of_writes(eb.device.written)
     assert got == payload(MSS * 8) and writes == 2  # the rows before it written first, then the rest
+
+
+def test_with_several_peers_each_row_s_inner_source_must_be_the_sending_peer_s():
+    """L3 with routes narrower than everything: a row whose inner source lies outside its peer's allowed IPs is
+    dropped (source_not_allowed), the others of the read written, as for single datagrams."""
+    clock = FakeClock(T0)
+    kc = StaticKey(bytes(range(65, 97)))
+    pc = key_to_base64(kc.public)
+    a = WireGuard.from_options({"private_key": bytes(range(1, 33)), "wg_peers": {PB: (None, 0)}})
+    b = WireGuard.from_options({"private_key": bytes(range(33, 65)), "wg_peers": {PA: (None, 0), pc: (None, 0)}})
+    ea = make_engine(FakeVnetDevice(), FakeGsoLink(B), a, max_frame=1420, offload=True,
+                     peers=[PeerSpec(B, routes=ALL, key=PB)])
+    eb = make_engine(FakeVnetDevice(), FakeGsoLink(A), b, max_frame=1420, offload=True,
+                     peers=[PeerSpec(A, routes=("10.1.0.1/32",), key=PA),
+                            PeerSpec("192.0.2.3", routes=("10.1.0.0/24",), key=pc)])
+    ea._clock = eb._clock = clock
+    ea.device.inject(NO_OFFLOAD + ping(1))
+    ea.on_device_readable()
+    for _ in range(4):
+        if not (carry(ea, eb, A) + carry(eb, ea, B)):
+            break
+    assert eb.device.written == [NO_OFFLOAD + ping(1)]  # 10.1.0.1: A's
+    eb.device.written.clear()
+    good = sealed_rows(clock, ea, 4)
+    inject_super(ea, payload(MSS * 4))
+    ea.on_device_readable()
+    rows = [p for p, _ in ea.link.sent]
+    ea.link.sent.clear()
+    # the same flow from a source of C's (10.1.0.5), sealed by A: authenticated as A's, yet not A's to send
+    bad = bytes(IP(src="10.1.0.5", dst="10.1.0.2") / (b"q" * (MSS + 32)))
+    ea.device.inject(NO_OFFLOAD + bad)
+    ea.on_device_readable()
+    stray = ea.link.sent.pop()[0]
+    assert len(stray) == len(rows[0])
+    eb.link.deliver_gro(good[:2] + [stray] + good[2:], source=A)
+    eb.on_link_readable()
+    assert {k: v for k, v in eb.stats.drops.items() if v} == {Drop.SOURCE_NOT_ALLOWED: 1}
+    assert payload_of_writes(eb.device.written)[0] == payload(MSS * 4)
+    assert eb.peers.by_id[PA].stats.dropped == 1
