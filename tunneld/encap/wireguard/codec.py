@@ -268,7 +268,8 @@ class WireGuardSession(Session):
 
     def close(self) -> None:
         self._due.clear()
-        self._codec._sessions.pop(self.peer, None)
+        if self._codec._sessions.get(self.peer) is self:  # not a newer session the same key was given since
+            del self._codec._sessions[self.peer]
         self._codec.wg.remove_peer(self.peer.public_key)  # its keys are zeroed
 
     def deadline(self) -> float:
