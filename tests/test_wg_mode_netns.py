@@ -148,5 +148,6 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
         log = t.output()
         assert status == 0, log
         assert "wireguard on" in log, log
+        assert "offload tun 0x" in log and "udp gso/gro" in log, log  # the rows path: TSO cut, GRO opened
         for key in ("a.key", "b.key", *(("p.psk",) if psk else ())):  # no key ever reaches a log line
             assert (tmp_path / key).read_text().strip() not in log

@@ -114,6 +114,10 @@ class FakeLink:
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
         return self.recv_one(buf)
 
+    def recv_gro_from(self, buf: memoryview) -> tuple[int, str, int, int]:
+        n, source, port = self.recv_from(buf)
+        return n, source, port, 0
+
     def send_segments(self, packets: memoryview, size: int, flow: int, dest: str | None = None) -> None:
         for i in range(0, len(packets), size):
             self.send(packets[i : i + size], flow, dest)
@@ -203,6 +207,10 @@ class FakeGsoLink(FakeLink):
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
         n, source = self.recv_into(buf)
         return n, source, self.gro.popleft() if self.gro else 0
+
+    def recv_gro_from(self, buf: memoryview) -> tuple[int, str, int, int]:
+        n, source, port = self.recv_from(buf)
+        return n, source, port, self.gro.popleft() if self.gro else 0
 
     def send(self, packet: memoryview, flow: int, dest: str | None = None) -> None:
         super().send(packet, flow, dest)

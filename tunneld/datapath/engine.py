@@ -9,6 +9,13 @@ Two ways through, chosen by what the codec declares (tunneld/encap/base.py, tunn
   ``_opened_link_readable``), one by one; the codec's own packets (a keepalive, a handshake) leave when a
   session's ``deadline`` comes (``run_timers``, on one loop timer); a session that authenticates its packets
   may move its peer's endpoint to where an accepted datagram came from (roaming).
+  With offloads, a stateful codec whose sessions declare ``rows`` (WireGuard) batches too: a super-frame is cut
+  into rows with nothing in front, its peer's session seals them all into ``_sealed`` (``seal_rows``: counters
+  in row order) and they leave in one send (``_seal_superframe``); inbound, the codec's ``open_rows`` judges a
+  read's datagrams and writes each accepted frame into ``_plain`` right behind the one before, and the wake-up's
+  frames are written together, a flow's coalesced (``_opened_rows_readable``, ``_write_opened``). A datagram
+  ``open_rows`` does not take (a handshake) goes the one-by-one way, and weighs ``codec.cost`` against the
+  wake-up's budget.
 Both deliver single datagrams through one method (``_deliver_one``): the verdict (a session's ``open``), the
 source check, the device write, the MAC learnt, the counters.
 
@@ -98,7 +105,7 @@ from tunneld.encap.session import HELD, Answer
 from tunneld.io.port import Fallback, FramePort, Super, VnetPort
 from tunneld.offload.layout import ETH_HLEN
 from tunneld.offload.rows import GATHER_MIN, Gatherer, Pending
-from tunneld.offload.segment import Segments
+from tunneld.offload.segment import MAX_SEGMENTS, Segments
 from tunneld.datapath.peers import Peer, PeerSpec, PeerTable
 from tunneld.datapath.pmtu import RateLimit, reply
 from tunneld.datapath.fdb import DEFAULT_AGEING, DEFAULT_MAX_ENTRIES
@@ -180,14 +187,18 @@ class LinkPort(Protocol):
     # rows, where the engine batches (offloads): see io/udp.py and io/raw.py
     def enable_gro(self, max_packet: int = 65535) -> object: ...
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]: ...  # (n, source, row size or 0)
+    def recv_gro_from(self, buf: memoryview) -> tuple[int, str, int, int]: ...  # (n, source, its port, size or 0)
     def send_segments(self, packets: memoryview, size: int, flow: int, dest: object = None) -> None: ...  # OSError.sent
 
 
 def offload_supported(codec: Encapsulator) -> bool:
     """Whether the engine can move ``codec``'s packets in batches (offloads): a UDP transport (GSO/GRO) or
     raw IP (sendmmsg/recvmmsg), a stateless codec and a constant header declared for both IP versions. GRE
-    with checksums or sequence numbers declares none and moves packets one by one."""
-    return (codec.transport.kind in ("udp", "ip") and not codec.stateful and not codec.trailer_len
+    with checksums or sequence numbers declares none and moves packets one by one. A stateful codec over UDP
+    that declares ``rows`` (WireGuard) takes it too: its sessions seal the rows (tunneld/encap/session.py)."""
+    if codec.stateful:
+        return codec.transport.kind == "udp" and codec.rows
+    return (codec.transport.kind in ("udp", "ip") and not codec.trailer_len
             and constant_headers(codec) is not None)
 
 
@@ -196,6 +207,12 @@ def _batch_ports(device, link: LinkPort, codec: Encapsulator, max_frame: int, of
     (Pending) and single datagrams are gathered (Gatherer), and how the link receives."""
     if not offload:
         return FramePort(device), None, None, link.recv_one
+    if codec.stateful:
+        # Rows for sessions to seal: the segmenter lays no header in front (each session writes its own), and the
+        # engine writes what the sessions opened, packed, through the coalescer. No egress: the kernel cannot seal.
+        port = VnetPort(device, codec, max_frame, headers=(b"", b""))
+        link.enable_gro(max_packet=max_frame + codec.header_len + codec.trailer_len)
+        return port, None, None, link.recv_gro_into
     port = VnetPort(device, codec, max_frame, egress)  # (refuses a codec without a constant header)
     # Where the kernel cannot coalesce, reads are single datagrams and are gathered. The largest packet the peer
     # should send us sizes raw IP's receive slots.
@@ -248,8 +265,17 @@ class Engine:
         self.l2 = codec.device is DeviceKind.TAP
         # Stateful codecs: a session per peer, packets one by one, the codec's own packets on a timer.
         self._sessions = codec.stateful
-        if self._sessions and offload:
+        if self._sessions and offload and not codec.rows:
             raise ValueError(f"{codec.name}: keeps per-peer sessions; its packets move one by one (no offloads)")
+        # Sessions that seal and open rows (offloads): super-frames sealed into ``_sealed``, opened frames packed
+        # into ``_plain`` and written together (``_write_opened``).
+        self._rows = self._sessions and offload
+        if self._rows:
+            self._sealed = memoryview(bytearray(MAX_PACKET + MAX_SEGMENTS * (HEADROOM + codec.header_len
+                                                                            + codec.trailer_len)))
+            self._plain = np.zeros(3 * RX_AREA + 2048, np.uint8)
+            self._plainview = memoryview(self._plain)
+            self._opened: list[tuple[int, int]] = []  # (offset, length) in ``_plain`` of frames to write
         self._keyed = codec.keyed
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -416,6 +442,16 @@ class Engine:
                 self._device_failed(e)
                 break
             reads += 1
+            if n.__class__ is not int:
+                if n.__class__ is Segments:  # a super-frame cut into rows: sealed by its peer's session at once
+                    flow = self._flow_hash(view[HEADROOM : HEADROOM + n.frame_len])
+                    m, b, weight = self._seal_superframe(n, flow, only, now)
+                    moved, nbytes, taken = moved + m, nbytes + b, taken + weight
+                    continue
+                if n.__class__ is Drop:  # a vnet header or partial checksum the port could not complete
+                    drops[n] += 1
+                    continue
+                stats.offload_fallbacks += 1  # Fallback: one packet's worth, the plain way below
             taken += n
             frame = view[HEADROOM : HEADROOM + n]
             flow = self._flow_hash(frame)
@@ -444,6 +480,54 @@ class Engine:
         stats.tx_packets += moved
         stats.tx_bytes += nbytes
         stats.tx_batches[reads] += 1
+
+    def _seal_superframe(self, segs: Segments, flow: int, only: Peer | None, now: float) -> tuple[int, int, int]:
+        """The rows a super-frame was cut into, sealed by its peer's session (each flooded copy by every peer's:
+        ``seal_rows`` leaves the rows as they are) and sent as one row buffer: (packets, inner bytes) that left,
+        and what it weighs against the wake-up's budget."""
+        stats = self.stats
+        count = segs.count
+        if only is not None:
+            targets = (only,)
+        else:
+            peer = self._choose(segs.frame_len)
+            if peer.__class__ is Peer:
+                targets = (peer,)
+            elif peer is None:
+                targets = self.peers.all
+                stats.flooded += count
+            else:  # no_route
+                stats.drops[peer] += count
+                self._write_icmp(self._txview[HEADROOM : HEADROOM + segs.frame_len], too_big=False)
+                return 0, 0, segs.frame_len
+        frame = self._txview[HEADROOM : HEADROOM + segs.frame_len]
+        segment = segs.rowlen  # the largest inner frame a row carries (no header in front of the rows)
+        moved = nbytes = 0
+        for peer in targets:
+            ps = peer.stats
+            if segment > self.segment_limit(peer):
+                self._too_big(frame, segment, peer, count=count)
+                ps.dropped += count
+                continue
+            sealed = peer.session.seal_rows(segs.buffer, segs.rowlen, count, self._sealed, now)
+            if sealed.__class__ is not tuple:
+                if sealed is not HELD:  # HELD: the session took them one by one (no keys yet): poll sends them
+                    stats.drops[sealed] += count
+                    ps.dropped += count
+                self._after_session(peer, now)
+                continue
+            stride, end = sealed
+            failed, too_big = self._send_rows(self._sealed[:end], stride, count, flow, peer.dest)
+            if too_big:
+                self._too_big(frame, segment, peer, count=failed, failed=True)
+            sent = count - failed
+            inner = sent * segs.rowlen if failed else segs.inner_bytes
+            moved, nbytes = moved + sent, nbytes + inner
+            ps.tx_packets += sent
+            ps.tx_bytes += inner
+            ps.dropped += failed
+            self._after_session(peer, now)
+        return moved, nbytes, len(targets) * segs.frame_len  # FLOOD_COUNTS
 
     def _seal_send(self, peer: Peer, n: int, flow: int, now: float) -> bool:
         """Seal the frame at HEADROOM (``n`` bytes) with ``peer``'s session and send it: whether it left."""
@@ -520,6 +604,149 @@ class Engine:
         stats.rx_bytes += nbytes
         stats.rx_batches[reads] += 1
         self._note_kernel_drops()
+
+    def _opened_rows_readable(self) -> None:
+        """Inbound for sessions that open rows (offloads): each read (a UDP_GRO read's datagrams, or one) goes to
+        the codec's ``open_rows``, which writes the accepted frames into ``_plain`` packed one behind the other;
+        they are written to the device together (``_write_opened``: a flow's frames coalesced into one
+        super-frame) at the end of the wake-up, or before anything that must come after them. A datagram
+        ``open_rows`` does not take (a handshake) goes the one-at-a-time way (``identify``, ``_deliver_one``),
+        and weighs what the codec says (``cost``: a handshake much more than its bytes) against the budget."""
+        stats = self.stats
+        drops = stats.drops
+        view = self._rxview
+        area = self._rx_area
+        recv = self.link.recv_gro_from  # the source's port too: a WireGuard peer is answered where it sent from
+        codec = self.codec
+        open_rows, identify, cost = codec.open_rows, codec.identify, codec.cost
+        plain = self._plainview
+        opened = self._opened
+        by_id = self.peers.by_id
+        check_source = self.peers.fdb is None and self.peers.only is None
+        now = self._clock()
+        touched: dict[Peer, tuple[str, int]] = {}  # peers that authenticated something: roamed, answers sent
+        reads = moved = nbytes = taken = at = 0
+        last_id = last_peer = None
+        for _ in range(self.batch):
+            if taken >= WAKEUP_BYTES:
+                break
+            if at > RX_AREA:  # room for the next read's frames
+                m, b = self._write_opened()
+                moved, nbytes, at = moved + m, nbytes + b, 0
+            try:
+                n, source, port, size = recv(area)
+            except BlockingIOError:
+                break
+            except OSError:
+                drops[Drop.SOCKET_ERROR] += 1
+                continue
+            reads += 1
+            taken += n
+            packet = view[:n]
+            size = size or n
+            i = 0
+            while i < n:
+                verdicts, at = open_rows(packet[i:], size, source, now, plain, at)
+                i += len(verdicts) * size
+                for verdict in verdicts:
+                    if verdict.__class__ is not tuple:
+                        drops[verdict] += 1
+                        continue
+                    peer_id, offset, length = verdict
+                    if peer_id is not last_id:
+                        last_id, last_peer = peer_id, by_id.get(peer_id)
+                    peer = last_peer
+                    if peer is None:
+                        drops[Drop.UNKNOWN_PEER] += 1
+                        continue
+                    touched[peer] = (source, port)
+                    if not length:  # a keepalive: authenticated, nothing to write
+                        continue
+                    ps = peer.stats
+                    if check_source and not self._source_allowed(plain, offset, peer):
+                        drops[Drop.SOURCE_NOT_ALLOWED] += 1
+                        ps.dropped += 1
+                        continue
+                    opened.append((offset, length))
+                    ps.rx_packets += 1
+                    ps.rx_bytes += length
+                    ps.last_rx = now
+                if i >= n:
+                    break
+                # A datagram the fast path does not take: after what waits (order), alone.
+                if opened:
+                    m, b = self._write_opened()
+                    moved, nbytes = moved + m, nbytes + b
+                at = 0
+                row = packet[i : min(n, i + size)]
+                i += size
+                peer_id = identify(row, source, now)
+                taken += cost(row, peer_id) - len(row)
+                if peer_id.__class__ is Drop:
+                    drops[peer_id] += 1
+                    continue
+                if peer_id.__class__ is Answer:
+                    self._answer(peer_id, source, port)
+                    continue
+                peer = by_id.get(peer_id)
+                if peer is None:
+                    drops[Drop.UNKNOWN_PEER] += 1
+                    continue
+                b = self._deliver_one(row, peer, now, source, port)
+                if b >= 0:
+                    moved += 1
+                    nbytes += b
+        if opened:
+            m, b = self._write_opened()
+            moved, nbytes = moved + m, nbytes + b
+        for peer, (source, port) in touched.items():
+            self._roam(peer, source, port)  # authenticated rows only: a forged one never got a verdict with a peer
+            self._after_session(peer, now)
+        if moved:
+            stats.peer_last_rx = now
+        stats.rx_packets += moved
+        stats.rx_bytes += nbytes
+        stats.rx_batches[reads] += 1
+        self._note_kernel_drops()
+
+    def _write_opened(self) -> tuple[int, int]:
+        """Write the frames waiting in ``_plain`` (``_opened``), and forget them: frames of one length lying one
+        behind the other (a shorter one may end them) go to the port as rows, which coalesces a flow's into
+        one super-frame; the others alone. (frames, bytes) written; a failed write is counted by the port."""
+        opened = self._opened
+        plain, view = self._plain, self._plainview
+        drops = self.stats.drops
+        port = self.port
+        moved = nbytes = 0
+        count = len(opened)
+        i = 0
+        while i < count:
+            start, size = opened[i]
+            end = start + size
+            j = i + 1
+            while j < count and opened[j][0] == end and opened[j][1] == size:
+                end += size
+                j += 1
+            if j < count and opened[j][0] == end and opened[j][1] < size:  # a shorter last row
+                end += opened[j][1]
+                j += 1
+            if j - i == 1:
+                try:
+                    port.write(view[start:end])
+                except OSError:
+                    drops[Drop.DEVICE_WRITE_ERROR] += 1
+                else:
+                    moved, nbytes = moved + 1, nbytes + size
+            else:
+                # The coalescer pads the last row with zeros up to ``size``: over the next frames, if any.
+                saved = plain[end : end + size].copy() if j < count else None
+                m, b, _ = port.write_rows(plain[start:], view[start:], end - start, size, [0] * (j - i), drops)
+                if saved is not None:
+                    plain[end : end + size] = saved
+                moved, nbytes = moved + m, nbytes + b
+            i = j
+        opened.clear()
+        return moved, nbytes
 
     def _answer(self, answer: Answer, source: str, port: int) -> None:
         """A keyed codec's reply to a datagram that names no peer (a cookie reply): back to its source."""
@@ -885,7 +1112,7 @@ class Engine:
 
     def on_link_readable(self) -> None:
         if self._sessions:
-            return self._opened_link_readable()
+            return self._opened_rows_readable() if self._rows else self._opened_link_readable()
         stats = self.stats
         drops = stats.drops
         rx, view = self._rx, self._rxview

@@ -305,6 +305,9 @@ class Encapsulator(abc.ABC):
     # it, and a frame of exactly the limit is sealed with no padding at all and still fits the underlay.
     pads_within_limit: ClassVar[bool] = False
     keyed: ClassVar[bool] = False  # the peer is found by ``peer_key(packet)``, not by the source address
+    # Whether this stateful codec's sessions seal rows and the codec opens them (``open_rows``): then it takes
+    # the offload path (tunneld/encap/session.py, "Rows").
+    rows: ClassVar[bool] = False
     # Whether a stateful codec's sessions may be spread over worker processes (False: the tunnel runs one
     # worker). Stateless codecs keep nothing per peer and always spread.
     spreads: ClassVar[bool] = True

@@ -30,6 +30,22 @@ never touches a socket, a clock or a logger.
                               engine asks ``deadline`` after it used the session and keeps one timer at the
                               earliest deadline of all.
 
+Rows (a declared capability, ``Session.rows``; the engine never probes for it): a session that can seal many
+frames at once says so, and the engine then takes the offload path for its codec (TUN super-frames cut into
+rows by the segmenter, sealed datagrams sent with UDP_SEGMENT):
+  seal_rows(rows, rowlen, count, out, now)
+                              outbound: ``count`` inner frames back to back in ``rows``, ``rowlen`` bytes each
+                              (the last may be shorter: ``len(rows)`` says). The session seals them, in order,
+                              into ``out``, one datagram every ``stride`` bytes (the last maybe shorter), and
+                              returns ``(stride, end)``: ``out[:end]`` leaves as one UDP_SEGMENT send of
+                              ``stride``. Or HELD: it took the frames one by one, as ``seal`` would (no keys yet),
+                              and hands its packets over through ``poll``; or a Drop for them all.
+A codec whose sessions seal rows opens them too: ``Encapsulator.rows`` declares both, and the codec's
+``open_rows`` (a keyed codec's: the datagram names its peer) judges a read's datagrams in order, each
+authenticated frame written into the engine's buffer right behind the one before, so that a flow's frames lie
+packed for the coalescer. Each verdict holds as ``open``'s would (drops by reason, replay, roaming only on
+authenticated ones).
+
 ``authenticates``: whether an accepted ``open`` proves who sent it (a MAC or an AEAD tag checked against this
 peer's keys). Only then may the engine move the peer's endpoint to the datagram's source (roaming); a codec
 that does not authenticate never moves a peer, so a spoofed source can never redirect a peer's traffic.
@@ -73,6 +89,8 @@ class Session:
     # Whether an accepted ``open`` proves the sender holds this peer's keys (then its source may become the
     # peer's endpoint). Header-only codecs prove nothing.
     authenticates = False
+    # Whether ``seal_rows`` is served (see the module docstring); only then does the engine hand it rows.
+    rows = False
 
     def seal(self, buf: bytearray, start: int, end: int, now: float):
         """Write the header (and trailer) around ``buf[start:end]``: ``(start, end)`` of the packet, a Drop,
@@ -81,6 +99,11 @@ class Session:
 
     def open(self, packet: memoryview, now: float):
         """Judge one datagram: ``(offset, length)`` of its inner frame, a Drop, or HELD."""
+        raise NotImplementedError
+
+    def seal_rows(self, rows: memoryview, rowlen: int, count: int, out: memoryview, now: float):
+        """Seal ``count`` frames of ``rowlen`` bytes (the last maybe shorter) into ``out``: ``(stride, end)``, a
+        Drop, or HELD. Asked only of a session that declares ``rows``."""
         raise NotImplementedError
 
     def poll(self, now: float) -> list[bytes]:

@@ -74,8 +74,11 @@ class VnetPort:
 
     vnet_len = VNET_HDR_LEN
 
-    def __init__(self, device, codec: Encapsulator, max_frame: int, egress=None) -> None:
-        headers = constant_headers(codec)
+    def __init__(self, device, codec: Encapsulator, max_frame: int, egress=None,
+                 headers: tuple[bytes, bytes] | None = None) -> None:
+        # ``headers``: what lies in front of each row instead of the codec's constant header (a stateful codec's
+        # rows have none: each session seals its own)
+        headers = constant_headers(codec) if headers is None else headers
         if headers is None:
             raise ValueError(f"{codec.name}: no constant header declared; offloads need one")
         header4, header6 = headers

@@ -215,6 +215,11 @@ class RawLink:
         self._count, self._next = count, 0
         self._drained = count < receiver.capacity
 
+    def recv_gro_from(self, buf: memoryview) -> tuple[int, str, int, int]:
+        """``recv_gro_into`` with a port of 0: raw IP has none (the link protocol's ``recv_gro_from``)."""
+        n, source, size = self.recv_gro_into(buf)
+        return n, source, 0, size
+
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
         """The next run of packets from one source (the engine decides whom it knows): ``(bytes, source, packet
         size)`` with the packets back to

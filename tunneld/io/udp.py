@@ -313,6 +313,12 @@ class UdpLink:
 
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
         """One (possibly coalesced) read: (length, source address, datagram size; 0 when not coalesced)."""
+        n, source, _port, size = self.recv_gro_from(buf)
+        return n, source, size
+
+    def recv_gro_from(self, buf: memoryview) -> tuple[int, str, int, int]:
+        """``recv_gro_into`` with the source's port: (length, source address, its port, datagram size or 0), for
+        the codecs whose peers answer from a port of their own (WireGuard)."""
         n, ancdata, _flags, addr = self._rx.recvmsg_into((buf,), CMSG_SPACE)
         size = 0
         for level, kind, data in ancdata:
@@ -320,7 +326,7 @@ class UdpLink:
                 (size,) = _GRO_SIZE.unpack_from(data)
             else:
                 self._drops.note_one(level, kind, data)
-        return n, addr[0], size
+        return n, addr[0], addr[1], size
 
     def send_segments(self, packets: memoryview, size: int, flow: int, dest: tuple[str, int] | None = None) -> None:
         """Send ``packets``, datagrams of ``size`` bytes back to back (the last may be shorter), with as few

@@ -85,7 +85,7 @@ class Plan:
         """The largest super-frame the device should hand us: what ONE UDP_SEGMENT sendmsg carries (≤ 64
         datagrams, ≤ ~64 KB of them); 64 KiB frames would leave as 44 + 3 datagrams, costing the receiver a
         second read and write. 0 or less: no cap worth setting."""
-        row = self.max_frame + self.codec.header_len
+        row = self.max_frame + self.codec.header_len + self.codec.trailer_len  # a sealed row's padding and tag too
         rows = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // row)
         return rows * (self.max_frame - SUPERFRAME_HEADERS)
 

@@ -23,6 +23,13 @@ costs no MTU: a frame of exactly the limit is sealed to limit + 32 and fits the 
 it is written over the frame's place in the engine's buffer (header in the headroom, padding and tag in the
 tail room) and ``(start, end)`` returned. Anything else (an initiation instead, or staged packets released with
 it) is queued for ``poll`` and the frame is HELD.
+Rows (the offload path, tunneld/encap/session.py "Rows"): ``seal_rows`` seals a super-frame's segments with
+consecutive counters into the engine's row buffer, one transport message every ``stride`` bytes (equal rows pad
+to equal lengths, so they leave as one UDP_SEGMENT send; ``Peer.seal_rows``). Without a usable session they go
+to ``Peer.seal`` one by one, as ``seal`` does. ``open_rows`` runs the core's transport fast path
+(``Device.open_transport_rows``) on a read's datagrams, up to the first that is not a transport message, which
+the engine then takes one at a time through ``identify`` and ``open`` (weighed by ``cost`` against its budget).
+
 Timers: ``deadline`` is the core's next timer (``Peer.next_deadline``); ``poll`` fires them (``Peer.tick``).
 
 Time: the engine's clock is wall time (``time.time``), so the core's TAI64N needs no offset (``wall_offset``
@@ -49,6 +56,10 @@ HEADER_LEN = MESSAGE_TRANSPORT_HEADER_SIZE  # type, receiver index, counter
 # takes a frame past the path's frame limit (``set_frame_limit``), as wireguard-go never pads past the device MTU.
 TAIL_LEN = PADDING_MULTIPLE - 1 + AEAD_TAG_LEN
 KEEPALIVE_MAX = 65535
+# What one handshake message weighs against a wake-up's byte budget (the engine's WAKEUP_BYTES, 64 KiB), when
+# the core did a handshake's work on it (a valid mac1: X25519s, ~150 us) rather than a transport message's
+# (~3 us per 1.4 KB row): a wake-up then judges at most four of them, however small they are on the wire.
+HANDSHAKE_COST = 16 << 10
 
 # The core's reasons are the engine's drop reasons of the same name (tunneld.encap.base.Drop).
 _DROP = {}
@@ -79,6 +90,7 @@ class WireGuard(Encapsulator):
     align: ClassVar[int] = PADDING_MULTIPLE
     pads_within_limit: ClassVar[bool] = True
     keyed: ClassVar[bool] = True
+    rows: ClassVar[bool] = True
     spreads: ClassVar[bool] = False  # keys, counters and replay windows are one process's
     options: ClassVar[Mapping[str, Option]] = declare(
         Option("private_key", str, "file holding this end's private key as `wg genkey` writes it (mode 0600)"),
@@ -90,6 +102,7 @@ class WireGuard(Encapsulator):
         self.wg = Device(private_key, wall_offset=wall_offset)
         self._peer_options = dict(peers or {})
         self._opened: tuple[memoryview, Any] | None = None  # (the datagram identified last, the core's verdict)
+        self._sessions: dict[Peer, WireGuardSession] = {}  # the core's peer -> its session (open_rows's answers)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "WireGuard":
@@ -134,7 +147,8 @@ class WireGuard(Encapsulator):
         # The core sends to ``endpoint``; the engine sends to the peer's own endpoint whatever the core names, so
         # the core gets a placeholder that only says "there is somewhere to send to" (initiations need one).
         peer = self.wg.add_peer(public, preshared_key=psk, endpoint=peer_id, persistent_keepalive=keepalive)
-        return WireGuardSession(self, peer, peer_id)
+        session = self._sessions[peer] = WireGuardSession(self, peer, peer_id)
+        return session
 
     def identify(self, packet: memoryview, source: str, now: float) -> Hashable | Drop | Answer:
         """Run the core on the datagram; keep its verdict for the session's ``open`` (see the docstring)."""
@@ -147,6 +161,40 @@ class WireGuard(Encapsulator):
             return _drop(result.reason)
         self._opened = (packet, result)
         return key_to_base64(peer.public_key)
+
+    def open_rows(self, packets: memoryview, size: int, source: str, now: float, out: memoryview,
+                  at: int) -> tuple[list, int]:
+        """The transport messages among ``packets`` (datagrams of ``size``, the last maybe shorter, from
+        ``source``), up to the first one that is not: a verdict for each, ``(peer_id, offset, length)`` of its
+        inner frame in ``out`` (length 0: a keepalive, authenticated) or a Drop; and where ``out`` is filled
+        to. What a session wants to send in answer waits in it for ``poll`` (its ``deadline`` says now)."""
+        verdicts, at, sends = self.wg.open_transport_rows(packets, size, (source, 0), now, out, at)
+        sessions = self._sessions
+        for peer, datagrams in sends.items():
+            session = sessions.get(peer)
+            if session is not None and datagrams:
+                session._due.extend(datagrams)
+        last = last_id = None
+        for i, verdict in enumerate(verdicts):
+            if verdict.__class__ is tuple:
+                peer = verdict[0]
+                if peer is not last:
+                    session = sessions.get(peer)
+                    last, last_id = peer, None if session is None else session.peer_id
+                verdicts[i] = (last_id, verdict[1], verdict[2]) if last_id is not None else Drop.UNKNOWN_PEER
+            else:
+                verdicts[i] = _drop(verdict)
+        return verdicts, at
+
+    def cost(self, packet: memoryview, verdict) -> int:
+        """What a datagram the engine took one at a time weighs against the wake-up's byte budget (``verdict``:
+        what ``identify`` said of it): a handshake message the core did public-key work on (past mac1, and past
+        the cookie and rate checks under load) HANDSHAKE_COST; anything else its length, a cookie reply under
+        load included (a MAC and an XChaCha20 seal, microseconds). The engine checks the budget between reads:
+        one UDP_GRO read (at most 64 datagrams) is judged whole."""
+        if packet[0] == MESSAGE_TRANSPORT_TYPE or verdict.__class__ is Answer or verdict in _CHEAP:
+            return len(packet)
+        return HANDSHAKE_COST
 
     def peer_key(self, packet: memoryview) -> Hashable | Drop:
         """Without the source and the time the core cannot judge a handshake: only a transport message's
@@ -168,11 +216,16 @@ class WireGuard(Encapsulator):
         raise NotImplementedError("wireguard: opens through session(peer_id)")
 
 
+# Verdicts the core reaches before any public-key work: no handshake's cost.
+_CHEAP = frozenset(Drop(reason) for reason in ("truncated", "length_mismatch", "bad_type", "bad_mac", "rate_limited"))
+
+
 class WireGuardSession(Session):
     """One peer's WireGuard session (``Peer``) as the engine sees it, and the packets waiting for ``poll``."""
 
     __slots__ = ("_codec", "peer", "peer_id", "_due")
     authenticates = True
+    rows = True
 
     def __init__(self, codec: WireGuard, peer: Peer, peer_id: str) -> None:
         self._codec = codec
@@ -191,6 +244,18 @@ class WireGuardSession(Session):
             return start, start + len(datagram)
         self._due.extend(datagrams)
         return HELD
+
+    def seal_rows(self, rows: memoryview, rowlen: int, count: int, out: memoryview, now: float):
+        peer = self.peer
+        if not peer.can_seal_rows(count, now):  # staged behind a handshake, one by one, as ``seal`` does
+            for i in range(count):
+                self._due.extend(peer.seal(rows[i * rowlen : (i + 1) * rowlen], now))
+            return HELD
+        if rowlen <= 0 or len(rows) <= (count - 1) * rowlen:
+            return Drop.RUNT_FRAME
+        stride, end, own = peer.seal_rows(rows, rowlen, count, out, now)
+        self._due.extend(own)
+        return stride, end
 
     def open(self, packet: memoryview, now: float):
         result = self._codec.take_opened(packet)
@@ -216,6 +281,8 @@ class WireGuardSession(Session):
 
     def close(self) -> None:
         self._due.clear()
+        if self._codec._sessions.get(self.peer) is self:  # not a newer session the same key was given since
+            del self._codec._sessions[self.peer]
         self._codec.wg.remove_peer(self.peer.public_key)  # its keys are zeroed
 
     def deadline(self) -> float:

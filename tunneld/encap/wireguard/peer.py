@@ -51,6 +51,7 @@ from tunneld.encap.wireguard.messages import (
     MESSAGE_RESPONSE_TYPE,
     MESSAGE_TRANSPORT_HEADER_SIZE,
     MESSAGE_TRANSPORT_TYPE,
+    PADDING_MULTIPLE,
     TRANSPORT_HEADER,
     padded_length,
 )
@@ -69,6 +70,7 @@ from tunneld.encap.wireguard.results import HANDSHAKE_RESULTS
 if TYPE_CHECKING:
     from tunneld.encap.wireguard.device import Device
 
+_ZEROS = bytes(PADDING_MULTIPLE)  # padding, at most 15 bytes (up to the MTU: a few more)
 TIMERS = ("retransmit_handshake_at", "new_handshake_at", "send_keepalive_at", "persistent_keepalive_at",
           "zero_key_material_at")
 
@@ -89,6 +91,7 @@ class Peer:
         self.previous: Keypair | None = None
         self.next: Keypair | None = None
         self.staged: collections.deque[bytes] = collections.deque()
+        self._scratch = bytearray(0)  # seal_rows: one padded packet at a time
         # what `wg show` reports
         self.rx_bytes = 0
         self.tx_bytes = 0
@@ -193,6 +196,62 @@ class Peer:
         keypair.send.encrypt_into(aead_nonce(counter), plaintext, None, memoryview(out)[MESSAGE_TRANSPORT_HEADER_SIZE:])
         self.tx_bytes += len(out)
         return bytes(out)
+
+    def can_seal_rows(self, count: int, now: float) -> bool:
+        """Whether ``count`` packets may be sealed at once on the current session (``seal_rows``): nothing is
+        staged before them, the session is usable and its counters last for all of them."""
+        keypair = self.current
+        return (not self.staged and self._usable(keypair, now)
+                and keypair.send_counter + count < REJECT_AFTER_MESSAGES)
+
+    def seal_rows(self, rows, rowlen: int, count: int, out, now: float) -> tuple[int, int, list[bytes]]:
+        """Seal ``count`` inner packets of ``rowlen`` bytes back to back in ``rows`` (the last may be shorter) into
+        ``out``, one transport message every ``stride`` bytes, counters in row order: the rows are sent in that
+        order. Equal packets pad to equal lengths, so only the last message may be shorter. The caller checked
+        ``can_seal_rows``. Returns (stride, total bytes, datagrams of the session's own to send after them: a
+        rekey's initiation).
+
+        A packet whose length is not its padded length is first copied into a scratch row (zeros behind it):
+        cryptography's ``encrypt_into`` refuses to write over its input, so there is a copy either way, and
+        ``out`` is the engine's send buffer. The bookkeeping of ``_send_with`` is done once for the rows: every
+        timer it touches takes the same value for each packet of one ``now``."""
+        keypair = self.current
+        full = padded_length(rowlen, self.mtu)
+        stride = MESSAGE_TRANSPORT_HEADER_SIZE + full + AEAD_TAG_LEN
+        scratch = self._scratch
+        if len(scratch) < full:
+            scratch = self._scratch = bytearray(full)
+        counter = keypair.send_counter
+        keypair.send_counter = counter + count
+        encrypt_into, remote, pack = keypair.send.encrypt_into, keypair.remote_index, TRANSPORT_HEADER.pack_into
+        scratch_view = memoryview(scratch)
+        tail = len(rows) - (count - 1) * rowlen  # the last row's length (rowlen when it is whole)
+        at = 0
+        for i in range(count):
+            start = i * rowlen
+            if i < count - 1 or tail == rowlen:
+                length, padded = rowlen, full
+            else:
+                length = tail
+                padded = padded_length(length, self.mtu)
+            if padded == length:
+                plaintext = rows[start : start + length]
+            else:
+                scratch[:length] = rows[start : start + length]
+                scratch[length:padded] = _ZEROS[: padded - length]
+                plaintext = scratch_view[:padded]
+            pack(out, at, MESSAGE_TRANSPORT_TYPE, remote, counter)
+            body = at + MESSAGE_TRANSPORT_HEADER_SIZE
+            encrypt_into(aead_nonce(counter), plaintext, None, out[body : body + padded + AEAD_TAG_LEN])
+            counter += 1
+            at += stride
+        total = at - stride + MESSAGE_TRANSPORT_HEADER_SIZE + padded + AEAD_TAG_LEN
+        self.tx_bytes += total
+        own = self._keep_key_fresh_sending(keypair, now)
+        self._timers_any_authenticated_packet_traversal(now)
+        self._timers_any_authenticated_packet_sent()
+        self._timers_data_sent(now)
+        return stride, total, own
 
     def _keep_key_fresh_sending(self, keypair: Keypair, now: float) -> list[bytes]:
         if keypair.send_counter > REKEY_AFTER_MESSAGES or (
