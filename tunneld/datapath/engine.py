@@ -487,19 +487,9 @@ class Engine:
         and what it weighs against the wake-up's budget."""
         stats = self.stats
         count = segs.count
-        if only is not None:
-            targets = (only,)
-        else:
-            peer = self._choose(segs.frame_len)
-            if peer.__class__ is Peer:
-                targets = (peer,)
-            elif peer is None:
-                targets = self.peers.all
-                stats.flooded += count
-            else:  # no_route
-                stats.drops[peer] += count
-                self._write_icmp(self._txview[HEADROOM : HEADROOM + segs.frame_len], too_big=False)
-                return 0, 0, segs.frame_len
+        targets = self._superframe_targets(segs, only)
+        if not targets:
+            return 0, 0, segs.frame_len
         frame = self._txview[HEADROOM : HEADROOM + segs.frame_len]
         segment = segs.rowlen  # the largest inner frame a row carries (no header in front of the rows)
         moved = nbytes = 0
@@ -1032,24 +1022,29 @@ class Engine:
             if self._sessions:
                 peer.session.set_frame_limit(self._frame_limit(peer))  # a padding session pads within it
 
+    def _superframe_targets(self, segs: Segments, only: Peer | None) -> tuple[Peer, ...]:
+        """Whom a super-frame's rows go to: its one peer (looked up once for all its rows) or, flooded, every
+        peer (each segment counted ``flooded``, as the help says); none for no route (counted, the sender told)."""
+        if only is not None:
+            return (only,)
+        peer = self._choose(segs.frame_len)
+        if peer.__class__ is Peer:
+            return (peer,)
+        if peer is None:
+            self.stats.flooded += segs.count
+            return self.peers.all
+        self.stats.drops[peer] += segs.count
+        self._write_icmp(self._txview[HEADROOM : HEADROOM + segs.frame_len], too_big=False)
+        return ()
+
     def _send_superframe(self, segs: Segments, flow: int, only: Peer | None) -> tuple[int, int]:
         """Send the rows a super-frame was cut into, after what waits (order), to its one peer (looked up once
         for all its rows) or, flooded, to every peer: (packets, inner bytes) that left."""
         moved = -self._flush() if self._pending.count else 0
         segment = segs.rowlen - self._header_len  # the largest inner frame a row carries
-        if only is not None:
-            targets = (only,)
-        else:
-            peer = self._choose(segs.frame_len)
-            if peer.__class__ is Peer:
-                targets = (peer,)
-            elif peer is None:
-                targets = self.peers.all
-                self.stats.flooded += segs.count  # frames, as the help says: each segment is flooded
-            else:
-                self.stats.drops[peer] += segs.count
-                self._write_icmp(self._txview[HEADROOM : HEADROOM + segs.frame_len], too_big=False)
-                return moved, 0
+        targets = self._superframe_targets(segs, only)
+        if not targets:
+            return moved, 0
         nbytes = 0
         frame = self._txview[HEADROOM : HEADROOM + segs.frame_len]
         for peer in targets:
