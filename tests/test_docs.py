@@ -135,10 +135,10 @@ def test_the_readme_starts_with_make_demo_and_make_test_and_stays_short():
     assert len(README.read_text().split("\n")) <= 300
 
 
-def test_the_readme_encrypted_section_documents_no_flag_yet():
-    """The encrypted mode is a placeholder until it lands: it must not name a flag the parser lacks."""
+def test_the_readme_security_section_names_only_flags_the_parser_has():
+    """The security section (the encrypted mode) must not name a flag the parser lacks."""
     text = README.read_text()
-    section = text.split("## The encrypted mode", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Security: the encrypted mode", 1)[1].split("\n## ", 1)[0]
     flags = set(re.findall(r"--[a-z][a-z-]+", section))
     known = set(cli.manpage_parser()._option_string_actions)
     assert flags <= known, flags - known
