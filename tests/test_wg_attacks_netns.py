@@ -29,11 +29,8 @@ when the test fails (Host.kill_all, segment()).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import select
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,18 +39,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.wg_go import METRICS, PORT, drops, genkey, needs, wireguard_go, write_config
 from tunneld.testbed import Tunneld
-from tunneld.testbed.netns import is_root
 from tunneld.testbed.procfs import children_of, cpu_seconds
-from tunneld.testbed.prom import exposition, samples
 from tunneld.testbed.segment import SEGMENT_UNDERLAY_V4, segment
 from tunneld.encap.wireguard.constants import RATE_LIMIT_BURST, RATE_LIMIT_PACKETS_PER_SECOND
 
 pytestmark = [pytest.mark.netns, pytest.mark.serial]  # serial: it bounds CPU time, which neighbours would skew
 
 REPO = Path(__file__).resolve().parents[1]  # where ``python -m tests.wg_flood`` finds its module
-PORT = 51820
-METRICS = "127.0.0.1:9477"
 RATE = 10_000  # initiations per second, the issue's figure
 # wireguard-go retries every 5 s: its first initiation gets a cookie reply, the retry with mac2 gets through. On
 # a loaded machine tunneld may not read every flood datagram and the kernel drops some (kernel_rcvbuf), maybe
@@ -76,60 +70,10 @@ def hosts3():
         yield hosts
 
 
-def needs() -> None:
-    if not is_root():
-        pytest.skip("needs root: network namespaces and TUN devices")
-    for tool in ("wireguard-go", "wg"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: wireguard-go, wireguard-tools; make apt installs them)")
-
-
-def genkey(host, path: Path) -> str:
-    """A private key written to ``path`` (mode 0600); its public key."""
-    private = host.run("wg", "genkey").stdout.strip()
-    path.write_text(private + "\n")
-    path.chmod(0o600)
-    return host.run("wg", "pubkey", input=private + "\n").stdout.strip()
-
-
-@contextlib.contextmanager
-def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint: str, peer_overlay: str):
-    proc = host.popen("wireguard-go", "-f", name)
-    try:
-        deadline = time.monotonic() + 10
-        while host.link_state(name) is None or not Path(f"/var/run/wireguard/{name}.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("wireguard-go did not start")
-            time.sleep(0.05)
-        host.run("wg", "set", name, "private-key", str(keyfile), "listen-port", str(PORT), "peer", peer_public,
-                 "allowed-ips", f"{peer_overlay}/32", "endpoint", peer_endpoint)
-        host.run("ip", "addr", "add", f"{host.overlay}/24", "dev", name)
-        host.run("ip", "link", "set", name, "up")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # it removes its UAPI socket on the way out
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"/var/run/wireguard/{name}.sock").unlink()
-
-
 def link_packets(host, dev: str) -> tuple[int, int]:
     """(rx, tx) packets of ``dev`` as the kernel counts them."""
     [link] = json.loads(host.run("ip", "-s", "-j", "link", "show", "dev", dev).stdout)
     return link["stats64"]["rx"]["packets"], link["stats64"]["tx"]["packets"]
-
-
-def drops(host) -> dict[str, float]:
-    """tunneld's drops by reason, from its metrics."""
-    out: dict[str, float] = {}
-    for labels, value in samples(exposition(host, METRICS), "tunneld_dropped_packets_total"):
-        out[labels["reason"]] = out.get(labels["reason"], 0) + value
-    return out
 
 
 def first_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -163,25 +107,15 @@ def test_a_handshake_flood_gets_cookie_replies_while_wireguard_go_connects(hosts
     ours, theirs = f"tfa{run}", f"tfb{run}"
     our_public = genkey(a, tmp_path / "a.key")
     their_public = genkey(b, tmp_path / "b.key")
-    config = tmp_path / "a.toml"
-    config.write_text(f"""
-[tunnel]
-mode = "wireguard"
-private_key = "a.key"
-address = "{a.overlay}/24"
-
-[[peer]]
-public_key = "{their_public}"
-endpoint = "{b.underlay}:{PORT}"
-allowed_ips = ["{b.overlay}/32"]
-""")
+    config = write_config(tmp_path / "a.toml", their_public, f"{b.underlay}:{PORT}", a.overlay, b.overlay)
     options = FLOODS[flood]
     if flood == "cookie-following":  # more addresses on the flooder's host, in the segment's unused range
         sources = [SEGMENT_UNDERLAY_V4.format(40 + i) for i in range(SOURCES)]
         for address in sources:
             c.run("ip", "addr", "add", f"{address}/24", "dev", c.ifname)
         options = (*options, "--sources", ",".join(sources))
-    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, f"{a.underlay}:{PORT}", a.overlay):
+    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, f"{a.underlay}:{PORT}", allowed=a.overlay,
+                      address=b.overlay):
         t = Tunneld(a, "--config", str(config), "--metrics-listen", METRICS, dev=ours)
         try:
             before = drops(a)

@@ -4,47 +4,13 @@ to a source that names no peer (the engine's ``Answer``)."""
 
 from __future__ import annotations
 
-from tunneld.datapath.engine import Engine
+from tests.wg_engines import A, ALL, B, KB, PA, PB, T0, carry, engines, exchange
 from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.base import DeviceKind, Drop
 from tunneld.encap.plugins import discover
 from tunneld.encap.session import Answer
-from tunneld.encap.wireguard import StaticKey, key_to_base64
-from tunneld.encap.wireguard.codec import HEADER_LEN, PORT, TAIL_LEN, WireGuard
-from tunneld.testing import FakeClock, FakeDevice, FakeLink, random_frames
-
-A, B = "192.0.2.1", "192.0.2.2"
-T0 = 1_800_000_000.0
-KA, KB = StaticKey(bytes(range(1, 33))), StaticKey(bytes(range(33, 65)))
-PA, PB = key_to_base64(KA.public), key_to_base64(KB.public)
-ALL = ("0.0.0.0/0", "::/0")
-
-
-def engines(clock: FakeClock, psk: bytes | None = None, keepalive: int = 0):
-    a = WireGuard.from_options({"private_key": bytes(range(1, 33)),
-                                "wg_peers": {PB: (psk, keepalive)}})
-    b = WireGuard.from_options({"private_key": bytes(range(33, 65)), "wg_peers": {PA: (psk, 0)}})
-    ea = Engine(FakeDevice(), FakeLink(B, PORT), a, max_frame=1420, clock=clock,
-                peers=[PeerSpec(B, routes=ALL, key=PB)])
-    eb = Engine(FakeDevice(), FakeLink(A, PORT), b, max_frame=1420, clock=clock,
-                peers=[PeerSpec(A, routes=ALL, key=PA)])
-    return ea, eb
-
-
-def carry(src: Engine, dst: Engine, source: str) -> int:
-    n = len(src.link.sent)
-    for packet, _ in src.link.sent:
-        dst.link.deliver(packet, source=source)
-    src.link.sent.clear()
-    for _ in range(n + 1):
-        dst.on_link_readable()
-    return n
-
-
-def exchange(ea: Engine, eb: Engine) -> None:
-    for _ in range(4):
-        if not (carry(ea, eb, A) + carry(eb, ea, B)):
-            break
+from tunneld.encap.wireguard.codec import HEADER_LEN, TAIL_LEN, WireGuard
+from tunneld.testing import FakeClock, random_frames
 
 
 def test_a_peer_is_answered_at_the_port_it_sent_from_and_a_forgery_from_another_port_moves_nothing():

@@ -8,77 +8,16 @@ namespace); wireguard-go is stopped with SIGTERM and the namespaces deleted, als
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import signal
-import subprocess
-import time
 import uuid
-from pathlib import Path
 
 import pytest
 
+from tests.wg_go import PORT, genkey, needs, their_peer, wireguard_go, write_config
 from tunneld.testbed import OVERLAY_V4, Tunneld, transfer
-from tunneld.testbed.netns import is_root
 
 pytestmark = pytest.mark.netns
 
-PORT = 51820
 TRANSFER = 1 << 20
-
-
-def needs() -> None:
-    if not is_root():
-        pytest.skip("needs root: network namespaces and TUN devices")
-    for tool in ("wireguard-go", "wg"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: wireguard-go, wireguard-tools; make apt installs them)")
-
-
-def genkey(host, path: Path) -> str:
-    """A private key written to ``path`` (mode 0600); its public key."""
-    private = host.run("wg", "genkey").stdout.strip()
-    path.write_text(private + "\n")
-    path.chmod(0o600)
-    return host.run("wg", "pubkey", input=private + "\n").stdout.strip()
-
-
-@contextlib.contextmanager
-def wireguard_go(host, name: str, keyfile: Path, peer_public: str, peer_endpoint: str | None,
-                 pskfile: Path | None = None, port: int = PORT):
-    proc = host.popen("wireguard-go", "-f", name)
-    try:
-        deadline = time.monotonic() + 10
-        while host.link_state(name) is None or not Path(f"/var/run/wireguard/{name}.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("wireguard-go did not start")
-            time.sleep(0.05)
-        args = ["set", name, "private-key", str(keyfile), "listen-port", str(port),
-                "peer", peer_public, "allowed-ips", f"{OVERLAY_V4[0]}/32"]
-        if peer_endpoint:
-            args += ["endpoint", peer_endpoint]
-        if pskfile:
-            args += ["preshared-key", str(pskfile)]
-        host.run("wg", *args)
-        host.run("ip", "addr", "add", f"{OVERLAY_V4[1]}/24", "dev", name)
-        host.run("ip", "link", "set", name, "up")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # it removes its UAPI socket on the way out
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"/var/run/wireguard/{name}.sock").unlink()
-
-
-def their_peer(host, name: str) -> dict:
-    """`wg show NAME dump`'s one peer line."""
-    fields = host.run("wg", "show", name, "dump").stdout.strip().splitlines()[1].split("\t")
-    return {"endpoint": fields[2], "latest_handshake": int(fields[4]), "rx": int(fields[5]), "tx": int(fields[6])}
 
 
 @pytest.mark.parametrize("first, psk, their_port, told", [
@@ -95,18 +34,8 @@ def test_tunneld_and_wireguard_go_carry_ping_and_tcp_both_ways(hosts, tmp_path, 
     ours, theirs = f"twa{run}", f"twb{run}"
     our_public = genkey(a, tmp_path / "a.key")
     their_public = genkey(b, tmp_path / "b.key")
-    config = tmp_path / "a.toml"
-    config.write_text(f"""
-[tunnel]
-mode = "wireguard"
-private_key = "a.key"
-address = "{OVERLAY_V4[0]}/24"
-
-[[peer]]
-public_key = "{their_public}"
-endpoint = "{b.underlay}:{told}"
-allowed_ips = ["{OVERLAY_V4[1]}/32"]
-""" + ('preshared_key = "p.psk"\n' if psk else ""))
+    config = write_config(tmp_path / "a.toml", their_public, f"{b.underlay}:{told}",
+                          extra='preshared_key = "p.psk"\n' if psk else "")
     pskfile = None
     if psk:  # the same preshared key on both sides, a 0600 file each reads
         pskfile = tmp_path / "p.psk"
@@ -114,7 +43,7 @@ allowed_ips = ["{OVERLAY_V4[1]}/32"]
         pskfile.chmod(0o600)
     # wireguard-go knows where tunneld is only when it starts (else it learns it from tunneld's initiation)
     endpoint = f"{a.underlay}:{PORT}" if first == "wireguard-go" else None
-    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, endpoint, pskfile, their_port):
+    with wireguard_go(b, theirs, tmp_path / "b.key", our_public, endpoint, pskfile=pskfile, port=their_port):
         t = Tunneld(a, "--config", str(config), dev=ours)
         try:
             if first == "tunneld":

@@ -4,43 +4,14 @@ exactly the limit leaves as limit + 32 bytes of WireGuard message: 1440 over a 1
 
 from __future__ import annotations
 
+from tests.wg_engines import A, ALL, B, PA, PB, T0, engines, exchange
 from tunneld.datapath.engine import Engine
 from tunneld.datapath.peers import PeerSpec
 from tunneld.encap.base import DeviceKind
-from tunneld.encap.wireguard import StaticKey, key_to_base64
-from tunneld.encap.wireguard.codec import WireGuard
+from tunneld.encap.wireguard.codec import PORT, WireGuard
 from tunneld.testing import FakeClock, FakeDevice, FakeLink, random_frames
 
 UNDERLAY = 1500
-A, B = "192.0.2.1", "192.0.2.2"
-T0 = 1_800_000_000.0
-PA = key_to_base64(StaticKey(bytes(range(1, 33))).public)
-PB = key_to_base64(StaticKey(bytes(range(33, 65))).public)
-ALL = ("0.0.0.0/0", "::/0")
-
-
-def carry(src: Engine, dst: Engine, source: str) -> int:
-    n = len(src.link.sent)
-    for packet, _ in src.link.sent:
-        dst.link.deliver(packet, source=source)
-    src.link.sent.clear()
-    for _ in range(n + 1):
-        dst.on_link_readable()
-    return n
-
-
-def exchange(ea: Engine, eb: Engine) -> None:
-    for _ in range(4):
-        if not (carry(ea, eb, A) + carry(eb, ea, B)):
-            break
-
-
-def ends(clock: FakeClock, max_frame: int):
-    a = WireGuard.from_options({"private_key": bytes(range(1, 33)), "wg_peers": {PB: (None, 0)}})
-    b = WireGuard.from_options({"private_key": bytes(range(33, 65)), "wg_peers": {PA: (None, 0)}})
-    ea = Engine(FakeDevice(), FakeLink(B), a, max_frame=max_frame, clock=clock, peers=[PeerSpec(B, routes=ALL, key=PB)])
-    eb = Engine(FakeDevice(), FakeLink(A), b, max_frame=max_frame, clock=clock, peers=[PeerSpec(A, routes=ALL, key=PA)])
-    return ea, eb
 
 
 def frame_of(length: int, seed: int = 3) -> bytes:
@@ -66,7 +37,7 @@ def test_the_overhead_counts_the_tag_not_the_padding():
 def test_a_frame_of_exactly_the_limit_is_sealed_without_padding_and_smaller_ones_to_16():
     clock = FakeClock(T0)
     limit = UNDERLAY - WireGuard.from_options({}).outer_overhead(False)
-    ea, eb = ends(clock, limit)
+    ea, eb = engines(clock, max_frame=limit)
     assert ea.peers.all[0].session.peer.mtu == limit  # told by the engine when the session was made
     ea.device.inject(frame_of(100))
     ea.on_device_readable()
@@ -88,7 +59,7 @@ def test_a_frame_of_exactly_the_limit_is_sealed_without_padding_and_smaller_ones
 
 def test_a_limit_that_is_no_multiple_of_16_caps_the_padding_and_follows_a_learnt_path_mtu():
     clock = FakeClock(T0)
-    ea, eb = ends(clock, 1440)
+    ea, eb = engines(clock, max_frame=1440)
     ea.device.inject(frame_of(100))
     ea.on_device_readable()
     exchange(ea, eb)
@@ -117,8 +88,8 @@ class MtuDevice(FakeDevice):
 
 def test_the_interface_mtu_caps_the_padding_too_and_a_change_of_it_is_followed():
     clock = FakeClock(T0)
-    ea, eb = ends(clock, 1440)
-    ea = Engine(MtuDevice(1440), FakeLink(B), ea.codec, max_frame=1440, clock=clock,
+    ea, eb = engines(clock, max_frame=1440)
+    ea = Engine(MtuDevice(1440), FakeLink(B, PORT), ea.codec, max_frame=1440, clock=clock,
                 peers=[PeerSpec(B, routes=ALL, key=PB)])
     session = ea.peers.all[0].session
     ea.device.inject(frame_of(100))
@@ -138,7 +109,7 @@ def test_the_interface_mtu_caps_the_padding_too_and_a_change_of_it_is_followed()
     ea.device.value = 9000  # above what the underlay carries: the path's limit holds
     ea.check_device_mtu()
     assert session.peer.mtu == 1440
-    ends_b = Engine(MtuDevice(1420), FakeLink(A), WireGuard.from_options({}), max_frame=1440, clock=clock,
+    ends_b = Engine(MtuDevice(1420), FakeLink(A, PORT), WireGuard.from_options({}), max_frame=1440, clock=clock,
                     peers=[PeerSpec(A, routes=ALL, key=PA)])
     ends_b.check_device_mtu()  # a peer added later starts within the interface's MTU too
     ends_b.peers.upsert(PeerSpec("192.0.2.9", routes=("10.9.0.0/24",), key=PB))

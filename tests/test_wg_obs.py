@@ -11,50 +11,16 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.wg_engines import A, B, PA, PB, PRIVATE_A, PRIVATE_B, T0, carry, engines, exchange
 from tunneld.control.client import render_show
 from tunneld.control.handlers import PeerControl
 from tunneld.datapath.engine import Engine
-from tunneld.datapath.peers import PeerSpec
 from tunneld.datapath.stats import total
 from tunneld.encap.base import DeviceKind, Drop
-from tunneld.encap.wireguard import StaticKey, key_to_base64
-from tunneld.encap.wireguard.codec import WireGuard
 from tunneld.encap.wireguard.constants import REJECT_AFTER_TIME
 from tunneld.encap.wireguard.results import HANDSHAKE_RESULTS
 from tunneld.observe.metrics import TunnelCollector
 from tunneld.testing import FakeClock, FakeDevice, FakeLink, random_frames
-
-A, B = "192.0.2.1", "192.0.2.2"
-T0 = 1_800_000_000.0
-PRIVATE_A, PRIVATE_B = bytes(range(1, 33)), bytes(range(33, 65))
-PA, PB = key_to_base64(StaticKey(PRIVATE_A).public), key_to_base64(StaticKey(PRIVATE_B).public)
-ALL = ("0.0.0.0/0", "::/0")
-
-
-def engines(clock: FakeClock, routes_a=ALL, keepalive: int = 0):
-    a = WireGuard.from_options({"private_key": PRIVATE_A, "wg_peers": {PB: (None, keepalive)}})
-    b = WireGuard.from_options({"private_key": PRIVATE_B, "wg_peers": {PA: (None, 0)}})
-    ea = Engine(FakeDevice(), FakeLink(B, 51820), a, max_frame=1440, clock=clock,
-                peers=[PeerSpec(B, routes=ALL, key=PB)])
-    eb = Engine(FakeDevice(), FakeLink(A, 51820), b, max_frame=1440, clock=clock,
-                peers=[PeerSpec(A, routes=routes_a, key=PA)])
-    return ea, eb
-
-
-def carry(src: Engine, dst: Engine, source: str) -> int:
-    n = len(src.link.sent)
-    for packet, _ in src.link.sent:
-        dst.link.deliver(packet, source=source)
-    src.link.sent.clear()
-    for _ in range(n + 1):
-        dst.on_link_readable()
-    return n
-
-
-def exchange(ea: Engine, eb: Engine) -> None:
-    for _ in range(6):
-        if not (carry(ea, eb, A) + carry(eb, ea, B)):
-            break
 
 
 def v4_frames(count: int, seed: int = 7) -> list[bytes]:
@@ -88,16 +54,16 @@ def secrets() -> list[str]:
 
 def test_per_peer_series_say_what_the_core_counted_and_name_the_peer_by_public_key():
     clock = FakeClock(T0)
-    ea, eb = engines(clock)
+    ea, eb = engines(clock, max_frame=1440)
     frames = v4_frames(5)
     ea.device.inject(frames[0])
     ea.on_device_readable()  # held; an initiation leaves
     clock.advance(0.5)
-    exchange(ea, eb)
+    exchange(ea, eb, rounds=6)
     for f in frames[1:]:
         ea.device.inject(f)
         ea.on_device_readable()
-    exchange(ea, eb)
+    exchange(ea, eb, rounds=6)
     assert eb.device.written == frames
     a, b = scrape(ea), scrape(eb)
     assert one(a, "tunneld_wireguard_latest_handshake_seconds", peer=PB) == T0 + 0.5
@@ -121,7 +87,7 @@ def test_per_peer_series_say_what_the_core_counted_and_name_the_peer_by_public_k
 
 def test_a_removed_peers_series_go_and_a_tunnel_of_another_mode_has_none():
     clock = FakeClock(T0)
-    ea, _ = engines(clock)
+    ea, _ = engines(clock, max_frame=1440)
     assert samples(scrape(ea), "tunneld_wireguard_sent_bytes_total")
     ea.peers.remove(PB)
     text = scrape(ea)
@@ -135,7 +101,7 @@ def test_a_removed_peers_series_go_and_a_tunnel_of_another_mode_has_none():
 
 def test_a_handshake_nobody_answers_times_out_and_is_counted_so():
     clock = FakeClock(T0)
-    ea, _ = engines(clock)
+    ea, _ = engines(clock, max_frame=1440)
     ea.device.inject(v4_frames(1)[0])
     ea.on_device_readable()
     for _ in range(40):  # retries every 5 s (+ jitter) for 90 s, then it gives up
@@ -149,7 +115,7 @@ def test_a_handshake_nobody_answers_times_out_and_is_counted_so():
 
 def test_a_cookie_reply_is_counted_at_the_peer_that_accepted_it():
     clock = FakeClock(T0)
-    ea, eb = engines(clock)
+    ea, eb = engines(clock, max_frame=1440)
     eb.codec.wg.force_under_load = True
     ea.device.inject(v4_frames(1)[0])
     ea.on_device_readable()
@@ -162,11 +128,12 @@ def test_a_cookie_reply_is_counted_at_the_peer_that_accepted_it():
 
 def test_no_session_expired_keys_and_source_not_allowed_are_counted_on_their_paths():
     clock = FakeClock(T0)
-    ea, eb = engines(clock, routes_a=("10.200.0.0/24",))  # B accepts from A only what comes from 10.200.0.0/24
+    # B accepts from A only what comes from 10.200.0.0/24
+    ea, eb = engines(clock, routes_a=("10.200.0.0/24",), max_frame=1440)
     frames = v4_frames(3)
     ea.device.inject(frames[0])
     ea.on_device_readable()
-    exchange(ea, eb)  # the handshake; the frame itself is refused by its source
+    exchange(ea, eb, rounds=6)  # the handshake; the frame itself is refused by its source
     assert eb.stats.drops[Drop.SOURCE_NOT_ALLOWED] == 1 and eb.device.written == []
     ea.device.inject(frames[1])
     ea.on_device_readable()
@@ -200,10 +167,10 @@ def test_show_gives_each_wireguard_peer_as_wg_show_does(monkeypatch):
 
     monkeypatch.setattr(handlers, "UdpLink", FakeLink)  # the fake link stands for the UDP link here
     clock = FakeClock(T0)
-    ea, eb = engines(clock, keepalive=25)
+    ea, eb = engines(clock, keepalive=25, max_frame=1440)
     ea.device.inject(v4_frames(1)[0])
     ea.on_device_readable()
-    exchange(ea, eb)
+    exchange(ea, eb, rounds=6)
     eb.peers.move(eb.peers.all[0], "198.51.100.4")  # roamed: show says where it is now
     monkeypatch.setattr(handlers.time, "time", lambda: T0 + 42.0)
     a, b = show_of(ea), show_of(eb)

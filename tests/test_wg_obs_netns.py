@@ -16,91 +16,20 @@ stopped with SIGTERM and the namespaces deleted, also when the test fails."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.wg_go import PORT, genkey, needs, scrape, their_peer, value, wireguard_go, write_config
 from tunneld.testbed import OVERLAY_V4, Tunneld, transfer
-from tunneld.testbed.netns import IMPORT_ROOT, is_root
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 
-PORT = 51820
-METRICS = "127.0.0.1:9477"  # the default --metrics-listen; each namespace has its own loopback
 KEEPALIVE = 25
 UNDERLAY_MTU = 1500
 MTU = 1440  # 1500 - 20 (IPv4) - 8 (UDP) - 16 (WireGuard header) - 16 (tag)
-
-
-def needs() -> None:
-    if not is_root():
-        pytest.skip("needs root: network namespaces and TUN devices")
-    for tool in ("wireguard-go", "wg"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian: wireguard-go, wireguard-tools; make apt installs them)")
-
-
-def genkey(host, path: Path) -> tuple[str, str]:
-    """A private key written to ``path`` (mode 0600): (private, public), both base64."""
-    private = host.run("wg", "genkey").stdout.strip()
-    path.write_text(private + "\n")
-    path.chmod(0o600)
-    return private, host.run("wg", "pubkey", input=private + "\n").stdout.strip()
-
-
-@contextlib.contextmanager
-def wireguard_go(host, name: str, keyfile: Path, peer_public: str):
-    """wireguard-go in the foreground in ``host``, the peer tunneld (its endpoint learnt from its initiation)."""
-    proc = host.popen("wireguard-go", "-f", name)
-    try:
-        deadline = time.monotonic() + 10
-        while host.link_state(name) is None or not Path(f"/var/run/wireguard/{name}.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("wireguard-go did not start")
-            time.sleep(0.05)
-        host.run("wg", "set", name, "private-key", str(keyfile), "listen-port", str(PORT),
-                 "peer", peer_public, "allowed-ips", f"{OVERLAY_V4[0]}/32")
-        host.run("ip", "addr", "add", f"{OVERLAY_V4[1]}/24", "dev", name)
-        host.run("ip", "link", "set", name, "mtu", str(MTU), "up")  # its default is 1420 (room for IPv6)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"/var/run/wireguard/{name}.sock").unlink()
-
-
-def dump(host, name: str) -> dict:
-    """`wg show NAME dump`'s one peer line."""
-    fields = host.run("wg", "show", name, "dump").stdout.strip().splitlines()[1].split("\t")
-    return {"public_key": fields[0], "endpoint": fields[2], "latest_handshake": int(fields[4]),
-            "rx": int(fields[5]), "tx": int(fields[6]), "keepalive": fields[7]}
-
-
-def scrape(host) -> str:
-    return host.run(sys.executable, "-m", "tunneld.testbed.prom", "get", f"http://{METRICS}/metrics",
-                    cwd=IMPORT_ROOT, timeout=30).stdout
-
-
-def value(text: str, name: str, **labels) -> float:
-    found = [s.value for f in text_string_to_metric_families(text) for s in f.samples
-             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
 
 
 def ping_df(host, dst: str, size: int) -> bool:
@@ -113,24 +42,15 @@ def test_metrics_show_and_mtu_agree_with_wireguard_go(hosts, tmp_path):
     a, b = hosts
     run = uuid.uuid4().hex[:8]
     ours, theirs = f"toa{run}", f"tob{run}"
-    private_a, public_a = genkey(a, tmp_path / "a.key")
-    private_b, public_b = genkey(b, tmp_path / "b.key")
+    public_a = genkey(a, tmp_path / "a.key")
+    public_b = genkey(b, tmp_path / "b.key")
+    private_a = (tmp_path / "a.key").read_text().strip()
+    private_b = (tmp_path / "b.key").read_text().strip()
     secrets = [k for p in (private_a, private_b) for k in (p, base64.b64decode(p).hex())]
-    config = tmp_path / "a.toml"
-    config.write_text(f"""
-[tunnel]
-mode = "wireguard"
-private_key = "a.key"
-address = "{OVERLAY_V4[0]}/24"
-
-[[peer]]
-public_key = "{public_b}"
-endpoint = "{b.underlay}:{PORT}"
-allowed_ips = ["{OVERLAY_V4[1]}/32"]
-persistent_keepalive = {KEEPALIVE}
-""")
+    config = write_config(tmp_path / "a.toml", public_b, f"{b.underlay}:{PORT}",
+                          extra=f"persistent_keepalive = {KEEPALIVE}\n")
     seen: list[str] = []  # every scrape and show output of the run, for the private-key check
-    with wireguard_go(b, theirs, tmp_path / "b.key", public_a):
+    with wireguard_go(b, theirs, tmp_path / "b.key", public_a, mtu=MTU):  # tunneld initiates: no endpoint
         t = Tunneld(a, "--config", str(config), dev=ours)
         try:
             started = time.time()
@@ -156,7 +76,7 @@ persistent_keepalive = {KEEPALIVE}
                 seen.append(text)
                 return (text, value(text, "tunneld_wireguard_sent_bytes_total", peer=public_b, mode="wireguard"),
                         value(text, "tunneld_wireguard_received_bytes_total", peer=public_b),
-                        dump(b, theirs), dump(a, ours))
+                        their_peer(b, theirs), their_peer(a, ours))
 
             text, ours_sent, ours_received, them, mine = counts()
             assert them["rx"] <= ours_sent and ours_received <= them["tx"], (ours_sent, ours_received, them)
