@@ -18,7 +18,7 @@ from tunneld.datapath.engine import Engine
 from tunneld.encap.wireguard import StaticKey, key_to_base64
 from tunneld.encap.wireguard.codec import WireGuard
 from tunneld.io import LinkError
-from tunneld.io.udp import UdpLink
+from tunneld.io.udp import SOL_UDP, UDP_GRO, UdpLink
 from tunneld.runtime.wgdevice import EngineWgDevice
 from tunneld.testing import FakeClock, FakeDevice, FakeLink
 
@@ -135,6 +135,7 @@ def _free_port() -> int:
 def test_a_wireguard_link_reports_sources_with_their_ports_and_moves_to_a_new_port():
     port = _free_port()
     link = UdpLink("127.0.0.2", port, "127.0.0.1", send_sockets=0)
+    assert link.enable_gro()
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -155,6 +156,7 @@ def test_a_wireguard_link_reports_sources_with_their_ports_and_moves_to_a_new_po
         assert dest == ("127.0.0.3", peer.getsockname()[1]) and link.destination("127.0.0.3") == ("127.0.0.3", port)
         moved = link.rebind(0)
         assert moved not in (0, port) and link.port == moved
+        assert link._rx.getsockopt(SOL_UDP, UDP_GRO) == 1  # the engine's reads stay rows
         link.send(memoryview(b"x"), 0, dest)
         assert peer.recvfrom(16) == (b"x", ("127.0.0.1", moved))  # sent from the new port
         peer.sendto(b"again", ("127.0.0.1", moved))
@@ -190,3 +192,17 @@ def test_without_a_key_a_bare_tunnel_answers_nothing_and_counts_it():
     engine.link.deliver(initiation, source=f"{B}:51820")
     engine.on_link_readable()
     assert engine.link.sent == [] and engine.stats.drops[Drop.BAD_MAC] == 1  # no key: no mac1 verifies
+
+
+def test_a_roamed_peer_told_its_old_endpoint_again_goes_back_there():
+    """`wg set PEER endpoint E` sends to E from then on, even when E is what the peer was configured with and it
+    has roamed away since: the table judges the change against where the peer is now, not its old spec."""
+    clock = FakeClock(T0)
+    engine, device = keyless(clock, A)
+    key = key_to_base64(KB.public)
+    assert wg_set(device, f"private_key={KA.private_bytes().hex()}", f"public_key={KB.public.hex()}",
+                  f"endpoint={B}:51820", "allowed_ip=10.0.0.0/24") == "errno=0\n\n"
+    peer = engine.peers.get(key)
+    assert engine.peers.move(peer, "198.51.100.7", 4000) and (peer.endpoint, peer.port) == ("198.51.100.7", 4000)
+    assert wg_set(device, f"public_key={KB.public.hex()}", f"endpoint={B}:51820") == "errno=0\n\n"
+    assert (peer.endpoint, peer.port) == (B, 51820) and peer.dest == engine.link.destination(B, 51820)

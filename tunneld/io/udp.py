@@ -151,6 +151,7 @@ class UdpLink:
         self.family, self.peer = underlay_family(peer, local)  # peer: where inbound datagrams must come from
         self.port = port
         self.mark = 0  # SO_MARK (set_mark)
+        self.gro = False  # UDP_GRO asked for (enable_gro)
         self.local = local
         self._peer: tuple[str, int] = (self.peer, port)
         any_addr = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
@@ -286,6 +287,8 @@ class UdpLink:
         set_df(new, self.family, self.df)
         if self.mark:
             new.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        if self.gro:
+            new.setsockopt(SOL_UDP, UDP_GRO, 1)  # the engine's reads are rows: so must the new socket's be
         self._bind(new, self.local or ("::" if self.family == socket.AF_INET6 else "0.0.0.0"), port)
         size = self._rx.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # the kernel reports it doubled
         _grow_buffer(new, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
@@ -309,6 +312,7 @@ class UdpLink:
             self._rx.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError:
             return False
+        self.gro = True  # a rebind's new socket asks again
         return True
 
     def recv_gro_into(self, buf: memoryview) -> tuple[int, str, int]:
