@@ -223,7 +223,8 @@ class PeerTable:
             old = peers.get(spec.id)
             macs = [mac_bytes(m) for m in spec.macs] if self.l2 else []
             # A keyed peer told of a new address is sent there from now on (as `wg set ... endpoint` does).
-            moved = old is None or (old.spec.address, old.spec.port) != (spec.address, spec.port)
+            # Judged against where it is now: a peer that roamed and is told its old endpoint again goes back.
+            moved = old is None or (old.endpoint, old.port) != (spec.address, spec.port)
             dest = self._destination(spec.address, spec.port) if moved else None
             peer = old if old is not None else Peer(
                 spec, dest, self._stats.peers.get(spec.id) or PeerStats(), self._session(spec.id))
