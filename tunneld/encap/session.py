@@ -30,8 +30,8 @@ never touches a socket, a clock or a logger.
                               engine asks ``deadline`` after it used the session and keeps one timer at the
                               earliest deadline of all.
 
-Rows (a declared capability, ``Session.rows``; the engine never probes for it): a session that can seal many
-frames at once says so, and the engine then takes the offload path for its codec (TUN super-frames cut into
+Rows (a declared capability of the codec, ``Encapsulator.rows``; the engine never probes for it): a codec whose
+sessions can seal many frames at once says so, and the engine then takes the offload path for its codec (TUN super-frames cut into
 rows by the segmenter, sealed datagrams sent with UDP_SEGMENT):
   seal_rows(rows, rowlen, count, out, now)
                               outbound: ``count`` inner frames back to back in ``rows``, ``rowlen`` bytes each
@@ -89,8 +89,6 @@ class Session:
     # Whether an accepted ``open`` proves the sender holds this peer's keys (then its source may become the
     # peer's endpoint). Header-only codecs prove nothing.
     authenticates = False
-    # Whether ``seal_rows`` is served (see the module docstring); only then does the engine hand it rows.
-    rows = False
 
     def seal(self, buf: bytearray, start: int, end: int, now: float):
         """Write the header (and trailer) around ``buf[start:end]``: ``(start, end)`` of the packet, a Drop,

@@ -225,7 +225,6 @@ class WireGuardSession(Session):
 
     __slots__ = ("_codec", "peer", "peer_id", "_due")
     authenticates = True
-    rows = True
 
     def __init__(self, codec: WireGuard, peer: Peer, peer_id: str) -> None:
         self._codec = codec
