@@ -206,3 +206,21 @@ def test_a_roamed_peer_told_its_old_endpoint_again_goes_back_there():
     assert engine.peers.move(peer, "198.51.100.7", 4000) and (peer.endpoint, peer.port) == ("198.51.100.7", 4000)
     assert wg_set(device, f"public_key={KB.public.hex()}", f"endpoint={B}:51820") == "errno=0\n\n"
     assert (peer.endpoint, peer.port) == (B, 51820) and peer.dest == engine.link.destination(B, 51820)
+
+
+def test_with_a_registry_the_published_key_and_port_are_not_changed_under_it():
+    """The registry's record names our public key and listen port: a `set` that would change either is refused
+    whole (the other hosts would keep sending to the old ones); the same values, and peers, go through."""
+    import errno
+
+    clock = FakeClock(T0)
+    engine = Engine(FakeDevice(), FakeLink(A, 51820), WireGuard(KA.private_bytes()), max_frame=1420, clock=clock,
+                    peers=())
+    device = EngineWgDevice(engine.codec, engine, 51820, clock=clock, published=True)
+    refused = f"errno=-{errno.EPERM}\n\n"
+    assert wg_set(device, f"private_key={KC.private_bytes().hex()}") == refused
+    assert wg_set(device, "listen_port=4000") == refused
+    assert engine.codec.wg.public_key == KA.public and device.port == 51820
+    assert wg_set(device, f"private_key={KA.private_bytes().hex()}", "listen_port=51820",
+                  f"public_key={KB.public.hex()}", f"endpoint={B}:51820", "allowed_ip=10.0.0.0/24") == "errno=0\n\n"
+    assert engine.peers.get(key_to_base64(KB.public)) is not None

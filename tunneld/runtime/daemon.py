@@ -273,6 +273,7 @@ async def serve(tunnel: Tunnel, reload: Loader | None = None) -> int:
         # change through tunnel.apply, as the control socket's and the registry's do
         uapi = UapiServer(tunnel.cfg.dev, EngineWgDevice(
             tunnel.plan.codec, worker.engine, tunnel.plan.port, on_host=host_check,
+            published=tunnel.membership is not None,
             apply=lambda upserts, removals: tunnel.apply(Apply(peers_set=tuple(upserts), peers_removed=tuple(removals)))))
         try:
             await uapi.start()

@@ -71,10 +71,14 @@ class EngineWgDevice:
     the daemon's asks the kernel, tests may pass ``None``)."""
 
     def __init__(self, codec, engine, port: int, *, apply: Apply | None = None,
-                 on_host: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 on_host: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
+                 published: bool = False) -> None:
         self.codec = codec
         self.engine = engine
         self._port = port
+        # With a registry our record names our public key and listen port, written at start: a `set` may not
+        # change them under it (the other hosts would keep sending to the old ones).
+        self._published = published
         self._clock = clock
         self._apply = apply or (lambda upserts, removals: engine.peers.apply(tuple(upserts), tuple(removals),
                                                                              clock()))
@@ -122,6 +126,9 @@ class EngineWgDevice:
             self.engine.peers.check(upserts, removals)
         except ValueError as e:
             raise UapiError(errno.EINVAL, _without_keys(str(e), config)) from None
+        if self._published and (change.private_key or (change.listen_port and config.listen_port != self.port)):
+            raise UapiError(errno.EPERM, "private_key, listen_port: the registry publishes them; change the "
+                                         "configuration and restart")
         self._link(config, change)
         if change.private_key:
             self.codec.wg.set_private_key(None if config.private_key is None else config.private_key.raw)
