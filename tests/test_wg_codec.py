@@ -205,3 +205,23 @@ def test_mangled_datagrams_never_raise_and_are_each_counted():
     dropped = sum(eb.stats.drops.values()) - before
     assert 250 <= dropped <= 300 and eb.peers.all[0].endpoint == A
     assert len(eb.device.written) == len(frames)  # a mangled datagram never reaches the device
+
+
+def test_one_at_a_time_too_a_handshake_weighs_more_than_its_bytes_against_the_wake_up_budget():
+    """Without offloads (the one-datagram path) a handshake the core worked on weighs HANDSHAKE_COST, as on the
+    rows path: a wake-up of valid-looking initiations yields to the loop after a few X25519s, not 32."""
+    from tunneld.datapath.engine import WAKEUP_BYTES
+    from tunneld.encap.wireguard.codec import HANDSHAKE_COST
+
+    clock = FakeClock(T0)
+    ea, eb = engines(clock)
+    ea.device.inject(random_frames(DeviceKind.TUN, 100, seed=5)[0])
+    ea.on_device_readable()
+    (initiation, _), = ea.link.sent
+    for _ in range(12):
+        eb.link.deliver(initiation, source=A)
+    eb.on_link_readable()
+    per_wakeup = WAKEUP_BYTES // HANDSHAKE_COST
+    assert 1 < per_wakeup < eb.batch and len(eb.link.pending) == 12 - per_wakeup  # the rest wait, not lost
+    eb.on_link_readable()
+    assert len(eb.link.pending) == 12 - 2 * per_wakeup and eb.stats.drops[Drop.REPLAYED] == 2 * per_wakeup - 1

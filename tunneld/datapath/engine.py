@@ -9,7 +9,7 @@ Two ways through, chosen by what the codec declares (tunneld/encap/base.py, tunn
   ``_opened_link_readable``), one by one; the codec's own packets (a keepalive, a handshake) leave when a
   session's ``deadline`` comes (``run_timers``, on one loop timer); a session that authenticates its packets
   may move its peer's endpoint to where an accepted datagram came from (roaming).
-  With offloads, a stateful codec whose sessions declare ``rows`` (WireGuard) batches too: a super-frame is cut
+  With offloads, a stateful codec that declares ``rows`` (WireGuard) batches too: a super-frame is cut
   into rows with nothing in front, its peer's session seals them all into ``_sealed`` (``seal_rows``: counters
   in row order) and they leave in one send (``_seal_superframe``); inbound, the codec's ``open_rows`` judges a
   read's datagrams and writes each accepted frame into ``_plain`` right behind the one before, and the wake-up's
@@ -553,7 +553,7 @@ class Engine:
         area = self._rx_area
         recv = self.link.recv_from  # the source's port too: a WireGuard peer is answered where it sent from
         keyed = self._keyed
-        identify = self.codec.identify
+        identify, cost = self.codec.identify, self.codec.cost
         deliver_one = self._deliver_one
         now = self._clock()
         reads = moved = nbytes = taken = 0
@@ -572,6 +572,7 @@ class Engine:
             packet = view[:n]
             if keyed:
                 peer_id = identify(packet, source, now)
+                taken += cost(packet, peer_id) - n  # a handshake weighs more than its bytes
                 if peer_id.__class__ is Drop:
                     drops[peer_id] += 1
                     continue

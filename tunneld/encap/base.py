@@ -333,6 +333,12 @@ class Encapsulator(abc.ABC):
         may return an ``Answer``: packets for the source, which names no peer (tunneld/encap/session.py)."""
         return self.peer_key(packet)
 
+    def cost(self, packet: memoryview, verdict) -> int:
+        """What a datagram ``identify`` judged (``verdict``: what it said) weighs against the engine's wake-up
+        budget: its length, unless judging it took much more work than its bytes (WireGuard: a handshake's
+        X25519), so that a flood of such datagrams yields to the loop sooner."""
+        return len(packet)
+
     def peer_key(self, packet: memoryview) -> Hashable | Drop:
         """A keyed codec's answer to "whose packet is this?" (a header field, a key index): the ``peer_id`` of a
         session it made, or a Drop (a key no peer holds: ``unknown_peer``). Only asked when ``keyed``."""
