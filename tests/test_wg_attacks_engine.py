@@ -413,12 +413,15 @@ def test_an_unknown_keys_initiations_get_no_answer_but_a_cookie_under_load():
     assert p.b.peers.all[0].endpoint == A and len(p.b.peers.all) == 1
 
 
-def test_a_wake_up_does_the_key_exchange_for_at_most_a_batch_of_handshakes(record_property):
-    """The crypto a handshake flood makes one wake-up do is bounded by the engine's batch: each datagram is one
-    handshake's work at most (X25519 once to read an unknown sender's key), and the device side and the timers
-    get their turn after ``batch`` datagrams. Below the load limit (64 a second) every initiation from a stranger
-    reaches the key exchange: the worst a wake-up can be made to cost, measured here."""
+def test_a_wake_up_does_the_key_exchange_for_at_most_a_budget_of_handshakes(record_property):
+    """The crypto a handshake flood makes one wake-up do is bounded by the engine's budget: each datagram is one
+    handshake's work at most (X25519 once to read an unknown sender's key) and weighs HANDSHAKE_COST, so the
+    device side and the timers get their turn after WAKEUP_BYTES // HANDSHAKE_COST of them. Below the load limit
+    (64 a second) every initiation from a stranger reaches the key exchange: the worst a wake-up can be made to
+    cost, measured here."""
     from tests.wg_flood import initiations
+    from tunneld.datapath.engine import WAKEUP_BYTES
+    from tunneld.encap.wireguard.codec import HANDSHAKE_COST
 
     p, kinds, after = established()
     flood = [bytes(m) for m in initiations(p.b.codec.wg.public_key)]
@@ -428,13 +431,14 @@ def test_a_wake_up_does_the_key_exchange_for_at_most_a_batch_of_handshakes(recor
     start = time.perf_counter()
     p.b.on_link_readable()
     spent = time.perf_counter() - start
-    assert p.b.stats.drops == Counter({Drop.UNKNOWN_PEER: p.b.batch}) and not p.b.link.sent
-    assert len(p.b.link.pending) == 100 - p.b.batch
+    per_wakeup = WAKEUP_BYTES // HANDSHAKE_COST
+    assert p.b.stats.drops == Counter({Drop.UNKNOWN_PEER: per_wakeup}) and not p.b.link.sent
+    assert len(p.b.link.pending) == 100 - per_wakeup
     # the device side is served next, its frame sealed and sent at once
     p.b.device.inject(after[0])
     p.b.on_device_readable()
     assert p.b.stats.tx_packets and p.b.link.sent_to[-1] == A
     drain(p.b)  # and the rest: 64 worked on in this second, then the device is under load: cookie replies only
     assert p.b.stats.drops == Counter({Drop.UNKNOWN_PEER: 64, Drop.COOKIE_REQUIRED: 36})
-    record_property("report", f"wireguard engine: a wake-up of {p.b.batch} strangers' initiations (X25519 each) "
+    record_property("report", f"wireguard engine: a wake-up of {per_wakeup} strangers' initiations (X25519 each) "
                               f"took {spent * 1e3:.1f} ms")

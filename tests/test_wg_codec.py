@@ -225,3 +225,28 @@ def test_one_at_a_time_too_a_handshake_weighs_more_than_its_bytes_against_the_wa
     assert 1 < per_wakeup < eb.batch and len(eb.link.pending) == 12 - per_wakeup  # the rest wait, not lost
     eb.on_link_readable()
     assert len(eb.link.pending) == 12 - 2 * per_wakeup and eb.stats.drops[Drop.REPLAYED] == 2 * per_wakeup - 1
+
+
+def test_a_cookie_is_bound_to_the_address_and_port_it_was_given_to():
+    """Under load, mac2 proves the initiator received our cookie at its address AND port (the whitepaper's
+    binding): the engine hands the codec the datagram's port, so a retry from another port earns only a new
+    cookie reply, and the retry from the port the cookie went to is taken."""
+    from tunneld.encap.wireguard.constants import REKEY_TIMEOUT
+
+    clock = FakeClock(T0)
+    ea, eb = engines(clock)
+    eb.codec.wg.force_under_load = True
+    ea.device.inject(random_frames(DeviceKind.TUN, 100, seed=2)[0])
+    ea.on_device_readable()
+    for packet, _ in ea.link.sent:
+        eb.link.deliver(packet, source=A, port=40000)
+    ea.link.sent.clear()
+    eb.on_link_readable()  # a cookie reply, to A:40000
+    assert eb.link.sent_to == [f"{A}:40000"] and eb.stats.drops[Drop.COOKIE_REQUIRED] == 1
+    carry(eb, ea, B)  # A takes the cookie
+    clock.advance(REKEY_TIMEOUT + 1)
+    ea.run_timers()  # A retries, now with mac2
+    (retry, _), = ea.link.sent
+    elsewhere = eb.codec.identify(memoryview(retry), A, clock.now, 40001)
+    assert isinstance(elsewhere, Answer) and elsewhere.drop is Drop.COOKIE_REQUIRED
+    assert eb.codec.identify(memoryview(retry), A, clock.now, 40000) == PA  # the port the cookie went to

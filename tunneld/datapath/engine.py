@@ -571,7 +571,7 @@ class Engine:
             taken += n
             packet = view[:n]
             if keyed:
-                peer_id = identify(packet, source, now)
+                peer_id = identify(packet, source, now, port)
                 taken += cost(packet, peer_id) - n  # a handshake weighs more than its bytes
                 if peer_id.__class__ is Drop:
                     drops[peer_id] += 1
@@ -637,7 +637,7 @@ class Engine:
             size = size or n
             i = 0
             while i < n:
-                verdicts, at = open_rows(packet[i:], size, source, now, plain, at)
+                verdicts, at = open_rows(packet[i:], size, source, now, plain, at, port)
                 i += len(verdicts) * size
                 for verdict in verdicts:
                     if verdict.__class__ is not tuple:
@@ -671,7 +671,7 @@ class Engine:
                 at = 0
                 row = packet[i : min(n, i + size)]
                 i += size
-                peer_id = identify(row, source, now)
+                peer_id = identify(row, source, now, port)
                 taken += cost(row, peer_id) - len(row)
                 if peer_id.__class__ is Drop:
                     drops[peer_id] += 1

@@ -327,9 +327,10 @@ class Encapsulator(abc.ABC):
         through each peer's session, and never through the constant-header fast path."""
         return type(self).session is not Encapsulator.session
 
-    def identify(self, packet: memoryview, source: str, now: float):
+    def identify(self, packet: memoryview, source: str, now: float, port: int = 0):
         """What the engine asks of a keyed codec: ``peer_key(packet)``, unless the codec needs the datagram's
-        source and the time to say whose it is (WireGuard runs its handshake here). Besides a peer id or a Drop it
+        source (address, and ``port``: 0 where the link has none) and the time to say whose it is (WireGuard
+        runs its handshake here). Besides a peer id or a Drop it
         may return an ``Answer``: packets for the source, which names no peer (tunneld/encap/session.py)."""
         return self.peer_key(packet)
 

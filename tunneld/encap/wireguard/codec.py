@@ -150,9 +150,10 @@ class WireGuard(Encapsulator):
         session = self._sessions[peer] = WireGuardSession(self, peer, peer_id)
         return session
 
-    def identify(self, packet: memoryview, source: str, now: float) -> Hashable | Drop | Answer:
-        """Run the core on the datagram; keep its verdict for the session's ``open`` (see the docstring)."""
-        result = self.wg.open(packet, (source, 0), now)
+    def identify(self, packet: memoryview, source: str, now: float, port: int = 0) -> Hashable | Drop | Answer:
+        """Run the core on the datagram from ``source`` and ``port`` (a cookie is bound to both, as the
+        whitepaper's); keep its verdict for the session's ``open`` (see the docstring)."""
+        result = self.wg.open(packet, (source, port), now)
         self._opened = None
         if result.__class__ is Reply and result.peer is None:  # a cookie reply, the only answer under load
             return Answer(result.datagrams, None if result.dropped is None else _drop(result.dropped))
@@ -163,12 +164,12 @@ class WireGuard(Encapsulator):
         return key_to_base64(peer.public_key)
 
     def open_rows(self, packets: memoryview, size: int, source: str, now: float, out: memoryview,
-                  at: int) -> tuple[list, int]:
+                  at: int, port: int = 0) -> tuple[list, int]:
         """The transport messages among ``packets`` (datagrams of ``size``, the last maybe shorter, from
         ``source``), up to the first one that is not: a verdict for each, ``(peer_id, offset, length)`` of its
         inner frame in ``out`` (length 0: a keepalive, authenticated) or a Drop; and where ``out`` is filled
         to. What a session wants to send in answer waits in it for ``poll`` (its ``deadline`` says now)."""
-        verdicts, at, sends = self.wg.open_transport_rows(packets, size, (source, 0), now, out, at)
+        verdicts, at, sends = self.wg.open_transport_rows(packets, size, (source, port), now, out, at)
         sessions = self._sessions
         for peer, datagrams in sends.items():
             session = sessions.get(peer)
@@ -192,7 +193,7 @@ class WireGuard(Encapsulator):
         the cookie and rate checks under load) HANDSHAKE_COST; anything else its length, a cookie reply under
         load included (a MAC and an XChaCha20 seal, microseconds). The engine checks the budget between reads:
         one UDP_GRO read (at most 64 datagrams) is judged whole."""
-        if packet[0] == MESSAGE_TRANSPORT_TYPE or verdict.__class__ is Answer or verdict in _CHEAP:
+        if not packet or packet[0] == MESSAGE_TRANSPORT_TYPE or verdict.__class__ is Answer or verdict in _CHEAP:
             return len(packet)
         return HANDSHAKE_COST
 
