@@ -22,7 +22,6 @@ the registry does not let a record take part of a host's addresses).
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import logging
 import time
@@ -33,6 +32,7 @@ from tunneld.config.schema import ConfigError
 from tunneld.control.handlers import PeerControl, Running
 from tunneld.control.registry import Membership, Record, owner_id
 from tunneld.datapath.peers import REGISTRY, PeerSpec
+from tunneld.encap.wireguard import key_to_base64
 from tunneld.io import SetupError
 from tunneld.runtime.channel import Apply
 
@@ -102,7 +102,7 @@ class RegistryBridge:
         if public is None:
             raise ValueError(f"mode {self.tunnel.cfg.mode} registers its public key: give it a private key "
                              "(--private-key FILE or tunnel.private_key)")
-        return base64.b64encode(public).decode(), self.tunnel.plan.port
+        return key_to_base64(public), self.tunnel.plan.port
 
     def changes(self, upserts: tuple[PeerSpec, ...], removals: tuple[str, ...]) -> None:
         """Hosts that joined, changed or left, as peers (``removals``: their ids). A static peer (flags, file,

@@ -70,7 +70,7 @@ from tunneld.encap.wireguard.results import HANDSHAKE_RESULTS
 if TYPE_CHECKING:
     from tunneld.encap.wireguard.device import Device
 
-_ZEROS = bytes(PADDING_MULTIPLE)  # padding, at most 15 bytes (up to the MTU: a few more)
+_ZEROS = bytes(PADDING_MULTIPLE)  # padding: at most 15 bytes (padded_length never pads past the next multiple)
 TIMERS = ("retransmit_handshake_at", "new_handshake_at", "send_keepalive_at", "persistent_keepalive_at",
           "zero_key_material_at")
 
