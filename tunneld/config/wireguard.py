@@ -5,8 +5,7 @@ What is read (the names follow ``wg set``'s ``private-key FILE`` and ``preshared
     [tunnel]
     mode = "wireguard"
     private_key = "/etc/tunneld/wg0.key"       # a file holding the key as `wg genkey` prints it; mode 0600
-    listen_port = 51820                        # optional; 0 or absent: none yet (the device picks one)
-    fwmark = 0                                 # optional
+    port = 51820                               # tunneld's key for the listen port (`wg set listen-port`)
 
     [[peer]]
     public_key = "base64 (44 characters)"      # required
@@ -14,6 +13,10 @@ What is read (the names follow ``wg set``'s ``private-key FILE`` and ``preshared
     allowed_ips = ["10.78.0.2/32", "fd78::2/128"]
     preshared_key = "/etc/tunneld/wg0-b.psk"   # optional: a file, mode 0600, as the private key
     persistent_keepalive = 25                  # optional; seconds, 0 or absent: off
+
+(``fwmark`` is `wg set`'s alone: a tunnel's file refuses it. ``parse_interface`` also reads wg's own
+``listen_port`` and ``fwmark``: the interface model of ``tunneld.control.wgapi``, which its tests build from
+tables; the daemon reads a file through ``peer_specs`` and ``with_keys``.)
 
 Everything here is pure parsing and checking (no socket, no device): a file's TOML tables in, an
 ``InterfaceConfig`` (``tunneld.control.wgapi``) out, or one ConfigError line. A key file whose mode lets its
